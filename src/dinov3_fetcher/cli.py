@@ -1,0 +1,161 @@
+"""The ``dinov3-fetcher`` command: parse flags, call the library, map errors to one line and an exit code.
+
+Nothing else lives here: every command's work is done by a library function, ``--json`` and ``--quiet``
+only change how its result is printed. Human text and progress go to stderr, data to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from . import __version__
+from .errors import EXIT_UNEXPECTED, EXIT_USAGE, FetcherError
+
+PROG = "dinov3-fetcher"
+COMMANDS = ("fetch", "list", "verify", "info")
+
+_EPILOG = """\
+examples:
+  dinov3-fetcher --config config.json                 fetch into the config's train.dino_root
+  dinov3-fetcher --config config.json --model facebook/dinov3-vitb16-pretrain-lvd1689m
+  dinov3-fetcher --dino-root ./dinov3 --revision <40-hex commit>
+  dinov3-fetcher list                                 the DINOv3 variants
+  dinov3-fetcher verify --config config.json --deep   re-hash every file
+  dinov3-fetcher info --config config.json --json
+
+environment: HF_TOKEN (gated repos), HF_ENDPOINT (mirror), HF_HUB_OFFLINE=1 (no network),
+DINOV3_FETCHER_CONNECTIONS, DINOV3_FETCHER_LOCK_TIMEOUT, DINOV3_FETCHER_TIMEOUT, DINOV3_FETCHER_RETRIES.
+exit codes: see 'Exit codes' in the README (0 ok, 3 config, 4 auth, 5 repo, 6 revision, 7 not DINOv3,
+8 integrity, 9 disk, 10 network, 11 offline, 12 lock timeout, 13 verify failed, 14 load failed, 130 interrupted).
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout, errors included")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress or messages on stderr")
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+
+
+def _where(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="PATH", help="the pipeline's config.json (reads train.dino_root and "
+                   "the optional train.dino_model / train.dino_revision)")
+    p.add_argument("--dino-root", metavar="DIR", help="the checkpoint folder (overrides train.dino_root)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Fetch a DINOv3 teacher checkpoint from the Hugging Face Hub into "
+                     "dino_root, resumable and verified byte for byte. Without a command: fetch.",
+                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{fetch,list,verify,info}", parser_class=_Parser)
+
+    f = sub.add_parser("fetch", help="fetch the checkpoint (the default command)", epilog=_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _where(f)
+    f.add_argument("--model", metavar="REPO_ID", help="Hub repo id (default: train.dino_model, else "
+                   "facebook/dinov3-vitl16-pretrain-lvd1689m)")
+    f.add_argument("--revision", metavar="REV", help="branch, tag or 40-hex commit (default: "
+                   "train.dino_revision, else main)")
+    f.add_argument("--update", action="store_true", help="ask the Hub for the branch's current commit and fetch "
+                   "what changed (a warm run otherwise makes no request)")
+    f.add_argument("--dry-run", action="store_true", help="list what would be downloaded; write nothing")
+    f.add_argument("--lock-timeout", type=float, metavar="SECONDS",
+                   help="how long to wait for another fetcher on the same dino_root (default 3600)")
+    f.add_argument("-v", "--verbose", action="store_true", help="one line per file fetched")
+    f.add_argument("--progress", action="store_true", help="draw the progress bar even when stderr is not a terminal")
+    _common(f)
+
+    ls = sub.add_parser("list", help="the official DINOv3 checkpoints")
+    _common(ls)
+
+    v = sub.add_parser("verify", help="check dino_root offline (quick; --deep re-hashes every file)")
+    _where(v)
+    v.add_argument("--deep", action="store_true", help="re-hash every file against the manifest's sha256")
+    v.add_argument("--load", action="store_true", help="also load the model with transformers and run one "
+                   "forward pass (needs the [load] extra)")
+    v.add_argument("--device", default="cpu", help="device for --load (default cpu)")
+    _common(v)
+
+    i = sub.add_parser("info", help="what dino_root holds and whether it matches the config")
+    _where(i)
+    i.add_argument("--model", metavar="REPO_ID", help="the model to compare against")
+    i.add_argument("--revision", metavar="REV", help="the revision to compare against")
+    _common(i)
+    return parser
+
+
+def _argv(argv: Sequence[str] | None) -> list[str]:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and (args[0] in COMMANDS or args[0] in ("-h", "--help", "--version")):
+        return args
+    return ["fetch", *args]
+
+
+def _secret() -> str | None:
+    token = os.environ.get("HF_TOKEN")
+    return token if token and len(token) >= 4 else None
+
+
+def _scrub(text: str) -> str:
+    token = _secret()
+    return text.replace(token, "<redacted>") if token else text
+
+
+def _emit_json(obj: dict[str, Any]) -> None:
+    print(_scrub(json.dumps(obj, indent=2, sort_keys=False)), flush=True)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dinov3-fetcher`` console script; returns the exit code."""
+    args = build_parser().parse_args(_argv(argv))
+    if threading_is_main():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    from . import commands
+
+    handler: Callable[[argparse.Namespace], dict[str, Any]] = getattr(commands, f"cmd_{args.command}")
+    try:
+        result = handler(args)
+    except FetcherError as exc:
+        return _fail(args, type(exc).__name__, exc.message, exc.hint, exc.exit_code, exc)
+    except KeyboardInterrupt as exc:
+        return _fail(args, "FetchInterrupted", "interrupted", "run the same command again: it resumes", 130, exc)
+    except Exception as exc:  # a bug, or an error we did not foresee: still one line, traceback on --debug
+        return _fail(args, type(exc).__name__, f"unexpected error: {type(exc).__name__}: {exc}",
+                     "run with --debug and report the traceback", EXIT_UNEXPECTED, exc)
+    code = int(result.pop("exit_code", 0))
+    if args.json:
+        _emit_json({"ok": code == 0, **result})
+    return code
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _fail(args: argparse.Namespace, kind: str, message: str, hint: str, code: int, exc: BaseException) -> int:
+    if getattr(args, "debug", False):
+        sys.stderr.write(_scrub("".join(traceback.format_exception(exc))))
+    if args.json:
+        _emit_json({"ok": False, "error": {"type": kind, "message": message, "hint": hint, "exit_code": code}})
+    line = f"{PROG}: error: {message}" + (f" -> {hint}" if hint else "")
+    sys.stderr.write(_scrub(" ".join(line.split())) + "\n")
+    sys.stderr.flush()
+    return code

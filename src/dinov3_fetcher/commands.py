@@ -1,0 +1,164 @@
+"""What each CLI command does, as functions of parsed arguments that return a JSON-able result.
+
+Human-readable output goes to stdout for the data a command exists to show (a path, a table) and to stderr
+for messages; with --json only the returned dict is printed (by cli.py), as one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import FetchRequest, resolve_request
+from .errors import ConfigError, VerificationError
+from .progress import Progress, human_bytes
+from .state import StateDir
+
+__all__ = ["cmd_fetch", "cmd_info", "cmd_list", "cmd_verify"]
+
+
+def _out(args: argparse.Namespace, text: str) -> None:
+    if not args.json:
+        print(text, flush=True)
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _request(args: argparse.Namespace) -> FetchRequest:
+    return resolve_request(args.config, dino_root=args.dino_root, model=getattr(args, "model", None),
+                           revision=getattr(args, "revision", None))
+
+
+def _root_only(args: argparse.Namespace) -> Path:
+    if args.config is None and args.dino_root is None:
+        raise ConfigError("no dino_root given", "pass --config config.json or --dino-root DIR")
+    return _request(args).dino_root
+
+
+def cmd_fetch(args: argparse.Namespace) -> dict[str, Any]:
+    from . import fetch
+
+    req = _request(args)
+    if args.dry_run:
+        dry = fetch.plan(req.dino_root, req.model, revision=req.revision)
+        rows = [f"{f.name:<40} {human_bytes(f.size):>10}  " +
+                ("present" if f.reuse else f"{human_bytes(f.present)} partial" if f.present else "to download")
+                for f in dry.files]
+        _out(args, "\n".join(rows))
+        _say(args, f"dry run: {dry.repo_id}@{dry.revision} is commit {dry.commit}; "
+                   f"{human_bytes(dry.to_download)} to download into {dry.root}, {human_bytes(dry.free)} free; "
+                   "nothing written")
+        return {"dry_run": True, **dry.to_dict()}
+    progress = Progress(quiet=args.quiet, force=args.progress, verbose=args.verbose)
+    result = fetch.fetch(req.dino_root, req.model, revision=req.revision, update=args.update, progress=progress,
+                         lock_timeout=args.lock_timeout)
+    if result.cached:
+        _say(args, f"{result.repo_id}@{result.revision} ({result.commit[:12]}) already in {result.path}, verified")
+    else:
+        resumed = f", resumed {human_bytes(result.bytes_resumed)}" if result.bytes_resumed else ""
+        _say(args, f"{result.repo_id}@{result.revision} ({result.commit[:12]}) ready in {result.path}: "
+                   f"fetched {human_bytes(result.bytes_fetched)} in {result.seconds:.1f} s{resumed}, sha256 verified")
+    _out(args, str(result.path))
+    return result.to_dict()
+
+
+def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
+    from .variants import VARIANTS
+
+    header = f"{'repo id':<48} {'arch':<22} {'params':>8} {'dim/heads/layers':>17} {'weights':>9}  notes"
+    rows = [header]
+    for v in VARIANTS:
+        shape = (f"{v.hidden_size}/{v.heads}/{v.layers}" if v.family == "vit"
+                 else "x".join(map(str, v.depths)))
+        notes = ", ".join(n for n in ("default" if v.is_default else "", "sharded" if v.sharded else "",
+                                      "SwiGLU" if v.gated_mlp else "") if n)
+        rows.append(f"{v.repo_id:<48} {v.arch:<22} {v.params_m:>7.1f}M {shape:>17} "
+                    f"{human_bytes(v.weights_bytes):>9}  {notes}")
+    _out(args, "\n".join(rows))
+    return {"variants": [{
+        "repo_id": v.repo_id, "arch": v.arch, "family": v.family, "params_m": v.params_m,
+        "weights_bytes": v.weights_bytes, "hidden_size": v.hidden_size or None, "heads": v.heads or None,
+        "layers": v.layers or None, "intermediate_size": v.intermediate_size or None, "gated_mlp": v.gated_mlp,
+        "depths": list(v.depths) or None, "hidden_sizes": list(v.hidden_sizes) or None,
+        "default": v.is_default, "sharded": v.sharded} for v in VARIANTS]}
+
+
+def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
+    from .verify import verify_dinov3
+
+    root = _root_only(args)
+    progress = Progress(quiet=args.quiet or not args.deep)
+    report = verify_dinov3(root, deep=args.deep, progress=progress)
+    for f in report.files:
+        _say(args, f"{'ok  ' if f.ok else 'FAIL'} {f.name:<40} {human_bytes(f.size):>10}  {f.detail}")
+    for p in report.problems:
+        _say(args, f"FAIL {p}")
+    m = report.manifest
+    model = f"{m.repo_id}@{m.revision} ({m.commit[:12]})" if m else "unknown model"
+    kind = "deep (sha256)" if args.deep else "quick (sizes and headers)"
+    result: dict[str, Any] = {
+        "path": str(root), "deep": args.deep, "repo_id": m.repo_id if m else None,
+        "files": [{"name": f.name, "size": f.size, "ok": f.ok, "detail": f.detail} for f in report.files],
+        "problems": [str(p) for p in report.problems], "seconds": round(report.seconds, 3)}
+    load_info: dict[str, Any] | None = None
+    if report.ok and args.load:
+        from .load import check_load
+
+        load_info = check_load(root, device=args.device)
+        _say(args, "load: " + ", ".join(f"{k} {v}" for k, v in load_info.items()))
+        result["load"] = load_info
+    if not report.ok:
+        first = report.problems[0] if report.problems else next(f for f in report.files if not f.ok)
+        raise VerificationError(f"{root} failed {kind} verification of {model}: {first}",
+                                "run the fetch again to repair it (it re-downloads only what is wrong)")
+    _out(args, f"ok: {root} holds {model}, {len(report.files)} files passed {kind} verification "
+               f"in {report.seconds:.1f} s")
+    result["ok"] = True
+    return result
+
+
+def _when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if ts else "never"
+
+
+def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
+    from .validate import find_problems
+
+    req = _request(args) if (args.config or args.dino_root) else None
+    if req is None:
+        raise ConfigError("no dino_root given", "pass --config config.json or --dino-root DIR")
+    root = req.dino_root
+    m = StateDir(root).read_manifest()
+    problems = [str(p) for p in find_problems(root, m)] if root.is_dir() else [f"{root} does not exist"]
+    matches = bool(m and m.matches(req.model, req.revision) and not problems)
+    lines = [f"dino_root:  {root}"]
+    if m is None:
+        lines.append("model:      none recorded (no manifest: not fetched by this tool, or never fetched)")
+    else:
+        lines += [
+            f"model:      {m.repo_id}",
+            f"revision:   {m.revision} (commit {m.commit})",
+            f"fetched:    {_when(m.fetched_at)} by dinov3-fetcher {m.tool_version}",
+            f"verified:   quick {_when(m.verified_at)}, deep {_when(m.verified_deep_at)}",
+            "files:",
+            *(f"  {n:<40} {human_bytes(r.size):>10}  sha256 {r.sha256[:16]}..." for n, r in sorted(m.files.items())),
+            f"total:      {human_bytes(sum(r.size for r in m.files.values()))}",
+        ]
+    lines.append(f"requested:  {req.model}@{req.revision} -> " + ("matches, valid" if matches else
+                 "does NOT match: " + ("; ".join(problems[:2]) if problems and m else
+                                       f"dino_root holds {m.repo_id}@{m.revision}" if m else "nothing fetched")))
+    _out(args, "\n".join(lines))
+    return {
+        "path": str(root), "repo_id": m.repo_id if m else None, "revision": m.revision if m else None,
+        "commit": m.commit if m else None, "fetched_at": m.fetched_at if m else None,
+        "verified_at": m.verified_at if m else None, "verified_deep_at": m.verified_deep_at if m else None,
+        "tool_version": m.tool_version if m else None,
+        "files": {n: {"size": r.size, "sha256": r.sha256} for n, r in sorted(m.files.items())} if m else {},
+        "requested": {"repo_id": req.model, "revision": req.revision}, "matches": matches, "problems": problems,
+    }

@@ -1,0 +1,159 @@
+"""Read the pipeline's config.json and decide what to fetch where.
+
+Precedence: command-line flag, then the config's ``train`` section, then the default.
+``train.dino_root`` is resolved against the config file's folder when relative, taken as given
+when absolute, and ``~`` is expanded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .variants import DEFAULT_MODEL
+
+__all__ = ["DEFAULT_REVISION", "FetchRequest", "check_repo_id", "load_pipeline_config", "resolve_request"]
+
+DEFAULT_REVISION = "main"
+
+# The Hub's rule for repo ids: "namespace/name", letters, digits, "-", "_", "."; no "--" or ".."; <= 96 chars.
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_REVISION = re.compile(r"^[^\x00-\x1f\\]+$")
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    """Everything a fetch needs to know: where, which model, which revision."""
+
+    dino_root: Path
+    model: str = DEFAULT_MODEL
+    revision: str = DEFAULT_REVISION
+    config_path: Path | None = None
+
+
+def load_pipeline_config(path: Path) -> dict[str, Any]:
+    """Parse the pipeline config; raise ConfigError with the fix for each way it can be unusable."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist", "pass the pipeline's config.json with --config PATH")
+    if path.is_dir():
+        raise ConfigError(f"config path {path} is a folder, not a file", "pass the config.json file itself")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}",
+                          "check the file's permissions and encoding") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
+            "fix the JSON syntax",
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} holds a JSON {type(data).__name__}, not an object",
+                          'write it as {"train": {"dino_root": "dinov3"}}')
+    return data
+
+
+def _train_section(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    train = data.get("train")
+    if train is None:
+        raise ConfigError(f"config file {path} has no \"train\" section",
+                          'add "train": {"dino_root": "dinov3"} or pass --dino-root DIR')
+    if not isinstance(train, dict):
+        raise ConfigError(f"\"train\" in {path} is a {type(train).__name__}, not an object",
+                          'write it as "train": {"dino_root": "dinov3"}')
+    return train
+
+
+def _optional_str(train: dict[str, Any], key: str, path: Path) -> str | None:
+    value = train.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"train.{key} in {path} must be a non-empty string, got {value!r}",
+                          f"set train.{key} to a string or remove it")
+    return value.strip()
+
+
+def resolve_dino_root(value: str | os.PathLike[str], base: Path) -> Path:
+    """Expand ``~``, resolve a relative path against ``base``, and refuse a path that is a file."""
+    root = Path(value).expanduser()
+    if not root.is_absolute():
+        root = base / root
+    root = Path(os.path.abspath(root))
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"dino_root {root} is a file, not a folder",
+                          "point train.dino_root (or --dino-root) at a folder")
+    return root
+
+
+def check_repo_id(model: str) -> str:
+    """Return the repo id if it has the Hub's form ``namespace/name``, else raise ConfigError."""
+    if not isinstance(model, str) or not model.strip():
+        raise ConfigError("the model id is empty", "pass --model facebook/dinov3-vitl16-pretrain-lvd1689m or omit it")
+    model = model.strip()
+    if len(model) > 96 or not _REPO_ID.match(model) or "--" in model or ".." in model:
+        raise ConfigError(f"{model!r} is not a Hub repo id",
+                          "use the form namespace/name, e.g. facebook/dinov3-vitl16-pretrain-lvd1689m")
+    return model
+
+
+def check_revision(revision: str) -> str:
+    if not isinstance(revision, str) or not revision.strip() or not _REVISION.match(revision):
+        raise ConfigError(f"{revision!r} is not a revision", "pass a branch, a tag or a 40-hex commit to --revision")
+    return revision.strip()
+
+
+def resolve_request(
+    config_path: str | os.PathLike[str] | None = None,
+    *,
+    dino_root: str | os.PathLike[str] | None = None,
+    model: str | None = None,
+    revision: str | None = None,
+) -> FetchRequest:
+    """Combine flags and the pipeline config into a FetchRequest.
+
+    Raises:
+        ConfigError: the config is unusable, dino_root is missing or a file, or the model id is malformed.
+    """
+    train: dict[str, Any] = {}
+    cfg_path: Path | None = None
+    if config_path is not None:
+        cfg_path = Path(os.path.abspath(Path(config_path).expanduser()))
+        train = _train_section(load_pipeline_config(cfg_path), cfg_path)
+    base = cfg_path.parent if cfg_path is not None else Path.cwd()
+
+    if dino_root is not None:
+        if not str(dino_root).strip():
+            raise ConfigError("--dino-root is empty", "pass a folder, e.g. --dino-root ./dinov3")
+        root = resolve_dino_root(dino_root, Path.cwd())
+    elif cfg_path is not None:
+        if "dino_root" not in train:
+            raise ConfigError(f"train.dino_root is missing in {cfg_path}",
+                              'add "dino_root": "dinov3" to the "train" section or pass --dino-root DIR')
+        raw = train["dino_root"]
+        if not isinstance(raw, str):
+            raise ConfigError(f"train.dino_root in {cfg_path} must be a string, got {type(raw).__name__}",
+                              'write it as "dino_root": "dinov3"')
+        if not raw.strip():
+            raise ConfigError(f"train.dino_root in {cfg_path} is empty", 'set it to a folder, e.g. "dinov3"')
+        root = resolve_dino_root(raw, base)
+    else:
+        raise ConfigError("no dino_root given", "pass --config config.json or --dino-root DIR")
+
+    where = cfg_path or Path("config")
+    chosen_model = model if model is not None else _optional_str(train, "dino_model", where) or DEFAULT_MODEL
+    chosen_rev = revision if revision is not None else _optional_str(train, "dino_revision", where) or DEFAULT_REVISION
+    return FetchRequest(
+        dino_root=root,
+        model=check_repo_id(chosen_model),
+        revision=check_revision(chosen_rev),
+        config_path=cfg_path,
+    )

@@ -1,0 +1,163 @@
+"""The exception hierarchy: every error a user can cause or meet, each with what to do next.
+
+Each class is also a stdlib type where one fits (``except OSError`` still catches a full disk), carries
+a one-line ``message`` and a ``hint`` (the fix), and an ``exit_code`` that the CLI returns. The table
+of exit codes lives here, next to the classes, so that the CLI and the README cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import errno
+
+__all__ = [
+    "AuthenticationError",
+    "ConfigError",
+    "DiskSpaceError",
+    "FetchInterrupted",
+    "FetcherError",
+    "HubResponseError",
+    "IntegrityError",
+    "LoadError",
+    "LocalEntryNotFoundError",
+    "LockTimeoutError",
+    "NetworkError",
+    "NotDinov3Error",
+    "RepositoryNotFoundError",
+    "RevisionNotFoundError",
+    "VerificationError",
+]
+
+
+class FetcherError(Exception):
+    """Base of every error raised by dinov3-fetcher on purpose.
+
+    Attributes:
+        message: what went wrong, one line, no secrets.
+        hint: what to do about it, one line.
+        exit_code: the CLI's exit status for this class (see the README's table).
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        return f"{self.message} -> {self.hint}" if self.hint else self.message
+
+    def __str__(self) -> str:
+        return self.one_line()
+
+
+class ConfigError(FetcherError, ValueError):
+    """The pipeline config, a flag or an argument is unusable (missing file, bad JSON, bad dino_root...)."""
+
+    exit_code = 3
+
+
+class AuthenticationError(FetcherError, PermissionError):
+    """No token, a token the Hub rejects, or a gated repo whose access is not granted yet.
+
+    ``status`` is 401 (no or invalid token) or 403 (token valid, access not granted yet).
+    """
+
+    exit_code = 4
+
+    def __init__(self, message: str, hint: str = "", *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message, hint)
+
+
+class RepositoryNotFoundError(FetcherError, LookupError):
+    """The repo id does not exist on the endpoint (or is private and the token cannot see it)."""
+
+    exit_code = 5
+
+
+class RevisionNotFoundError(FetcherError, LookupError):
+    """The branch, tag or commit does not exist in the repo."""
+
+    exit_code = 6
+
+
+class NotDinov3Error(FetcherError, ValueError):
+    """The repo's config.json does not describe a DINOv3 model, or its weights disagree with it."""
+
+    exit_code = 7
+
+
+class IntegrityError(FetcherError, ValueError):
+    """Bytes that do not match the Hub's size or hash. The bad file was discarded, never published."""
+
+    exit_code = 8
+
+
+class HubResponseError(IntegrityError):
+    """An answer from the Hub (listing, index, header) that is malformed or unsafe to act on."""
+
+
+class DiskSpaceError(FetcherError, OSError):
+    """Not enough free space in dino_root's filesystem (checked before downloading, or hit while writing)."""
+
+    exit_code = 9
+
+    def __init__(self, message: str, hint: str = "", *, needed: int | None = None, free: int | None = None):
+        self.needed = needed
+        self.free = free
+        FetcherError.__init__(self, message, hint)
+        self.errno = errno.ENOSPC
+
+
+class NetworkError(FetcherError, ConnectionError):
+    """The endpoint could not be reached or kept failing after the retries."""
+
+    exit_code = 10
+
+
+class LocalEntryNotFoundError(FetcherError, FileNotFoundError):
+    """Offline (HF_HUB_OFFLINE=1) and dino_root does not hold a complete checkpoint of the requested model."""
+
+    exit_code = 11
+
+
+class LockTimeoutError(FetcherError, TimeoutError):
+    """Another fetcher held dino_root's lock for longer than the lock timeout."""
+
+    exit_code = 12
+
+
+class VerificationError(FetcherError, ValueError):
+    """``verify`` found a problem in dino_root (missing, truncated or altered file)."""
+
+    exit_code = 13
+
+
+class LoadError(FetcherError, RuntimeError):
+    """The optional loading step failed: torch or transformers missing or too old, or the model did not load."""
+
+    exit_code = 14
+
+
+class FetchInterrupted(FetcherError, KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a fetch; the partial data is kept and the next run resumes."""
+
+    exit_code = 130
+
+
+# Exit codes that are not an exception class: success, unexpected failure, usage error (argparse).
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_USAGE = 2
+
+EXIT_CODES: dict[str, int] = {
+    "ok": EXIT_OK,
+    "unexpected error (a bug: please report it with --debug output)": EXIT_UNEXPECTED,
+    "usage error (bad flag)": EXIT_USAGE,
+    **{cls.__name__: cls.exit_code for cls in (
+        ConfigError, AuthenticationError, RepositoryNotFoundError, RevisionNotFoundError, NotDinov3Error,
+        IntegrityError, DiskSpaceError, NetworkError, LocalEntryNotFoundError, LockTimeoutError,
+        VerificationError, LoadError, FetchInterrupted,
+    )},
+}

@@ -1,0 +1,428 @@
+"""fetch_dinov3(): cache check -> lock -> plan -> transfer -> verify -> publish -> manifest.
+
+A warm run (dino_root already holds the requested checkpoint) reads the manifest and a few kilobytes of
+headers and returns: no HTTP request, and huggingface_hub is not even imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__, env
+from .config import DEFAULT_REVISION, check_repo_id, check_revision
+from .errors import (
+    ConfigError,
+    DiskSpaceError,
+    FetchInterrupted,
+    HubResponseError,
+    LocalEntryNotFoundError,
+    LockTimeoutError,
+    NotDinov3Error,
+)
+from .progress import Progress, human_bytes
+from .safetensors import SafetensorsError, TensorInfo, read_header
+from .state import FileRecord, Manifest, StateDir
+from .validate import (
+    CONFIG,
+    INDEX,
+    PREPROCESSOR,
+    SINGLE,
+    check_filename,
+    config_problem,
+    find_problems,
+    read_json_object,
+    registry_mismatch,
+    shards_from_index,
+    tensor_mismatch,
+)
+from .variants import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from .hub import RemoteFile, Snapshot
+    from .transfer import Transfer
+
+__all__ = ["FetchResult", "PlannedFile", "fetch", "fetch_dinov3", "plan", "validate_dinov3"]
+
+OPTIONAL = ("README.md", "LICENSE.md")
+SPACE_MARGIN = 16 * 1024 * 1024
+
+
+@dataclass
+class PlannedFile:
+    name: str
+    size: int
+    present: int  # bytes already on disk (a complete file reused, or a partial download)
+    reuse: bool  # the complete file is already in dino_root or staged
+
+
+@dataclass
+class FetchResult:
+    path: Path
+    repo_id: str
+    revision: str
+    commit: str
+    cached: bool  # True when nothing had to be fetched (warm run)
+    files: dict[str, FileRecord] = field(default_factory=dict)
+    bytes_fetched: int = 0
+    bytes_resumed: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "repo_id": self.repo_id, "revision": self.revision, "commit": self.commit,
+            "cached": self.cached, "bytes_fetched": self.bytes_fetched, "bytes_resumed": self.bytes_resumed,
+            "seconds": round(self.seconds, 3),
+            "files": {k: {"size": v.size, "sha256": v.sha256} for k, v in sorted(self.files.items())},
+        }
+
+
+def _root(dino_root: str | os.PathLike[str]) -> Path:
+    if not str(dino_root).strip():
+        raise ConfigError("dino_root is empty", "pass a folder, e.g. dino_root=Path('dinov3')")
+    root = Path(os.path.abspath(Path(dino_root).expanduser()))
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"dino_root {root} is a file, not a folder", "point dino_root at a folder")
+    return root
+
+
+def ready(root: Path, repo_id: str, revision: str) -> Manifest | None:
+    """The manifest if ``root`` holds a valid checkpoint of repo_id@revision, else None (zero network)."""
+    manifest = StateDir(root).read_manifest()
+    if manifest is None or not manifest.matches(repo_id, revision):
+        return None
+    return manifest if not find_problems(root, manifest) else None
+
+
+def fetch_dinov3(
+    dino_root: str | os.PathLike[str],
+    model_name: str = DEFAULT_MODEL,
+    *,
+    revision: str = DEFAULT_REVISION,
+    update: bool = False,
+    quiet: bool = True,
+) -> Path:
+    """Make ``dino_root`` hold the checkpoint of ``model_name`` at ``revision``, verified; return its path.
+
+    Returns at once, with no network request, when dino_root already holds it (a branch is not re-checked
+    unless ``update=True``). Otherwise downloads what is missing (resuming partial downloads), checks every
+    file's size and sha256, and publishes the files together with a manifest.
+
+    Raises:
+        ConfigError: dino_root is a file or cannot be created/written; the model id or revision is malformed.
+        AuthenticationError: no or invalid token, or a gated repo whose access is not granted yet.
+        RepositoryNotFoundError: no such repo on the endpoint.
+        RevisionNotFoundError: no such branch, tag or commit.
+        NotDinov3Error: the repo is not a DINOv3 model, or its weights disagree with its config.
+        LocalEntryNotFoundError: HF_HUB_OFFLINE=1 and the checkpoint is not complete on disk.
+        IntegrityError: a file's bytes did not match the Hub's size or hash (it was discarded).
+        DiskSpaceError: not enough free space (an OSError); partial data is kept.
+        NetworkError: the endpoint could not be reached or kept failing; partial data is kept.
+        LockTimeoutError: another fetcher held dino_root for longer than the lock timeout.
+        FetchInterrupted: Ctrl-C; partial data is kept.
+    """
+    return fetch(dino_root, model_name, revision=revision, update=update,
+                 progress=Progress(quiet=quiet)).path
+
+
+def validate_dinov3(dino_root: str | os.PathLike[str]) -> bool:
+    """True if ``dino_root`` holds a complete DINOv3 checkpoint (see ``dinov3_fetcher.validate``). Never raises."""
+    from .validate import validate_dinov3 as _validate
+
+    return _validate(Path(dino_root))
+
+
+def fetch(
+    dino_root: str | os.PathLike[str],
+    model_name: str = DEFAULT_MODEL,
+    *,
+    revision: str = DEFAULT_REVISION,
+    update: bool = False,
+    progress: Progress | None = None,
+    lock_timeout: float | None = None,
+) -> FetchResult:
+    """fetch_dinov3 with a detailed result (what was fetched, resumed, reused). Raises what it raises."""
+    t0 = time.monotonic()
+    progress = progress or Progress(quiet=True)
+    root = _root(dino_root)
+    repo_id, revision = check_repo_id(model_name), check_revision(revision)
+    if not update and (m := ready(root, repo_id, revision)):
+        return FetchResult(root, m.repo_id, m.revision, m.commit, True, m.files, seconds=time.monotonic() - t0)
+    if env.is_offline():
+        raise _offline_error(root, repo_id, revision)
+    state = StateDir(root)
+    try:
+        state.ensure()
+    except OSError as exc:
+        raise ConfigError(f"cannot create {state.path}: {exc.strerror}",
+                          "make dino_root's folder writable or point dino_root elsewhere") from None
+    with _locked(state, lock_timeout if lock_timeout is not None else env.lock_timeout(), progress):
+        if not update and (m := ready(root, repo_id, revision)):
+            return FetchResult(root, m.repo_id, m.revision, m.commit, True, m.files,
+                               seconds=time.monotonic() - t0)
+        try:
+            result = _fetch_locked(state, repo_id, revision, progress)
+        except KeyboardInterrupt:
+            raise FetchInterrupted("interrupted; the partial download is kept in " + str(state.partial),
+                                   "run the same command again: it resumes where it stopped") from None
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+@contextlib.contextmanager
+def _locked(state: StateDir, timeout: float, progress: Progress) -> Iterator[None]:
+    if env.lock_disabled():
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(state.lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        progress.message(f"waiting for another fetcher to finish with {state.root} (up to {timeout:.0f} s)")
+        try:
+            lock.acquire(timeout=timeout, poll_interval=0.2)
+        except Timeout:
+            raise LockTimeoutError(
+                f"another fetcher held the lock on {state.root} for more than {timeout:.0f} s",
+                "wait for it, raise --lock-timeout (DINOV3_FETCHER_LOCK_TIMEOUT), or stop it; "
+                "a killed fetcher's lock is released by the OS") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _offline_error(root: Path, repo_id: str, revision: str) -> LocalEntryNotFoundError:
+    manifest = StateDir(root).read_manifest()
+    if manifest is None:
+        why = "dino_root holds no checkpoint fetched by this tool"
+    elif not manifest.matches(repo_id, revision):
+        why = f"dino_root holds {manifest.repo_id}@{manifest.revision}, not {repo_id}@{revision}"
+    else:
+        why = "; ".join(str(p) for p in find_problems(root, manifest)[:3])
+    partial = StateDir(root).partial
+    kept = sum(f.stat().st_size for f in partial.glob("*/data")) if partial.is_dir() else 0
+    extra = f"; {human_bytes(kept)} of partial downloads are kept" if kept else ""
+    return LocalEntryNotFoundError(
+        f"HF_HUB_OFFLINE is set and {root} is not a complete checkpoint of {repo_id}@{revision}: {why}{extra}",
+        "unset HF_HUB_OFFLINE to download it (partial downloads resume)")
+
+
+class _Run:
+    """The state of one locked fetch: what is planned, where each file currently is."""
+
+    def __init__(self, state: StateDir, snap: Snapshot, transfer: Transfer | None = None) -> None:
+        self.state, self.snap, self.transfer = state, snap, transfer
+        self.old = state.read_manifest()
+        self.paths: dict[str, Path] = {}
+        self.records: dict[str, FileRecord] = {}
+        self.fetched = 0
+        self.resumed = 0
+
+    def remote(self, name: str) -> RemoteFile:
+        rf = self.snap.files.get(name)
+        if rf is None:
+            raise HubResponseError(f"{self.snap.repo_id} has no {name}",
+                                   "a DINOv3 repo needs config.json, preprocessor_config.json and safetensors "
+                                   "weights; check the repo id")
+        return rf
+
+    def reusable(self, rf: RemoteFile) -> Path | None:
+        """A complete copy of this exact file already on disk (published or staged), per the manifest."""
+        rec = self.old.files.get(rf.name) if self.old else None
+        if rec is None or rec.size != rf.size or rec.git_oid != rf.git_oid or (rf.sha256 and rec.sha256 != rf.sha256):
+            return None
+        for p in (self.state.root / rf.name, self.state.staged / rf.name):
+            if p.is_file() and p.stat().st_size == rf.size:
+                return p
+        return None
+
+    def get(self, name: str) -> Path:
+        from .transfer import Target
+
+        rf = self.remote(name)
+        check_filename(name)
+        if (p := self.reusable(rf)) is not None:
+            self.paths[name] = p
+            self.records[name] = self.old.files[name] if self.old else FileRecord(rf.size, rf.sha256 or "")
+            return p
+        target = Target(name, self.snap.url(name), rf.size, rf.identity, rf.sha256,
+                        None if rf.sha256 else rf.git_oid)
+        assert self.transfer is not None, "a dry run never downloads"
+        done = self.transfer.download(target)
+        dest = self.state.staged / name
+        self.transfer.finish(done, dest)
+        self.fetched += done.fetched
+        self.resumed += done.resumed_from
+        self.paths[name] = dest
+        self.records[name] = FileRecord(rf.size, done.sha256, rf.git_oid)
+        return dest
+
+    def partial_bytes(self, rf: RemoteFile) -> int:
+        try:
+            data = json.loads((self.state.partial / rf.identity / "progress.json").read_bytes())
+            return int(rf.size - sum(e - s for s, e in data["remaining"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
+
+def plan_files(run: _Run, weights: list[str]) -> list[PlannedFile]:
+    out = []
+    for name in weights + [n for n in OPTIONAL if n in run.snap.files]:
+        rf = run.remote(name)
+        reuse = run.reusable(rf) is not None
+        out.append(PlannedFile(name, rf.size, rf.size if reuse else run.partial_bytes(rf), reuse))
+    return out
+
+
+@dataclass
+class DryRun:
+    root: Path
+    repo_id: str
+    revision: str
+    commit: str
+    files: list[PlannedFile]
+    free: int
+
+    @property
+    def to_download(self) -> int:
+        return sum(f.size - f.present for f in self.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.root), "repo_id": self.repo_id, "revision": self.revision, "commit": self.commit,
+                "bytes_to_download": self.to_download, "bytes_present": sum(f.present for f in self.files),
+                "free_bytes": self.free,
+                "files": [{"name": f.name, "size": f.size, "present": f.present, "reuse": f.reuse}
+                          for f in self.files]}
+
+
+def plan(dino_root: str | os.PathLike[str], model_name: str = DEFAULT_MODEL, *,
+         revision: str = DEFAULT_REVISION) -> DryRun:
+    """What a fetch would download (one metadata request; writes nothing).
+
+    Shards are taken from the repo listing (model-*-of-*.safetensors), since the index is not downloaded.
+
+    Raises:
+        the Hub errors of fetch_dinov3, and LocalEntryNotFoundError when offline.
+    """
+    from . import hub
+
+    root = _root(dino_root)
+    repo_id, revision = check_repo_id(model_name), check_revision(revision)
+    if env.is_offline():
+        raise LocalEntryNotFoundError("HF_HUB_OFFLINE is set: a dry run needs one request to the Hub",
+                                      "unset HF_HUB_OFFLINE, or use 'dinov3-fetcher info' to see what is on disk")
+    snap = hub.snapshot(repo_id, revision, hub.get_token())
+    run = _Run(StateDir(root), snap)
+    names = [n for n in (CONFIG, PREPROCESSOR) if n in snap.files]
+    if SINGLE in snap.files:
+        weights = [SINGLE]
+    else:
+        weights = [n for n in (INDEX,) if n in snap.files] + sorted(
+            n for n in snap.files if n.startswith("model-") and n.endswith(".safetensors"))
+    existing = root
+    while not existing.exists():
+        existing = existing.parent
+    return DryRun(root, repo_id, revision, snap.commit, plan_files(run, names + weights),
+                  shutil.disk_usage(existing).free)
+
+
+def _check_space(state: StateDir, planned: list[PlannedFile]) -> None:
+    needed = sum(p.size - p.present for p in planned)
+    free = shutil.disk_usage(state.path).free
+    if needed + SPACE_MARGIN > free:
+        raise DiskSpaceError(
+            f"not enough disk space in {state.root}: {human_bytes(needed)} still to download, "
+            f"{human_bytes(free)} free", "free some space or point dino_root at a bigger disk",
+            needed=needed, free=free)
+
+
+def _fetch_locked(state: StateDir, repo_id: str, revision: str, progress: Progress) -> FetchResult:
+    from . import hub
+    from .http import HttpPool
+    from .transfer import Settings, Transfer
+
+    token = hub.get_token()
+    snap = hub.snapshot(repo_id, revision, token)
+    settings = Settings.from_env()
+    from urllib.parse import urlsplit
+
+    pool = HttpPool(settings.timeout, hub.user_agent(), token, urlsplit(snap.endpoint).netloc)
+
+    def raise_status(status: int, headers: dict[str, str], body: bytes, url: str) -> Any:
+        hub.raise_for_file_status(status, headers, body, url, repo_id, revision)
+
+    transfer = Transfer(settings, pool, state.partial, state.root, progress, raise_status)
+    run = _Run(state, snap, transfer)
+    try:
+        cfg = read_json_object(run.get(CONFIG))
+        if reason := config_problem(cfg) or registry_mismatch(repo_id, cfg):
+            raise NotDinov3Error(f"{repo_id} is not a usable DINOv3 checkpoint: {reason}",
+                                 "pick a DINOv3 repo ('dinov3-fetcher list' shows the official ones)")
+        run.get(PREPROCESSOR)
+        if SINGLE in snap.files:
+            weights = [SINGLE]
+        elif INDEX in snap.files:
+            weights = shards_from_index(read_json_object(run.get(INDEX)))
+        else:
+            raise NotDinov3Error(f"{repo_id} has no safetensors weights ({SINGLE} or {INDEX})",
+                                 "pick a repo with safetensors weights")
+        planned = plan_files(run, weights)
+        _check_space(state, planned)
+        progress.total = sum(p.size for p in planned)
+        progress.done = sum(p.size for p in planned if p.reuse)
+        for p in planned:
+            run.get(p.name)
+        tensors: dict[str, TensorInfo] = {}
+        for name in weights:
+            try:
+                tensors.update(read_header(run.paths[name]))
+            except SafetensorsError as exc:
+                raise HubResponseError(f"{repo_id}: {exc}", "the repo's weights are broken; report it") from None
+        if reason := tensor_mismatch(cfg, tensors):
+            raise NotDinov3Error(f"{repo_id}'s weights disagree with its config: {reason}",
+                                 "the repo is inconsistent; pick another revision or repo")
+    finally:
+        progress.close()
+        pool.close()
+    manifest = Manifest(repo_id, revision, snap.commit, run.records, __version__)
+    _publish(state, manifest, run.paths, run.old)
+    _drop_stale_partials(state)
+    return FetchResult(state.root, repo_id, revision, snap.commit, run.fetched == 0 and run.resumed == 0,
+                       run.records, run.fetched, run.resumed)
+
+
+def _publish(state: StateDir, manifest: Manifest, paths: dict[str, Path], old: Manifest | None) -> None:
+    """Move the verified files into dino_root together; the manifest says 'incomplete' until all are there."""
+    root = state.root
+    manifest.complete = False
+    state.write_manifest(manifest)
+    for name, src in paths.items():
+        if src != root / name:
+            os.replace(src, root / name)
+    stale = set(old.files) if old else set()
+    stale |= {p.name for p in root.glob("model*.safetensors")} | {p.name for p in root.glob("model*.index.json")}
+    for name in stale - set(paths):
+        with contextlib.suppress(OSError, ValueError):
+            (root / check_filename(name)).unlink()
+    manifest.complete = True
+    state.write_manifest(manifest)
+
+
+def _drop_stale_partials(state: StateDir) -> None:
+    """After a successful fetch, partial downloads of other contents (changed files, other models) go."""
+    from .transfer import abandoned_or_unclaimed
+
+    for p in state.partial.iterdir():
+        if abandoned_or_unclaimed(p):
+            shutil.rmtree(p, ignore_errors=True)
+    shutil.rmtree(state.staged, ignore_errors=True)

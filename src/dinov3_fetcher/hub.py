@@ -1,0 +1,181 @@
+"""The only module that talks to huggingface_hub: endpoint, token, offline mode, metadata, and errors.
+
+The bytes themselves go through ``transfer`` (huggingface_hub 2.x neither resumes across runs nor checks
+sha256), but what a Hub answer *means* is decided here, with huggingface_hub's own error classes.
+Imported lazily by ``fetch``: a warm run never imports huggingface_hub or its HTTP stack.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import NoReturn
+from urllib.parse import quote
+
+import httpx2
+from huggingface_hub import HfApi
+from huggingface_hub import errors as hf_errors
+from huggingface_hub import get_token as _hf_get_token
+from huggingface_hub.utils._http import hf_raise_for_status
+
+from . import __version__
+from .env import DEFAULT_ENDPOINT, display_endpoint, endpoint
+from .errors import (
+    AuthenticationError,
+    FetcherError,
+    HubResponseError,
+    NetworkError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+__all__ = ["RemoteFile", "Snapshot", "get_token", "map_error", "raise_for_file_status", "snapshot"]
+
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def get_token() -> str | None:
+    """HF_TOKEN, else the token stored by ``hf auth login``; None when there is none."""
+    return _hf_get_token()
+
+
+def user_agent() -> str:
+    return f"dinov3-fetcher/{__version__}; hf_hub/{hf_version()}"
+
+
+def hf_version() -> str:
+    from huggingface_hub import __version__ as v
+
+    return v
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    size: int
+    git_oid: str
+    sha256: str | None  # set for LFS files (the Hub gives their sha256); regular files are checked by git_oid
+
+    @property
+    def identity(self) -> str:
+        """A content address: two files with the same identity have the same bytes."""
+        return self.sha256 or self.git_oid
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    repo_id: str
+    revision: str
+    commit: str
+    files: dict[str, RemoteFile]
+    endpoint: str
+    gated: bool
+
+    def url(self, name: str) -> str:
+        return f"{self.endpoint}/{self.repo_id}/resolve/{self.commit}/{quote(name)}"
+
+
+def snapshot(repo_id: str, revision: str, token: str | None) -> Snapshot:
+    """Resolve ``revision`` to a commit and list the repo's files with sizes and hashes (one request).
+
+    Raises:
+        AuthenticationError, RepositoryNotFoundError, RevisionNotFoundError, NetworkError, HubResponseError.
+    """
+    ep = endpoint()
+    api = HfApi(endpoint=ep, token=token or False, library_name="dinov3-fetcher", library_version=__version__)
+    try:
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    except Exception as exc:
+        raise_mapped(exc, repo_id, revision)
+    commit = info.sha or ""
+    if not _HEX40.match(commit):
+        raise HubResponseError(f"{display_endpoint(ep)} answered a malformed commit for {repo_id}@{revision}",
+                               "check that HF_ENDPOINT points at a Hugging Face Hub or a faithful mirror")
+    files: dict[str, RemoteFile] = {}
+    for s in info.siblings or []:
+        if s.size is None or s.blob_id is None or not isinstance(s.size, int) or s.size < 0:
+            raise HubResponseError(f"the Hub's listing of {repo_id} lacks sizes or ids for {s.rfilename!r}",
+                                   "check that HF_ENDPOINT points at a Hugging Face Hub or a faithful mirror")
+        sha256 = s.lfs.sha256 if s.lfs else None
+        if sha256 is not None and not _HEX64.match(sha256):
+            raise HubResponseError(f"the Hub gave a malformed sha256 for {s.rfilename!r}",
+                                   "check that HF_ENDPOINT points at a Hugging Face Hub or a faithful mirror")
+        files[s.rfilename] = RemoteFile(s.rfilename, s.size, s.blob_id, sha256)
+    return Snapshot(repo_id, revision, commit, files, ep, bool(info.gated))
+
+
+def raise_for_file_status(status: int, headers: dict[str, str], body: bytes, url: str,
+                          repo_id: str, revision: str) -> NoReturn:
+    """Turn a failed file download (status + X-Error-Code) into our error, via huggingface_hub's reading of it."""
+    response = httpx2.Response(status, headers=headers, content=body, request=httpx2.Request("GET", url))
+    try:
+        hf_raise_for_status(response)
+    except Exception as exc:
+        raise_mapped(exc, repo_id, revision)
+    raise NetworkError(f"{display_endpoint()} answered HTTP {status} for {url.rsplit('/', 1)[-1]}",
+                       "retry later; the next run resumes where this one stopped")
+
+
+def _page(repo_id: str) -> str:
+    return f"https://huggingface.co/{repo_id}"
+
+
+def _mirror_note() -> str:
+    ep = endpoint()
+    if ep == DEFAULT_ENDPOINT:
+        return ""
+    return f" (HF_ENDPOINT is {display_endpoint(ep)}: a mirror must pass the token on)"
+
+
+def raise_mapped(exc: BaseException, repo_id: str, revision: str) -> NoReturn:
+    """Raise the dinov3-fetcher error that says what ``exc`` (from huggingface_hub or httpx2) means for the user."""
+    raise map_error(exc, repo_id, revision) from exc
+
+
+def map_error(exc: BaseException, repo_id: str, revision: str) -> BaseException:
+    if isinstance(exc, FetcherError):
+        return exc
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    ep = display_endpoint()
+    if isinstance(exc, hf_errors.GatedRepoError):
+        if status == 403:
+            return AuthenticationError(
+                f"{repo_id} is gated and your token has not been granted access yet (403)",
+                f"request access at {_page(repo_id)} and wait for the approval e-mail; fine-grained tokens also "
+                f"need 'read access to public gated repos'{_mirror_note()}", status=403)
+        return AuthenticationError(
+            f"{repo_id} is gated and no token was sent (401)",
+            f"request access at {_page(repo_id)}, then set HF_TOKEN to a read token "
+            f"(https://huggingface.co/settings/tokens) or run 'hf auth login'{_mirror_note()}", status=401)
+    if isinstance(exc, hf_errors.RevisionNotFoundError):
+        return RevisionNotFoundError(f"revision {revision!r} does not exist in {repo_id}",
+                                     "pass a branch, tag or commit that exists (the default is main)")
+    if isinstance(exc, hf_errors.RepositoryNotFoundError):
+        return RepositoryNotFoundError(
+            f"repo {repo_id} was not found on {ep}",
+            "check the id ('dinov3-fetcher list' shows the official ones); a private repo also needs HF_TOKEN")
+    if isinstance(exc, hf_errors.RemoteEntryNotFoundError):
+        return HubResponseError(f"{repo_id}@{revision} lists a file that {ep} cannot serve",
+                                "retry later; if it persists the repo or mirror is inconsistent")
+    if isinstance(exc, hf_errors.HfHubHTTPError) and status == 401:
+        return AuthenticationError(
+            f"{ep} rejected the token (401 invalid credentials)",
+            "set HF_TOKEN to a valid token from https://huggingface.co/settings/tokens, or run 'hf auth login'",
+            status=401)
+    if isinstance(exc, hf_errors.HfHubHTTPError) and status == 403:
+        return AuthenticationError(f"{ep} refused access to {repo_id} (403)",
+                                   f"check that your token may read {_page(repo_id)}{_mirror_note()}", status=403)
+    if isinstance(exc, hf_errors.HfHubHTTPError):
+        return NetworkError(f"{ep} answered HTTP {status} for {repo_id}",
+                            "retry later (the Hub or mirror is failing); the next run resumes")
+    if isinstance(exc, hf_errors.OfflineModeIsEnabled):
+        from .errors import LocalEntryNotFoundError
+
+        return LocalEntryNotFoundError("HF_HUB_OFFLINE is set and the checkpoint is not complete on disk",
+                                       "unset HF_HUB_OFFLINE to download it")
+    if isinstance(exc, httpx2.HTTPError | OSError):
+        return NetworkError(f"cannot reach {ep} (HF_ENDPOINT): {type(exc).__name__}",
+                            "check the network, or set HF_ENDPOINT to a reachable mirror; "
+                            "HF_HUB_OFFLINE=1 uses what is on disk")
+    return exc

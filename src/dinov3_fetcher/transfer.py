@@ -1,0 +1,488 @@
+"""Bytes: a resumable, verified download of one file, over several Range connections when the server allows.
+
+The partial data of a file lives in ``partial/<content hash>/`` (``data`` + ``progress.json``, the byte
+ranges still missing). A fetcher *claims* that folder by renaming it to ``<hash>.<host>.<pid>``, so two
+fetchers never write into the same file even where file locks silently fail; a claim whose process is gone
+(killed) is adopted by the next run, which resumes it. Progress is recorded after every block written, so a
+SIGKILL costs at most one block per connection. The sha256 (and, for regular files, the git blob sha1) is
+computed by a thread that follows the contiguous written prefix, so verification overlaps the transfer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
+
+from .errors import DiskSpaceError, FetchInterrupted, IntegrityError, NetworkError
+from .http import Connection, HttpPool, Response
+from .progress import Progress
+from .state import atomic_write_bytes
+
+__all__ = ["Settings", "Target", "Transfer"]
+
+MiB = 1024 * 1024
+_RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+_HOST = socket.gethostname().replace(".", "_")
+
+
+def _env_num(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Transfer knobs; each has an environment variable (see the README)."""
+
+    connections: int = 8  # DINOV3_FETCHER_CONNECTIONS: Range connections per large file
+    min_split: int = 16 * MiB  # never split a file into pieces smaller than this
+    block: int = 1 * MiB  # read/write block; progress is recorded after each
+    timeout: float = 30.0  # DINOV3_FETCHER_TIMEOUT (or HF_HUB_DOWNLOAD_TIMEOUT): seconds without a byte
+    retries: int = 5  # DINOV3_FETCHER_RETRIES: attempts in a row without progress
+    backoff: float = 1.0  # DINOV3_FETCHER_BACKOFF: first wait, doubled per retry, capped at 8x
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        timeout = _env_num("DINOV3_FETCHER_TIMEOUT", _env_num("HF_HUB_DOWNLOAD_TIMEOUT", cls.timeout))
+        return cls(
+            connections=max(1, int(_env_num("DINOV3_FETCHER_CONNECTIONS", cls.connections))),
+            timeout=timeout,
+            retries=max(0, int(_env_num("DINOV3_FETCHER_RETRIES", cls.retries))),
+            backoff=max(0.0, _env_num("DINOV3_FETCHER_BACKOFF", cls.backoff)),
+        )
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    url: str
+    size: int
+    identity: str  # content address used to name the partial folder
+    sha256: str | None = None  # expected sha256 (LFS files)
+    git_oid: str | None = None  # expected git blob sha1 (regular files)
+
+
+@dataclass
+class Done:
+    path: Path  # the verified data file, still inside the claimed partial folder
+    sha256: str
+    fetched: int  # bytes received over the network for this file
+    resumed_from: int  # bytes already on disk when this run started
+
+
+@dataclass
+class _Segment:
+    pos: int
+    end: int
+    busy: bool = False
+
+
+class _Retry(Exception):
+    def __init__(self, why: str, wait: float | None = None) -> None:
+        super().__init__(why)
+        self.wait = wait
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _missing(folder: Path) -> int:
+    try:
+        data = json.loads((folder / "progress.json").read_bytes())
+        return sum(e - s for s, e in data["remaining"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1 << 62
+
+
+def _abandoned(p: Path, identity: str) -> bool:
+    """A claim folder whose owner is gone: a dead pid on this host, or no progress for 2 min elsewhere."""
+    suffix = p.name[len(identity) + 1:]
+    host, _, pid = suffix.rpartition(".")
+    if not pid.isdigit() or "." in host:
+        return False
+    if host == _HOST:
+        return not _alive(int(pid))
+    try:
+        return time.time() - (p / "progress.json").stat().st_mtime > 120
+    except OSError:
+        return True
+
+
+def abandoned_or_unclaimed(p: Path) -> bool:
+    """Is this partial folder free to delete: unclaimed, or claimed by a process that is gone?"""
+    identity = p.name.split(".", 1)[0]
+    return p.name == identity or _abandoned(p, identity)
+
+
+class _Job:
+    """One file's download: segments, workers, hasher, progress record."""
+
+    def __init__(self, transfer: Transfer, target: Target, folder: Path) -> None:
+        self.t, self.target, self.folder = transfer, target, folder
+        self.data_path = folder / "data"
+        self.lock = threading.Condition()
+        self.segments: list[_Segment] = []
+        self.fetched = 0
+        self.error: BaseException | None = None
+        self.whole_file = False
+        self.hashed = 0
+        size = target.size
+        remaining = self._load_remaining()
+        if remaining is None:
+            remaining = [(0, size)] if size else []
+        self.resumed_from = size - sum(e - s for s, e in remaining)
+        self.segments = [_Segment(s, e) for s, e in remaining]
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        self.fd = os.open(self.data_path, flags, 0o644)
+
+    def _load_remaining(self) -> list[tuple[int, int]] | None:
+        try:
+            data = json.loads((self.folder / "progress.json").read_bytes())
+            if data.get("identity") != self.target.identity or data.get("size") != self.target.size:
+                return None
+            ranges = [(int(s), int(e)) for s, e in data["remaining"]]
+            if not self.data_path.exists() or any(not 0 <= s < e <= self.target.size for s, e in ranges):
+                return None
+            return ranges
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def save(self) -> None:
+        with self.lock:
+            remaining = sorted([s.pos, s.end] for s in self.segments if s.pos < s.end)
+        blob = json.dumps({"identity": self.target.identity, "size": self.target.size, "remaining": remaining})
+        atomic_write_bytes(self.folder / "progress.json", blob.encode())
+
+    def frontier(self) -> int:
+        open_pos = [s.pos for s in self.segments if s.pos < s.end]
+        return min(open_pos) if open_pos else self.target.size
+
+    # -- work distribution --------------------------------------------------------------------------
+    def take(self) -> _Segment | None:
+        with self.lock:
+            if self.error is not None or self.t.cancel.is_set():
+                return None
+            idle = [s for s in self.segments if not s.busy and s.pos < s.end]
+            if idle:
+                seg = min(idle, key=lambda s: s.pos)
+                seg.busy = True
+                return seg
+            if self.whole_file:
+                return None
+            busy = [s for s in self.segments if s.busy and s.end - s.pos >= 2 * self.t.settings.min_split]
+            if not busy:
+                return None
+            victim = max(busy, key=lambda s: s.end - s.pos)
+            mid = victim.pos + (victim.end - victim.pos) // 2
+            seg = _Segment(mid, victim.end, busy=True)
+            victim.end = mid
+            self.segments.append(seg)
+            return seg
+
+    def worker(self) -> None:
+        buf = bytearray(self.t.settings.block)
+        try:
+            while (seg := self.take()) is not None:
+                try:
+                    self.fetch_segment(seg, buf)
+                finally:
+                    with self.lock:
+                        seg.busy = False
+                        self.lock.notify_all()
+        except BaseException as exc:
+            with self.lock:
+                if self.error is None:
+                    self.error = exc
+                self.lock.notify_all()
+
+    def fetch_segment(self, seg: _Segment, buf: bytearray) -> None:
+        failures, backoff = 0, self.t.settings.backoff
+        while seg.pos < seg.end:
+            if self.t.cancel.is_set() or self.error is not None:
+                return
+            start = seg.pos
+            try:
+                self.stream(seg, buf)
+                return
+            except _Retry as r:
+                failures = 1 if seg.pos > start else failures + 1
+                if failures > self.t.settings.retries:
+                    raise NetworkError(
+                        f"downloading {self.target.name} from {self.t.pool.display_host(self.target.url)} failed "
+                        f"{failures} times in a row ({r})",
+                        "check the link to HF_ENDPOINT, then run the same command again: it resumes from the "
+                        f"{seg_done(self)} bytes already on disk",
+                    ) from None
+                time.sleep(r.wait if r.wait is not None else backoff)
+                backoff = min(backoff * 2, self.t.settings.backoff * 8)
+
+    def stream(self, seg: _Segment, buf: bytearray) -> None:
+        size = self.target.size
+        headers = {} if (seg.pos == 0 and seg.end == size) else {"Range": f"bytes={seg.pos}-{seg.end - 1}"}
+        url, conn, resp = self.t.open(self.target, headers)
+        try:
+            self.check_response(resp, seg, headers)
+            offset = seg.pos if resp.status == 206 else 0
+            if resp.status == 200 and headers:
+                if not self.become_whole_file(seg):
+                    return
+                offset = 0
+            self.copy(resp, seg, buf, offset)
+        except (TimeoutError, OSError, http.client.HTTPException) as exc:
+            if isinstance(exc, DiskSpaceError | FetchInterrupted):
+                raise
+            raise _Retry(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            self.t.pool.finish(url, conn, resp)
+
+    def check_response(self, resp: Response, seg: _Segment, headers: dict[str, str]) -> None:
+        if resp.status in (200, 206):
+            etag = (resp.getheader("ETag") or "").strip().removeprefix("W/").strip('"')
+            want = self.target.sha256
+            if want and len(etag) == 64 and etag != want:
+                self.fail_integrity(f"the server sent a different file (ETag {etag[:12]}..., expected {want[:12]}...)")
+            if resp.status == 206:
+                cr = resp.getheader("Content-Range") or ""
+                if not cr.startswith(f"bytes {seg.pos}-"):
+                    raise _Retry(f"unexpected Content-Range {cr!r}")
+            return
+        body = resp.read(64 * 1024) if resp.status < 500 else b""
+        if resp.status == 416:
+            raise _Retry("range not satisfiable")
+        if resp.status in _RETRYABLE_STATUS:
+            raise _Retry(f"HTTP {resp.status}", _retry_after(resp))
+        if resp.status == 403 and self.t.forget_location(self.target):
+            raise _Retry("HTTP 403 from a signed URL (expired?)", 0)
+        self.t.raise_status(resp.status, dict(resp.getheaders()), body, self.target.url)
+
+    def become_whole_file(self, seg: _Segment) -> bool:
+        """The server ignored Range: this worker restreams the whole file, every other piece is dropped."""
+        with self.lock:
+            if self.whole_file:
+                return False
+            self.whole_file = True
+            for s in self.segments:
+                if s is not seg:
+                    s.end = s.pos
+            seg.pos, seg.end = 0, self.target.size
+            self.segments = [seg]
+            self.lock.notify_all()
+            return True
+
+    def copy(self, resp: Response, seg: _Segment, buf: bytearray, offset: int) -> None:
+        mv = memoryview(buf)
+        while True:
+            with self.lock:
+                want = min(len(buf), seg.end - offset)
+            if want <= 0:
+                if offset == self.target.size and resp.read(1):
+                    self.fail_integrity(f"the server sent more than the {self.target.size} bytes the Hub listed")
+                return
+            if self.t.cancel.is_set() or self.error is not None:
+                return
+            n = resp.readinto(mv[:want])
+            if not n:
+                raise _Retry(f"connection closed at byte {offset} of {self.target.size}")
+            self.write(mv[:n], offset)
+            offset += n
+            with self.lock:
+                if offset > seg.pos:
+                    self.fetched += n
+                    seg.pos = offset
+                self.lock.notify_all()
+            self.t.progress.advance(n)
+            self.save()
+
+    def write(self, data: memoryview, offset: int) -> None:
+        while data:
+            try:
+                written = os.pwrite(self.fd, data, offset)
+            except OSError as exc:
+                if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                    free = shutil.disk_usage(self.folder).free
+                    raise DiskSpaceError(
+                        f"the disk filled up while writing {self.target.name} ({free} bytes free)",
+                        f"free space in {self.t.dino_root} and run again: the download resumes",
+                        free=free) from None
+                raise
+            data, offset = data[written:], offset + written
+
+    def fail_integrity(self, why: str) -> NoReturn:
+        raise IntegrityError(f"{self.target.name}: {why}; the file was discarded",
+                             "run again to re-download it; if it repeats, HF_ENDPOINT serves corrupt data")
+
+    # -- verification -------------------------------------------------------------------------------
+    def hash_all(self) -> str:
+        """Hash the file in order, following the written prefix; returns the sha256 once all is verified."""
+        size = self.target.size
+        sha = hashlib.sha256()
+        git = hashlib.sha1(b"blob %d\0" % size) if self.target.git_oid and not self.target.sha256 else None
+        buf = bytearray(8 * MiB)
+        mv = memoryview(buf)
+        pos = 0
+        while pos < size:
+            with self.lock:
+                while (limit := self.frontier()) <= pos and self.error is None and not self.t.cancel.is_set():
+                    self.lock.wait(0.5)
+                if self.error is not None or self.t.cancel.is_set():
+                    return ""
+            n = os.preadv(self.fd, [mv[:min(len(buf), limit - pos)]], pos)
+            if n <= 0:
+                raise OSError(f"short read from {self.data_path}")
+            sha.update(mv[:n])
+            if git is not None:
+                git.update(mv[:n])
+            pos += n
+        digest = sha.hexdigest()
+        if self.target.sha256 and digest != self.target.sha256:
+            self.fail_integrity(f"sha256 {digest[:12]}... does not match the Hub's {self.target.sha256[:12]}...")
+        if git is not None and git.hexdigest() != self.target.git_oid:
+            self.fail_integrity(f"git blob id {git.hexdigest()[:12]}... does not match the Hub's "
+                                f"{(self.target.git_oid or '')[:12]}...")
+        if os.fstat(self.fd).st_size != size:
+            os.ftruncate(self.fd, size)
+        return digest
+
+
+@dataclass
+class Transfer:
+    """Downloads files into dino_root's partial folder; one instance per fetch."""
+
+    settings: Settings
+    pool: HttpPool
+    partial_root: Path
+    dino_root: Path
+    progress: Progress
+    raise_status: Callable[[int, dict[str, str], bytes, str], NoReturn]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    _locations: dict[str, str] = field(default_factory=dict)
+
+    def open(self, target: Target, headers: dict[str, str]) -> tuple[str, Connection, Response]:
+        url = self._locations.get(target.url, target.url)
+        final, conn, resp = self.pool.get(url, headers)
+        if final != url:
+            self._locations[target.url] = final
+        return final, conn, resp
+
+    def forget_location(self, target: Target) -> bool:
+        return self._locations.pop(target.url, None) is not None
+
+    def claim(self, identity: str) -> Path:
+        """Take the best resumable partial folder for this content, or start an empty one."""
+        mine = self.partial_root / f"{identity}.{_HOST}.{os.getpid()}"
+        if mine.is_dir():
+            return mine
+        candidates = [self.partial_root / identity] + [
+            p for p in self.partial_root.glob(f"{identity}.*") if p.is_dir() and _abandoned(p, identity)]
+        adopted = False
+        for c in sorted((c for c in candidates if c.is_dir()), key=_missing):
+            try:
+                if not adopted:
+                    os.rename(c, mine)
+                    adopted = True
+                else:
+                    trash = c.with_name(f"{c.name}.trash{os.getpid()}")
+                    os.rename(c, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+            except OSError:
+                continue
+        mine.mkdir(parents=True, exist_ok=True)
+        return mine
+
+    def release(self, folder: Path, identity: str) -> None:
+        """Hand a partial folder back under its public name so that any later run may resume it."""
+        with contextlib.suppress(OSError):
+            os.rename(folder, self.partial_root / identity)
+
+    def download(self, target: Target) -> Done:
+        """Fetch ``target`` (resuming what is on disk) and verify it.
+
+        Raises:
+            IntegrityError: size or hash mismatch (the partial data is deleted).
+            NetworkError: the retries ran out (the partial data is kept).
+            DiskSpaceError: the disk filled up (the partial data is kept).
+            FetchInterrupted: Ctrl-C / SIGTERM (the partial data is kept).
+        """
+        folder = self.claim(target.identity)
+        job = _Job(self, target, folder)
+        keep = True
+        try:
+            self.progress.start_file(target.name, target.size, job.resumed_from)
+            n_workers = min(self.settings.connections, max(1, target.size // self.settings.min_split))
+            workers = [threading.Thread(target=job.worker, daemon=True, name=f"fetch-{i}") for i in range(n_workers)]
+            if job.segments:
+                for w in workers:
+                    w.start()
+            try:
+                digest = job.hash_all()
+            except BaseException as exc:
+                with job.lock:
+                    job.error = job.error or exc
+                    job.lock.notify_all()
+                raise
+            finally:
+                for w in workers:
+                    while w.is_alive():
+                        w.join(0.2)
+            if job.error is not None:
+                raise job.error
+            if self.cancel.is_set():
+                raise FetchInterrupted("interrupted", "run the same command again: it resumes")
+            self.progress.end_file(target.name)
+            return Done(job.data_path, digest, job.fetched, job.resumed_from)
+        except IntegrityError:
+            keep = False
+            raise
+        except KeyboardInterrupt:
+            self.cancel.set()
+            raise
+        finally:
+            os.close(job.fd)
+            if keep:
+                job.save()
+                if sys.exc_info()[0] is not None:
+                    self.release(folder, target.identity)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def finish(self, done: Done, dest: Path) -> None:
+        """Move a verified file to ``dest`` and drop its (now empty) partial folder."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(done.path, dest)
+        shutil.rmtree(done.path.parent, ignore_errors=True)
+
+
+def seg_done(job: _Job) -> int:
+    with job.lock:
+        return job.target.size - sum(s.end - s.pos for s in job.segments if s.pos < s.end)
+
+
+def _retry_after(resp: Response) -> float | None:
+    value = resp.getheader("Retry-After")
+    if value is None:
+        return None
+    try:
+        return min(max(float(value), 0.0), 120.0)
+    except ValueError:
+        return None
