@@ -1,0 +1,88 @@
+"""Shared fixtures: every test runs against a real local Hub emulator, with its environment sandboxed.
+
+- ``isolated`` (autouse): HF_HOME, tokens, endpoint, offline flags and our DINOV3_FETCHER_* knobs point at a
+  temp dir or are unset, so no test touches ~/.cache or the real Hub; retries back off in milliseconds.
+- ``hub``: a HubServer (tests/hub_server.py) with HF_ENDPOINT pointing at it.
+- ``tiny``: a tiny DINOv3 ViT repo on that hub (``TINY``), returning its files.
+- ``run_cli``: run ``python -m dinov3_fetcher`` as a real subprocess with the sandboxed environment.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from huggingface_hub import constants
+
+from checkpoints import vit_repo_files
+from hub_server import HubServer
+
+TINY = "tiny-org/dinov3-vit-tiny"
+GRANTED, NOTGRANTED = "hf_valid_granted", "hf_valid_notgranted"
+_OUR_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DOWNLOAD_TIMEOUT",
+            "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "hf_home"
+    home.mkdir()
+    for name in list(os.environ):
+        if name.startswith("DINOV3_FETCHER_") or name in _OUR_ENV:
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,127.0.0.2,localhost")
+    monkeypatch.setenv("DINOV3_FETCHER_BACKOFF", "0.01")
+    monkeypatch.setenv("DINOV3_FETCHER_TIMEOUT", "5")
+    # huggingface_hub read these at import; point them at the sandbox too (subprocesses get the env).
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(home / ".agent_harnesses.json"))
+    return home
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
+    with HubServer() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        yield server
+
+
+@pytest.fixture
+def tiny(hub: HubServer) -> dict[str, bytes]:
+    files = vit_repo_files()
+    hub.add_repo(TINY, files)
+    return files
+
+
+@pytest.fixture
+def dino_root(tmp_path: Path) -> Path:
+    return tmp_path / "work" / "dinov3"
+
+
+def cli_env(**extra: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    for k, v in extra.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
+
+
+@pytest.fixture
+def run_cli() -> Any:
+    def run(*args: str, cwd: Path | None = None, timeout: float = 120, input: str | None = None,
+            **env: str | None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dinov3_fetcher", *args], cwd=cwd, env=cli_env(**env),
+                              capture_output=True, text=True, timeout=timeout, input=input)
+
+    return run
