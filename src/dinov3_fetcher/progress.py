@@ -1,7 +1,7 @@
 """Progress on stderr: one aggregate line over all files (bytes, rate, ETA, resumed part).
 
-On a terminal the line redraws in place (at most 10 times a second); elsewhere only one line per finished
-file is printed, unless ``force`` asks for the bar. ``quiet`` prints nothing. Thread-safe.
+On a terminal the line redraws in place (at most 10 times a second); elsewhere there is no bar unless
+``force`` asks for it. ``verbose`` adds one line per finished file. ``quiet`` prints nothing. Thread-safe.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ class Progress:
 
     def end_file(self, name: str) -> None:
         size, resumed, t0 = self._files.get(name, (0, 0, time.monotonic()))
-        if self.quiet or not (self.verbose or not self.bar):
+        if self.quiet or not self.verbose:
             return
         dt = max(time.monotonic() - t0, 1e-6)
         extra = f", resumed at {human_bytes(resumed)}" if resumed else ""

@@ -1,0 +1,176 @@
+"""The CLI as a user runs it: a real subprocess, exit codes, one-line errors, --json, every command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from checkpoints import vit_repo_files
+from conftest import NOTGRANTED, TINY
+from dinov3_fetcher.errors import EXIT_CODES
+from hub_server import HubServer
+
+
+def config(tmp_path: Path, **train: Any) -> Path:
+    path = tmp_path / "proj" / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"paths": {"dataset_root": "dataset"}, "train": {"dino_root": "dinov3", **train}}))
+    return path
+
+
+def one_line_error(stderr: str) -> str:
+    """The error is one line (the last), with a fix after ' -> ', and there is no traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    assert errors == lines[-1:], stderr
+    assert "Traceback" not in stderr
+    assert lines[-1].startswith("dinov3-fetcher: error: ") and " -> " in lines[-1]
+    return lines[-1]
+
+
+def test_fetch_from_config_prints_the_path(hub: HubServer, tiny: dict[str, bytes], tmp_path: Path, run_cli: Any):
+    cfg = config(tmp_path, dino_model=TINY)
+    r = run_cli("--config", str(cfg), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    root = tmp_path / "proj" / "dinov3"
+    assert r.stdout.strip() == str(root)
+    assert "sha256 verified" in r.stderr and TINY in r.stderr
+    assert (root / "model.safetensors").read_bytes() == tiny["model.safetensors"]
+    again = run_cli("--config", str(cfg), "--json")
+    data = json.loads(again.stdout)
+    assert again.returncode == 0 and data["ok"] and data["cached"] and data["path"] == str(root)
+
+
+def test_python_dash_m_and_quiet(hub: HubServer, tiny: dict[str, bytes], tmp_path: Path, run_cli: Any):
+    r = run_cli("fetch", "--dino-root", str(tmp_path / "d"), "--model", TINY, "-q")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.strip() == str(tmp_path / "d")
+
+
+@pytest.mark.parametrize(
+    ("setup", "args", "code", "fragment"),
+    [
+        ("none", ["--config", "missing.json"], 3, "does not exist"),
+        ("none", ["--dino-root", "d", "--model", "not-a-repo-id"], 3, "is not a Hub repo id"),
+        ("gated", ["--dino-root", "d", "--model", TINY], 4, "no token was sent (401)"),
+        ("gated-token", ["--dino-root", "d", "--model", TINY], 4, "not been granted access yet (403)"),
+        ("tiny", ["--dino-root", "d", "--model", "nobody/dinov3-missing"], 5, "was not found"),
+        ("tiny", ["--dino-root", "d", "--model", TINY, "--revision", "nope"], 6, "does not exist"),
+        ("notdino", ["--dino-root", "d", "--model", TINY], 7, "not a DINOv3 model"),
+        ("corrupt", ["--dino-root", "d", "--model", TINY], 8, "sha256"),
+        ("tiny-offline", ["--dino-root", "d", "--model", TINY], 11, "HF_HUB_OFFLINE"),
+        ("down", ["--dino-root", "d", "--model", TINY], 10, "cannot reach"),
+        ("none", ["--bogus-flag"], 2, "unrecognized arguments"),
+    ],
+)
+def test_errors_are_one_line_with_the_documented_exit_code(
+    hub: HubServer, tmp_path: Path, run_cli: Any, setup: str, args: list[str], code: int, fragment: str
+):
+    env: dict[str, str | None] = {}
+    files = vit_repo_files()
+    if setup.startswith("gated"):
+        hub.add_repo(TINY, files, gated=True)
+        if setup == "gated-token":
+            env["HF_TOKEN"] = NOTGRANTED
+    elif setup.startswith("tiny"):
+        hub.add_repo(TINY, files)
+        if setup == "tiny-offline":
+            env["HF_HUB_OFFLINE"] = "1"
+    elif setup == "notdino":
+        hub.add_repo(TINY, {**files, "config.json": b'{"model_type": "bert"}'})
+    elif setup == "corrupt":
+        hub.add_repo(TINY, files)
+        hub.faults.add(corrupt_at=50, path_suffix="model.safetensors")
+    elif setup == "down":
+        env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens on the discard port
+        env["DINOV3_FETCHER_RETRIES"] = "0"
+    r = run_cli(*args, cwd=tmp_path, **env)
+    assert r.returncode == code, r.stderr
+    if code == 2:
+        assert fragment in r.stderr and "Traceback" not in r.stderr
+        return
+    line = one_line_error(r.stderr)
+    assert fragment in line
+    assert r.stdout == ""
+    js = run_cli(*args, "--json", cwd=tmp_path, **env)
+    data = json.loads(js.stdout)
+    assert data["ok"] is False and data["error"]["exit_code"] == code and data["error"]["hint"]
+    assert js.stdout.count("\n{") == 0  # exactly one object
+
+
+def test_debug_shows_the_traceback(hub: HubServer, tmp_path: Path, run_cli: Any):
+    r = run_cli("--dino-root", "d", "--model", "nobody/dinov3-missing", "--debug", cwd=tmp_path)
+    assert r.returncode == 5 and "Traceback" in r.stderr
+
+
+def test_exit_code_table_is_in_the_readme():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name, code in EXIT_CODES.items():
+        if name[0].isupper():
+            assert f"| {code} | `{name}`" in readme, name
+
+
+def test_list(run_cli: Any):
+    r = run_cli("list")
+    assert r.returncode == 0 and "facebook/dinov3-vitl16-pretrain-lvd1689m" in r.stdout and "default" in r.stdout
+    data = json.loads(run_cli("list", "--json").stdout)
+    assert data["ok"] and len(data["variants"]) == 12
+    assert [v["repo_id"] for v in data["variants"] if v["default"]] == ["facebook/dinov3-vitl16-pretrain-lvd1689m"]
+    assert {v["repo_id"] for v in data["variants"] if v["sharded"]} == {
+        "facebook/dinov3-vit7b16-pretrain-lvd1689m", "facebook/dinov3-vit7b16-pretrain-sat493m"}
+
+
+def test_verify_quick_and_deep(hub: HubServer, tiny: dict[str, bytes], tmp_path: Path, run_cli: Any):
+    root = tmp_path / "d"
+    assert run_cli("--dino-root", str(root), "--model", TINY, "-q").returncode == 0
+    r = run_cli("verify", "--dino-root", str(root))
+    assert r.returncode == 0 and "passed quick" in r.stdout and "ok   model.safetensors" in r.stderr
+    r = run_cli("verify", "--dino-root", str(root), "--deep", "--json")
+    data = json.loads(r.stdout)
+    assert r.returncode == 0 and data["ok"] and all(f["detail"] == "sha256 ok" for f in data["files"])
+
+    # a single flipped byte: the quick check cannot see it, --deep must
+    weights = root / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-10] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    assert run_cli("verify", "--dino-root", str(root)).returncode == 0
+    r = run_cli("verify", "--dino-root", str(root), "--deep")
+    assert r.returncode == 13 and "FAIL model.safetensors" in r.stderr
+    one = [line for line in r.stderr.splitlines() if line.startswith("dinov3-fetcher: error:")]
+    assert len(one) == 1 and "deep" in one[0]
+
+    # a truncated file: the quick check catches it
+    weights.write_bytes(bytes(raw[: len(raw) // 2]))
+    r = run_cli("verify", "--dino-root", str(root), "--json")
+    data = json.loads(r.stdout)
+    assert r.returncode == 13 and data["ok"] is False and "model.safetensors" in data["error"]["message"]
+
+
+def test_info(hub: HubServer, tiny: dict[str, bytes], tmp_path: Path, run_cli: Any):
+    cfg = config(tmp_path, dino_model=TINY)
+    r = run_cli("info", "--config", str(cfg))
+    assert r.returncode == 0 and "none recorded" in r.stdout and "does NOT match" in r.stdout
+    assert run_cli("--config", str(cfg), "-q").returncode == 0
+    r = run_cli("info", "--config", str(cfg))
+    assert f"model:      {TINY}" in r.stdout and "matches, valid" in r.stdout and "model.safetensors" in r.stdout
+    data = json.loads(run_cli("info", "--config", str(cfg), "--json").stdout)
+    assert data["matches"] and data["repo_id"] == TINY and len(data["commit"]) == 40
+    assert data["files"]["model.safetensors"]["size"] == len(tiny["model.safetensors"])
+    other = json.loads(run_cli("info", "--config", str(cfg), "--model", "x/dinov3-other", "--json").stdout)
+    assert other["matches"] is False
+
+
+def test_dry_run_writes_nothing(hub: HubServer, tiny: dict[str, bytes], tmp_path: Path, run_cli: Any):
+    root = tmp_path / "d"
+    r = run_cli("--dino-root", str(root), "--model", TINY, "--dry-run", "--json")
+    data = json.loads(r.stdout)
+    assert r.returncode == 0 and data["dry_run"] and len(data["commit"]) == 40
+    assert {f["name"] for f in data["files"]} == {"config.json", "preprocessor_config.json", "model.safetensors",
+                                                  "README.md", "LICENSE.md"}
+    assert data["bytes_to_download"] == sum(len(tiny[f["name"]]) for f in data["files"])
+    assert data["free_bytes"] > 0
+    assert not root.exists()
+    assert not hub.file_gets()

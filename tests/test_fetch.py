@@ -1,0 +1,304 @@
+"""The fetch path end to end, in process, against the local Hub emulator with the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from checkpoints import convnext_repo_files, shard_files, vit_config, vit_repo_files
+from conftest import GRANTED, NOTGRANTED, TINY
+from dinov3_fetcher import fetch_dinov3, validate_dinov3
+from dinov3_fetcher.errors import (
+    AuthenticationError,
+    IntegrityError,
+    LocalEntryNotFoundError,
+    NetworkError,
+    NotDinov3Error,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from dinov3_fetcher.fetch import fetch
+from dinov3_fetcher.state import StateDir
+from hub_server import HubServer
+
+FETCHED = {"config.json", "preprocessor_config.json", "model.safetensors", "README.md", "LICENSE.md"}
+
+
+def visible(root: Path) -> set[str]:
+    return {p.name for p in root.iterdir() if not p.name.startswith(".")}
+
+
+def assert_same_bytes(root: Path, files: dict[str, bytes], names: set[str]) -> None:
+    for name in names:
+        assert (root / name).read_bytes() == files[name], name
+
+
+def test_cold_fetch_gives_the_servers_bytes(hub: HubServer, tiny: dict[str, bytes], dino_root: Path):
+    path = fetch_dinov3(dino_root, TINY)
+    assert path == dino_root
+    assert visible(dino_root) == FETCHED  # no .gitattributes, no model.pth duplicate
+    assert_same_bytes(dino_root, tiny, FETCHED)
+    assert validate_dinov3(dino_root)
+    manifest = json.loads((dino_root / ".dinov3-fetcher" / "manifest.json").read_text())
+    assert manifest["repo_id"] == TINY and manifest["revision"] == "main" and len(manifest["commit"]) == 40
+    assert manifest["complete"] is True and manifest["tool_version"]
+    import hashlib
+
+    for name in FETCHED:
+        assert manifest["files"][name]["sha256"] == hashlib.sha256(tiny[name]).hexdigest()
+        assert manifest["files"][name]["size"] == len(tiny[name])
+    assert not any(r.path.endswith((".gitattributes", "model.pth")) for r in hub.requests)
+    assert not list((dino_root / ".dinov3-fetcher" / "partial").iterdir())  # nothing left over
+
+
+def test_warm_run_makes_zero_requests(hub: HubServer, tiny: dict[str, bytes], dino_root: Path):
+    fetch_dinov3(dino_root, TINY)
+    hub.clear()
+    result = fetch(dino_root, TINY)
+    assert result.cached and hub.requests == []
+
+
+def test_pinned_commit_warm_run_never_asks_and_records_commit(hub: HubServer, dino_root: Path):
+    first = hub.add_repo(TINY, vit_repo_files(seed=1))
+    hub.add_commit(TINY, {"README.md": b"# changed\n"})
+    result = fetch(dino_root, TINY, revision=first)
+    assert result.commit == first
+    hub.clear()
+    assert fetch(dino_root, TINY, revision=first).cached and hub.requests == []
+
+
+def test_model_switch_replaces_the_checkpoint_whole(hub: HubServer, tiny: dict[str, bytes], dino_root: Path):
+    other = "tiny-org/dinov3-convnext-tiny"
+    cn = shard_files(convnext_repo_files(seed=3), 2)
+    hub.add_repo(other, cn)
+    fetch_dinov3(dino_root, TINY)
+    fetch_dinov3(dino_root, other)
+    names = visible(dino_root)
+    assert "model.safetensors" not in names  # the ViT's weights are gone, not mixed with the ConvNeXt's
+    assert {"model.safetensors.index.json", "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors"} <= names
+    assert_same_bytes(dino_root, cn, names)
+    assert StateDir(dino_root).read_manifest().repo_id == other  # type: ignore[union-attr]
+    assert validate_dinov3(dino_root)
+
+
+def test_sharded_checkpoint(hub: HubServer, dino_root: Path):
+    files = shard_files(vit_repo_files(seed=2), 3)
+    hub.add_repo(TINY, files)
+    fetch_dinov3(dino_root, TINY)
+    wanted = {n for n in files if n not in (".gitattributes", "model.pth")}
+    assert visible(dino_root) == wanted
+    assert_same_bytes(dino_root, files, wanted)
+    (dino_root / "model-00002-of-00003.safetensors").unlink()
+    assert not validate_dinov3(dino_root)  # the index names a shard that is gone
+
+
+def test_resume_after_cut_fetches_only_the_missing_bytes(hub: HubServer, dino_root: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    files = vit_repo_files(hidden=256, intermediate=1024, layers=4)  # ~ 13 MB
+    size = len(files["model.safetensors"])
+    hub.add_repo(TINY, files)
+    cut = size // 2
+    hub.faults.add(cut_after=cut, path_suffix="model.safetensors", host="cdn")
+    monkeypatch.setenv("DINOV3_FETCHER_RETRIES", "0")
+    with pytest.raises(NetworkError) as info:
+        fetch_dinov3(dino_root, TINY)
+    assert "resumes" in info.value.hint
+    assert not validate_dinov3(dino_root) and not (dino_root / "model.safetensors").exists()
+    hub.faults.clear()
+    hub.clear()
+    fetch_dinov3(dino_root, TINY)
+    again = hub.bytes_served("model.safetensors")
+    assert size - cut <= again <= size - cut + 1024 * 1024  # only the missing part (+ at most one block)
+    first = next(r for r in hub.file_gets("model.safetensors") if r.host == "cdn")
+    assert (first.range or "").startswith("bytes=")
+    assert (dino_root / "model.safetensors").read_bytes() == files["model.safetensors"]
+
+
+def test_cut_connections_are_retried_within_one_run(hub: HubServer, dino_root: Path):
+    files = vit_repo_files(hidden=128, intermediate=512, layers=4)
+    hub.add_repo(TINY, files)
+    hub.faults.add(cut_after=100_000, path_suffix="model.safetensors", host="cdn", times=3)
+    fetch_dinov3(dino_root, TINY)
+    assert (dino_root / "model.safetensors").read_bytes() == files["model.safetensors"]
+    assert len(hub.file_gets("model.safetensors")) >= 4
+
+
+def test_server_ignoring_range_still_gives_a_correct_file(hub: HubServer, dino_root: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    files = vit_repo_files(hidden=256, intermediate=1024, layers=4)
+    hub.add_repo(TINY, files)
+    hub.faults.add(cut_after=3_000_000, path_suffix="model.safetensors", host="cdn", times=1)
+    monkeypatch.setenv("DINOV3_FETCHER_RETRIES", "0")
+    with pytest.raises(NetworkError):
+        fetch_dinov3(dino_root, TINY)
+    hub.faults.add(ignore_range=True)
+    fetch_dinov3(dino_root, TINY)
+    assert (dino_root / "model.safetensors").read_bytes() == files["model.safetensors"]
+
+
+def test_corrupt_bytes_are_refused_and_never_published(hub: HubServer, dino_root: Path):
+    good = vit_repo_files(seed=1)
+    hub.add_repo(TINY, good)
+    fetch_dinov3(dino_root, TINY)
+    before = {p.name: p.read_bytes() for p in dino_root.iterdir() if p.is_file()}
+    hub.add_commit(TINY, {"model.safetensors": vit_repo_files(seed=2)["model.safetensors"]})
+    hub.faults.add(corrupt_at=1000, path_suffix="model.safetensors")
+    with pytest.raises(IntegrityError) as info:
+        fetch(dino_root, TINY, update=True)
+    assert "sha256" in info.value.message and "discarded" in info.value.message
+    after = {p.name: p.read_bytes() for p in dino_root.iterdir() if p.is_file()}
+    assert after == before and validate_dinov3(dino_root)  # the good checkpoint is untouched
+    assert not list((dino_root / ".dinov3-fetcher" / "partial").iterdir())  # the bad bytes are gone
+
+
+def test_gated_repo_without_token(hub: HubServer, dino_root: Path):
+    hub.add_repo(TINY, vit_repo_files(), gated=True)
+    with pytest.raises(AuthenticationError) as info:
+        fetch_dinov3(dino_root, TINY)
+    err = info.value
+    assert err.status == 401 and "no token" in err.message
+    assert f"https://huggingface.co/{TINY}" in err.hint and "HF_TOKEN" in err.hint and "request access" in err.hint
+    assert not hub.file_gets("model.safetensors")  # stopped before the weights
+
+
+def test_gated_repo_with_token_not_granted(hub: HubServer, dino_root: Path, monkeypatch: pytest.MonkeyPatch):
+    hub.add_repo(TINY, vit_repo_files(), gated=True)
+    monkeypatch.setenv("HF_TOKEN", NOTGRANTED)
+    with pytest.raises(AuthenticationError) as info:
+        fetch_dinov3(dino_root, TINY)
+    assert info.value.status == 403 and "not been granted" in info.value.message
+    assert f"https://huggingface.co/{TINY}" in info.value.hint
+
+
+def test_gated_repo_with_granted_token(hub: HubServer, dino_root: Path, monkeypatch: pytest.MonkeyPatch):
+    files = vit_repo_files()
+    hub.add_repo(TINY, files, gated=True)
+    hub.grant(TINY, GRANTED)
+    monkeypatch.setenv("HF_TOKEN", GRANTED)
+    fetch_dinov3(dino_root, TINY)
+    assert_same_bytes(dino_root, files, FETCHED)
+    hub_gets = [r for r in hub.requests if r.host == "hub"]
+    assert all(r.headers.get("authorization") == f"Bearer {GRANTED}" for r in hub_gets if "/resolve/" in r.path)
+    assert all("authorization" not in r.headers for r in hub.requests if r.host == "cdn")
+
+
+def test_invalid_token(hub: HubServer, tiny: dict[str, bytes], dino_root: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    with pytest.raises(AuthenticationError) as info:
+        fetch_dinov3(dino_root, TINY)
+    assert "rejected the token" in info.value.message and "hf_not_a_real_token" not in str(info.value)
+
+
+def test_missing_repo(hub: HubServer, dino_root: Path):
+    with pytest.raises(RepositoryNotFoundError) as info:
+        fetch_dinov3(dino_root, "nobody/dinov3-nothing")
+    assert "nobody/dinov3-nothing" in info.value.message and info.value.exit_code == 5
+
+
+def test_missing_revision(hub: HubServer, tiny: dict[str, bytes], dino_root: Path):
+    with pytest.raises(RevisionNotFoundError) as info:
+        fetch_dinov3(dino_root, TINY, revision="v9.9")
+    assert "v9.9" in info.value.message
+
+
+def test_non_dinov3_repo_is_refused_before_the_weights(hub: HubServer, dino_root: Path):
+    files = vit_repo_files()
+    files["config.json"] = json.dumps({"model_type": "vit", "hidden_size": 32}).encode()
+    hub.add_repo("someone/plain-vit", files)
+    with pytest.raises(NotDinov3Error) as info:
+        fetch_dinov3(dino_root, "someone/plain-vit")
+    assert "'vit'" in info.value.message
+    assert not hub.file_gets("model.safetensors")
+    assert not validate_dinov3(dino_root)
+
+
+def test_official_id_whose_config_disagrees_with_the_registry(hub: HubServer, dino_root: Path):
+    repo = "facebook/dinov3-vitl16-pretrain-lvd1689m"
+    hub.add_repo(repo, vit_repo_files(hidden=384, intermediate=1536, layers=2, heads=6))
+    with pytest.raises(NotDinov3Error, match="ViT-L/16"):
+        fetch_dinov3(dino_root, repo)
+
+
+def test_weights_that_disagree_with_the_config_are_refused(hub: HubServer, dino_root: Path):
+    files = vit_repo_files()
+    files["config.json"] = json.dumps(vit_config(layers=3)).encode()
+    hub.add_repo(TINY, files)
+    with pytest.raises(NotDinov3Error, match="3 layers"):
+        fetch_dinov3(dino_root, TINY)
+    assert not validate_dinov3(dino_root)
+
+
+def test_convnext(hub: HubServer, dino_root: Path):
+    files = convnext_repo_files()
+    hub.add_repo("tiny-org/dinov3-convnext", files)
+    fetch_dinov3(dino_root, "tiny-org/dinov3-convnext")
+    assert_same_bytes(dino_root, files, FETCHED)
+
+
+def test_offline_with_a_complete_checkpoint(hub: HubServer, tiny: dict[str, bytes], dino_root: Path,
+                                            monkeypatch: pytest.MonkeyPatch):
+    fetch_dinov3(dino_root, TINY)
+    hub.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert fetch_dinov3(dino_root, TINY) == dino_root and hub.requests == []
+
+
+def test_offline_without_a_checkpoint(hub: HubServer, tiny: dict[str, bytes], dino_root: Path,
+                                      monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LocalEntryNotFoundError) as info:
+        fetch_dinov3(dino_root, TINY)
+    assert "HF_HUB_OFFLINE" in info.value.message and hub.requests == []
+    assert isinstance(info.value, FileNotFoundError)
+
+
+def test_offline_with_a_partial_checkpoint(hub: HubServer, tiny: dict[str, bytes], dino_root: Path,
+                                           monkeypatch: pytest.MonkeyPatch):
+    fetch_dinov3(dino_root, TINY)
+    (dino_root / "model.safetensors").write_bytes(b"truncated")
+    hub.clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LocalEntryNotFoundError, match=r"model\.safetensors"):
+        fetch_dinov3(dino_root, TINY)
+    assert hub.requests == []
+
+
+def test_a_damaged_checkpoint_is_repaired_by_the_next_fetch(hub: HubServer, tiny: dict[str, bytes], dino_root: Path):
+    fetch_dinov3(dino_root, TINY)
+    (dino_root / "model.safetensors").write_bytes(tiny["model.safetensors"][:1000])
+    assert not validate_dinov3(dino_root)
+    hub.clear()
+    fetch_dinov3(dino_root, TINY)
+    assert (dino_root / "model.safetensors").read_bytes() == tiny["model.safetensors"]
+    assert not hub.file_gets("config.json")  # intact files are not downloaded again
+
+
+def test_update_fetches_only_changed_files(hub: HubServer, tiny: dict[str, bytes], dino_root: Path):
+    fetch_dinov3(dino_root, TINY)
+    new_card = b"# new model card\n"
+    new = hub.add_commit(TINY, {"README.md": new_card})
+    hub.clear()
+    assert fetch(dino_root, TINY).cached and hub.requests == []  # a branch is not re-checked by default
+    result = fetch(dino_root, TINY, update=True)
+    assert result.commit == new and (dino_root / "README.md").read_bytes() == new_card
+    assert {r.path.rsplit("/", 1)[-1] for r in hub.file_gets()} == {"README.md"}
+
+
+def test_partial_of_a_file_that_changed_is_discarded_not_spliced(hub: HubServer, dino_root: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch):
+    old = vit_repo_files(hidden=256, intermediate=1024, layers=4, seed=1)
+    hub.add_repo(TINY, old)
+    hub.faults.add(cut_after=4_000_000, path_suffix="model.safetensors", host="cdn", times=1)
+    monkeypatch.setenv("DINOV3_FETCHER_RETRIES", "0")
+    with pytest.raises(NetworkError):
+        fetch_dinov3(dino_root, TINY)
+    new = vit_repo_files(hidden=256, intermediate=1024, layers=4, seed=2)
+    hub.add_commit(TINY, {"model.safetensors": new["model.safetensors"]})
+    hub.clear()
+    fetch_dinov3(dino_root, TINY)
+    assert (dino_root / "model.safetensors").read_bytes() == new["model.safetensors"]
+    assert hub.bytes_served("model.safetensors") == len(new["model.safetensors"])
+    assert not list((dino_root / ".dinov3-fetcher" / "partial").iterdir())  # the stale partial is gone
