@@ -174,3 +174,21 @@ def test_dry_run_writes_nothing(hub: HubServer, tiny: dict[str, bytes], tmp_path
     assert data["free_bytes"] > 0
     assert not root.exists()
     assert not hub.file_gets()
+
+
+def test_readme_cli_reference_matches_help(run_cli: Any):
+    """Every flag of every command's --help is in the README's CLI reference, and no README flag is unknown."""
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    reference = readme.split("## CLI reference", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", reference))
+    helped: set[str] = set()
+    for command in ("fetch", "list", "verify", "info"):
+        r = run_cli(command, "--help")
+        assert r.returncode == 0 and "examples:" in r.stdout
+        helped |= set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", r.stdout))
+    documented -= {"--help"}
+    helped -= {"--help"}
+    assert helped - documented == set(), "flags missing from the README"
+    assert documented - helped == set(), "README documents flags that do not exist"

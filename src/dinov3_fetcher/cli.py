@@ -54,6 +54,10 @@ def _where(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dino-root", metavar="DIR", help="the checkpoint folder (overrides train.dino_root)")
 
 
+def _sub_epilog(*examples: str) -> str:
+    return "examples:\n" + "".join(f"  {e}\n" for e in examples)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Fetch a DINOv3 teacher checkpoint from the Hugging Face Hub into "
                      "dino_root, resumable and verified byte for byte. Without a command: fetch.",
@@ -77,10 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--progress", action="store_true", help="draw the progress bar even when stderr is not a terminal")
     _common(f)
 
-    ls = sub.add_parser("list", help="the official DINOv3 checkpoints")
+    ls = sub.add_parser("list", help="the official DINOv3 checkpoints", epilog=_sub_epilog(
+        "dinov3-fetcher list", "dinov3-fetcher list --json | jq -r '.variants[].repo_id'"),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(ls)
 
-    v = sub.add_parser("verify", help="check dino_root offline (quick; --deep re-hashes every file)")
+    v = sub.add_parser("verify", help="check dino_root offline (quick; --deep re-hashes every file)",
+                       epilog=_sub_epilog("dinov3-fetcher verify --config config.json",
+                                          "dinov3-fetcher verify --dino-root ./dinov3 --deep",
+                                          "dinov3-fetcher verify --dino-root ./dinov3 --load --device cuda"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _where(v)
     v.add_argument("--deep", action="store_true", help="re-hash every file against the manifest's sha256")
     v.add_argument("--load", action="store_true", help="also load the model with transformers and run one "
@@ -88,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="cpu", help="device for --load (default cpu)")
     _common(v)
 
-    i = sub.add_parser("info", help="what dino_root holds and whether it matches the config")
+    i = sub.add_parser("info", help="what dino_root holds and whether it matches the config",
+                       epilog=_sub_epilog("dinov3-fetcher info --config config.json",
+                                          "dinov3-fetcher info --dino-root ./dinov3 --json"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _where(i)
     i.add_argument("--model", metavar="REPO_ID", help="the model to compare against")
     i.add_argument("--revision", metavar="REV", help="the revision to compare against")

@@ -59,7 +59,8 @@ def cmd_fetch(args: argparse.Namespace) -> dict[str, Any]:
     result = fetch.fetch(req.dino_root, req.model, revision=req.revision, update=args.update, progress=progress,
                          lock_timeout=args.lock_timeout)
     if result.cached:
-        _say(args, f"{result.repo_id}@{result.revision} ({result.commit[:12]}) already in {result.path}, verified")
+        _say(args, f"{result.repo_id}@{result.revision} ({result.commit[:12]}) already in {result.path} "
+                   "(manifest and headers checked, no request made)")
     else:
         resumed = f", resumed {human_bytes(result.bytes_resumed)}" if result.bytes_resumed else ""
         _say(args, f"{result.repo_id}@{result.revision} ({result.commit[:12]}) ready in {result.path}: "
