@@ -166,9 +166,12 @@ def map_error(exc: BaseException, repo_id: str, revision: str) -> BaseException:
     if isinstance(exc, hf_errors.HfHubHTTPError) and status == 403:
         return AuthenticationError(f"{ep} refused access to {repo_id} (403)",
                                    f"check that your token may read {_page(repo_id)}{_mirror_note()}", status=403)
+    if isinstance(exc, hf_errors.HfHubHTTPError) and status is not None and (status == 429 or status >= 500):
+        return NetworkError(f"{ep} answered HTTP {status} for {repo_id} (overloaded or failing)",
+                            "retry later; the next run resumes where this one stopped")
     if isinstance(exc, hf_errors.HfHubHTTPError):
-        return NetworkError(f"{ep} answered HTTP {status} for {repo_id}",
-                            "retry later (the Hub or mirror is failing); the next run resumes")
+        return NetworkError(f"{ep} answered HTTP {status} for {repo_id} without a Hub error code",
+                            "check that HF_ENDPOINT points at the Hugging Face Hub or a mirror of it")
     if isinstance(exc, hf_errors.OfflineModeIsEnabled):
         from .errors import LocalEntryNotFoundError
 
