@@ -1,0 +1,208 @@
+"""fetch_once under a real ``torchrun --nproc_per_node 4`` (CPU, gloo) against the Hub emulator.
+
+Each worker initialises gloo, calls fetch_once and writes what it got (path, or error type/message) to
+rank<N>.json. The torchrun tests are skipped, with the reason, when torch is not installed (see DEVELOPERS.md).
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from checkpoints import vit_repo_files
+from conftest import TINY, cli_env
+from dinov3_fetcher.distributed import _outcome, _rebuild, fetch_once
+from dinov3_fetcher.errors import AuthenticationError, DiskSpaceError
+from hub_server import HubServer
+
+needs_torch = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None,
+    reason="torch is not installed (the [load] extra): run bash .ci/install-load-extra.sh",
+)
+
+GATED = "tiny-org/dinov3-vit-gated"
+WORKER = """\
+import json, os, sys, time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from dinov3_fetcher.distributed import _outcome, _rebuild, fetch_once
+from dinov3_fetcher.errors import AuthenticationError, DiskSpaceError
+from dinov3_fetcher.errors import FetcherError
+
+out_dir, root, model, shared, mode = sys.argv[1:6]
+root = root.replace("{node}", os.environ.get("GROUP_RANK", "0"))
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+t0 = time.monotonic()
+try:
+    result = {"ok": True}
+    if mode == "teacher":
+        import torch
+        from dinov3_fetcher.load import load_teacher
+
+        teacher, preprocess = load_teacher(root, model_name=model or None, shared_fs=shared == "1")
+        with torch.no_grad():
+            out = teacher(pixel_values=preprocess(torch.zeros(224, 224, 3, dtype=torch.uint8)))
+        result["shape"] = list(out.last_hidden_state.shape)
+        path = root
+    else:
+        path = fetch_once(root, model, shared_fs=shared == "1")
+    dist.barrier()  # the ranks are still in step
+    result["path"], code = str(path), 0
+except FetcherError as exc:
+    result = {"ok": False, "type": type(exc).__name__, "message": exc.message, "hint": exc.hint}
+    code = exc.exit_code
+result.update(rank=rank, local_rank=int(os.environ["LOCAL_RANK"]), seconds=time.monotonic() - t0)
+Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+dist.destroy_process_group()
+sys.exit(code)
+"""
+
+
+def _api_calls(hub: HubServer) -> list[str]:
+    return [r.path for r in hub.requests if r.path.startswith("/api/models/")]
+
+
+Outcome = tuple[list[subprocess.CompletedProcess[str]], list[dict[str, Any]], float]
+
+
+def _torchrun(tmp_path: Path, root: str, model: str, *, shared_fs: bool = False, nproc: int = 4,
+              nodes: int = 1, timeout: float = 120, mode: str = "fetch") -> Outcome:
+    """Run the worker under torchrun (``nodes`` torchrun agents on this host, as separate "nodes")."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    env = cli_env(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    args = [str(worker), str(out), root, model, "1" if shared_fs else "0", mode]
+    if nodes == 1:
+        cmds = [[sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]]
+    else:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmds = [[sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--node-rank={n}",
+                 f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={port}", *args]
+                for n in range(nodes)]
+    t0 = time.monotonic()
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+    done = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    seconds = time.monotonic() - t0
+    results = [json.loads(f.read_text()) for f in sorted(out.glob("rank*.json"))]
+    return done, sorted(results, key=lambda r: r["rank"]), seconds
+
+
+@needs_torch
+def test_four_ranks_download_the_weights_once(hub: HubServer, tiny: dict[str, bytes], tmp_path: Path,
+                                              dino_root: Path) -> None:
+    procs, results, _ = _torchrun(tmp_path, str(dino_root), TINY)
+    assert procs[0].returncode == 0, procs[0].stderr[-3000:]
+    assert [r["rank"] for r in results] == [0, 1, 2, 3]
+    assert all(r["ok"] and r["path"] == str(dino_root) for r in results), results
+    gets = hub.file_gets("model.safetensors")
+    assert hub.bytes_served("model.safetensors") == len(tiny["model.safetensors"]), gets
+    assert len({r.path for r in gets if r.host == "cdn"}) == 1
+    assert len(hub.file_gets("/config.json")) == 1  # (not preprocessor_config.json)
+    assert len(_api_calls(hub)) == 1  # one rank asked the Hub; the others only read the disk
+    assert (dino_root / "model.safetensors").read_bytes() == tiny["model.safetensors"]
+
+
+@needs_torch
+def test_gated_repo_every_rank_raises_the_same_error_without_hanging(hub: HubServer, tmp_path: Path,
+                                                                     dino_root: Path) -> None:
+    hub.add_repo(GATED, vit_repo_files(), gated=True)
+    procs, results, seconds = _torchrun(tmp_path, str(dino_root), GATED, timeout=120)
+    assert procs[0].returncode != 0
+    assert [r["rank"] for r in results] == [0, 1, 2, 3], procs[0].stderr[-3000:]
+    assert {r["type"] for r in results} == {"AuthenticationError"}
+    assert len({(r["message"], r["hint"]) for r in results}) == 1, results
+    assert "gated" in results[0]["message"].lower() or "401" in results[0]["message"]
+    assert seconds < 100
+    assert hub.file_gets("model.safetensors") == []
+    assert len(_api_calls(hub)) == 1  # rank 0 asked and was refused; ranks 1-3 got its error, not their own
+
+
+def test_errors_cross_ranks_with_their_type_message_and_details() -> None:
+    disk = DiskSpaceError("not enough disk space", "free some", needed=10, free=1)
+    back = _rebuild(_outcome(disk, 0) or {})
+    assert type(back) is DiskSpaceError and str(back) == str(disk)
+    assert (back.message, back.hint, back.needed, back.free, back.errno) == ("not enough disk space", "free some",
+                                                                            10, 1, errno.ENOSPC)
+    auth = _rebuild(_outcome(AuthenticationError("gated", "ask for access", status=403), 2) or {})
+    assert isinstance(auth, AuthenticationError) and auth.status == 403 and auth.hint == "ask for access"
+    assert isinstance(auth, PermissionError)
+    other = _rebuild(_outcome(ValueError("odd"), 1) or {})
+    assert type(other) is ValueError and str(other) == "odd"
+
+    class Local(Exception):  # cannot be pickled: rebuilt as a RuntimeError naming it
+        pass
+
+    local = _rebuild(_outcome(Local("x"), 3) or {})
+    assert type(local) is RuntimeError and "rank 3" in str(local) and "Local: x" in str(local)
+
+
+@needs_torch
+@pytest.mark.slow
+def test_two_nodes_fetch_once_per_node_or_once_per_job(hub: HubServer, tiny: dict[str, bytes],
+                                                       tmp_path: Path) -> None:
+    """Two torchrun agents on this host stand for two nodes (2 ranks each), each with its own dino_root."""
+    size = len(tiny["model.safetensors"])
+    per_node = str(tmp_path / "node{node}" / "dinov3")
+    (tmp_path / "a").mkdir()
+    procs, results, _ = _torchrun(tmp_path / "a", per_node, TINY, nproc=2, nodes=2)
+    assert all(p.returncode == 0 for p in procs), [p.stderr[-2000:] for p in procs]
+    assert [(r["rank"], r["local_rank"]) for r in results] == [(0, 0), (1, 1), (2, 0), (3, 1)]
+    assert {r["path"] for r in results} == {per_node.format(node=0), per_node.format(node=1)}
+    assert hub.bytes_served("model.safetensors") == 2 * size  # once per node
+
+    hub.clear()
+    shared = str(tmp_path / "shared" / "dinov3")
+    (tmp_path / "b").mkdir()
+    procs, results, _ = _torchrun(tmp_path / "b", shared, TINY, shared_fs=True, nproc=2, nodes=2)
+    assert all(p.returncode == 0 for p in procs), [p.stderr[-2000:] for p in procs]
+    assert {r["path"] for r in results} == {shared}
+    assert hub.bytes_served("model.safetensors") == size  # once per job
+
+
+@needs_torch
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_load_teacher_in_torchrun_fetches_once(hub: HubServer, tiny: dict[str, bytes], tmp_path: Path,
+                                               dino_root: Path) -> None:
+    procs, results, _ = _torchrun(tmp_path, str(dino_root), TINY, nproc=2, mode="teacher")
+    assert procs[0].returncode == 0, procs[0].stderr[-3000:]
+    assert [r["shape"] for r in results] == [[1, 201, 32]] * 2
+    assert hub.bytes_served("model.safetensors") == len(tiny["model.safetensors"])
+    assert len(_api_calls(hub)) == 1
+
+    hub.clear()  # warm, no model named: every rank agrees to load what is there, without a request
+    procs, results, _ = _torchrun(tmp_path, str(dino_root), "", nproc=2, mode="teacher")
+    assert procs[0].returncode == 0, procs[0].stderr[-3000:]
+    assert len(results) == 2 and hub.requests == []
+
+
+def test_without_a_process_group_it_is_a_plain_fetch(hub: HubServer, tiny: dict[str, bytes],
+                                                     dino_root: Path) -> None:
+    assert fetch_once(dino_root, TINY) == dino_root
+    assert hub.bytes_served("model.safetensors") == len(tiny["model.safetensors"])
