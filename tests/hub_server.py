@@ -23,7 +23,11 @@ redirecting hub GET included. All matching rules are consumed and merged (first 
 Knobs: ``cut_after`` (body bytes, then clean close; with ``reset``: TCP RST), ``ignore_range``,
 ``corrupt_at`` (absolute file offset, byte XOR 0xFF), ``stall_after`` + ``stall_seconds`` (sleep once,
 then continue), ``status`` + ``retry_after``, ``no_content_length`` (Connection: close), ``chunked``,
-``throttle_bps`` (per connection).
+``throttle_bps`` (per connection). ``after=N`` lets the first N matching GETs pass before a rule applies
+(to sequence faults: a cut, then 503s). Each ``Request`` records its arrival time ``t`` (monotonic).
+A hostile Hub: ``hub.listed_sizes["repo/file"] = n`` makes model_info claim size n for that file; file
+names (``../x``, ``/abs``, ``a\\b``) and file contents (index.json, safetensors headers) are whatever
+``add_repo`` is given.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class Request:
     status: int = 0
     range: str | None = None
     body_bytes: int = 0
+    t: float = field(default_factory=time.monotonic)  # when the request arrived (monotonic clock)
 
 
 @dataclass
@@ -65,6 +70,7 @@ class Fault:
     path_suffix: str | None = None
     times: int | None = None
     host: str | None = None
+    after: int = 0  # let this many matching GETs pass untouched before the rule applies
     cut_after: int | None = None
     reset: bool = False
     ignore_range: bool = False
@@ -78,7 +84,7 @@ class Fault:
     throttle_bps: int | None = None
 
 
-_KNOBS = [f.name for f in dataclasses.fields(Fault) if f.name not in ("path_suffix", "times", "host")]
+_KNOBS = [f.name for f in dataclasses.fields(Fault) if f.name not in ("path_suffix", "times", "host", "after")]
 _DEFAULT = {k: getattr(Fault(), k) for k in _KNOBS}
 
 
@@ -105,6 +111,9 @@ class Faults:
                 if (r.times is not None and r.times <= 0) or (r.host not in (None, host)):
                     continue
                 if (r.path_suffix and not path.endswith(r.path_suffix)) or (not body and r.status is None):
+                    continue
+                if r.after > 0:
+                    r.after -= 1
                     continue
                 if r.times is not None:
                     r.times -= 1
@@ -333,9 +342,10 @@ class _Handler(BaseHTTPRequestHandler):
         for p, b in sorted(files.items()):
             s: dict[str, Any] = {"rfilename": p}
             if blobs:
-                s.update(size=b.size, blobId=b.oid)
+                size = self.hub.listed_sizes.get(f"{repo_id}/{p}", b.size)  # a lying listing, if asked
+                s.update(size=size, blobId=b.oid)
                 if b.lfs:
-                    s["lfs"] = {"sha256": b.sha256, "size": b.size, "pointerSize": b.pointer_size}
+                    s["lfs"] = {"sha256": b.sha256, "size": size, "pointerSize": b.pointer_size}
             siblings.append(s)
         self._json({
             "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24], "id": repo_id, "modelId": repo_id,
@@ -518,6 +528,7 @@ class HubServer:
         self.lfs_blobs: dict[str, _Blob] = {}
         self.valid_tokens: set[str] = {"hf_valid_granted", "hf_valid_notgranted"}
         self.page_size = 50
+        self.listed_sizes: dict[str, int] = {}  # "repo_id/path" -> size claimed by model_info (hostile Hub)
         self._counter = 0
         self._servers = [_Server("127.0.0.1", self, "hub"), _Server("127.0.0.2", self, "cdn")]
         self.endpoint = f"http://127.0.0.1:{self._servers[0].server_address[1]}"

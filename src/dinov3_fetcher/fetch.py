@@ -236,15 +236,37 @@ class _Run:
                                    "weights; check the repo id")
         return rf
 
+    def staged_path(self, rf: RemoteFile) -> Path:
+        """Where a verified download waits to be published: in this process's own folder (two fetchers
+        without a working lock never move each other's files), named by content (a staged file is always
+        exactly the file its name says, whichever run of whichever model left it there)."""
+        return _staged_dir(self.state) / f"{rf.identity}.{rf.name}"
+
     def reusable(self, rf: RemoteFile) -> Path | None:
-        """A complete copy of this exact file already on disk (published or staged), per the manifest."""
+        """A complete copy of this exact file already on disk: staged (verified), or published per the manifest.
+
+        A staged copy left by a fetcher that is gone is adopted (renamed into ours). A published copy is
+        trusted by its size only when the manifest is complete: after a publish that stopped half-way the
+        file under that name may still be the old one, so it is re-hashed.
+        """
+        own = self.staged_path(rf)
+        if own.is_file() and own.stat().st_size == rf.size:
+            return own
+        for other in self.state.staged.glob(f"*/{rf.identity}.{rf.name}"):
+            if other.parent != own.parent and _owner_gone(other.parent) and other.stat().st_size == rf.size:
+                with contextlib.suppress(OSError):
+                    own.parent.mkdir(parents=True, exist_ok=True)
+                    os.rename(other, own)
+                    return own
         rec = self.old.files.get(rf.name) if self.old else None
         if rec is None or rec.size != rf.size or rec.git_oid != rf.git_oid or (rf.sha256 and rec.sha256 != rf.sha256):
             return None
-        for p in (self.state.root / rf.name, self.state.staged / rf.name):
-            if p.is_file() and p.stat().st_size == rf.size:
-                return p
-        return None
+        p = self.state.root / rf.name
+        if not (p.is_file() and p.stat().st_size == rf.size):
+            return None
+        if self.old is not None and not self.old.complete and _sha256_file(p) != rec.sha256:
+            return None
+        return p
 
     def get(self, name: str) -> Path:
         from .transfer import Target
@@ -253,13 +275,16 @@ class _Run:
         check_filename(name)
         if (p := self.reusable(rf)) is not None:
             self.paths[name] = p
-            self.records[name] = self.old.files[name] if self.old else FileRecord(rf.size, rf.sha256 or "")
+            rec = self.old.files.get(name) if self.old else None
+            if rec is None or rec.size != rf.size or rec.git_oid != rf.git_oid:  # a staged file of a new version
+                rec = FileRecord(rf.size, rf.sha256 or _sha256_file(p), rf.git_oid)
+            self.records[name] = rec
             return p
         target = Target(name, self.snap.url(name), rf.size, rf.identity, rf.sha256,
                         None if rf.sha256 else rf.git_oid)
         assert self.transfer is not None, "a dry run never downloads"
         done = self.transfer.download(target)
-        dest = self.state.staged / name
+        dest = self.staged_path(rf)
         self.transfer.finish(done, dest)
         self.fetched += done.fetched
         self.resumed += done.resumed_from
@@ -273,6 +298,35 @@ class _Run:
             return int(rf.size - sum(e - s for s, e in data["remaining"]))
         except (OSError, ValueError, KeyError, TypeError):
             return 0
+
+
+def _staged_dir(state: StateDir) -> Path:
+    from .transfer import _HOST
+
+    return state.staged / f"{_HOST}.{os.getpid()}"
+
+
+def _owner_gone(folder: Path) -> bool:
+    """Is the fetcher that owns this staged folder (named host.pid) gone? Elsewhere: untouched for a day."""
+    from .transfer import _HOST, _alive
+
+    host, _, pid = folder.name.rpartition(".")
+    if host == _HOST and pid.isdigit():
+        return not _alive(int(pid))
+    try:
+        return time.time() - folder.stat().st_mtime > 86400
+    except OSError:
+        return False
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def plan_files(run: _Run, weights: list[str]) -> list[PlannedFile]:
@@ -336,6 +390,17 @@ def plan(dino_root: str | os.PathLike[str], model_name: str = DEFAULT_MODEL, *,
                   shutil.disk_usage(existing).free)
 
 
+def _hub_json(run: _Run, name: str) -> dict[str, Any]:
+    """A JSON file of the repo (verified against the Hub's hash), parsed; a broken one is the Hub's fault."""
+    path = run.get(name)
+    try:
+        return read_json_object(path)
+    except ValueError as exc:
+        raise HubResponseError(f"{run.snap.repo_id}'s {name} {exc}",
+                               "the repo (or HF_ENDPOINT's copy of it) is broken; pick another revision or "
+                               "report it to the repo's owner") from None
+
+
 def _check_space(state: StateDir, planned: list[PlannedFile]) -> None:
     needed = sum(p.size - p.present for p in planned)
     free = shutil.disk_usage(state.path).free
@@ -364,7 +429,7 @@ def _fetch_locked(state: StateDir, repo_id: str, revision: str, progress: Progre
     transfer = Transfer(settings, pool, state.partial, state.root, progress, raise_status)
     run = _Run(state, snap, transfer)
     try:
-        cfg = read_json_object(run.get(CONFIG))
+        cfg = _hub_json(run, CONFIG)
         if reason := config_problem(cfg) or registry_mismatch(repo_id, cfg):
             raise NotDinov3Error(f"{repo_id} is not a usable DINOv3 checkpoint: {reason}",
                                  "pick a DINOv3 repo ('dinov3-fetcher list' shows the official ones)")
@@ -372,7 +437,7 @@ def _fetch_locked(state: StateDir, repo_id: str, revision: str, progress: Progre
         if SINGLE in snap.files:
             weights = [SINGLE]
         elif INDEX in snap.files:
-            weights = shards_from_index(read_json_object(run.get(INDEX)))
+            weights = shards_from_index(_hub_json(run, INDEX))
         else:
             raise NotDinov3Error(f"{repo_id} has no safetensors weights ({SINGLE} or {INDEX})",
                                  "pick a repo with safetensors weights")
@@ -425,4 +490,6 @@ def _drop_stale_partials(state: StateDir) -> None:
     for p in state.partial.iterdir():
         if abandoned_or_unclaimed(p):
             shutil.rmtree(p, ignore_errors=True)
-    shutil.rmtree(state.staged, ignore_errors=True)
+    for p in state.staged.iterdir() if state.staged.is_dir() else ():
+        if p == _staged_dir(state) or not p.is_dir() or _owner_gone(p):  # never another live fetcher's files
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)

@@ -1,0 +1,170 @@
+"""Disk space, on a real small filesystem: a tmpfs mounted by the test (needs root; skipped otherwise).
+
+- Free space is checked before downloading, counting the bytes still missing (not the whole size) after a
+  partial run, and a refusal says needed vs available.
+- A disk that fills up during the download (another writer takes the space) gives the disk error (exit 9),
+  keeps the partial data resumable, and leaves the checkpoint already in dino_root untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from checkpoints import vit_repo_files
+from conftest import TINY, cli_env
+from hub_server import HubServer
+
+MiB = 1 << 20
+MODEL = "model.safetensors"
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a small tmpfs needs root")
+        d = tmp_path / f"tmpfs{len(mounted)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def fill(path: Path, limit: int | None = None) -> int:
+    """Write a ballast file until the disk is full (or ``limit`` bytes); returns its size."""
+    block, n = b"\0" * MiB, 0
+    with open(path, "wb", buffering=0) as f:
+        while limit is None or n < limit:
+            try:
+                n += f.write(block if limit is None else block[: min(MiB, limit - n)])
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                break
+    return n
+
+
+def tree(root: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and not rel.startswith((".dinov3-fetcher/partial", ".dinov3-fetcher/staged")) \
+                and rel != ".dinov3-fetcher/lock":
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def kept(dino_root: Path) -> int:
+    total = 0
+    for pj in (dino_root / ".dinov3-fetcher" / "partial").glob("*/progress.json"):
+        data = json.loads(pj.read_bytes())
+        total += data["size"] - sum(e - s for s, e in data["remaining"])
+    return total
+
+
+def fetch(run_cli: Any, dino_root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("--dino-root", str(dino_root), "--model", TINY, *args, **env)
+
+
+def test_space_is_checked_before_downloading_and_counts_only_missing_bytes(
+        hub: HubServer, tmpfs: Callable[[str], Path], run_cli: Any) -> None:
+    disk = tmpfs("64m")
+    dino_root = disk / "dinov3"
+    v1 = vit_repo_files(seed=1, hidden=512, intermediate=2048, layers=3)  # ~39 MB: fits once, not twice
+    size = len(v1[MODEL])
+    hub.add_repo(TINY, v1)
+
+    hub.faults.add(path_suffix=MODEL, host="cdn", times=1, cut_after=30 * MiB)
+    assert fetch(run_cli, dino_root, DINOV3_FETCHER_RETRIES="0", DINOV3_FETCHER_CONNECTIONS="1").returncode == 10
+    assert kept(dino_root) == 30 * MiB
+    hub.faults.clear()
+
+    # 30 MiB are on disk; counting the whole file again would need ~39 MB + margin, more than is free now.
+    ballast = fill(disk / "ballast", 15 * MiB)
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    hub.clear()
+    proc = fetch(run_cli, dino_root)
+    assert proc.returncode == 9, proc.stderr
+    missing_mb = f"{(size - 30 * MiB) / 1e6:.1f} MB still to download"
+    assert missing_mb in proc.stderr, proc.stderr  # the bytes still missing, not the whole size
+    assert f"{free / 1e6:.1f} MB free" in proc.stderr or "MB free" in proc.stderr
+    assert hub.bytes_served(MODEL) == 0  # refused before downloading
+    assert kept(dino_root) == 30 * MiB
+
+    (disk / "ballast").unlink()
+    hub.clear()
+    proc = fetch(run_cli, dino_root)
+    assert proc.returncode == 0, proc.stderr
+    assert (dino_root / MODEL).read_bytes() == v1[MODEL]
+    assert hub.bytes_served(MODEL) == size - 30 * MiB
+    assert ballast == 15 * MiB
+
+    # A new version of the same size does not fit next to the current one: refused, nothing touched.
+    before = tree(dino_root)
+    v2 = vit_repo_files(seed=2, hidden=512, intermediate=2048, layers=3)
+    hub.add_commit(TINY, {MODEL: v2[MODEL]})
+    hub.clear()
+    proc = fetch(run_cli, dino_root, "--update")
+    assert proc.returncode == 9, proc.stderr
+    assert f"{size / 1e6:.1f} MB still to download" in proc.stderr and "MB free" in proc.stderr
+    assert "free some space" in proc.stderr
+    assert hub.bytes_served(MODEL) == 0
+    assert tree(dino_root) == before
+
+
+def test_disk_filling_up_mid_download_keeps_partial_and_previous_checkpoint(
+        hub: HubServer, tmpfs: Callable[[str], Path], run_cli: Any) -> None:
+    disk = tmpfs("64m")
+    dino_root = disk / "dinov3"
+    v1 = vit_repo_files(seed=1, hidden=256, intermediate=1024, layers=4)  # ~13 MB
+    hub.add_repo(TINY, v1)
+    assert fetch(run_cli, dino_root).returncode == 0
+    before = tree(dino_root)
+
+    v2 = vit_repo_files(seed=2, hidden=384, intermediate=1536, layers=4, heads=6)  # ~28 MB: passes the check
+    hub.add_commit(TINY, v2)
+    hub.faults.add(path_suffix=MODEL, host="cdn", throttle_bps=10 * MiB, times=1)
+    hub.clear()
+    proc = subprocess.Popen([sys.executable, "-m", "dinov3_fetcher", "--dino-root", str(dino_root), "--model",
+                             TINY, "--update"], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    while hub.bytes_served(MODEL) < 6 * MiB:
+        time.sleep(0.005)
+        assert proc.poll() is None, proc.communicate()
+    fill(disk / "ballast")  # someone else takes every free byte
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 9, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "the disk filled up while writing model.safetensors" in lines[0], err
+    assert "run again: the download resumes" in lines[0]
+    assert tree(dino_root) == before  # the previous checkpoint, byte for byte, manifest included
+    have = kept(dino_root)
+    assert have >= 4 * MiB  # the partial data is kept ...
+
+    (disk / "ballast").unlink()
+    hub.faults.clear()
+    hub.clear()
+    proc2 = fetch(run_cli, dino_root, "--update", "--json")
+    assert proc2.returncode == 0, proc2.stderr
+    assert (dino_root / MODEL).read_bytes() == v2[MODEL]
+    assert json.loads(proc2.stdout)["bytes_resumed"] == have  # ... and resumable
+    assert hub.bytes_served(MODEL) == len(v2[MODEL]) - have

@@ -1,0 +1,296 @@
+"""A misbehaving server, for real: the emulator cuts, resets, stalls, throttles, answers 429/5xx, ignores
+Range, drops Content-Length, chunks, corrupts bytes and redirects LFS downloads to another host. Every test
+runs the real CLI in a subprocess and asserts what a user would see: exit code, message, bytes on disk,
+and the requests and bytes the server saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from checkpoints import vit_repo_files
+from conftest import TINY
+from hub_server import HubServer, Request
+
+MiB = 1 << 20
+MODEL = "model.safetensors"
+
+
+def small_files(seed: int = 0) -> dict[str, bytes]:
+    """A ~12.6 MB ViT checkpoint: big enough for several 1 MiB blocks, small enough for one connection."""
+    return vit_repo_files(seed=seed, hidden=256, intermediate=1024, layers=4)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (relative path -> sha256), the state folder's lock and partials excluded."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and not rel.startswith((".dinov3-fetcher/partial", ".dinov3-fetcher/staged")) \
+                and rel != ".dinov3-fetcher/lock":
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def partial_progress(dino_root: Path) -> dict[str, int]:
+    """Partial downloads kept in dino_root: folder name -> bytes already on disk (per progress.json)."""
+    out = {}
+    for pj in (dino_root / ".dinov3-fetcher" / "partial").glob("*/progress.json"):
+        data = json.loads(pj.read_bytes())
+        out[pj.parent.name] = data["size"] - sum(e - s for s, e in data["remaining"])
+    return out
+
+
+def model_gets(hub: HubServer) -> list[Request]:
+    """GETs that carried model.safetensors bytes (CDN answers; the hub's 302 carries none)."""
+    return [r for r in hub.file_gets(MODEL) if r.host == "cdn"]
+
+
+def fetch_json(run_cli: Any, dino_root: Path, *extra: str, **env: str) -> tuple[subprocess.CompletedProcess[str],
+                                                                              dict[str, Any]]:
+    proc = run_cli("--dino-root", str(dino_root), "--model", TINY, "--json", *extra, **env)
+    return proc, json.loads(proc.stdout)
+
+
+def fetched_total(files: dict[str, bytes]) -> int:
+    """Bytes a cold fetch downloads: config, preprocessor, weights, README, LICENSE (not model.pth etc.)."""
+    return sum(len(files[n]) for n in ("config.json", "preprocessor_config.json", MODEL, "README.md", "LICENSE.md"))
+
+
+def assert_checkpoint(dino_root: Path, files: dict[str, bytes]) -> None:
+    for name in ("config.json", "preprocessor_config.json", MODEL):
+        assert sha256((dino_root / name).read_bytes()) == sha256(files[name]), name
+
+
+@pytest.fixture
+def repo(hub: HubServer) -> dict[str, bytes]:
+    files = small_files()
+    hub.add_repo(TINY, files)
+    return files
+
+
+# -- connection faults mid-body ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["clean-close", "reset"])
+def test_cut_mid_body_resumes_from_written_bytes(hub: HubServer, repo: dict[str, bytes], run_cli: Any,
+                                                 dino_root: Path, reset: bool) -> None:
+    size = len(repo[MODEL])
+    cut = 3 * MiB + 123
+    hub.faults.add(path_suffix=MODEL, host="cdn", times=1, cut_after=cut, reset=reset)
+    proc, out = fetch_json(run_cli, dino_root)
+    assert proc.returncode == 0, proc.stderr
+    assert_checkpoint(dino_root, repo)
+    gets = model_gets(hub)
+    assert len(gets) == 2 and gets[0].range is None
+    start = int(gets[1].range.removeprefix("bytes=").split("-")[0])  # type: ignore[union-attr]
+    if reset:  # an RST may drop what sat unread in our socket buffer; never more than was sent
+        assert 0 < start <= cut
+    else:  # a clean close: every byte received was kept
+        assert start == cut
+    assert gets[1].body_bytes == size - start
+    assert hub.bytes_served(MODEL) <= size + (cut - start)
+    assert out["bytes_fetched"] == fetched_total(repo) and out["files"][MODEL]["sha256"] == sha256(repo[MODEL])
+
+
+def test_stall_longer_than_read_timeout_reconnects_and_resumes(hub: HubServer, repo: dict[str, bytes],
+                                                                run_cli: Any, dino_root: Path) -> None:
+    size = len(repo[MODEL])
+    hub.faults.add(path_suffix=MODEL, host="cdn", times=1, stall_after=2 * MiB, stall_seconds=4)
+    proc, _ = fetch_json(run_cli, dino_root, DINOV3_FETCHER_TIMEOUT="1")
+    assert proc.returncode == 0, proc.stderr
+    assert_checkpoint(dino_root, repo)
+    gets = model_gets(hub)
+    assert [g.range for g in gets] == [None, f"bytes={2 * MiB}-{size - 1}"]
+    assert 0.9 < gets[1].t - gets[0].t < 3.5  # gave up after ~1 s of silence, not after the 4 s stall
+    assert gets[1].body_bytes == size - 2 * MiB
+
+
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(("status", "retry_after"), [
+    pytest.param(429, None, marks=_SLOW), pytest.param(500, None, marks=_SLOW), (502, None), (503, None),
+    (429, "1"), pytest.param(503, "1", marks=_SLOW),
+])
+def test_http_error_mid_download_retries_with_backoff_and_resumes(
+        hub: HubServer, repo: dict[str, bytes], run_cli: Any, dino_root: Path, status: int,
+        retry_after: str | None) -> None:
+    size = len(repo[MODEL])
+    hub.faults.add(path_suffix=MODEL, host="cdn", times=1, cut_after=2 * MiB)
+    hub.faults.add(path_suffix=MODEL, host="cdn", after=1, times=2, status=status, retry_after=retry_after)
+    proc, out = fetch_json(run_cli, dino_root, DINOV3_FETCHER_BACKOFF="0.2", DINOV3_FETCHER_RETRIES="3")
+    assert proc.returncode == 0, proc.stderr
+    assert_checkpoint(dino_root, repo)
+    gets = model_gets(hub)
+    assert [g.status for g in gets] == [200, status, status, 206]
+    assert all(g.range == f"bytes={2 * MiB}-{size - 1}" for g in gets[1:])  # resumed from the bytes written
+    assert hub.bytes_served(MODEL) == size  # nothing fetched twice
+    waits = [b.t - a.t for a, b in itertools.pairwise(gets[1:])]
+    if retry_after:  # the server's Retry-After wins over our backoff
+        assert all(w >= 0.95 for w in waits), waits
+    else:  # exponential backoff: 0.2 s, then 0.4 s
+        assert 0.15 < waits[0] < 0.9 and waits[1] > 0.35, waits
+    assert out["bytes_fetched"] == fetched_total(repo)
+
+
+def test_retries_exhausted_one_line_error_keeps_partial_then_next_run_fetches_only_the_rest(
+        hub: HubServer, repo: dict[str, bytes], run_cli: Any, dino_root: Path) -> None:
+    size = len(repo[MODEL])
+    hub.faults.add(path_suffix=MODEL, host="cdn", times=1, cut_after=5 * MiB)
+    hub.faults.add(path_suffix=MODEL, host="cdn", after=1, status=503)  # forever
+    proc = run_cli("--dino-root", str(dino_root), "--model", TINY, DINOV3_FETCHER_RETRIES="2")
+    assert proc.returncode == 10, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("dinov3-fetcher: error: ") and "503" in lines[0]
+    assert "run the same command again" in lines[0] and "resumes" in lines[0]
+    assert [g.status for g in model_gets(hub)] == [200, 503, 503]  # the cut, then 2 retries without progress
+    kept = partial_progress(dino_root)
+    assert list(kept.values()) == [5 * MiB], kept  # the partial data is kept, and says how much it holds
+    assert not (dino_root / MODEL).exists()
+
+    hub.faults.clear()
+    hub.clear()
+    proc, out = fetch_json(run_cli, dino_root)
+    assert proc.returncode == 0, proc.stderr
+    assert_checkpoint(dino_root, repo)
+    assert hub.bytes_served(MODEL) == size - 5 * MiB  # only the rest
+    assert [g.range for g in model_gets(hub)] == [f"bytes={5 * MiB}-{size - 1}"]
+    assert out["bytes_resumed"] == 5 * MiB
+    assert partial_progress(dino_root) == {}
+
+
+# -- mirrors ---------------------------------------------------------------------------------------------------
+
+
+def _partial_first_run(hub: HubServer, run_cli: Any, dino_root: Path, cut: int) -> None:
+    """Leave ``cut`` bytes of model.safetensors on disk, as a run that lost its link would."""
+    hub.faults.add(path_suffix=MODEL, host="cdn", times=1, cut_after=cut)
+    proc = run_cli("--dino-root", str(dino_root), "--model", TINY, DINOV3_FETCHER_RETRIES="0")
+    assert proc.returncode == 10, proc.stderr
+    assert list(partial_progress(dino_root).values()) == [cut]
+    hub.faults.clear()
+    hub.clear()
+
+
+def test_mirror_ignoring_range_restreams_whole_file(hub: HubServer, repo: dict[str, bytes], run_cli: Any,
+                                                    dino_root: Path) -> None:
+    size = len(repo[MODEL])
+    _partial_first_run(hub, run_cli, dino_root, 4 * MiB)
+    hub.faults.add(path_suffix=MODEL, ignore_range=True)
+    proc, _ = fetch_json(run_cli, dino_root)
+    assert proc.returncode == 0, proc.stderr
+    assert_checkpoint(dino_root, repo)
+    gets = model_gets(hub)
+    assert gets[0].range is not None and gets[0].status == 200  # asked to resume, got the whole file
+    assert hub.bytes_served(MODEL) == size
+
+
+def test_mirror_ignoring_range_cannot_splice_bad_bytes_into_the_prefix(
+        hub: HubServer, repo: dict[str, bytes], run_cli: Any, dino_root: Path) -> None:
+    """The whole-file answer differs from the first run's bytes inside the prefix already on disk (and
+    already hashed): the published file must still be exactly the Hub's."""
+    _partial_first_run(hub, run_cli, dino_root, 6 * MiB)
+    hub.faults.add(path_suffix=MODEL, ignore_range=True, corrupt_at=1 * MiB + 7)
+    proc = run_cli("--dino-root", str(dino_root), "--model", TINY)
+    if proc.returncode == 0:
+        assert_checkpoint(dino_root, repo)
+    else:
+        assert proc.returncode == 8 and "sha256" in proc.stderr
+        assert not (dino_root / MODEL).exists()
+    verify = run_cli("verify", "--dino-root", str(dino_root), "--deep")
+    assert verify.returncode == (0 if proc.returncode == 0 else 13), verify.stderr
+
+
+def test_mirror_ignoring_range_on_a_multi_connection_file(hub: HubServer, run_cli: Any, dino_root: Path) -> None:
+    files = vit_repo_files(hidden=512, intermediate=2048, layers=3)  # ~38 MB: two 16 MiB+ connections
+    size = len(files[MODEL])
+    assert size >= 32 * MiB
+    hub.add_repo(TINY, files)
+    hub.faults.add(path_suffix=MODEL, ignore_range=True)
+    proc, _ = fetch_json(run_cli, dino_root, DINOV3_FETCHER_CONNECTIONS="4")
+    assert proc.returncode == 0, proc.stderr
+    assert_checkpoint(dino_root, files)
+    assert size <= hub.bytes_served(MODEL) <= 2 * size  # the second connection's whole-file answer won
+
+
+@pytest.mark.parametrize("knob", ["no_content_length", "chunked"])
+def test_mirror_without_content_length_or_chunked_including_a_resume(
+        hub: HubServer, repo: dict[str, bytes], run_cli: Any, dino_root: Path, knob: str) -> None:
+    size = len(repo[MODEL])
+    hub.faults.add(path_suffix=MODEL, host="cdn", times=1, cut_after=3 * MiB)
+    hub.faults.add(path_suffix=MODEL, host="cdn", **{knob: True})
+    proc, _ = fetch_json(run_cli, dino_root)
+    assert proc.returncode == 0, proc.stderr
+    assert_checkpoint(dino_root, repo)
+    gets = model_gets(hub)
+    assert [g.range for g in gets] == [None, f"bytes={3 * MiB}-{size - 1}"]
+    assert hub.bytes_served(MODEL) == size
+
+
+def test_mirror_sending_a_truncated_body_without_content_length_is_not_accepted(
+        hub: HubServer, repo: dict[str, bytes], run_cli: Any, dino_root: Path) -> None:
+    """Without Content-Length a clean close looks like the end of the body: the size from the Hub decides."""
+    size = len(repo[MODEL])
+    hub.faults.add(path_suffix=MODEL, host="cdn", times=1, cut_after=3 * MiB, no_content_length=True)
+    proc, _ = fetch_json(run_cli, dino_root)
+    assert proc.returncode == 0, proc.stderr
+    assert_checkpoint(dino_root, repo)
+    assert hub.bytes_served(MODEL) == size
+
+
+# -- corrupt bytes -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "offset"), [(MODEL, 5 * MiB + 3),
+                                              pytest.param("preprocessor_config.json", 10, marks=_SLOW)])
+def test_corrupt_bytes_are_refused_and_discarded_and_the_good_checkpoint_stays(
+        hub: HubServer, repo: dict[str, bytes], run_cli: Any, dino_root: Path, name: str, offset: int) -> None:
+    proc = run_cli("--dino-root", str(dino_root), "--model", TINY)
+    assert proc.returncode == 0, proc.stderr
+    before = tree(dino_root)
+    v2 = small_files(seed=1)
+    v2["preprocessor_config.json"] = v2["preprocessor_config.json"].replace(b"224", b"256")
+    hub.add_commit(TINY, v2)
+    hub.faults.add(path_suffix=name, corrupt_at=offset)  # a corrupt mirror: every answer is bad
+    proc = run_cli("--dino-root", str(dino_root), "--model", TINY, "--update")
+    assert proc.returncode == 8, proc.stderr
+    assert "discarded" in proc.stderr and ("sha256" in proc.stderr or "git blob id" in proc.stderr)
+    assert tree(dino_root) == before  # byte for byte, manifest included
+    assert partial_progress(dino_root) == {}  # the bad bytes were not kept to be resumed
+
+    hub.faults.clear()
+    proc = run_cli("--dino-root", str(dino_root), "--model", TINY, "--update")
+    assert proc.returncode == 0, proc.stderr
+    assert_checkpoint(dino_root, v2)
+
+
+# -- LFS redirect to another host --------------------------------------------------------------------------------
+
+
+def test_lfs_redirect_never_sends_the_token_to_the_cdn(hub: HubServer, run_cli: Any, dino_root: Path) -> None:
+    files = small_files()
+    hub.add_repo(TINY, files, gated=True)
+    hub.grant(TINY, "hf_valid_granted")
+    hub.faults.add(path_suffix=MODEL, host="cdn", times=1, cut_after=MiB)  # a retry goes to the CDN too
+    proc = run_cli("--dino-root", str(dino_root), "--model", TINY, HF_TOKEN="hf_valid_granted")
+    assert proc.returncode == 0, proc.stderr
+    assert_checkpoint(dino_root, files)
+    cdn = [r for r in hub.requests if r.host == "cdn"]
+    assert len(cdn) >= 2
+    assert all("authorization" not in r.headers for r in cdn)
+    assert not any("hf_valid_granted" in json.dumps(r.headers) + r.path for r in cdn)
+    hub_resolves = [r for r in hub.file_gets() if r.host == "hub"]
+    assert hub_resolves and all(r.headers.get("authorization") == "Bearer hf_valid_granted" for r in hub_resolves)

@@ -1,0 +1,335 @@
+"""Interruption, for real: the fetcher is a subprocess killed with SIGKILL at random points of a download
+(and SIGINT like a Ctrl-C), then run again. After every kill, what the partial state claims is on disk must
+be true, dino_root must never look valid with wrong bytes, and each restart fetches only what is missing
+(plus what was in flight at the kill).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from checkpoints import big_vit_repo_dir, vit_repo_files
+from conftest import TINY, cli_env
+from dinov3_fetcher import transfer
+from dinov3_fetcher.validate import validate_dinov3
+from hub_server import HubServer
+
+MiB = 1 << 20
+MODEL = "model.safetensors"
+# What a SIGKILL may cost: progress not yet recorded (SAVE_EVERY bytes, or one block where progress is
+# recorded per block) plus one block in flight per connection, plus what sat in socket buffers.
+SAVE_EVERY: int = getattr(transfer, "SAVE_EVERY", transfer.Settings.block)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 * MiB):
+            h.update(block)
+    return h.hexdigest()
+
+
+def start(dino_root: Path, *args: str, **env: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "dinov3_fetcher", "--dino-root", str(dino_root), "--model", TINY, *args]
+    return subprocess.Popen(cmd, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def partial_state(dino_root: Path, identity: str) -> tuple[list[Path], int]:
+    """The partial folders of one file's content, and the bytes the newest progress record says are on disk."""
+    folders = sorted((dino_root / ".dinov3-fetcher" / "partial").glob(f"{identity}*"))
+    done = 0
+    for f in folders:
+        try:
+            data = json.loads((f / "progress.json").read_bytes())
+            done = max(done, data["size"] - sum(e - s for s, e in data["remaining"]))
+        except (OSError, ValueError):
+            pass
+    return folders, done
+
+
+def assert_partial_truthful(dino_root: Path, identity: str, source: Path) -> None:
+    """Every byte progress.json says is done really is the source's byte at that offset."""
+    for folder in (dino_root / ".dinov3-fetcher" / "partial").glob(f"{identity}*"):
+        try:
+            remaining = json.loads((folder / "progress.json").read_bytes())["remaining"]
+        except FileNotFoundError:
+            continue
+        size = source.stat().st_size
+        done, pos = [], 0
+        for s, e in sorted(remaining):
+            if s > pos:
+                done.append((pos, s))
+            pos = e
+        if pos < size:
+            done.append((pos, size))
+        with open(folder / "data", "rb") as got, open(source, "rb") as want:
+            for s, e in done:
+                got.seek(s)
+                want.seek(s)
+                while s < e:
+                    n = min(8 * MiB, e - s)
+                    assert got.read(n) == want.read(n), f"{folder.name}: bytes {s}..{s + n} recorded as done are wrong"
+                    s += n
+
+
+def assert_never_wrong(dino_root: Path, expected: dict[str, str]) -> None:
+    """If dino_root passes the quick validation, its files are the right ones, byte for byte."""
+    if validate_dinov3(dino_root):
+        for name, digest in expected.items():
+            assert sha256_file(dino_root / name) == digest, f"{name} looks valid but holds wrong bytes"
+
+
+@dataclass
+class KillReport:
+    missing_before: int
+    missing_after: int
+    served: int
+
+    @property
+    def wasted(self) -> int:
+        """Bytes the server sent this run that the next run has to fetch again."""
+        return self.served - (self.missing_before - self.missing_after)
+
+
+def kill_and_restart(hub: HubServer, dino_root: Path, source: Path, expected: dict[str, str],
+                     triggers: list[Callable[[int], bool]], env: dict[str, str]) -> list[KillReport]:
+    """Start the fetcher once per trigger and SIGKILL it when the trigger (given the bytes served to this run
+    so far) says so; check the on-disk state after each kill. Returns one report per kill."""
+    size = source.stat().st_size
+    identity = hashlib.sha256(source.read_bytes()).hexdigest() if size < 64 * MiB else sha256_file(source)
+    reports = []
+    for trigger in triggers:
+        _, done = partial_state(dino_root, identity)
+        missing = size - done
+        hub.clear()
+        proc = start(dino_root, "-q", **env)
+        t0 = time.monotonic()
+        while proc.poll() is None and not trigger(hub.bytes_served(MODEL)):
+            time.sleep(0.002)
+            assert time.monotonic() - t0 < 60, "fetcher neither finished nor reached the kill point"
+        if proc.poll() is not None:  # it finished before the kill point
+            assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
+            proc.communicate()
+            break
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL
+        folders, done_after = partial_state(dino_root, identity)
+        assert len(folders) <= 1, f"partial data of one file spread over {folders}"
+        assert_partial_truthful(dino_root, identity, source)
+        assert_never_wrong(dino_root, expected)
+        reports.append(KillReport(missing, size - done_after, hub.bytes_served(MODEL)))
+    return reports
+
+
+def finish(hub: HubServer, dino_root: Path, source: Path, expected: dict[str, str], env: dict[str, str]) -> int:
+    """Run once more to completion; returns the model bytes that run fetched."""
+    hub.clear()
+    proc = start(dino_root, "--json", **env)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    for name, digest in expected.items():
+        assert sha256_file(dino_root / name) == digest, name
+    assert json.loads(out)["files"][MODEL]["sha256"] == expected[MODEL]
+    assert not list((dino_root / ".dinov3-fetcher" / "partial").iterdir())
+    return hub.bytes_served(MODEL)
+
+
+def expected_digests(files: dict[str, Path | bytes]) -> dict[str, str]:
+    out = {}
+    for name in ("config.json", "preprocessor_config.json", MODEL):
+        v = files[name]
+        out[name] = sha256_file(v) if isinstance(v, Path) else hashlib.sha256(v).hexdigest()
+    return out
+
+
+def _kill_bound(connections: int, throttle: int) -> int:
+    return SAVE_EVERY + connections * (transfer.Settings.block + max(1, min(MiB, throttle // 50))) + 256 * 1024
+
+
+def _run_kill_series(hub: HubServer, dino_root: Path, src: Path, n_kills: int, throttle: int, connections: int,
+                     seed: int) -> tuple[list[KillReport], int]:
+    files: dict[str, Path | bytes] = {p.name: p for p in src.iterdir()}
+    hub.add_repo(TINY, files)
+    expected = expected_digests(files)
+    size = (src / MODEL).stat().st_size
+    hub.faults.add(path_suffix=MODEL, host="cdn", throttle_bps=throttle)
+    env = {"DINOV3_FETCHER_CONNECTIONS": str(connections)}
+    rng = random.Random(seed)
+    triggers: list[Callable[[int], bool]] = []
+    for i in range(n_kills):
+        if i == n_kills - 1:  # the last kill lands in the last MiBs: hashing or publishing may be under way
+            left = rng.uniform(0, 2 * MiB)
+            triggers.append(lambda served, left=left: served >= size - left)
+        elif i % 7 == 3:  # before or right at the first byte: during start-up and metadata calls
+            triggers.append(lambda served: served > 0)
+        else:
+            amount = rng.uniform(0.1, 1.4) * size / (n_kills + 1)  # random points spread over the file
+            triggers.append(lambda served, a=amount: served >= a)
+    reports = kill_and_restart(hub, dino_root, src / MODEL, expected, triggers, env)
+    final_missing = size - partial_state(dino_root, expected[MODEL])[1]
+    fetched = finish(hub, dino_root, src / MODEL, expected, env)
+    assert fetched <= final_missing + SAVE_EVERY, (fetched, final_missing)
+    bound = _kill_bound(connections, throttle)
+    for r in reports:
+        assert r.missing_after <= r.missing_before  # a kill never loses what an earlier run recorded
+        assert r.wasted <= bound, (r, bound)
+    return reports, fetched
+
+
+def _summary(reports: list[KillReport], fetched: int) -> str:
+    wasted = [r.wasted for r in reports]
+    return (f"{len(reports)} kills, wasted per kill max {max(wasted) / MiB:.2f} MiB mean "
+            f"{sum(wasted) / len(wasted) / MiB:.2f} MiB, last run fetched {fetched / MiB:.2f} MiB")
+
+
+def test_sigkill_at_three_points_then_resume(hub: HubServer, tmp_path: Path, dino_root: Path) -> None:
+    src = big_vit_repo_dir(tmp_path / "src", hidden=512, intermediate=2048, layers=3)  # ~38 MB, 2 connections
+    reports, fetched = _run_kill_series(hub, dino_root, src, n_kills=4, throttle=16 * MiB, connections=8, seed=1)
+    assert len(reports) >= 3  # the last kill point is in the last 2 MiB: the run may have finished first
+    print(_summary(reports, fetched))
+
+
+@pytest.mark.slow
+def test_sigkill_at_twenty_random_points_of_a_large_download(hub: HubServer, tmp_path: Path,
+                                                             dino_root: Path) -> None:
+    src = big_vit_repo_dir(tmp_path / "src", hidden=1024, intermediate=4096, layers=6)  # ~300 MB
+    assert (src / MODEL).stat().st_size > 250 * MiB
+    reports, fetched = _run_kill_series(hub, dino_root, src, n_kills=22, throttle=12 * MiB, connections=8,
+                                        seed=int(os.environ.get("KILL_SEED", "20")))
+    assert len(reports) >= 21
+    print(_summary(reports, fetched))
+
+
+# -- SIGINT ---------------------------------------------------------------------------------------------------
+
+
+def test_sigint_exits_130_promptly_saying_it_resumes_and_the_next_run_does(hub: HubServer,
+                                                                          dino_root: Path) -> None:
+    files = vit_repo_files(hidden=256, intermediate=1024, layers=4)
+    size = len(files[MODEL])
+    hub.add_repo(TINY, files)
+    hub.faults.add(path_suffix=MODEL, host="cdn", throttle_bps=4 * MiB)
+    proc = start(dino_root)
+    while hub.bytes_served(MODEL) < 4 * MiB:
+        time.sleep(0.005)
+        assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=20)
+    assert time.monotonic() - t0 < 3, "Ctrl-C took more than 3 s"
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "resumes" in err and "Traceback" not in err
+    _, kept = partial_state(dino_root, hashlib.sha256(files[MODEL]).hexdigest())
+    assert kept >= 3 * MiB
+
+    hub.faults.clear()
+    hub.clear()
+    proc = start(dino_root)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "resuming model.safetensors" in err
+    assert hashlib.sha256((dino_root / MODEL).read_bytes()).hexdigest() == hashlib.sha256(files[MODEL]).hexdigest()
+    assert hub.bytes_served(MODEL) == size - kept
+
+
+# -- the file changes on the server between runs --------------------------------------------------------------
+
+
+def _leave_partial(hub: HubServer, dino_root: Path, cut: int) -> None:
+    hub.faults.add(path_suffix=MODEL, host="cdn", times=1, cut_after=cut)
+    proc = start(dino_root, DINOV3_FETCHER_RETRIES="0")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 10, err
+    hub.faults.clear()
+    hub.clear()
+
+
+def test_new_commit_between_runs_discards_the_partial_instead_of_splicing(hub: HubServer,
+                                                                          dino_root: Path) -> None:
+    v1 = vit_repo_files(seed=1, hidden=256, intermediate=1024, layers=4)
+    v2 = vit_repo_files(seed=2, hidden=256, intermediate=1024, layers=4)
+    assert len(v1[MODEL]) == len(v2[MODEL]) and v1[MODEL] != v2[MODEL]
+    hub.add_repo(TINY, v1)
+    _leave_partial(hub, dino_root, 6 * MiB)
+    hub.add_commit(TINY, {MODEL: v2[MODEL]})  # main moves on: new commit, new ETag, same size
+    proc = start(dino_root, "--json")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert (dino_root / MODEL).read_bytes() == v2[MODEL]
+    assert [g.range for g in hub.file_gets(MODEL) if g.host == "cdn"] == [None]  # from byte 0, no splice
+    assert hub.bytes_served(MODEL) == len(v2[MODEL])
+    assert json.loads(out)["bytes_resumed"] == 0
+    assert not list((dino_root / ".dinov3-fetcher" / "partial").iterdir())  # v1's partial is gone too
+
+
+def test_file_changed_under_the_same_listing_is_refused_not_spliced(hub: HubServer, dino_root: Path) -> None:
+    """A mirror whose bytes changed while its listing did not: the resumed answer carries another ETag."""
+    v1 = vit_repo_files(seed=1, hidden=256, intermediate=1024, layers=4)
+    v2 = vit_repo_files(seed=2, hidden=256, intermediate=1024, layers=4)
+    hub.add_repo(TINY, v1)
+    _leave_partial(hub, dino_root, 6 * MiB)
+    sha1, sha2 = (hashlib.sha256(v[MODEL]).hexdigest() for v in (v1, v2))
+    hub.add_repo("other/repo", v2)
+    hub.lfs_blobs[sha1] = hub.lfs_blobs[sha2]  # the CDN now serves v2's bytes (and ETag) at v1's address
+    proc = start(dino_root)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 8, err
+    assert "different file" in err and "discarded" in err
+    assert not (dino_root / MODEL).exists()
+    assert partial_state(dino_root, sha1) == ([], 0)
+
+
+# -- a crash in the middle of publishing --------------------------------------------------------------------------
+
+_CRASH_IN_PUBLISH = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from dinov3_fetcher import fetch
+
+    root, real = Path(sys.argv[1]), os.replace
+
+    def replace(src: Any, dst: Any, *a: Any, **k: Any) -> None:
+        if Path(dst) == root / "model.safetensors":  # SIGKILL right before the weights are moved in
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(src, dst, *a, **k)
+
+    os.replace = replace
+    fetch.fetch(root, sys.argv[2], update=True)
+""").replace("Any", "object")
+
+
+def test_sigkill_in_the_middle_of_publishing_never_leaves_wrong_bytes(hub: HubServer, dino_root: Path,
+                                                                      run_cli: Any) -> None:
+    v1 = vit_repo_files(seed=1, hidden=128, intermediate=512, layers=2)
+    v2 = vit_repo_files(seed=2, hidden=128, intermediate=512, layers=2)
+    assert len(v1[MODEL]) == len(v2[MODEL])
+    hub.add_repo(TINY, v1)
+    assert run_cli("--dino-root", str(dino_root), "--model", TINY).returncode == 0
+    hub.add_commit(TINY, {MODEL: v2[MODEL], "README.md": b"# v2\n"})
+    crash = subprocess.run([sys.executable, "-c", _CRASH_IN_PUBLISH, str(dino_root), TINY], env=cli_env(),
+                           capture_output=True, text=True, timeout=60)
+    assert crash.returncode == -signal.SIGKILL, crash.stderr
+    assert not validate_dinov3(dino_root)  # a half-published folder never passes for a checkpoint
+    assert_never_wrong(dino_root, {MODEL: hashlib.sha256(v2[MODEL]).hexdigest()})
+
+    proc = run_cli("--dino-root", str(dino_root), "--model", TINY)
+    assert proc.returncode == 0, proc.stderr
+    assert (dino_root / MODEL).read_bytes() == v2[MODEL]
+    assert (dino_root / "README.md").read_bytes() == b"# v2\n"
+    deep = run_cli("verify", "--dino-root", str(dino_root), "--deep")
+    assert deep.returncode == 0, deep.stderr
