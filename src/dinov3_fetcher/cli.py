@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import traceback
@@ -116,14 +115,13 @@ def _argv(argv: Sequence[str] | None) -> list[str]:
     return ["fetch", *args]
 
 
-def _secret() -> str | None:
-    token = os.environ.get("HF_TOKEN")
-    return token if token and len(token) >= 4 else None
-
-
 def _scrub(text: str) -> str:
-    token = _secret()
-    return text.replace(token, "<redacted>") if token else text
+    """Defence in depth: no code path prints a token, and this makes sure none slips through."""
+    from .env import known_secrets
+
+    for token in known_secrets():
+        text = text.replace(token, "<redacted>")
+    return text
 
 
 def _emit_json(obj: dict[str, Any]) -> None:

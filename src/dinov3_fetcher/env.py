@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 from urllib.parse import urlsplit
 
 __all__ = ["DEFAULT_ENDPOINT", "display_endpoint", "endpoint", "is_offline", "lock_disabled", "lock_timeout"]
@@ -29,6 +31,23 @@ def display_endpoint(url: str | None = None) -> str:
 def is_offline() -> bool:
     """HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1): no network at all."""
     return _true("HF_HUB_OFFLINE") or _true("TRANSFORMERS_OFFLINE")
+
+
+def token_file() -> Path:
+    """Where ``hf auth login`` keeps the token: HF_TOKEN_PATH, else $HF_HOME/token (huggingface_hub's rule)."""
+    if path := os.environ.get("HF_TOKEN_PATH"):
+        return Path(os.path.expandvars(path)).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
+    home = os.environ.get("HF_HOME") or str(Path(cache) / "huggingface")
+    return Path(os.path.expandvars(home)).expanduser() / "token"
+
+
+def known_secrets() -> list[str]:
+    """Every token this process could send (HF_TOKEN and the stored one), to scrub from anything printed."""
+    found = [os.environ.get("HF_TOKEN") or "", os.environ.get("HUGGING_FACE_HUB_TOKEN") or ""]
+    with contextlib.suppress(OSError):
+        found.append(token_file().read_text(encoding="utf-8", errors="replace"))
+    return [t.strip() for t in found if len(t.strip()) >= 4]
 
 
 def lock_timeout(default: float = 3600.0) -> float:
