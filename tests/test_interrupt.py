@@ -247,6 +247,24 @@ def test_sigint_exits_130_promptly_saying_it_resumes_and_the_next_run_does(hub: 
     assert hub.bytes_served(MODEL) == size - kept
 
 
+def test_sigint_during_a_stalled_read_does_not_wait_for_the_read_timeout(hub: HubServer, dino_root: Path) -> None:
+    files = vit_repo_files(hidden=256, intermediate=1024, layers=4)
+    hub.add_repo(TINY, files)
+    hub.faults.add(path_suffix=MODEL, host="cdn", stall_after=2 * MiB, stall_seconds=60)
+    proc = start(dino_root, DINOV3_FETCHER_TIMEOUT="60")
+    while hub.bytes_served(MODEL) < 2 * MiB:
+        time.sleep(0.005)
+        assert proc.poll() is None, proc.communicate()
+    time.sleep(0.3)  # the fetcher is now blocked in a read that would only time out after 60 s
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 5, "Ctrl-C waited for the stalled read"
+    assert proc.returncode == 130 and "resumes" in err, err
+    _, kept = partial_state(dino_root, hashlib.sha256(files[MODEL]).hexdigest())
+    assert kept >= MiB  # what arrived before the stall is kept for the next run
+
+
 # -- the file changes on the server between runs --------------------------------------------------------------
 
 
