@@ -68,6 +68,19 @@ def dino_root(tmp_path: Path) -> Path:
     return tmp_path / "work" / "dinov3"
 
 
+def checkpoint_tree(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (relative path -> sha256), the lock and in-flight partial/staged data excluded."""
+    import hashlib
+
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and not rel.startswith((".dinov3-fetcher/partial", ".dinov3-fetcher/staged")) \
+                and rel != ".dinov3-fetcher/lock":
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
 def cli_env(**extra: str | None) -> dict[str, str]:
     env = dict(os.environ)
     for k, v in extra.items():

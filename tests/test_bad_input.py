@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from checkpoints import GITATTRIBUTES, PREPROCESSOR_CONFIG, vit_config, vit_repo_files
-from conftest import TINY
+from conftest import TINY, checkpoint_tree
 from hub_server import HubServer
 
 MODEL = "model.safetensors"
@@ -218,14 +218,6 @@ def snapshot(top: Path, skip: Path) -> dict[str, tuple[int, str]]:
     return out
 
 
-def checkpoint_state(root: Path) -> dict[str, str]:
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_file() and not rel.startswith((".dinov3-fetcher/partial", ".dinov3-fetcher/staged")) \
-                and rel != ".dinov3-fetcher/lock":
-            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 # The first run covers every kind of case; a few variants of the same check run with -m slow.
@@ -243,7 +235,7 @@ def test_bad_input(case: Case, evil_hub: HubServer, good_checkpoint: Path, tmp_p
     ctx = Ctx(tmp_path, dino_root, evil_hub)
     args = case.args(ctx)
     outside_before = snapshot(tmp_path, dino_root)
-    inside_before = checkpoint_state(dino_root)
+    inside_before = checkpoint_tree(dino_root)
     try:
         proc = run_cli(*args, cwd=tmp_path, timeout=60)
     finally:
@@ -262,7 +254,7 @@ def test_bad_input(case: Case, evil_hub: HubServer, good_checkpoint: Path, tmp_p
         assert not (tmp_path / stray).exists() and not (tmp_path / "work" / stray).exists()
     assert not Path("/tmp/evil.safetensors").exists() and not Path("/etc/evil.json").exists()
     # The good checkpoint is unchanged (a successful re-publish may only rewrite the manifest).
-    after = checkpoint_state(dino_root)
+    after = checkpoint_tree(dino_root)
     if case.fetched_ok:
         assert {k: v for k, v in after.items() if k in GOOD_FILES} == \
             {k: v for k, v in inside_before.items() if k in GOOD_FILES}

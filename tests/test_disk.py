@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import subprocess
@@ -22,7 +21,7 @@ from typing import Any
 import pytest
 
 from checkpoints import vit_repo_files
-from conftest import TINY, cli_env
+from conftest import TINY, checkpoint_tree, cli_env
 from hub_server import HubServer
 
 MiB = 1 << 20
@@ -63,14 +62,6 @@ def fill(path: Path, limit: int | None = None) -> int:
     return n
 
 
-def tree(root: Path) -> dict[str, str]:
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_file() and not rel.startswith((".dinov3-fetcher/partial", ".dinov3-fetcher/staged")) \
-                and rel != ".dinov3-fetcher/lock":
-            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def kept(dino_root: Path) -> int:
@@ -119,7 +110,7 @@ def test_space_is_checked_before_downloading_and_counts_only_missing_bytes(
     assert ballast == 15 * MiB
 
     # A new version of the same size does not fit next to the current one: refused, nothing touched.
-    before = tree(dino_root)
+    before = checkpoint_tree(dino_root)
     v2 = vit_repo_files(seed=2, hidden=512, intermediate=2048, layers=3)
     hub.add_commit(TINY, {MODEL: v2[MODEL]})
     hub.clear()
@@ -128,7 +119,7 @@ def test_space_is_checked_before_downloading_and_counts_only_missing_bytes(
     assert f"{size / 1e6:.1f} MB still to download" in proc.stderr and "MB free" in proc.stderr
     assert "free some space" in proc.stderr
     assert hub.bytes_served(MODEL) == 0
-    assert tree(dino_root) == before
+    assert checkpoint_tree(dino_root) == before
 
 
 def test_disk_filling_up_mid_download_keeps_partial_and_previous_checkpoint(
@@ -138,7 +129,7 @@ def test_disk_filling_up_mid_download_keeps_partial_and_previous_checkpoint(
     v1 = vit_repo_files(seed=1, hidden=256, intermediate=1024, layers=4)  # ~13 MB
     hub.add_repo(TINY, v1)
     assert fetch(run_cli, dino_root).returncode == 0
-    before = tree(dino_root)
+    before = checkpoint_tree(dino_root)
 
     v2 = vit_repo_files(seed=2, hidden=384, intermediate=1536, layers=4, heads=6)  # ~28 MB: passes the check
     hub.add_commit(TINY, v2)
@@ -156,7 +147,7 @@ def test_disk_filling_up_mid_download_keeps_partial_and_previous_checkpoint(
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "the disk filled up while writing model.safetensors" in lines[0], err
     assert "run again: the download resumes" in lines[0]
-    assert tree(dino_root) == before  # the previous checkpoint, byte for byte, manifest included
+    assert checkpoint_tree(dino_root) == before  # the previous checkpoint, byte for byte, manifest included
     have = kept(dino_root)
     assert have >= 4 * MiB  # the partial data is kept ...
 

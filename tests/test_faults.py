@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from checkpoints import vit_repo_files
-from conftest import TINY
+from conftest import TINY, checkpoint_tree
 from hub_server import HubServer, Request
 
 MiB = 1 << 20
@@ -32,15 +32,6 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def tree(root: Path) -> dict[str, str]:
-    """Every file under ``root`` (relative path -> sha256), the state folder's lock and partials excluded."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_file() and not rel.startswith((".dinov3-fetcher/partial", ".dinov3-fetcher/staged")) \
-                and rel != ".dinov3-fetcher/lock":
-            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def partial_progress(dino_root: Path) -> dict[str, int]:
@@ -260,7 +251,7 @@ def test_corrupt_bytes_are_refused_and_discarded_and_the_good_checkpoint_stays(
         hub: HubServer, repo: dict[str, bytes], run_cli: Any, dino_root: Path, name: str, offset: int) -> None:
     proc = run_cli("--dino-root", str(dino_root), "--model", TINY)
     assert proc.returncode == 0, proc.stderr
-    before = tree(dino_root)
+    before = checkpoint_tree(dino_root)
     v2 = small_files(seed=1)
     v2["preprocessor_config.json"] = v2["preprocessor_config.json"].replace(b"224", b"256")
     hub.add_commit(TINY, v2)
@@ -268,7 +259,7 @@ def test_corrupt_bytes_are_refused_and_discarded_and_the_good_checkpoint_stays(
     proc = run_cli("--dino-root", str(dino_root), "--model", TINY, "--update")
     assert proc.returncode == 8, proc.stderr
     assert "discarded" in proc.stderr and ("sha256" in proc.stderr or "git blob id" in proc.stderr)
-    assert tree(dino_root) == before  # byte for byte, manifest included
+    assert checkpoint_tree(dino_root) == before  # byte for byte, manifest included
     assert partial_progress(dino_root) == {}  # the bad bytes were not kept to be resumed
 
     hub.faults.clear()
