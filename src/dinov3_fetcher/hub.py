@@ -2,23 +2,16 @@
 
 The bytes themselves go through ``transfer`` (huggingface_hub 2.x neither resumes across runs nor checks
 sha256), but what a Hub answer *means* is decided here, with huggingface_hub's own error classes.
-Imported lazily by ``fetch``: a warm run never imports huggingface_hub or its HTTP stack. A cold run does not
-either while all goes well (importing them costs ~0.4 s): the token comes from HF_TOKEN or is known to be
-absent, and the one metadata call goes through ``http``. Anything else (a token file, OIDC, Colab, an answer
-that is not a plain 200) is left to huggingface_hub, so that its rules and error classes still decide.
+Imported lazily by ``fetch``, and huggingface_hub lazily by this module: a warm run never imports
+huggingface_hub or its HTTP stack (that import alone takes ~0.4-0.6 s on a 2-core machine).
 """
 
 from __future__ import annotations
 
-import http.client
-import json
-import os
 import re
-import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NoReturn
-from urllib.parse import quote, urlsplit
+from typing import NoReturn
+from urllib.parse import quote
 
 from . import __version__
 from .env import DEFAULT_ENDPOINT, display_endpoint, endpoint
@@ -38,29 +31,10 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def get_token() -> str | None:
-    """HF_TOKEN, else the token stored by ``hf auth login``; None when there is none."""
-    if not (os.environ.get("HF_OIDC_RESOURCE") or os.environ.get("HUGGINGFACE_CO_STAGING")
-            or "google.colab" in sys.modules):
-        env_token = (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or "")
-        if env_token := env_token.replace("\r", "").replace("\n", "").strip():
-            return env_token  # huggingface_hub's rule too: without OIDC, HF_TOKEN comes first
-        if not _token_path().exists():
-            return None
-    from huggingface_hub import get_token as _hf_get_token  # token file (OAuth refresh), OIDC, Colab
+    """HF_TOKEN, else the token stored by ``hf auth login``; None when there is none (huggingface_hub's rules)."""
+    from huggingface_hub import get_token as _hf_get_token
 
     return _hf_get_token()
-
-
-def _token_path() -> Path:
-    """Where ``hf auth login`` keeps the token (huggingface_hub.constants.HF_TOKEN_PATH)."""
-    constants = sys.modules.get("huggingface_hub.constants")
-    if constants is not None:
-        return Path(constants.HF_TOKEN_PATH)
-    if path := os.environ.get("HF_TOKEN_PATH"):
-        return Path(os.path.expandvars(path)).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
-    home = os.environ.get("HF_HOME") or str(Path(cache) / "huggingface")
-    return Path(os.path.expandvars(home)).expanduser() / "token"
 
 
 def user_agent() -> str:
@@ -105,20 +79,16 @@ def snapshot(repo_id: str, revision: str, token: str | None) -> Snapshot:
     Raises:
         AuthenticationError, RepositoryNotFoundError, RevisionNotFoundError, NetworkError, HubResponseError.
     """
-    ep = endpoint()
-    fast = _model_info_fast(ep, repo_id, revision, token)
-    if fast is not None:
-        commit, gated, siblings = fast
-    else:
-        from huggingface_hub import HfApi
+    from huggingface_hub import HfApi
 
-        api = HfApi(endpoint=ep, token=token or False, library_name="dinov3-fetcher", library_version=__version__)
-        try:
-            info = api.model_info(repo_id, revision=revision, files_metadata=True)
-        except Exception as exc:
-            raise_mapped(exc, repo_id, revision)
-        commit, gated = info.sha or "", info.gated
-        siblings = [(s.rfilename, s.size, s.blob_id, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []]
+    ep = endpoint()
+    api = HfApi(endpoint=ep, token=token or False, library_name="dinov3-fetcher", library_version=__version__)
+    try:
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+    except Exception as exc:
+        raise_mapped(exc, repo_id, revision)
+    commit, gated = info.sha or "", info.gated
+    siblings = [(s.rfilename, s.size, s.blob_id, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []]
     if not _HEX40.match(commit):
         raise HubResponseError(f"{display_endpoint(ep)} answered a malformed commit for {repo_id}@{revision}",
                                "check that HF_ENDPOINT points at a Hugging Face Hub or a faithful mirror")
@@ -132,39 +102,6 @@ def snapshot(repo_id: str, revision: str, token: str | None) -> Snapshot:
                                    "check that HF_ENDPOINT points at a Hugging Face Hub or a faithful mirror")
         files[name] = RemoteFile(name, size, blob_id, sha256)
     return Snapshot(repo_id, revision, commit, files, ep, bool(gated))
-
-
-_Sibling = tuple[str, Any, Any, Any]  # name, size, blob id, LFS sha256 (None for a regular file)
-
-
-def _model_info_fast(ep: str, repo_id: str, revision: str,
-                     token: str | None) -> tuple[str, Any, list[_Sibling]] | None:
-    """HfApi.model_info(files_metadata=True)'s request over ``http`` (no httpx2 import, ~0.4 s less).
-
-    Returns (commit, gated, siblings) for a plain 200 with the expected JSON, else None: then HfApi makes
-    the call again and huggingface_hub reads the answer (errors, redirects, odd bodies) as it always did.
-    """
-    from .http import HttpPool
-
-    url = f"{ep}/api/models/{repo_id}/revision/{quote(revision, safe='')}?blobs=True"
-    pool = HttpPool(10.0, user_agent(), token, urlsplit(ep).netloc)
-    try:
-        final, conn, resp = pool.get(url, {"Accept": "application/json"})
-        body = resp.read()
-        pool.finish(final, conn, resp)
-        if final != url or resp.status != 200:
-            return None
-        data = json.loads(body)
-        siblings: list[_Sibling] = []
-        for s in data["siblings"]:
-            lfs = s.get("lfs")
-            siblings.append((str(s["rfilename"]), s.get("size"), s.get("blobId"),
-                             lfs.get("sha256") if isinstance(lfs, dict) else None))
-        return str(data.get("sha") or ""), data.get("gated"), siblings
-    except (OSError, http.client.HTTPException, ValueError, LookupError, TypeError, AttributeError):
-        return None
-    finally:
-        pool.close()
 
 
 def raise_for_file_status(status: int, headers: dict[str, str], body: bytes, url: str,
