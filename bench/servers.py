@@ -20,14 +20,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-import hub_server  # noqa: E402
 from checkpoints import big_vit_repo_dir  # noqa: E402
 from hub_server import HubServer  # noqa: E402
-
-# Python's http.server sends the headers and the body of an answer in two writes; with Nagle on, the body
-# waits for the client's delayed ACK of the headers (40 ms per small file on a kept-alive connection). Real
-# Hub and CDN servers send with TCP_NODELAY; so does the emulator here (the tests keep its default).
-hub_server._Handler.disable_nagle_algorithm = True
 
 __all__ = ["HubServer", "NginxCdn", "find_nginx", "make_repo", "repo_files"]
 
