@@ -192,3 +192,16 @@ def test_readme_cli_reference_matches_help(run_cli: Any):
     helped -= {"--help"}
     assert helped - documented == set(), "flags missing from the README"
     assert documented - helped == set(), "README documents flags that do not exist"
+
+
+def test_progress_bar_only_when_asked_off_a_terminal(hub: HubServer, tiny: dict[str, bytes], tmp_path: Path,
+                                                     run_cli: Any):
+    plain = run_cli("--dino-root", str(tmp_path / "a"), "--model", TINY)
+    assert plain.returncode == 0 and "ETA" not in plain.stderr and "\r" not in plain.stderr  # stderr is a pipe
+    bar = run_cli("--dino-root", str(tmp_path / "b"), "--model", TINY, "--progress")
+    assert bar.returncode == 0 and "ETA" in bar.stderr and "100.0%" in bar.stderr
+    verbose = run_cli("--dino-root", str(tmp_path / "c"), "--model", TINY, "-v")
+    per_file = [line for line in verbose.stderr.splitlines() if line.startswith("fetched ")]
+    assert {line.split()[1] for line in per_file} == {"config.json", "preprocessor_config.json",
+                                                      "model.safetensors", "README.md", "LICENSE.md"}
+    assert all("sha256 verified" in line for line in per_file)
