@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 
 from checkpoints import vit_repo_files
-from conftest import NOTGRANTED, TINY
+from conftest import NOTGRANTED, TINY, checkpoint_tree
 from dinov3_fetcher.errors import EXIT_CODES
 from hub_server import HubServer
 
@@ -174,6 +175,80 @@ def test_dry_run_writes_nothing(hub: HubServer, tiny: dict[str, bytes], tmp_path
     assert data["free_bytes"] > 0
     assert not root.exists()
     assert not hub.file_gets()
+
+
+def whole_tree(root: Path) -> dict[str, str]:
+    """Every file (sha256) and folder under ``root``, the state folder's partial/ and staged/ included."""
+    out = {rel: "dir" for p in root.rglob("*") if p.is_dir() and (rel := p.relative_to(root).as_posix())}
+    for p in root.rglob("*"):
+        if p.is_file():
+            out[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def test_dry_run_writes_nothing_into_an_existing_dino_root(hub: HubServer, tmp_path: Path, run_cli: Any):
+    """A dead fetcher's staged file is not adopted and a SIGKILLed claim is counted, not moved."""
+    from dinov3_fetcher.transfer import _HOST
+
+    root = tmp_path / "d"
+    v1 = vit_repo_files(hidden=256, intermediate=1024, layers=4, seed=1)  # ~ 13 MB
+    hub.add_repo(TINY, v1)
+    assert run_cli("--dino-root", str(root), "--model", TINY, "-q").returncode == 0
+    v2 = vit_repo_files(hidden=256, intermediate=1024, layers=4, seed=2)
+    readme = b"# new card\n"
+    commit = hub.add_commit(TINY, {"model.safetensors": v2["model.safetensors"], "README.md": readme})
+    hub.faults.add(cut_after=4_000_000, path_suffix="model.safetensors", host="cdn", times=1)
+    r = run_cli("--dino-root", str(root), "--model", TINY, "--update", "-q", DINOV3_FETCHER_RETRIES="0")
+    assert r.returncode == 10, r.stderr
+    state = root / ".dinov3-fetcher"
+    (released,) = list((state / "partial").iterdir())
+    progress = json.loads((released / "progress.json").read_bytes())
+    have = progress["size"] - sum(e - s for s, e in progress["remaining"])
+    pid = 999_999
+    while Path(f"/proc/{pid}").exists():
+        pid += 1
+    released.rename(released.with_name(f"{released.name}.{_HOST}.{pid}"))  # as a SIGKILL leaves it
+    dead = state / "staged" / f"{_HOST}.{pid}"
+    dead.mkdir(parents=True, exist_ok=True)
+    oid = hashlib.sha1(b"blob %d\0" % len(readme) + readme).hexdigest()
+    (dead / f"{oid}.README.md").write_bytes(readme)
+
+    before, checkpoint = whole_tree(root), checkpoint_tree(root)
+    r = run_cli("--dino-root", str(root), "--model", TINY, "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["commit"] == commit
+    files = {f["name"]: f for f in data["files"]}
+    assert files["model.safetensors"]["present"] == have > 0 and not files["model.safetensors"]["reuse"]
+    assert files["README.md"]["reuse"] and files["config.json"]["reuse"]
+    assert data["bytes_present"] == sum(f["present"] for f in data["files"])
+    assert whole_tree(root) == before and checkpoint_tree(root) == checkpoint
+
+
+def test_update_with_nothing_new_says_so(hub: HubServer, tiny: dict[str, bytes], tmp_path: Path, run_cli: Any):
+    root = tmp_path / "d"
+    assert run_cli("--dino-root", str(root), "--model", TINY, "-q").returncode == 0
+    hub.clear()
+    r = run_cli("--dino-root", str(root), "--model", TINY, "--update")
+    assert r.returncode == 0, r.stderr
+    commit = json.loads((root / ".dinov3-fetcher" / "manifest.json").read_bytes())["commit"]
+    assert f"up to date with {commit}, nothing downloaded" in r.stderr and "no request made" not in r.stderr
+    assert not hub.file_gets()
+    r = run_cli("--dino-root", str(root), "--model", TINY)
+    assert "no request made" in r.stderr
+
+
+def test_a_repo_without_config_json_is_not_dinov3(hub: HubServer, tmp_path: Path, run_cli: Any):
+    hub.add_repo(TINY, {k: v for k, v in vit_repo_files().items() if k != "config.json"})
+    r = run_cli("--dino-root", str(tmp_path / "d"), "--model", TINY)
+    assert r.returncode == 7, r.stderr
+    assert f"{TINY} has no config.json: not a transformers DINOv3 checkpoint" in one_line_error(r.stderr)
+
+
+@pytest.mark.parametrize("command", ["verify", "info"])
+def test_a_command_without_dino_root(run_cli: Any, tmp_path: Path, command: str):
+    r = run_cli(command, cwd=tmp_path)
+    assert r.returncode == 3 and "no dino_root given" in one_line_error(r.stderr)
 
 
 def test_readme_cli_reference_matches_help(run_cli: Any):

@@ -302,3 +302,168 @@ def test_partial_of_a_file_that_changed_is_discarded_not_spliced(hub: HubServer,
     assert (dino_root / "model.safetensors").read_bytes() == new["model.safetensors"]
     assert hub.bytes_served("model.safetensors") == len(new["model.safetensors"])
     assert not list((dino_root / ".dinov3-fetcher" / "partial").iterdir())  # the stale partial is gone
+
+
+def dead_pid() -> int:
+    import os
+
+    pid = 999_999
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid += 1
+
+
+def kill_claim(dino_root: Path) -> Path:
+    """Make the released partial folder look like the claim of a fetcher that was SIGKILLed mid-download."""
+    from dinov3_fetcher.transfer import _HOST
+
+    (released,) = [p for p in (dino_root / ".dinov3-fetcher" / "partial").iterdir() if "." not in p.name]
+    claimed = released.with_name(f"{released.name}.{_HOST}.{dead_pid()}")
+    released.rename(claimed)
+    return claimed
+
+
+def mark_publish_interrupted(dino_root: Path) -> None:
+    state = StateDir(dino_root)
+    m = state.read_manifest()
+    assert m is not None
+    m.complete = False
+    state.write_manifest(m)
+
+
+def test_a_sigkilled_claim_counts_as_present_for_dry_run_and_the_space_check(
+        hub: HubServer, dino_root: Path, monkeypatch: pytest.MonkeyPatch):
+    import shutil
+
+    from dinov3_fetcher.errors import DiskSpaceError
+    from dinov3_fetcher.fetch import plan
+
+    files = vit_repo_files(hidden=256, intermediate=1024, layers=4)  # ~ 13 MB
+    size = len(files["model.safetensors"])
+    hub.add_repo(TINY, files)
+    hub.faults.add(cut_after=4_000_000, path_suffix="model.safetensors", host="cdn", times=1)
+    monkeypatch.setenv("DINOV3_FETCHER_RETRIES", "0")
+    with pytest.raises(NetworkError):
+        fetch_dinov3(dino_root, TINY)
+    have = next(f.present for f in plan(dino_root, TINY).files if f.name == "model.safetensors")
+    assert have >= 3_000_000
+    kill_claim(dino_root)
+    after = plan(dino_root, TINY)
+    assert next(f.present for f in after.files if f.name == "model.safetensors") == have
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(DiskSpaceError) as info:
+        fetch_dinov3(dino_root, TINY)
+    assert info.value.needed == size - have + len(files["README.md"]) + len(files["LICENSE.md"])
+
+
+def test_dry_run_neither_adopts_nor_hashes(hub: HubServer, tiny: dict[str, bytes], dino_root: Path,
+                                           monkeypatch: pytest.MonkeyPatch):
+    import hashlib
+
+    from dinov3_fetcher import fetch as fetch_module
+    from dinov3_fetcher.fetch import plan
+    from dinov3_fetcher.transfer import _HOST
+
+    fetch_dinov3(dino_root, TINY)
+    mark_publish_interrupted(dino_root)
+    new = vit_repo_files(seed=5)["model.safetensors"]
+    hub.add_commit(TINY, {"model.safetensors": new})
+    dead = dino_root / ".dinov3-fetcher" / "staged" / f"{_HOST}.{dead_pid()}"
+    dead.mkdir(parents=True)
+    staged = dead / f"{hashlib.sha256(new).hexdigest()}.model.safetensors"
+    staged.write_bytes(new)
+
+    def no_hashing(path: Path, progress: object = None) -> str:
+        raise AssertionError(f"a dry run hashed {path}")
+
+    monkeypatch.setattr(fetch_module, "sha256_file", no_hashing)
+    dry = plan(dino_root, TINY)
+    files = {f.name: f for f in dry.files}
+    assert files["model.safetensors"].reuse and files["model.safetensors"].present == len(new)
+    assert not files["config.json"].reuse  # published, but the manifest is incomplete: not hashed, not counted
+    assert staged.read_bytes() == new and [p.name for p in dead.parent.iterdir()] == [dead.name]
+
+
+def test_an_interrupted_publish_hashes_each_file_once(hub: HubServer, tiny: dict[str, bytes], dino_root: Path,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    from collections import Counter
+
+    from dinov3_fetcher import fetch as fetch_module
+
+    fetch_dinov3(dino_root, TINY)
+    mark_publish_interrupted(dino_root)
+    hashed: Counter[str] = Counter()
+    real = fetch_module.sha256_file
+
+    def counting(path: Path, progress: object = None) -> str:
+        hashed[path.name] += 1
+        return real(path)
+
+    monkeypatch.setattr(fetch_module, "sha256_file", counting)
+    hub.clear()
+    result = fetch(dino_root, TINY)
+    assert result.cached and not hub.file_gets()
+    assert set(hashed) == FETCHED and set(hashed.values()) == {1}, hashed
+    assert validate_dinov3(dino_root)
+
+
+def test_update_with_nothing_new_keeps_the_verification_times(hub: HubServer, tiny: dict[str, bytes],
+                                                              dino_root: Path):
+    fetch_dinov3(dino_root, TINY)
+    state = StateDir(dino_root)
+    m = state.read_manifest()
+    assert m is not None
+    m.verified_at, m.verified_deep_at = 1000.0, 2000.0
+    state.write_manifest(m)
+    hub.clear()
+    result = fetch(dino_root, TINY, update=True)
+    assert result.cached and result.requests_made and not hub.file_gets()
+    after = state.read_manifest()
+    assert after is not None and after.complete and after.commit == m.commit
+    assert (after.verified_at, after.verified_deep_at) == (1000.0, 2000.0)
+    assert not fetch(dino_root, TINY).requests_made  # the warm path asks nothing
+
+    new = hub.add_commit(TINY, {"README.md": b"# changed\n"})
+    result = fetch(dino_root, TINY, update=True)
+    after = state.read_manifest()
+    assert after is not None and after.commit == new and after.verified_at is None  # new files: not verified
+
+
+def test_publish_removes_only_our_files_and_conflicting_weight_names(hub: HubServer, tiny: dict[str, bytes],
+                                                                     dino_root: Path):
+    other = "tiny-org/dinov3-convnext-tiny"
+    hub.add_repo(other, shard_files(convnext_repo_files(seed=3), 2))
+    fetch_dinov3(dino_root, TINY)
+    (dino_root / "model_student.safetensors").write_bytes(b"mine")
+    (dino_root / "model-best.index.json").write_bytes(b"{}")
+    fetch_dinov3(dino_root, other)
+    assert (dino_root / "model_student.safetensors").read_bytes() == b"mine"
+    assert (dino_root / "model-best.index.json").exists()
+    assert not (dino_root / "model.safetensors").exists()  # listed in the old manifest
+
+    # No manifest: a stray standard weight file would be loaded instead of ours, so it goes; the others stay.
+    bare = dino_root.parent / "bare"
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes(b"stray")
+    (bare / "model-00009-of-00009.safetensors").write_bytes(b"stray")
+    (bare / "model_student.safetensors").write_bytes(b"mine")
+    fetch_dinov3(bare, other)
+    assert not (bare / "model.safetensors").exists() and not (bare / "model-00009-of-00009.safetensors").exists()
+    assert (bare / "model_student.safetensors").read_bytes() == b"mine"
+    assert validate_dinov3(bare)
+
+
+@pytest.mark.parametrize("missing", ["config.json", "preprocessor_config.json"])
+def test_a_repo_without_a_config_is_not_dinov3(hub: HubServer, dino_root: Path, missing: str):
+    hub.add_repo(TINY, {k: v for k, v in vit_repo_files().items() if k != missing})
+    with pytest.raises(NotDinov3Error) as info:
+        fetch_dinov3(dino_root, TINY)
+    assert info.value.exit_code == 7
+    assert f"{TINY} has no {missing}: not a transformers DINOv3 checkpoint" in info.value.message

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import FetchRequest, resolve_request
-from .errors import ConfigError, VerificationError
+from .errors import VerificationError
 from .progress import Progress, human_bytes
 from .state import StateDir
 
@@ -36,9 +36,7 @@ def _request(args: argparse.Namespace) -> FetchRequest:
 
 
 def _root_only(args: argparse.Namespace) -> Path:
-    if args.config is None and args.dino_root is None:
-        raise ConfigError("no dino_root given", "pass --config config.json or --dino-root DIR")
-    return _request(args).dino_root
+    return _request(args).dino_root  # raises ConfigError("no dino_root given") without --config/--dino-root
 
 
 def cmd_fetch(args: argparse.Namespace) -> dict[str, Any]:
@@ -58,7 +56,10 @@ def cmd_fetch(args: argparse.Namespace) -> dict[str, Any]:
     progress = Progress(quiet=args.quiet, force=args.progress, verbose=args.verbose)
     result = fetch.fetch(req.dino_root, req.model, revision=req.revision, update=args.update, progress=progress,
                          lock_timeout=args.lock_timeout)
-    if result.cached:
+    if result.cached and result.requests_made:  # --update (or a repair from staged files): the Hub was asked
+        _say(args, f"{result.repo_id}@{result.revision} already in {result.path}: up to date with "
+                   f"{result.commit}, nothing downloaded")
+    elif result.cached:
         _say(args, f"{result.repo_id}@{result.revision} ({result.commit[:12]}) already in {result.path} "
                    "(manifest and headers checked, no request made)")
     else:
@@ -131,9 +132,7 @@ def _when(ts: float | None) -> str:
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     from .validate import find_problems
 
-    req = _request(args) if (args.config or args.dino_root) else None
-    if req is None:
-        raise ConfigError("no dino_root given", "pass --config config.json or --dino-root DIR")
+    req = _request(args)  # raises ConfigError("no dino_root given") without --config/--dino-root
     root = req.dino_root
     m = StateDir(root).read_manifest()
     problems = [str(p) for p in find_problems(root, m)] if root.is_dir() else [f"{root} does not exist"]

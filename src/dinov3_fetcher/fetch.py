@@ -7,8 +7,8 @@ headers and returns: no HTTP request, and huggingface_hub is not even imported.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -45,6 +45,7 @@ from .validate import (
     tensor_mismatch,
 )
 from .variants import DEFAULT_MODEL
+from .verify import sha256_file
 
 if TYPE_CHECKING:
     from .hub import RemoteFile, Snapshot
@@ -54,6 +55,8 @@ __all__ = ["FetchResult", "PlannedFile", "fetch", "fetch_dinov3", "plan", "valid
 
 OPTIONAL = ("README.md", "LICENSE.md")
 SPACE_MARGIN = 16 * 1024 * 1024
+# Weight names transformers loads by itself: a stray one next to another model's files would be loaded instead.
+_STANDARD_WEIGHTS = re.compile(r"model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors")
 
 
 @dataclass
@@ -70,16 +73,18 @@ class FetchResult:
     repo_id: str
     revision: str
     commit: str
-    cached: bool  # True when nothing had to be fetched (warm run)
+    cached: bool  # True when nothing had to be downloaded (warm run, or --update with nothing changed)
     files: dict[str, FileRecord] = field(default_factory=dict)
     bytes_fetched: int = 0
     bytes_resumed: int = 0
     seconds: float = 0.0
+    requests_made: bool = False  # False: answered from disk alone; True: the Hub was asked (e.g. --update)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "path": str(self.path), "repo_id": self.repo_id, "revision": self.revision, "commit": self.commit,
-            "cached": self.cached, "bytes_fetched": self.bytes_fetched, "bytes_resumed": self.bytes_resumed,
+            "cached": self.cached, "requests_made": self.requests_made,
+            "bytes_fetched": self.bytes_fetched, "bytes_resumed": self.bytes_resumed,
             "seconds": round(self.seconds, 3),
             "files": {k: {"size": v.size, "sha256": v.sha256} for k, v in sorted(self.files.items())},
         }
@@ -221,17 +226,23 @@ def _offline_error(root: Path, repo_id: str, revision: str) -> LocalEntryNotFoun
 class _Run:
     """The state of one locked fetch: what is planned, where each file currently is."""
 
-    def __init__(self, state: StateDir, snap: Snapshot, transfer: Transfer | None = None) -> None:
+    def __init__(self, state: StateDir, snap: Snapshot, transfer: Transfer | None = None, *,
+                 read_only: bool = False) -> None:
         self.state, self.snap, self.transfer = state, snap, transfer
+        self.read_only = read_only  # a dry run: never rename, create or hash anything (see reusable)
         self.old = state.read_manifest()
         self.paths: dict[str, Path] = {}
         self.records: dict[str, FileRecord] = {}
+        self.reuse_cache: dict[str, Path | None] = {}  # reusable()'s verdict per name: hash a file once
         self.fetched = 0
         self.resumed = 0
         self.lock = threading.Lock()  # get() may run in two threads (see _get_all)
 
     def remote(self, name: str) -> RemoteFile:
         rf = self.snap.files.get(name)
+        if rf is None and name in (CONFIG, PREPROCESSOR):
+            raise NotDinov3Error(f"{self.snap.repo_id} has no {name}: not a transformers DINOv3 checkpoint",
+                                 "pick a DINOv3 repo ('dinov3-fetcher list' shows the official ones)")
         if rf is None:
             raise HubResponseError(f"{self.snap.repo_id} has no {name}",
                                    "a DINOv3 repo needs config.json, preprocessor_config.json and safetensors "
@@ -249,13 +260,22 @@ class _Run:
 
         A staged copy left by a fetcher that is gone is adopted (renamed into ours). A published copy is
         trusted by its size only when the manifest is complete: after a publish that stopped half-way the
-        file under that name may still be the old one, so it is re-hashed.
+        file under that name may still be the old one, so it is re-hashed (once per run: the verdict is
+        cached). In a read-only run (dry run) nothing is renamed or hashed: a dead fetcher's staged copy is
+        reported where it is, and a published file under an incomplete manifest counts as missing.
         """
+        if rf.name not in self.reuse_cache:
+            self.reuse_cache[rf.name] = self._reusable(rf)
+        return self.reuse_cache[rf.name]
+
+    def _reusable(self, rf: RemoteFile) -> Path | None:
         own = self.staged_path(rf)
         if own.is_file() and own.stat().st_size == rf.size:
             return own
         for other in self.state.staged.glob(f"*/{rf.identity}.{rf.name}"):
             if other.parent != own.parent and _owner_gone(other.parent) and other.stat().st_size == rf.size:
+                if self.read_only:
+                    return other
                 with contextlib.suppress(OSError):
                     own.parent.mkdir(parents=True, exist_ok=True)
                     os.rename(other, own)
@@ -266,7 +286,7 @@ class _Run:
         p = self.state.root / rf.name
         if not (p.is_file() and p.stat().st_size == rf.size):
             return None
-        if self.old is not None and not self.old.complete and _sha256_file(p) != rec.sha256:
+        if self.old is not None and not self.old.complete and (self.read_only or sha256_file(p) != rec.sha256):
             return None
         return p
 
@@ -279,7 +299,7 @@ class _Run:
             self.paths[name] = p
             rec = self.old.files.get(name) if self.old else None
             if rec is None or rec.size != rf.size or rec.git_oid != rf.git_oid:  # a staged file of a new version
-                rec = FileRecord(rf.size, rf.sha256 or _sha256_file(p), rf.git_oid)
+                rec = FileRecord(rf.size, rf.sha256 or sha256_file(p), rf.git_oid)
             self.records[name] = rec
             return p
         target = Target(name, self.snap.url(name), rf.size, rf.identity, rf.sha256,
@@ -296,11 +316,18 @@ class _Run:
         return dest
 
     def partial_bytes(self, rf: RemoteFile) -> int:
-        try:
-            data = json.loads((self.state.partial / rf.identity / "progress.json").read_bytes())
-            return int(rf.size - sum(e - s for s, e in data["remaining"]))
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0
+        """Bytes of this file's best resumable partial download: the folder the next claim would take (the
+        public one, a dead fetcher's claim left by a SIGKILL, or ours), as ``Transfer.claim`` chooses."""
+        from .transfer import _HOST, _missing, abandoned_or_unclaimed
+
+        partial = self.state.partial
+        mine = f"{rf.identity}.{_HOST}.{os.getpid()}"
+        folders = [partial / rf.identity, *partial.glob(f"{rf.identity}.*")] if partial.is_dir() else []
+        best = 0
+        for p in folders:
+            if p.is_dir() and (p.name == mine or abandoned_or_unclaimed(p)):
+                best = max(best, rf.size - _missing(p))
+        return min(best, rf.size)
 
 
 def _staged_dir(state: StateDir) -> Path:
@@ -320,16 +347,6 @@ def _owner_gone(folder: Path) -> bool:
         return time.time() - folder.stat().st_mtime > 86400
     except OSError:
         return False
-
-
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def plan_files(run: _Run, weights: list[str]) -> list[PlannedFile]:
@@ -379,7 +396,7 @@ def plan(dino_root: str | os.PathLike[str], model_name: str = DEFAULT_MODEL, *,
         raise LocalEntryNotFoundError("HF_HUB_OFFLINE is set: a dry run needs one request to the Hub",
                                       "unset HF_HUB_OFFLINE, or use 'dinov3-fetcher info' to see what is on disk")
     snap = hub.snapshot(repo_id, revision, hub.get_token())
-    run = _Run(StateDir(root), snap)
+    run = _Run(StateDir(root), snap, read_only=True)
     names = [n for n in (CONFIG, PREPROCESSOR) if n in snap.files]
     if SINGLE in snap.files:
         weights = [SINGLE]
@@ -514,10 +531,14 @@ def _fetch_locked(state: StateDir, repo_id: str, revision: str, progress: Progre
         progress.close()
         pool.close()
     manifest = Manifest(repo_id, revision, snap.commit, run.records, __version__)
-    _publish(state, manifest, run.paths, run.old)
+    old = run.old
+    if old is not None and old.complete and old.commit == snap.commit and old.files == run.records:
+        # --update found nothing new: the files are the ones verified before, so their checks still hold.
+        manifest.verified_at, manifest.verified_deep_at = old.verified_at, old.verified_deep_at
+    _publish(state, manifest, run.paths, old)
     _drop_stale_partials(state)
     return FetchResult(state.root, repo_id, revision, snap.commit, run.fetched == 0 and run.resumed == 0,
-                       run.records, run.fetched, run.resumed)
+                       run.records, run.fetched, run.resumed, requests_made=True)
 
 
 def _publish(state: StateDir, manifest: Manifest, paths: dict[str, Path], old: Manifest | None) -> None:
@@ -528,8 +549,12 @@ def _publish(state: StateDir, manifest: Manifest, paths: dict[str, Path], old: M
     for name, src in paths.items():
         if src != root / name:
             os.replace(src, root / name)
+    # Only what we put there: the old manifest's files. Without a trustworthy list (none, or the incomplete
+    # one of a publish that stopped half-way), also the standard weight names transformers would load in
+    # place of ours; any other file (a user's model_student.safetensors) is left alone.
     stale = set(old.files) if old else set()
-    stale |= {p.name for p in root.glob("model*.safetensors")} | {p.name for p in root.glob("model*.index.json")}
+    if old is None or not old.complete:
+        stale |= {p.name for p in root.iterdir() if _STANDARD_WEIGHTS.fullmatch(p.name)}
     for name in stale - set(paths):
         with contextlib.suppress(OSError, ValueError):
             (root / check_filename(name)).unlink()
