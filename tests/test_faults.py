@@ -32,8 +32,6 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-
-
 def partial_progress(dino_root: Path) -> dict[str, int]:
     """Partial downloads kept in dino_root: folder name -> bytes already on disk (per progress.json)."""
     out = {}
@@ -286,3 +284,38 @@ def test_lfs_redirect_never_sends_the_token_to_the_cdn(hub: HubServer, run_cli: 
     assert not any("hf_valid_granted" in json.dumps(r.headers) + r.path for r in cdn)
     hub_resolves = [r for r in hub.file_gets() if r.host == "hub"]
     assert hub_resolves and all(r.headers.get("authorization") == "Bearer hf_valid_granted" for r in hub_resolves)
+
+
+# -- the CDN cannot be reached; a restream of a Range-ignoring mirror is cut ----------------------------------
+
+
+def test_cdn_refusing_connections_is_retried_then_a_network_error(hub: HubServer, repo: dict[str, bytes],
+                                                                   run_cli: Any, dino_root: Path) -> None:
+    cdn = hub._servers[1]
+    cdn.shutdown()
+    cdn.server_close()  # the LFS redirect now points at a port where nothing listens
+    proc = run_cli("--dino-root", str(dino_root), "--model", TINY, DINOV3_FETCHER_RETRIES="2")
+    assert proc.returncode == 10, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "ConnectionRefusedError" in lines[0] and "failed 3 times in a row" in lines[0]
+    assert "127.0.0.2" in lines[0] and "resumes" in lines[0]
+
+
+def test_a_cut_during_the_restream_of_a_range_ignoring_mirror_is_retried(hub: HubServer, repo: dict[str, bytes],
+                                                                         run_cli: Any, dino_root: Path) -> None:
+    size = len(repo[MODEL])
+    hub.faults.add(path_suffix=MODEL, host="cdn", times=1, cut_after=3 * MiB)
+    proc = run_cli("--dino-root", str(dino_root), "--model", TINY, DINOV3_FETCHER_RETRIES="0")
+    assert proc.returncode == 10, proc.stderr  # 3 MiB kept for the next run
+    hub.faults.clear()
+    hub.clear()
+    hub.faults.add(path_suffix=MODEL, host="cdn", ignore_range=True)
+    hub.faults.add(path_suffix=MODEL, host="cdn", times=2, cut_after=6 * MiB)  # the restream is cut, twice
+    proc = run_cli("--dino-root", str(dino_root), "--model", TINY, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert_checkpoint(dino_root, repo)
+    gets = model_gets(hub)
+    assert len(gets) == 3  # two cut restreams and the one that completed: no request storm
+    assert all(g.status == 200 for g in gets)
+    assert sum(g.body_bytes for g in gets) == 6 * MiB + 6 * MiB + size

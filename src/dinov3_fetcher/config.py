@@ -55,6 +55,9 @@ def load_pipeline_config(path: Path) -> dict[str, Any]:
             f"config file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
             "fix the JSON syntax",
         ) from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} is nested too deeply to be a pipeline config",
+                          "fix the JSON: a pipeline config is a few levels deep") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} holds a JSON {type(data).__name__}, not an object",
                           'write it as {"train": {"dino_root": "dinov3"}}')

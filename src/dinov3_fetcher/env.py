@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
-__all__ = ["DEFAULT_ENDPOINT", "display_endpoint", "endpoint", "is_offline", "lock_disabled", "lock_timeout"]
+from .errors import ConfigError
+
+__all__ = ["DEFAULT_ENDPOINT", "display_endpoint", "display_origin", "endpoint", "is_offline", "lock_disabled",
+           "lock_timeout", "number"]
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -17,15 +22,40 @@ def _true(name: str) -> bool:
     return (os.environ.get(name) or "").strip().upper() in _TRUE
 
 
+def number(name: str, default: float) -> float:
+    """The environment variable ``name`` as a finite number; ``default`` when unset, empty or not one."""
+    try:
+        value = float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+    return value if math.isfinite(value) else default
+
+
 def endpoint() -> str:
-    """HF_ENDPOINT, without a trailing slash."""
-    return (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+    """HF_ENDPOINT, without a trailing slash. Raises ConfigError unless it is an http(s) URL with a host."""
+    url = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).strip().rstrip("/")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
+    except ValueError:  # also "http://[::1"
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        shown = re.sub(r"//[^/@]*@", "//***@", url)  # never print a password
+        raise ConfigError(f"HF_ENDPOINT={shown!r} is not an http(s) URL",
+                          "set HF_ENDPOINT to e.g. https://huggingface.co or unset it")
+    return url
+
+
+def display_origin(url: str, *, scheme: bool = True) -> str:
+    """``scheme://host:port`` of ``url`` without any user:password part, for messages."""
+    parts = urlsplit(url)
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else f"{parts.hostname}"
+    return (f"{parts.scheme}://" if scheme else "") + host + (f":{parts.port}" if parts.port else "")
 
 
 def display_endpoint(url: str | None = None) -> str:
     """The endpoint without any user:password part, for messages."""
-    parts = urlsplit(url or endpoint())
-    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return display_origin(url or endpoint())
 
 
 def is_offline() -> bool:
@@ -51,10 +81,7 @@ def known_secrets() -> list[str]:
 
 
 def lock_timeout(default: float = 3600.0) -> float:
-    try:
-        return float(os.environ.get("DINOV3_FETCHER_LOCK_TIMEOUT", default))
-    except ValueError:
-        return default
+    return number("DINOV3_FETCHER_LOCK_TIMEOUT", default)
 
 
 def lock_disabled() -> bool:

@@ -488,9 +488,7 @@ def _fetch_locked(state: StateDir, repo_id: str, revision: str, progress: Progre
     token = hub.get_token()
     snap = hub.snapshot(repo_id, revision, token)
     settings = Settings.from_env()
-    from urllib.parse import urlsplit
-
-    pool = HttpPool(settings.timeout, hub.user_agent(), token, urlsplit(snap.endpoint).netloc)
+    pool = HttpPool(settings.timeout, hub.user_agent(), token, snap.endpoint)
 
     def raise_status(status: int, headers: dict[str, str], body: bytes, url: str) -> Any:
         hub.raise_for_file_status(status, headers, body, url, repo_id, revision)

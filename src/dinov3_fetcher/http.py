@@ -7,12 +7,15 @@ that the token is sent to the endpoint's host only, never to a CDN or any other 
 
 from __future__ import annotations
 
+import base64
 import http.client
 import ssl
 import threading
 import urllib.request
 from dataclasses import dataclass, field
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
+
+from .env import display_origin, endpoint
 
 __all__ = ["Connection", "HttpPool", "Response"]
 
@@ -29,10 +32,20 @@ class HttpPool:
     timeout: float
     user_agent: str
     token: str | None = None
-    auth_host: str | None = None  # the only "host:port" that ever gets the token
+    auth_origin: str | None = None  # the endpoint URL: only its scheme://host:port ever gets the token
     _idle: dict[tuple[str, str], list[Connection]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _ssl: ssl.SSLContext | None = None
+    _auth: tuple[str, str | None, int | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.auth_origin is None:
+            return
+        if "://" not in self.auth_origin:  # a bare "host:port": the endpoint's scheme if it is that host
+            ep = urlsplit(endpoint())
+            scheme = ep.scheme if ep.netloc == self.auth_origin else "https"
+            self.auth_origin = f"{scheme}://{self.auth_origin}"
+        self._auth = _origin_key(self.auth_origin)
 
     def _origin(self, url: str) -> tuple[str, str]:
         parts = urlsplit(url)
@@ -44,18 +57,19 @@ class HttpPool:
             if self._ssl is None:
                 self._ssl = ssl.create_default_context()
             if proxy:
-                p = urlsplit(proxy)
-                conn: Connection = http.client.HTTPSConnection(p.hostname or "", p.port, timeout=self.timeout,
-                                                               context=self._ssl)
-                host, _, port = netloc.rpartition(":") if ":" in netloc else (netloc, "", "")
-                conn.set_tunnel(host or netloc, int(port) if port else 443)
+                host, port, auth = proxy
+                conn: Connection = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._ssl)
+                target = urlsplit(f"https://{netloc}")
+                conn.set_tunnel(target.hostname or netloc, target.port or 443, headers=auth)
                 return conn
             return http.client.HTTPSConnection(netloc, timeout=self.timeout, context=self._ssl)
         if scheme != "http":
             raise ValueError(f"unsupported URL scheme {scheme!r}")
         if proxy:
-            p = urlsplit(proxy)
-            return _ProxiedHTTPConnection(p.hostname or "", p.port, timeout=self.timeout)
+            host, port, auth = proxy
+            plain = _ProxiedHTTPConnection(host, port, timeout=self.timeout)
+            plain.proxy_headers = auth
+            return plain
         return http.client.HTTPConnection(netloc, timeout=self.timeout)
 
     def acquire(self, url: str) -> Connection:
@@ -78,12 +92,12 @@ class HttpPool:
             self._idle.clear()
 
     def display_host(self, url: str) -> str:
-        parts = urlsplit(url)
-        return f"{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return display_origin(url, scheme=False)
 
     def headers_for(self, url: str, extra: dict[str, str]) -> dict[str, str]:
+        """The request headers for ``url``; the token only for the endpoint's own scheme, host and port."""
         headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity", **extra}
-        if self.token and self.auth_host is not None and urlsplit(url).netloc == self.auth_host:
+        if self.token and self._auth is not None and _origin_key(url) == self._auth:
             headers["Authorization"] = f"Bearer {self.token}"
         return headers
 
@@ -93,16 +107,22 @@ class HttpPool:
             conn = self.acquire(url)
             target = url if isinstance(conn, _ProxiedHTTPConnection) else _path(url)
             try:
-                conn.request("GET", target, headers=self.headers_for(url, headers))
+                conn.request("GET", target, headers=self._request_headers(conn, url, headers))
                 resp = conn.getresponse()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 # A kept-alive connection the server had closed: one fresh try.
                 conn.close()
                 conn = self._new(*self._origin(url))
-                conn.request("GET", target, headers=self.headers_for(url, headers))
-                resp = conn.getresponse()
-            except BaseException:
+                try:
+                    conn.request("GET", target, headers=self._request_headers(conn, url, headers))
+                    resp = conn.getresponse()
+                except BaseException:
+                    conn.close()
+                    raise
+            except BaseException as exc:
                 conn.close()
+                if isinstance(exc, OSError | http.client.HTTPException):
+                    exc.add_note(f"while connecting to {self.display_host(url)}")
                 raise
             if resp.status in _REDIRECTS and resp.getheader("Location"):
                 location = urljoin(url, resp.getheader("Location") or "")
@@ -112,6 +132,12 @@ class HttpPool:
                 continue
             return url, conn, resp
         raise http.client.HTTPException(f"too many redirects for {url}")
+
+    def _request_headers(self, conn: Connection, url: str, extra: dict[str, str]) -> dict[str, str]:
+        headers = self.headers_for(url, extra)
+        if isinstance(conn, _ProxiedHTTPConnection):
+            headers.update(conn.proxy_headers)
+        return headers
 
     def finish(self, url: str, conn: Connection, resp: Response) -> None:
         """Return the connection to the pool if its response was read to the end, else close it."""
@@ -124,14 +150,32 @@ class HttpPool:
 class _ProxiedHTTPConnection(http.client.HTTPConnection):
     """Plain-HTTP through a proxy: same wire format, absolute URLs in the request line."""
 
+    proxy_headers: dict[str, str] = {}  # noqa: RUF012 - replaced per connection, never mutated
+
 
 def _path(url: str) -> str:
     parts = urlsplit(url)
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
-def _proxy_for(scheme: str, netloc: str) -> str | None:
+def _origin_key(url: str) -> tuple[str, str | None, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in: what decides who gets the token."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _proxy_for(scheme: str, netloc: str) -> tuple[str, int, dict[str, str]] | None:
+    """The proxy for ``scheme://netloc`` as (host, port, headers for it), or None to connect directly."""
     host = netloc.rsplit(":", 1)[0] if not netloc.endswith("]") else netloc
     if urllib.request.proxy_bypass(host):
         return None
-    return urllib.request.getproxies().get(scheme)
+    proxy = urllib.request.getproxies().get(scheme)
+    if not proxy:
+        return None
+    p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    auth: dict[str, str] = {}
+    if p.username is not None:
+        creds = f"{unquote(p.username)}:{unquote(p.password or '')}".encode()
+        auth["Proxy-Authorization"] = "Basic " + base64.b64encode(creds).decode("ascii")
+    return p.hostname or "", p.port or (443 if p.scheme == "https" else 80), auth

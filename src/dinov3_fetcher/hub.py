@@ -31,7 +31,11 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def get_token() -> str | None:
-    """HF_TOKEN, else the token stored by ``hf auth login``; None when there is none (huggingface_hub's rules)."""
+    """HF_TOKEN, else the token stored by ``hf auth login``; None when there is none (huggingface_hub's rules).
+
+    Raises ConfigError for a malformed HF_ENDPOINT, which would otherwise break huggingface_hub's own import.
+    """
+    endpoint()
     from huggingface_hub import get_token as _hf_get_token
 
     return _hf_get_token()
@@ -67,7 +71,6 @@ class Snapshot:
     commit: str
     files: dict[str, RemoteFile]
     endpoint: str
-    gated: bool
 
     def url(self, name: str) -> str:
         return f"{self.endpoint}/{self.repo_id}/resolve/{self.commit}/{quote(name)}"
@@ -87,7 +90,7 @@ def snapshot(repo_id: str, revision: str, token: str | None) -> Snapshot:
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
     except Exception as exc:
         raise_mapped(exc, repo_id, revision)
-    commit, gated = info.sha or "", info.gated
+    commit = info.sha or ""
     siblings = [(s.rfilename, s.size, s.blob_id, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []]
     if not _HEX40.match(commit):
         raise HubResponseError(f"{display_endpoint(ep)} answered a malformed commit for {repo_id}@{revision}",
@@ -101,14 +104,14 @@ def snapshot(repo_id: str, revision: str, token: str | None) -> Snapshot:
             raise HubResponseError(f"the Hub gave a malformed sha256 for {name!r}",
                                    "check that HF_ENDPOINT points at a Hugging Face Hub or a faithful mirror")
         files[name] = RemoteFile(name, size, blob_id, sha256)
-    return Snapshot(repo_id, revision, commit, files, ep, bool(gated))
+    return Snapshot(repo_id, revision, commit, files, ep)
 
 
 def raise_for_file_status(status: int, headers: dict[str, str], body: bytes, url: str,
                           repo_id: str, revision: str) -> NoReturn:
     """Turn a failed file download (status + X-Error-Code) into our error, via huggingface_hub's reading of it."""
     import httpx2
-    from huggingface_hub.utils._http import hf_raise_for_status
+    from huggingface_hub import hf_raise_for_status
 
     response = httpx2.Response(status, headers=headers, content=body, request=httpx2.Request("GET", url))
     try:

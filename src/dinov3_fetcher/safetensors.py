@@ -54,6 +54,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise SafetensorsError(f"{path.name} has a header that is not JSON") from None
+    except RecursionError:
+        raise SafetensorsError(f"{path.name} has a header that is nested too deeply") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path.name} has a header that is not a JSON object")
     tensors = {name: _tensor(path.name, name, spec) for name, spec in header.items() if name != "__metadata__"}

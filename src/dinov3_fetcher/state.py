@@ -114,7 +114,7 @@ class StateDir:
         """The manifest, or None when absent or unreadable (an unreadable one is treated as absent)."""
         try:
             return Manifest.from_json(self.manifest_path.read_bytes())
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return None
 
     def write_manifest(self, manifest: Manifest) -> None:

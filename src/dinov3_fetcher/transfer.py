@@ -13,6 +13,7 @@ written prefix, so verification overlaps the transfer.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import json
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from . import env
 from .errors import DiskSpaceError, FetcherError, FetchInterrupted, IntegrityError, NetworkError
 from .http import Connection, HttpPool, Response
 from .progress import Progress
@@ -40,11 +42,6 @@ SAVE_EVERY = 4 * MiB  # progress.json is rewritten after this many new bytes (al
 PROGRESS_PAGE = 4096  # progress.json is padded to one page, so that it can be rewritten in place
 
 
-def _env_num(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return default
 
 
 @dataclass(frozen=True)
@@ -60,12 +57,12 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        timeout = _env_num("DINOV3_FETCHER_TIMEOUT", _env_num("HF_HUB_DOWNLOAD_TIMEOUT", cls.timeout))
+        timeout = env.number("DINOV3_FETCHER_TIMEOUT", env.number("HF_HUB_DOWNLOAD_TIMEOUT", cls.timeout))
         return cls(
-            connections=max(1, int(_env_num("DINOV3_FETCHER_CONNECTIONS", cls.connections))),
+            connections=max(1, int(env.number("DINOV3_FETCHER_CONNECTIONS", cls.connections))),
             timeout=timeout,
-            retries=max(0, int(_env_num("DINOV3_FETCHER_RETRIES", cls.retries))),
-            backoff=max(0.0, _env_num("DINOV3_FETCHER_BACKOFF", cls.backoff)),
+            retries=max(0, int(env.number("DINOV3_FETCHER_RETRIES", cls.retries))),
+            backoff=max(0.0, env.number("DINOV3_FETCHER_BACKOFF", cls.backoff)),
         )
 
 
@@ -149,7 +146,7 @@ class _Job:
         self.fetched = 0
         self.error: BaseException | None = None
         self.whole_file = False
-        self.keep_below = 0  # a whole-file restream does not rewrite bytes below this offset
+        self.inflight: list[int] = []  # offsets of pwrites under way (the hasher stays below them)
         self.hashed = 0
         self.unsaved = 0  # bytes written since progress.json was last rewritten
         self.saved_at = time.monotonic()
@@ -189,28 +186,34 @@ class _Job:
         if not self.save_lock.acquire(blocking=wait):
             return
         try:
-            with self.lock:
-                remaining = sorted([s.pos, s.end] for s in self.segments if s.pos < s.end)
-                self.unsaved, self.saved_at = 0, time.monotonic()
-            blob = json.dumps({"identity": self.target.identity, "size": self.target.size,
-                               "remaining": remaining}).encode().ljust(PROGRESS_PAGE)
-            if self.progress_fd is not None and len(blob) == PROGRESS_PAGE:
-                os.pwrite(self.progress_fd, blob, 0)
-                return
-            path, tmp = self.folder / "progress.json", self.folder / "progress.json.tmp"
-            with open(tmp, "wb") as f:
-                f.write(blob)
-            os.replace(tmp, path)
-            if self.progress_fd is not None:
-                os.close(self.progress_fd)
-                self.progress_fd = None
-            if len(blob) == PROGRESS_PAGE:
-                self.progress_fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+            self._save()
+        except OSError as exc:
+            raise self.disk_full(exc) from None
         finally:
             self.save_lock.release()
 
+    def _save(self) -> None:
+        with self.lock:
+            remaining = sorted([s.pos, s.end] for s in self.segments if s.pos < s.end)
+            self.unsaved, self.saved_at = 0, time.monotonic()
+        blob = json.dumps({"identity": self.target.identity, "size": self.target.size,
+                           "remaining": remaining}).encode().ljust(PROGRESS_PAGE)
+        if self.progress_fd is not None and len(blob) == PROGRESS_PAGE:
+            os.pwrite(self.progress_fd, blob, 0)
+            return
+        path, tmp = self.folder / "progress.json", self.folder / "progress.json.tmp"
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+        if self.progress_fd is not None:
+            os.close(self.progress_fd)
+            self.progress_fd = None
+        if len(blob) == PROGRESS_PAGE:
+            self.progress_fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+
     def frontier(self) -> int:
-        open_pos = [s.pos for s in self.segments if s.pos < s.end]
+        """Every byte below this is on disk for good: the hasher may read it, nobody writes it again."""
+        open_pos = [s.pos for s in self.segments if s.pos < s.end] + self.inflight
         return min(open_pos) if open_pos else self.target.size
 
     # -- work distribution --------------------------------------------------------------------------
@@ -267,7 +270,9 @@ class _Job:
             start = seg.pos
             try:
                 self.stream(seg, buf)
-                return
+                if seg.pos >= seg.end or seg.pos > start:
+                    continue  # done, or cut short by a split / a whole-file switch: the loop decides
+                raise _Retry("the answer ended without progress")
             except _Retry as r:
                 failures = 1 if seg.pos > start else failures + 1
                 if failures > self.t.settings.retries:
@@ -283,14 +288,18 @@ class _Job:
     def stream(self, seg: _Segment, buf: bytearray) -> None:
         size = self.target.size
         headers = {} if (seg.pos == 0 and seg.end == size) else {"Range": f"bytes={seg.pos}-{seg.end - 1}"}
-        url, conn, resp = self.t.open(self.target, headers)
+        try:
+            url, conn, resp = self.t.open(self.target, headers)
+        except (TimeoutError, OSError, http.client.HTTPException) as exc:  # refused, DNS, TLS, no headers
+            if isinstance(exc, FetcherError):
+                raise
+            where = "".join(f" ({n})" for n in getattr(exc, "__notes__", ()))
+            raise _Retry(f"{type(exc).__name__}: {exc}{where}") from None
         try:
             self.check_response(resp, seg, headers)
             offset = seg.pos if resp.status == 206 else 0
-            if resp.status == 200 and headers:
-                if not self.become_whole_file(seg):
-                    return
-                offset = 0
+            if resp.status == 200 and headers and not self.become_whole_file(seg):
+                return
             self.copy(resp, seg, buf, offset)
         except (TimeoutError, OSError, http.client.HTTPException) as exc:
             if isinstance(exc, FetcherError):  # our own errors are final (some are OSErrors too)
@@ -320,18 +329,21 @@ class _Job:
         self.t.raise_status(resp.status, dict(resp.getheaders()), body, self.target.url)
 
     def become_whole_file(self, seg: _Segment) -> bool:
-        """The server ignored Range: this worker restreams the whole file, every other piece is dropped."""
+        """The server ignored Range: this worker restreams the whole file, every other piece is dropped.
+
+        The restream resumes at the frontier: bytes below it are on disk (and maybe hashed already) and are
+        read past, never rewritten, or a mirror's different bytes there would be published unverified.
+        True for the worker that owns the restream (also on its retries), False for any other.
+        """
         with self.lock:
             if self.whole_file:
-                return False
+                return self.segments == [seg]
             self.whole_file = True
-            # Bytes below the frontier are on disk (and maybe hashed already): the restream must not
-            # overwrite them, or a mirror's different bytes there would be published unverified.
-            self.keep_below = self.frontier()
+            start = self.frontier()
             for s in self.segments:
                 if s is not seg:
                     s.end = s.pos
-            seg.pos, seg.end = 0, self.target.size
+            seg.pos, seg.end = start, self.target.size
             self.segments = [seg]
             self.lock.notify_all()
             return True
@@ -350,18 +362,28 @@ class _Job:
             n = resp.readinto(mv[:want])
             if not n:
                 raise _Retry(f"connection closed at byte {offset} of {self.target.size}")
-            skip = min(n, max(0, self.keep_below - offset))  # > 0 only while a whole-file restream
-            if skip < n:  # passes the prefix already on disk
-                self.write(mv[skip:n], offset + skip)
+            with self.lock:
+                # Write only [seg.pos, seg.end): a whole-file restream reads past what is on disk, and a
+                # piece split off (or dropped by a whole-file switch) while this read was under way is
+                # another worker's now. The write is registered so that the hasher waits for it.
+                lo, hi = max(offset, seg.pos), min(offset + n, seg.end)
+                if hi > lo:
+                    self.inflight.append(lo)
+            if hi > lo:
+                try:
+                    self.write(mv[lo - offset:hi - offset], lo)
+                finally:
+                    with self.lock:
+                        self.inflight.remove(lo)
             offset += n
             with self.lock:
-                if offset > seg.pos:
-                    self.fetched += n
-                    self.unsaved += n
-                    seg.pos = offset
+                self.fetched += n
+                if hi > seg.pos:
+                    self.unsaved += hi - seg.pos
+                    seg.pos = hi
                 due = self.unsaved >= SAVE_EVERY or time.monotonic() - self.saved_at >= 1.0
                 self.lock.notify_all()
-            self.t.progress.advance(n)
+            self.t.progress.advance(max(hi - lo, 0))
             if due:
                 self.save(wait=False)
 
@@ -370,14 +392,16 @@ class _Job:
             try:
                 written = os.pwrite(self.fd, data, offset)
             except OSError as exc:
-                if exc.errno in (28, 122):  # ENOSPC, EDQUOT
-                    free = shutil.disk_usage(self.folder).free
-                    raise DiskSpaceError(
-                        f"the disk filled up while writing {self.target.name} ({free} bytes free)",
-                        f"free space in {self.t.dino_root} and run again: the download resumes",
-                        free=free) from None
-                raise
+                raise self.disk_full(exc) from None
             data, offset = data[written:], offset + written
+
+    def disk_full(self, exc: OSError) -> OSError:
+        """ENOSPC/EDQUOT as our DiskSpaceError (exit 9, partial kept); any other OSError as it is."""
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        free = shutil.disk_usage(self.folder).free
+        return DiskSpaceError(f"the disk filled up while writing {self.target.name} ({free} bytes free)",
+                              f"free space in {self.t.dino_root} and run again: the download resumes", free=free)
 
     def fail_integrity(self, why: str) -> NoReturn:
         raise IntegrityError(f"{self.target.name}: {why}; the file was discarded",
@@ -399,8 +423,8 @@ class _Job:
                 if self.error is not None or self.t.cancel.is_set():
                     return ""
             n = os.preadv(self.fd, [mv[:min(len(buf), limit - pos)]], pos)
-            if n <= 0:
-                raise OSError(f"short read from {self.data_path}")
+            if n <= 0:  # the data file is shorter than its progress record: it cannot be trusted
+                self.fail_integrity(f"the partial data ends at byte {pos}, before what its progress record says")
             sha.update(mv[:n])
             if git is not None:
                 git.update(mv[:n])
@@ -498,7 +522,8 @@ class Transfer:
                 # whole read timeout: give the workers 2 s, then leave them (daemon threads) and their fds open.
                 deadline = time.monotonic() + 2.0
                 for w in workers:
-                    while w.is_alive() and (job.error is None or time.monotonic() < deadline):
+                    while w.is_alive() and ((job.error is None and not self.cancel.is_set())
+                                            or time.monotonic() < deadline):
                         w.join(0.2)
                 orphans = any(w.is_alive() for w in workers)
             if job.error is not None:

@@ -68,6 +68,8 @@ def read_json_object(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError("is not usable JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ValueError("is not a JSON object")
     return data
@@ -147,8 +149,8 @@ def _convnext_mismatch(cfg: dict[str, Any], tensors: dict[str, TensorInfo]) -> s
         if have != depth:
             return f"config says stage {stage} has {depth} blocks, the weights have {have}"
         dw = _shape(tensors, f"stages.{stage}.layers.0.depthwise_conv.weight")
-        if dw is not None and dw[0] != width:
-            return f"config says stage {stage} is {width} wide, its depthwise conv has {dw[0]} channels"
+        if dw is not None and (not dw or dw[0] != width):  # a 0-d tensor has no channel dimension at all
+            return f"config says stage {stage} is {width} wide, its depthwise conv has {dw[0] if dw else 'no'} channels"
     if len(found) != len(depths):
         return f"config says {len(depths)} stages, the weights have {len(found)}"
     return None
@@ -246,9 +248,9 @@ def validate_dinov3(dino_root: str | Path) -> bool:
     where this tool wrote a manifest, the publish completed and every file has its recorded size.
     Reads headers only, never the whole weights (``dinov3-fetcher verify --deep`` re-hashes them).
 
-    Never raises for a bad or missing directory: it returns False.
+    Never raises for a bad or missing directory, or hostile files in it: it returns False.
     """
     try:
         return not find_problems(Path(dino_root))
-    except OSError:
+    except (OSError, ValueError, RecursionError):
         return False

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .env import lock_disabled
 from .progress import Progress
 from .state import Manifest, StateDir
 from .validate import Problem, find_problems
@@ -52,6 +53,39 @@ def sha256_file(path: Path, progress: Progress | None = None) -> str:
     return h.hexdigest()
 
 
+def _record_verified(state: StateDir, checked: Manifest, deep: bool) -> None:
+    """Write the time of a passing verification into the manifest, unless a fetch changed or holds it meanwhile.
+
+    Best effort: a read-only dino_root, a fetcher holding the lock, or a manifest that is no longer the one
+    that was checked (a fetch published in between) all mean: record nothing, and never overwrite.
+    """
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(state.lock_path)
+    if not lock_disabled():
+        try:
+            lock.acquire(timeout=0)
+        except (Timeout, OSError):
+            return
+    try:
+        current = state.read_manifest()
+        if current is None or _identity(current) != _identity(checked):
+            return
+        now = time.time()
+        current.verified_at = now
+        if deep:
+            current.verified_deep_at = now
+        with contextlib.suppress(OSError):  # a read-only dino_root can still be verified
+            state.write_manifest(current)
+    finally:
+        if lock.is_locked:
+            lock.release()
+
+
+def _identity(m: Manifest) -> tuple[object, ...]:
+    return m.repo_id, m.revision, m.commit, m.files, m.complete, m.fetched_at
+
+
 def verify_dinov3(root: Path, *, deep: bool = False, progress: Progress | None = None) -> VerifyReport:
     """Check ``root`` without network: structure and headers always; every sha256 when ``deep``.
 
@@ -82,12 +116,7 @@ def verify_dinov3(root: Path, *, deep: bool = False, progress: Progress | None =
             report.files.append(FileCheck(name, rec.size, ok, "sha256 ok" if ok else
                                           f"sha256 {digest[:12]}... differs from the manifest's {rec.sha256[:12]}..."))
         if report.ok:
-            now = time.time()
-            manifest.verified_at = now
-            if deep:
-                manifest.verified_deep_at = now
-            with contextlib.suppress(OSError):  # a read-only dino_root can still be verified
-                state.write_manifest(manifest)
+            _record_verified(state, manifest, deep)
     if progress is not None:
         progress.close()
     report.seconds = time.monotonic() - t0

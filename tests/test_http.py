@@ -1,0 +1,195 @@
+"""The byte client's rules: who gets the token, proxies (port defaults, credentials), and HF_ENDPOINT checks."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from conftest import GRANTED, TINY
+from dinov3_fetcher import env
+from dinov3_fetcher.errors import ConfigError
+from dinov3_fetcher.http import HttpPool
+from hub_server import HubServer
+
+TOKEN = "hf_secret_token_for_tests"
+
+
+def _auth(pool: HttpPool, url: str) -> str | None:
+    return pool.headers_for(url, {}).get("Authorization")
+
+
+def test_token_goes_to_the_endpoints_origin_only() -> None:
+    pool = HttpPool(5, "ua", TOKEN, "https://hub.example")
+    for url in ("https://hub.example/x", "https://HUB.example:443/a/b?c=d"):
+        assert _auth(pool, url) == f"Bearer {TOKEN}", url
+    for url in ("http://hub.example/x",  # a downgrade on the same host
+                "https://hub.example:8443/x", "https://cdn.example/x", "https://hub.example.evil/x",
+                "https://evil@hub.example.evil/x"):
+        assert _auth(pool, url) is None, url
+    assert _auth(HttpPool(5, "ua", None, "https://hub.example"), "https://hub.example/x") is None
+    assert _auth(HttpPool(5, "ua", TOKEN), "https://hub.example/x") is None
+
+
+def test_a_bare_auth_host_takes_the_endpoints_scheme(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:5000")
+    pool = HttpPool(5, "ua", TOKEN, "127.0.0.1:5000")
+    assert _auth(pool, "http://127.0.0.1:5000/x") == f"Bearer {TOKEN}"
+    assert _auth(pool, "https://127.0.0.1:5000/x") is None
+    other = HttpPool(5, "ua", TOKEN, "hub.example")  # not the endpoint: https only
+    assert _auth(other, "https://hub.example/x") == f"Bearer {TOKEN}"
+    assert _auth(other, "http://hub.example/x") is None
+
+
+def test_display_hides_credentials_and_brackets_ipv6() -> None:
+    assert env.display_endpoint("https://user:pw@Hub.example/") == "https://hub.example"
+    assert HttpPool(5, "ua").display_host("http://[::1]:8080/x") == "[::1]:8080"
+    assert HttpPool(5, "ua").display_host("https://u:p@cdn.example/x") == "cdn.example"
+
+
+@pytest.mark.parametrize("value", ["5", " 2.5"])
+def test_env_number(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("DINOV3_FETCHER_LOCK_TIMEOUT", value)
+    assert env.lock_timeout() == float(value)
+
+
+@pytest.mark.parametrize("value", ["", "abc", "nan", "inf"])
+def test_env_number_falls_back(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("X_NUM", value)
+    assert env.number("X_NUM", 7.0) == 7.0
+
+
+# -- HF_ENDPOINT ---------------------------------------------------------------------------------------------
+
+BAD_ENDPOINTS = ["http://[::1", "ftp://x", "not a url", "https://", "http://host:notaport", "http://host:99999",
+                 "https://user:hunter2@[::1"]
+
+
+@pytest.mark.parametrize("value", BAD_ENDPOINTS)
+def test_malformed_endpoint_is_a_config_error(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", value)
+    with pytest.raises(ConfigError, match="is not an http\\(s\\) URL") as info:
+        env.endpoint()
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize("value", ["http://[::1", "ftp://x", "not a url", "https://user:hunter2@[::1"])
+def test_malformed_endpoint_cli(value: str, dry_run: bool, tmp_path: Path, run_cli: Any) -> None:
+    args = ["--dino-root", str(tmp_path / "dinov3"), "--model", TINY] + (["--dry-run"] if dry_run else [])
+    proc = run_cli(*args, HF_ENDPOINT=value, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not an http(s) URL" in lines[0], proc.stderr
+    assert "hunter2" not in proc.stderr + proc.stdout
+
+
+# -- proxies -------------------------------------------------------------------------------------------------
+
+class _Proxy(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.seen: list[tuple[str, str, dict[str, str]]] = []  # (method, request target, headers)
+        self.port = self.server_address[1]
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    """A forwarding HTTP proxy (absolute-form GETs) that refuses CONNECT with 407 after noting the request."""
+
+    protocol_version = "HTTP/1.1"
+    server: _Proxy
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_CONNECT(self) -> None:
+        self.server.seen.append(("CONNECT", self.path, dict(self.headers)))
+        self.send_response(407)
+        self.send_header("Content-Length", "0")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+    def do_GET(self) -> None:
+        self.server.seen.append(("GET", self.path, dict(self.headers)))
+        target = urlsplit(self.path)
+        upstream = http.client.HTTPConnection(target.netloc, timeout=5)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("proxy-authorization", "connection")}
+        upstream.request("GET", target.path + (f"?{target.query}" if target.query else ""), headers=headers)
+        resp = upstream.getresponse()
+        body = resp.read()
+        upstream.close()
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("content-length", "connection", "transfer-encoding", "date", "server"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Proxy]:
+    server = _Proxy()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("NO_PROXY", "")
+    monkeypatch.delenv("no_proxy", raising=False)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_plain_http_proxy_with_credentials(proxy: _Proxy, hub: HubServer, tiny: dict[str, bytes],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTP_PROXY", f"http://proxy%20user:p%40ss@127.0.0.1:{proxy.port}")
+    pool = HttpPool(5, "ua", GRANTED, hub.endpoint)
+    try:
+        for name in ("config.json", "model.safetensors"):  # the weights: a 302 from the hub to the CDN
+            url, conn, resp = pool.get(f"{hub.endpoint}/{TINY}/resolve/main/{name}", {})
+            assert resp.status == 200 and resp.read() == tiny[name]
+            pool.finish(url, conn, resp)
+    finally:
+        pool.close()
+    gets = [(target, headers) for method, target, headers in proxy.seen if method == "GET"]
+    assert [urlsplit(t).netloc for t, _ in gets] == [urlsplit(hub.endpoint).netloc] * 2 + \
+        [urlsplit(hub.cdn_endpoint).netloc]
+    for target, headers in gets:
+        assert target.startswith("http://")  # absolute-form request line
+        assert headers.get("Proxy-Authorization") == _basic("proxy user", "p@ss")
+        on_hub = target.startswith(hub.endpoint)
+        assert (headers.get("Authorization") == f"Bearer {GRANTED}") is on_hub, target
+
+
+def test_connect_tunnel_sends_proxy_credentials(proxy: _Proxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", f"http://u:pw@127.0.0.1:{proxy.port}")
+    pool = HttpPool(5, "ua", TOKEN, "https://hub.invalid")
+    with pytest.raises(OSError, match="407"):
+        pool.get("https://hub.invalid/x", {})
+    [(method, target, headers)] = proxy.seen
+    assert (method, target) == ("CONNECT", "hub.invalid:443")
+    assert headers.get("Proxy-Authorization") == _basic("u", "pw")
+    assert "Authorization" not in headers  # the token only ever travels inside the tunnel
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_proxy_without_a_port_uses_the_proxy_schemes_default(scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_PROXY", "")
+    monkeypatch.setenv(f"{scheme.upper()}_PROXY", "http://proxy.invalid")
+    conn = HttpPool(5, "ua").acquire(f"{scheme}://hub.invalid/x")  # not connected yet
+    assert (conn.host, conn.port) == ("proxy.invalid", 80)
