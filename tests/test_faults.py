@@ -195,13 +195,10 @@ def test_mirror_ignoring_range_cannot_splice_bad_bytes_into_the_prefix(
     _partial_first_run(hub, run_cli, dino_root, 6 * MiB)
     hub.faults.add(path_suffix=MODEL, ignore_range=True, corrupt_at=1 * MiB + 7)
     proc = run_cli("--dino-root", str(dino_root), "--model", TINY)
-    if proc.returncode == 0:
-        assert_checkpoint(dino_root, repo)
-    else:
-        assert proc.returncode == 8 and "sha256" in proc.stderr
-        assert not (dino_root / MODEL).exists()
+    assert proc.returncode == 0, proc.stderr  # the corrupt byte lies in the prefix on disk: read past, not written
+    assert_checkpoint(dino_root, repo)
     verify = run_cli("verify", "--dino-root", str(dino_root), "--deep")
-    assert verify.returncode == (0 if proc.returncode == 0 else 13), verify.stderr
+    assert verify.returncode == 0, verify.stderr
 
 
 def test_mirror_ignoring_range_on_a_multi_connection_file(hub: HubServer, run_cli: Any, dino_root: Path) -> None:
