@@ -320,7 +320,7 @@ def dead_pid() -> int:
 
 def kill_claim(dino_root: Path) -> Path:
     """Make the released partial folder look like the claim of a fetcher that was SIGKILLed mid-download."""
-    from dinov3_fetcher.transfer import _HOST
+    from dinov3_fetcher.state import HOST as _HOST
 
     (released,) = [p for p in (dino_root / ".dinov3-fetcher" / "partial").iterdir() if "." not in p.name]
     claimed = released.with_name(f"{released.name}.{_HOST}.{dead_pid()}")
@@ -369,7 +369,7 @@ def test_dry_run_neither_adopts_nor_hashes(hub: HubServer, tiny: dict[str, bytes
 
     from dinov3_fetcher import fetch as fetch_module
     from dinov3_fetcher.fetch import plan
-    from dinov3_fetcher.transfer import _HOST
+    from dinov3_fetcher.state import HOST as _HOST
 
     fetch_dinov3(dino_root, TINY)
     mark_publish_interrupted(dino_root)

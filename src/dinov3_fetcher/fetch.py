@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, env
-from .config import DEFAULT_REVISION, check_repo_id, check_revision
+from .config import DEFAULT_REVISION, check_repo_id, check_revision, resolve_dino_root
 from .errors import (
     ConfigError,
     DiskSpaceError,
@@ -30,7 +30,7 @@ from .errors import (
 )
 from .progress import Progress, human_bytes
 from .safetensors import SafetensorsError, TensorInfo, read_header
-from .state import FileRecord, Manifest, StateDir
+from .state import FileRecord, Manifest, StateDir, owner_gone, owner_tag
 from .validate import (
     CONFIG,
     INDEX,
@@ -43,6 +43,7 @@ from .validate import (
     registry_mismatch,
     shards_from_index,
     tensor_mismatch,
+    validate_dinov3,
 )
 from .variants import DEFAULT_MODEL
 from .verify import sha256_file
@@ -93,10 +94,7 @@ class FetchResult:
 def _root(dino_root: str | os.PathLike[str]) -> Path:
     if not str(dino_root).strip():
         raise ConfigError("dino_root is empty", "pass a folder, e.g. dino_root=Path('dinov3')")
-    root = Path(os.path.abspath(Path(dino_root).expanduser()))
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"dino_root {root} is a file, not a folder", "point dino_root at a folder")
-    return root
+    return resolve_dino_root(dino_root, Path.cwd())
 
 
 def ready(root: Path, repo_id: str, revision: str) -> Manifest | None:
@@ -136,13 +134,6 @@ def fetch_dinov3(
     """
     return fetch(dino_root, model_name, revision=revision, update=update,
                  progress=Progress(quiet=quiet)).path
-
-
-def validate_dinov3(dino_root: str | os.PathLike[str]) -> bool:
-    """True if ``dino_root`` holds a complete DINOv3 checkpoint (see ``dinov3_fetcher.validate``). Never raises."""
-    from .validate import validate_dinov3 as _validate
-
-    return _validate(Path(dino_root))
 
 
 def fetch(
@@ -318,10 +309,10 @@ class _Run:
     def partial_bytes(self, rf: RemoteFile) -> int:
         """Bytes of this file's best resumable partial download: the folder the next claim would take (the
         public one, a dead fetcher's claim left by a SIGKILL, or ours), as ``Transfer.claim`` chooses."""
-        from .transfer import _HOST, _missing, abandoned_or_unclaimed
+        from .transfer import _missing, abandoned_or_unclaimed
 
         partial = self.state.partial
-        mine = f"{rf.identity}.{_HOST}.{os.getpid()}"
+        mine = f"{rf.identity}.{owner_tag()}"
         folders = [partial / rf.identity, *partial.glob(f"{rf.identity}.*")] if partial.is_dir() else []
         best = 0
         for p in folders:
@@ -331,22 +322,12 @@ class _Run:
 
 
 def _staged_dir(state: StateDir) -> Path:
-    from .transfer import _HOST
-
-    return state.staged / f"{_HOST}.{os.getpid()}"
+    return state.staged / owner_tag()
 
 
 def _owner_gone(folder: Path) -> bool:
-    """Is the fetcher that owns this staged folder (named host.pid) gone? Elsewhere: untouched for a day."""
-    from .transfer import _HOST, _alive
-
-    host, _, pid = folder.name.rpartition(".")
-    if host == _HOST and pid.isdigit():
-        return not _alive(int(pid))
-    try:
-        return time.time() - folder.stat().st_mtime > 86400
-    except OSError:
-        return False
+    """Is the fetcher that owns this staged folder gone? On another host: untouched for a day."""
+    return owner_gone(folder.name, folder, 86400)
 
 
 def plan_files(run: _Run, weights: list[str]) -> list[PlannedFile]:

@@ -17,17 +17,60 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FileRecord", "Manifest", "StateDir", "atomic_write_bytes", "is_commit"]
+__all__ = [
+    "HOST",
+    "FileRecord",
+    "Manifest",
+    "StateDir",
+    "atomic_write_bytes",
+    "is_commit",
+    "owner_gone",
+    "owner_tag",
+    "pid_alive",
+]
 
 STATE_DIRNAME = ".dinov3-fetcher"
 MANIFEST_FORMAT = 1
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+HOST = socket.gethostname().replace(".", "_")  # no dots: claim and staged folders are named <...>.<host>.<pid>
+
+
+def owner_tag() -> str:
+    """This process as it names the partial and staged folders it owns: ``<host>.<pid>``."""
+    return f"{HOST}.{os.getpid()}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_gone(tag: str, touched: Path, stale_after: float) -> bool:
+    """Is the fetcher named by ``tag`` (``<host>.<pid>``) gone? On this host: its pid is dead. On another
+    host (a shared filesystem): ``touched`` has not changed for ``stale_after`` seconds, or is gone."""
+    host, _, pid = tag.rpartition(".")
+    if not pid.isdigit() or "." in host:
+        return False
+    if host == HOST:
+        return not pid_alive(int(pid))
+    try:
+        return time.time() - touched.stat().st_mtime > stale_after
+    except OSError:
+        return True
 
 
 def is_commit(revision: str) -> bool:

@@ -19,7 +19,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -32,12 +31,12 @@ from . import env
 from .errors import DiskSpaceError, FetcherError, FetchInterrupted, IntegrityError, NetworkError
 from .http import Connection, HttpPool, Response
 from .progress import Progress
+from .state import owner_gone, owner_tag
 
 __all__ = ["Settings", "Target", "Transfer"]
 
 MiB = 1024 * 1024
 _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
-_HOST = socket.gethostname().replace(".", "_")
 SAVE_EVERY = 4 * MiB  # progress.json is rewritten after this many new bytes (all connections together)
 PROGRESS_PAGE = 4096  # progress.json is padded to one page, so that it can be rewritten in place
 
@@ -97,16 +96,6 @@ class _Retry(Exception):
         self.wait = wait
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _missing(folder: Path) -> int:
     try:
         data = json.loads((folder / "progress.json").read_bytes())
@@ -117,16 +106,7 @@ def _missing(folder: Path) -> int:
 
 def _abandoned(p: Path, identity: str) -> bool:
     """A claim folder whose owner is gone: a dead pid on this host, or no progress for 2 min elsewhere."""
-    suffix = p.name[len(identity) + 1:]
-    host, _, pid = suffix.rpartition(".")
-    if not pid.isdigit() or "." in host:
-        return False
-    if host == _HOST:
-        return not _alive(int(pid))
-    try:
-        return time.time() - (p / "progress.json").stat().st_mtime > 120
-    except OSError:
-        return True
+    return owner_gone(p.name[len(identity) + 1:], p / "progress.json", 120)
 
 
 def abandoned_or_unclaimed(p: Path) -> bool:
@@ -465,7 +445,7 @@ class Transfer:
 
     def claim(self, identity: str) -> Path:
         """Take the best resumable partial folder for this content, or start an empty one."""
-        mine = self.partial_root / f"{identity}.{_HOST}.{os.getpid()}"
+        mine = self.partial_root / f"{identity}.{owner_tag()}"
         if mine.is_dir():
             return mine
         candidates = [self.partial_root / identity] + [
