@@ -454,11 +454,23 @@ def versions(cdn: str) -> dict[str, str]:
         "cpus": str(os.cpu_count()), "machine": f"{platform.system()} {platform.release()} {platform.machine()}",
         "python": platform.python_version(), "dinov3-fetcher": __version__,
         "huggingface_hub": huggingface_hub.__version__, "curl": first(["curl", "--version"]).split(" (")[0],
-        "openssl": first(["openssl", "version"]), "cdn": cdn,
+        "openssl": first(["openssl", "version"]), "cdn": cdn, "bytecode": _bytecode(),
     }
     if cdn == "nginx":
         out["nginx"] = first([find_nginx() or "nginx", "-v"])
     return out
+
+
+def _bytecode() -> str:
+    """Whether the Python tools run from compiled bytecode: without it (PYTHONDONTWRITEBYTECODE=1 and no
+    .pyc installed), every run of this tool and of `hf` compiles huggingface_hub from source (~0.25 s)."""
+    import importlib.util
+
+    import huggingface_hub.hf_api
+
+    pyc = importlib.util.cache_from_source(huggingface_hub.hf_api.__file__)
+    state = "compiled" if Path(pyc).is_file() else "NOT compiled (run `uv sync`: pyproject sets compile-bytecode)"
+    return state + (", PYTHONDONTWRITEBYTECODE=1" if os.environ.get("PYTHONDONTWRITEBYTECODE") else "")
 
 
 def main() -> int:
