@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .env import lock_disabled
+from .hashing import hash_range
 from .progress import Progress
 from .state import Manifest, StateDir
 from .validate import Problem, find_problems
 
 __all__ = ["FileCheck", "VerifyReport", "sha256_file", "verify_dinov3"]
 
-CHUNK = 8 * 1024 * 1024
 
 
 @dataclass
@@ -41,15 +42,10 @@ class VerifyReport:
 
 
 def sha256_file(path: Path, progress: Progress | None = None) -> str:
-    """sha256 of a file, read in 8 MiB blocks into one reused buffer (hashlib releases the GIL on them)."""
+    """sha256 of a file, hashed from the page cache in windows (see ``hashing``; hashlib releases the GIL)."""
     h = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    mv = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(mv[:n])
-            if progress is not None:
-                progress.advance(n)
+        hash_range(f.fileno(), 0, os.fstat(f.fileno()).st_size, [h], progress.advance if progress else None)
     return h.hexdigest()
 
 
