@@ -25,6 +25,8 @@ Knobs: ``cut_after`` (body bytes, then clean close; with ``reset``: TCP RST), ``
 then continue), ``status`` + ``retry_after``, ``no_content_length`` (Connection: close), ``chunked``,
 ``throttle_bps`` (per connection). ``after=N`` lets the first N matching GETs pass before a rule applies
 (to sequence faults: a cut, then 503s). Each ``Request`` records its arrival time ``t`` (monotonic).
+``hub.model_info_hook`` (a callable) runs before each model_info answer is built: to hold the answer back,
+or to move a branch while a client waits for it.
 A hostile Hub: ``hub.listed_sizes["repo/file"] = n`` makes model_info claim size n for that file; file
 names (``../x``, ``/abs``, ``a\\b``) and file contents (index.json, safetensors headers) are whatever
 ``add_repo`` is given.
@@ -40,7 +42,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -337,6 +339,8 @@ class _Handler(BaseHTTPRequestHandler):
         return sha, repo.commits[sha]
 
     def _model_info(self, repo_id: str, rev: str) -> None:
+        if self.hub.model_info_hook is not None:
+            self.hub.model_info_hook()
         if (repo := self._repo(repo_id)) is None or (c := self._commit(repo, rev)) is None:
             return
         sha, files = c
@@ -532,6 +536,7 @@ class HubServer:
         self.valid_tokens: set[str] = {"hf_valid_granted", "hf_valid_notgranted"}
         self.page_size = 50
         self.listed_sizes: dict[str, int] = {}  # "repo_id/path" -> size claimed by model_info (hostile Hub)
+        self.model_info_hook: Callable[[], None] | None = None  # runs before each model_info answer is built
         self._counter = 0
         self._servers = [_Server("127.0.0.1", self, "hub"), _Server("127.0.0.2", self, "cdn")]
         self.endpoint = f"http://127.0.0.1:{self._servers[0].server_address[1]}"

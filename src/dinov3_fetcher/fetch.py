@@ -7,6 +7,7 @@ headers and returns: no HTTP request, and huggingface_hub is not even imported.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ from .errors import (
 )
 from .progress import Progress, human_bytes
 from .safetensors import SafetensorsError, TensorInfo, read_header
-from .state import FileRecord, Manifest, StateDir, owner_gone, owner_tag
+from .state import FileRecord, Manifest, StateDir, atomic_write_bytes, owner_gone, owner_tag
 from .validate import (
     CONFIG,
     INDEX,
@@ -49,6 +50,7 @@ from .variants import DEFAULT_MODEL
 from .verify import sha256_file
 
 if TYPE_CHECKING:
+    from .headstart import HeadStart
     from .hub import RemoteFile, Snapshot
     from .transfer import Transfer
 
@@ -218,8 +220,8 @@ class _Run:
     """The state of one locked fetch: what is planned, where each file currently is."""
 
     def __init__(self, state: StateDir, snap: Snapshot, transfer: Transfer | None = None, *,
-                 read_only: bool = False) -> None:
-        self.state, self.snap, self.transfer = state, snap, transfer
+                 read_only: bool = False, head: HeadStart | None = None) -> None:
+        self.state, self.snap, self.transfer, self.head = state, snap, transfer, head
         self.read_only = read_only  # a dry run: never rename, create or hash anything (see reusable)
         self.old = state.read_manifest()
         self.paths: dict[str, Path] = {}
@@ -293,10 +295,14 @@ class _Run:
                 rec = FileRecord(rf.size, rf.sha256 or sha256_file(p), rf.git_oid)
             self.records[name] = rec
             return p
+        if self.head and not rf.sha256 and (body := self.head.take_small(name, rf.git_oid)) is not None:
+            return self._put_small(rf, body)
         target = Target(name, self.snap.url(name), rf.size, rf.identity, rf.sha256,
                         None if rf.sha256 else rf.git_oid)
         assert self.transfer is not None, "a dry run never downloads"
-        done = self.transfer.download(target)
+        done = self.head.take(target) if self.head else None
+        if done is None:
+            done = self.transfer.download(target)
         dest = self.staged_path(rf)
         self.transfer.finish(done, dest)
         with self.lock:
@@ -304,6 +310,21 @@ class _Run:
             self.resumed += done.resumed_from
         self.paths[name] = dest
         self.records[name] = FileRecord(rf.size, done.sha256, rf.git_oid)
+        return dest
+
+    def _put_small(self, rf: RemoteFile, body: bytes) -> Path:
+        """Stage a small file the head start already downloaded (and checked against rf's git blob id)."""
+        assert self.transfer is not None
+        progress = self.transfer.progress
+        progress.start_file(rf.name, rf.size, 0)
+        dest = self.staged_path(rf)
+        atomic_write_bytes(dest, body)
+        progress.advance(len(body))
+        progress.end_file(rf.name)
+        with self.lock:
+            self.fetched += len(body)
+        self.paths[rf.name] = dest
+        self.records[rf.name] = FileRecord(rf.size, hashlib.sha256(body).hexdigest(), rf.git_oid)
         return dest
 
     def partial_bytes(self, rf: RemoteFile) -> int:
@@ -317,7 +338,7 @@ class _Run:
         best = 0
         for p in folders:
             if p.is_dir() and (p.name == mine or abandoned_or_unclaimed(p)):
-                best = max(best, rf.size - _missing(p))
+                best = max(best, rf.size - _missing(p, rf.size))
         return min(best, rf.size)
 
 
@@ -463,20 +484,25 @@ def _check_space(state: StateDir, planned: list[PlannedFile]) -> None:
 
 def _fetch_locked(state: StateDir, repo_id: str, revision: str, progress: Progress) -> FetchResult:
     from . import hub
+    from .headstart import HeadStart
     from .http import HttpPool
     from .transfer import Settings, Transfer
 
     token = hub.get_token()
-    snap = hub.snapshot(repo_id, revision, token)
     settings = Settings.from_env()
-    pool = HttpPool(settings.timeout, hub.user_agent(), token, snap.endpoint)
+    pool = HttpPool(settings.timeout, hub.user_agent(), token, env.endpoint())
 
     def raise_status(status: int, headers: dict[str, str], body: bytes, url: str) -> Any:
         hub.raise_for_file_status(status, headers, body, url, repo_id, revision)
 
     transfer = Transfer(settings, pool, state.partial, state.root, progress, raise_status)
-    run = _Run(state, snap, transfer)
+    # The weights start flowing now; huggingface_hub's listing (below) decides whether they are kept.
+    head = HeadStart(Transfer(settings, pool, state.partial, state.root, progress, raise_status), state,
+                     state.read_manifest(), repo_id, revision, env.endpoint())
+    head.start()
     try:
+        snap = hub.snapshot(repo_id, revision, token)
+        run = _Run(state, snap, transfer, head=head)
         cfg = _hub_json(run, CONFIG)
         if reason := config_problem(cfg) or registry_mismatch(repo_id, cfg):
             raise NotDinov3Error(f"{repo_id} is not a usable DINOv3 checkpoint: {reason}",
@@ -492,7 +518,7 @@ def _fetch_locked(state: StateDir, repo_id: str, revision: str, progress: Progre
         planned = plan_files(run, weights)
         _check_space(state, planned)
         progress.total = sum(p.size for p in planned)
-        progress.done = sum(p.size for p in planned if p.reuse)
+        progress.done += sum(p.size for p in planned if p.reuse)  # += : head-start bytes are counted already
         _get_all(run, [p.name for p in planned if p.name in weights])
         for p in planned:
             if p.name not in weights:
@@ -507,6 +533,7 @@ def _fetch_locked(state: StateDir, repo_id: str, revision: str, progress: Progre
             raise NotDinov3Error(f"{repo_id}'s weights disagree with its config: {reason}",
                                  "the repo is inconsistent; pick another revision or repo")
     finally:
+        head.stop()
         progress.close()
         pool.close()
     manifest = Manifest(repo_id, revision, snap.commit, run.records, __version__)

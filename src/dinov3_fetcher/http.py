@@ -104,26 +104,7 @@ class HttpPool:
     def get(self, url: str, headers: dict[str, str]) -> tuple[str, Connection, Response]:
         """GET ``url`` following redirects; returns the final URL, its connection and the response (unread)."""
         for _ in range(10):
-            conn = self.acquire(url)
-            target = url if isinstance(conn, _ProxiedHTTPConnection) else _path(url)
-            try:
-                conn.request("GET", target, headers=self._request_headers(conn, url, headers))
-                resp = conn.getresponse()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                # A kept-alive connection the server had closed: one fresh try.
-                conn.close()
-                conn = self._new(*self._origin(url))
-                try:
-                    conn.request("GET", target, headers=self._request_headers(conn, url, headers))
-                    resp = conn.getresponse()
-                except BaseException:
-                    conn.close()
-                    raise
-            except BaseException as exc:
-                conn.close()
-                if isinstance(exc, OSError | http.client.HTTPException):
-                    exc.add_note(f"while connecting to {self.display_host(url)}")
-                raise
+            conn, resp = self._send("GET", url, headers)
             if resp.status in _REDIRECTS and resp.getheader("Location"):
                 location = urljoin(url, resp.getheader("Location") or "")
                 resp.read()
@@ -132,6 +113,35 @@ class HttpPool:
                 continue
             return url, conn, resp
         raise http.client.HTTPException(f"too many redirects for {url}")
+
+    def head(self, url: str) -> Response:
+        """HEAD ``url`` without following a redirect (its headers are the answer), as huggingface_hub does."""
+        conn, resp = self._send("HEAD", url, {})
+        resp.read()
+        self.finish(url, conn, resp)
+        return resp
+
+    def _send(self, method: str, url: str, headers: dict[str, str]) -> tuple[Connection, Response]:
+        conn = self.acquire(url)
+        target = url if isinstance(conn, _ProxiedHTTPConnection) else _path(url)
+        try:
+            conn.request(method, target, headers=self._request_headers(conn, url, headers))
+            return conn, conn.getresponse()
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            # A kept-alive connection the server had closed: one fresh try.
+            conn.close()
+            conn = self._new(*self._origin(url))
+            try:
+                conn.request(method, target, headers=self._request_headers(conn, url, headers))
+                return conn, conn.getresponse()
+            except BaseException:
+                conn.close()
+                raise
+        except BaseException as exc:
+            conn.close()
+            if isinstance(exc, OSError | http.client.HTTPException):
+                exc.add_note(f"while connecting to {self.display_host(url)}")
+            raise
 
     def _request_headers(self, conn: Connection, url: str, extra: dict[str, str]) -> dict[str, str]:
         headers = self.headers_for(url, extra)

@@ -85,7 +85,7 @@ class Progress:
         rate = self.fetched / elapsed
         left = max(self.total - self.done, 0)
         eta = f"{left / rate:.0f}s" if rate > 0 else "?"
-        pct = 100.0 * self.done / self.total if self.total else 100.0
+        pct = min(100.0 * self.done / self.total, 100.0) if self.total else 100.0
         resumed = f" (resumed {human_bytes(self.resumed)})" if self.resumed else ""
         self.stream.write(f"\r\033[K{pct:5.1f}% {human_bytes(self.done)}/{human_bytes(self.total)} "
                           f"{human_bytes(rate)}/s ETA {eta}{resumed}")

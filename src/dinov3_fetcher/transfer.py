@@ -97,9 +97,12 @@ class _Retry(Exception):
         self.wait = wait
 
 
-def _missing(folder: Path) -> int:
+def _missing(folder: Path, size: int | None = None) -> int:
+    """Bytes a partial folder still misses (huge when unreadable, or when it records another ``size``)."""
     try:
         data = json.loads((folder / "progress.json").read_bytes())
+        if size is not None and data["size"] != size:
+            return 1 << 62
         return sum(e - s for s, e in data["remaining"])
     except (OSError, ValueError, KeyError, TypeError):
         return 1 << 62

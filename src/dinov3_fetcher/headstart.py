@@ -1,0 +1,234 @@
+"""A head start for the weights: their transfer begins while huggingface_hub is still answering.
+
+On a cold fetch, importing huggingface_hub's ``HfApi`` and its ``model_info`` call take 0.3-0.5 s on a
+2-core machine, and until they answered, the weights (all but a few KB of the bytes) could not start.
+``HeadStart`` learns what the weights will be from the Hub's ``resolve`` answers, the way huggingface_hub's
+own ``hf_hub_download`` does (config.json with its ``X-Repo-Commit``, then each weight file's
+``X-Linked-Etag`` and ``X-Linked-Size``), and starts their transfer at once, in the background.
+
+Nothing it learns is trusted. ``fetch`` adopts an early download only when huggingface_hub's listing gives
+the same size and sha256, and the bytes were checked against that sha256 as always; otherwise the early
+downloads are stopped and their partial data is kept for resume. Anything that goes wrong here (401/403 on
+a gated repo, 404, a mirror without those headers, a config that is not DINOv3, too little free space)
+means no head start and nothing more: the main path meets the same problem and reports it, with
+huggingface_hub's reading of the error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+from .http import HttpPool
+from .state import Manifest, StateDir
+from .transfer import Done, Target, Transfer
+from .validate import CONFIG, INDEX, SINGLE, config_problem, registry_mismatch, shards_from_index
+from .variants import variant_for
+
+__all__ = ["HeadStart"]
+
+FILES_AT_ONCE = 2  # as fetch._get_all: one file's sha256 tail overlaps the next one's transfer
+MAX_JSON = 16 * 1024 * 1024  # config.json and the index are a few KB; a bigger answer is not one of them
+SPACE_MARGIN = 16 * 1024 * 1024
+_HEX40 = re.compile(r"^[0-9a-f]{40}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class _Early:
+    target: Target
+    started: bool = False
+    result: Done | None = None
+    error: Exception | None = None  # why it failed (its partial data is kept, unless the bytes were wrong)
+    adopted: bool = False
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+class HeadStart:
+    """Early downloads of one fetch's weights; ``take`` hands one over to the main path."""
+
+    def __init__(self, transfer: Transfer, state: StateDir, old: Manifest | None, repo_id: str, revision: str,
+                 endpoint: str) -> None:
+        self.transfer = transfer  # its own Transfer (own cancel event), sharing the main path's pool
+        self.pool: HttpPool = transfer.pool
+        self.state, self.old, self.repo_id = state, old, repo_id
+        self.base = f"{endpoint}/{repo_id}/resolve/"
+        self.revision = revision
+        self.jobs: dict[str, _Early] = {}
+        self.small: dict[str, bytes] = {}  # config.json and the index as read here, for take_small()
+        self.taken: set[str] = set()  # names the main path asked for: never started here after that
+        self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self._spawn(self._plan, "head-start")
+
+    def _spawn(self, fn: Callable[[], None], name: str) -> None:
+        t = threading.Thread(target=fn, daemon=True, name=name)
+        with self.lock:
+            self.threads.append(t)
+        t.start()
+
+    # -- what to fetch ----------------------------------------------------------------------------------
+    def _plan(self) -> None:
+        try:
+            targets = self._targets()
+            free = shutil.disk_usage(self.state.partial).free
+        except Exception:  # no head start: the main path meets the same problem and reports it
+            return
+        with self.lock:
+            for t in targets:
+                free -= t.size
+                if free < SPACE_MARGIN or self.transfer.cancel.is_set():
+                    break  # the main path checks the space precisely, and says what is missing
+                self.jobs[t.name] = _Early(t)
+        for i in range(min(FILES_AT_ONCE, len(self.jobs))):
+            self._spawn(self._worker, f"head-start-{i}")
+
+    def _targets(self) -> list[Target]:
+        cfg_answer = self._config()
+        if cfg_answer is None:
+            return []
+        commit, body = cfg_answer
+        self.small[CONFIG] = body
+        cfg = json.loads(body)
+        if not isinstance(cfg, dict) or config_problem(cfg) or registry_mismatch(self.repo_id, cfg):
+            return []  # not a DINOv3 checkpoint: nothing big is fetched before the main path refuses it
+        variant = variant_for(self.repo_id)
+        for layout in (INDEX, SINGLE) if variant is not None and variant.sharded else (SINGLE, INDEX):
+            if layout == SINGLE and (t := self._lfs(commit, SINGLE)) is not None:
+                return [t] if self._needed(t) else []
+            if layout == INDEX and (idx := self._small(self.base + commit + "/" + INDEX)) is not None:
+                self.small[INDEX] = idx[1]
+                index = json.loads(idx[1])
+                targets = []
+                for name in shards_from_index(index if isinstance(index, dict) else {}):
+                    t = self._lfs(commit, name)
+                    if t is None:
+                        return []
+                    targets.append(t)
+                return [t for t in targets if self._needed(t)]
+        return []
+
+    def _config(self) -> tuple[str, bytes] | None:
+        """(commit, config.json) at the revision; the copy on disk when the Hub's git blob id says it is intact."""
+        url = self.base + quote(self.revision, safe="") + "/" + CONFIG
+        rec = self.old.files.get(CONFIG) if self.old else None
+        if rec is None:
+            return self._small(url)
+        resp = self.pool.head(url)  # an intact file is never downloaded again
+        commit = resp.getheader("X-Repo-Commit") or ""
+        etag = (resp.getheader("ETag") or "").removeprefix("W/").strip('"')
+        if resp.status != 200 or not _HEX40.match(commit) or etag != rec.git_oid:
+            return None if resp.status != 200 else self._small(url)
+        try:
+            body = (self.state.root / CONFIG).read_bytes()
+        except OSError:
+            body = b""
+        if hashlib.sha1(b"blob %d\0" % len(body) + body).hexdigest() != etag:  # git's blob id: not intact
+            return self._small(url)
+        return commit, body
+
+    def _small(self, url: str) -> tuple[str, bytes] | None:
+        """(commit, body) of a small file from the Hub, or None."""
+        final, conn, resp = self.pool.get(url, {})
+        try:
+            body = resp.read(MAX_JSON + 1) if resp.status == 200 else b""
+        finally:
+            self.pool.finish(final, conn, resp)
+        commit = resp.getheader("X-Repo-Commit") or ""
+        if resp.status != 200 or len(body) > MAX_JSON or not _HEX40.match(commit):
+            return None
+        return commit, body
+
+    def _lfs(self, commit: str, name: str) -> Target | None:
+        """A weight file as the Hub's resolve answer describes it (sha256 and size), or None."""
+        url = self.base + commit + "/" + quote(name)
+        resp = self.pool.head(url)
+        sha = (resp.getheader("X-Linked-Etag") or resp.getheader("ETag") or "").removeprefix("W/").strip('"')
+        size = resp.getheader("X-Linked-Size") or resp.getheader("Content-Length") or ""
+        if resp.status >= 400 or not _HEX64.match(sha) or not size.isdigit():
+            return None
+        return Target(name, url, int(size), sha, sha)
+
+    def _needed(self, t: Target) -> bool:
+        """False when a complete copy is on disk already (published or staged): the main path reuses it."""
+        rec = self.old.files.get(t.name) if self.old else None
+        if rec is not None and rec.sha256 == t.sha256 and rec.size == t.size:
+            return False
+        return not any(self.state.staged.glob(f"*/{t.identity}.{t.name}")) if self.state.staged.is_dir() else True
+
+    # -- the downloads ----------------------------------------------------------------------------------
+    def _worker(self) -> None:
+        while True:
+            with self.lock:
+                job = next((j for n, j in self.jobs.items() if not j.started and n not in self.taken), None)
+                if job is None or self.transfer.cancel.is_set():
+                    return
+                job.started = True
+            try:
+                job.result = self.transfer.download(job.target)
+            except Exception as exc:  # handed to the main path by take()
+                job.error = exc
+            finally:
+                job.finished.set()
+
+    def take_small(self, name: str, git_oid: str) -> bytes | None:
+        """config.json or the index as read here, if its git blob id is the one huggingface_hub lists: the
+        main path uses it instead of asking for it again."""
+        with self.lock:
+            body = self.small.get(name)
+        if body is None or hashlib.sha1(b"blob %d\0" % len(body) + body).hexdigest() != git_oid:
+            return None
+        return body
+
+    def take(self, target: Target) -> Done | None:
+        """The early download of ``target`` once it is done, if it fetched exactly that content (same size and
+        sha256 as huggingface_hub lists); None for the main path to download it itself.
+
+        Raises what that early download raised (its retries ran out, the disk filled up, wrong bytes): it was
+        the very download the main path would make, with the same settings. Only a download stopped by
+        ``stop`` is left to the main path, which resumes it.
+        """
+        with self.lock:
+            self.taken.add(target.name)
+            job = self.jobs.get(target.name)
+            if job is None or not job.started:
+                return None
+        if (job.target.size, job.target.sha256) != (target.size, target.sha256):
+            self.stop()  # the Hub's listing disagrees (a branch that moved, a mirror's headers): all stop
+            return None
+        while not job.finished.wait(0.2):
+            pass
+        if job.error is not None and not self.transfer.cancel.is_set():
+            raise job.error
+        job.adopted = job.result is not None
+        return job.result
+
+    def stop(self, timeout: float = 2.5) -> None:
+        """Stop every early download and wait until each has saved its progress and let go of its folder.
+
+        Bounded, so that Ctrl-C still exits at once: a download stops within ~2 s (``Transfer.download``). One
+        still running after that keeps its folder claimed by this live process, so nothing deletes it
+        under it, and the next run adopts it.
+        """
+        self.transfer.cancel.set()
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            threads = list(self.threads)
+        for t in threads:
+            with contextlib.suppress(RuntimeError):
+                t.join(max(0.0, deadline - time.monotonic()))
+        with self.lock:
+            unused = [j for j in self.jobs.values() if j.result is not None and not j.adopted]
+        for j in unused:  # complete but not wanted after all: unclaimed, so a later run may use or drop it
+            assert j.result is not None
+            self.transfer.release(j.result.path.parent, j.target.identity)
