@@ -4,6 +4,9 @@ fetched is kept unless that listing agrees."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,12 +14,13 @@ from pathlib import Path
 import pytest
 
 from checkpoints import shard_files, vit_repo_files
-from conftest import GRANTED, TINY
+from conftest import GRANTED, TINY, cli_env
 from dinov3_fetcher import fetch_dinov3, validate_dinov3
 from dinov3_fetcher.errors import AuthenticationError, NotDinov3Error
 from hub_server import HubServer
 
 MODEL = "model.safetensors"
+MiB = 1 << 20
 
 
 def _partials(dino_root: Path) -> list[str]:
@@ -34,15 +38,33 @@ def _head_seen(hub: HubServer, name: str) -> bool:
     return any(r.method == "HEAD" and r.path.endswith("/" + name) for r in list(hub.requests))
 
 
+def _cdn_seen(hub: HubServer, name: str) -> bool:
+    return any(r.host == "cdn" and r.path.partition("?")[0].endswith("/" + name) for r in list(hub.requests))
+
+
+def _hold_listing_until(hub: HubServer, *names: str) -> list[bool]:
+    """Hold model_info back until the CDN has been asked for each file (at most 10 s); what it saw, per call."""
+    seen: list[bool] = []
+
+    def hook() -> None:
+        _wait_for(lambda: all(_cdn_seen(hub, n) for n in names))
+        seen.append(all(_cdn_seen(hub, n) for n in names))
+
+    hub.model_info_hook = hook
+    return seen
+
+
+def _resolve_commits(hub: HubServer, name: str) -> set[str]:
+    """The commits of the hub's resolve GETs for a file (the main path asks at the listing's commit)."""
+    return {r.path.split("/resolve/")[1].split("/")[0] for r in hub.file_gets("/" + name) if r.host == "hub"}
+
+
 def test_weights_flow_while_the_listing_is_held_back(hub: HubServer, dino_root: Path) -> None:
     files = vit_repo_files(hidden=256, intermediate=1024, layers=4)  # ~13 MB
     hub.add_repo(TINY, files)
-    hub.model_info_hook = lambda: time.sleep(1.0)
+    seen = _hold_listing_until(hub, MODEL)
     fetch_dinov3(dino_root, TINY)
-    info = [r for r in hub.requests if r.path.startswith(f"/api/models/{TINY}")]
-    cdn = [r for r in hub.file_gets(MODEL) if r.host == "cdn"]
-    assert info and cdn
-    assert cdn[0].t < info[0].t + 1.0  # the weights reached the CDN while model_info was still held back
+    assert seen == [True]  # the weights reached the CDN while model_info was still held back
     assert hub.bytes_served(MODEL) == len(files[MODEL])  # once: the early download was adopted
     assert len(hub.file_gets("/config.json")) == 1  # and the config it read too
     assert (dino_root / MODEL).read_bytes() == files[MODEL]
@@ -52,14 +74,12 @@ def test_weights_flow_while_the_listing_is_held_back(hub: HubServer, dino_root: 
 def test_sharded_weights_get_a_head_start_too(hub: HubServer, dino_root: Path) -> None:
     files = shard_files(vit_repo_files(hidden=128, intermediate=512, layers=4), 3)
     hub.add_repo(TINY, files)
-    hub.model_info_hook = lambda: time.sleep(1.0)
-    fetch_dinov3(dino_root, TINY)
-    info = [r for r in hub.requests if r.path.startswith(f"/api/models/{TINY}")]
     shards = sorted(n for n in files if n.startswith("model-"))
     assert len(shards) == 3
+    seen = _hold_listing_until(hub, *shards[:2])  # two files at a time
+    fetch_dinov3(dino_root, TINY)
+    assert seen == [True]
     for name in shards:
-        gets = [r for r in hub.file_gets(name) if r.host == "cdn"]
-        assert gets and gets[0].t < info[0].t + 1.0, name
         assert hub.bytes_served(name) == len(files[name])
         assert (dino_root / name).read_bytes() == files[name]
     assert len(hub.file_gets("/model.safetensors.index.json")) == 1
@@ -79,8 +99,10 @@ def test_a_branch_that_moves_under_the_head_start_gives_the_new_commit(hub: HubS
             moved.append(hub.add_commit(TINY, {MODEL: new[MODEL]}))
 
     hub.model_info_hook = move
+    first = hub.repos[TINY].refs["main"]
     path = fetch_dinov3(dino_root, TINY)
-    assert (path / MODEL).read_bytes() == new[MODEL]  # never the old weights the head start went for
+    assert _resolve_commits(hub, MODEL) == {first, moved[0]}  # the head start went for the old weights
+    assert (path / MODEL).read_bytes() == new[MODEL]  # never published
     manifest = json.loads((path / ".dinov3-fetcher" / "manifest.json").read_bytes())
     assert manifest["commit"] == moved[0]
     assert validate_dinov3(path)
@@ -98,8 +120,10 @@ def test_a_branch_that_moves_with_the_same_weights_downloads_them_once(hub: HubS
             moved.append(hub.add_commit(TINY, {"README.md": b"# a new model card\n"}))
 
     hub.model_info_hook = move
+    first = hub.repos[TINY].refs["main"]
     fetch_dinov3(dino_root, TINY)
-    assert hub.bytes_served(MODEL) == len(files[MODEL])  # same sha256 at the new commit: adopted
+    assert _resolve_commits(hub, MODEL) == {first}  # same sha256 at the new commit: the early download is kept
+    assert hub.bytes_served(MODEL) == len(files[MODEL])
     assert (dino_root / "README.md").read_bytes() == b"# a new model card\n"
     manifest = json.loads((dino_root / ".dinov3-fetcher" / "manifest.json").read_bytes())
     assert manifest["commit"] == moved[0]
@@ -121,12 +145,10 @@ def test_gated_repo_the_head_start_uses_the_token_on_the_hub_only(hub: HubServer
     files = vit_repo_files(hidden=128, intermediate=512, layers=2)
     hub.add_repo(TINY, files, gated=True)
     hub.grant(TINY, GRANTED)
-    hub.model_info_hook = lambda: time.sleep(0.5)
+    seen = _hold_listing_until(hub, MODEL)
     monkeypatch.setenv("HF_TOKEN", GRANTED)
     fetch_dinov3(dino_root, TINY)
-    info = [r for r in hub.requests if r.path.startswith(f"/api/models/{TINY}")]
-    cdn = [r for r in hub.file_gets(MODEL) if r.host == "cdn"]
-    assert cdn[0].t < info[0].t + 0.5  # the head start ran, with the token
+    assert seen == [True]  # the head start ran, with the token
     assert all("authorization" not in r.headers for r in hub.requests if r.host == "cdn")
     assert all(r.headers.get("authorization") == f"Bearer {GRANTED}" for r in hub.requests if r.host == "hub")
 
@@ -146,3 +168,28 @@ def test_an_intact_checkpoint_is_not_fetched_again_by_update(hub: HubServer, din
     hub.clear()
     fetch_dinov3(dino_root, TINY, update=True)
     assert hub.file_gets() == []  # the head start checked config.json with a HEAD, and the weights not at all
+
+
+def test_ctrl_c_during_a_sharded_head_start_exits_promptly_and_resumes(hub: HubServer, dino_root: Path) -> None:
+    files = shard_files(vit_repo_files(hidden=256, intermediate=1024, layers=4), 3)  # 3 x ~4.5 MB
+    hub.add_repo(TINY, files)
+    shards = sorted(n for n in files if n.startswith("model-"))
+    hub.faults.add(path_suffix=".safetensors", host="cdn", throttle_bps=MiB)  # ~4 s per shard
+    cmd = [sys.executable, "-m", "dinov3_fetcher", "--dino-root", str(dino_root), "--model", TINY]
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: sum(hub.bytes_served(n) for n in shards) >= 2 * MiB or proc.poll() is not None)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 3.5, f"Ctrl-C took {time.monotonic() - t0:.1f} s"
+    assert proc.returncode == 130 and "resumes" in err and "Traceback" not in err, err
+    served = {n: hub.bytes_served(n) for n in shards}
+    assert sum(served.values()) < sum(len(files[n]) for n in shards)  # it stopped: not everything was sent
+
+    hub.faults.clear()
+    hub.clear()
+    fetch_dinov3(dino_root, TINY)
+    for n in shards:
+        assert (dino_root / n).read_bytes() == files[n]
+    assert sum(hub.bytes_served(n) for n in shards) < sum(len(files[n]) for n in shards)  # resumed, not redone

@@ -498,7 +498,7 @@ def _fetch_locked(state: StateDir, repo_id: str, revision: str, progress: Progre
     transfer = Transfer(settings, pool, state.partial, state.root, progress, raise_status)
     # The weights start flowing now; huggingface_hub's listing (below) decides whether they are kept.
     head = HeadStart(Transfer(settings, pool, state.partial, state.root, progress, raise_status), state,
-                     state.read_manifest(), repo_id, revision, env.endpoint())
+                     state.read_manifest(), repo_id, revision, env.endpoint(), transfer.cancel)
     head.start()
     try:
         snap = hub.snapshot(repo_id, revision, token)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+from .errors import FetchInterrupted
 from .http import HttpPool
 from .state import Manifest, StateDir
 from .transfer import Done, Target, Transfer
@@ -48,7 +49,8 @@ class _Early:
     started: bool = False
     result: Done | None = None
     error: Exception | None = None  # why it failed (its partial data is kept, unless the bytes were wrong)
-    adopted: bool = False
+    adopted: bool = False  # handed to the main path (under HeadStart.lock)
+    released: bool = False  # given back unclaimed by stop() (under HeadStart.lock): never handed over
     finished: threading.Event = field(default_factory=threading.Event)
 
 
@@ -56,8 +58,9 @@ class HeadStart:
     """Early downloads of one fetch's weights; ``take`` hands one over to the main path."""
 
     def __init__(self, transfer: Transfer, state: StateDir, old: Manifest | None, repo_id: str, revision: str,
-                 endpoint: str) -> None:
+                 endpoint: str, main_cancel: threading.Event) -> None:
         self.transfer = transfer  # its own Transfer (own cancel event), sharing the main path's pool
+        self.main_cancel = main_cancel  # the main path's: once set (Ctrl-C, an error), the head start stops too
         self.pool: HttpPool = transfer.pool
         self.state, self.old, self.repo_id = state, old, repo_id
         self.base = f"{endpoint}/{repo_id}/resolve/"
@@ -85,10 +88,14 @@ class HeadStart:
         except Exception:  # no head start: the main path meets the same problem and reports it
             return
         with self.lock:
+            identities = set()
             for t in targets:
+                if t.identity in identities:  # same bytes as another file: they would share a partial folder
+                    continue
                 free -= t.size
                 if free < SPACE_MARGIN or self.transfer.cancel.is_set():
                     break  # the main path checks the space precisely, and says what is missing
+                identities.add(t.identity)
                 self.jobs[t.name] = _Early(t)
         for i in range(min(FILES_AT_ONCE, len(self.jobs))):
             self._spawn(self._worker, f"head-start-{i}")
@@ -171,7 +178,7 @@ class HeadStart:
         while True:
             with self.lock:
                 job = next((j for n, j in self.jobs.items() if not j.started and n not in self.taken), None)
-                if job is None or self.transfer.cancel.is_set():
+                if job is None or self.transfer.cancel.is_set() or self.main_cancel.is_set():
                     return
                 job.started = True
             try:
@@ -207,11 +214,17 @@ class HeadStart:
             self.stop()  # the Hub's listing disagrees (a branch that moved, a mirror's headers): all stop
             return None
         while not job.finished.wait(0.2):
-            pass
-        if job.error is not None and not self.transfer.cancel.is_set():
-            raise job.error
-        job.adopted = job.result is not None
-        return job.result
+            if self.main_cancel.is_set():  # Ctrl-C, or another file failed: stop this one as well
+                self.transfer.cancel.set()
+        if self.main_cancel.is_set():
+            raise FetchInterrupted("interrupted", "run the same command again: it resumes")
+        with self.lock:
+            if job.error is not None and not self.transfer.cancel.is_set():
+                raise job.error
+            if job.released or job.result is None:
+                return None  # stopped (its partial is kept, and the main path resumes it)
+            job.adopted = True
+            return job.result
 
     def stop(self, timeout: float = 2.5) -> None:
         """Stop every early download and wait until each has saved its progress and let go of its folder.
@@ -228,7 +241,9 @@ class HeadStart:
             with contextlib.suppress(RuntimeError):
                 t.join(max(0.0, deadline - time.monotonic()))
         with self.lock:
-            unused = [j for j in self.jobs.values() if j.result is not None and not j.adopted]
-        for j in unused:  # complete but not wanted after all: unclaimed, so a later run may use or drop it
+            unused = [j for j in self.jobs.values() if j.result is not None and not j.adopted and not j.released]
+            for j in unused:
+                j.released = True
+        for j in unused:  # complete but not wanted (yet): unclaimed, so the main path or a later run may take it
             assert j.result is not None
             self.transfer.release(j.result.path.parent, j.target.identity)

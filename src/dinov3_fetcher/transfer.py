@@ -152,9 +152,12 @@ class _Job:
             data = json.loads((self.folder / "progress.json").read_bytes())
             if data.get("identity") != self.target.identity or data.get("size") != self.target.size:
                 return None
-            ranges = [(int(s), int(e)) for s, e in data["remaining"]]
+            ranges = sorted((int(s), int(e)) for s, e in data["remaining"])
             if not self.data_path.exists() or any(not 0 <= s < e <= self.target.size for s, e in ranges):
                 return None
+            done_end = ranges[-1][0] if ranges and ranges[-1][1] == self.target.size else self.target.size
+            if self.data_path.stat().st_size < done_end:
+                return None  # the data file lacks bytes its record calls done (truncated): start over
             return ranges
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -348,6 +351,8 @@ class _Job:
             if not n:
                 raise _Retry(f"connection closed at byte {offset} of {self.target.size}")
             with self.lock:
+                if self.t.cancel.is_set() or self.error is not None:
+                    return  # stopped while this read was under way: the folder may be someone else's by now
                 # Write only [seg.pos, seg.end): a whole-file restream reads past what is on disk, and a
                 # piece split off (or dropped by a whole-file switch) while this read was under way is
                 # another worker's now. The write is registered so that the hasher waits for it.

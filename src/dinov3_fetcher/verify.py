@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .env import lock_disabled
-from .hashing import hash_range
+from .hashing import read_range
 from .progress import Progress
 from .state import Manifest, StateDir
 from .validate import Problem, find_problems
@@ -42,10 +42,14 @@ class VerifyReport:
 
 
 def sha256_file(path: Path, progress: Progress | None = None) -> str:
-    """sha256 of a file, hashed from the page cache in windows (see ``hashing``; hashlib releases the GIL)."""
+    """sha256 of a file, read in 8 MiB blocks into one reused buffer (hashlib releases the GIL on them).
+
+    Read, not memory-mapped like a download in progress (``hashing``): these are the user's files, and an
+    I/O error or a truncation by another process while a mapping is read kills the process with SIGBUS.
+    """
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
-        hash_range(f.fileno(), 0, os.fstat(f.fileno()).st_size, [h], progress.advance if progress else None)
+        read_range(f.fileno(), 0, os.fstat(f.fileno()).st_size, [h], progress.advance if progress else None)
     return h.hexdigest()
 
 
