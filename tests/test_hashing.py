@@ -72,3 +72,21 @@ def test_a_truncated_partial_is_started_over_not_trusted(hub: HubServer, dino_ro
     fetch_dinov3(dino_root, TINY)
     assert (dino_root / MODEL).read_bytes() == files[MODEL]
     assert hub.bytes_served(MODEL) == size  # started over: the record was not trusted
+
+
+def test_a_partial_with_adjacent_missing_ranges_resumes_instead_of_starting_over(hub: HubServer,
+                                                                                 dino_root: Path) -> None:
+    """What a kill mid-piece leaves: [3 MiB, 8 MiB) and [8 MiB, end) missing, the data file 3 MiB long."""
+    files = vit_repo_files(hidden=256, intermediate=1024, layers=4)
+    hub.add_repo(TINY, files)
+    data, size, mib = files[MODEL], len(files[MODEL]), 1 << 20
+    sha = hashlib.sha256(data).hexdigest()
+    folder = dino_root / ".dinov3-fetcher" / "partial" / sha
+    folder.mkdir(parents=True)
+    assert size > 8 * mib
+    (folder / "data").write_bytes(data[:3 * mib])
+    remaining = [[3 * mib, 8 * mib], [8 * mib, size]]
+    (folder / "progress.json").write_text(json.dumps({"identity": sha, "size": size, "remaining": remaining}))
+    fetch_dinov3(dino_root, TINY)
+    assert (dino_root / MODEL).read_bytes() == data
+    assert hub.bytes_served(MODEL) == size - 3 * mib  # resumed: not started over

@@ -108,6 +108,16 @@ def _missing(folder: Path, size: int | None = None) -> int:
         return 1 << 62
 
 
+def _done_end(remaining: list[tuple[int, int]], size: int) -> int:
+    """Where the last byte a progress record calls done ends: the data file must be at least this long."""
+    end = size
+    for s, e in sorted(remaining, reverse=True):
+        if e < end:
+            break  # a done gap between this range and the ones after it
+        end = min(end, s)
+    return end
+
+
 def _abandoned(p: Path, identity: str) -> bool:
     """A claim folder whose owner is gone: a dead pid on this host, or no progress for 2 min elsewhere."""
     return owner_gone(p.name[len(identity) + 1:], p / "progress.json", 120)
@@ -155,8 +165,7 @@ class _Job:
             ranges = sorted((int(s), int(e)) for s, e in data["remaining"])
             if not self.data_path.exists() or any(not 0 <= s < e <= self.target.size for s, e in ranges):
                 return None
-            done_end = ranges[-1][0] if ranges and ranges[-1][1] == self.target.size else self.target.size
-            if self.data_path.stat().st_size < done_end:
+            if self.data_path.stat().st_size < _done_end(ranges, self.target.size):
                 return None  # the data file lacks bytes its record calls done (truncated): start over
             return ranges
         except (OSError, ValueError, KeyError, TypeError):
