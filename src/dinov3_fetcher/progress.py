@@ -57,7 +57,7 @@ class Progress:
             self.done += n
             self.fetched += n
             now = time.monotonic()
-            if self.bar and now - self._last >= 0.1:
+            if self.bar and self.total and now - self._last >= 0.1:  # no total yet: the head start runs first
                 self._last = now
                 self._draw(now)
 
