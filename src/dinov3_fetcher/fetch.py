@@ -31,7 +31,7 @@ from .errors import (
 )
 from .progress import Progress, human_bytes
 from .safetensors import SafetensorsError, TensorInfo, read_header
-from .state import FileRecord, Manifest, StateDir, atomic_write_bytes, owner_gone, owner_tag
+from .state import SPACE_MARGIN, FileRecord, Manifest, StateDir, atomic_write_bytes, owner_gone, owner_tag
 from .validate import (
     CONFIG,
     INDEX,
@@ -57,7 +57,6 @@ if TYPE_CHECKING:
 __all__ = ["FetchResult", "PlannedFile", "fetch", "fetch_dinov3", "plan", "validate_dinov3"]
 
 OPTIONAL = ("README.md", "LICENSE.md")
-SPACE_MARGIN = 16 * 1024 * 1024
 # Weight names transformers loads by itself: a stray one next to another model's files would be loaded instead.
 _STANDARD_WEIGHTS = re.compile(r"model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors")
 
@@ -219,11 +218,10 @@ def _offline_error(root: Path, repo_id: str, revision: str) -> LocalEntryNotFoun
 class _Run:
     """The state of one locked fetch: what is planned, where each file currently is."""
 
-    def __init__(self, state: StateDir, snap: Snapshot, transfer: Transfer | None = None, *,
-                 read_only: bool = False, head: HeadStart | None = None) -> None:
-        self.state, self.snap, self.transfer, self.head = state, snap, transfer, head
-        self.read_only = read_only  # a dry run: never rename, create or hash anything (see reusable)
-        self.old = state.read_manifest()
+    def __init__(self, state: StateDir, snap: Snapshot, old: Manifest | None, transfer: Transfer | None = None,
+                 head: HeadStart | None = None) -> None:
+        self.state, self.snap, self.old, self.transfer, self.head = state, snap, old, transfer, head
+        self.read_only = transfer is None  # a dry run: never rename, create or hash anything (see reusable)
         self.paths: dict[str, Path] = {}
         self.records: dict[str, FileRecord] = {}
         self.reuse_cache: dict[str, Path | None] = {}  # reusable()'s verdict per name: hash a file once
@@ -330,16 +328,10 @@ class _Run:
     def partial_bytes(self, rf: RemoteFile) -> int:
         """Bytes of this file's best resumable partial download: the folder the next claim would take (the
         public one, a dead fetcher's claim left by a SIGKILL, or ours), as ``Transfer.claim`` chooses."""
-        from .transfer import _missing, abandoned_or_unclaimed
+        from .transfer import missing_bytes, resumable
 
-        partial = self.state.partial
-        mine = f"{rf.identity}.{owner_tag()}"
-        folders = [partial / rf.identity, *partial.glob(f"{rf.identity}.*")] if partial.is_dir() else []
-        best = 0
-        for p in folders:
-            if p.is_dir() and (p.name == mine or abandoned_or_unclaimed(p)):
-                best = max(best, rf.size - _missing(p, rf.size))
-        return min(best, rf.size)
+        folders = resumable(self.state.partial, rf.identity)
+        return min(max([rf.size - missing_bytes(p, rf.size) for p in folders] + [0]), rf.size)
 
 
 def _staged_dir(state: StateDir) -> Path:
@@ -398,7 +390,8 @@ def plan(dino_root: str | os.PathLike[str], model_name: str = DEFAULT_MODEL, *,
         raise LocalEntryNotFoundError("HF_HUB_OFFLINE is set: a dry run needs one request to the Hub",
                                       "unset HF_HUB_OFFLINE, or use 'dinov3-fetcher info' to see what is on disk")
     snap = hub.snapshot(repo_id, revision, hub.get_token())
-    run = _Run(StateDir(root), snap, read_only=True)
+    state = StateDir(root)
+    run = _Run(state, snap, state.read_manifest())
     names = [n for n in (CONFIG, PREPROCESSOR) if n in snap.files]
     if SINGLE in snap.files:
         weights = [SINGLE]
@@ -431,6 +424,8 @@ def _get_all(run: _Run, names: list[str]) -> None:
     for a sharded checkpoint. Files with the same content never run together (they share a partial folder).
     The first error stops the other download and is raised; Ctrl-C stops both and keeps their progress.
     """
+    from .transfer import FILES_AT_ONCE
+
     assert run.transfer is not None
     transfer = run.transfer
     identities = [run.remote(n).identity for n in names]
@@ -455,7 +450,7 @@ def _get_all(run: _Run, names: list[str]) -> None:
                 transfer.cancel.set()
                 return
 
-    threads = [threading.Thread(target=worker, daemon=True, name=f"file-{i}") for i in range(2)]
+    threads = [threading.Thread(target=worker, daemon=True, name=f"file-{i}") for i in range(FILES_AT_ONCE)]
     for t in threads:
         t.start()
     try:
@@ -490,19 +485,21 @@ def _fetch_locked(state: StateDir, repo_id: str, revision: str, progress: Progre
 
     token = hub.get_token()
     settings = Settings.from_env()
-    pool = HttpPool(settings.timeout, hub.user_agent(), token, env.endpoint())
+    ep = env.endpoint()
+    pool = HttpPool(settings.timeout, hub.user_agent(), token, ep)
 
     def raise_status(status: int, headers: dict[str, str], body: bytes, url: str) -> Any:
         hub.raise_for_file_status(status, headers, body, url, repo_id, revision)
 
     transfer = Transfer(settings, pool, state.partial, state.root, progress, raise_status)
     # The weights start flowing now; huggingface_hub's listing (below) decides whether they are kept.
-    head = HeadStart(Transfer(settings, pool, state.partial, state.root, progress, raise_status), state,
-                     state.read_manifest(), repo_id, revision, env.endpoint(), transfer.cancel)
+    old = state.read_manifest()
+    head = HeadStart(Transfer(settings, pool, state.partial, state.root, progress, raise_status), state, old,
+                     repo_id, revision, ep, transfer.cancel)
     head.start()
     try:
         snap = hub.snapshot(repo_id, revision, token)
-        run = _Run(state, snap, transfer, head=head)
+        run = _Run(state, snap, old, transfer, head)
         cfg = _hub_json(run, CONFIG)
         if reason := config_problem(cfg) or registry_mismatch(repo_id, cfg):
             raise NotDinov3Error(f"{repo_id} is not a usable DINOv3 checkpoint: {reason}",

@@ -13,12 +13,13 @@ a user or another process may change (``verify``) go through ``read_range``.
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-__all__ = ["WINDOW", "Hasher", "hash_range", "read_range"]
+__all__ = ["WINDOW", "Hasher", "git_blob_hasher", "git_blob_id", "hash_range", "read_range"]
 
 WINDOW = 8 * 1024 * 1024
 
@@ -27,8 +28,19 @@ class Hasher(Protocol):
     def update(self, data: memoryview, /) -> None: ...
 
 
-def hash_range(fd: int, start: int, end: int, hashers: Sequence[Hasher],
-               on_chunk: Callable[[int], None] | None = None) -> int:
+def git_blob_hasher(size: int) -> hashlib._Hash:
+    """A sha1 primed with git's blob header: fed the ``size`` bytes of a file, it gives the file's git blob id
+    (what the Hub lists for a regular, non-LFS file)."""
+    return hashlib.sha1(b"blob %d\0" % size)
+
+
+def git_blob_id(data: bytes) -> str:
+    h = git_blob_hasher(len(data))
+    h.update(data)
+    return h.hexdigest()
+
+
+def hash_range(fd: int, start: int, end: int, hashers: Sequence[Hasher]) -> int:
     """Feed bytes [start, end) of ``fd`` to each hasher in order; returns where it stopped.
 
     It stops short of ``end`` only when the file does (it is shorter than ``end``): a mapping past the end of
@@ -44,15 +56,13 @@ def hash_range(fd: int, start: int, end: int, hashers: Sequence[Hasher],
         try:
             window = mmap.mmap(fd, stop - base, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=base)
         except (OSError, ValueError):
-            return read_range(fd, pos, end, hashers, on_chunk)
+            return read_range(fd, pos, end, hashers)
         try:
             with memoryview(window) as whole, whole[pos - base:] as mv:
                 for h in hashers:
                     h.update(mv)
         finally:
             window.close()
-        if on_chunk is not None:
-            on_chunk(stop - pos)
         pos = stop
     return pos
 

@@ -17,9 +17,7 @@ huggingface_hub's reading of the error.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import re
 import shutil
 import threading
 import time
@@ -28,19 +26,16 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from .errors import FetchInterrupted
-from .http import HttpPool
-from .state import Manifest, StateDir
-from .transfer import Done, Target, Transfer
+from .hashing import git_blob_id
+from .http import etag_value
+from .state import SPACE_MARGIN, Manifest, StateDir, is_commit, is_sha256
+from .transfer import FILES_AT_ONCE, Done, Target, Transfer
 from .validate import CONFIG, INDEX, SINGLE, config_problem, registry_mismatch, shards_from_index
 from .variants import variant_for
 
 __all__ = ["HeadStart"]
 
-FILES_AT_ONCE = 2  # as fetch._get_all: one file's sha256 tail overlaps the next one's transfer
 MAX_JSON = 16 * 1024 * 1024  # config.json and the index are a few KB; a bigger answer is not one of them
-SPACE_MARGIN = 16 * 1024 * 1024
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -61,7 +56,6 @@ class HeadStart:
                  endpoint: str, main_cancel: threading.Event) -> None:
         self.transfer = transfer  # its own Transfer (own cancel event), sharing the main path's pool
         self.main_cancel = main_cancel  # the main path's: once set (Ctrl-C, an error), the head start stops too
-        self.pool: HttpPool = transfer.pool
         self.state, self.old, self.repo_id = state, old, repo_id
         self.base = f"{endpoint}/{repo_id}/resolve/"
         self.revision = revision
@@ -131,38 +125,38 @@ class HeadStart:
         rec = self.old.files.get(CONFIG) if self.old else None
         if rec is None:
             return self._small(url)
-        resp = self.pool.head(url)  # an intact file is never downloaded again
+        resp = self.transfer.pool.head(url)  # an intact file is never downloaded again
         commit = resp.getheader("X-Repo-Commit") or ""
-        etag = (resp.getheader("ETag") or "").removeprefix("W/").strip('"')
-        if resp.status != 200 or not _HEX40.match(commit) or etag != rec.git_oid:
+        etag = etag_value(resp.getheader("ETag"))
+        if resp.status != 200 or not is_commit(commit) or etag != rec.git_oid:
             return None if resp.status != 200 else self._small(url)
         try:
             body = (self.state.root / CONFIG).read_bytes()
         except OSError:
             body = b""
-        if hashlib.sha1(b"blob %d\0" % len(body) + body).hexdigest() != etag:  # git's blob id: not intact
+        if git_blob_id(body) != etag:  # not intact
             return self._small(url)
         return commit, body
 
     def _small(self, url: str) -> tuple[str, bytes] | None:
         """(commit, body) of a small file from the Hub, or None."""
-        final, conn, resp = self.pool.get(url, {})
+        final, conn, resp = self.transfer.pool.get(url, {})
         try:
             body = resp.read(MAX_JSON + 1) if resp.status == 200 else b""
         finally:
-            self.pool.finish(final, conn, resp)
+            self.transfer.pool.finish(final, conn, resp)
         commit = resp.getheader("X-Repo-Commit") or ""
-        if resp.status != 200 or len(body) > MAX_JSON or not _HEX40.match(commit):
+        if resp.status != 200 or len(body) > MAX_JSON or not is_commit(commit):
             return None
         return commit, body
 
     def _lfs(self, commit: str, name: str) -> Target | None:
         """A weight file as the Hub's resolve answer describes it (sha256 and size), or None."""
         url = self.base + commit + "/" + quote(name)
-        resp = self.pool.head(url)
-        sha = (resp.getheader("X-Linked-Etag") or resp.getheader("ETag") or "").removeprefix("W/").strip('"')
+        resp = self.transfer.pool.head(url)
+        sha = etag_value(resp.getheader("X-Linked-Etag") or resp.getheader("ETag"))
         size = resp.getheader("X-Linked-Size") or resp.getheader("Content-Length") or ""
-        if resp.status >= 400 or not _HEX64.match(sha) or not size.isdigit():
+        if resp.status >= 400 or not is_sha256(sha) or not size.isdigit():
             return None
         return Target(name, url, int(size), sha, sha)
 
@@ -193,7 +187,7 @@ class HeadStart:
         main path uses it instead of asking for it again."""
         with self.lock:
             body = self.small.get(name)
-        if body is None or hashlib.sha1(b"blob %d\0" % len(body) + body).hexdigest() != git_oid:
+        if body is None or git_blob_id(body) != git_oid:
             return None
         return body
 

@@ -17,7 +17,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 from .env import display_origin, endpoint
 
-__all__ = ["Connection", "HttpPool", "Response"]
+__all__ = ["Connection", "HttpPool", "Response", "etag_value"]
 
 Response = http.client.HTTPResponse
 Connection = http.client.HTTPConnection
@@ -155,6 +155,11 @@ class HttpPool:
             self.release(url, conn)
         else:
             conn.close()
+
+
+def etag_value(header: str | None) -> str:
+    """An ETag header's value as huggingface_hub reads it: weak marker and quotes stripped."""
+    return (header or "").strip().removeprefix("W/").strip('"')
 
 
 class _ProxiedHTTPConnection(http.client.HTTPConnection):

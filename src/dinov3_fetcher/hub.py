@@ -8,7 +8,6 @@ huggingface_hub or its HTTP stack (that import alone takes ~0.4-0.6 s on a 2-cor
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import NoReturn
 from urllib.parse import quote
@@ -23,12 +22,9 @@ from .errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from .state import is_commit, is_sha256
 
 __all__ = ["RemoteFile", "Snapshot", "get_token", "map_error", "raise_for_file_status", "snapshot"]
-
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
 
 def get_token() -> str | None:
     """HF_TOKEN, else the token stored by ``hf auth login``; None when there is none (huggingface_hub's rules).
@@ -92,7 +88,7 @@ def snapshot(repo_id: str, revision: str, token: str | None) -> Snapshot:
         raise_mapped(exc, repo_id, revision)
     commit = info.sha or ""
     siblings = [(s.rfilename, s.size, s.blob_id, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []]
-    if not _HEX40.match(commit):
+    if not is_commit(commit):
         raise HubResponseError(f"{display_endpoint(ep)} answered a malformed commit for {repo_id}@{revision}",
                                "check that HF_ENDPOINT points at a Hugging Face Hub or a faithful mirror")
     files: dict[str, RemoteFile] = {}
@@ -100,7 +96,7 @@ def snapshot(repo_id: str, revision: str, token: str | None) -> Snapshot:
         if size is None or blob_id is None or not isinstance(size, int) or size < 0:
             raise HubResponseError(f"the Hub's listing of {repo_id} lacks sizes or ids for {name!r}",
                                    "check that HF_ENDPOINT points at a Hugging Face Hub or a faithful mirror")
-        if sha256 is not None and not (isinstance(sha256, str) and _HEX64.match(sha256)):
+        if sha256 is not None and not (isinstance(sha256, str) and is_sha256(sha256)):
             raise HubResponseError(f"the Hub gave a malformed sha256 for {name!r}",
                                    "check that HF_ENDPOINT points at a Hugging Face Hub or a faithful mirror")
         files[name] = RemoteFile(name, size, blob_id, sha256)

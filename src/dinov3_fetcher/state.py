@@ -26,11 +26,13 @@ from typing import Any
 
 __all__ = [
     "HOST",
+    "SPACE_MARGIN",
     "FileRecord",
     "Manifest",
     "StateDir",
     "atomic_write_bytes",
     "is_commit",
+    "is_sha256",
     "owner_gone",
     "owner_tag",
     "pid_alive",
@@ -39,6 +41,8 @@ __all__ = [
 STATE_DIRNAME = ".dinov3-fetcher"
 MANIFEST_FORMAT = 1
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SPACE_MARGIN = 16 * 1024 * 1024  # free space left over after a download, on top of what it needs
 
 
 HOST = socket.gethostname().replace(".", "_")  # no dots: claim and staged folders are named <...>.<host>.<pid>
@@ -75,6 +79,10 @@ def owner_gone(tag: str, touched: Path, stale_after: float) -> bool:
 
 def is_commit(revision: str) -> bool:
     return bool(_COMMIT.match(revision))
+
+
+def is_sha256(value: str) -> bool:
+    return bool(_SHA256.match(value))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

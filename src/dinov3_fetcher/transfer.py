@@ -29,18 +29,19 @@ from typing import NoReturn
 
 from . import env
 from .errors import DiskSpaceError, FetcherError, FetchInterrupted, IntegrityError, NetworkError
-from .hashing import WINDOW, hash_range
-from .http import Connection, HttpPool, Response
+from .hashing import WINDOW, git_blob_hasher, hash_range
+from .http import Connection, HttpPool, Response, etag_value
 from .progress import Progress
 from .state import owner_gone, owner_tag
 
-__all__ = ["Settings", "Target", "Transfer"]
+__all__ = ["FILES_AT_ONCE", "Settings", "Target", "Transfer"]
 
 MiB = 1024 * 1024
 _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 SAVE_EVERY = 4 * MiB  # progress.json is rewritten after this many new bytes (all connections together)
 PROGRESS_PAGE = 4096  # progress.json is padded to one page, so that it can be rewritten in place
 WRITE_CHUNK = 32 * 1024  # bytes per pwrite (see _Job.write)
+FILES_AT_ONCE = 2  # weight files downloaded together: one file's sha256 tail overlaps the next transfer
 
 
 
@@ -98,7 +99,7 @@ class _Retry(Exception):
         self.wait = wait
 
 
-def _missing(folder: Path, size: int | None = None) -> int:
+def missing_bytes(folder: Path, size: int | None = None) -> int:
     """Bytes a partial folder still misses (huge when unreadable, or when it records another ``size``)."""
     try:
         data = json.loads((folder / "progress.json").read_bytes())
@@ -124,6 +125,13 @@ def _abandoned(p: Path, identity: str) -> bool:
     return owner_gone(p.name[len(identity) + 1:], p / "progress.json", 120)
 
 
+def resumable(partial_root: Path, identity: str) -> list[Path]:
+    """The partial folders of this content that a claim may take: ours, the public one, a gone fetcher's."""
+    mine = f"{identity}.{owner_tag()}"
+    return [p for p in (partial_root / identity, *partial_root.glob(f"{identity}.*"))
+            if p.is_dir() and (p.name in (identity, mine) or _abandoned(p, identity))]
+
+
 def abandoned_or_unclaimed(p: Path) -> bool:
     """Is this partial folder free to delete: unclaimed, or claimed by a process that is gone?"""
     identity = p.name.split(".", 1)[0]
@@ -137,12 +145,10 @@ class _Job:
         self.t, self.target, self.folder = transfer, target, folder
         self.data_path = folder / "data"
         self.lock = threading.Condition()
-        self.segments: list[_Segment] = []
         self.fetched = 0
         self.error: BaseException | None = None
         self.whole_file = False
         self.inflight: list[int] = []  # offsets of pwrites under way (the hasher stays below them)
-        self.hashed = 0
         self.unsaved = 0  # bytes written since progress.json was last rewritten
         self.saved_at = time.monotonic()
         self.save_lock = threading.Lock()
@@ -154,7 +160,7 @@ class _Job:
         if remaining is None:
             remaining = [(0, size)] if size else []
         self.resumed_from = size - sum(e - s for s, e in remaining)
-        self.segments = [_Segment(s, e) for s, e in remaining]
+        self.segments: list[_Segment] = [_Segment(s, e) for s, e in remaining]
         flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
         self.fd = os.open(self.data_path, flags, 0o644)
 
@@ -308,7 +314,7 @@ class _Job:
 
     def check_response(self, resp: Response, seg: _Segment, headers: dict[str, str]) -> None:
         if resp.status in (200, 206):
-            etag = (resp.getheader("ETag") or "").strip().removeprefix("W/").strip('"')
+            etag = etag_value(resp.getheader("ETag"))
             want = self.target.sha256
             if want and len(etag) == 64 and etag != want:
                 self.fail_integrity(f"the server sent a different file (ETag {etag[:12]}..., expected {want[:12]}...)")
@@ -426,7 +432,7 @@ class _Job:
         """Hash the file in order, following the written prefix; returns the sha256 once all is verified."""
         size = self.target.size
         sha = hashlib.sha256()
-        git = hashlib.sha1(b"blob %d\0" % size) if self.target.git_oid and not self.target.sha256 else None
+        git = git_blob_hasher(size) if self.target.git_oid else None
         hashers = [sha] if git is None else [sha, git]
         pos = 0
         while pos < size:
@@ -478,10 +484,8 @@ class Transfer:
         mine = self.partial_root / f"{identity}.{owner_tag()}"
         if mine.is_dir():
             return mine
-        candidates = [self.partial_root / identity] + [
-            p for p in self.partial_root.glob(f"{identity}.*") if p.is_dir() and _abandoned(p, identity)]
         adopted = False
-        for c in sorted((c for c in candidates if c.is_dir()), key=_missing):
+        for c in sorted(resumable(self.partial_root, identity), key=missing_bytes):
             try:
                 if not adopted:
                     os.rename(c, mine)

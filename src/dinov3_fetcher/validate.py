@@ -173,7 +173,7 @@ def registry_mismatch(repo_id: str, cfg: dict[str, Any]) -> str | None:
     return None
 
 
-def find_problems(root: Path, manifest: Manifest | None = None, *, use_manifest: bool = True) -> list[Problem]:
+def find_problems(root: Path, manifest: Manifest | None = None) -> list[Problem]:
     """Everything wrong with ``root`` as a DINOv3 checkpoint; empty when it is valid.
 
     ``manifest`` defaults to the one in root's state folder (if any).
@@ -181,7 +181,7 @@ def find_problems(root: Path, manifest: Manifest | None = None, *, use_manifest:
     root = Path(root)
     if not root.is_dir():
         return [Problem(str(root), "is not a folder")]
-    if manifest is None and use_manifest:
+    if manifest is None:
         manifest = StateDir(root).read_manifest()
     problems: list[Problem] = []
     if manifest is not None:
