@@ -269,12 +269,11 @@ class Bench:
             self.record("throttled", "hf download", self.size / p.seconds / 1e6)
 
         with self.emulator_cdn_only():
-            rule = self.hub.faults.add(throttle_bps=bps, host="cdn")
+            self.hub.faults.add(throttle_bps=bps, host="cdn")
             try:
                 self.rounds({"dinov3-fetcher": run_ours, "hf download": run_hf}, min(self.args.rounds, 3))
             finally:
                 self.hub.faults.clear()
-                del rule
         self.fresh(ours, hf)
 
     def rehash(self) -> None:

@@ -91,6 +91,12 @@ def cli_env(**extra: str | None) -> dict[str, str]:
     return env
 
 
+def start(dino_root: Path, *args: str, **env: str) -> subprocess.Popen[str]:
+    """``python -m dinov3_fetcher --dino-root DINO_ROOT --model TINY ARGS`` in the background (env: overrides)."""
+    cmd = [sys.executable, "-m", "dinov3_fetcher", "--dino-root", str(dino_root), "--model", TINY, *args]
+    return subprocess.Popen(cmd, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 @pytest.fixture
 def run_cli() -> Any:
     def run(*args: str, cwd: Path | None = None, timeout: float = 120, input: str | None = None,

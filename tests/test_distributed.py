@@ -35,8 +35,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from dinov3_fetcher.distributed import _outcome, _rebuild, fetch_once
-from dinov3_fetcher.errors import AuthenticationError, DiskSpaceError
+from dinov3_fetcher.distributed import fetch_once
 from dinov3_fetcher.errors import FetcherError
 
 out_dir, root, model, shared, mode = sys.argv[1:6]

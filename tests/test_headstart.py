@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from checkpoints import shard_files, vit_repo_files
-from conftest import GRANTED, TINY, cli_env
+from conftest import GRANTED, TINY, start
 from dinov3_fetcher import fetch_dinov3, validate_dinov3
 from dinov3_fetcher.errors import AuthenticationError, NotDinov3Error
 from hub_server import HubServer
@@ -175,8 +173,7 @@ def test_ctrl_c_during_a_sharded_head_start_exits_promptly_and_resumes(hub: HubS
     hub.add_repo(TINY, files)
     shards = sorted(n for n in files if n.startswith("model-"))
     hub.faults.add(path_suffix=".safetensors", host="cdn", throttle_bps=MiB)  # ~4 s per shard
-    cmd = [sys.executable, "-m", "dinov3_fetcher", "--dino-root", str(dino_root), "--model", TINY]
-    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start(dino_root)
     _wait_for(lambda: sum(hub.bytes_served(n) for n in shards) >= 2 * MiB or proc.poll() is not None)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)

@@ -15,6 +15,7 @@ import pytest
 
 from checkpoints import vit_repo_files
 from conftest import TINY
+from dinov3_fetcher.errors import FetcherError
 from dinov3_fetcher.fetch import fetch
 from hub_server import HubServer
 
@@ -107,13 +108,14 @@ def test_token_never_appears_in_output_or_files(hub: HubServer, gated: dict[str,
 def test_token_never_appears_in_exception_messages_or_tracebacks(
         hub: HubServer, gated: dict[str, bytes], dino_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         name: str) -> None:
-    args, env, _ = SCENARIOS[name](hub, dino_root)
+    args, env, code = SCENARIOS[name](hub, dino_root)
     monkeypatch.setenv("HF_TOKEN", SECRET)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    with pytest.raises(Exception) as info:
+    with pytest.raises(FetcherError) as info:
         fetch(dino_root, args[1])
     exc = info.value
+    assert exc.exit_code == code  # the scenario's own failure, not any exception
     text = "".join(traceback.format_exception(exc)) + repr(exc) + str(exc)
     chained: BaseException | None = exc
     while chained is not None:  # the causes and contexts too, with their args
