@@ -257,11 +257,10 @@ def test_corrupt_bytes_are_refused_and_discarded_and_the_good_checkpoint_stays(
     assert "discarded" in proc.stderr and ("sha256" in proc.stderr or "git blob id" in proc.stderr)
     assert checkpoint_tree(dino_root) == before  # byte for byte, manifest included
     # The bad bytes were not kept to be resumed. When the preprocessor is the bad file, the new weights
-    # (fetched by the head start meanwhile, and right) may be kept, complete, for the next run.
+    # (fetched by the head start meanwhile, whole or in part) may be kept for the next run to resume.
     good_weights = hashlib.sha256(v2[MODEL]).hexdigest()
     kept = partial_progress(dino_root)
     assert set(kept) <= ({good_weights} if name != MODEL else set()), kept
-    assert all(n == len(v2[MODEL]) for n in kept.values()), kept
 
     hub.faults.clear()
     proc = run_cli("--dino-root", str(dino_root), "--model", TINY, "--update")

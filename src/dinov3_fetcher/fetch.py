@@ -484,6 +484,7 @@ def _fetch_locked(state: StateDir, repo_id: str, revision: str, progress: Progre
     from .transfer import Settings, Transfer
 
     token = hub.get_token()
+    hub.load_api()
     settings = Settings.from_env()
     ep = env.endpoint()
     pool = HttpPool(settings.timeout, hub.user_agent(), token, ep)
