@@ -1,10 +1,11 @@
 """A head start for the weights: their transfer begins while huggingface_hub is still answering.
 
-On a cold fetch, importing huggingface_hub's ``HfApi`` and its ``model_info`` call take 0.3-0.5 s on a
-2-core machine, and until they answered, the weights (all but a few KB of the bytes) could not start.
-``HeadStart`` learns what the weights will be from the Hub's ``resolve`` answers, the way huggingface_hub's
-own ``hf_hub_download`` does (config.json with its ``X-Repo-Commit``, then each weight file's
-``X-Linked-Etag`` and ``X-Linked-Size``), and starts their transfer at once, in the background.
+On a cold fetch, huggingface_hub's ``model_info`` and then config.json, preprocessor_config.json and the
+index each cost a round trip, and until they answered, the weights (all but a few KB of the bytes) could
+not start. ``HeadStart`` learns what the weights will be from the Hub's ``resolve`` answers, the way
+huggingface_hub's own ``hf_hub_download`` does (config.json with its ``X-Repo-Commit``, then each weight
+file's ``X-Linked-Etag`` and ``X-Linked-Size``), and starts their transfer at once, in the background,
+beside ``model_info`` (it starts after the ``HfApi`` import: see ``hub.load_api``).
 
 Nothing it learns is trusted. ``fetch`` adopts an early download only when huggingface_hub's listing gives
 the same size and sha256, and the bytes were checked against that sha256 as always; otherwise the early
