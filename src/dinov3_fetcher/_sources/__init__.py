@@ -1,0 +1,73 @@
+"""Where a checkpoint's files come from: one small interface, one module per hub.
+
+A source answers four questions and nothing else: which pinned id a revision is now (``snapshot``), which
+files it holds with their sizes and hashes (``Snapshot.files``), where one file's bytes are and which headers
+go with them (``file_url``, ``auth``), and what a failed answer means for the user (``raise_for_status``).
+Everything else (resume, verification, publishing) is the same whichever source the bytes come from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NoReturn, Protocol
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = ["SOURCES", "Auth", "RemoteFile", "Snapshot", "Source", "get_source"]
+
+SOURCES = ("hf", "modelscope")
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    size: int
+    sha256: str | None  # the content's sha256 when the source lists it (Hub LFS files, every ModelScope file)
+    git_oid: str | None = None  # the Hub's git blob id (of the file, or of its LFS pointer)
+
+    @property
+    def identity(self) -> str:
+        """A content address: two files with the same identity have the same bytes."""
+        return self.sha256 or self.git_oid or ""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    source: str  # "hf" or "modelscope"
+    endpoint: str  # the source's base URL, without a trailing slash
+    repo_id: str
+    revision: str  # as requested
+    commit: str  # the pinned id the revision resolved to (40 hex on the Hub)
+    files: Mapping[str, RemoteFile]
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Headers that carry a credential, and the only origin (scheme, host, port) they may be sent to."""
+
+    origin: str  # scheme://host[:port] of the endpoint
+    headers: Mapping[str, str]
+
+
+class Source(Protocol):
+    name: str
+    endpoint: str
+
+    def snapshot(self, repo_id: str, revision: str) -> Snapshot:
+        """Resolve ``revision`` and list the files. Raises the FetcherError that says what went wrong."""
+
+    def file_url(self, snap: Snapshot, name: str) -> str:
+        """The URL whose GET (redirects followed) answers the file's bytes, Range honoured or not."""
+
+    def auth(self) -> Auth | None:
+        """The credential for the endpoint's origin, or None (anonymous)."""
+
+    def raise_for_status(self, status: int, headers: Mapping[str, str], body: bytes, url: str,
+                         repo_id: str, revision: str) -> NoReturn:
+        """Turn a failed file answer into the FetcherError that explains it."""
+
+
+def get_source(name: str) -> Source:
+    """The source named ``name`` ("hf" or "modelscope"), set up from the environment."""
+    raise NotImplementedError(name)  # filled in by the refactor (issue 10): hf first, modelscope (issue 13)
