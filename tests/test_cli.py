@@ -11,7 +11,7 @@ import pytest
 
 from checkpoints import vit_repo_files
 from conftest import NOTGRANTED, TINY, checkpoint_tree
-from dinov3_fetcher.errors import EXIT_CODES
+from dinov3_fetcher._errors import EXIT_CODES
 from hub_server import HubServer
 
 
@@ -188,7 +188,7 @@ def whole_tree(root: Path) -> dict[str, str]:
 
 def test_dry_run_writes_nothing_into_an_existing_dino_root(hub: HubServer, tmp_path: Path, run_cli: Any):
     """A dead fetcher's staged file is not adopted and a SIGKILLed claim is counted, not moved."""
-    from dinov3_fetcher.state import HOST as _HOST
+    from dinov3_fetcher._state import HOST as _HOST
 
     root = tmp_path / "d"
     v1 = vit_repo_files(hidden=256, intermediate=1024, layers=4, seed=1)  # ~ 13 MB

@@ -21,8 +21,8 @@ from filelock import FileLock
 
 from checkpoints import vit_repo_files
 from conftest import TINY, cli_env, start
-from dinov3_fetcher.fetch import fetch
-from dinov3_fetcher.validate import validate_dinov3
+from dinov3_fetcher import validate_dinov3
+from helpers import fetch
 from hub_server import HubServer
 
 MiB = 1 << 20

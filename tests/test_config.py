@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dinov3_fetcher.config import DEFAULT_REVISION, check_repo_id, resolve_request
-from dinov3_fetcher.errors import ConfigError
-from dinov3_fetcher.variants import DEFAULT_MODEL
+from dinov3_fetcher._config import DEFAULT_REVISION, check_repo_id, resolve_request
+from dinov3_fetcher._errors import ConfigError
+from dinov3_fetcher._registry import DEFAULT_MODEL
 
 
 def write(path: Path, obj: object) -> Path:

@@ -19,8 +19,8 @@ import pytest
 
 from checkpoints import vit_repo_files
 from conftest import TINY, cli_env
-from dinov3_fetcher.distributed import _outcome, _rebuild, fetch_once
-from dinov3_fetcher.errors import AuthenticationError, DiskSpaceError
+from dinov3_fetcher._distributed import _outcome, _rebuild, fetch_once
+from dinov3_fetcher._errors import AuthenticationError, DiskSpaceError
 from hub_server import HubServer
 
 needs_torch = pytest.mark.skipif(
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from dinov3_fetcher.distributed import fetch_once
-from dinov3_fetcher.errors import FetcherError
+from dinov3_fetcher._distributed import fetch_once
+from dinov3_fetcher._errors import FetcherError
 
 out_dir, root, model, shared, mode = sys.argv[1:6]
 root = root.replace("{node}", os.environ.get("GROUP_RANK", "0"))
@@ -47,7 +47,7 @@ try:
     result = {"ok": True}
     if mode == "teacher":
         import torch
-        from dinov3_fetcher.load import load_teacher
+        from dinov3_fetcher import load_teacher
 
         teacher, preprocess = load_teacher(root, model_name=model or None, shared_fs=shared == "1")
         with torch.no_grad():

@@ -10,7 +10,7 @@ import pytest
 from checkpoints import convnext_repo_files, shard_files, vit_config, vit_repo_files
 from conftest import GRANTED, NOTGRANTED, TINY
 from dinov3_fetcher import fetch_dinov3, validate_dinov3
-from dinov3_fetcher.errors import (
+from dinov3_fetcher._errors import (
     AuthenticationError,
     IntegrityError,
     LocalEntryNotFoundError,
@@ -19,8 +19,8 @@ from dinov3_fetcher.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from dinov3_fetcher.fetch import fetch
-from dinov3_fetcher.state import StateDir
+from dinov3_fetcher._state import StateDir
+from helpers import fetch
 from hub_server import HubServer
 
 FETCHED = {"config.json", "preprocessor_config.json", "model.safetensors", "README.md", "LICENSE.md"}
@@ -320,7 +320,7 @@ def dead_pid() -> int:
 
 def kill_claim(dino_root: Path) -> Path:
     """Make the released partial folder look like the claim of a fetcher that was SIGKILLed mid-download."""
-    from dinov3_fetcher.state import HOST as _HOST
+    from dinov3_fetcher._state import HOST as _HOST
 
     (released,) = [p for p in (dino_root / ".dinov3-fetcher" / "partial").iterdir() if "." not in p.name]
     claimed = released.with_name(f"{released.name}.{_HOST}.{dead_pid()}")
@@ -340,8 +340,8 @@ def test_a_sigkilled_claim_counts_as_present_for_dry_run_and_the_space_check(
         hub: HubServer, dino_root: Path, monkeypatch: pytest.MonkeyPatch):
     import shutil
 
-    from dinov3_fetcher.errors import DiskSpaceError
-    from dinov3_fetcher.fetch import plan
+    from dinov3_fetcher._errors import DiskSpaceError
+    from helpers import plan
 
     files = vit_repo_files(hidden=256, intermediate=1024, layers=4)  # ~ 13 MB
     size = len(files["model.safetensors"])
@@ -367,9 +367,9 @@ def test_dry_run_neither_adopts_nor_hashes(hub: HubServer, tiny: dict[str, bytes
                                            monkeypatch: pytest.MonkeyPatch):
     import hashlib
 
-    from dinov3_fetcher import fetch as fetch_module
-    from dinov3_fetcher.fetch import plan
-    from dinov3_fetcher.state import HOST as _HOST
+    from dinov3_fetcher import _plan as fetch_module
+    from dinov3_fetcher._state import HOST as _HOST
+    from helpers import plan
 
     fetch_dinov3(dino_root, TINY)
     mark_publish_interrupted(dino_root)
@@ -395,7 +395,7 @@ def test_an_interrupted_publish_hashes_each_file_once(hub: HubServer, tiny: dict
                                                       monkeypatch: pytest.MonkeyPatch):
     from collections import Counter
 
-    from dinov3_fetcher import fetch as fetch_module
+    from dinov3_fetcher import _plan as fetch_module
 
     fetch_dinov3(dino_root, TINY)
     mark_publish_interrupted(dino_root)

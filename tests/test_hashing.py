@@ -13,8 +13,8 @@ import pytest
 from checkpoints import vit_repo_files
 from conftest import TINY
 from dinov3_fetcher import fetch_dinov3
-from dinov3_fetcher.errors import NetworkError
-from dinov3_fetcher.hashing import WINDOW, hash_range, read_range
+from dinov3_fetcher._errors import NetworkError
+from dinov3_fetcher._hashing import WINDOW, hash_range, read_range
 from hub_server import HubServer
 
 MODEL = "model.safetensors"

@@ -14,7 +14,7 @@ import pytest
 from checkpoints import shard_files, vit_repo_files
 from conftest import GRANTED, TINY, start
 from dinov3_fetcher import fetch_dinov3, validate_dinov3
-from dinov3_fetcher.errors import AuthenticationError, NotDinov3Error
+from dinov3_fetcher._errors import AuthenticationError, NotDinov3Error
 from hub_server import HubServer
 
 MODEL = "model.safetensors"

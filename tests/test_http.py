@@ -14,12 +14,17 @@ from urllib.parse import urlsplit
 import pytest
 
 from conftest import GRANTED, TINY
-from dinov3_fetcher import env
-from dinov3_fetcher.errors import ConfigError
-from dinov3_fetcher.http import HttpPool
+from dinov3_fetcher import _env as env
+from dinov3_fetcher._errors import ConfigError
+from dinov3_fetcher._http import HttpPool
+from dinov3_fetcher._sources import Auth
 from hub_server import HubServer
 
 TOKEN = "hf_secret_token_for_tests"
+
+
+def _bearer(origin: str, token: str = "hf_secret_token_for_tests") -> Auth:
+    return Auth(origin, {"Authorization": f"Bearer {token}"})
 
 
 def _auth(pool: HttpPool, url: str) -> str | None:
@@ -27,25 +32,15 @@ def _auth(pool: HttpPool, url: str) -> str | None:
 
 
 def test_token_goes_to_the_endpoints_origin_only() -> None:
-    pool = HttpPool(5, "ua", TOKEN, "https://hub.example")
+    pool = HttpPool(5, "ua", _bearer("https://hub.example", TOKEN))
     for url in ("https://hub.example/x", "https://HUB.example:443/a/b?c=d"):
         assert _auth(pool, url) == f"Bearer {TOKEN}", url
     for url in ("http://hub.example/x",  # a downgrade on the same host
                 "https://hub.example:8443/x", "https://cdn.example/x", "https://hub.example.evil/x",
                 "https://evil@hub.example.evil/x"):
         assert _auth(pool, url) is None, url
-    assert _auth(HttpPool(5, "ua", None, "https://hub.example"), "https://hub.example/x") is None
-    assert _auth(HttpPool(5, "ua", TOKEN), "https://hub.example/x") is None
-
-
-def test_a_bare_auth_host_takes_the_endpoints_scheme(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:5000")
-    pool = HttpPool(5, "ua", TOKEN, "127.0.0.1:5000")
-    assert _auth(pool, "http://127.0.0.1:5000/x") == f"Bearer {TOKEN}"
-    assert _auth(pool, "https://127.0.0.1:5000/x") is None
-    other = HttpPool(5, "ua", TOKEN, "hub.example")  # not the endpoint: https only
-    assert _auth(other, "https://hub.example/x") == f"Bearer {TOKEN}"
-    assert _auth(other, "http://hub.example/x") is None
+    assert _auth(HttpPool(5, "ua", None), "https://hub.example/x") is None
+    assert _auth(HttpPool(5, "ua", _bearer("https://other.example")), "https://hub.example/x") is None
 
 
 def test_display_hides_credentials_and_brackets_ipv6() -> None:
@@ -158,7 +153,7 @@ def _basic(user: str, password: str) -> str:
 def test_plain_http_proxy_with_credentials(proxy: _Proxy, hub: HubServer, tiny: dict[str, bytes],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HTTP_PROXY", f"http://proxy%20user:p%40ss@127.0.0.1:{proxy.port}")
-    pool = HttpPool(5, "ua", GRANTED, hub.endpoint)
+    pool = HttpPool(5, "ua", _bearer(hub.endpoint, GRANTED))
     try:
         for name in ("config.json", "model.safetensors"):  # the weights: a 302 from the hub to the CDN
             url, conn, resp = pool.get(f"{hub.endpoint}/{TINY}/resolve/main/{name}", {})
@@ -178,7 +173,7 @@ def test_plain_http_proxy_with_credentials(proxy: _Proxy, hub: HubServer, tiny: 
 
 def test_connect_tunnel_sends_proxy_credentials(proxy: _Proxy, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HTTPS_PROXY", f"http://u:pw@127.0.0.1:{proxy.port}")
-    pool = HttpPool(5, "ua", TOKEN, "https://hub.invalid")
+    pool = HttpPool(5, "ua", _bearer("https://hub.invalid", TOKEN))
     with pytest.raises(OSError, match="407"):
         pool.get("https://hub.invalid/x", {})
     [(method, target, headers)] = proxy.seen

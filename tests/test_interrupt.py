@@ -24,15 +24,15 @@ import pytest
 
 from checkpoints import big_vit_repo_dir, vit_repo_files
 from conftest import TINY, cli_env, start
-from dinov3_fetcher import transfer
-from dinov3_fetcher.validate import validate_dinov3
+from dinov3_fetcher import _job, validate_dinov3
+from dinov3_fetcher import _transfer as transfer
 from hub_server import HubServer
 
 MiB = 1 << 20
 MODEL = "model.safetensors"
 # What a SIGKILL may cost: progress not yet recorded (SAVE_EVERY bytes, or one block where progress is
 # recorded per block) plus one block in flight per connection, plus what sat in socket buffers.
-SAVE_EVERY = transfer.SAVE_EVERY
+SAVE_EVERY = _job.SAVE_EVERY
 
 
 def sha256_file(path: Path) -> str:
@@ -312,7 +312,7 @@ def test_file_changed_under_the_same_listing_is_refused_not_spliced(hub: HubServ
 _CRASH_IN_PUBLISH = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from dinov3_fetcher import fetch
+    from dinov3_fetcher import fetch_dinov3
 
     root, real = Path(sys.argv[1]), os.replace
 
@@ -322,7 +322,7 @@ _CRASH_IN_PUBLISH = textwrap.dedent("""
         real(src, dst, *a, **k)
 
     os.replace = replace
-    fetch.fetch(root, sys.argv[2], update=True)
+    fetch_dinov3(root, sys.argv[2], update=True)
 """).replace("Any", "object")
 
 

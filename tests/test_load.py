@@ -20,9 +20,9 @@ import pytest
 
 from checkpoints import convnext_repo_files
 from conftest import TINY, cli_env
-from dinov3_fetcher import load
-from dinov3_fetcher.errors import LoadError, VerificationError
-from dinov3_fetcher.fetch import fetch_dinov3
+from dinov3_fetcher import _load as load
+from dinov3_fetcher import fetch_dinov3
+from dinov3_fetcher._errors import LoadError, VerificationError
 from hub_server import HubServer
 
 
@@ -52,7 +52,8 @@ def fetched(tiny: dict[str, bytes], dino_root: Path) -> Path:
 
 
 def test_importing_the_package_and_cli_does_not_import_torch() -> None:
-    code = ("import sys, dinov3_fetcher.load, dinov3_fetcher.distributed, dinov3_fetcher.cli, dinov3_fetcher.commands;"
+    code = ("import sys, dinov3_fetcher._load, dinov3_fetcher._distributed, dinov3_fetcher._cli, "
+            "dinov3_fetcher._commands;"
             "heavy = sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules);"
             "print(heavy); sys.exit(1 if heavy else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -15,8 +15,8 @@ import pytest
 
 from checkpoints import vit_repo_files
 from conftest import TINY
-from dinov3_fetcher.errors import FetcherError
-from dinov3_fetcher.fetch import fetch
+from dinov3_fetcher._errors import FetcherError
+from helpers import fetch
 from hub_server import HubServer
 
 SECRET = "hf_SeCrEt0123456789abcdefghijKLMNOP"  # a valid token on the emulator, granted on TINY

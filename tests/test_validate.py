@@ -15,10 +15,10 @@ from filelock import FileLock
 from checkpoints import convnext_repo_files, convnext_tensors, safetensors_bytes, shard_files, vit_repo_files
 from conftest import TINY
 from dinov3_fetcher import fetch_dinov3, validate_dinov3
-from dinov3_fetcher.progress import Progress
-from dinov3_fetcher.state import StateDir
-from dinov3_fetcher.validate import find_problems
-from dinov3_fetcher.verify import verify_dinov3
+from dinov3_fetcher._progress import Progress
+from dinov3_fetcher._state import StateDir
+from dinov3_fetcher._validate import find_problems
+from dinov3_fetcher._verify import verify_dinov3
 from hub_server import HubServer
 
 DEEP = 200_000

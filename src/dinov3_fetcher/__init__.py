@@ -1,35 +1,80 @@
-"""dinov3-fetcher: put a DINOv3 teacher checkpoint from the Hugging Face Hub into dino_root, verified.
+"""dinov3-fetcher: put a DINOv3 teacher checkpoint into dino_root, verified byte for byte.
 
     from dinov3_fetcher import fetch_dinov3, validate_dinov3
     path = fetch_dinov3("dinov3", "facebook/dinov3-vitl16-pretrain-lvd1689m")
+
+The public API is what ``__all__`` lists; every module whose name starts with ``_`` is internal and may
+change. Names are imported lazily, so ``import dinov3_fetcher`` (and the CLI's ``--help``) stays cheap.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL",
+    "AuthenticationError",
+    "ConfigError",
+    "DiskSpaceError",
+    "FetchInterrupted",
+    "FetchResult",
+    "FetcherError",
+    "HubResponseError",
+    "IntegrityError",
+    "LoadError",
+    "LocalEntryNotFoundError",
+    "LockTimeoutError",
+    "NetworkError",
+    "NotDinov3Error",
+    "RepositoryNotFoundError",
+    "RevisionNotFoundError",
+    "VerificationError",
     "__version__",
     "fetch_dinov3",
+    "fetch_once",
+    "load_teacher",
     "validate_dinov3",
 ]
 
 if TYPE_CHECKING:
-    from .fetch import fetch_dinov3, validate_dinov3
-    from .variants import DEFAULT_MODEL
+    from ._distributed import fetch_once
+    from ._errors import (
+        AuthenticationError,
+        ConfigError,
+        DiskSpaceError,
+        FetcherError,
+        FetchInterrupted,
+        HubResponseError,
+        IntegrityError,
+        LoadError,
+        LocalEntryNotFoundError,
+        LockTimeoutError,
+        NetworkError,
+        NotDinov3Error,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+        VerificationError,
+    )
+    from ._fetch import FetchResult, fetch_dinov3
+    from ._load import load_teacher
+    from ._registry import DEFAULT_MODEL
+    from ._validate import validate_dinov3
+
+_WHERE = {
+    "fetch_dinov3": "_fetch", "FetchResult": "_fetch", "validate_dinov3": "_validate",
+    "load_teacher": "_load", "fetch_once": "_distributed", "DEFAULT_MODEL": "_registry",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: `import dinov3_fetcher` stays cheap, so `--help` and warm runs start fast.
-    if name in ("fetch_dinov3", "validate_dinov3"):
-        from . import fetch
-
-        return getattr(fetch, name)
-    if name == "DEFAULT_MODEL":
-        from .variants import DEFAULT_MODEL
-
-        return DEFAULT_MODEL
+    if name in __all__ and name != "__version__":
+        module = importlib.import_module(f".{_WHERE.get(name, '_errors')}", __name__)
+        return getattr(module, name)
     raise AttributeError(f"module 'dinov3_fetcher' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

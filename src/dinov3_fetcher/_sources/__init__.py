@@ -12,9 +12,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
 if TYPE_CHECKING:
+    import threading
     from collections.abc import Mapping
 
-__all__ = ["SOURCES", "Auth", "RemoteFile", "Snapshot", "Source", "get_source"]
+    from .._manifest import Manifest
+    from .._transfer import Done, Target, Transfer
+
+__all__ = ["SOURCES", "Auth", "EarlyBytes", "RemoteFile", "Snapshot", "Source", "get_source"]
 
 SOURCES = ("hf", "modelscope")
 
@@ -50,9 +54,22 @@ class Auth:
     headers: Mapping[str, str]
 
 
+class EarlyBytes(Protocol):
+    """Downloads a source starts before its listing is known (see _headstart); the transfer asks it first."""
+
+    def start(self) -> None: ...
+
+    def take(self, target: Target) -> Done | None: ...
+
+    def stop(self) -> None: ...
+
+
 class Source(Protocol):
     name: str
     endpoint: str
+
+    def user_agent(self) -> str:
+        """The User-Agent of every request for this source."""
 
     def snapshot(self, repo_id: str, revision: str) -> Snapshot:
         """Resolve ``revision`` and list the files. Raises the FetcherError that says what went wrong."""
@@ -68,6 +85,21 @@ class Source(Protocol):
         """Turn a failed file answer into the FetcherError that explains it."""
 
 
-def get_source(name: str) -> Source:
-    """The source named ``name`` ("hf" or "modelscope"), set up from the environment."""
-    raise NotImplementedError(name)  # filled in by the refactor (issue 10): hf first, modelscope (issue 13)
+    def early(self, transfer: Transfer, old: Manifest | None, repo_id: str, revision: str,
+              cancel: threading.Event) -> EarlyBytes | None:
+        """Downloads to start while ``snapshot`` is under way, or None (the source has no such shortcut)."""
+
+
+def get_source(name: str = "hf") -> Source:
+    """The source named ``name``, set up from the environment (endpoint, token).
+
+    Raises:
+        ConfigError: an unknown name, or the source's endpoint variable is malformed.
+    """
+    if name == "hf":
+        from .hf import HfSource
+
+        return HfSource()
+    from .._errors import ConfigError
+
+    raise ConfigError(f"unknown source {name!r}", f"use one of: {', '.join(SOURCES)}")

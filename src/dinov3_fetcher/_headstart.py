@@ -18,6 +18,7 @@ huggingface_hub's reading of the error.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import threading
@@ -26,13 +27,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from .errors import FetchInterrupted
-from .hashing import git_blob_id
-from .http import etag_value
-from .state import SPACE_MARGIN, Manifest, StateDir, is_commit, is_sha256
-from .transfer import FILES_AT_ONCE, Done, Target, Transfer
-from .validate import CONFIG, INDEX, SINGLE, config_problem, registry_mismatch, shards_from_index
-from .variants import variant_for
+from ._errors import FetchInterrupted
+from ._hashing import git_blob_id
+from ._http import etag_value
+from ._layout import CONFIG, INDEX, SINGLE, shards_from_index
+from ._manifest import Manifest, is_commit, is_sha256
+from ._registry import variant_for
+from ._state import SPACE_MARGIN
+from ._transfer import FILES_AT_ONCE, Done, Target, Transfer
+from ._validate import config_problem, registry_mismatch
 
 __all__ = ["HeadStart"]
 
@@ -53,15 +56,16 @@ class _Early:
 class HeadStart:
     """Early downloads of one fetch's weights; ``take`` hands one over to the main path."""
 
-    def __init__(self, transfer: Transfer, state: StateDir, old: Manifest | None, repo_id: str, revision: str,
-                 endpoint: str, main_cancel: threading.Event) -> None:
-        self.transfer = transfer  # its own Transfer (own cancel event), sharing the main path's pool
+    def __init__(self, main: Transfer, old: Manifest | None, repo_id: str, revision: str, endpoint: str,
+                 main_cancel: threading.Event) -> None:
+        # Its own Transfer (own cancel event, no early source) sharing the main one's pool, state and progress.
+        self.transfer = dataclasses.replace(main, cancel=threading.Event(), early=None, _locations={})
         self.main_cancel = main_cancel  # the main path's: once set (Ctrl-C, an error), the head start stops too
-        self.state, self.old, self.repo_id = state, old, repo_id
+        self.state, self.old, self.repo_id = main.state, old, repo_id
         self.base = f"{endpoint}/{repo_id}/resolve/"
         self.revision = revision
         self.jobs: dict[str, _Early] = {}
-        self.small: dict[str, bytes] = {}  # config.json and the index as read here, for take_small()
+        self.small: dict[str, bytes] = {}  # config.json and the index as read here, for take()
         self.taken: set[str] = set()  # names the main path asked for: never started here after that
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
@@ -166,7 +170,7 @@ class HeadStart:
         rec = self.old.files.get(t.name) if self.old else None
         if rec is not None and rec.sha256 == t.sha256 and rec.size == t.size:
             return False
-        return not any(self.state.staged.glob(f"*/{t.identity}.{t.name}")) if self.state.staged.is_dir() else True
+        return not self.state.any_staged(t.identity, t.name)
 
     # -- the downloads ----------------------------------------------------------------------------------
     def _worker(self) -> None:
@@ -183,23 +187,19 @@ class HeadStart:
             finally:
                 job.finished.set()
 
-    def take_small(self, name: str, git_oid: str) -> bytes | None:
-        """config.json or the index as read here, if its git blob id is the one huggingface_hub lists: the
-        main path uses it instead of asking for it again."""
-        with self.lock:
-            body = self.small.get(name)
-        if body is None or git_blob_id(body) != git_oid:
-            return None
-        return body
-
     def take(self, target: Target) -> Done | None:
         """The early download of ``target`` once it is done, if it fetched exactly that content (same size and
-        sha256 as huggingface_hub lists); None for the main path to download it itself.
+        sha256 as huggingface_hub lists); None for the transfer to download it itself. config.json and the
+        index, read here whole, are handed over when their git blob id is the one listed.
 
         Raises what that early download raised (its retries ran out, the disk filled up, wrong bytes): it was
         the very download the main path would make, with the same settings. Only a download stopped by
         ``stop`` is left to the main path, which resumes it.
         """
+        with self.lock:
+            body = self.small.get(target.name)
+        if body is not None and not target.sha256 and target.git_oid and git_blob_id(body) == target.git_oid:
+            return self.transfer.store(target, body)
         with self.lock:
             self.taken.add(target.name)
             job = self.jobs.get(target.name)
@@ -241,4 +241,4 @@ class HeadStart:
                 j.released = True
         for j in unused:  # complete but not wanted (yet): unclaimed, so the main path or a later run may take it
             assert j.result is not None
-            self.transfer.release(j.result.path.parent, j.target.identity)
+            self.transfer.state.release(j.result.path.parent, j.target.identity)

@@ -1,14 +1,9 @@
-"""Hashing a file's bytes straight from the page cache.
+"""Hashing: sha256 and git blob ids, read straight from the page cache where that is safe.
 
-``hashlib`` reads a memory-mapped window of the file in place, so the bytes are not copied into a buffer
-first. On a 1.2 GB file that copy cost a quarter of the sha256 time (measured: 0.88-0.97 s with ``preadv``
-into a reused 8 MiB buffer, 0.69-0.70 s from 8 MiB mmap windows, openssl 0.90 s). Each window is unmapped
-before the next, so the resident set stays one window larger whatever the file size. A filesystem that
-cannot mmap gets ``read_range`` (``preadv``) instead.
-
-Only for files this process owns and checks the size of (a download's partial data): reading a mapping
-past the end of the file, or through an I/O error, kills the process with SIGBUS instead of raising. Files
-a user or another process may change (``verify``) go through ``read_range``.
+A download's own partial data is hashed through memory-mapped windows (no copy into a buffer; why:
+BENCHMARKS.md). A mapping read past the end of a file, or through an I/O error, kills the process with
+SIGBUS, so only files this process owns and checks the size of are mapped; a user's files (``verify``,
+``sha256_file``) are read with ``preadv`` into one reused buffer.
 """
 
 from __future__ import annotations
@@ -17,9 +12,10 @@ import hashlib
 import mmap
 import os
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
-__all__ = ["WINDOW", "Hasher", "git_blob_hasher", "git_blob_id", "hash_range", "read_range"]
+__all__ = ["WINDOW", "Hasher", "git_blob_hasher", "git_blob_id", "hash_range", "read_range", "sha256_file"]
 
 WINDOW = 8 * 1024 * 1024
 
@@ -82,3 +78,12 @@ def read_range(fd: int, pos: int, end: int, hashers: Sequence[Hasher],
             on_chunk(n)
         pos += n
     return pos
+
+
+def sha256_file(path: Path, progress: Any = None) -> str:
+    """sha256 of a file, read in 8 MiB blocks into one reused buffer (hashlib releases the GIL on them);
+    ``progress.advance(n)`` is called per block when given."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        read_range(f.fileno(), 0, os.fstat(f.fileno()).st_size, [h], progress.advance if progress else None)
+    return h.hexdigest()

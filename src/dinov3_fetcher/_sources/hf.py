@@ -1,20 +1,19 @@
-"""The only module that talks to huggingface_hub: endpoint, token, offline mode, metadata, and errors.
+"""The Hugging Face Hub (or a mirror of it at HF_ENDPOINT) as a source, through huggingface_hub.
 
-The bytes themselves go through ``transfer`` (huggingface_hub 2.x neither resumes across runs nor checks
-sha256), but what a Hub answer *means* is decided here, with huggingface_hub's own error classes.
-Imported lazily by ``fetch``, and huggingface_hub lazily by this module: a warm run never imports
-huggingface_hub or its HTTP stack (that import alone takes ~0.4-0.6 s on a 2-core machine).
+huggingface_hub decides everything about the Hub: endpoint, token, metadata and what an error means. The
+bytes go through our own transfer (huggingface_hub 2.x neither resumes across runs nor checks sha256).
+huggingface_hub is imported only when a request is about to be made: a warm run never imports it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NoReturn
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NoReturn
 from urllib.parse import quote
 
-from . import __version__
-from .env import DEFAULT_ENDPOINT, display_endpoint, endpoint
-from .errors import (
+from .. import __version__
+from .._env import DEFAULT_ENDPOINT, display_endpoint, endpoint
+from .._errors import (
     AuthenticationError,
     FetcherError,
     HubResponseError,
@@ -22,9 +21,17 @@ from .errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from .state import is_commit, is_sha256
+from .._manifest import is_commit, is_sha256
+from . import Auth, RemoteFile, Snapshot
 
-__all__ = ["RemoteFile", "Snapshot", "get_token", "load_api", "map_error", "raise_for_file_status", "snapshot"]
+if TYPE_CHECKING:
+    import threading
+
+    from .._headstart import HeadStart
+    from .._manifest import Manifest
+    from .._transfer import Transfer
+
+__all__ = ["HfSource", "get_token", "load_api", "map_error", "raise_for_file_status", "user_agent"]
 
 def get_token() -> str | None:
     """HF_TOKEN, else the token stored by ``hf auth login``; None when there is none (huggingface_hub's rules).
@@ -38,13 +45,8 @@ def get_token() -> str | None:
 
 
 def load_api() -> None:
-    """Import huggingface_hub's HfApi now, before the head start's transfers begin.
-
-    The import holds the GIL for 0.06 s (bytecode installed) to 0.2 s (compiled from source), and meanwhile
-    no connection is read: the server's bytes pile up in socket buffers, and a SIGKILL then wasted ~17 MiB
-    of bytes sent but never read (tests/test_interrupt.py, without bytecode). model_info itself still runs
-    beside the transfers.
-    """
+    """Import huggingface_hub's HfApi now, before the head start's transfers begin: the import holds the GIL,
+    and connections that are not read meanwhile cost bytes on a SIGKILL (BENCHMARKS.md)."""
     from huggingface_hub import HfApi  # noqa: F401
 
 
@@ -58,60 +60,68 @@ def hf_version() -> str:
     return v
 
 
-@dataclass(frozen=True)
-class RemoteFile:
-    name: str
-    size: int
-    git_oid: str
-    sha256: str | None  # set for LFS files (the Hub gives their sha256); regular files are checked by git_oid
+class HfSource:
+    """The Hub at HF_ENDPOINT; the token is read once (HF_TOKEN, else the one ``hf auth login`` stored)."""
 
-    @property
-    def identity(self) -> str:
-        """A content address: two files with the same identity have the same bytes."""
-        return self.sha256 or self.git_oid
+    name = "hf"
+
+    def __init__(self) -> None:
+        self.endpoint = endpoint()
+        self.token = get_token()
+
+    def user_agent(self) -> str:
+        return user_agent()
+
+    def early(self, transfer: Transfer, old: Manifest | None, repo_id: str, revision: str,
+              cancel: threading.Event) -> HeadStart:
+        """Start the weights while ``snapshot`` (huggingface_hub's model_info) answers: see _headstart."""
+        from .._headstart import HeadStart
+
+        load_api()
+        head = HeadStart(transfer, old, repo_id, revision, self.endpoint, cancel)
+        head.start()
+        return head
+
+    def auth(self) -> Auth | None:
+        return Auth(self.endpoint, {"Authorization": f"Bearer {self.token}"}) if self.token else None
+
+    def file_url(self, snap: Snapshot, name: str) -> str:
+        return f"{self.endpoint}/{snap.repo_id}/resolve/{snap.commit}/{quote(name)}"
+
+    def snapshot(self, repo_id: str, revision: str) -> Snapshot:
+        """Resolve ``revision`` to a commit and list the repo's files with sizes and hashes (one request).
+
+        Raises:
+            AuthenticationError, RepositoryNotFoundError, RevisionNotFoundError, NetworkError, HubResponseError.
+        """
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=self.endpoint, token=self.token or False, library_name="dinov3-fetcher",
+                    library_version=__version__)
+        try:
+            info = api.model_info(repo_id, revision=revision, files_metadata=True)
+        except Exception as exc:
+            raise_mapped(exc, repo_id, revision)
+        commit = info.sha or ""
+        siblings = [(s.rfilename, s.size, s.blob_id, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []]
+        if not is_commit(commit):
+            raise HubResponseError(f"{display_endpoint(self.endpoint)} answered a malformed commit for "
+                                   f"{repo_id}@{revision}", _FAITHFUL)
+        files: dict[str, RemoteFile] = {}
+        for name, size, blob_id, sha256 in siblings:
+            if size is None or blob_id is None or not isinstance(size, int) or size < 0:
+                raise HubResponseError(f"the Hub's listing of {repo_id} lacks sizes or ids for {name!r}", _FAITHFUL)
+            if sha256 is not None and not (isinstance(sha256, str) and is_sha256(sha256)):
+                raise HubResponseError(f"the Hub gave a malformed sha256 for {name!r}", _FAITHFUL)
+            files[name] = RemoteFile(name, size, sha256, blob_id)
+        return Snapshot(self.name, self.endpoint, repo_id, revision, commit, files)
+
+    def raise_for_status(self, status: int, headers: Mapping[str, str], body: bytes, url: str,
+                         repo_id: str, revision: str) -> NoReturn:
+        raise_for_file_status(status, dict(headers), body, url, repo_id, revision)
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    repo_id: str
-    revision: str
-    commit: str
-    files: dict[str, RemoteFile]
-    endpoint: str
-
-    def url(self, name: str) -> str:
-        return f"{self.endpoint}/{self.repo_id}/resolve/{self.commit}/{quote(name)}"
-
-
-def snapshot(repo_id: str, revision: str, token: str | None) -> Snapshot:
-    """Resolve ``revision`` to a commit and list the repo's files with sizes and hashes (one request).
-
-    Raises:
-        AuthenticationError, RepositoryNotFoundError, RevisionNotFoundError, NetworkError, HubResponseError.
-    """
-    from huggingface_hub import HfApi
-
-    ep = endpoint()
-    api = HfApi(endpoint=ep, token=token or False, library_name="dinov3-fetcher", library_version=__version__)
-    try:
-        info = api.model_info(repo_id, revision=revision, files_metadata=True)
-    except Exception as exc:
-        raise_mapped(exc, repo_id, revision)
-    commit = info.sha or ""
-    siblings = [(s.rfilename, s.size, s.blob_id, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []]
-    if not is_commit(commit):
-        raise HubResponseError(f"{display_endpoint(ep)} answered a malformed commit for {repo_id}@{revision}",
-                               "check that HF_ENDPOINT points at a Hugging Face Hub or a faithful mirror")
-    files: dict[str, RemoteFile] = {}
-    for name, size, blob_id, sha256 in siblings:
-        if size is None or blob_id is None or not isinstance(size, int) or size < 0:
-            raise HubResponseError(f"the Hub's listing of {repo_id} lacks sizes or ids for {name!r}",
-                                   "check that HF_ENDPOINT points at a Hugging Face Hub or a faithful mirror")
-        if sha256 is not None and not (isinstance(sha256, str) and is_sha256(sha256)):
-            raise HubResponseError(f"the Hub gave a malformed sha256 for {name!r}",
-                                   "check that HF_ENDPOINT points at a Hugging Face Hub or a faithful mirror")
-        files[name] = RemoteFile(name, size, blob_id, sha256)
-    return Snapshot(repo_id, revision, commit, files, ep)
+_FAITHFUL = "check that HF_ENDPOINT points at a Hugging Face Hub or a faithful mirror"
 
 
 def raise_for_file_status(status: int, headers: dict[str, str], body: bytes, url: str,
@@ -188,7 +198,7 @@ def map_error(exc: BaseException, repo_id: str, revision: str) -> BaseException:
         return NetworkError(f"{ep} answered HTTP {status} for {repo_id} without a Hub error code",
                             "check that HF_ENDPOINT points at the Hugging Face Hub or a mirror of it")
     if isinstance(exc, hf_errors.OfflineModeIsEnabled):
-        from .errors import LocalEntryNotFoundError
+        from .._errors import LocalEntryNotFoundError
 
         return LocalEntryNotFoundError("HF_HUB_OFFLINE is set and the checkpoint is not complete on disk",
                                        "unset HF_HUB_OFFLINE to download it")

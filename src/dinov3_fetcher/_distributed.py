@@ -23,10 +23,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from . import errors
-from .config import DEFAULT_REVISION, check_repo_id, check_revision
-from .errors import FetcherError, VerificationError
-from .variants import DEFAULT_MODEL
+from . import _errors as errors
+from ._config import FetchRequest, make_request
+from ._errors import FetcherError, VerificationError
+from ._registry import DEFAULT_MODEL
 
 __all__ = ["DEFAULT_TIMEOUT", "any_rank", "fetch_once"]
 
@@ -123,25 +123,14 @@ def _local_rank(dist: ModuleType, group: Any) -> int:
     return sum(1 for r, h in enumerate(hosts) if h == hosts[me] and r < me)
 
 
-def _check_fetched(root: Path, repo_id: str, revision: str, leader_rank: str) -> None:
-    from .fetch import ready
-    from .state import StateDir
-    from .validate import find_problems
+def _check_fetched(req: FetchRequest, leader_rank: str) -> None:
+    from ._validate import why_not
 
-    if ready(root, repo_id, revision) is not None:
+    if (why := why_not(req.dino_root, req.model, req.revision)) is None:
         return
-    manifest = StateDir(root).read_manifest() if root.is_dir() else None
-    if not root.is_dir():
-        why = "it does not exist on this host"
-    elif manifest is None:
-        why = "it has no manifest"
-    elif not manifest.matches(repo_id, revision):
-        why = f"it holds {manifest.repo_id}@{manifest.revision}"
-    else:
-        why = "; ".join(str(p) for p in find_problems(root, manifest)[:3])
     raise VerificationError(
-        f"after {leader_rank} fetched {repo_id}@{revision}, {root} is not a complete checkpoint of it on "
-        f"{socket.gethostname()}: {why}",
+        f"after {leader_rank} fetched {req.model}@{req.revision}, {req.dino_root} is not a complete checkpoint of "
+        f"it on {socket.gethostname()}: {why}",
         "with shared_fs=True dino_root must be on a filesystem every node sees; otherwise use shared_fs=False")
 
 
@@ -149,10 +138,11 @@ def fetch_once(
     dino_root: str | os.PathLike[str],
     model_name: str = DEFAULT_MODEL,
     *,
-    revision: str = DEFAULT_REVISION,
+    revision: str | None = None,
     shared_fs: bool = False,
     update: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
+    source: str | None = None,
 ) -> Path:
     """``fetch_dinov3`` once per node (or per job) in a torch.distributed job; the path on every rank.
 
@@ -167,29 +157,28 @@ def fetch_once(
     space, network...), every rank raises that error (same type, message and hint); if a waiting rank finds
     dino_root incomplete, every rank raises that VerificationError. The lowest failing rank's error wins.
     """
-    from .fetch import fetch_dinov3
+    from ._fetch import fetch
 
+    req = make_request(dino_root, model_name, revision, source)
     dist = _dist()
     if dist is None:
-        return fetch_dinov3(dino_root, model_name, revision=revision, update=update)
-    repo_id, revision = check_repo_id(model_name), check_revision(revision)
-    root = Path(os.path.abspath(Path(dino_root).expanduser()))
+        return fetch(req, update=update).path
     rank = dist.get_rank()
     group = _gloo_group(dist, timeout)
     try:
         local_rank = _local_rank(dist, group)
         leader = rank == 0 if shared_fs else local_rank == 0
         mine: BaseException | None = None
-        path = root
+        path = req.dino_root
         if leader:
             try:
-                path = fetch_dinov3(root, repo_id, revision=revision, update=update)
+                path = fetch(req, update=update).path
             except BaseException as exc:  # every rank must reach the collective below, whatever happened
                 mine = exc
         failure = _first_failure(dist, group, _outcome(mine, rank))
         if failure is None and not leader:
             try:
-                _check_fetched(root, repo_id, revision, "rank 0" if shared_fs else "local rank 0")
+                _check_fetched(req, "rank 0" if shared_fs else "local rank 0")
             except BaseException as exc:
                 mine = exc
             failure = _first_failure(dist, group, _outcome(mine, rank))

@@ -29,7 +29,7 @@ __all__ = [
 
 
 class FetcherError(Exception):
-    """Base of every error raised by dinov3-fetcher on purpose.
+    """Base of every error raised by dinov3-fetcher on purpose (``short``: its few words in the exit-code list).
 
     Attributes:
         message: what went wrong, one line, no secrets.
@@ -38,6 +38,7 @@ class FetcherError(Exception):
     """
 
     exit_code = 1
+    short = "error"
 
     def __init__(self, message: str, hint: str = "") -> None:
         self.message = message
@@ -55,6 +56,7 @@ class ConfigError(FetcherError, ValueError):
     """The pipeline config, a flag or an argument is unusable (missing file, bad JSON, bad dino_root...)."""
 
     exit_code = 3
+    short = "config"
 
 
 class AuthenticationError(FetcherError, PermissionError):
@@ -64,6 +66,7 @@ class AuthenticationError(FetcherError, PermissionError):
     """
 
     exit_code = 4
+    short = "auth"
 
     def __init__(self, message: str, hint: str = "", *, status: int | None = None) -> None:
         self.status = status
@@ -74,24 +77,28 @@ class RepositoryNotFoundError(FetcherError, LookupError):
     """The repo id does not exist on the endpoint (or is private and the token cannot see it)."""
 
     exit_code = 5
+    short = "repo"
 
 
 class RevisionNotFoundError(FetcherError, LookupError):
     """The branch, tag or commit does not exist in the repo."""
 
     exit_code = 6
+    short = "revision"
 
 
 class NotDinov3Error(FetcherError, ValueError):
     """The repo's config.json does not describe a DINOv3 model, or its weights disagree with it."""
 
     exit_code = 7
+    short = "not DINOv3"
 
 
 class IntegrityError(FetcherError, ValueError):
     """Bytes that do not match the Hub's size or hash. The bad file was discarded, never published."""
 
     exit_code = 8
+    short = "integrity"
 
 
 class HubResponseError(IntegrityError):
@@ -102,6 +109,7 @@ class DiskSpaceError(FetcherError, OSError):
     """Not enough free space in dino_root's filesystem (checked before downloading, or hit while writing)."""
 
     exit_code = 9
+    short = "disk"
 
     def __init__(self, message: str, hint: str = "", *, needed: int | None = None, free: int | None = None):
         self.needed = needed
@@ -114,36 +122,42 @@ class NetworkError(FetcherError, ConnectionError):
     """The endpoint could not be reached or kept failing after the retries."""
 
     exit_code = 10
+    short = "network"
 
 
 class LocalEntryNotFoundError(FetcherError, FileNotFoundError):
     """Offline (HF_HUB_OFFLINE=1) and dino_root does not hold a complete checkpoint of the requested model."""
 
     exit_code = 11
+    short = "offline"
 
 
 class LockTimeoutError(FetcherError, TimeoutError):
     """Another fetcher held dino_root's lock for longer than the lock timeout."""
 
     exit_code = 12
+    short = "lock timeout"
 
 
 class VerificationError(FetcherError, ValueError):
     """``verify`` found a problem in dino_root (missing, truncated or altered file)."""
 
     exit_code = 13
+    short = "verify failed"
 
 
 class LoadError(FetcherError, RuntimeError):
     """The optional loading step failed: torch or transformers missing or too old, or the model did not load."""
 
     exit_code = 14
+    short = "load failed"
 
 
 class FetchInterrupted(FetcherError, KeyboardInterrupt):
     """Ctrl-C or SIGTERM during a fetch; the partial data is kept and the next run resumes."""
 
     exit_code = 130
+    short = "interrupted"
 
 
 # Exit codes that are not an exception class: success, unexpected failure, usage error (argparse).
@@ -161,3 +175,12 @@ EXIT_CODES: dict[str, int] = {
         VerificationError, LoadError, FetchInterrupted,
     )},
 }
+
+
+def exit_code_summary() -> str:
+    """The exit codes in a few words each, from the classes above (the CLI's --help)."""
+    classes = (ConfigError, AuthenticationError, RepositoryNotFoundError, RevisionNotFoundError, NotDinov3Error,
+               IntegrityError, DiskSpaceError, NetworkError, LocalEntryNotFoundError, LockTimeoutError,
+               VerificationError, LoadError, FetchInterrupted)
+    return ", ".join([f"{EXIT_OK} ok", f"{EXIT_UNEXPECTED} bug", f"{EXIT_USAGE} usage"] +
+                     [f"{c.exit_code} {c.short}" for c in classes]) + " (the README's 'Exit codes' has each)"

@@ -15,7 +15,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urljoin, urlsplit
 
-from .env import display_origin, endpoint
+from ._env import display_origin
+from ._sources import Auth
 
 __all__ = ["Connection", "HttpPool", "Response", "etag_value"]
 
@@ -31,21 +32,15 @@ class HttpPool:
 
     timeout: float
     user_agent: str
-    token: str | None = None
-    auth_origin: str | None = None  # the endpoint URL: only its scheme://host:port ever gets the token
+    auth: Auth | None = None  # the credential headers, sent only to auth.origin's scheme, host and port
     _idle: dict[tuple[str, str], list[Connection]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _ssl: ssl.SSLContext | None = None
-    _auth: tuple[str, str | None, int | None] | None = None
+    _auth_key: tuple[str, str | None, int | None] | None = None
 
     def __post_init__(self) -> None:
-        if self.auth_origin is None:
-            return
-        if "://" not in self.auth_origin:  # a bare "host:port": the endpoint's scheme if it is that host
-            ep = urlsplit(endpoint())
-            scheme = ep.scheme if ep.netloc == self.auth_origin else "https"
-            self.auth_origin = f"{scheme}://{self.auth_origin}"
-        self._auth = _origin_key(self.auth_origin)
+        if self.auth is not None:
+            self._auth_key = _origin_key(self.auth.origin)
 
     def _origin(self, url: str) -> tuple[str, str]:
         parts = urlsplit(url)
@@ -95,10 +90,10 @@ class HttpPool:
         return display_origin(url, scheme=False)
 
     def headers_for(self, url: str, extra: dict[str, str]) -> dict[str, str]:
-        """The request headers for ``url``; the token only for the endpoint's own scheme, host and port."""
+        """The request headers for ``url``; the credential only for the endpoint's own scheme, host and port."""
         headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity", **extra}
-        if self.token and self._auth is not None and _origin_key(url) == self._auth:
-            headers["Authorization"] = f"Bearer {self.token}"
+        if self.auth is not None and _origin_key(url) == self._auth_key:
+            headers.update(self.auth.headers)
         return headers
 
     def get(self, url: str, headers: dict[str, str]) -> tuple[str, Connection, Response]:

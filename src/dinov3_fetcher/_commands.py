@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import FetchRequest, resolve_request
-from .errors import VerificationError
-from .progress import Progress, human_bytes
-from .state import StateDir
+from ._config import FetchRequest, resolve_request
+from ._errors import VerificationError
+from ._progress import Progress, human_bytes
+from ._state import StateDir
 
 __all__ = ["cmd_fetch", "cmd_info", "cmd_list", "cmd_verify"]
 
@@ -32,7 +32,7 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 def _request(args: argparse.Namespace) -> FetchRequest:
     return resolve_request(args.config, dino_root=args.dino_root, model=getattr(args, "model", None),
-                           revision=getattr(args, "revision", None))
+                           revision=getattr(args, "revision", None), source=getattr(args, "source", None))
 
 
 def _root_only(args: argparse.Namespace) -> Path:
@@ -40,11 +40,12 @@ def _root_only(args: argparse.Namespace) -> Path:
 
 
 def cmd_fetch(args: argparse.Namespace) -> dict[str, Any]:
-    from . import fetch
+    from ._fetch import fetch
+    from ._plan import dry_run
 
     req = _request(args)
     if args.dry_run:
-        dry = fetch.plan(req.dino_root, req.model, revision=req.revision)
+        dry = dry_run(req)
         rows = [f"{f.name:<40} {human_bytes(f.size):>10}  " +
                 ("present" if f.reuse else f"{human_bytes(f.present)} partial" if f.present else "to download")
                 for f in dry.files]
@@ -54,8 +55,7 @@ def cmd_fetch(args: argparse.Namespace) -> dict[str, Any]:
                    "nothing written")
         return {"dry_run": True, **dry.to_dict()}
     progress = Progress(quiet=args.quiet, force=args.progress, verbose=args.verbose)
-    result = fetch.fetch(req.dino_root, req.model, revision=req.revision, update=args.update, progress=progress,
-                         lock_timeout=args.lock_timeout)
+    result = fetch(req, update=args.update, progress=progress, lock_timeout=args.lock_timeout)
     if result.cached and result.requests_made:  # --update (or a repair from staged files): the Hub was asked
         _say(args, f"{result.repo_id}@{result.revision} already in {result.path}: up to date with "
                    f"{result.commit}, nothing downloaded")
@@ -71,7 +71,7 @@ def cmd_fetch(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
-    from .variants import VARIANTS
+    from ._registry import VARIANTS
 
     header = f"{'repo id':<48} {'arch':<22} {'params':>8} {'dim/heads/layers':>17} {'weights':>9}  notes"
     rows = [header]
@@ -92,7 +92,7 @@ def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
-    from .verify import verify_dinov3
+    from ._verify import verify_dinov3
 
     root = _root_only(args)
     progress = Progress(quiet=args.quiet or not args.deep)
@@ -110,7 +110,7 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
         "problems": [str(p) for p in report.problems], "seconds": round(report.seconds, 3)}
     load_info: dict[str, Any] | None = None
     if report.ok and args.load:
-        from .load import check_load
+        from ._load import check_load
 
         load_info = check_load(root, device=args.device)
         _say(args, "load: " + ", ".join(f"{k} {v}" for k, v in load_info.items()))
@@ -130,13 +130,13 @@ def _when(ts: float | None) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
-    from .validate import find_problems
+    from ._validate import find_problems, why_not
 
     req = _request(args)  # raises ConfigError("no dino_root given") without --config/--dino-root
     root = req.dino_root
     m = StateDir(root).read_manifest()
     problems = [str(p) for p in find_problems(root, m)] if root.is_dir() else [f"{root} does not exist"]
-    matches = bool(m and m.matches(req.model, req.revision) and not problems)
+    why = why_not(root, req.model, req.revision, m)
     lines = [f"dino_root:  {root}"]
     if m is None:
         lines.append("model:      none recorded (no manifest: not fetched by this tool, or never fetched)")
@@ -144,15 +144,15 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
         lines += [
             f"model:      {m.repo_id}",
             f"revision:   {m.revision} (commit {m.commit})",
-            f"fetched:    {_when(m.fetched_at)} by dinov3-fetcher {m.tool_version}",
+            f"fetched:    {_when(m.fetched_at)} by dinov3-fetcher {m.tool_version} from {m.source}"
+            + (f" ({m.endpoint})" if m.endpoint else ""),
             f"verified:   quick {_when(m.verified_at)}, deep {_when(m.verified_deep_at)}",
             "files:",
             *(f"  {n:<40} {human_bytes(r.size):>10}  sha256 {r.sha256[:16]}..." for n, r in sorted(m.files.items())),
             f"total:      {human_bytes(sum(r.size for r in m.files.values()))}",
         ]
-    lines.append(f"requested:  {req.model}@{req.revision} -> " + ("matches, valid" if matches else
-                 "does NOT match: " + ("; ".join(problems[:2]) if problems and m else
-                                       f"dino_root holds {m.repo_id}@{m.revision}" if m else "nothing fetched")))
+    lines.append(f"requested:  {req.model}@{req.revision} -> " + ("matches, valid" if why is None else
+                                                                  f"does NOT match: {why}"))
     _out(args, "\n".join(lines))
     return {
         "path": str(root), "repo_id": m.repo_id if m else None, "revision": m.revision if m else None,
@@ -160,5 +160,6 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
         "verified_at": m.verified_at if m else None, "verified_deep_at": m.verified_deep_at if m else None,
         "tool_version": m.tool_version if m else None,
         "files": {n: {"size": r.size, "sha256": r.sha256} for n, r in sorted(m.files.items())} if m else {},
-        "requested": {"repo_id": req.model, "revision": req.revision}, "matches": matches, "problems": problems,
+        "requested": {"repo_id": req.model, "revision": req.revision}, "matches": why is None,
+        "problems": problems, "source": m.source if m else None, "endpoint": m.endpoint if m else None,
     }

@@ -9,36 +9,20 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import HubResponseError
-from .safetensors import SafetensorsError, TensorInfo, read_header
-from .state import Manifest, StateDir
-from .variants import variant_for
+from ._layout import CONFIG, INDEX, PREPROCESSOR, SINGLE, read_json_object, weight_files
+from ._manifest import Manifest
+from ._registry import variant_for
+from ._safetensors import SafetensorsError, TensorInfo, read_header
 
-__all__ = [
-    "DINOV3_MODEL_TYPES",
-    "Problem",
-    "check_filename",
-    "config_problem",
-    "find_problems",
-    "registry_mismatch",
-    "shards_from_index",
-    "tensor_mismatch",
-    "validate_dinov3",
-]
+__all__ = ["Problem", "config_problem", "find_problems", "registry_mismatch", "tensor_mismatch",
+           "validate_dinov3", "why_not"]
 
-CONFIG = "config.json"
-PREPROCESSOR = "preprocessor_config.json"
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 DINOV3_MODEL_TYPES = frozenset({"dinov3_vit", "dinov3_convnext"})
-MAX_JSON_BYTES = 64 * 1024 * 1024
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _LAYER = re.compile(r"^layer\.(\d+)\.")
 _STAGE_LAYER = re.compile(r"^stages\.(\d+)\.layers\.(\d+)\.")
 
@@ -52,29 +36,6 @@ class Problem:
         return f"{self.file}: {self.message}"
 
 
-def check_filename(name: object) -> str:
-    """Accept only a plain file name at the repo's top level: no folders, '..', absolute paths or backslashes."""
-    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
-        raise HubResponseError(f"the Hub named a file {name!r} that is not a plain file name",
-                               "refusing to write outside dino_root; check HF_ENDPOINT points at a trusted Hub")
-    return name
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """Parse a small JSON object file; ValueError with the reason otherwise."""
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise ValueError(f"is larger than {MAX_JSON_BYTES} bytes")
-    try:
-        data = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"is not valid JSON ({exc})") from None
-    except RecursionError:
-        raise ValueError("is not usable JSON (nested too deeply)") from None
-    if not isinstance(data, dict):
-        raise ValueError("is not a JSON object")
-    return data
-
-
 def config_problem(cfg: dict[str, Any]) -> str | None:
     """Why this config is not a DINOv3 config, or None."""
     model_type = cfg.get("model_type")
@@ -84,14 +45,6 @@ def config_problem(cfg: dict[str, Any]) -> str | None:
         if model_type == "dinov3_vit" else ("depths", "hidden_sizes")
     missing = [k for k in needed if k not in cfg]
     return f"config lacks {', '.join(missing)}" if missing else None
-
-
-def shards_from_index(index: dict[str, Any]) -> list[str]:
-    """The shard file names an index's weight_map names, each checked to be a plain file name."""
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise HubResponseError(f"{INDEX} has no weight_map", "the repo's index file is broken; report it to its owner")
-    return sorted({check_filename(v) for v in weight_map.values()})
 
 
 def _shape(tensors: dict[str, TensorInfo], name: str) -> tuple[int, ...] | None:
@@ -182,6 +135,8 @@ def find_problems(root: Path, manifest: Manifest | None = None) -> list[Problem]
     if not root.is_dir():
         return [Problem(str(root), "is not a folder")]
     if manifest is None:
+        from ._state import StateDir
+
         manifest = StateDir(root).read_manifest()
     problems: list[Problem] = []
     if manifest is not None:
@@ -214,15 +169,14 @@ def find_problems(root: Path, manifest: Manifest | None = None) -> list[Problem]
                 cfg = None
 
     weights: list[str] = []
-    if (root / SINGLE).is_file():
-        weights = [SINGLE]
-    elif (root / INDEX).is_file():
-        try:
-            weights = shards_from_index(read_json_object(root / INDEX))
-        except (OSError, ValueError) as exc:
-            problems.append(Problem(INDEX, str(exc)))
-    else:
-        problems.append(Problem(SINGLE, f"is missing (and there is no {INDEX})"))
+    try:
+        names = {n for n in (SINGLE, INDEX) if (root / n).is_file()}
+        found = weight_files(names, lambda: read_json_object(root / INDEX))
+        if found is None:
+            problems.append(Problem(SINGLE, f"is missing (and there is no {INDEX})"))
+        weights = found or []
+    except (OSError, ValueError) as exc:
+        problems.append(Problem(INDEX, str(exc)))
 
     tensors: dict[str, TensorInfo] = {}
     for name in weights:
@@ -254,3 +208,22 @@ def validate_dinov3(dino_root: str | Path) -> bool:
         return not find_problems(Path(dino_root))
     except (OSError, ValueError, RecursionError):
         return False
+
+
+def why_not(root: Path, repo_id: str | None, revision: str, manifest: Manifest | None = None) -> str | None:
+    """Why ``root`` is not a complete checkpoint of ``repo_id@revision`` (of any DINOv3 model when ``repo_id``
+    is None), in words; None when it is one. The one explanation every command and API gives."""
+    if not root.is_dir():
+        return "it is not a folder" if root.exists() else "it does not exist"
+    if manifest is None:
+        from ._state import StateDir
+
+        manifest = StateDir(root).read_manifest()
+    if repo_id is not None:
+        if manifest is None:
+            return "it holds no checkpoint fetched by this tool (no manifest)"
+        other_repo = manifest.repo_id.lower() != repo_id.lower()
+        if other_repo or (manifest.complete and not manifest.matches(repo_id, revision)):
+            return f"it holds {manifest.repo_id}@{manifest.revision}, not {repo_id}@{revision}"
+    problems = find_problems(root, manifest)
+    return "; ".join(str(p) for p in problems[:3]) or None

@@ -1,8 +1,9 @@
-"""Read the pipeline's config.json and decide what to fetch where.
+"""What to fetch where: flags, the pipeline's config.json and the environment -> one validated FetchRequest.
 
-Precedence: command-line flag, then the config's ``train`` section, then the default.
-``train.dino_root`` is resolved against the config file's folder when relative, taken as given
-when absolute, and ``~`` is expanded.
+Precedence: command-line flag (or API argument), then the config's ``train`` section, then the environment
+(``DINOV3_FETCHER_SOURCE``), then the default. ``train.dino_root`` is resolved against the config file's folder
+when relative, taken as given when absolute, and ``~`` is expanded. Everything downstream takes the request
+as given: it is validated here, once.
 """
 
 from __future__ import annotations
@@ -14,16 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .variants import DEFAULT_MODEL
+from ._errors import ConfigError
+from ._registry import DEFAULT_MODEL
 
-__all__ = ["DEFAULT_REVISION", "FetchRequest", "check_repo_id", "load_pipeline_config", "resolve_request"]
+__all__ = ["DEFAULT_REVISION", "FetchRequest", "check_repo_id", "load_pipeline_config", "make_request",
+           "resolve_request"]
 
 DEFAULT_REVISION = "main"
+DEFAULT_REVISIONS = {"hf": "main", "modelscope": "master"}  # each hub's default branch
 
 # The Hub's rule for repo ids: "namespace/name", letters, digits, "-", "_", "."; no "--" or ".."; <= 96 chars.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_REVISION = re.compile(r"^[^\x00-\x1f\\]+$")
+# git's rules for ref names (git check-ref-format): no spaces, control characters, ~^:?*[\ , "..", "@{", "//",
+# no leading "/" or "-", no trailing "/", "." or ".lock".
+_REVISION = re.compile(r"^(?![/-])(?!.*\.\.)(?!.*//)(?!.*@\{)[^\x00-\x20~^:?*\[\\\x7f]{1,255}(?<![/.])(?<!\.lock)$")
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class FetchRequest:
     dino_root: Path
     model: str = DEFAULT_MODEL
     revision: str = DEFAULT_REVISION
+    source: str = "hf"
     config_path: Path | None = None
 
 
@@ -87,6 +93,8 @@ def _optional_str(train: dict[str, Any], key: str, path: Path) -> str | None:
 
 def resolve_dino_root(value: str | os.PathLike[str], base: Path) -> Path:
     """Expand ``~``, resolve a relative path against ``base``, and refuse a path that is a file."""
+    if not str(value).strip():
+        raise ConfigError("dino_root is empty", "pass a folder, e.g. --dino-root ./dinov3")
     root = Path(value).expanduser()
     if not root.is_absolute():
         root = base / root
@@ -108,9 +116,32 @@ def check_repo_id(model: str) -> str:
     return model
 
 
+def check_source(source: str) -> str:
+    """Return the source name if it is one of the known sources, else raise ConfigError."""
+    from ._sources import SOURCES
+
+    if source not in SOURCES:
+        raise ConfigError(f"unknown source {source!r}", f"use one of: {', '.join(SOURCES)} (--source, "
+                          "train.dino_source or DINOV3_FETCHER_SOURCE)")
+    return source
+
+
+def make_request(dino_root: str | os.PathLike[str], model: str = DEFAULT_MODEL, revision: str | None = None,
+                 source: str | None = None) -> FetchRequest:
+    """The request of an API call (dino_root relative to the working directory), validated.
+
+    Raises:
+        ConfigError: dino_root is empty or a file, or the model id, revision or source is malformed.
+    """
+    chosen = check_source(source or os.environ.get("DINOV3_FETCHER_SOURCE", "").strip() or "hf")
+    return FetchRequest(resolve_dino_root(dino_root, Path.cwd()), check_repo_id(model),
+                        check_revision(revision or DEFAULT_REVISIONS[chosen]), chosen)
+
+
 def check_revision(revision: str) -> str:
-    if not isinstance(revision, str) or not revision.strip() or not _REVISION.match(revision):
-        raise ConfigError(f"{revision!r} is not a revision", "pass a branch, a tag or a 40-hex commit to --revision")
+    if not isinstance(revision, str) or not _REVISION.match(revision.strip()):
+        raise ConfigError(f"{revision!r} is not a revision (a git branch, tag or commit name)",
+                          "pass a branch, a tag or a 40-hex commit to --revision")
     return revision.strip()
 
 
@@ -120,6 +151,7 @@ def resolve_request(
     dino_root: str | os.PathLike[str] | None = None,
     model: str | None = None,
     revision: str | None = None,
+    source: str | None = None,
 ) -> FetchRequest:
     """Combine flags and the pipeline config into a FetchRequest.
 
@@ -134,8 +166,6 @@ def resolve_request(
     base = cfg_path.parent if cfg_path is not None else Path.cwd()
 
     if dino_root is not None:
-        if not str(dino_root).strip():
-            raise ConfigError("--dino-root is empty", "pass a folder, e.g. --dino-root ./dinov3")
         root = resolve_dino_root(dino_root, Path.cwd())
     elif cfg_path is not None:
         if "dino_root" not in train:
@@ -153,10 +183,13 @@ def resolve_request(
 
     where = cfg_path or Path("config")
     chosen_model = model if model is not None else _optional_str(train, "dino_model", where) or DEFAULT_MODEL
-    chosen_rev = revision if revision is not None else _optional_str(train, "dino_revision", where) or DEFAULT_REVISION
+    chosen_source = check_source(source or _optional_str(train, "dino_source", where)
+                                 or os.environ.get("DINOV3_FETCHER_SOURCE", "").strip() or "hf")
+    chosen_rev = revision if revision is not None else _optional_str(train, "dino_revision", where)
     return FetchRequest(
         dino_root=root,
         model=check_repo_id(chosen_model),
-        revision=check_revision(chosen_rev),
+        revision=check_revision(chosen_rev or DEFAULT_REVISIONS[chosen_source]),
+        source=chosen_source,
         config_path=cfg_path,
     )

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
+from ._errors import ConfigError
 
 __all__ = ["DEFAULT_ENDPOINT", "display_endpoint", "display_origin", "endpoint", "is_offline", "lock_disabled",
            "lock_timeout", "number"]

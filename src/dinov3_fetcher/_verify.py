@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .env import lock_disabled
-from .hashing import read_range
-from .progress import Progress
-from .state import Manifest, StateDir
-from .validate import Problem, find_problems
+from ._env import lock_disabled
+from ._hashing import sha256_file
+from ._manifest import Manifest
+from ._progress import Progress
+from ._state import StateDir
+from ._validate import Problem, find_problems
 
-__all__ = ["FileCheck", "VerifyReport", "sha256_file", "verify_dinov3"]
+__all__ = ["FileCheck", "VerifyReport", "verify_dinov3"]
 
 
 
@@ -39,18 +38,6 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems and all(f.ok for f in self.files)
-
-
-def sha256_file(path: Path, progress: Progress | None = None) -> str:
-    """sha256 of a file, read in 8 MiB blocks into one reused buffer (hashlib releases the GIL on them).
-
-    Read, not memory-mapped like a download in progress (``hashing``): these are the user's files, and an
-    I/O error or a truncation by another process while a mapping is read kills the process with SIGBUS.
-    """
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        read_range(f.fileno(), 0, os.fstat(f.fileno()).st_size, [h], progress.advance if progress else None)
-    return h.hexdigest()
 
 
 def _record_verified(state: StateDir, checked: Manifest, deep: bool) -> None:

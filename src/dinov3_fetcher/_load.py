@@ -24,9 +24,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from .config import DEFAULT_REVISION
-from .errors import LoadError, VerificationError
-from .validate import PREPROCESSOR, find_problems, read_json_object
+from ._config import DEFAULT_REVISION
+from ._errors import LoadError, VerificationError
+from ._layout import PREPROCESSOR, read_json_object
 
 __all__ = ["MIN_TRANSFORMERS", "Preprocess", "check_load", "load_teacher", "require_load_extra"]
 
@@ -297,32 +297,31 @@ def check_load(dino_root: str | os.PathLike[str], device: str = "cpu") -> dict[s
     }
 
 
-def _resolve_for_loading(root: Path, model_name: str | None, revision: str, fetch: bool,
+def _resolve_for_loading(root: Path, model_name: str | None, revision: str | None, fetch: bool,
                          shared_fs: bool) -> Path:
-    from .state import StateDir
+    from ._state import StateDir
+    from ._validate import why_not
 
     manifest = StateDir(root).read_manifest() if root.is_dir() else None
     if fetch:
-        from .distributed import any_rank, fetch_once
-        from .variants import DEFAULT_MODEL
+        from ._distributed import any_rank, fetch_once
+        from ._registry import DEFAULT_MODEL
 
         # No model asked for and a complete checkpoint there: load it as it is. Decided together by all ranks
         # of a torch.distributed job (a collective), so that none skips the fetch_once the others enter.
-        as_is = model_name is None and root.is_dir() and not find_problems(root)
+        as_is = model_name is None and why_not(root, None, "") is None
         if not any_rank(not as_is):
             return root
         if model_name is None and manifest is not None:
             model_name, revision = manifest.repo_id, manifest.revision
         return fetch_once(root, model_name or DEFAULT_MODEL, revision=revision, shared_fs=shared_fs)
-    problems = find_problems(root) if root.is_dir() else []
-    if not root.is_dir() or problems:
-        why = "; ".join(str(p) for p in problems[:3]) or "it does not exist"
-        raise VerificationError(f"{root} is not a complete DINOv3 checkpoint: {why}",
-                                "fetch it first (load_teacher(..., fetch=True) or dinov3-fetcher --dino-root DIR)")
-    if model_name is not None and (manifest is None or not manifest.matches(model_name, revision)):
-        held = f"{manifest.repo_id}@{manifest.revision}" if manifest else "a checkpoint this tool did not fetch"
-        raise VerificationError(f"{root} holds {held}, not {model_name}@{revision}",
-                                "pass fetch=True to fetch the requested model, or model_name=None to load it")
+    if (why := why_not(root, model_name, revision or DEFAULT_REVISION, manifest)) is not None:
+        hint = ("pass fetch=True to fetch the requested model, or model_name=None to load it" if model_name and
+                manifest is not None and manifest.complete else
+                "fetch it first (load_teacher(..., fetch=True) or dinov3-fetcher --dino-root DIR)")
+        raise VerificationError(f"{root} is not a complete DINOv3 checkpoint" +
+                                (f" of {model_name}@{revision or DEFAULT_REVISION}" if model_name else "") +
+                                f": {why}", hint)
     return root
 
 
@@ -331,7 +330,7 @@ def load_teacher(
     device: Any = "cpu",
     *,
     model_name: str | None = None,
-    revision: str = DEFAULT_REVISION,
+    revision: str | None = None,
     fetch: bool = True,
     dtype: Any = None,
     shared_fs: bool = False,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from . import __version__
-from .errors import EXIT_UNEXPECTED, EXIT_USAGE, FetcherError
+from ._errors import EXIT_UNEXPECTED, EXIT_USAGE, FetcherError, exit_code_summary
 
 PROG = "dinov3-fetcher"
 COMMANDS = ("fetch", "list", "verify", "info")
@@ -31,8 +31,7 @@ examples:
 
 environment: HF_TOKEN (gated repos), HF_ENDPOINT (mirror), HF_HUB_OFFLINE=1 (no network),
 DINOV3_FETCHER_CONNECTIONS, DINOV3_FETCHER_LOCK_TIMEOUT, DINOV3_FETCHER_TIMEOUT, DINOV3_FETCHER_RETRIES.
-exit codes: see 'Exit codes' in the README (0 ok, 3 config, 4 auth, 5 repo, 6 revision, 7 not DINOv3,
-8 integrity, 9 disk, 10 network, 11 offline, 12 lock timeout, 13 verify failed, 14 load failed, 130 interrupted).
+exit codes: {exit_codes}
 """
 
 
@@ -53,24 +52,32 @@ def _where(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dino-root", metavar="DIR", help="the checkpoint folder (overrides train.dino_root)")
 
 
+def _source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", choices=("hf", "modelscope"), help="where to fetch from: hf (the Hugging Face Hub "
+                   "or HF_ENDPOINT) or modelscope (MODELSCOPE_ENDPOINT) (default: train.dino_source, else "
+                   "DINOV3_FETCHER_SOURCE, else hf)")
+
+
 def _sub_epilog(*examples: str) -> str:
     return "examples:\n" + "".join(f"  {e}\n" for e in examples)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    epilog = _EPILOG.format(exit_codes=exit_code_summary())
     parser = _Parser(prog=PROG, description="Fetch a DINOv3 teacher checkpoint from the Hugging Face Hub into "
                      "dino_root, resumable and verified byte for byte. Without a command: fetch.",
-                     epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                     epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{fetch,list,verify,info}", parser_class=_Parser)
 
-    f = sub.add_parser("fetch", help="fetch the checkpoint (the default command)", epilog=_EPILOG,
+    f = sub.add_parser("fetch", help="fetch the checkpoint (the default command)", epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _where(f)
     f.add_argument("--model", metavar="REPO_ID", help="Hub repo id (default: train.dino_model, else "
                    "facebook/dinov3-vitl16-pretrain-lvd1689m)")
     f.add_argument("--revision", metavar="REV", help="branch, tag or 40-hex commit (default: "
-                   "train.dino_revision, else main)")
+                   "train.dino_revision, else main; master on ModelScope)")
+    _source(f)
     f.add_argument("--update", action="store_true", help="ask the Hub for the branch's current commit and fetch "
                    "what changed (a warm run otherwise makes no request)")
     f.add_argument("--dry-run", action="store_true", help="list what would be downloaded; write nothing")
@@ -104,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _where(i)
     i.add_argument("--model", metavar="REPO_ID", help="the model to compare against")
     i.add_argument("--revision", metavar="REV", help="the revision to compare against")
+    _source(i)
     _common(i)
     return parser
 
@@ -117,7 +125,7 @@ def _argv(argv: Sequence[str] | None) -> list[str]:
 
 def _scrub(text: str) -> str:
     """Defence in depth: no code path prints a token, and this makes sure none slips through."""
-    from .env import known_secrets
+    from ._env import known_secrets
 
     for token in known_secrets():
         text = text.replace(token, "<redacted>")
@@ -137,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(_argv(argv))
     if threading_is_main():
         signal.signal(signal.SIGTERM, _on_sigterm)
-    from . import commands
+    from . import _commands as commands
 
     handler: Callable[[argparse.Namespace], dict[str, Any]] = getattr(commands, f"cmd_{args.command}")
     try:

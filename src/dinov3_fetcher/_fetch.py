@@ -1,0 +1,279 @@
+"""fetch_dinov3(): warm check -> lock -> snapshot -> plan -> transfer -> verify -> publish -> manifest.
+
+A warm run (dino_root already holds the requested checkpoint) reads the manifest and a few kilobytes of
+headers and returns: no request, and no hub client is even imported.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+from . import __version__
+from . import _env as env
+from ._config import FetchRequest, make_request
+from ._errors import (
+    ConfigError,
+    DiskSpaceError,
+    FetchInterrupted,
+    HubResponseError,
+    LocalEntryNotFoundError,
+    NotDinov3Error,
+)
+from ._layout import CONFIG, INDEX, PREPROCESSOR, SINGLE, weight_files
+from ._manifest import FileRecord, Manifest
+from ._progress import Progress, human_bytes
+from ._registry import DEFAULT_MODEL
+from ._safetensors import SafetensorsError, TensorInfo, read_header
+from ._state import SPACE_MARGIN, StateDir
+from ._validate import config_problem, find_problems, registry_mismatch, tensor_mismatch, why_not
+
+if TYPE_CHECKING:
+    from ._plan import PlannedFile, Run
+    from ._sources import Source
+
+__all__ = ["FetchResult", "fetch", "fetch_dinov3", "ready"]
+
+
+@dataclass
+class FetchResult:
+    """What a fetch did: where the checkpoint is, which commit, and what was downloaded, resumed or reused."""
+
+    path: Path
+    repo_id: str
+    revision: str
+    commit: str
+    cached: bool  # True when nothing had to be downloaded (warm run, or --update with nothing changed)
+    files: dict[str, FileRecord] = field(default_factory=dict)
+    bytes_fetched: int = 0
+    bytes_resumed: int = 0
+    seconds: float = 0.0
+    requests_made: bool = False  # False: answered from disk alone; True: the source was asked (e.g. --update)
+    source: str = "hf"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "source": self.source, "repo_id": self.repo_id, "revision": self.revision,
+            "commit": self.commit, "cached": self.cached, "requests_made": self.requests_made,
+            "bytes_fetched": self.bytes_fetched, "bytes_resumed": self.bytes_resumed,
+            "seconds": round(self.seconds, 3),
+            "files": {k: {"size": v.size, "sha256": v.sha256} for k, v in sorted(self.files.items())},
+        }
+
+
+def ready(req: FetchRequest) -> Manifest | None:
+    """The manifest if dino_root holds a valid checkpoint of the request, else None (zero network)."""
+    manifest = StateDir(req.dino_root).read_manifest()
+    if manifest is None or not manifest.matches(req.model, req.revision):
+        return None
+    return manifest if not find_problems(req.dino_root, manifest) else None
+
+
+@overload
+def fetch_dinov3(dino_root: str | os.PathLike[str], model_name: str = ..., *, revision: str | None = ...,
+                 update: bool = ..., quiet: bool = ..., source: str | None = ...,
+                 details: Literal[False] = ...) -> Path: ...
+@overload
+def fetch_dinov3(dino_root: str | os.PathLike[str], model_name: str = ..., *, revision: str | None = ...,
+                 update: bool = ..., quiet: bool = ..., source: str | None = ...,
+                 details: Literal[True]) -> FetchResult: ...
+def fetch_dinov3(
+    dino_root: str | os.PathLike[str],
+    model_name: str = DEFAULT_MODEL,
+    *,
+    revision: str | None = None,
+    update: bool = False,
+    quiet: bool = True,
+    source: str | None = None,
+    details: bool = False,
+) -> Path | FetchResult:
+    """Make ``dino_root`` hold the checkpoint of ``model_name`` at ``revision``, verified; return its path.
+
+    Returns at once, with no network request, when dino_root already holds it (a branch is not re-checked
+    unless ``update=True``). Otherwise downloads what is missing (resuming partial downloads), checks every
+    file's size and sha256, and publishes the files together with a manifest. ``dino_root`` is relative to the
+    working directory. ``revision`` defaults to the source's default branch (``main``; ``master`` on
+    ModelScope); ``source`` to DINOV3_FETCHER_SOURCE, else ``"hf"``. ``details=True`` returns a FetchResult.
+
+    Raises:
+        ConfigError: dino_root is a file or cannot be created/written; the model id or revision is malformed.
+        AuthenticationError: no or invalid token, or a gated repo whose access is not granted yet.
+        RepositoryNotFoundError: no such repo on the endpoint.
+        RevisionNotFoundError: no such branch, tag or commit.
+        NotDinov3Error: the repo is not a DINOv3 model, or its weights disagree with its config.
+        LocalEntryNotFoundError: HF_HUB_OFFLINE=1 and the checkpoint is not complete on disk.
+        IntegrityError: a file's bytes did not match the listed size or hash (it was discarded).
+        DiskSpaceError: not enough free space (an OSError); partial data is kept.
+        NetworkError: the endpoint could not be reached or kept failing; partial data is kept.
+        LockTimeoutError: another fetcher held dino_root for longer than the lock timeout.
+        FetchInterrupted: Ctrl-C; partial data is kept.
+    """
+    result = fetch(make_request(dino_root, model_name, revision, source), update=update,
+                   progress=Progress(quiet=quiet))
+    return result if details else result.path
+
+
+def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None = None,
+          lock_timeout: float | None = None) -> FetchResult:
+    """The fetch of an already validated request, with a detailed result. Raises what fetch_dinov3 raises."""
+    t0 = time.monotonic()
+    progress = progress or Progress(quiet=True)
+    if not update and (m := ready(req)):
+        return _cached(req, m, t0)
+    if env.is_offline():
+        raise _offline_error(req)
+    state = StateDir(req.dino_root)
+    try:
+        state.ensure()
+    except OSError as exc:
+        raise ConfigError(f"cannot create {state.path}: {exc.strerror}",
+                          "make dino_root's folder writable or point dino_root elsewhere") from None
+    timeout = lock_timeout if lock_timeout is not None else env.lock_timeout()
+    with state.locked(timeout, progress, disabled=env.lock_disabled()):
+        if not update and (m := ready(req)):
+            return _cached(req, m, t0)
+        try:
+            result = _fetch_locked(state, req, progress)
+        except KeyboardInterrupt:
+            raise FetchInterrupted("interrupted; the partial download is kept in " + str(state.partial),
+                                   "run the same command again: it resumes where it stopped") from None
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def _cached(req: FetchRequest, m: Manifest, t0: float) -> FetchResult:
+    return FetchResult(req.dino_root, m.repo_id, m.revision, m.commit, True, m.files,
+                       seconds=time.monotonic() - t0, source=m.source)
+
+
+def _offline_error(req: FetchRequest) -> LocalEntryNotFoundError:
+    why = why_not(req.dino_root, req.model, req.revision) or "it was changed while this fetch looked at it"
+    partial = StateDir(req.dino_root).partial
+    kept = sum(f.stat().st_size for f in partial.glob("*/data")) if partial.is_dir() else 0
+    extra = f"; {human_bytes(kept)} of partial downloads are kept" if kept else ""
+    return LocalEntryNotFoundError(
+        f"HF_HUB_OFFLINE is set and {req.dino_root} is not a complete checkpoint of {req.model}@{req.revision}: "
+        f"{why}{extra}", "unset HF_HUB_OFFLINE to download it (partial downloads resume)")
+
+
+def _get_all(run: Run, names: list[str], files_at_once: int) -> None:
+    """``run.get`` each weight file, ``files_at_once`` at a time, so that one file's sha256 tail overlaps the
+    next transfer. Files with the same content never run together (they share a partial folder). The first
+    error stops the others and is raised; Ctrl-C stops all and keeps their progress."""
+    assert run.transfer is not None
+    transfer = run.transfer
+    identities = [run.remote(n).identity for n in names]
+    if len(names) < 2 or len(set(identities)) < len(identities):
+        for name in names:
+            run.get(name)
+        return
+    todo, lock = list(names), threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if errors or not todo:
+                    return
+                name = todo.pop(0)
+            try:
+                run.get(name)
+            except BaseException as exc:
+                with lock:
+                    errors.append(exc)
+                transfer.cancel.set()
+                return
+
+    threads = [threading.Thread(target=worker, daemon=True, name=f"file-{i}") for i in range(files_at_once)]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+    except KeyboardInterrupt:
+        transfer.cancel.set()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+        raise
+    if errors:  # the cause, not the FetchInterrupted that the cancel gave the other download
+        raise next((e for e in errors if not isinstance(e, FetchInterrupted)), errors[0])
+
+
+def _check_space(state: StateDir, planned: list[PlannedFile]) -> None:
+    needed = sum(p.size - p.present for p in planned)
+    free = shutil.disk_usage(state.path).free
+    if needed + SPACE_MARGIN > free:
+        raise DiskSpaceError(
+            f"not enough disk space in {state.root}: {human_bytes(needed)} still to download plus a "
+            f"{human_bytes(SPACE_MARGIN)} margin, {human_bytes(free)} free",
+            "free some space or point dino_root at a bigger disk", needed=needed, free=free)
+
+
+def _fetch_locked(state: StateDir, req: FetchRequest, progress: Progress) -> FetchResult:
+    from ._http import HttpPool
+    from ._plan import Run
+    from ._sources import get_source
+    from ._transfer import FILES_AT_ONCE, Settings, Transfer
+
+    source: Source = get_source(req.source)
+    settings = Settings.from_env()
+    pool = HttpPool(settings.timeout, source.user_agent(), source.auth())
+
+    def raise_status(status: int, headers: dict[str, str], body: bytes, url: str) -> Any:
+        source.raise_for_status(status, headers, body, url, req.model, req.revision)
+
+    transfer = Transfer(settings, pool, state, progress, raise_status)
+    old = state.read_manifest()
+    # The weights may start flowing now (the Hub's head start); the listing below decides whether they are kept.
+    early = source.early(transfer, old, req.model, req.revision, transfer.cancel)
+    transfer.early = early.take if early is not None else None
+    try:
+        snap = source.snapshot(req.model, req.revision)
+        run = Run(state, source, snap, old, transfer)
+        cfg = run.json(CONFIG)
+        if reason := config_problem(cfg) or registry_mismatch(req.model, cfg):
+            raise NotDinov3Error(f"{req.model} is not a usable DINOv3 checkpoint: {reason}",
+                                 "pick a DINOv3 repo ('dinov3-fetcher list' shows the official ones)")
+        run.get(PREPROCESSOR)
+        weights = weight_files(snap.files, lambda: run.json(INDEX))
+        if weights is None:
+            raise NotDinov3Error(f"{req.model} has no safetensors weights ({SINGLE} or {INDEX})",
+                                 "pick a repo with safetensors weights")
+        planned = run.plan(weights)
+        _check_space(state, planned)
+        progress.total = sum(p.size for p in planned)
+        progress.done += sum(p.size for p in planned if p.reuse)  # += : head-start bytes are counted already
+        _get_all(run, [p.name for p in planned if p.name in weights], FILES_AT_ONCE)
+        for p in planned:
+            if p.name not in weights:
+                run.get(p.name)
+        tensors: dict[str, TensorInfo] = {}
+        for name in weights:
+            try:
+                tensors.update(read_header(run.paths[name]))
+            except SafetensorsError as exc:
+                raise HubResponseError(f"{req.model}: {exc}", "the repo's weights are broken; report it") from None
+        if reason := tensor_mismatch(cfg, tensors):
+            raise NotDinov3Error(f"{req.model}'s weights disagree with its config: {reason}",
+                                 "the repo is inconsistent; pick another revision or repo")
+    finally:
+        if early is not None:
+            early.stop()
+        progress.close()
+        pool.close()
+    manifest = Manifest(req.model, req.revision, snap.commit, run.records, __version__, source=source.name,
+                        endpoint=env.display_origin(source.endpoint))
+    if old is not None and old.complete and old.commit == snap.commit and old.files == run.records:
+        # --update found nothing new: the files are the ones verified before, so their checks still hold.
+        manifest.verified_at, manifest.verified_deep_at = old.verified_at, old.verified_deep_at
+    state.publish(manifest, run.paths, old)
+    state.drop_stale()
+    return FetchResult(state.root, req.model, req.revision, snap.commit, run.fetched == 0 and run.resumed == 0,
+                       run.records, run.fetched, run.resumed, requests_made=True, source=source.name)

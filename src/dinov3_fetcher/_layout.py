@@ -1,0 +1,79 @@
+"""What a DINOv3 checkpoint folder consists of: its file names and its weight layout (single file or shards).
+
+The one place that decides between ``model.safetensors`` and ``model.safetensors.index.json`` plus the shards
+it names, for a repo listing, a folder on disk, and the head start alike.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any
+
+from ._errors import HubResponseError
+
+__all__ = ["CONFIG", "INDEX", "OPTIONAL", "PREPROCESSOR", "SINGLE", "check_filename", "is_standard_weight",
+           "read_json_object", "shards_from_index", "weight_files"]
+
+CONFIG = "config.json"
+PREPROCESSOR = "preprocessor_config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+OPTIONAL = ("README.md", "LICENSE.md")  # fetched when the repo has them; never required
+MAX_JSON_BYTES = 64 * 1024 * 1024
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# Weight names transformers loads by itself: a stray one next to another model's files would be loaded instead.
+_STANDARD_WEIGHTS = re.compile(r"model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors")
+
+
+def check_filename(name: object) -> str:
+    """Accept only a plain file name at the repo's top level: no folders, '..', absolute paths or backslashes."""
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
+        raise HubResponseError(f"the source named a file {name!r} that is not a plain file name",
+                               "refusing to write outside dino_root; check that the endpoint is a trusted hub")
+    return name
+
+
+def is_standard_weight(name: str) -> bool:
+    return bool(_STANDARD_WEIGHTS.fullmatch(name))
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """Parse a small JSON object file; ValueError with the reason otherwise."""
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ValueError(f"is larger than {MAX_JSON_BYTES} bytes")
+    try:
+        data = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError("is not usable JSON (nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise ValueError("is not a JSON object")
+    return data
+
+
+def shards_from_index(index: dict[str, Any]) -> list[str]:
+    """The shard file names an index's weight_map names, each checked to be a plain file name."""
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise HubResponseError(f"{INDEX} has no weight_map", "the repo's index file is broken; report it to its owner")
+    return sorted({check_filename(v) for v in weight_map.values()})
+
+
+def weight_files(names: Collection[str], read_index: Callable[[], dict[str, Any]] | None = None) -> list[str] | None:
+    """The weight files among ``names``: ``[model.safetensors]``, or the shards the index names; None if neither.
+
+    ``read_index`` reads the index (from disk, or once downloaded); without it the shards are taken from
+    ``names`` by their standard form (a dry run, which downloads no index).
+    """
+    if SINGLE in names:
+        return [SINGLE]
+    if INDEX not in names:
+        return None
+    if read_index is None:
+        return sorted(n for n in names if _SHARD.fullmatch(n))
+    return shards_from_index(read_index())

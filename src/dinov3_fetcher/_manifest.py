@@ -1,0 +1,84 @@
+"""The manifest: what dino_root holds, as this tool recorded it (``.dinov3-fetcher/manifest.json``).
+
+Repo, requested revision, the pinned commit it resolved to, each file's size and sha256, where it came from,
+and the tool version. Written last and atomically; ``complete: false`` while a publish is under way, so a
+crash in the middle never leaves a folder that looks valid with files of two models.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["FileRecord", "Manifest", "is_commit", "is_sha256"]
+
+MANIFEST_FORMAT = 1
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def is_commit(revision: str) -> bool:
+    return bool(_COMMIT.match(revision))
+
+
+def is_sha256(value: str) -> bool:
+    return bool(_SHA256.match(value))
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    size: int
+    sha256: str
+    git_oid: str | None = None  # the Hub's blob id (git sha1 of the file, or of its LFS pointer)
+
+
+@dataclass
+class Manifest:
+    repo_id: str
+    revision: str  # as requested: branch, tag or commit
+    commit: str  # the pinned id the revision resolved to (the Hub's commit)
+    files: dict[str, FileRecord]
+    tool_version: str
+    source: str = "hf"  # where the bytes came from: "hf" (the Hub or a mirror of it) or "modelscope"
+    endpoint: str = ""  # that source's endpoint (no credentials)
+    fetched_at: float = field(default_factory=time.time)
+    complete: bool = True
+    verified_at: float | None = None
+    verified_deep_at: float | None = None
+    format: int = MANIFEST_FORMAT
+
+    def to_json(self) -> bytes:
+        data = asdict(self)
+        return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Manifest:
+        data: Any = json.loads(raw)
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            raise ValueError("unknown manifest format")
+        files = {str(k): FileRecord(int(v["size"]), str(v["sha256"]), v.get("git_oid"))
+                 for k, v in data["files"].items()}
+        return cls(
+            repo_id=str(data["repo_id"]),
+            revision=str(data["revision"]),
+            commit=str(data["commit"]),
+            files=files,
+            tool_version=str(data.get("tool_version", "")),
+            source=str(data.get("source", "hf")),
+            endpoint=str(data.get("endpoint", "")),
+            fetched_at=float(data.get("fetched_at", 0.0)),
+            complete=bool(data.get("complete", False)),
+            verified_at=data.get("verified_at"),
+            verified_deep_at=data.get("verified_deep_at"),
+        )
+
+    def matches(self, repo_id: str, revision: str) -> bool:
+        """Is this the checkpoint asked for? A commit must equal the resolved one; a name the requested one."""
+        if not self.complete or self.repo_id.lower() != repo_id.lower():
+            return False
+        return self.commit == revision if is_commit(revision) else self.revision == revision
+
+

@@ -1,0 +1,177 @@
+"""One fetch's plan: for each file of the snapshot, whether a complete copy is already on disk, how much of a
+partial one is, and where each file is once verified. Also the dry run, which plans and writes nothing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._errors import HubResponseError, LocalEntryNotFoundError, NotDinov3Error
+from ._hashing import sha256_file
+from ._layout import CONFIG, INDEX, OPTIONAL, PREPROCESSOR, SINGLE, check_filename, read_json_object, weight_files
+from ._manifest import FileRecord, Manifest
+from ._state import StateDir, record_for
+
+if TYPE_CHECKING:
+    from ._config import FetchRequest
+    from ._sources import RemoteFile, Snapshot, Source
+    from ._transfer import Transfer
+
+__all__ = ["DryRun", "PlannedFile", "Run", "dry_run"]
+
+
+@dataclass
+class PlannedFile:
+    name: str
+    size: int
+    present: int  # bytes already on disk (a complete file reused, or a partial download)
+    reuse: bool  # the complete file is already in dino_root or staged
+
+
+class Run:
+    """The state of one locked fetch: what the snapshot holds, and where each file currently is."""
+
+    def __init__(self, state: StateDir, source: Source, snap: Snapshot, old: Manifest | None,
+                 transfer: Transfer | None = None) -> None:
+        self.state, self.source, self.snap, self.old, self.transfer = state, source, snap, old, transfer
+        self.read_only = transfer is None  # a dry run: never rename, create or hash anything (see reusable)
+        self.paths: dict[str, Path] = {}
+        self.records: dict[str, FileRecord] = {}
+        self.reuse_cache: dict[str, Path | None] = {}  # reusable()'s verdict per name: hash a file once
+        self.fetched = 0
+        self.resumed = 0
+        self.lock = threading.Lock()  # get() runs in several threads (see _fetch._get_all)
+
+    def remote(self, name: str) -> RemoteFile:
+        rf = self.snap.files.get(name)
+        if rf is None and name in (CONFIG, PREPROCESSOR):
+            raise NotDinov3Error(f"{self.snap.repo_id} has no {name}: not a transformers DINOv3 checkpoint",
+                                 "pick a DINOv3 repo ('dinov3-fetcher list' shows the official ones)")
+        if rf is None:
+            raise HubResponseError(f"{self.snap.repo_id} has no {name}",
+                                   "a DINOv3 repo needs config.json, preprocessor_config.json and safetensors "
+                                   "weights; check the repo id")
+        return rf
+
+    def reusable(self, rf: RemoteFile) -> Path | None:
+        """A complete copy of this exact file already on disk: staged (verified), or published per the manifest.
+
+        A staged copy left by a fetcher that is gone is adopted. A published copy is trusted by its size only
+        when the manifest is complete: after a publish that stopped half-way the file under that name may
+        still be the old one, so it is re-hashed (once per run). In a read-only run (dry run) nothing is
+        renamed or hashed: a published file under an incomplete manifest counts as missing.
+        """
+        if rf.name not in self.reuse_cache:
+            self.reuse_cache[rf.name] = self._reusable(rf)
+        return self.reuse_cache[rf.name]
+
+    def _reusable(self, rf: RemoteFile) -> Path | None:
+        if (staged := self.state.find_staged(rf.identity, rf.name, rf.size, adopt=not self.read_only)) is not None:
+            return staged
+        rec = record_for(self.old, rf.name, rf.size, rf.git_oid)
+        if rec is None or (rf.sha256 and rec.sha256 != rf.sha256):
+            return None
+        p = self.state.root / rf.name
+        if not (p.is_file() and p.stat().st_size == rf.size):
+            return None
+        if self.old is not None and not self.old.complete and (self.read_only or sha256_file(p) != rec.sha256):
+            return None
+        return p
+
+    def get(self, name: str) -> Path:
+        """The verified file ``name``: reused from disk, or downloaded (resuming a partial) and staged."""
+        from ._transfer import Target
+
+        rf = self.remote(name)
+        check_filename(name)
+        if (p := self.reusable(rf)) is not None:
+            self.paths[name] = p
+            rec = record_for(self.old, name, rf.size, rf.git_oid)
+            self.records[name] = rec or FileRecord(rf.size, rf.sha256 or sha256_file(p), rf.git_oid)
+            return p
+        assert self.transfer is not None, "a dry run never downloads"
+        target = Target(name, self.source.file_url(self.snap, name), rf.size, rf.identity, rf.sha256,
+                        None if rf.sha256 else rf.git_oid)
+        done = self.transfer.download(target)
+        dest = self.state.staged_path(rf.identity, name)
+        self.transfer.finish(done, dest)
+        with self.lock:
+            self.fetched += done.fetched
+            self.resumed += done.resumed_from
+        self.paths[name] = dest
+        self.records[name] = FileRecord(rf.size, done.sha256, rf.git_oid)
+        return dest
+
+    def json(self, name: str) -> dict[str, Any]:
+        """A JSON file of the repo (verified against the listing), parsed; a broken one is the source's fault."""
+        path = self.get(name)
+        try:
+            return read_json_object(path)
+        except ValueError as exc:
+            raise HubResponseError(f"{self.snap.repo_id}'s {name} {exc}",
+                                   "the repo (or the endpoint's copy of it) is broken; pick another revision or "
+                                   "report it to the repo's owner") from None
+
+    def plan(self, names: list[str]) -> list[PlannedFile]:
+        """``names`` and the optional files the repo has, each with what is already on disk."""
+        out = []
+        for name in names + [n for n in OPTIONAL if n in self.snap.files]:
+            rf = self.remote(name)
+            reuse = self.reusable(rf) is not None
+            present = rf.size if reuse else min(self.state.partial_bytes(rf.identity, rf.size), rf.size)
+            out.append(PlannedFile(name, rf.size, present, reuse))
+        return out
+
+
+@dataclass
+class DryRun:
+    root: Path
+    repo_id: str
+    revision: str
+    commit: str
+    files: list[PlannedFile]
+    free: int
+    source: str = "hf"
+
+    @property
+    def to_download(self) -> int:
+        return sum(f.size - f.present for f in self.files)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.root), "source": self.source, "repo_id": self.repo_id, "revision": self.revision,
+                "commit": self.commit, "bytes_to_download": self.to_download,
+                "bytes_present": sum(f.present for f in self.files), "free_bytes": self.free,
+                "files": [{"name": f.name, "size": f.size, "present": f.present, "reuse": f.reuse}
+                          for f in self.files]}
+
+
+def dry_run(req: FetchRequest) -> DryRun:
+    """What a fetch would download (one metadata request; writes nothing).
+
+    Shards are taken from the repo listing (model-*-of-*.safetensors), since the index is not downloaded.
+
+    Raises:
+        the source errors of a fetch, and LocalEntryNotFoundError when offline.
+    """
+    from . import _env as env
+    from ._sources import get_source
+
+    if env.is_offline():
+        raise LocalEntryNotFoundError("HF_HUB_OFFLINE is set: a dry run needs one request to the source",
+                                      "unset HF_HUB_OFFLINE, or use 'dinov3-fetcher info' to see what is on disk")
+    source = get_source(req.source)
+    snap = source.snapshot(req.model, req.revision)
+    state = StateDir(req.dino_root)
+    run = Run(state, source, snap, state.read_manifest())
+    weights = weight_files(snap.files) or []
+    index = [INDEX] if INDEX in snap.files and SINGLE not in snap.files else []
+    names = [n for n in (CONFIG, PREPROCESSOR) if n in snap.files] + index + weights
+    existing = req.dino_root
+    while not existing.exists():
+        existing = existing.parent
+    return DryRun(req.dino_root, req.model, req.revision, snap.commit, run.plan(names),
+                  shutil.disk_usage(existing).free, source.name)

@@ -1,0 +1,288 @@
+"""dino_root's state folder, and every rule about what may be in it.
+
+    dino_root/.dinov3-fetcher/
+      manifest.json   what dino_root holds (see _manifest)
+      lock            the inter-process lock (advisory: correctness never depends on it)
+      partial/        resumable downloads, one folder per file content: ``data`` + ``progress.json``
+      staged/         verified files waiting to be published together, one folder per fetcher
+
+A fetcher owns a partial folder by renaming it to ``<content>.<host>.<pid>`` (a claim) and stages into
+``staged/<host>.<pid>/``, so two fetchers never write into the same file even where the lock silently
+fails. A claim or staged folder whose owner is gone is adopted by the next fetcher (``STALE_AFTER``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ._errors import LockTimeoutError
+from ._manifest import FileRecord, Manifest
+from ._progress import Progress
+
+__all__ = ["HOST", "PROGRESS_PAGE", "SPACE_MARGIN", "STALE_AFTER", "StateDir", "atomic_write_bytes", "encode_progress",
+           "owner_gone", "owner_tag", "read_progress"]
+
+STATE_DIRNAME = ".dinov3-fetcher"
+SPACE_MARGIN = 16 * 1024 * 1024  # free space left over after a download, on top of what it needs
+PROGRESS_PAGE = 4096  # progress.json is padded to one page, so that it can be rewritten in place
+HOST = socket.gethostname().replace(".", "_")  # no dots: claim and staged folders are named <...>.<host>.<pid>
+# Seconds without a sign of life after which a folder owned by a fetcher on ANOTHER host counts as abandoned
+# (on this host a dead pid decides). A claim's progress record is rewritten at least once a second while it
+# downloads; a staged folder is touched only when a file is staged, so it waits longer.
+STALE_AFTER = {"partial": 120.0, "staged": 86400.0}
+
+
+def owner_tag() -> str:
+    """This process as it names the partial and staged folders it owns: ``<host>.<pid>``."""
+    return f"{HOST}.{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def owner_gone(tag: str, touched: Path, kind: str) -> bool:
+    """Is the fetcher named by ``tag`` (``<host>.<pid>``) gone? On this host: its pid is dead. On another host
+    (a shared filesystem): ``touched`` has not changed for ``STALE_AFTER[kind]`` seconds, or is gone."""
+    host, _, pid = tag.rpartition(".")
+    if not pid.isdigit() or "." in host:
+        return False
+    if host == HOST:
+        return not _pid_alive(int(pid))
+    try:
+        return time.time() - touched.stat().st_mtime > STALE_AFTER[kind]
+    except OSError:
+        return True
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old content or the new one, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- the partial-download format -------------------------------------------------------------------------------
+def encode_progress(identity: str, size: int, remaining: list[list[int]]) -> bytes:
+    """A progress record: the byte ranges still missing, as one page of JSON padded with spaces (or longer)."""
+    return json.dumps({"identity": identity, "size": size, "remaining": remaining}).encode().ljust(PROGRESS_PAGE)
+
+
+def read_progress(folder: Path, identity: str, size: int) -> list[tuple[int, int]] | None:
+    """The ranges a partial folder still misses, or None when it cannot be resumed: no or another record,
+    ranges out of bounds, or a data file shorter than the bytes its record calls done (truncated)."""
+    try:
+        data = json.loads((folder / "progress.json").read_bytes())
+        if data.get("identity") != identity or data.get("size") != size:
+            return None
+        ranges = sorted((int(s), int(e)) for s, e in data["remaining"])
+        if any(not 0 <= s < e <= size for s, e in ranges):
+            return None
+        if (folder / "data").stat().st_size < _done_end(ranges, size):
+            return None
+        return ranges
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _done_end(remaining: list[tuple[int, int]], size: int) -> int:
+    """Where the last byte a progress record calls done ends: the data file must be at least this long."""
+    end = size
+    for s, e in sorted(remaining, reverse=True):
+        if e < end:
+            break  # a done gap between this range and the ones after it
+        end = min(end, s)
+    return end
+
+
+def _missing(folder: Path, identity: str, size: int) -> int:
+    ranges = read_progress(folder, identity, size)
+    return size if ranges is None else sum(e - s for s, e in ranges)
+
+
+class StateDir:
+    """dino_root's state folder: paths, manifest, lock, partial downloads, staged files, publishing."""
+
+    def __init__(self, dino_root: Path) -> None:
+        self.root = dino_root
+        self.path = dino_root / STATE_DIRNAME
+        self.manifest_path = self.path / "manifest.json"
+        self.lock_path = self.path / "lock"
+        self.partial = self.path / "partial"
+        self.staged = self.path / "staged"
+
+    # -- manifest ------------------------------------------------------------------------------------------
+    def read_manifest(self) -> Manifest | None:
+        """The manifest, or None when absent or unreadable (an unreadable one is treated as absent)."""
+        try:
+            return Manifest.from_json(self.manifest_path.read_bytes())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
+            return None
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        atomic_write_bytes(self.manifest_path, manifest.to_json())
+
+    def ensure(self) -> None:
+        for p in (self.partial, self.staged):
+            p.mkdir(parents=True, exist_ok=True)
+
+    # -- the lock ------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def locked(self, timeout: float, progress: Progress, disabled: bool = False) -> Iterator[None]:
+        """Hold dino_root's lock; LockTimeoutError after ``timeout`` seconds of waiting for another fetcher."""
+        if disabled:
+            yield
+            return
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(self.lock_path)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            progress.message(f"waiting for another fetcher to finish with {self.root} (up to {timeout:.0f} s)")
+            try:
+                lock.acquire(timeout=timeout, poll_interval=0.2)
+            except Timeout:
+                raise LockTimeoutError(
+                    f"another fetcher held the lock on {self.root} for more than {timeout:.0f} s",
+                    "wait for it, raise --lock-timeout (DINOV3_FETCHER_LOCK_TIMEOUT), or stop it; "
+                    "a killed fetcher's lock is released by the OS") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    # -- partial downloads ---------------------------------------------------------------------------------
+    def _abandoned(self, folder: Path, identity: str) -> bool:
+        return owner_gone(folder.name[len(identity) + 1:], folder / "progress.json", "partial")
+
+    def resumable(self, identity: str) -> list[Path]:
+        """The partial folders of this content that a claim may take: ours, the public one, a gone fetcher's."""
+        mine = f"{identity}.{owner_tag()}"
+        return [p for p in (self.partial / identity, *self.partial.glob(f"{identity}.*"))
+                if p.is_dir() and (p.name in (identity, mine) or self._abandoned(p, identity))]
+
+    def partial_bytes(self, identity: str, size: int) -> int:
+        """Bytes of this content already on disk in the best resumable partial folder (what a claim would take)."""
+        return max([size - _missing(p, identity, size) for p in self.resumable(identity)] + [0])
+
+    def claim(self, identity: str, size: int) -> Path:
+        """Take the best resumable partial folder for this content (renamed to ours), or start an empty one."""
+        mine = self.partial / f"{identity}.{owner_tag()}"
+        if mine.is_dir():
+            return mine
+        adopted = False
+        for c in sorted(self.resumable(identity), key=lambda p: _missing(p, identity, size)):
+            try:
+                if not adopted:
+                    os.rename(c, mine)
+                    adopted = True
+                else:
+                    trash = c.with_name(f"{c.name}.trash{os.getpid()}")
+                    os.rename(c, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+            except OSError:
+                continue
+        mine.mkdir(parents=True, exist_ok=True)
+        return mine
+
+    def release(self, folder: Path, identity: str) -> None:
+        """Hand a partial folder back under its public name so that any later run may resume it."""
+        with contextlib.suppress(OSError):
+            os.rename(folder, self.partial / identity)
+
+    # -- staged files --------------------------------------------------------------------------------------
+    def staged_path(self, identity: str, name: str) -> Path:
+        """Where a verified download waits to be published: in this process's own folder (two fetchers without
+        a working lock never move each other's files), named by content (a staged file is always exactly the
+        file its name says, whichever run of whichever model left it there)."""
+        return self.staged / owner_tag() / f"{identity}.{name}"
+
+    def find_staged(self, identity: str, name: str, size: int, *, adopt: bool) -> Path | None:
+        """A staged copy of this content: ours, or one a gone fetcher left (moved into ours when ``adopt``)."""
+        own = self.staged_path(identity, name)
+        if own.is_file() and own.stat().st_size == size:
+            return own
+        for other in self.staged.glob(f"*/{identity}.{name}"):
+            if other.parent == own.parent or other.stat().st_size != size:
+                continue
+            if not owner_gone(other.parent.name, other.parent, "staged"):
+                continue
+            if not adopt:
+                return other
+            with contextlib.suppress(OSError):
+                own.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(other, own)
+                return own
+        return None
+
+    def any_staged(self, identity: str, name: str) -> bool:
+        return self.staged.is_dir() and any(self.staged.glob(f"*/{identity}.{name}"))
+
+    # -- publishing ----------------------------------------------------------------------------------------
+    def publish(self, manifest: Manifest, paths: dict[str, Path], old: Manifest | None) -> None:
+        """Move the verified files into dino_root together; the manifest says 'incomplete' until all are there.
+
+        Removed afterwards: only what we put there (the old manifest's files). Without a trustworthy list (none,
+        or the incomplete one of a publish that stopped half-way), also the standard weight names transformers
+        would load in place of ours; any other file (a user's model_student.safetensors) is left alone.
+        """
+        from ._layout import check_filename, is_standard_weight
+
+        manifest.complete = False
+        self.write_manifest(manifest)
+        for name, src in paths.items():
+            if src != self.root / name:
+                os.replace(src, self.root / name)
+        stale = set(old.files) if old else set()
+        if old is None or not old.complete:
+            stale |= {p.name for p in self.root.iterdir() if is_standard_weight(p.name)}
+        for name in stale - set(paths):
+            with contextlib.suppress(OSError, ValueError):
+                (self.root / check_filename(name)).unlink()
+        manifest.complete = True
+        self.write_manifest(manifest)
+
+    def drop_stale(self) -> None:
+        """After a successful fetch: partial downloads nobody owns (changed files, other models), our staged
+        folder, and those of gone fetchers. Never another live fetcher's files."""
+        for p in self.partial.iterdir():
+            identity = p.name.split(".", 1)[0]
+            if p.name == identity or self._abandoned(p, identity):
+                shutil.rmtree(p, ignore_errors=True)
+        mine = self.staged / owner_tag()
+        for p in self.staged.iterdir() if self.staged.is_dir() else ():
+            if not p.is_dir():
+                p.unlink(missing_ok=True)
+            elif p == mine or owner_gone(p.name, p, "staged"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def record_for(old: Manifest | None, name: str, size: int, git_oid: str | None) -> FileRecord | None:
+    """The old manifest's record of ``name`` if it describes the same file (size and git id), else None."""
+    rec = old.files.get(name) if old else None
+    if rec is None or rec.size != size or rec.git_oid != git_oid:
+        return None
+    return rec

@@ -1,0 +1,180 @@
+"""Bytes: a resumable, verified download of each file into dino_root's partial folders (see _job for one
+file's workers and hasher, _state for the partial folders), then the move of the verified file into place."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
+
+from . import _env as env
+from ._errors import FetchInterrupted, IntegrityError
+from ._hashing import git_blob_id
+from ._http import Connection, HttpPool, Response
+from ._job import Job
+from ._progress import Progress
+from ._state import StateDir
+
+__all__ = ["FILES_AT_ONCE", "Settings", "Target", "Transfer"]
+
+MiB = 1024 * 1024
+FILES_AT_ONCE = 2  # weight files downloaded together: one file's sha256 tail overlaps the next transfer
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Transfer knobs; each has an environment variable (see the README)."""
+
+    connections: int = 8  # DINOV3_FETCHER_CONNECTIONS: Range connections per large file
+    min_split: int = 16 * MiB  # never split a file into pieces smaller than this
+    block: int = 1 * MiB  # read/write block
+    timeout: float = 30.0  # DINOV3_FETCHER_TIMEOUT (or HF_HUB_DOWNLOAD_TIMEOUT): seconds without a byte
+    retries: int = 5  # DINOV3_FETCHER_RETRIES: attempts in a row without progress
+    backoff: float = 1.0  # DINOV3_FETCHER_BACKOFF: first wait, doubled per retry, capped at 8x
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        timeout = env.number("DINOV3_FETCHER_TIMEOUT", env.number("HF_HUB_DOWNLOAD_TIMEOUT", cls.timeout))
+        return cls(
+            connections=max(1, int(env.number("DINOV3_FETCHER_CONNECTIONS", cls.connections))),
+            timeout=timeout,
+            retries=max(0, int(env.number("DINOV3_FETCHER_RETRIES", cls.retries))),
+            backoff=max(0.0, env.number("DINOV3_FETCHER_BACKOFF", cls.backoff)),
+        )
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    url: str
+    size: int
+    identity: str  # content address used to name the partial folder
+    sha256: str | None = None  # expected sha256 (LFS files)
+    git_oid: str | None = None  # expected git blob sha1 (regular files)
+
+
+@dataclass
+class Done:
+    path: Path  # the verified data file, still inside the claimed partial folder
+    sha256: str
+    fetched: int  # bytes received over the network for this file
+    resumed_from: int  # bytes already on disk when this run started
+
+
+@dataclass
+class Transfer:
+    """Downloads files into dino_root's partial folders; one instance per fetch.
+
+    ``early``, when set, is asked first for each file: a source of bytes that may already hold the verified
+    download (the head start, see _headstart); it answers None when it does not, and the transfer runs.
+    """
+
+    settings: Settings
+    pool: HttpPool
+    state: StateDir
+    progress: Progress
+    raise_status: Callable[[int, dict[str, str], bytes, str], NoReturn]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    early: Callable[[Target], Done | None] | None = None
+    _locations: dict[str, str] = field(default_factory=dict)
+
+    def open(self, target: Target, headers: dict[str, str]) -> tuple[str, Connection, Response]:
+        url = self._locations.get(target.url, target.url)
+        final, conn, resp = self.pool.get(url, headers)
+        if final != url:
+            self._locations[target.url] = final
+        return final, conn, resp
+
+    def forget_location(self, target: Target) -> bool:
+        return self._locations.pop(target.url, None) is not None
+
+    def store(self, target: Target, body: bytes) -> Done:
+        """A small file already read whole (by the head start) as a verified download, like ``download``'s."""
+        sha = hashlib.sha256(body).hexdigest()
+        if len(body) != target.size or (target.sha256 and sha != target.sha256) or (
+                target.git_oid and git_blob_id(body) != target.git_oid):
+            raise IntegrityError(f"{target.name}: the early copy differs from the listing", "run again")
+        folder = self.state.claim(target.identity, target.size)
+        with open(folder / "data", "wb") as f:
+            f.write(body)
+        self.progress.start_file(target.name, target.size, 0)
+        self.progress.advance(len(body))
+        self.progress.end_file(target.name)
+        return Done(folder / "data", sha, len(body), 0)
+
+    def download(self, target: Target) -> Done:
+        """Fetch ``target`` (resuming what is on disk) and verify it.
+
+        Raises:
+            IntegrityError: size or hash mismatch (the partial data is deleted).
+            NetworkError: the retries ran out (the partial data is kept).
+            DiskSpaceError: the disk filled up (the partial data is kept).
+            FetchInterrupted: Ctrl-C / SIGTERM (the partial data is kept).
+        """
+        if self.early is not None and (done := self.early(target)) is not None:
+            return done
+        folder = self.state.claim(target.identity, target.size)
+        job = Job(self, target, folder)
+        keep, orphans = True, False
+        try:
+            self.progress.start_file(target.name, target.size, job.resumed_from)
+            n_workers = min(self.settings.connections, max(1, target.size // self.settings.min_split))
+            job.piece = self.settings.min_split if n_workers > 1 else 0
+            workers = [threading.Thread(target=job.worker, daemon=True, name=f"fetch-{i}") for i in range(n_workers)]
+            if job.segments:
+                for w in workers:
+                    w.start()
+            try:
+                digest = job.hash_all()
+            except BaseException as exc:
+                with job.lock:
+                    job.error = job.error or exc
+                    job.lock.notify_all()
+                raise
+            finally:
+                # On an error or Ctrl-C, a worker stuck in a stalled read must not hold up the exit for the
+                # whole read timeout: give the workers 2 s, then leave them (daemon threads) and their fds open.
+                deadline = time.monotonic() + 2.0
+                for w in workers:
+                    while w.is_alive() and ((job.error is None and not self.cancel.is_set())
+                                            or time.monotonic() < deadline):
+                        w.join(0.2)
+                orphans = any(w.is_alive() for w in workers)
+            if job.error is not None:
+                raise job.error
+            if self.cancel.is_set():
+                raise FetchInterrupted("interrupted", "run the same command again: it resumes")
+            self.progress.end_file(target.name)
+            return Done(job.data_path, digest, job.fetched, job.resumed_from)
+        except IntegrityError:
+            keep = False
+            raise
+        except KeyboardInterrupt:
+            self.cancel.set()
+            raise
+        finally:
+            if not orphans:
+                os.close(job.fd)
+            if keep:
+                job.save()
+                if sys.exc_info()[0] is not None:
+                    self.state.release(folder, target.identity)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+            if job.progress_fd is not None and not orphans:
+                os.close(job.progress_fd)
+
+    def finish(self, done: Done, dest: Path) -> None:
+        """Move a verified file to ``dest`` and drop its (now empty) partial folder."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(done.path, dest)
+        shutil.rmtree(done.path.parent, ignore_errors=True)
+
+
