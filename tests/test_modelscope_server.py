@@ -33,6 +33,8 @@ def ms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModelScopeSe
     monkeypatch.setenv("MODELSCOPE_HOME", str(tmp_path / "ms_home"))
     monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms_cache"))
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,127.0.0.2,127.0.0.3,localhost")
+    # a module constant, not an env knob: the 1 s pause before refetching a file that failed its sha256
+    monkeypatch.setattr(modelscope_hub._download, "DOWNLOAD_INTEGRITY_RETRY_BACKOFF", 0.0)
     with ModelScopeServer() as server:
         monkeypatch.setenv("MODELSCOPE_ENDPOINT", server.endpoint)
         server.add_repo(REPO, FILES)
@@ -212,3 +214,30 @@ def test_storage_rejects_unsigned_urls(ms: ModelScopeServer) -> None:
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"{ms.storage_endpoint}/lfs/{blob_sha}/model.safetensors", timeout=5)
     assert err.value.code == 404
+
+
+def test_reset_then_resume(ms: ModelScopeServer, tmp_path: Path) -> None:
+    ms.faults.add(cut_after=8192, reset=True, path_suffix="model.safetensors", host="storage", times=1)
+    path = api().download_file(REPO, "model", "model.safetensors", local_dir=tmp_path / "one",
+                               expected_sha256=sha(WEIGHTS), file_size=len(WEIGHTS))
+    assert path.read_bytes() == WEIGHTS
+    gets = ms.file_gets("model.safetensors", host="storage")
+    assert len(gets) == 2 and gets[1].range is not None and gets[1].range.startswith("bytes=")
+
+
+def test_stall_then_continue(ms: ModelScopeServer, tmp_path: Path) -> None:
+    ms.faults.add(stall_after=1000, stall_seconds=0.2, path_suffix="model.safetensors", times=1)
+    path = api().download_file(REPO, "model", "model.safetensors", local_dir=tmp_path / "one")
+    assert path.read_bytes() == WEIGHTS
+    assert ms.bytes_served("model.safetensors") == len(WEIGHTS)
+
+
+@pytest.mark.parametrize("linked_etag", [False, True])
+def test_linked_etag_is_the_only_check_of_a_lone_file(ms: ModelScopeServer, tmp_path: Path,
+                                                      linked_etag: bool) -> None:
+    ms.linked_etag = linked_etag
+    ms.faults.add(corrupt_at=100, path_suffix="model.safetensors", times=1)
+    path = api().download_file(REPO, "model", "model.safetensors", local_dir=tmp_path / "one")
+    # without a hash to check (no listing, no X-Linked-ETag) the client keeps the corrupt copy
+    assert (path.read_bytes() == WEIGHTS) is linked_etag
+    assert len(ms.file_gets("model.safetensors", host="storage")) == (2 if linked_etag else 1)
