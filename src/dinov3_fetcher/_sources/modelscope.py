@@ -1,0 +1,414 @@
+"""ModelScope (modelscope.cn and its mirrors) as a source: the listing, the file URLs, the credential, the errors.
+
+What the real client (modelscope_hub 0.5.1) does, and so what this module does (/work/shared/MODELSCOPE.md):
+
+- Endpoint: ``MODELSCOPE_ENDPOINT``, else the deprecated ``MODELSCOPE_DOMAIN``, else https://modelscope.cn; a bare
+  host gets ``https://``, a trailing ``/`` is dropped. Everything lives under ``{endpoint}/api/v1``.
+- Token: ``MODELSCOPE_API_TOKEN`` (set but empty: anonymous), else the saved login, the cookie ``m_session_id`` in the
+  pickled cookie jar ``$MODELSCOPE_HOME/credentials/cookies`` (default ``~/.modelscope``). It goes out both ways the
+  client sends it, ``Authorization: Bearer`` and ``Cookie: m_session_id=``, and only to the endpoint's origin.
+- Listing: ``GET /api/v1/models/{id}/repo/files?Revision=&Recursive=True`` answers every file with its ``Size`` and
+  ``Sha256`` (git-stored files too); an unknown revision answers 200 with ``Files: null``.
+- Bytes: ``GET /api/v1/models/{id}/repo?Revision=&FilePath=``; LFS files are redirected to a storage host (which must
+  not see the token), git-stored ones are answered directly and ignore Range.
+
+No huggingface_hub and no modelscope package here: the listing goes through our own HTTP client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import io
+import json
+import os
+import pickle
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+from urllib.parse import quote, quote_plus, unquote_plus, urlsplit
+
+from .. import __version__
+from ..env import display_origin, number
+from ..errors import (
+    AuthenticationError,
+    ConfigError,
+    HubResponseError,
+    NetworkError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from ..http import HttpPool
+from . import Auth, RemoteFile, Snapshot
+
+__all__ = ["DEFAULT_ENDPOINT", "ModelScopeSource", "ScopedPool", "endpoint", "saved_token", "source", "token"]
+
+NAME = "modelscope"
+DEFAULT_ENDPOINT = "https://modelscope.cn"
+LISTING_LIMIT = 3000  # the site cuts a listing at this many entries, silently (REPO_FILES_TRUNCATION_LIMIT)
+_MAX_LISTING_BYTES = 64 << 20
+_MAX_COOKIE_FILE = 1 << 20
+_RETRY_AFTER_CAP = 60.0
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # what a header and a cookie value can carry as is
+
+
+# ---------------------------------------------------------------- environment
+
+def endpoint() -> str:
+    """MODELSCOPE_ENDPOINT, else MODELSCOPE_DOMAIN, else https://modelscope.cn, normalized as modelscope_hub does.
+
+    Raises ConfigError (exit 3) for a value that is not an http(s) URL with a host.
+    """
+    name, raw = "MODELSCOPE_ENDPOINT", os.environ.get("MODELSCOPE_ENDPOINT") or ""
+    if not raw:
+        name, raw = "MODELSCOPE_DOMAIN", (os.environ.get("MODELSCOPE_DOMAIN") or "").strip()
+    value = raw.strip() or DEFAULT_ENDPOINT
+    if not value.lower().startswith(("http://", "https://")):
+        value = f"https://{value}"
+    value = value.rstrip("/")
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
+        ok = bool(parts.hostname) and not parts.query and not parts.fragment and " " not in value
+    except ValueError:
+        ok = False
+    if not ok:
+        shown = re.sub(r"//[^/@]*@", "//***@", value)  # never print a password
+        raise ConfigError(f"{name}={shown!r} is not an http(s) URL",
+                          f"set {name} to e.g. https://modelscope.cn (or https://www.modelscope.ai), or unset it")
+    return value
+
+
+def credentials_file() -> Path:
+    """Where ``modelscope login`` keeps the session: $MODELSCOPE_HOME/credentials/cookies (default ~/.modelscope)."""
+    home = os.environ.get("MODELSCOPE_HOME") or str(Path.home() / ".modelscope")
+    return Path(home).expanduser() / "credentials" / "cookies"
+
+
+class _Stub:
+    """Stands in for the cookie jar's classes while unpickling: holds their state, runs no code."""
+
+    state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _CookieUnpickler(pickle.Unpickler):
+    """Only the classes a requests/http.cookiejar cookie jar is made of, each replaced by an inert ``_Stub``.
+
+    The file is written by the user's own client, but a pickle can run any callable it names; this one names
+    nothing that can.
+    """
+
+    _ALLOWED = frozenset({("requests.cookies", "RequestsCookieJar"), ("http.cookiejar", "CookieJar"),
+                          ("http.cookiejar", "DefaultCookiePolicy"), ("http.cookiejar", "Cookie"),
+                          ("http.cookiejar", "FileCookieJar"), ("http.cookiejar", "MozillaCookieJar"),
+                          ("http.cookiejar", "LWPCookieJar")})
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self._ALLOWED:
+            return type(name, (_Stub,), {})
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a cookie jar")
+
+
+def _cookies(obj: Any) -> list[dict[str, Any]]:
+    """Every cookie's attributes in an unpickled jar (``_cookies[domain][path][name]``)."""
+    state = obj.state if isinstance(obj, _Stub) else None
+    jar = state.get("_cookies") if isinstance(state, dict) else None
+    found = []
+    for paths in (jar or {}).values() if isinstance(jar, dict) else ():
+        for names in paths.values() if isinstance(paths, dict) else ():
+            for cookie in names.values() if isinstance(names, dict) else ():
+                if isinstance(cookie, _Stub) and isinstance(cookie.state, dict):
+                    found.append(cookie.state)
+    return found
+
+
+def saved_token(path: Path | None = None) -> str | None:
+    """The ``m_session_id`` of the saved login, None if there is none, it expired, or the file is not a jar."""
+    path = path or credentials_file()
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_MAX_COOKIE_FILE + 1)
+    except OSError:
+        return None
+    if len(data) > _MAX_COOKIE_FILE:
+        return None
+    try:
+        jar = _CookieUnpickler(io.BytesIO(data)).load()
+    except Exception:  # a damaged or foreign file is no login, whatever the unpickler raised
+        return None
+    for c in _cookies(jar):
+        if c.get("name") == "m_session_id" and isinstance(c.get("value"), str):
+            expires = c.get("expires")
+            if isinstance(expires, int | float) and not isinstance(expires, bool) and expires <= time.time():
+                return None  # the client drops an expired login too (HubConfig.load_cookies)
+            return c["value"].strip() or None
+    return None
+
+
+def token() -> str | None:
+    """MODELSCOPE_API_TOKEN (set but empty: none, as for the real client), else the saved login, else None."""
+    if "MODELSCOPE_API_TOKEN" in os.environ:
+        value = os.environ["MODELSCOPE_API_TOKEN"].strip()
+        where = "MODELSCOPE_API_TOKEN"
+    else:
+        value = saved_token() or ""
+        where = f"the saved login in {credentials_file()}"
+    if value and (not _TOKEN_CHARS.fullmatch(value) or ";" in value):
+        raise ConfigError(f"the ModelScope token from {where} contains characters a header cannot carry",
+                          "set MODELSCOPE_API_TOKEN to the access token exactly as the site shows it")
+    return value or None
+
+
+# ---------------------------------------------------------------- HTTP
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower() or None, parts.port or {"http": 80, "https": 443}.get(scheme)
+
+
+class ScopedPool(HttpPool):
+    """An HttpPool that adds ``auth.headers`` to requests for ``auth.origin`` only, on every hop of a redirect.
+
+    ``HttpPool.get`` sends the headers it is given to every host a redirect leads to, and its own ``token`` is a
+    Bearer header only; ModelScope also needs the cookie, and a 302 to the storage host must carry neither. This
+    is the change the shared pool needs (see the report): per-hop credential headers for one origin.
+    """
+
+    def __init__(self, timeout: float, user_agent: str, auth: Auth | None) -> None:
+        super().__init__(timeout, user_agent)
+        self.scoped_auth = auth
+        self._scoped_origin = _origin(auth.origin) if auth is not None else None
+
+    def headers_for(self, url: str, extra: dict[str, str]) -> dict[str, str]:
+        headers = super().headers_for(url, extra)
+        if self.scoped_auth is not None and _origin(url) == self._scoped_origin:
+            headers.update(self.scoped_auth.headers)
+        return headers
+
+
+class _Retry(Exception):
+    def __init__(self, why: str, wait: float | None = None) -> None:
+        super().__init__(why)
+        self.wait = wait
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return min(_RETRY_AFTER_CAP, max(0.0, float(value))) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: use our own backoff
+
+
+# ---------------------------------------------------------------- the source
+
+class ModelScopeSource:
+    """The ``Source`` for ModelScope. ``ModelScopeSource.from_env()`` is what ``get_source("modelscope")`` returns.
+
+    ``retries`` bounds the extra tries of the listing after a 429, a 5xx or a connection error; the wait is
+    Retry-After when given (capped at 60 s), else ``backoff`` doubled per try (capped at 8x).
+    """
+
+    name = NAME
+
+    def __init__(self, endpoint: str, token: str | None = None, *, timeout: float = 30.0, retries: int = 4,
+                 backoff: float = 1.0) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self._token = token or None
+        self.timeout = timeout
+        self.retries = max(0, retries)
+        self.backoff = max(0.0, backoff)
+        self.user_agent = f"dinov3-fetcher/{__version__}; source/modelscope"
+
+    @classmethod
+    def from_env(cls) -> ModelScopeSource:
+        timeout = number("DINOV3_FETCHER_TIMEOUT", 30.0)
+        return cls(endpoint(), token(), timeout=timeout if timeout > 0 else 30.0,
+                   backoff=max(0.0, number("DINOV3_FETCHER_BACKOFF", 1.0)))
+
+    def __repr__(self) -> str:  # never the token
+        return f"ModelScopeSource({self.endpoint!r}, token={'set' if self._token else 'none'})"
+
+    # ---- Source protocol ----
+    def auth(self) -> Auth | None:
+        if not self._token:
+            return None
+        return Auth(display_origin(self.endpoint),
+                    {"Authorization": f"Bearer {self._token}", "Cookie": f"m_session_id={self._token}"})
+
+    def pool(self) -> ScopedPool:
+        """A pool whose requests to the endpoint carry the credential, and to nowhere else."""
+        return ScopedPool(self.timeout, self.user_agent, self.auth())
+
+    def file_url(self, snap: Snapshot, name: str) -> str:
+        # The revision as requested: which revisions the site takes as a commit is not known, and a pinned id of
+        # our own (Snapshot.commit) is no revision at all. A branch that moves mid-fetch is caught by the sha256.
+        return (f"{snap.endpoint}/api/v1/models/{quote(snap.repo_id, safe='/')}/repo"
+                f"?Revision={quote_plus(snap.revision)}&FilePath={quote_plus(name)}")
+
+    def snapshot(self, repo_id: str, revision: str) -> Snapshot:
+        if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+            raise ConfigError(f"{repo_id!r} is not a ModelScope model id",
+                              "use owner/name, e.g. facebook/dinov3-vitl16-pretrain-lvd1689m")
+        revision = revision or "master"
+        url = (f"{self.endpoint}/api/v1/models/{quote(repo_id, safe='/')}/repo/files"
+               f"?Revision={quote_plus(revision)}&Recursive=True")
+        body = self._get_listing(url, repo_id, revision)
+        files = self._parse_listing(body, repo_id, revision)
+        return Snapshot(NAME, self.endpoint, repo_id, revision, pinned_id(files), files)
+
+    def raise_for_status(self, status: int, headers: Mapping[str, str], body: bytes, url: str,
+                         repo_id: str, revision: str) -> NoReturn:
+        ep = display_origin(self.endpoint)
+        name = _file_name(url)
+        if _origin(url) != _origin(self.endpoint):  # the storage host a download was redirected to
+            if status in (401, 403):
+                raise NetworkError(f"the storage host refused {name} (HTTP {status}; its signed URL expired?)",
+                                   "retry; the next run resumes where this one stopped")
+            if status == 404:
+                raise HubResponseError(f"{ep} redirected {name} of {repo_id} to an object that does not exist",
+                                       "retry later; if it persists the copy on the site is broken")
+        elif status in (401, 403):
+            raise self._denied(status, repo_id)
+        elif status == 404:
+            raise HubResponseError(f"{repo_id}@{revision} lists {name} but {ep} cannot serve it (404)",
+                                   "retry later; the revision may have moved while fetching")
+        if status == 429 or status >= 500:
+            raise NetworkError(f"{ep} answered HTTP {status} for {name} (overloaded or failing)",
+                               "retry later; the next run resumes where this one stopped")
+        raise NetworkError(f"{ep} answered HTTP {status} for {name}",
+                           "check that MODELSCOPE_ENDPOINT points at ModelScope or a faithful mirror")
+
+    # ---- listing ----
+    def _get_listing(self, url: str, repo_id: str, revision: str) -> bytes:
+        pool = self.pool()
+        wait = self.backoff
+        try:
+            for attempt in range(self.retries + 1):
+                try:
+                    return self._get_once(pool, url, repo_id)
+                except _Retry as r:
+                    if attempt >= self.retries:
+                        raise NetworkError(
+                            f"cannot list {repo_id} on {display_origin(self.endpoint)} (MODELSCOPE_ENDPOINT): "
+                            f"{r} after {attempt + 1} tries",
+                            "check the network or retry later; MODELSCOPE_ENDPOINT can point at a mirror") from None
+                    time.sleep(r.wait if r.wait is not None else wait)
+                    wait = min(wait * 2, self.backoff * 8)
+        finally:
+            pool.close()
+        raise AssertionError("unreachable")
+
+    def _get_once(self, pool: ScopedPool, url: str, repo_id: str) -> bytes:
+        try:
+            final, conn, resp = pool.get(url, {"Accept": "application/json"})
+            try:
+                body = resp.read(_MAX_LISTING_BYTES + 1)
+            finally:
+                pool.finish(final, conn, resp)
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Retry(type(exc).__name__) from None
+        if resp.status == 429 or resp.status >= 500:
+            raise _Retry(f"HTTP {resp.status}", _retry_after(resp.getheader("Retry-After")))
+        if resp.status in (401, 403):
+            raise self._denied(resp.status, repo_id)
+        if resp.status == 404:
+            hint = ("check the id ('dinov3-fetcher list' shows the official ones)" +
+                    ("" if self._token else "; a private repo also needs MODELSCOPE_API_TOKEN"))
+            raise RepositoryNotFoundError(f"repo {repo_id} was not found on {display_origin(self.endpoint)}", hint)
+        if resp.status != 200:
+            raise NetworkError(f"{display_origin(self.endpoint)} answered HTTP {resp.status} to the listing of "
+                               f"{repo_id}", "check that MODELSCOPE_ENDPOINT points at ModelScope or a mirror of it")
+        if len(body) > _MAX_LISTING_BYTES:
+            raise self._malformed(repo_id, "a listing larger than 64 MiB")
+        return body
+
+    def _denied(self, status: int, repo_id: str) -> AuthenticationError:
+        page = f"{display_origin(self.endpoint)}/models/{repo_id}"
+        if self._token is None:
+            return AuthenticationError(
+                f"{repo_id} is private or gated on {display_origin(self.endpoint)} and no token was sent ({status})",
+                f"request access at {page}, then set MODELSCOPE_API_TOKEN to an access token "
+                f"({display_origin(self.endpoint)}/my/myaccesstoken) or run 'modelscope login'", status=status)
+        return AuthenticationError(
+            f"your ModelScope token has no access to {repo_id} ({status})",
+            f"request access at {page} and wait for approval, or set MODELSCOPE_API_TOKEN to a token that has it",
+            status=status)
+
+    def _malformed(self, repo_id: str, what: str) -> HubResponseError:
+        return HubResponseError(f"{display_origin(self.endpoint)} answered {what} for {repo_id}",
+                                "check that MODELSCOPE_ENDPOINT points at ModelScope or a faithful mirror")
+
+    def _parse_listing(self, body: bytes, repo_id: str, revision: str) -> dict[str, RemoteFile]:
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise self._malformed(repo_id, "a listing that is not JSON") from None
+        data = doc.get("Data") if isinstance(doc, dict) else None
+        if data is not None and not isinstance(data, dict):
+            raise self._malformed(repo_id, "a listing without Data.Files")
+        entries = (data or {}).get("Files")
+        if not entries:  # Files: null is how the site says "no such revision" (with 200)
+            raise RevisionNotFoundError(f"revision {revision!r} of {repo_id} has no files on "
+                                        f"{display_origin(self.endpoint)} (the site's answer for an unknown revision)",
+                                        "pass a branch, tag or commit that exists (ModelScope's default is master)")
+        if not isinstance(entries, list):
+            raise self._malformed(repo_id, "a listing whose Files is not a list")
+        if len(entries) >= LISTING_LIMIT:
+            raise self._malformed(repo_id, f"a listing cut at {LISTING_LIMIT} entries")
+        files: dict[str, RemoteFile] = {}
+        for e in entries:
+            if not isinstance(e, dict):
+                raise self._malformed(repo_id, "a listing entry that is not an object")
+            if e.get("Type", "blob") == "tree":
+                continue
+            path, size, sha = e.get("Path"), e.get("Size"), e.get("Sha256")
+            if not isinstance(path, str) or not path:
+                raise self._malformed(repo_id, "a listing entry without a Path")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise self._malformed(repo_id, f"no valid Size for {path!r}")
+            if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+                raise self._malformed(repo_id, f"no valid Sha256 for {path!r}")
+            if path in files:
+                raise self._malformed(repo_id, f"{path!r} twice in the listing")
+            files[path] = RemoteFile(path, size, sha.lower())
+        if not files:
+            raise RevisionNotFoundError(f"revision {revision!r} of {repo_id} holds no files",
+                                        "pass a branch, tag or commit that holds the checkpoint")
+        return files
+
+
+def pinned_id(files: Mapping[str, RemoteFile]) -> str:
+    """What ``Snapshot.commit`` is for ModelScope: 40 hex digits of the sha256 of the sorted (path, sha256, size).
+
+    The site names no snapshot commit. Each entry's ``Revision`` is the commit that last changed that file, so the
+    newest of them misses a deletion (the remaining files keep their old Revisions) and says nothing when entries
+    lack one; a digest of the listing itself changes exactly when a file is added, removed, renamed or changed,
+    and never otherwise. 40 hex digits, like a commit id, so that code keyed on commits keeps working; it is not a
+    revision the site knows (``file_url`` uses the requested revision).
+    """
+    h = hashlib.sha256()
+    for name in sorted(files):
+        f = files[name]
+        h.update(f"{name}\0{f.sha256}\0{f.size}\n".encode())
+    return h.hexdigest()[:40]
+
+
+def _file_name(url: str) -> str:
+    query = urlsplit(url).query
+    m = re.search(r"(?:^|&)FilePath=([^&]*)", query)
+    if m:
+        return unquote_plus(m[1])
+    return urlsplit(url).path.rsplit("/", 1)[-1] or url
+
+
+def source() -> ModelScopeSource:
+    """The ModelScope source set up from the environment (what ``get_source("modelscope")`` should return)."""
+    return ModelScopeSource.from_env()
