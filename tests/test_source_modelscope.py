@@ -14,10 +14,7 @@ from typing import NoReturn
 import pytest
 
 from checkpoints import vit_repo_files
-from dinov3_fetcher._sources import Auth, Snapshot
-from dinov3_fetcher._sources import modelscope as msrc
-from dinov3_fetcher._sources.modelscope import ModelScopeSource, pinned_id
-from dinov3_fetcher.errors import (
+from dinov3_fetcher._errors import (
     AuthenticationError,
     ConfigError,
     HubResponseError,
@@ -25,6 +22,9 @@ from dinov3_fetcher.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from dinov3_fetcher._sources import Auth, Snapshot
+from dinov3_fetcher._sources import modelscope as msrc
+from dinov3_fetcher._sources.modelscope import ModelScopeSource, pinned_id
 from modelscope_server import ModelScopeServer
 
 REPO = "facebook/dinov3-vits16-pretrain-lvd1689m"
@@ -328,8 +328,9 @@ def test_malformed_endpoint_is_exit_3(monkeypatch: pytest.MonkeyPatch, value: st
 # ---------- with the transfer layer (the lead wires this into fetch; these pin what it must handle) ----------
 
 def _transfer_once(ms: ModelScopeServer, tmp_path: Path, token: str | None) -> tuple[bool, str]:
-    from dinov3_fetcher.progress import Progress
-    from dinov3_fetcher.transfer import Settings, Target, Transfer
+    from dinov3_fetcher._progress import Progress
+    from dinov3_fetcher._state import StateDir
+    from dinov3_fetcher._transfer import Settings, Target, Transfer
 
     src = ModelScopeSource(ms.endpoint, token)
     repo = PRIVATE if token else REPO
@@ -338,8 +339,10 @@ def _transfer_once(ms: ModelScopeServer, tmp_path: Path, token: str | None) -> t
     def raise_status(status: int, headers: dict[str, str], body: bytes, url: str) -> NoReturn:
         src.raise_for_status(status, headers, body, url, repo, "master")
 
-    t = Transfer(Settings(connections=1, backoff=0.0, retries=2), src.pool(), tmp_path / "partial", tmp_path,
-                 Progress(quiet=True), raise_status)
+    state = StateDir(tmp_path)
+    state.ensure()
+    t = Transfer(Settings(connections=1, backoff=0.0, retries=2), src.pool(), state, Progress(quiet=True),
+                 raise_status)
     rf = snap.files["model.safetensors"]
     try:
         done = t.download(Target(rf.name, src.file_url(snap, rf.name), rf.size, rf.identity, rf.sha256))
@@ -363,8 +366,6 @@ def test_transfer_resumes_through_the_storage_redirect_without_the_token(ms: Mod
     assert all(r.headers.get("cookie") == f"m_session_id={GRANTED}" for r in ms.file_gets(host="api"))
 
 
-@pytest.mark.xfail(strict=True, reason="transfer.py reads any 200 as 'Range ignored, body starts at 0'; ModelScope "
-                   "may answer an honoured Range with 200 + Content-Range (modelscope_hub issue 50)")
 def test_transfer_takes_a_200_with_content_range_as_a_ranged_answer(ms: ModelScopeServer, tmp_path: Path) -> None:
     ms.range_as_200 = True
     ms.faults.add(cut_after=50_000, path_suffix="model.safetensors", host="storage", times=1)

@@ -18,7 +18,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 from ._env import display_origin
 from ._sources import Auth
 
-__all__ = ["Connection", "HttpPool", "Response", "etag_value"]
+__all__ = ["Connection", "HttpPool", "Response", "etag_value", "origin_key"]
 
 Response = http.client.HTTPResponse
 Connection = http.client.HTTPConnection
@@ -40,7 +40,7 @@ class HttpPool:
 
     def __post_init__(self) -> None:
         if self.auth is not None:
-            self._auth_key = _origin_key(self.auth.origin)
+            self._auth_key = origin_key(self.auth.origin)
 
     def _origin(self, url: str) -> tuple[str, str]:
         parts = urlsplit(url)
@@ -92,7 +92,7 @@ class HttpPool:
     def headers_for(self, url: str, extra: dict[str, str]) -> dict[str, str]:
         """The request headers for ``url``; the credential only for the endpoint's own scheme, host and port."""
         headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity", **extra}
-        if self.auth is not None and _origin_key(url) == self._auth_key:
+        if self.auth is not None and origin_key(url) == self._auth_key:
             headers.update(self.auth.headers)
         return headers
 
@@ -168,7 +168,7 @@ def _path(url: str) -> str:
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
-def _origin_key(url: str) -> tuple[str, str | None, int | None]:
+def origin_key(url: str) -> tuple[str, str | None, int | None]:
     """(scheme, host, port) with the scheme's default port filled in: what decides who gets the token."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()

@@ -100,6 +100,10 @@ def get_source(name: str = "hf") -> Source:
         from .hf import HfSource
 
         return HfSource()
+    if name == "modelscope":
+        from .modelscope import ModelScopeSource
+
+        return ModelScopeSource.from_env()
     from .._errors import ConfigError
 
     raise ConfigError(f"unknown source {name!r}", f"use one of: {', '.join(SOURCES)}")

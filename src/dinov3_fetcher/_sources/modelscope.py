@@ -27,12 +27,12 @@ import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote, quote_plus, unquote_plus, urlsplit
 
 from .. import __version__
-from ..env import display_origin, number
-from ..errors import (
+from .._env import display_origin, number
+from .._errors import (
     AuthenticationError,
     ConfigError,
     HubResponseError,
@@ -40,10 +40,16 @@ from ..errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from ..http import HttpPool
+from .._http import HttpPool, origin_key
 from . import Auth, RemoteFile, Snapshot
 
-__all__ = ["DEFAULT_ENDPOINT", "ModelScopeSource", "ScopedPool", "endpoint", "saved_token", "source", "token"]
+if TYPE_CHECKING:
+    import threading
+
+    from .._manifest import Manifest
+    from .._transfer import Transfer
+
+__all__ = ["DEFAULT_ENDPOINT", "ModelScopeSource", "endpoint", "saved_token", "source", "token"]
 
 NAME = "modelscope"
 DEFAULT_ENDPOINT = "https://modelscope.cn"
@@ -168,32 +174,6 @@ def token() -> str | None:
 
 # ---------------------------------------------------------------- HTTP
 
-def _origin(url: str) -> tuple[str, str | None, int | None]:
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    return scheme, (parts.hostname or "").lower() or None, parts.port or {"http": 80, "https": 443}.get(scheme)
-
-
-class ScopedPool(HttpPool):
-    """An HttpPool that adds ``auth.headers`` to requests for ``auth.origin`` only, on every hop of a redirect.
-
-    ``HttpPool.get`` sends the headers it is given to every host a redirect leads to, and its own ``token`` is a
-    Bearer header only; ModelScope also needs the cookie, and a 302 to the storage host must carry neither. This
-    is the change the shared pool needs (see the report): per-hop credential headers for one origin.
-    """
-
-    def __init__(self, timeout: float, user_agent: str, auth: Auth | None) -> None:
-        super().__init__(timeout, user_agent)
-        self.scoped_auth = auth
-        self._scoped_origin = _origin(auth.origin) if auth is not None else None
-
-    def headers_for(self, url: str, extra: dict[str, str]) -> dict[str, str]:
-        headers = super().headers_for(url, extra)
-        if self.scoped_auth is not None and _origin(url) == self._scoped_origin:
-            headers.update(self.scoped_auth.headers)
-        return headers
-
-
 class _Retry(Exception):
     def __init__(self, why: str, wait: float | None = None) -> None:
         super().__init__(why)
@@ -225,7 +205,7 @@ class ModelScopeSource:
         self.timeout = timeout
         self.retries = max(0, retries)
         self.backoff = max(0.0, backoff)
-        self.user_agent = f"dinov3-fetcher/{__version__}; source/modelscope"
+        self._user_agent = f"dinov3-fetcher/{__version__}; source/modelscope"
 
     @classmethod
     def from_env(cls) -> ModelScopeSource:
@@ -243,9 +223,17 @@ class ModelScopeSource:
         return Auth(display_origin(self.endpoint),
                     {"Authorization": f"Bearer {self._token}", "Cookie": f"m_session_id={self._token}"})
 
-    def pool(self) -> ScopedPool:
+    def user_agent(self) -> str:
+        return self._user_agent
+
+    def early(self, transfer: Transfer, old: Manifest | None, repo_id: str, revision: str,
+              cancel: threading.Event) -> None:
+        """No early bytes: ModelScope's listing is the only way to learn the files' hashes."""
+        return None
+
+    def pool(self) -> HttpPool:
         """A pool whose requests to the endpoint carry the credential, and to nowhere else."""
-        return ScopedPool(self.timeout, self.user_agent, self.auth())
+        return HttpPool(self.timeout, self._user_agent, self.auth())
 
     def file_url(self, snap: Snapshot, name: str) -> str:
         # The revision as requested: which revisions the site takes as a commit is not known, and a pinned id of
@@ -268,7 +256,7 @@ class ModelScopeSource:
                          repo_id: str, revision: str) -> NoReturn:
         ep = display_origin(self.endpoint)
         name = _file_name(url)
-        if _origin(url) != _origin(self.endpoint):  # the storage host a download was redirected to
+        if origin_key(url) != origin_key(self.endpoint):  # the storage host a download was redirected to
             if status in (401, 403):
                 raise NetworkError(f"the storage host refused {name} (HTTP {status}; its signed URL expired?)",
                                    "retry; the next run resumes where this one stopped")
@@ -306,7 +294,7 @@ class ModelScopeSource:
             pool.close()
         raise AssertionError("unreachable")
 
-    def _get_once(self, pool: ScopedPool, url: str, repo_id: str) -> bytes:
+    def _get_once(self, pool: HttpPool, url: str, repo_id: str) -> bytes:
         try:
             final, conn, resp = pool.get(url, {"Accept": "application/json"})
             try:
