@@ -63,6 +63,7 @@ def _sub_epilog(*examples: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command, with examples and the exit codes in each --help."""
     epilog = _EPILOG.format(exit_codes=exit_code_summary())
     parser = _Parser(prog=PROG, description="Fetch a DINOv3 teacher checkpoint from the Hugging Face Hub into "
                      "dino_root, resumable and verified byte for byte. Without a command: fetch.",
@@ -164,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def threading_is_main() -> bool:
+    """Whether this is the main thread (only it may install the SIGTERM handler)."""
     import threading
 
     return threading.current_thread() is threading.main_thread()

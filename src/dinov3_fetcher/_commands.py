@@ -40,6 +40,7 @@ def _root_only(args: argparse.Namespace) -> Path:
 
 
 def cmd_fetch(args: argparse.Namespace) -> dict[str, Any]:
+    """fetch (or --dry-run): the checkpoint's path on stdout, one summary line on stderr."""
     from ._fetch import fetch
     from ._plan import dry_run
 
@@ -71,6 +72,7 @@ def cmd_fetch(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
+    """list: the official DINOv3 checkpoints from the registry."""
     from ._registry import VARIANTS
 
     header = f"{'repo id':<48} {'arch':<22} {'params':>8} {'dim/heads/layers':>17} {'weights':>9}  notes"
@@ -92,6 +94,7 @@ def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
+    """verify: offline checks (sizes and headers; --deep re-hashes; --load runs the model); exit 13 on a problem."""
     from ._verify import verify_dinov3
 
     root = _root_only(args)
@@ -130,6 +133,7 @@ def _when(ts: float | None) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
+    """info: what dino_root holds and whether it is the requested checkpoint."""
     from ._validate import find_problems, why_not
 
     req = _request(args)  # raises ConfigError("no dino_root given") without --config/--dino-root

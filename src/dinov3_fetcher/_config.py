@@ -139,6 +139,7 @@ def make_request(dino_root: str | os.PathLike[str], model: str = DEFAULT_MODEL, 
 
 
 def check_revision(revision: str) -> str:
+    """Return the revision if git would accept it as a ref name or commit, else raise ConfigError."""
     if not isinstance(revision, str) or not _REVISION.match(revision.strip()):
         raise ConfigError(f"{revision!r} is not a revision (a git branch, tag or commit name)",
                           "pass a branch, a tag or a 40-hex commit to --revision")

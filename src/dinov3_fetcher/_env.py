@@ -81,6 +81,7 @@ def known_secrets() -> list[str]:
 
 
 def lock_timeout(default: float = 3600.0) -> float:
+    """DINOV3_FETCHER_LOCK_TIMEOUT: seconds to wait for another fetcher on the same dino_root."""
     return number("DINOV3_FETCHER_LOCK_TIMEOUT", default)
 
 

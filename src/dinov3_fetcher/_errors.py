@@ -46,6 +46,7 @@ class FetcherError(Exception):
         super().__init__(self.one_line())
 
     def one_line(self) -> str:
+        """The message and its fix as one line: what the CLI prints after 'error:'."""
         return f"{self.message} -> {self.hint}" if self.hint else self.message
 
     def __str__(self) -> str:

@@ -57,6 +57,7 @@ class FetchResult:
     source: str = "hf"
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as JSON-able data (what --json prints)."""
         return {
             "path": str(self.path), "source": self.source, "repo_id": self.repo_id, "revision": self.revision,
             "commit": self.commit, "cached": self.cached, "requests_made": self.requests_made,
@@ -66,9 +67,10 @@ class FetchResult:
         }
 
 
-def ready(req: FetchRequest) -> Manifest | None:
-    """The manifest if dino_root holds a valid checkpoint of the request, else None (zero network)."""
-    manifest = StateDir(req.dino_root).read_manifest()
+def ready(req: FetchRequest, manifest: Manifest | None = None) -> Manifest | None:
+    """The manifest if dino_root holds a valid checkpoint of the request, else None (zero network).
+    ``manifest``: the one already read, else it is read here."""
+    manifest = manifest or StateDir(req.dino_root).read_manifest()
     if manifest is None or not manifest.matches(req.model, req.revision):
         return None
     return manifest if not find_problems(req.dino_root, manifest) else None
@@ -135,10 +137,11 @@ def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None 
                           "make dino_root's folder writable or point dino_root elsewhere") from None
     timeout = lock_timeout if lock_timeout is not None else env.lock_timeout()
     with state.locked(timeout, progress, disabled=env.lock_disabled()):
-        if not update and (m := ready(req)):
+        old = state.read_manifest()  # once under the lock
+        if not update and (m := ready(req, old)):
             return _cached(req, m, t0)
         try:
-            result = _fetch_locked(state, req, progress)
+            result = _fetch_locked(state, req, old, progress)
         except KeyboardInterrupt:
             raise FetchInterrupted("interrupted; the partial download is kept in " + str(state.partial),
                                    "run the same command again: it resumes where it stopped") from None
@@ -216,7 +219,7 @@ def _check_space(state: StateDir, planned: list[PlannedFile]) -> None:
             "free some space or point dino_root at a bigger disk", needed=needed, free=free)
 
 
-def _fetch_locked(state: StateDir, req: FetchRequest, progress: Progress) -> FetchResult:
+def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, progress: Progress) -> FetchResult:
     from ._http import HttpPool
     from ._plan import Run
     from ._sources import get_source
@@ -230,7 +233,6 @@ def _fetch_locked(state: StateDir, req: FetchRequest, progress: Progress) -> Fet
         source.raise_for_status(status, headers, body, url, req.model, req.revision)
 
     transfer = Transfer(settings, pool, state, progress, raise_status)
-    old = state.read_manifest()
     # The weights may start flowing now (the Hub's head start); the listing below decides whether they are kept.
     early = source.early(transfer, old, req.model, req.revision, transfer.cancel)
     transfer.early = early.take if early is not None else None

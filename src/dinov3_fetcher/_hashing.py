@@ -21,6 +21,7 @@ WINDOW = 8 * 1024 * 1024
 
 
 class Hasher(Protocol):
+    """Anything hashlib-like that takes bytes."""
     def update(self, data: memoryview, /) -> None: ...
 
 
@@ -31,6 +32,7 @@ def git_blob_hasher(size: int) -> hashlib._Hash:
 
 
 def git_blob_id(data: bytes) -> str:
+    """git's blob id of ``data`` (what the Hub lists for a regular file)."""
     h = git_blob_hasher(len(data))
     h.update(data)
     return h.hexdigest()

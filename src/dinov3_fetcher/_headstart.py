@@ -71,6 +71,7 @@ class HeadStart:
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
+        """Begin: learn the weights from the resolve answers and start their transfer, in the background."""
         self._spawn(self._plan, "head-start")
 
     def _spawn(self, fn: Callable[[], None], name: str) -> None:

@@ -68,6 +68,7 @@ class HttpPool:
         return http.client.HTTPConnection(netloc, timeout=self.timeout)
 
     def acquire(self, url: str) -> Connection:
+        """An idle connection to the URL's origin, or a new one (proxy and TLS as the network policy says)."""
         origin = self._origin(url)
         with self._lock:
             idle = self._idle.get(origin)
@@ -76,10 +77,12 @@ class HttpPool:
         return self._new(*origin)
 
     def release(self, url: str, conn: Connection) -> None:
+        """Give a connection whose response was read to the end back to the pool."""
         with self._lock:
             self._idle.setdefault(self._origin(url), []).append(conn)
 
     def close(self) -> None:
+        """Close every idle connection."""
         with self._lock:
             for conns in self._idle.values():
                 for c in conns:
@@ -87,6 +90,7 @@ class HttpPool:
             self._idle.clear()
 
     def display_host(self, url: str) -> str:
+        """The URL's host[:port] for messages, without credentials or query string."""
         return display_origin(url, scheme=False)
 
     def headers_for(self, url: str, extra: dict[str, str]) -> dict[str, str]:

@@ -115,6 +115,7 @@ class Job:
 
     # -- work distribution --------------------------------------------------------------------------
     def take(self) -> _Segment | None:
+        """The next piece for a worker: the first idle range, or half of the largest busy one; None when done."""
         with self.lock:
             if self.error is not None or self.t.cancel.is_set():
                 return None
@@ -144,6 +145,7 @@ class Job:
             return seg
 
     def worker(self) -> None:
+        """A connection's loop: take a piece, fetch it, until there is none; the first error stops the job."""
         buf = bytearray(self.t.settings.block)
         try:
             while (seg := self.take()) is not None:
@@ -160,6 +162,7 @@ class Job:
                 self.lock.notify_all()
 
     def fetch_segment(self, seg: _Segment, buf: bytearray) -> None:
+        """Fetch one piece, retrying with backoff while attempts in a row make no progress."""
         failures, backoff = 0, self.t.settings.backoff
         while seg.pos < seg.end:
             if self.t.cancel.is_set() or self.error is not None:
@@ -183,6 +186,7 @@ class Job:
                 backoff = min(backoff * 2, self.t.settings.backoff * 8)
 
     def stream(self, seg: _Segment, buf: bytearray) -> None:
+        """One GET of the piece (a Range request unless it is the whole file), copied to disk."""
         size = self.target.size
         headers = {} if (seg.pos == 0 and seg.end == size) else {"Range": f"bytes={seg.pos}-{seg.end - 1}"}
         try:
@@ -206,6 +210,7 @@ class Job:
             self.t.pool.finish(url, conn, resp)
 
     def check_response(self, resp: Response, seg: _Segment, headers: dict[str, str]) -> None:
+        """Raise what a non-200/206 answer means: a retry (429, 5xx, an expired signed URL) or the source's error."""
         if resp.status in (200, 206):
             etag = etag_value(resp.getheader("ETag"))
             want = self.target.sha256
@@ -246,6 +251,7 @@ class Job:
             return True
 
     def copy(self, resp: Response, seg: _Segment, buf: bytearray, offset: int) -> None:
+        """Read the body into the buffer and write what belongs to the piece, recording progress."""
         mv = memoryview(buf)
         while True:
             with self.lock:
@@ -306,6 +312,7 @@ class Job:
                               f"free space in {self.t.state.root} and run again: the download resumes", free=free)
 
     def fail_integrity(self, why: str) -> NoReturn:
+        """Raise IntegrityError: the bytes are not the listed file (the partial is discarded)."""
         raise IntegrityError(f"{self.target.name}: {why}; the file was discarded",
                              "run again to re-download it; if it repeats, HF_ENDPOINT serves corrupt data")
 
@@ -340,6 +347,7 @@ class Job:
 
 
 def seg_done(job: Job) -> int:
+    """Bytes of the job's file already on disk."""
     with job.lock:
         return job.target.size - sum(s.end - s.pos for s in job.segments if s.pos < s.end)
 

@@ -38,6 +38,7 @@ def check_filename(name: object) -> str:
 
 
 def is_standard_weight(name: str) -> bool:
+    """Is ``name`` a weight file name transformers loads by itself (single file, index or shard)?"""
     return bool(_STANDARD_WEIGHTS.fullmatch(name))
 
 

@@ -116,6 +116,7 @@ class Preprocess:
 
     @classmethod
     def from_dir(cls, dino_root: str | os.PathLike[str], device: Any = "cpu", dtype: Any = None) -> Preprocess:
+        """The preprocessing of the checkpoint in ``dino_root`` (its preprocessor_config.json)."""
         path = Path(dino_root) / PREPROCESSOR
         try:
             cfg = read_json_object(path)

@@ -21,15 +21,18 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def is_commit(revision: str) -> bool:
+    """Is ``revision`` a 40-hex commit id?"""
     return bool(_COMMIT.match(revision))
 
 
 def is_sha256(value: str) -> bool:
+    """Is ``value`` a 64-hex sha256?"""
     return bool(_SHA256.match(value))
 
 
 @dataclass(frozen=True)
 class FileRecord:
+    """One published file: its size and sha256 (and the Hub's git id, when it listed one)."""
     size: int
     sha256: str
     git_oid: str | None = None  # the Hub's blob id (git sha1 of the file, or of its LFS pointer)
@@ -37,6 +40,7 @@ class FileRecord:
 
 @dataclass
 class Manifest:
+    """What dino_root holds, as this tool published it."""
     repo_id: str
     revision: str  # as requested: branch, tag or commit
     commit: str  # the pinned id the revision resolved to (the Hub's commit)
@@ -51,11 +55,13 @@ class Manifest:
     format: int = MANIFEST_FORMAT
 
     def to_json(self) -> bytes:
+        """The manifest as the bytes of manifest.json."""
         data = asdict(self)
         return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
+        """Parse manifest.json; ValueError, KeyError or TypeError for anything else."""
         data: Any = json.loads(raw)
         if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
             raise ValueError("unknown manifest format")

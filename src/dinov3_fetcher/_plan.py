@@ -26,6 +26,7 @@ __all__ = ["DryRun", "PlannedFile", "Run", "dry_run"]
 
 @dataclass
 class PlannedFile:
+    """One file of a fetch and how much of it is already on disk."""
     name: str
     size: int
     present: int  # bytes already on disk (a complete file reused, or a partial download)
@@ -47,6 +48,7 @@ class Run:
         self.lock = threading.Lock()  # get() runs in several threads (see _fetch._get_all)
 
     def remote(self, name: str) -> RemoteFile:
+        """The listed file ``name``; NotDinov3Error for a missing config, HubResponseError otherwise."""
         rf = self.snap.files.get(name)
         if rf is None and name in (CONFIG, PREPROCESSOR):
             raise NotDinov3Error(f"{self.snap.repo_id} has no {name}: not a transformers DINOv3 checkpoint",
@@ -129,6 +131,7 @@ class Run:
 
 @dataclass
 class DryRun:
+    """What a fetch would download, as --dry-run shows it."""
     root: Path
     repo_id: str
     revision: str
@@ -139,9 +142,11 @@ class DryRun:
 
     @property
     def to_download(self) -> int:
+        """Bytes still to download."""
         return sum(f.size - f.present for f in self.files)
 
     def to_dict(self) -> dict[str, Any]:
+        """The dry run as JSON-able data."""
         return {"path": str(self.root), "source": self.source, "repo_id": self.repo_id, "revision": self.revision,
                 "commit": self.commit, "bytes_to_download": self.to_download,
                 "bytes_present": sum(f.present for f in self.files), "free_bytes": self.free,

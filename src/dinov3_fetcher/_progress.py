@@ -15,6 +15,7 @@ __all__ = ["Progress", "human_bytes"]
 
 
 def human_bytes(n: float) -> str:
+    """``n`` bytes in decimal units (KB, MB, GB), as the messages show sizes."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -23,6 +24,7 @@ def human_bytes(n: float) -> str:
 
 
 class Progress:
+    """The aggregate progress line of a fetch (and of verify --deep)."""
     def __init__(self, total: int = 0, *, quiet: bool = False, force: bool = False, verbose: bool = False,
                  stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
@@ -39,12 +41,14 @@ class Progress:
         self._files: dict[str, tuple[int, int, float]] = {}
 
     def message(self, text: str) -> None:
+        """Print one line (clearing the bar first), unless quiet."""
         if not self.quiet:
             with self._lock:
                 self._clear()
                 print(text, file=self.stream, flush=True)
 
     def start_file(self, name: str, size: int, resumed: int) -> None:
+        """A file starts, ``resumed`` of its bytes already on disk."""
         with self._lock:
             self.done += resumed
             self.resumed += resumed
@@ -53,6 +57,7 @@ class Progress:
             self.message(f"resuming {name} at {human_bytes(resumed)} of {human_bytes(size)}")
 
     def advance(self, n: int) -> None:
+        """``n`` more bytes arrived; redraws at most 10 times a second."""
         with self._lock:
             self.done += n
             self.fetched += n
@@ -62,6 +67,7 @@ class Progress:
                 self._draw(now)
 
     def end_file(self, name: str) -> None:
+        """A file is verified (one line with -v)."""
         size, resumed, t0 = self._files.get(name, (0, 0, time.monotonic()))
         if self.quiet or not self.verbose:
             return
@@ -71,6 +77,7 @@ class Progress:
                      f"{human_bytes((size - resumed) / dt)}/s{extra}, sha256 verified)")
 
     def close(self) -> None:
+        """Draw the final state and end the line."""
         with self._lock:
             if self.bar:
                 self._draw(time.monotonic())

@@ -14,6 +14,7 @@ DEFAULT_MODEL = "facebook/dinov3-vitl16-pretrain-lvd1689m"
 
 @dataclass(frozen=True)
 class Variant:
+    """One official DINOv3 checkpoint: its repo id and architecture."""
     repo_id: str
     arch: str
     family: str  # "vit" or "convnext"
@@ -30,6 +31,7 @@ class Variant:
 
     @property
     def is_default(self) -> bool:
+        """Is this the default model (ViT-L/16)?"""
         return self.repo_id == DEFAULT_MODEL
 
 

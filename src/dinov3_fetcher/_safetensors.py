@@ -32,6 +32,7 @@ class SafetensorsError(ValueError):
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """One tensor of a safetensors header: dtype, shape and its byte range in the data."""
     dtype: str
     shape: tuple[int, ...]
     begin: int

@@ -142,9 +142,11 @@ class StateDir:
             return None
 
     def write_manifest(self, manifest: Manifest) -> None:
+        """Replace manifest.json atomically."""
         atomic_write_bytes(self.manifest_path, manifest.to_json())
 
     def ensure(self) -> None:
+        """Create the partial and staged folders."""
         for p in (self.partial, self.staged):
             p.mkdir(parents=True, exist_ok=True)
 
@@ -239,6 +241,7 @@ class StateDir:
         return None
 
     def any_staged(self, identity: str, name: str) -> bool:
+        """Is a staged copy of this content there, whoever staged it?"""
         return self.staged.is_dir() and any(self.staged.glob(f"*/{identity}.{name}"))
 
     # -- publishing ----------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
+        """The settings from DINOV3_FETCHER_* (and HF_HUB_DOWNLOAD_TIMEOUT)."""
         timeout = env.number("DINOV3_FETCHER_TIMEOUT", env.number("HF_HUB_DOWNLOAD_TIMEOUT", cls.timeout))
         return cls(
             connections=max(1, int(env.number("DINOV3_FETCHER_CONNECTIONS", cls.connections))),
@@ -52,6 +53,7 @@ class Settings:
 
 @dataclass(frozen=True)
 class Target:
+    """A file to download: where, its size, and the hashes its bytes must have."""
     name: str
     url: str
     size: int
@@ -62,6 +64,7 @@ class Target:
 
 @dataclass
 class Done:
+    """A verified download, still in its partial folder."""
     path: Path  # the verified data file, still inside the claimed partial folder
     sha256: str
     fetched: int  # bytes received over the network for this file
@@ -86,6 +89,7 @@ class Transfer:
     _locations: dict[str, str] = field(default_factory=dict)
 
     def open(self, target: Target, headers: dict[str, str]) -> tuple[str, Connection, Response]:
+        """GET the target's URL (or the location it last redirected to) with ``headers``."""
         url = self._locations.get(target.url, target.url)
         final, conn, resp = self.pool.get(url, headers)
         if final != url:
@@ -93,6 +97,7 @@ class Transfer:
         return final, conn, resp
 
     def forget_location(self, target: Target) -> bool:
+        """Drop a remembered redirect target (a refused signed URL); True if there was one."""
         return self._locations.pop(target.url, None) is not None
 
     def store(self, target: Target, body: bytes) -> Done:

@@ -29,6 +29,7 @@ _STAGE_LAYER = re.compile(r"^stages\.(\d+)\.layers\.(\d+)\.")
 
 @dataclass(frozen=True)
 class Problem:
+    """One thing wrong with a checkpoint folder: which file, and what."""
     file: str
     message: str
 

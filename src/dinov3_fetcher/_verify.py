@@ -20,6 +20,7 @@ __all__ = ["FileCheck", "VerifyReport", "verify_dinov3"]
 
 @dataclass
 class FileCheck:
+    """verify's verdict on one file."""
     name: str
     size: int
     ok: bool
@@ -28,6 +29,7 @@ class FileCheck:
 
 @dataclass
 class VerifyReport:
+    """What verify found."""
     root: Path
     manifest: Manifest | None
     deep: bool
@@ -37,6 +39,7 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
+        """Did every check pass?"""
         return not self.problems and all(f.ok for f in self.files)
 
 

@@ -25,6 +25,7 @@ SOURCES = ("hf", "modelscope")
 
 @dataclass(frozen=True)
 class RemoteFile:
+    """One file of a snapshot: its size and the hash that its bytes must have."""
     name: str
     size: int
     sha256: str | None  # the content's sha256 when the source lists it (Hub LFS files, every ModelScope file)
@@ -38,6 +39,7 @@ class RemoteFile:
 
 @dataclass(frozen=True)
 class Snapshot:
+    """A revision of a repo as a source lists it, pinned to one id."""
     source: str  # "hf" or "modelscope"
     endpoint: str  # the source's base URL, without a trailing slash
     repo_id: str
@@ -65,6 +67,7 @@ class EarlyBytes(Protocol):
 
 
 class Source(Protocol):
+    """A hub the files come from (see the module docstring)."""
     name: str
     endpoint: str
 

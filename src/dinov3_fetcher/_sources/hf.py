@@ -51,10 +51,12 @@ def load_api() -> None:
 
 
 def user_agent() -> str:
+    """The User-Agent of our requests to the Hub (ours and huggingface_hub's versions)."""
     return f"dinov3-fetcher/{__version__}; hf_hub/{hf_version()}"
 
 
 def hf_version() -> str:
+    """huggingface_hub's version."""
     from huggingface_hub import __version__ as v
 
     return v
@@ -156,6 +158,7 @@ def raise_mapped(exc: BaseException, repo_id: str, revision: str) -> NoReturn:
 
 
 def map_error(exc: BaseException, repo_id: str, revision: str) -> BaseException:
+    """The FetcherError that says what a huggingface_hub or httpx2 exception means for the user."""
     if isinstance(exc, FetcherError):
         return exc
     import httpx2
