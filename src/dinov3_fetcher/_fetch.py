@@ -6,6 +6,7 @@ headers and returns: no request, and no hub client is even imported.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -20,6 +21,7 @@ from ._config import FetchRequest, make_request
 from ._errors import (
     ConfigError,
     DiskSpaceError,
+    FetcherError,
     FetchInterrupted,
     HubResponseError,
     LocalEntryNotFoundError,
@@ -130,23 +132,39 @@ def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None 
     if env.is_offline():
         raise _offline_error(req)
     state = StateDir(req.dino_root)
+    timeout = lock_timeout if lock_timeout is not None else env.lock_timeout()
     try:
         state.ensure()
-    except OSError as exc:
-        raise ConfigError(f"cannot create {state.path}: {exc.strerror}",
-                          "make dino_root's folder writable or point dino_root elsewhere") from None
-    timeout = lock_timeout if lock_timeout is not None else env.lock_timeout()
-    with state.locked(timeout, progress, disabled=env.lock_disabled()):
-        old = state.read_manifest()  # once under the lock
-        if not update and (m := ready(req, old)):
-            return _cached(req, m, t0)
-        try:
+        with state.locked(timeout, progress, disabled=env.lock_disabled()):
+            old = state.read_manifest()  # once under the lock
+            if not update and (m := ready(req, old)):
+                return _cached(req, m, t0)
             result = _fetch_locked(state, req, old, progress)
-        except KeyboardInterrupt:
-            raise FetchInterrupted("interrupted; the partial download is kept in " + str(state.partial),
-                                   "run the same command again: it resumes where it stopped") from None
+    except KeyboardInterrupt:
+        raise FetchInterrupted("interrupted; the partial download is kept in " + str(state.partial),
+                               "run the same command again: it resumes where it stopped") from None
+    except OSError as exc:
+        raise _disk_error(exc, state) from None
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _disk_error(exc: OSError, state: StateDir) -> Exception:
+    """What an OSError from dino_root's filesystem means for the user: no space or no inodes (exit 9), or a
+    folder that cannot be written (exit 3). Our own errors, and any other OSError, pass unchanged."""
+    if isinstance(exc, FetcherError):
+        return exc
+    where = f"{exc.filename}" if exc.filename else str(state.root)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(state.root if state.root.exists() else state.root.parent).free
+        return DiskSpaceError(f"no space left on the disk of {state.root} while writing {where} "
+                              f"({human_bytes(free)} free; inodes may be used up)",
+                              "free space (or files) there, or point dino_root at a bigger disk; "
+                              "the next run resumes", free=free)
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return ConfigError(f"cannot write in {state.root}: {exc.strerror} ({where})",
+                           "make dino_root writable, or point train.dino_root (--dino-root) at a writable folder")
+    return exc
 
 
 def _cached(req: FetchRequest, m: Manifest, t0: float) -> FetchResult:

@@ -218,17 +218,28 @@ class Job:
                 self.fail_integrity(f"the server sent a different file (ETag {etag[:12]}..., expected {want[:12]}...)")
             if _ranged(resp):  # a 206, or a 200 that still says which range it is (ModelScope's storage)
                 cr = resp.getheader("Content-Range") or ""
+                self.check_total(cr.rpartition("/")[2])
                 if not cr.startswith(f"bytes {seg.pos}-"):
                     raise _Retry(f"unexpected Content-Range {cr!r}")
+            elif resp.status == 200 and not resp.chunked:
+                self.check_total(resp.getheader("Content-Length") or "")
             return
         body = resp.read(64 * 1024) if resp.status < 500 else b""
         if resp.status == 416:
+            self.check_total((resp.getheader("Content-Range") or "").rpartition("/")[2])
             raise _Retry("range not satisfiable")
         if resp.status in _RETRYABLE_STATUS:
             raise _Retry(f"HTTP {resp.status}", _retry_after(resp))
         if resp.status == 403 and self.t.forget_location(self.target):
             raise _Retry("HTTP 403 from a signed URL (expired?)", 0)
         self.t.raise_status(resp.status, dict(resp.getheaders()), body, self.target.url)
+
+    def check_total(self, total: str) -> None:
+        """The server's size of the whole file (from Content-Range or a full answer's Content-Length) must be the
+        listed one: a listing that promises more (or less) than the server has is an integrity error, not a
+        network error to retry forever."""
+        if total.strip().isdigit() and int(total) != self.target.size:
+            self.fail_integrity(f"the server has {int(total)} bytes of it, the listing says {self.target.size}")
 
     def become_whole_file(self, seg: _Segment) -> bool:
         """The server ignored Range: this worker restreams the whole file, every other piece is dropped.

@@ -7,6 +7,8 @@ huggingface_hub is imported only when a request is about to be made: a warm run 
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, NoReturn
 from urllib.parse import quote
@@ -68,8 +70,11 @@ class HfSource:
     name = "hf"
 
     def __init__(self) -> None:
+        from .._transfer import Settings
+
         self.endpoint = endpoint()
         self.token = get_token()
+        self.settings = Settings.from_env()  # the same timeout and retries as the bytes
 
     def user_agent(self) -> str:
         return user_agent()
@@ -100,10 +105,19 @@ class HfSource:
 
         api = HfApi(endpoint=self.endpoint, token=self.token or False, library_name="dinov3-fetcher",
                     library_version=__version__)
-        try:
-            info = api.model_info(repo_id, revision=revision, files_metadata=True)
-        except Exception as exc:
-            raise_mapped(exc, repo_id, revision)
+        s = self.settings
+        failures, backoff = 0, s.backoff
+        while True:
+            try:
+                info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=s.timeout)
+                break
+            except Exception as exc:
+                failures += 1
+                wait = _retry_wait(exc)
+                if wait is None or failures > s.retries:
+                    raise_mapped(exc, repo_id, revision)
+                time.sleep(wait if wait >= 0 else backoff)
+                backoff = min(backoff * 2, s.backoff * 8)
         commit = info.sha or ""
         siblings = [(s.rfilename, s.size, s.blob_id, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []]
         if not is_commit(commit):
@@ -124,6 +138,25 @@ class HfSource:
 
 
 _FAITHFUL = "check that HF_ENDPOINT points at a Hugging Face Hub or a faithful mirror"
+
+
+def _retry_wait(exc: BaseException) -> float | None:
+    """How long to wait before retrying the metadata request after ``exc``: Retry-After (capped) for a 429 or
+    5xx that sends one, -1 for the backoff (other 429/408/5xx, a timeout, a reset, a refused connection), None
+    for an error that a retry cannot fix (401, 404, a malformed answer...)."""
+    import httpx2
+
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if status is not None:
+        if status not in (408, 429) and status < 500:
+            return None
+        try:
+            seconds = float(response.headers.get("Retry-After", "x"))  # type: ignore[union-attr]
+        except ValueError:
+            return -1.0
+        return min(max(seconds, 0.0), 120.0) if math.isfinite(seconds) else -1.0
+    return -1.0 if isinstance(exc, httpx2.TransportError | OSError) else None
 
 
 def raise_for_file_status(status: int, headers: dict[str, str], body: bytes, url: str,
