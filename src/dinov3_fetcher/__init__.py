@@ -14,11 +14,15 @@ __all__ = [
     "DEFAULT_MODEL",
     "__version__",
     "fetch_dinov3",
+    "fetch_once",
+    "load_teacher",
     "validate_dinov3",
 ]
 
 if TYPE_CHECKING:
+    from .distributed import fetch_once
     from .fetch import fetch_dinov3, validate_dinov3
+    from .load import load_teacher
     from .variants import DEFAULT_MODEL
 
 
@@ -28,6 +32,14 @@ def __getattr__(name: str) -> Any:
         from . import fetch
 
         return getattr(fetch, name)
+    if name == "load_teacher":
+        from .load import load_teacher
+
+        return load_teacher
+    if name == "fetch_once":
+        from .distributed import fetch_once
+
+        return fetch_once
     if name == "DEFAULT_MODEL":
         from .variants import DEFAULT_MODEL
 
