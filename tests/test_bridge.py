@@ -9,9 +9,9 @@ run on CPU. Reference outputs come from transformers' own ``AutoModel`` on the s
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -426,15 +426,14 @@ def _constraints(path: Path) -> Path:
              "pyyaml", "packaging", "tqdm", "typing-extensions", "sympy", "networkx", "jinja2", "fsspec")
     lines = []
     for name in names:
-        try:
+        with contextlib.suppress(Exception):  # not installed: no constraint
             lines.append(f"{name}=={version(name)}")
-        except Exception:
-            pass
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 @needs_load
+@pytest.mark.slow  # ~45 s on the shared dev machine (wheel build, venv, install from the uv cache, imports)
 @pytest.mark.skipif(shutil.which("uv") is None, reason="uv is not on PATH (it builds the wheel and the venv)")
 @pytest.mark.skipif(not list(Path("/opt/wheels").glob("torch-*.whl")),
                     reason="no torch wheel in /opt/wheels (the local CPU wheel store)")
@@ -496,6 +495,7 @@ dist.destroy_process_group()
 
 
 @needs_load
+@pytest.mark.slow  # ~30 s: two ranks each import torch and transformers
 def test_torchrun_two_processes_fetch_once(hub: HubServer, vit_files: dict[str, bytes], tmp_path: Path,
                                            dino_root: Path) -> None:
     worker = tmp_path / "worker.py"
@@ -514,4 +514,4 @@ def test_torchrun_two_processes_fetch_once(hub: HubServer, vit_files: dict[str, 
     assert hub.bytes_served("model.safetensors") == len(vit_files["model.safetensors"])  # once, not twice
     assert len(hub.file_gets("/config.json")) == 1
     assert len([r for r in hub.requests if r.path.startswith("/api/models/")]) == 1
-    assert os.path.isfile(dino_root / "model.safetensors")
+    assert (dino_root / "model.safetensors").is_file()

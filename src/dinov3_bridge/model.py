@@ -17,8 +17,10 @@ ConvNeXt checkpoints work too, as a feature map: ``cls_token`` is the pooled tok
 
 Memory: the weights take ``parameters x bytes per element`` (float32 4, bfloat16/float16 2) on the device.
 A ViT-L/16 needs 1.2 GB in float32 (0.6 GB in bf16); the ViT-7B/16 needs 26.9 GB in float32 and 13.4 GB in
-bf16 on the GPU (plus activations: about 6 GB more at batch 64 and 224x224 in bf16), so use
-``dtype="bfloat16"`` on a 24 GB+ GPU (40/80 GB comfortable). Loading goes through the CPU: the host needs the
+bf16 on the GPU, so use ``dtype="bfloat16"`` on a 24 GB+ GPU. Activations come on top: under ``no_grad``
+nothing is kept between blocks, so at batch 64 and 224x224 in bf16 a block's peak is about 0.6 GB (hidden
+64x201x4096 = 105 MB, SwiGLU 2x64x201x8192 = 420 MB); asking for ``layers`` keeps every block's hidden state
+until the call returns (40 x 105 MB = 4.2 GB for the 7B at that batch). Loading goes through the CPU: the host needs the
 checkpoint's size in RAM (26.9 GB for the 7B) while it loads. On CUDA the teacher refuses before loading when
 the weights (plus 10% headroom) exceed ``torch.cuda.mem_get_info``'s free memory, with both figures and the
 fix. Sharding a 7B teacher over several GPUs is not done here: load it yourself with
