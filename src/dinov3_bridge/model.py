@@ -321,7 +321,6 @@ class DinoV3Teacher(torch.nn.Module):  # type: ignore[misc,unused-ignore]
             out.append((i, i % n))
         return out
 
-    @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, layers: Sequence[int] | None = None) -> DinoV3Output:
         """Teacher features for ``pixel_values`` (B, 3, H, W), H and W multiples of ``patch_size``.
 
@@ -331,6 +330,10 @@ class DinoV3Teacher(torch.nn.Module):  # type: ignore[misc,unused-ignore]
         """
         gh, gw = self._check_pixels(pixel_values)
         wanted = self._layer_indices(layers if layers is not None else (self.cfg.layers or ()))
+        with torch.no_grad():
+            return self._forward(pixel_values, wanted, gh, gw)
+
+    def _forward(self, pixel_values: torch.Tensor, wanted: list[tuple[int, int]], gh: int, gw: int) -> DinoV3Output:
         x = pixel_values.to(device=self.device, dtype=self.dtype, non_blocking=True)
         out = self.model(pixel_values=x, output_hidden_states=bool(wanted))
         last = out.last_hidden_state
