@@ -136,7 +136,7 @@ CASES: list[Case] = [
     Case("dino-root-empty", lambda c: c.config({"train": {"dino_root": "  "}}), 3, "train.dino_root in"),
     Case("dino-root-not-a-string", lambda c: c.config({"train": {"dino_root": 42}}), 3, "must be a string, got int"),
     Case("dino-root-is-a-file", _file_root, 3, "is a file, not a folder"),
-    Case("dino-root-unwritable", _readonly_root, 3, "cannot create"),
+    Case("dino-root-unwritable", _readonly_root, 3, "cannot write in"),
     Case("dino-model-not-a-string", lambda c: c.config({"train": {"dino_root": "work/dinov3", "dino_model": 7}}),
          3, "train.dino_model"),
     Case("unknown-keys-tolerated", lambda c: c.config({"train": {"dino_root": "work/dinov3", "epochs": 3,

@@ -130,6 +130,11 @@ def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None 
     if not update and (m := ready(req)):
         return _cached(req, m, t0)
     if env.is_offline():
+        if update and (m := ready(req)):
+            raise LocalEntryNotFoundError(
+                f"HF_HUB_OFFLINE is set, so --update cannot ask the source whether {req.model}@{req.revision} "
+                f"moved; {req.dino_root} holds it complete at commit {m.commit[:12]}",
+                "unset HF_HUB_OFFLINE to check for updates, or drop --update to use what is there")
         raise _offline_error(req)
     state = StateDir(req.dino_root)
     timeout = lock_timeout if lock_timeout is not None else env.lock_timeout()

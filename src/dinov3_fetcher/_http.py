@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urljoin, urlsplit
 
 from ._env import display_origin
+from ._errors import HubResponseError
 from ._sources import Auth
 
 __all__ = ["Connection", "HttpPool", "Response", "etag_value", "origin_key"]
@@ -105,10 +106,9 @@ class HttpPool:
         for _ in range(10):
             conn, resp = self._send("GET", url, headers)
             if resp.status in _REDIRECTS and resp.getheader("Location"):
-                location = urljoin(url, resp.getheader("Location") or "")
                 resp.read()
                 self.finish(url, conn, resp)
-                url = location
+                url = _redirect_target(url, resp.getheader("Location") or "")
                 continue
             return url, conn, resp
         raise http.client.HTTPException(f"too many redirects for {url}")
@@ -154,6 +154,22 @@ class HttpPool:
             self.release(url, conn)
         else:
             conn.close()
+
+
+def _redirect_target(url: str, location: str) -> str:
+    """Where a redirect leads; HubResponseError for a Location that is malformed or not http(s)."""
+    try:
+        target = urljoin(url, location.strip())
+        parts = urlsplit(target)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        scheme = f"{parts.scheme}:" if parts is not None and parts.scheme else "a malformed"
+        raise HubResponseError(f"{display_origin(url, scheme=False)} redirected to {scheme} URL, not http(s)",
+                               "the endpoint (or the CDN behind it) is misconfigured; retry later or use "
+                               "another endpoint")
+    return target
 
 
 def etag_value(header: str | None) -> str:

@@ -23,6 +23,7 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 OPTIONAL = ("README.md", "LICENSE.md")  # fetched when the repo has them; never required
 MAX_JSON_BYTES = 64 * 1024 * 1024
+MAX_NAME_BYTES = 255  # what a file name may be on the filesystems dino_root lives on
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # Weight names transformers loads by itself: a stray one next to another model's files would be loaded instead.
@@ -34,6 +35,9 @@ def check_filename(name: object) -> str:
     if not isinstance(name, str) or not _SAFE_NAME.match(name) or ".." in name:
         raise HubResponseError(f"the source named a file {name!r} that is not a plain file name",
                                "refusing to write outside dino_root; check that the endpoint is a trusted hub")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise HubResponseError(f"the source named a file of {len(name.encode())} bytes ({name[:40]}...), longer "
+                               f"than a file name may be ({MAX_NAME_BYTES})", "the repo is broken; report it")
     return name
 
 

@@ -14,6 +14,7 @@ fails. A claim or staged folder whose owner is gone is adopted by the next fetch
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ._errors import LockTimeoutError
+from ._errors import ConfigError, LockTimeoutError
 from ._manifest import FileRecord, Manifest
 from ._progress import Progress
 
@@ -159,6 +160,8 @@ class StateDir:
             return
         from filelock import FileLock, Timeout
 
+        if self.lock_path.is_symlink():  # the lock file is opened for writing: never through a link
+            raise ConfigError(f"{self.lock_path} is a symbolic link", "remove it; the next fetch creates the lock file")
         lock = FileLock(self.lock_path)
         try:
             lock.acquire(timeout=0)
@@ -220,14 +223,17 @@ class StateDir:
         """Where a verified download waits to be published: in this process's own folder (two fetchers without
         a working lock never move each other's files), named by content (a staged file is always exactly the
         file its name says, whichever run of whichever model left it there)."""
-        return self.staged / owner_tag() / f"{identity}.{name}"
+        staged = f"{identity}.{name}"
+        if len(staged.encode()) > 255:  # a long (legal) file name: name the staged copy by a digest of it
+            staged = f"{identity}.{hashlib.sha256(name.encode()).hexdigest()[:32]}"
+        return self.staged / owner_tag() / staged
 
     def find_staged(self, identity: str, name: str, size: int, *, adopt: bool) -> Path | None:
         """A staged copy of this content: ours, or one a gone fetcher left (moved into ours when ``adopt``)."""
         own = self.staged_path(identity, name)
         if own.is_file() and own.stat().st_size == size:
             return own
-        for other in self.staged.glob(f"*/{identity}.{name}"):
+        for other in self.staged.glob(f"*/{own.name}"):
             if other.parent == own.parent or other.stat().st_size != size:
                 continue
             if not owner_gone(other.parent.name, other.parent, "staged"):
@@ -242,7 +248,7 @@ class StateDir:
 
     def any_staged(self, identity: str, name: str) -> bool:
         """Is a staged copy of this content there, whoever staged it?"""
-        return self.staged.is_dir() and any(self.staged.glob(f"*/{identity}.{name}"))
+        return self.staged.is_dir() and any(self.staged.glob(f"*/{self.staged_path(identity, name).name}"))
 
     # -- publishing ----------------------------------------------------------------------------------------
     def publish(self, manifest: Manifest, paths: dict[str, Path], old: Manifest | None) -> None:

@@ -11,10 +11,10 @@ import math
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, NoReturn
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from .. import __version__
-from .._env import DEFAULT_ENDPOINT, display_endpoint, endpoint
+from .._env import DEFAULT_ENDPOINT, display_endpoint, display_origin, endpoint
 from .._errors import (
     AuthenticationError,
     FetcherError,
@@ -170,7 +170,8 @@ def raise_for_file_status(status: int, headers: dict[str, str], body: bytes, url
         hf_raise_for_status(response)
     except Exception as exc:
         raise_mapped(exc, repo_id, revision)
-    raise NetworkError(f"{display_endpoint()} answered HTTP {status} for {url.rsplit('/', 1)[-1]}",
+    name = urlsplit(url).path.rsplit("/", 1)[-1]  # never the query: a signed URL's query is a credential
+    raise NetworkError(f"{display_origin(url)} answered HTTP {status} for {name}",
                        "retry later; the next run resumes where this one stopped")
 
 
