@@ -107,4 +107,4 @@ def run_cli() -> Any:
     return run
 
 
-from net_fixtures import forward_proxy, tls_hub  # noqa: E402, F401  (fixtures: TLS hub, proxy.py, olah)
+from net_fixtures import forward_proxy, olah, tls_hub  # noqa: E402, F401  (fixtures: TLS hub, proxy.py, olah)

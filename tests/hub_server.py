@@ -12,7 +12,8 @@ path suffix like ``"model.safetensors"`` matches file GETs on both hosts). See H
 Routes: ``GET /api/agent-harnesses``, ``GET /api/whoami-v2``, ``GET /api/models/{id}[/revision/{rev}]``
 (``?blobs=true``), ``GET /api/models/{id}/tree/{rev}[/{dir}]`` (``recursive``, ``cursor``, 50 per page,
 ``Link: rel="next"``), ``POST /api/models/{id}/paths-info/{rev}``, ``HEAD|GET /{id}/resolve/{rev}/{file}``,
-``HEAD|GET /lfs/...`` on the CDN. Repo ids must be ``namespace/name``.
+``HEAD|GET /lfs/...`` on the CDN. Repo ids must be ``namespace/name``. model_info also answers HEAD, and
+``/datasets/Salesforce/wikitext/resolve/main/.gitattributes`` answers 200: olah probes both.
 
 Faults: ``server.faults`` holds a list of ``Fault`` rules; ``faults.add(Fault(...))`` or
 ``faults.add(**knobs)`` appends one (and returns it), ``faults.clear()`` removes all. A rule applies to
@@ -352,14 +353,17 @@ class _Handler(BaseHTTPRequestHandler):
                                "accessToken": {"displayName": "test", "role": "read"}}})
         if len(segs) >= 4 and segs[:2] == ["api", "models"]:
             repo_id, rest = f"{segs[2]}/{segs[3]}", segs[4:]
-            if not rest and self.command == "GET":
+            if not rest and self.command in ("GET", "HEAD"):
                 return self._model_info(repo_id, "main")
-            if len(rest) == 2 and rest[0] == "revision" and self.command == "GET":
+            if len(rest) == 2 and rest[0] == "revision" and self.command in ("GET", "HEAD"):
                 return self._model_info(repo_id, rest[1])
             if len(rest) >= 2 and rest[0] == "tree" and self.command == "GET":
                 return self._tree(repo_id, rest[1], "/".join(rest[2:]))
             if len(rest) == 2 and rest[0] == "paths-info" and self.command == "POST":
                 return self._paths_info(repo_id, rest[1])
+        if segs[:3] == ["datasets", "Salesforce", "wikitext"] and segs[-1] == ".gitattributes":
+            # olah's "can I reach the Hub" probe (HEAD /datasets/Salesforce/wikitext/resolve/main/.gitattributes)
+            return self._send(200, b"*.parquet filter=lfs diff=lfs merge=lfs -text\n", ctype="text/plain")
         if len(segs) >= 5 and segs[2] == "resolve" and self.command in ("GET", "HEAD"):
             return self._resolve(f"{segs[0]}/{segs[1]}", segs[3], "/".join(segs[4:]))
         self._error(404, "NotFound", f"Sorry, we can't find the page you are looking for: {self.url_path}")

@@ -158,3 +158,47 @@ def forward_proxy(tmp_path: Path) -> Iterator[ForwardProxy]:
         yield p
     finally:
         p.close()
+
+
+# ---------- olah ----------
+
+class Olah:
+    """A real olah mirror (``olah-cli``) on 127.0.0.1 in front of a HubServer (plain http), in a subprocess."""
+
+    def __init__(self, hub: HubServer, directory: Path) -> None:
+        if not hub.endpoint.startswith("http://"):
+            raise ValueError("olah is started in front of a plain-http hub")
+        directory.mkdir(parents=True, exist_ok=True)
+        self.repos_path = directory / "repos"
+        self.log = directory / "olah.log"
+        self.port = free_port()
+        netloc = f"127.0.0.1:{self.port}"
+        hub_netloc = hub.endpoint.removeprefix("http://")
+        cdn_netloc = hub.cdn_endpoint.removeprefix("http://")
+        olah_cli = Path(sys.executable).with_name("olah-cli")
+        cmd = [str(olah_cli), "--host", "127.0.0.1", "--port", str(self.port),
+               "--hf-scheme", "http", "--hf-netloc", hub_netloc, "--hf-lfs-netloc", cdn_netloc,
+               "--mirror-scheme", "http", "--mirror-netloc", netloc, "--mirror-lfs-netloc", netloc,
+               "--repos-path", str(self.repos_path), "--log-path", str(directory / "logs")]
+        # olah's own httpx client must reach the emulator directly, whatever proxy the test configures
+        env = _clean_env(NO_PROXY="127.0.0.1,127.0.0.2,localhost", HF_HUB_DISABLE_TELEMETRY="1")
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=directory)
+        try:
+            _wait_port("127.0.0.1", self.port, self.proc, self.log)
+        except BaseException:
+            _stop(self.proc)
+            raise
+        self.endpoint = f"http://{netloc}"
+
+    def close(self) -> None:
+        _stop(self.proc)
+
+
+@pytest.fixture
+def olah(hub: HubServer, tmp_path: Path) -> Iterator[Olah]:
+    o = Olah(hub, tmp_path / "olah")
+    try:
+        yield o
+    finally:
+        o.close()

@@ -14,7 +14,7 @@ from huggingface_hub.utils import close_session, get_session
 
 from checkpoints import vit_repo_files
 from hub_server import HubServer
-from net_fixtures import ForwardProxy, TlsHub
+from net_fixtures import ForwardProxy, Olah, TlsHub
 
 REPO = "facebook/dinov3-net"
 FILES = vit_repo_files()
@@ -101,3 +101,34 @@ def test_tls_through_the_proxy_is_a_tunnel(tls_hub: TlsHub, forward_proxy: Forwa
     assert TOKEN not in forward_proxy.record_file.read_text()
     assert TOKEN not in forward_proxy.log.read_text()
     assert any(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in hub.requests if r.host == "hub")
+
+
+@pytest.mark.slow  # olah takes 10-15 s to start on a loaded 2-core machine
+def test_olah_in_front_of_the_hub(hub: HubServer, olah: Olah, tmp_path: Path) -> None:
+    import json
+    import urllib.request
+
+    hub.add_repo(REPO, FILES)
+    weights = FILES["model.safetensors"]
+
+    def api(path: str) -> object:
+        with urllib.request.urlopen(f"{olah.endpoint}{path}", timeout=60) as r:
+            return json.loads(r.read())
+
+    # the revision API loses ?blobs=true: siblings carry only rfilename (the fact issue 12 is about)
+    info = api(f"/api/models/{REPO}/revision/main?blobs=true")
+    assert isinstance(info, dict) and info["sha"] == hub.repos[REPO].refs["main"]
+    assert info["siblings"] and all(set(s) == {"rfilename"} for s in info["siblings"])
+    assert any(r.path.endswith(f"/api/models/{REPO}/revision/main") for r in hub.requests)  # no query
+    # the tree API keeps lfs sha256s
+    tree = api(f"/api/models/{REPO}/tree/main?recursive=true&expand=true")
+    assert isinstance(tree, list)
+    lfs = {e["path"]: e["lfs"]["oid"] for e in tree if e.get("lfs")}
+    assert lfs["model.safetensors"] == hashlib.sha256(weights).hexdigest()
+    # huggingface_hub downloads through it; a second client is served from olah's cache
+    for cache in ("c1", "c2"):
+        path = hf_hub_download(REPO, "model.safetensors", endpoint=olah.endpoint, cache_dir=tmp_path / cache,
+                               token=False)
+        assert Path(path).read_bytes() == weights
+    assert hub.bytes_served("model.safetensors") == len(weights)  # the weights left the hub once
+    assert any(olah.repos_path.rglob("*"))
