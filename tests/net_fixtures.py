@@ -87,7 +87,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], log: Path, tries: int = 600) -> None:
-    for _ in range(tries):  # 600 x 50 ms at most
+    for _ in range(tries):  # tries x 50 ms (plus refused connects) at most
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
         try:
@@ -185,7 +185,7 @@ class Olah:
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=directory)
         try:
-            _wait_port("127.0.0.1", self.port, self.proc, self.log)
+            _wait_port("127.0.0.1", self.port, self.proc, self.log, tries=2400)  # its imports: 5-15 s here
         except BaseException:
             _stop(self.proc)
             raise
