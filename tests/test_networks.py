@@ -146,3 +146,28 @@ def test_olah_cold_then_served_from_its_cache(hub: HubServer, olah: Olah, tmp_pa
         assert hashlib.sha256((root / "model.safetensors").read_bytes()).hexdigest() == \
             hashlib.sha256(WEIGHTS).hexdigest()
     assert hub.bytes_served("model.safetensors") == len(WEIGHTS)  # the weights left the hub once
+
+
+def test_unreachable_proxy_is_reported_as_the_proxy(hub: HubServer, dino_root: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from net_fixtures import free_port
+
+    hub.add_repo(TINY, FILES)
+    port = free_port()
+    monkeypatch.delenv("NO_PROXY")
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    with pytest.raises(NetworkError) as e:
+        fetch(dino_root, TINY)
+    assert f"proxy 127.0.0.1:{port} (HTTP_PROXY)" in e.value.message and "HTTP_PROXY" in e.value.hint
+    assert not hub.requests
+
+
+def test_https_proxy_is_a_config_error(tls_hub: TlsHub, dino_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dinov3_fetcher.errors import ConfigError
+
+    tls_hub.hub.add_repo(TINY, FILES)
+    monkeypatch.delenv("NO_PROXY")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_hub.ca_pem))
+    monkeypatch.setenv("HTTPS_PROXY", "https://127.0.0.1:9")
+    with pytest.raises(ConfigError, match="HTTPS_PROXY"):
+        fetch(dino_root, TINY)

@@ -327,20 +327,21 @@ def certificate_error(exc: BaseException, where: str) -> NetworkError | None:
     return None
 
 
-def network_error(exc: BaseException, url: str, via: Proxy | None = None) -> NetworkError | None:
+def network_error(exc: BaseException, url: str, via: Proxy | None = None) -> NetworkError | ConfigError | None:
     """The NetworkError to raise for a failure to connect to ``url`` when the cause is not the endpoint itself:
     an untrusted certificate, or a proxy that cannot be reached or refused the tunnel. None otherwise.
 
     For huggingface_hub's errors too (httpx2.ConnectError / ProxyError wrap the ssl or socket error), so the
-    metadata path can report the same. ``via``: the proxy used, if known (else looked up for ``url``)."""
+    metadata path can report the same. ``via``: the proxy used, if known (else looked up for ``url``).
+    A proxy variable our client cannot use (https://, socks5://) gives its ConfigError."""
     parts = urlsplit(url)
     where = parts.netloc or url
     if (cert := certificate_error(exc, where)) is not None:
         return cert
     try:
         proxy = via or proxy_for(url)
-    except ConfigError:
-        return None
+    except ConfigError as config:
+        return config
     if proxy is None:
         return None
     text = " ".join(str(e) for e in _chain(exc))
