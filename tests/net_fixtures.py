@@ -16,8 +16,10 @@ or a port file), and stopped by their pid at teardown.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -76,14 +78,18 @@ def _clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+def _stop(proc: subprocess.Popen[bytes], graceful: bool = True) -> None:
+    """Stop a server started with ``start_new_session=True``: its whole process group (proxy.py forks its
+    workers, which a kill of the parent alone would leave running), by the group id = its pid."""
+    try:
+        if graceful and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        os.killpg(proc.pid, signal.SIGKILL)  # the group's leftovers, if any
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
 
 
 def _wait_port(host: str, port: int, proc: subprocess.Popen[bytes], log: Path, tries: int = 600) -> None:
@@ -120,7 +126,8 @@ class ForwardProxy:
                "--plugins", "proxy_plugin.Recorder", "--log-level", "INFO", "--log-file", str(self.log)]
         env = _clean_env(PROXY_RECORD_FILE=str(self.record_file),
                          PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         try:
             for _ in range(600):
                 text = port_file.read_text() if port_file.exists() else ""
@@ -146,9 +153,7 @@ class ForwardProxy:
         self.record_file.write_text("")
 
     def close(self) -> None:  # it keeps no state: no need for its graceful (1 s) shutdown
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        _stop(self.proc, graceful=False)
 
 
 @pytest.fixture
@@ -183,7 +188,8 @@ class Olah:
         # olah's own httpx client must reach the emulator directly, whatever proxy the test configures
         env = _clean_env(NO_PROXY="127.0.0.1,127.0.0.2,localhost", HF_HUB_DISABLE_TELEMETRY="1")
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=directory)
+            self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=directory,
+                                         start_new_session=True)
         try:
             _wait_port("127.0.0.1", self.port, self.proc, self.log, tries=2400)  # its imports: 5-15 s here
         except BaseException:
