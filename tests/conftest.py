@@ -105,3 +105,6 @@ def run_cli() -> Any:
                               capture_output=True, text=True, timeout=timeout, input=input)
 
     return run
+
+
+from net_fixtures import forward_proxy, olah, tls_hub  # noqa: E402, F401  (fixtures: TLS hub, proxy.py, olah)

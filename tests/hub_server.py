@@ -12,7 +12,8 @@ path suffix like ``"model.safetensors"`` matches file GETs on both hosts). See H
 Routes: ``GET /api/agent-harnesses``, ``GET /api/whoami-v2``, ``GET /api/models/{id}[/revision/{rev}]``
 (``?blobs=true``), ``GET /api/models/{id}/tree/{rev}[/{dir}]`` (``recursive``, ``cursor``, 50 per page,
 ``Link: rel="next"``), ``POST /api/models/{id}/paths-info/{rev}``, ``HEAD|GET /{id}/resolve/{rev}/{file}``,
-``HEAD|GET /lfs/...`` on the CDN. Repo ids must be ``namespace/name``.
+``HEAD|GET /lfs/...`` on the CDN. Repo ids must be ``namespace/name``. model_info also answers HEAD, and
+``/datasets/Salesforce/wikitext/resolve/main/.gitattributes`` answers 200: olah probes both.
 
 Faults: ``server.faults`` holds a list of ``Fault`` rules; ``faults.add(Fault(...))`` or
 ``faults.add(**knobs)`` appends one (and returns it), ``faults.clear()`` removes all. A rule applies to
@@ -30,6 +31,20 @@ or to move a branch while a client waits for it.
 A hostile Hub: ``hub.listed_sizes["repo/file"] = n`` makes model_info claim size n for that file; file
 names (``../x``, ``/abs``, ``a\\b``) and file contents (index.json, safetensors headers) are whatever
 ``add_repo`` is given.
+
+The Xet bridge (HUB_PROTOCOL.md, "The Xet bridge"): ``HubServer(xet=True)`` (every repo) or
+``add_repo(..., xet=True)`` makes ``resolve`` of an LFS file answer 302 with ``X-Repo-Commit``,
+``X-Linked-Etag`` (sha256), ``X-Linked-Size``, ``X-Xet-Hash`` (64 hex, not the sha256), a ``Link`` with
+rel="xet-auth" and rel="xet-reconstruction-info", and ``Location: {cdn}/xet-bridge-us/{id}/{xethash}?X-Amz-...``
+carrying a fresh signature per 302. The CDN answers with ``ETag: "{xethash}"`` and none of X-Repo-Commit /
+X-Linked-*. Knobs on ``hub.xet_bridge`` (counts, not clocks): ``sign_range`` (a signature binds the Range header
+of the request that was redirected: another Range gets 403 "Auth failed: invalid range"), ``expire_after=N`` (a
+signature is refused with 403 "Request has expired" from its N+1-th use on), ``refuse_ranges=416|403`` (any
+ranged request is refused). Faults' ``path_suffix`` also matches the repo file a bridge URL serves, so
+``path_suffix="model.safetensors"`` still hits it; ``Request.file`` names that file.
+
+TLS: ``HubServer(tls=ctx)`` serves hub and CDN over https with a server-side ``ssl.SSLContext`` (see
+``tls_context`` below and the ``tls_hub`` fixture in conftest.py).
 """
 
 from __future__ import annotations
@@ -39,6 +54,7 @@ import hashlib
 import json
 import re
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -64,6 +80,7 @@ class Request:
     status: int = 0
     range: str | None = None
     body_bytes: int = 0
+    file: str | None = None  # the repo file a Xet-bridge CDN URL serves (its URL path ends in the Xet hash)
     t: float = field(default_factory=time.monotonic)  # when the request arrived (monotonic clock)
 
 
@@ -105,14 +122,17 @@ class Faults:
         with self._lock:
             self.rules.clear()
 
-    def take(self, host: str, path: str, body: bool) -> Fault:
-        """Consume the rules matching this GET and return them merged (an empty Fault if none)."""
+    def take(self, host: str, path: str, body: bool, alias: str | None = None) -> Fault:
+        """Consume the rules matching this GET (its URL path, or ``alias``) and return them merged."""
         merged = Fault()
         with self._lock:
             for r in self.rules:
                 if (r.times is not None and r.times <= 0) or (r.host not in (None, host)):
                     continue
-                if (r.path_suffix and not path.endswith(r.path_suffix)) or (not body and r.status is None):
+                if r.path_suffix and not (path.endswith(r.path_suffix)
+                                          or (alias is not None and alias.endswith(r.path_suffix))):
+                    continue
+                if not body and r.status is None:
                     continue
                 if r.after > 0:
                     r.after -= 1
@@ -123,6 +143,35 @@ class Faults:
                     if getattr(merged, k) == _DEFAULT[k] and getattr(r, k) != _DEFAULT[k]:
                         setattr(merged, k, getattr(r, k))
         return merged
+
+
+@dataclass
+class XetBridge:
+    """How the Xet bridge's signed URLs behave (``hub.xet_bridge``); deterministic: counts, not clocks."""
+
+    sign_range: bool = False  # a signature is valid only for the Range header of the request that was redirected
+    expire_after: int | None = None  # a signature is refused (403, as if expired) after this many uses
+    refuse_ranges: int | None = None  # 416 or 403: the bridge refuses every request that carries a Range
+
+
+@dataclass
+class _Signed:
+    xet_hash: str
+    path: str  # the repo file it serves
+    range: str | None  # the Range of the request it answered
+    uses: int = 0
+
+
+def xet_hash(sha256: str) -> str:
+    """The emulator's Xet hash of a file: 64 hex, deterministic, never its sha256."""
+    return hashlib.sha256(b"xet-merkle:" + bytes.fromhex(sha256)).hexdigest()
+
+
+def tls_context(cert_pem: str | Path, key_pem: str | Path) -> ssl.SSLContext:
+    """A server-side SSL context from a certificate chain and key (PEM files)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert_pem), str(key_pem))
+    return ctx
 
 
 @dataclass
@@ -185,6 +234,7 @@ class _Repo:
     gated: bool
     private: bool
     lfs_redirect: bool
+    xet: bool = False
     commits: dict[str, dict[str, _Blob]] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)
     granted: set[str] = field(default_factory=set)
@@ -303,14 +353,17 @@ class _Handler(BaseHTTPRequestHandler):
                                "accessToken": {"displayName": "test", "role": "read"}}})
         if len(segs) >= 4 and segs[:2] == ["api", "models"]:
             repo_id, rest = f"{segs[2]}/{segs[3]}", segs[4:]
-            if not rest and self.command == "GET":
+            if not rest and self.command in ("GET", "HEAD"):
                 return self._model_info(repo_id, "main")
-            if len(rest) == 2 and rest[0] == "revision" and self.command == "GET":
+            if len(rest) == 2 and rest[0] == "revision" and self.command in ("GET", "HEAD"):
                 return self._model_info(repo_id, rest[1])
             if len(rest) >= 2 and rest[0] == "tree" and self.command == "GET":
                 return self._tree(repo_id, rest[1], "/".join(rest[2:]))
             if len(rest) == 2 and rest[0] == "paths-info" and self.command == "POST":
                 return self._paths_info(repo_id, rest[1])
+        if segs[:3] == ["datasets", "Salesforce", "wikitext"] and segs[-1] == ".gitattributes":
+            # olah's "can I reach the Hub" probe (HEAD /datasets/Salesforce/wikitext/resolve/main/.gitattributes)
+            return self._send(200, b"*.parquet filter=lfs diff=lfs merge=lfs -text\n", ctype="text/plain")
         if len(segs) >= 5 and segs[2] == "resolve" and self.command in ("GET", "HEAD"):
             return self._resolve(f"{segs[0]}/{segs[1]}", segs[3], "/".join(segs[4:]))
         self._error(404, "NotFound", f"Sorry, we can't find the page you are looking for: {self.url_path}")
@@ -425,19 +478,72 @@ class _Handler(BaseHTTPRequestHandler):
             fault = self.hub.faults.take("hub", self.url_path, body=False)
             if fault.status is not None:
                 return self._fault_status(fault)
+        if repo.xet:
+            return self._xet_redirect(repo, sha, path, blob)
         sig = hashlib.sha256(f"{blob.sha256}{path}".encode()).hexdigest()
         location = (f"{self.hub.cdn_endpoint}/lfs/{blob.sha256}/{quote(path)}"
                     f"?X-Amz-Expires=3600&X-Amz-Signature={sig}")
         self._send(302, b"", {"Location": location, "X-Linked-Etag": f'"{blob.sha256}"',
                               "X-Linked-Size": str(blob.size), "X-Repo-Commit": sha, "ETag": f'"{blob.oid}"'})
 
+    def _xet_redirect(self, repo: _Repo, sha: str, path: str, blob: _Blob) -> None:
+        """The Xet bridge's 302: metadata on the redirect only, a fresh signed URL per answer."""
+        xh = xet_hash(blob.sha256)
+        with self.hub._lock:
+            self.hub._signed_count += 1
+            n = self.hub._signed_count
+            sig = hashlib.sha256(f"sig:{n}:{xh}:{self.rec.range}".encode()).hexdigest()
+            self.hub.signatures[sig] = _Signed(xh, path, self.rec.range)
+        self.hub.xet_blobs[xh] = blob
+        repo_hex = hashlib.md5(repo.repo_id.encode()).hexdigest()[:24]
+        query = urlencode({
+            "X-Amz-Algorithm": "AWS4-HMAC-SHA256", "X-Amz-Content-Sha256": "UNSIGNED-PAYLOAD",
+            "X-Amz-Credential": "cas/20251129/us-east-1/s3/aws4_request",
+            "X-Amz-Date": f"20251129T{n // 3600 % 24:02d}{n // 60 % 60:02d}{n % 60:02d}Z",
+            "X-Amz-Expires": "3600", "X-Amz-Signature": sig, "X-Amz-SignedHeaders": "host",
+            "X-Xet-Cas-Uid": "public", "response-content-disposition": f'inline; filename="{path.rsplit("/", 1)[-1]}"',
+            "x-id": "GetObject",
+        })
+        location = f"{self.hub.cdn_endpoint}/xet-bridge-us/{repo_hex}/{xh}?{query}"
+        link = (f'<{self.hub.endpoint}/api/models/{repo.repo_id}/xet-read-token/{sha}>; rel="xet-auth", '
+                f'<{self.hub.cdn_endpoint}/v1/reconstructions/{xh}>; rel="xet-reconstruction-info"')
+        self._send(302, b"", {"Location": location, "X-Linked-Etag": f'"{blob.sha256}"',
+                              "X-Linked-Size": str(blob.size), "X-Repo-Commit": sha, "ETag": f'"{blob.oid}"',
+                              "X-Xet-Hash": xh, "Link": link}, ctype="text/plain; charset=utf-8")
+
     # ---------- cdn ----------
     def _cdn(self) -> None:
         segs = self.url_path.split("/")
+        if len(segs) == 4 and segs[1] == "xet-bridge-us":
+            return self._xet_bridge(segs[3])
         blob = self.hub.lfs_blobs.get(segs[2]) if len(segs) >= 3 and segs[1] == "lfs" else None
         if blob is None or self.command not in ("GET", "HEAD"):
             return self._error(404, "NotFound", "NoSuchKey: The specified key does not exist.")
         self._serve(blob, blob.sha256, {})
+
+    def _xet_bridge(self, xh: str) -> None:
+        blob = self.hub.xet_blobs.get(xh)
+        if blob is None or self.command not in ("GET", "HEAD"):
+            return self._error(404, None, "NoSuchKey: The specified key does not exist.")
+        knobs = self.hub.xet_bridge
+        sig = self.query.get("X-Amz-Signature", [""])[0]
+        with self.hub._lock:
+            signed = self.hub.signatures.get(sig)
+            if signed is not None:
+                signed.uses += 1
+        if signed is None or signed.xet_hash != xh:
+            return self._error(403, None, "Auth failed: invalid signature")
+        self.rec.file = signed.path
+        if knobs.expire_after is not None and signed.uses > knobs.expire_after:
+            return self._error(403, None, "Request has expired")
+        if knobs.sign_range and self.rec.range != signed.range:
+            return self._error(403, None, "Auth failed: invalid range")
+        if knobs.refuse_ranges is not None and self.rec.range is not None:
+            if knobs.refuse_ranges == 416:
+                return self._error(416, None, "Requested range not satisfiable",
+                                   {"Content-Range": f"bytes */{blob.size}"})
+            return self._error(knobs.refuse_ranges, None, "Auth failed: invalid range")
+        self._serve(blob, xh, {}, alias=signed.path)
 
     # ---------- file bytes ----------
     def _fault_status(self, fault: Fault) -> None:
@@ -445,9 +551,9 @@ class _Handler(BaseHTTPRequestHandler):
         h = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
         self._error(fault.status, None, f"Injected fault: HTTP {fault.status}", h)
 
-    def _serve(self, blob: _Blob, etag: str, headers: dict[str, str]) -> None:
+    def _serve(self, blob: _Blob, etag: str, headers: dict[str, str], alias: str | None = None) -> None:
         head = self.command == "HEAD"
-        fault = Fault() if head else self.hub.faults.take(self.server.kind, self.url_path, body=True)
+        fault = Fault() if head else self.hub.faults.take(self.server.kind, self.url_path, body=True, alias=alias)
         if fault.status is not None:
             return self._fault_status(fault)
         rng = None if fault.ignore_range or head else _parse_range(self.rec.range, blob.size)
@@ -520,14 +626,31 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128
     allow_reuse_address = True
 
-    def __init__(self, host: str, hub: HubServer, kind: str) -> None:
+    def __init__(self, host: str, hub: HubServer, kind: str, tls: ssl.SSLContext | None = None) -> None:
         super().__init__((host, 0), _Handler)
         self.hub = hub
         self.kind = kind
+        self.tls = tls
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        if self.tls is not None:  # the handshake runs in the handler's thread (finish_request), not here
+            sock = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            try:
+                request.settimeout(30)
+                request.do_handshake()
+            except (OSError, ssl.SSLError):
+                self.hub.tls_failures += 1
+                return
+        super().finish_request(request, client_address)
 
 
 class HubServer:
-    def __init__(self) -> None:
+    def __init__(self, *, xet: bool = False, tls: ssl.SSLContext | None = None) -> None:
         self._lock = threading.Lock()
         self.requests: list[Request] = []
         self.faults = Faults()
@@ -538,16 +661,26 @@ class HubServer:
         self.listed_sizes: dict[str, int] = {}  # "repo_id/path" -> size claimed by model_info (hostile Hub)
         self.model_info_hook: Callable[[], None] | None = None  # runs before each model_info answer is built
         self._counter = 0
-        self._servers = [_Server("127.0.0.1", self, "hub"), _Server("127.0.0.2", self, "cdn")]
-        self.endpoint = f"http://127.0.0.1:{self._servers[0].server_address[1]}"
-        self.cdn_endpoint = f"http://127.0.0.2:{self._servers[1].server_address[1]}"
+        self.xet = xet  # the default of add_repo(xet=...)
+        self.xet_bridge = XetBridge()
+        self.xet_blobs: dict[str, _Blob] = {}
+        self.signatures: dict[str, _Signed] = {}
+        self._signed_count = 0
+        self.tls_failures = 0  # TLS handshakes that failed (a client that did not trust the certificate)
+        self._servers = [_Server("127.0.0.1", self, "hub", tls), _Server("127.0.0.2", self, "cdn", tls)]
+        scheme = "https" if tls is not None else "http"
+        self.endpoint = f"{scheme}://127.0.0.1:{self._servers[0].server_address[1]}"
+        self.cdn_endpoint = f"{scheme}://127.0.0.2:{self._servers[1].server_address[1]}"
         for s in self._servers:
             threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def add_repo(self, repo_id: str, files: Mapping[str, bytes | Path], *, branch: str = "main",
-                 gated: bool = False, private: bool = False, lfs_redirect: bool = True) -> str:
-        """Create (or replace) a repo whose branch head holds exactly ``files``; returns the commit sha."""
-        self.repos[repo_id] = _Repo(repo_id, gated, private, lfs_redirect)
+                 gated: bool = False, private: bool = False, lfs_redirect: bool = True,
+                 xet: bool | None = None) -> str:
+        """Create (or replace) a repo whose branch head holds exactly ``files``; returns the commit sha.
+
+        ``xet``: its LFS files go through the Xet bridge (None: the server's default)."""
+        self.repos[repo_id] = _Repo(repo_id, gated, private, lfs_redirect, self.xet if xet is None else xet)
         return self._store(repo_id, {}, files, branch)
 
     def add_commit(self, repo_id: str, files: Mapping[str, bytes | Path | None], *,
@@ -586,7 +719,8 @@ class HubServer:
         with self._lock:
             reqs = list(self.requests)
         return [r for r in reqs if r.method == "GET" and (r.host == "cdn" or "/resolve/" in r.path)
-                and (path_suffix is None or r.path.partition("?")[0].endswith(path_suffix))]
+                and (path_suffix is None or r.path.partition("?")[0].endswith(path_suffix)
+                     or (r.file is not None and r.file.endswith(path_suffix)))]
 
     def bytes_served(self, path_suffix: str | None = None) -> int:
         return sum(r.body_bytes for r in self.file_gets(path_suffix))

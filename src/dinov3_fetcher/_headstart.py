@@ -59,7 +59,8 @@ class HeadStart:
     def __init__(self, main: Transfer, old: Manifest | None, repo_id: str, revision: str, endpoint: str,
                  main_cancel: threading.Event) -> None:
         # Its own Transfer (own cancel event, no early source) sharing the main one's pool, state and progress.
-        self.transfer = dataclasses.replace(main, cancel=threading.Event(), early=None, _locations={})
+        self.transfer = dataclasses.replace(main, cancel=threading.Event(), early=None, _locations={},
+                                            _per_request=set())
         self.main_cancel = main_cancel  # the main path's: once set (Ctrl-C, an error), the head start stops too
         self.state, self.old, self.repo_id = main.state, old, repo_id
         self.base = f"{endpoint}/{repo_id}/resolve/"

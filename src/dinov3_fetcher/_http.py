@@ -3,20 +3,23 @@
 Why not huggingface_hub's httpx2 client here: the transfer loop reads straight into a reusable buffer
 (``readinto``), which is what lets a verified fetch keep up with curl. Redirects are followed by hand so
 that the token is sent to the endpoint's host only, never to a CDN or any other host.
+
+Proxies and trusted CAs follow huggingface_hub's client exactly (``_net.py``): the metadata and the bytes
+take the same route and trust the same certificates. A certificate failure, or a proxy that cannot be reached,
+is raised as a NetworkError that says so (not retried: the next try would fail the same way).
 """
 
 from __future__ import annotations
 
-import base64
 import http.client
 import ssl
 import threading
-import urllib.request
 from dataclasses import dataclass, field
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from ._env import display_origin
 from ._errors import HubResponseError
+from ._net import Proxy, network_error, proxy_for, ssl_context
 from ._sources import Auth
 
 __all__ = ["Connection", "HttpPool", "Response", "etag_value", "origin_key"]
@@ -48,23 +51,23 @@ class HttpPool:
         return parts.scheme, parts.netloc
 
     def _new(self, scheme: str, netloc: str) -> Connection:
-        proxy = _proxy_for(scheme, netloc)
+        if scheme not in ("http", "https"):
+            raise ValueError(f"unsupported URL scheme {scheme!r}")
+        proxy = proxy_for(f"{scheme}://{netloc}/")  # ConfigError for a proxy we cannot speak to
         if scheme == "https":
             if self._ssl is None:
-                self._ssl = ssl.create_default_context()
+                self._ssl = ssl_context()
             if proxy:
-                host, port, auth = proxy
-                conn: Connection = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._ssl)
+                tunnel = _TunnelConnection(proxy.host, proxy.port, timeout=self.timeout, context=self._ssl)
+                tunnel.proxy = proxy
                 target = urlsplit(f"https://{netloc}")
-                conn.set_tunnel(target.hostname or netloc, target.port or 443, headers=auth)
-                return conn
+                tunnel.set_tunnel(target.hostname or netloc, target.port or 443, headers=proxy.headers)
+                return tunnel
             return http.client.HTTPSConnection(netloc, timeout=self.timeout, context=self._ssl)
-        if scheme != "http":
-            raise ValueError(f"unsupported URL scheme {scheme!r}")
         if proxy:
-            host, port, auth = proxy
-            plain = _ProxiedHTTPConnection(host, port, timeout=self.timeout)
-            plain.proxy_headers = auth
+            plain = _ProxiedHTTPConnection(proxy.host, proxy.port, timeout=self.timeout)
+            plain.proxy = proxy
+            plain.proxy_headers = proxy.headers
             return plain
         return http.client.HTTPConnection(netloc, timeout=self.timeout)
 
@@ -133,14 +136,24 @@ class HttpPool:
             try:
                 conn.request(method, target, headers=self._request_headers(conn, url, headers))
                 return conn, conn.getresponse()
-            except BaseException:
+            except BaseException as exc:
                 conn.close()
+                self._explain(exc, conn, url)
                 raise
         except BaseException as exc:
             conn.close()
-            if isinstance(exc, OSError | http.client.HTTPException):
-                exc.add_note(f"while connecting to {self.display_host(url)}")
+            self._explain(exc, conn, url)
             raise
+
+    def _explain(self, exc: BaseException, conn: Connection, url: str) -> None:
+        """Raise a NetworkError naming the real cause (certificate, proxy) or note which host failed."""
+        if not isinstance(exc, OSError | http.client.HTTPException):
+            return
+        via: Proxy | None = getattr(conn, "proxy", None)
+        if (err := network_error(exc, url, via)) is not None:
+            raise err from None
+        where = f" through the proxy {via.display}" if via is not None else ""
+        exc.add_note(f"while connecting to {self.display_host(url)}{where}")
 
     def _request_headers(self, conn: Connection, url: str, extra: dict[str, str]) -> dict[str, str]:
         headers = self.headers_for(url, extra)
@@ -180,7 +193,14 @@ def etag_value(header: str | None) -> str:
 class _ProxiedHTTPConnection(http.client.HTTPConnection):
     """Plain-HTTP through a proxy: same wire format, absolute URLs in the request line."""
 
+    proxy: Proxy | None = None
     proxy_headers: dict[str, str] = {}  # noqa: RUF012 - replaced per connection, never mutated
+
+
+class _TunnelConnection(http.client.HTTPSConnection):
+    """HTTPS through a proxy's CONNECT tunnel: the proxy sees the target's host:port, then only TLS."""
+
+    proxy: Proxy | None = None
 
 
 def _path(url: str) -> str:
@@ -193,19 +213,3 @@ def origin_key(url: str) -> tuple[str, str | None, int | None]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     return scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(scheme)
-
-
-def _proxy_for(scheme: str, netloc: str) -> tuple[str, int, dict[str, str]] | None:
-    """The proxy for ``scheme://netloc`` as (host, port, headers for it), or None to connect directly."""
-    host = netloc.rsplit(":", 1)[0] if not netloc.endswith("]") else netloc
-    if urllib.request.proxy_bypass(host):
-        return None
-    proxy = urllib.request.getproxies().get(scheme)
-    if not proxy:
-        return None
-    p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-    auth: dict[str, str] = {}
-    if p.username is not None:
-        creds = f"{unquote(p.username)}:{unquote(p.password or '')}".encode()
-        auth["Proxy-Authorization"] = "Basic " + base64.b64encode(creds).decode("ascii")
-    return p.hostname or "", p.port or (443 if p.scheme == "https" else 80), auth

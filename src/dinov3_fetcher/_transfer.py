@@ -87,18 +87,23 @@ class Transfer:
     cancel: threading.Event = field(default_factory=threading.Event)
     early: Callable[[Target], Done | None] | None = None
     _locations: dict[str, str] = field(default_factory=dict)
+    _per_request: set[str] = field(default_factory=set)  # files whose signed locations serve one request only
 
     def open(self, target: Target, headers: dict[str, str]) -> tuple[str, Connection, Response]:
-        """GET the target's URL (or the location it last redirected to) with ``headers``."""
+        """GET the target's URL (or the location it last redirected to, until one was refused) with ``headers``."""
         url = self._locations.get(target.url, target.url)
         final, conn, resp = self.pool.get(url, headers)
-        if final != url:
+        if final != url and target.url not in self._per_request:
             self._locations[target.url] = final
         return final, conn, resp
 
     def forget_location(self, target: Target) -> bool:
-        """Drop a remembered redirect target (a refused signed URL); True if there was one."""
-        return self._locations.pop(target.url, None) is not None
+        """A remembered redirect target was refused (expired, or signed for another range): re-resolve from now
+        on, for every request of this file. True if there was one."""
+        if self._locations.pop(target.url, None) is None:
+            return False
+        self._per_request.add(target.url)
+        return True
 
     def store(self, target: Target, body: bytes) -> Done:
         """A small file already read whole (by the head start) as a verified download, like ``download``'s."""

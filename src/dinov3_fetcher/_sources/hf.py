@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote, urlsplit
 
 from .. import __version__
@@ -28,6 +28,8 @@ from . import Auth, RemoteFile, Snapshot
 
 if TYPE_CHECKING:
     import threading
+
+    from huggingface_hub import HfApi
 
     from .._headstart import HeadStart
     from .._manifest import Manifest
@@ -103,6 +105,9 @@ class HfSource:
         """
         from huggingface_hub import HfApi
 
+        from .._net import proxy_for
+
+        proxy_for(self.endpoint)  # a proxy setting our downloads cannot use: ConfigError (exit 3) before any request
         api = HfApi(endpoint=self.endpoint, token=self.token or False, library_name="dinov3-fetcher",
                     library_version=__version__)
         s = self.settings
@@ -123,6 +128,8 @@ class HfSource:
         if not is_commit(commit):
             raise HubResponseError(f"{display_endpoint(self.endpoint)} answered a malformed commit for "
                                    f"{repo_id}@{revision}", _FAITHFUL)
+        if any(size is None or blob_id is None for _, size, blob_id, _ in siblings):
+            siblings = self._tree(api, repo_id, revision, commit)
         files: dict[str, RemoteFile] = {}
         for name, size, blob_id, sha256 in siblings:
             if size is None or blob_id is None or not isinstance(size, int) or size < 0:
@@ -131,6 +138,17 @@ class HfSource:
                 raise HubResponseError(f"the Hub gave a malformed sha256 for {name!r}", _FAITHFUL)
             files[name] = RemoteFile(name, size, sha256, blob_id)
         return Snapshot(self.name, self.endpoint, repo_id, revision, commit, files)
+
+    def _tree(self, api: HfApi, repo_id: str, revision: str, commit: str) -> list[tuple[str, Any, Any, Any]]:
+        """The files with sizes and ids from the tree API, for a mirror whose model_info lacks them: olah drops
+        ``?blobs=true`` but keeps the tree's sizes, blob ids and LFS sha256s (huggingface_hub reads the same)."""
+        from huggingface_hub.hf_api import RepoFile
+
+        try:
+            tree = [e for e in api.list_repo_tree(repo_id, revision=commit, recursive=True) if isinstance(e, RepoFile)]
+        except Exception as exc:
+            raise_mapped(exc, repo_id, revision)
+        return [(e.path, e.size, e.blob_id, e.lfs.sha256 if e.lfs else None) for e in tree]
 
     def raise_for_status(self, status: int, headers: Mapping[str, str], body: bytes, url: str,
                          repo_id: str, revision: str) -> NoReturn:
@@ -240,6 +258,14 @@ def map_error(exc: BaseException, repo_id: str, revision: str) -> BaseException:
         return LocalEntryNotFoundError("HF_HUB_OFFLINE is set and the checkpoint is not complete on disk",
                                        "unset HF_HUB_OFFLINE to download it")
     if isinstance(exc, httpx2.HTTPError | OSError):
+        from .._net import network_error
+
+        if (explained := network_error(exc, endpoint())) is not None:  # a certificate, a proxy
+            return explained
+        if isinstance(exc, httpx2.TimeoutException):
+            return NetworkError(f"{ep} (HF_ENDPOINT) did not answer in time ({type(exc).__name__})",
+                                "check the network, raise DINOV3_FETCHER_TIMEOUT, or set HF_ENDPOINT to a "
+                                "reachable mirror; HF_HUB_OFFLINE=1 uses what is on disk")
         return NetworkError(f"cannot reach {ep} (HF_ENDPOINT): {type(exc).__name__}",
                             "check the network, or set HF_ENDPOINT to a reachable mirror; "
                             "HF_HUB_OFFLINE=1 uses what is on disk")

@@ -1,0 +1,173 @@
+"""The fetcher end to end behind every network a user sits behind (issue 12): a TLS Hub with a private CA, a
+forward proxy, the Hub's Xet bridge, an olah mirror. In process (``dinov3_fetcher.fetch.fetch``), real
+huggingface_hub, real proxy.py / olah subprocesses."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from huggingface_hub.utils import close_session
+
+from checkpoints import vit_repo_files
+from conftest import GRANTED, TINY, checkpoint_tree
+from dinov3_fetcher._errors import NetworkError
+from helpers import fetch
+from hub_server import HubServer
+from net_fixtures import ForwardProxy, Olah, TlsHub
+
+FILES = vit_repo_files()
+WEIGHTS = FILES["model.safetensors"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_session(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """huggingface_hub builds its client (CAs, proxies) once per process: rebuild it around each test."""
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    close_session()
+    yield
+    close_session()
+
+
+def assert_fetched(root: Path) -> None:
+    assert (root / "model.safetensors").read_bytes() == WEIGHTS
+    assert (root / "config.json").read_bytes() == FILES["config.json"]
+    assert checkpoint_tree(root)
+
+
+# ---------- a private CA ----------
+
+def test_tls_hub_with_ssl_cert_file(tls_hub: TlsHub, dino_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = tls_hub.hub
+    hub.add_repo(TINY, FILES)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_hub.ca_pem))
+    fetch(dino_root, TINY)
+    assert_fetched(dino_root)
+    assert any(r.path.startswith(f"/api/models/{TINY}") for r in hub.requests)  # metadata over TLS
+    assert hub.bytes_served("model.safetensors") == len(WEIGHTS)  # bytes over TLS, from the CDN host
+    assert {r.host for r in hub.file_gets("model.safetensors")} == {"hub", "cdn"}
+
+
+def test_tls_hub_untrusted_says_certificate(tls_hub: TlsHub, dino_root: Path) -> None:
+    tls_hub.hub.add_repo(TINY, FILES)
+    with pytest.raises(NetworkError) as e:
+        fetch(dino_root, TINY)
+    assert "certificate" in e.value.message and "SSL_CERT_FILE" in e.value.hint  # needs hub.py -> _net.network_error
+
+
+# ---------- a forward proxy ----------
+
+def test_fetch_through_proxy_py(hub: HubServer, forward_proxy: ForwardProxy, dino_root: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    hub.add_repo(TINY, FILES)
+    monkeypatch.delenv("NO_PROXY")
+    monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
+    fetch(dino_root, TINY)
+    assert_fetched(dino_root)
+    recs = forward_proxy.records()
+    hub_port = int(hub.endpoint.rsplit(":", 1)[1])
+    assert any((r["host"], r["port"]) == ("127.0.0.1", hub_port) and r["path"].startswith("/api/models/")
+               for r in recs)  # the metadata (huggingface_hub's client) went through it
+    assert any(r["host"] == "127.0.0.2" and r["method"] == "GET" for r in recs)  # the bytes went through it too
+
+
+def test_fetch_through_proxy_py_over_tls_keeps_the_token_in_the_tunnel(
+        tls_hub: TlsHub, forward_proxy: ForwardProxy, dino_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = tls_hub.hub
+    hub.add_repo(TINY, FILES, gated=True)
+    hub.grant(TINY, GRANTED)
+    monkeypatch.delenv("NO_PROXY")
+    monkeypatch.setenv("HTTPS_PROXY", forward_proxy.url)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_hub.ca_pem))
+    monkeypatch.setenv("HF_TOKEN", GRANTED)
+    fetch(dino_root, TINY)
+    assert_fetched(dino_root)
+    recs = forward_proxy.records()
+    assert {r["method"] for r in recs} == {"CONNECT"} and {r["host"] for r in recs} == {"127.0.0.1", "127.0.0.2"}
+    assert GRANTED not in forward_proxy.record_file.read_text() and GRANTED not in forward_proxy.log.read_text()
+    assert all("authorization" not in r.headers for r in hub.requests if r.host == "cdn")
+
+
+# ---------- the Xet bridge ----------
+
+@pytest.fixture
+def xet_hub(hub: HubServer) -> HubServer:
+    hub.add_repo(TINY, FILES, xet=True)
+    return hub
+
+
+def test_xet_bridge_plain(xet_hub: HubServer, dino_root: Path) -> None:
+    """The bridge's ETag is its Xet hash, not the sha256: the fetcher must treat it as opaque."""
+    fetch(dino_root, TINY)
+    assert_fetched(dino_root)
+
+
+def test_xet_bridge_cut_and_signature_bound_to_range(xet_hub: HubServer, dino_root: Path) -> None:
+    """A resume after a cut must re-resolve: the first signed URL is valid for the request it answered only.
+    Ours runs several connections per file, so ranged requests come even without the cut."""
+    xet_hub.xet_bridge.sign_range = True
+    xet_hub.faults.add(cut_after=50_000, path_suffix="model.safetensors", host="cdn", times=1)
+    fetch(dino_root, TINY)
+    assert_fetched(dino_root)
+    # re-resolving per range never meets a 403; re-resolving after one is allowed, once per refused URL
+    gets = xet_hub.file_gets("model.safetensors")
+    assert len([r for r in gets if r.status == 403]) <= len([r for r in gets if r.host == "hub"])
+
+
+def test_xet_bridge_signature_expires(xet_hub: HubServer, dino_root: Path) -> None:
+    xet_hub.xet_bridge.expire_after = 1
+    xet_hub.faults.add(cut_after=50_000, path_suffix="model.safetensors", host="cdn", times=1)
+    fetch(dino_root, TINY)
+    assert_fetched(dino_root)
+
+
+@pytest.mark.parametrize("code", [416, 403])
+def test_xet_bridge_refusing_ranges_falls_back_to_one_connection(xet_hub: HubServer, dino_root: Path,
+                                                                   code: int) -> None:
+    xet_hub.xet_bridge.refuse_ranges = code
+    xet_hub.faults.add(cut_after=50_000, path_suffix="model.safetensors", host="cdn", times=1)
+    fetch(dino_root, TINY)
+    assert_fetched(dino_root)
+
+
+# ---------- olah ----------
+
+@pytest.mark.slow  # olah takes 10-15 s to start
+def test_olah_cold_then_served_from_its_cache(hub: HubServer, olah: Olah, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    hub.add_repo(TINY, FILES)
+    monkeypatch.setenv("HF_ENDPOINT", olah.endpoint)
+    for root in (tmp_path / "a" / "dinov3", tmp_path / "b" / "dinov3"):
+        fetch(root, TINY)
+        assert_fetched(root)
+        assert hashlib.sha256((root / "model.safetensors").read_bytes()).hexdigest() == \
+            hashlib.sha256(WEIGHTS).hexdigest()
+    assert hub.bytes_served("model.safetensors") == len(WEIGHTS)  # the weights left the hub once
+
+
+def test_unreachable_proxy_is_reported_as_the_proxy(hub: HubServer, dino_root: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from net_fixtures import free_port
+
+    hub.add_repo(TINY, FILES)
+    port = free_port()
+    monkeypatch.delenv("NO_PROXY")
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    with pytest.raises(NetworkError) as e:
+        fetch(dino_root, TINY)
+    assert f"proxy 127.0.0.1:{port} (HTTP_PROXY)" in e.value.message and "HTTP_PROXY" in e.value.hint
+    assert not hub.requests
+
+
+def test_https_proxy_is_a_config_error(tls_hub: TlsHub, dino_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dinov3_fetcher._errors import ConfigError
+
+    tls_hub.hub.add_repo(TINY, FILES)
+    monkeypatch.delenv("NO_PROXY")
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_hub.ca_pem))
+    monkeypatch.setenv("HTTPS_PROXY", "https://127.0.0.1:9")
+    with pytest.raises(ConfigError, match="HTTPS_PROXY"):
+        fetch(dino_root, TINY)
