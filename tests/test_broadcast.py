@@ -1,8 +1,8 @@
 """_broadcast: one sender streams files to the other nodes over a gloo group, under a real torchrun.
 
-Three torchrun agents on this host stand for three nodes (one rank each, ``--nnodes 3 --node-rank N``), each
-with its own folders: node 0 sends from its source folder, nodes 1 and 2 receive into their own partial and
-final folders. Faults are injected in the worker script (a sink wrapper, a source wrapper that SIGKILLs its
+Three or four torchrun agents on this host stand for as many nodes (one rank each, ``--nnodes 3 --node-rank
+N``), each with its own folders: node 0 sends from its source folder, the others receive into their own partial
+and final folders. Faults are injected in the worker script (a sink wrapper, a source wrapper that SIGKILLs its
 own process), never in the module. The torchrun tests are skipped when torch is not installed.
 """
 
@@ -145,8 +145,8 @@ def _spec(name: str, data: bytes) -> list[Any]:
 class Job:
     """Three "nodes" on this host: node 0 holds the source files, nodes 1 and 2 their own folders."""
 
-    def __init__(self, tmp: Path, files: dict[str, bytes], grow: str | None = None) -> None:
-        self.tmp, self.files = tmp, files
+    def __init__(self, tmp: Path, files: dict[str, bytes], grow: str | None = None, nodes: int = 3) -> None:
+        self.tmp, self.files, self.nodes = tmp, files, nodes
         src = tmp / "node0" / "source"
         (src / "full").mkdir(parents=True)
         for name, data in files.items():
@@ -155,7 +155,7 @@ class Job:
             "files": [_spec(n, d) for n, d in files.items()], "src": str(src), "grow": grow, "chunk": CHUNK,
             "timeout": 60,
             "nodes": {str(n): {"partial": str(tmp / f"node{n}" / "partial"), "final": str(tmp / f"node{n}" / "final")}
-                      for n in (1, 2)},
+                      for n in range(1, nodes)},
         }
         self.runs = 0
 
@@ -165,8 +165,8 @@ class Job:
     def partial(self, node: int, name: str) -> Path:
         return Path(self.cfg["nodes"][str(node)]["partial"]) / hashlib.sha256(self.files[name]).hexdigest()
 
-    def run(self, timeout: float = 90, torchrun: bool = False, **overrides: Any) -> tuple[list[subprocess.CompletedProcess[str]],
-                                                                  dict[int, dict[str, Any]]]:
+    def run(self, timeout: float = 90, torchrun: bool = False,
+            **overrides: Any) -> tuple[list[subprocess.CompletedProcess[str]], dict[int, dict[str, Any]]]:
         self.runs += 1
         out = self.tmp / f"run{self.runs}"
         out.mkdir()
@@ -178,16 +178,16 @@ class Job:
         port = _port()
         if torchrun:
             procs = [subprocess.Popen(
-                [sys.executable, "-m", "torch.distributed.run", "--nnodes=3", f"--node-rank={n}",
+                [sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nodes}", f"--node-rank={n}",
                  "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
                  str(worker), str(out), str(cfg_path)],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(3)]
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(self.nodes)]
         else:  # the environment torchrun gives its workers, without the agents (three fewer torch imports)
             procs = [subprocess.Popen(
                 [sys.executable, str(worker), str(out), str(cfg_path)],
-                env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "3", "RANK": str(n),
-                     "GROUP_RANK": str(n), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"},
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(3)]
+                env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(self.nodes),
+                     "RANK": str(n), "GROUP_RANK": str(n), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(self.nodes)]
         t0, done = time.monotonic(), []
         try:
             for p in procs:
@@ -218,43 +218,42 @@ def _stderr(procs: list[subprocess.CompletedProcess[str]]) -> list[str]:
 @needs_torch
 @LAUNCHERS
 def test_cold_partial_warm_and_a_file_sent_while_it_grows(tmp_path: Path, torchrun: bool) -> None:
+    """Four nodes: node 1 is cold, node 2 holds file a and a partial of file b, node 3 holds both."""
     files = _files()
     a, b = files
-    job = Job(tmp_path, files, grow=b)
-    # node 2 already holds file a (published) and the first 2.5 MiB + a later island of file b (a partial)
-    job.final(2, a).parent.mkdir(parents=True)
-    job.final(2, a).write_bytes(files[a])
+    job = Job(tmp_path, files, grow=b, nodes=4)
+    for node, names in ((2, [a]), (3, [a, b])):
+        for name in names:
+            job.final(node, name).parent.mkdir(parents=True, exist_ok=True)
+            job.final(node, name).write_bytes(files[name])
     folder = job.partial(2, b)
     folder.mkdir(parents=True)
     (folder / "data").write_bytes(files[b][:4 * MiB])
-    kept = [(int(2.5 * MiB), 3 * MiB), (4 * MiB, len(files[b]))]  # missing: the rest
+    kept = [(int(2.5 * MiB), 3 * MiB), (4 * MiB, len(files[b]))]  # missing: a hole and the tail
     (folder / "progress.json").write_text(json.dumps({"identity": hashlib.sha256(files[b]).hexdigest(),
                                                       "size": len(files[b]), "remaining": kept}))
     node2_needs = sum(e - s for s, e in kept)
 
     procs, results = job.run(torchrun=torchrun)
     assert all(p.returncode == 0 for p in procs), _stderr(procs)
-    assert sorted(results) == [0, 1, 2] and all(r["ok"] for r in results.values()), results
-    assert results[0]["members"] == [0, 1, 2]
+    assert sorted(results) == [0, 1, 2, 3] and all(r["ok"] for r in results.values()), results
+    assert results[0]["members"] == [0, 1, 2, 3]
     nodes = results[1]["nodes"]
     assert all(r["nodes"] == nodes for r in results.values())  # every rank learns every node's bytes
     assert all(r["meta"] == {"commit": "c0ffee"} for r in results.values())
     total = sum(len(d) for d in files.values())
-    assert nodes["1"]["bytes"] == total and nodes["1"]["role"] == "receiver"
+    assert (nodes["1"]["role"], nodes["1"]["bytes"]) == ("receiver", total)
     assert nodes["2"]["bytes"] == node2_needs and nodes["2"]["files"] == {b: node2_needs}  # only what it missed
+    assert (nodes["3"]["role"], nodes["3"]["bytes"]) == ("warm", 0)  # took no part in the transfer
     assert nodes["0"]["bytes"] == total + node2_needs
+    assert results[0]["read"]["bytes"] == total  # a window the two receivers miss is read once, sent twice
     assert results[0]["read"]["while_growing"] > 0  # file b was sent while it was still being written
-    for node in (1, 2):
+    for node in (1, 2, 3):
         for name, data in files.items():
             assert job.final(node, name).read_bytes() == data
-    assert not job.partial(2, b).exists()
-    assert "rank 1 received" in procs[1].stderr and "done" in procs[1].stderr  # the progress line
-
-    procs, results = job.run(torchrun=torchrun)  # warm: nobody takes part in the transfer, the sender reads nothing
-    assert all(p.returncode == 0 for p in procs), _stderr(procs)
-    nodes = results[0]["nodes"]
-    assert [(nodes[r]["role"], nodes[r]["bytes"]) for r in "012"] == [("sender", 0), ("warm", 0), ("warm", 0)]
-    assert results[0]["read"]["bytes"] == 0
+    assert not job.partial(2, b).exists() and not job.partial(1, a).exists()
+    assert "rank 1 received 11.5 MB of 11.5 MB from rank 0" in procs[1].stderr  # the progress line
+    assert "received" not in procs[3].stderr
 
 
 @needs_torch
