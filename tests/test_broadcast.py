@@ -116,6 +116,22 @@ try:
                     inner.close()
 
             sink = Corrupt()
+        if cfg.get("null_sink"):  # the bench's transport ceiling: receive, write nothing, check nothing
+
+            class Null:
+                def missing(self, spec):
+                    return [(0, spec.size)]
+
+                def write(self, spec, offset, data):
+                    pass
+
+                def complete(self, spec):
+                    pass
+
+                def close(self):
+                    pass
+
+            sink = Null()
         report = receive(sink, group, progress=sys.stderr)
     result.update(ok=True, meta=report.meta,
                   nodes={str(r): {"role": s.role, "bytes": s.bytes, "files": s.files} for r, s in report.nodes.items()})
@@ -124,6 +140,8 @@ except FetcherError as exc:
     result.update(ok=False, type=type(exc).__name__, message=exc.message, hint=exc.hint)
     code = exc.exit_code
 result["seconds"] = time.monotonic() - t0
+hwm = [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:")]
+result["maxrss_mb"] = int(hwm[0].split()[1]) / 1024 if hwm else None  # this process's peak (not ru_maxrss: exec)
 Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 try:
     dist.destroy_process_group()

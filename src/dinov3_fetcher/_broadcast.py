@@ -37,7 +37,9 @@ import importlib
 import json
 import os
 import pickle
+import queue
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -398,41 +400,76 @@ def receive(sink: Sink, group: Any, *, src: int = 0, progress: TextIO | None = N
     return _verdict(verdict, report, mine)
 
 
+class _Writer:
+    """The receiver's disk side in a thread: writes (and hashes, in the sink) one piece while the next one
+    arrives. Two buffers: one being received into, one being written from."""
+
+    def __init__(self, torch: ModuleType, sink: Sink, files: list[FileSpec], left: list[int], size: int) -> None:
+        self.torch, self.sink, self.files, self.left = torch, sink, files, left
+        self.error: BaseException | None = None
+        self.free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(2):
+            self.free.put(bytearray(size))
+        self.work: queue.Queue[tuple[int, int, int, bytearray] | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="dinov3-broadcast-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.work.get()) is not None:
+            idx, offset, n, buf = item
+            try:
+                if self.error is None:
+                    spec = self.files[idx]
+                    self.sink.write(spec, offset, memoryview(buf)[:n])
+                    self.left[idx] -= n
+                    if self.left[idx] == 0:
+                        self.sink.complete(spec)
+            except BaseException as exc:  # reported at the end; the receiver drains what is still sent
+                self.error = exc
+            finally:
+                self.free.put(buf)
+
+    def buffer(self, n: int) -> bytearray:
+        buf = self.free.get()
+        return buf if len(buf) >= n else bytearray(n)  # the sender's chunk is larger than ours
+
+    def stop(self) -> None:
+        self.work.put(None)
+        self.thread.join()
+
+
 def _take(wire: _Wire, src: int, sink: Sink, files: list[FileSpec], missing: list[list[Range]], stats: NodeStats,
           progress: TextIO | None) -> BaseException | None:
     """Step 3 on a receiver: headers and pieces until the sender's end (or abort). Returns the sink's error."""
     torch, dist = wire.torch, wire.dist
     left = [sum(e - s for s, e in m) for m in missing]
     line = _Line(progress, stats.rank, src, sum(left))
-    buf = bytearray(min(CHUNK, max(left)))
-    view, tensor = memoryview(buf), torch.frombuffer(buf, dtype=torch.uint8)
+    writer = _Writer(torch, sink, files, left, min(CHUNK, max(left)))
     head = torch.zeros(4, dtype=torch.int64)
-    mine: BaseException | None = None
-    while True:
-        _guard(dist.recv, head, src=src, group=wire.group)
-        kind, idx, offset, n = (int(v) for v in head.tolist())
-        if kind != _DATA:
-            break
-        if n > len(buf):  # the sender's chunk is larger than ours
-            buf = bytearray(n)
-            view, tensor = memoryview(buf), torch.frombuffer(buf, dtype=torch.uint8)
-        piece = tensor[:n]
-        _guard(dist.recv, piece, src=src, group=wire.group)
-        spec = files[idx]
-        stats.bytes += n
-        stats.files[spec.name] = stats.files.get(spec.name, 0) + n
-        line.show(stats.bytes)
-        if mine is not None:
-            continue  # drain: the sender goes on, the error is reported at the end
-        try:
-            sink.write(spec, offset, view[:n])
-            left[idx] -= n
-            if left[idx] == 0:
-                sink.complete(spec)
-        except Exception as exc:
-            mine = exc
+    try:
+        while True:
+            _guard(dist.recv, head, src=src, group=wire.group)
+            kind, idx, offset, n = (int(v) for v in head.tolist())
+            if kind != _DATA:
+                break
+            buf = writer.buffer(n)
+            try:
+                _guard(dist.recv, torch.frombuffer(buf, dtype=torch.uint8)[:n], src=src, group=wire.group)
+            except BaseException:
+                writer.free.put(buf)
+                raise
+            stats.bytes += n
+            stats.files[files[idx].name] = stats.files.get(files[idx].name, 0) + n
+            line.show(stats.bytes)
+            if writer.error is not None:
+                writer.free.put(buf)  # drain: the sender goes on, the error is reported at the end
+            else:
+                writer.work.put((idx, offset, n, buf))
+    finally:
+        writer.stop()  # what was received is written (and recorded by sink.close) even when the sender died
     line.show(stats.bytes, final=True)
-    return mine
+    return writer.error
+
 
 # -- the sender's source and a receiver's sink on plain files ---------------------------------------------
 
@@ -606,8 +643,8 @@ class _OpenFile:
 
     def write(self, offset: int, data: memoryview) -> None:
         view, pos = data, offset
-        while view:
-            n = os.pwrite(self.fd, view, pos)
+        while view:  # 1 MiB per call: a 32 MiB pwrite was 5x slower here (747 MB/s, page cache folio sizes)
+            n = os.pwrite(self.fd, view[:MiB], pos)
             view, pos = view[n:], pos + n
         end = offset + len(data)
         cut: list[Range] = []
