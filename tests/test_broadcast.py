@@ -73,7 +73,7 @@ try:
                         f.write(full[pos:pos + 256 * 1024])
                         f.flush()
                         grown[grow] = min(len(full), pos + 256 * 1024)
-                        time.sleep(0.002)
+                        time.sleep(0.02 if seen_growing.is_set() else 0.002)  # then slower than the sender
 
             threading.Thread(target=writer, daemon=True).start()
         read = {"bytes": 0, "while_growing": 0}
@@ -96,13 +96,15 @@ try:
         if cfg.get("corrupt_node") == node:
             inner = sink
 
-            class Corrupt:  # flips one byte of the first piece of the last file, as a bad disk or DIMM would
+            class Corrupt:  # flips one byte of the first piece of the last file (bad disk, DIMM), or dies
                 done = False
 
                 def missing(self, spec):
                     return inner.missing(spec)
 
                 def write(self, spec, offset, data):
+                    if cfg.get("kill_receiver"):
+                        os.kill(os.getpid(), signal.SIGKILL)
                     if spec.name == files[-1].name and not Corrupt.done:
                         data = bytearray(data)
                         data[0] ^= 0xFF
@@ -348,3 +350,14 @@ def test_partial_sink_records_what_it_wrote_in_the_fetchers_format(tmp_path: Pat
     sink.close()
     assert (tmp_path / "final" / spec.name).read_bytes() == data and not folder.exists()
     assert sink.missing(spec) == []
+
+
+@needs_torch
+def test_a_receiver_killed_midway_the_sender_and_the_others_raise_one_error(tmp_path: Path) -> None:
+    files = _files()
+    job = Job(tmp_path, files)
+    procs, results = job.run(corrupt_node=2, kill_receiver=True)
+    assert sorted(results) == [0, 1], _stderr(procs)  # node 2 died at its first write
+    assert {(r["type"], r["message"]) for r in results.values()} == {("NetworkError", BROKEN)}
+    for name, data in files.items():  # node 1 got everything (and keeps it) before the error was known
+        assert job.final(1, name).read_bytes() == data

@@ -177,13 +177,13 @@ class _Line:
         self.stream, self.rank, self.src, self.total, self.every = stream, rank, src, total, every
         self.t0 = self.last = time.monotonic()
 
-    def show(self, done: int, final: bool = False) -> None:
+    def show(self, done: int, final: bool = False, end: str = "done") -> None:
         now = time.monotonic()
         if self.stream is None or (not final and now - self.last < self.every):
             return
         self.last = now
         rate = done / max(now - self.t0, 1e-6)
-        end = "done" if final else f"{100 * done / max(self.total, 1):.0f}%"
+        end = end if final else f"{100 * done / max(self.total, 1):.0f}%"
         with contextlib.suppress(OSError, ValueError):
             self.stream.write(f"dinov3-fetcher: rank {self.rank} received {human_bytes(done)} of "
                               f"{human_bytes(self.total)} from rank {self.src} ({human_bytes(rate)}/s) {end}\n")
@@ -467,7 +467,7 @@ def _take(wire: _Wire, src: int, sink: Sink, files: list[FileSpec], missing: lis
                 writer.work.put((idx, offset, n, buf))
     finally:
         writer.stop()  # what was received is written (and recorded by sink.close) even when the sender died
-    line.show(stats.bytes, final=True)
+    line.show(stats.bytes, final=True, end="done" if kind == _END else "stopped (the sender failed)")
     return writer.error
 
 
