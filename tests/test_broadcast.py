@@ -353,6 +353,7 @@ def test_partial_sink_records_what_it_wrote_in_the_fetchers_format(tmp_path: Pat
 
 
 @needs_torch
+@pytest.mark.slow
 def test_a_receiver_killed_midway_the_sender_and_the_others_raise_one_error(tmp_path: Path) -> None:
     files = _files()
     job = Job(tmp_path, files)

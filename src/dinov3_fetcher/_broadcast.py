@@ -263,7 +263,7 @@ def send(files: Sequence[FileSpec], source: Source, group: Any, *, meta: dict[st
     wire = _Wire(torch, dist, group)
     peers = [r for r in dist.get_process_group_ranks(group) if r != rank]
     dead: set[int] = set()
-    header = {"files": [(f.name, f.size, f.sha256) for f in files], "meta": dict(meta or {})}
+    header = {"files": [(f.name, f.size, f.sha256) for f in files], "meta": dict(meta or {}), "chunk": chunk}
     _wait_all([(r, w) for r in peers for w in wire.isend_obj(header, r)], dead)
     announced: dict[int, dict[str, Any]] = {}
     for r in peers:  # step 2: what each receiver misses
@@ -382,7 +382,7 @@ def receive(sink: Sink, group: Any, *, src: int = 0, progress: TextIO | None = N
         for w in wire.isend_obj({"error": _outcome(mine, rank), "missing": missing}, src):
             _guard(w.wait)
         if mine is None and any(missing):
-            mine = _take(wire, src, sink, files, missing, stats, progress)
+            mine = _take(wire, src, sink, files, missing, stats, progress, int(header.get("chunk", CHUNK)))
         elif mine is None:
             stats.role = "warm"
         try:
@@ -439,12 +439,12 @@ class _Writer:
 
 
 def _take(wire: _Wire, src: int, sink: Sink, files: list[FileSpec], missing: list[list[Range]], stats: NodeStats,
-          progress: TextIO | None) -> BaseException | None:
+          progress: TextIO | None, chunk: int) -> BaseException | None:
     """Step 3 on a receiver: headers and pieces until the sender's end (or abort). Returns the sink's error."""
     torch, dist = wire.torch, wire.dist
     left = [sum(e - s for s, e in m) for m in missing]
     line = _Line(progress, stats.rank, src, sum(left))
-    writer = _Writer(torch, sink, files, left, min(CHUNK, max(left)))
+    writer = _Writer(torch, sink, files, left, min(chunk, max(left)))
     head = torch.zeros(4, dtype=torch.int64)
     try:
         while True:
