@@ -2,19 +2,20 @@
 
 The sender (global rank 0, which downloads from the source) and the receivers (local rank 0 of every other
 node) call ``send`` / ``receive`` together on a gloo group of their own (``leaders_group``), whatever the job's
-backend is. Three steps, every member reaches each of them whatever happens:
+backend is. Four steps; every message goes between the sender and one receiver (point to point), so a dead
+sender is seen by every receiver at once, and a dead receiver by the sender:
 
-1. the sender broadcasts the file list (name, size, sha256) and a small ``meta`` dict (e.g. the manifest's
-   repo, revision and commit), so the receivers never ask the source anything;
+1. the sender sends every receiver the file list (name, size, sha256) and a small ``meta`` dict (e.g. the
+   manifest's repo, revision and commit), so the receivers never ask the source anything;
 2. every receiver announces the byte ranges it misses per file (``Sink.missing``; a warm node: none);
 3. the sender streams each receiver exactly its missing ranges, point to point, in file order, in pieces of at
-   most ``chunk`` bytes read once per piece window into one of two reused buffers (memory: 2 x chunk on the
-   sender, 1 x chunk on a receiver). A piece is sent once the source's ``ready`` frontier has passed its end,
-   so receivers get a file while the sender is still downloading it. Every piece is preceded by a 32-byte
-   header (data / end / abort), so a sender that fails stops every receiver at once.
-   Receivers with nothing missing take no part in this step;
-4. every member's outcome and stats are exchanged (``all_gather_object``): the lowest failing rank's error is
-   raised on every member (same type, message and hint), and every member returns the same ``Report``.
+   most ``chunk`` bytes, read once per chunk-aligned window into one of two reused buffers (memory: 2 x chunk
+   on each side; a receiver writes and hashes one piece in a thread while the next one arrives). A piece is
+   sent once the source's ``ready`` frontier has passed its end, so receivers get a file while the sender is
+   still downloading it. Every piece is preceded by a 32-byte header (data / end / abort), so a sender whose
+   source fails stops every receiver at once. Receivers with nothing missing take no part in this step;
+4. every receiver sends the sender its outcome and stats; the sender sends back one verdict: the lowest failing
+   rank's error, raised on every member (same type, message and hint), or the same ``Report`` for every member.
 
 A receiver whose sink fails (disk full) or whose file fails its sha256 keeps draining what the sender sends
 (discarding it), so the stream and the exchange still complete and the error reaches every rank. What a sink
@@ -26,6 +27,13 @@ Point to point rather than one broadcast of the union: each receiver takes only 
 node takes nothing, with no subgroup per set of needs; the cost is the sender's egress, which is N x the
 missing bytes. For hundreds of nodes the same headers allow a relay (receivers forward pieces along a chain or
 tree, as NCCL's ring broadcast does), see ``send``.
+
+NCCL (GPU tensors) is not used here. To carry the data pieces on the job's NCCL group, keep steps 1, 2 and 4 and
+the headers on gloo (CPU objects, timeouts, a dead peer seen at once, where NCCL would hang until its watchdog
+fires), and move only the piece tensors: the sender copies each window from a pinned host buffer into one
+device buffer of ``chunk`` bytes, the receivers ``recv`` into theirs and copy it back to pinned memory for the
+sink (one chunk of GPU memory per rank). With many nodes the same window can go to every receiver that misses it
+with one ``broadcast`` on a subgroup per set of needs (NCCL pipelines it as a ring or tree).
 """
 
 from __future__ import annotations
@@ -235,6 +243,33 @@ class _Wire:
         return self.torch.tensor([kind, idx, offset, n], dtype=self.torch.int64)
 
 
+def _isend(wire: _Wire, tensor: Any, r: int, dead: set[int]) -> list[tuple[int, Any]]:
+    """Post a send to ``r`` unless it is dead; a send that fails at once marks it dead."""
+    if r in dead:
+        return []
+    try:
+        return [(r, wire.dist.isend(tensor, dst=r, group=wire.group))]
+    except Exception as exc:
+        if not _is_transport(exc):
+            raise
+        dead.add(r)
+        return []
+
+
+def _send_obj(wire: _Wire, obj: Any, peers: Iterable[int], dead: set[int]) -> None:
+    works: list[tuple[int, Any]] = []
+    for r in peers:
+        if r in dead:
+            continue
+        try:
+            works += [(r, w) for w in wire.isend_obj(obj, r)]
+        except Exception as exc:
+            if not _is_transport(exc):
+                raise
+            dead.add(r)
+    _wait_all(works, dead)
+
+
 def _wait_all(works: Iterable[tuple[int, Any]], dead: set[int]) -> None:
     """Wait for sends; a peer whose send fails is dead (it gets nothing more)."""
     for r, work in works:
@@ -264,7 +299,7 @@ def send(files: Sequence[FileSpec], source: Source, group: Any, *, meta: dict[st
     peers = [r for r in dist.get_process_group_ranks(group) if r != rank]
     dead: set[int] = set()
     header = {"files": [(f.name, f.size, f.sha256) for f in files], "meta": dict(meta or {}), "chunk": chunk}
-    _wait_all([(r, w) for r in peers for w in wire.isend_obj(header, r)], dead)
+    _send_obj(wire, header, peers, dead)
     announced: dict[int, dict[str, Any]] = {}
     for r in peers:  # step 2: what each receiver misses
         if r in dead:
@@ -279,7 +314,7 @@ def send(files: Sequence[FileSpec], source: Source, group: Any, *, meta: dict[st
     active = sorted(r for r, a in announced.items() if a["error"] is None and any(a["missing"]))
     mine: BaseException | None = None
     if refused:  # a receiver could not say what it misses: nobody takes anything, everybody learns why
-        _wait_all([(r, wire.dist.isend(wire.head(_ABORT), dst=r, group=group)) for r in active], dead)
+        _wait_all([w for r in active for w in _isend(wire, wire.head(_ABORT), r, dead)], dead)
     elif active:
         mine = _stream(wire, files, source, {r: announced[r]["missing"] for r in active}, chunk, stats, dead)
     stats.seconds = time.monotonic() - t0
@@ -299,7 +334,7 @@ def send(files: Sequence[FileSpec], source: Source, group: Any, *, meta: dict[st
         failure = {"broken": True}
     nodes = {rank: stats, **{r: o["stats"] for r, o in outcomes.items()}}
     verdict = {"failure": failure, "nodes": nodes}
-    _wait_all([(r, w) for r in peers if r not in dead for w in wire.isend_obj(verdict, r)], dead)
+    _send_obj(wire, verdict, peers, dead)
     return _verdict(verdict, report, mine)
 
 
@@ -340,19 +375,16 @@ def _stream(wire: _Wire, files: list[FileSpec], source: Source, wants: dict[int,
                 works: list[tuple[int, Any]] = []
                 for r, ps in part.items():
                     for s, e in ps:
-                        works.append((r, wire.dist.isend(wire.head(_DATA, idx, s, e - s), dst=r, group=wire.group)))
-                        works.append((r, wire.dist.isend(tensors[which][s - lo:e - lo], dst=r, group=wire.group)))
+                        works += _isend(wire, wire.head(_DATA, idx, s, e - s), r, dead)
+                        works += _isend(wire, tensors[which][s - lo:e - lo], r, dead)
                         stats.bytes += e - s
                         stats.files[spec.name] = stats.files.get(spec.name, 0) + e - s
                 _wait_all(pending, dead)
                 pending, which = works, 1 - which
-    except Exception as exc:  # the source failed: every receiver stops at its next header
-        if _is_transport(exc):
-            raise
+    except BaseException as exc:  # the source failed (or Ctrl-C): every receiver stops at its next header
         mine, kind = exc, _ABORT
     _wait_all(pending, dead)
-    ends = [(r, wire.dist.isend(wire.head(kind), dst=r, group=wire.group)) for r in wants if r not in dead]
-    _wait_all(ends, dead)
+    _wait_all([w for r in wants for w in _isend(wire, wire.head(kind), r, dead)], dead)
     return mine
 
 
