@@ -105,6 +105,10 @@ try:
                 def write(self, spec, offset, data):
                     if cfg.get("kill_receiver"):
                         os.kill(os.getpid(), signal.SIGKILL)
+                    if cfg.get("disk_full_at") is not None and offset >= cfg["disk_full_at"]:
+                        from dinov3_fetcher.errors import DiskSpaceError
+
+                        raise DiskSpaceError("the disk filled up while receiving " + spec.name, "free space", free=0)
                     if spec.name == files[-1].name and not Corrupt.done:
                         data = bytearray(data)
                         data[0] ^= 0xFF
@@ -362,3 +366,22 @@ def test_a_receiver_killed_midway_the_sender_and_the_others_raise_one_error(tmp_
     assert {(r["type"], r["message"]) for r in results.values()} == {("NetworkError", BROKEN)}
     for name, data in files.items():  # node 1 got everything (and keeps it) before the error was known
         assert job.final(1, name).read_bytes() == data
+
+
+@needs_torch
+@pytest.mark.slow
+def test_a_full_disk_on_one_node_is_raised_everywhere_and_what_it_wrote_is_kept(tmp_path: Path) -> None:
+    files = _files()
+    a, b = files
+    job = Job(tmp_path, files)
+    procs, results = job.run(corrupt_node=1, disk_full_at=2 * MiB)
+    assert sorted(results) == [0, 1, 2], _stderr(procs)
+    assert {(r["type"], r["message"]) for r in results.values()} == {("DiskSpaceError", f"the disk filled up while "
+                                                                                          f"receiving {a}")}
+    assert job.final(2, b).read_bytes() == files[b]  # node 2 was fine
+    record = json.loads((job.partial(1, a) / "progress.json").read_text())
+    assert record["remaining"] == [[2 * MiB, len(files[a])]]  # the first 2 MiB stay
+    procs, results = job.run()
+    assert all(r["ok"] for r in results.values()), _stderr(procs)
+    assert results[0]["nodes"]["1"]["bytes"] == len(files[a]) - 2 * MiB + len(files[b])
+    assert results[0]["nodes"]["2"]["role"] == "warm"
