@@ -1,0 +1,388 @@
+"""_broadcast: one sender streams files to the other nodes over a gloo group, under a real torchrun.
+
+Three or four torchrun agents on this host stand for as many nodes (one rank each, ``--nnodes 3 --node-rank
+N``), each with its own folders: node 0 sends from its source folder, the others receive into their own partial
+and final folders. Faults are injected in the worker script (a sink wrapper, a source wrapper that SIGKILLs its
+own process), never in the module. The torchrun tests are skipped when torch is not installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import cli_env
+from dinov3_fetcher._broadcast import BROKEN, FileSpec, PartialSink, missing_pieces
+
+needs_torch = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None,
+    reason="torch is not installed (the [load] extra): run bash .ci/install-load-extra.sh",
+)
+
+MiB = 1024 * 1024
+CHUNK = 1 * MiB  # small pieces, so that a few MB make several windows
+# Under torchrun (an agent per node, as in a job) and as plain processes with the environment torchrun sets
+# (the same workers, without the agents' three torch imports: ~3x faster on a loaded 2-core machine).
+LAUNCHERS = pytest.mark.parametrize("torchrun", [pytest.param(True, marks=pytest.mark.slow, id="torchrun"),
+                                                 pytest.param(False, id="env")])
+
+WORKER = r"""
+import datetime as dt, json, os, signal, sys, threading, time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from dinov3_fetcher._broadcast import FileSource, FileSpec, PartialSink, leaders_group, receive, send
+from dinov3_fetcher._errors import FetcherError
+
+out_dir, cfg = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
+node = int(os.environ["GROUP_RANK"])
+dist.init_process_group("gloo", timeout=dt.timedelta(seconds=60))
+rank = dist.get_rank()
+group, members = leaders_group(dist, dist.group.WORLD, int(os.environ["LOCAL_RANK"]), timeout=cfg["timeout"])
+files = [FileSpec(*f) for f in cfg["files"]]
+result = {"rank": rank, "node": node, "members": members}
+t0 = time.monotonic()
+try:
+    if rank == 0:
+        src = Path(cfg["src"])
+        grown = {f.name: f.size for f in files}
+        grow = cfg.get("grow")
+        seen_growing = threading.Event()
+        if grow:  # the file is still being written (downloaded) while it is sent
+            full = (src / "full" / grow).read_bytes()
+            grown[grow] = 0
+            (src / grow).write_bytes(b"")
+
+            def writer():
+                with open(src / grow, "r+b") as f:
+                    for pos in range(0, len(full), 256 * 1024):
+                        if pos >= len(full) // 2:
+                            seen_growing.wait(60)  # the second half only once the first half is being sent
+                        f.seek(pos)
+                        f.write(full[pos:pos + 256 * 1024])
+                        f.flush()
+                        grown[grow] = min(len(full), pos + 256 * 1024)
+                        time.sleep(0.02 if seen_growing.is_set() else 0.002)  # then slower than the sender
+
+            threading.Thread(target=writer, daemon=True).start()
+        read = {"bytes": 0, "while_growing": 0}
+
+        class Probe(FileSource):
+            def readinto(self, name, offset, buf):
+                if cfg.get("kill_at") is not None and read["bytes"] >= cfg["kill_at"]:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                super().readinto(name, offset, buf)
+                read["bytes"] += len(buf)
+                if name == grow and grown[name] < files[[f.name for f in files].index(name)].size:
+                    read["while_growing"] += len(buf)
+                    seen_growing.set()
+
+        source = Probe({f.name: src / f.name for f in files}, ready=lambda name: grown[name])
+        report = send(files, source, group, meta={"commit": "c0ffee"}, chunk=cfg["chunk"])
+        result["read"] = read
+    else:
+        sink = PartialSink(Path(cfg["nodes"][str(node)]["partial"]), Path(cfg["nodes"][str(node)]["final"]))
+        if cfg.get("corrupt_node") == node:
+            inner = sink
+
+            class Corrupt:  # flips one byte of the first piece of the last file (bad disk, DIMM), or dies
+                done = False
+
+                def missing(self, spec):
+                    return inner.missing(spec)
+
+                def write(self, spec, offset, data):
+                    if cfg.get("kill_receiver"):
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    if cfg.get("disk_full_at") is not None and offset >= cfg["disk_full_at"]:
+                        from dinov3_fetcher._errors import DiskSpaceError
+
+                        raise DiskSpaceError("the disk filled up while receiving " + spec.name, "free space", free=0)
+                    if spec.name == files[-1].name and not Corrupt.done:
+                        data = bytearray(data)
+                        data[0] ^= 0xFF
+                        Corrupt.done = True
+                    inner.write(spec, offset, memoryview(data))
+
+                def complete(self, spec):
+                    inner.complete(spec)
+
+                def close(self):
+                    inner.close()
+
+            sink = Corrupt()
+        if cfg.get("null_sink"):  # the bench's transport ceiling: receive, write nothing, check nothing
+
+            class Null:
+                def missing(self, spec):
+                    return [(0, spec.size)]
+
+                def write(self, spec, offset, data):
+                    pass
+
+                def complete(self, spec):
+                    pass
+
+                def close(self):
+                    pass
+
+            sink = Null()
+        report = receive(sink, group, progress=sys.stderr)
+    result.update(ok=True, meta=report.meta,
+                  nodes={str(r): {"role": s.role, "bytes": s.bytes, "files": s.files} for r, s in report.nodes.items()})
+    code = 0
+except FetcherError as exc:
+    result.update(ok=False, type=type(exc).__name__, message=exc.message, hint=exc.hint)
+    code = exc.exit_code
+result["seconds"] = time.monotonic() - t0
+hwm = [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:")]
+result["maxrss_mb"] = int(hwm[0].split()[1]) / 1024 if hwm else None  # this process's peak (not ru_maxrss: exec)
+Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+try:
+    dist.destroy_process_group()
+finally:
+    sys.exit(code)
+"""
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _spec(name: str, data: bytes) -> list[Any]:
+    return [name, len(data), hashlib.sha256(data).hexdigest()]
+
+
+class Job:
+    """Three "nodes" on this host: node 0 holds the source files, nodes 1 and 2 their own folders."""
+
+    def __init__(self, tmp: Path, files: dict[str, bytes], grow: str | None = None, nodes: int = 3) -> None:
+        self.tmp, self.files, self.nodes = tmp, files, nodes
+        src = tmp / "node0" / "source"
+        (src / "full").mkdir(parents=True)
+        for name, data in files.items():
+            (src / ("full" if name == grow else ".") / name).write_bytes(data)
+        self.cfg: dict[str, Any] = {
+            "files": [_spec(n, d) for n, d in files.items()], "src": str(src), "grow": grow, "chunk": CHUNK,
+            "timeout": 60,
+            "nodes": {str(n): {"partial": str(tmp / f"node{n}" / "partial"), "final": str(tmp / f"node{n}" / "final")}
+                      for n in range(1, nodes)},
+        }
+        self.runs = 0
+
+    def final(self, node: int, name: str) -> Path:
+        return Path(self.cfg["nodes"][str(node)]["final"]) / name
+
+    def partial(self, node: int, name: str) -> Path:
+        return Path(self.cfg["nodes"][str(node)]["partial"]) / hashlib.sha256(self.files[name]).hexdigest()
+
+    def run(self, timeout: float = 90, torchrun: bool = False,
+            **overrides: Any) -> tuple[list[subprocess.CompletedProcess[str]], dict[int, dict[str, Any]]]:
+        self.runs += 1
+        out = self.tmp / f"run{self.runs}"
+        out.mkdir()
+        cfg_path = out / "cfg.json"
+        cfg_path.write_text(json.dumps({**self.cfg, **overrides}))
+        worker = self.tmp / "worker.py"
+        worker.write_text(WORKER)
+        env = cli_env(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        port = _port()
+        if torchrun:
+            procs = [subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nodes}", f"--node-rank={n}",
+                 "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                 str(worker), str(out), str(cfg_path)],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(self.nodes)]
+        else:  # the environment torchrun gives its workers, without the agents (three fewer torch imports)
+            procs = [subprocess.Popen(
+                [sys.executable, str(worker), str(out), str(cfg_path)],
+                env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(self.nodes),
+                     "RANK": str(n), "GROUP_RANK": str(n), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"},
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(self.nodes)]
+        t0, done = time.monotonic(), []
+        try:
+            for p in procs:
+                stdout, stderr = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+                done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        results = {int(f.stem[4:]): json.loads(f.read_text()) for f in out.glob("rank*.json")}
+        return done, results
+
+
+def _blob(n: int, seed: int) -> bytes:
+    return (hashlib.sha256(str(seed).encode()).digest() * (n // 32 + 1))[:n]
+
+
+def _files() -> dict[str, bytes]:
+    return {"model-00001-of-00002.safetensors": _blob(5 * MiB + 123, 1),
+            "model-00002-of-00002.safetensors": _blob(6 * MiB + 77, 2)}
+
+
+def _stderr(procs: list[subprocess.CompletedProcess[str]]) -> list[str]:
+    return [p.stderr[-3000:] for p in procs]
+
+
+@needs_torch
+@LAUNCHERS
+def test_cold_partial_warm_and_a_file_sent_while_it_grows(tmp_path: Path, torchrun: bool) -> None:
+    """Four nodes: node 1 is cold, node 2 holds file a and a partial of file b, node 3 holds both."""
+    files = _files()
+    a, b = files
+    job = Job(tmp_path, files, grow=b, nodes=4)
+    for node, names in ((2, [a]), (3, [a, b])):
+        for name in names:
+            job.final(node, name).parent.mkdir(parents=True, exist_ok=True)
+            job.final(node, name).write_bytes(files[name])
+    folder = job.partial(2, b)
+    folder.mkdir(parents=True)
+    (folder / "data").write_bytes(files[b][:4 * MiB])
+    kept = [(int(2.5 * MiB), 3 * MiB), (4 * MiB, len(files[b]))]  # missing: a hole and the tail
+    (folder / "progress.json").write_text(json.dumps({"identity": hashlib.sha256(files[b]).hexdigest(),
+                                                      "size": len(files[b]), "remaining": kept}))
+    node2_needs = sum(e - s for s, e in kept)
+
+    procs, results = job.run(torchrun=torchrun)
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    assert sorted(results) == [0, 1, 2, 3] and all(r["ok"] for r in results.values()), results
+    assert results[0]["members"] == [0, 1, 2, 3]
+    nodes = results[1]["nodes"]
+    assert all(r["nodes"] == nodes for r in results.values())  # every rank learns every node's bytes
+    assert all(r["meta"] == {"commit": "c0ffee"} for r in results.values())
+    total = sum(len(d) for d in files.values())
+    assert (nodes["1"]["role"], nodes["1"]["bytes"]) == ("receiver", total)
+    assert nodes["2"]["bytes"] == node2_needs and nodes["2"]["files"] == {b: node2_needs}  # only what it missed
+    assert (nodes["3"]["role"], nodes["3"]["bytes"]) == ("warm", 0)  # took no part in the transfer
+    assert nodes["0"]["bytes"] == total + node2_needs
+    assert results[0]["read"]["bytes"] == total  # a window the two receivers miss is read once, sent twice
+    assert results[0]["read"]["while_growing"] > 0  # file b was sent while it was still being written
+    for node in (1, 2, 3):
+        for name, data in files.items():
+            assert job.final(node, name).read_bytes() == data
+    assert not job.partial(2, b).exists() and not job.partial(1, a).exists()
+    assert "rank 1 received 11.5 MB of 11.5 MB from rank 0" in procs[1].stderr  # the progress line
+    assert "received" not in procs[3].stderr
+
+
+@needs_torch
+@LAUNCHERS
+def test_sender_killed_midway_one_error_everywhere_then_the_rerun_resumes(tmp_path: Path, torchrun: bool) -> None:
+    files = _files()
+    a, b = files
+    job = Job(tmp_path, files)
+    procs, results = job.run(torchrun=torchrun, kill_at=3 * MiB)
+    assert procs[0].returncode != 0
+    assert sorted(results) == [1, 2], _stderr(procs)  # rank 0 was killed, the others answered
+    assert {(r["type"], r["message"]) for r in results.values()} == {("NetworkError", BROKEN)}
+    left = {}
+    for node in (1, 2):
+        record = json.loads((job.partial(node, a) / "progress.json").read_text())
+        left[node] = sum(e - s for s, e in record["remaining"])
+        assert 0 < left[node] < len(files[a])  # what arrived before the kill is recorded
+
+    procs, results = job.run(torchrun=torchrun)
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    nodes = results[0]["nodes"]
+    for node in (1, 2):
+        assert nodes[str(node)]["bytes"] == left[node] + len(files[b])  # only the rest
+        for name, data in files.items():
+            assert job.final(node, name).read_bytes() == data
+
+
+@needs_torch
+def test_a_corrupt_piece_on_one_node_is_caught_there_and_raised_everywhere(tmp_path: Path) -> None:
+    files = _files()
+    a, b = files
+    job = Job(tmp_path, files)
+    procs, results = job.run(corrupt_node=2)
+    assert sorted(results) == [0, 1, 2], _stderr(procs)
+    assert all(p.returncode != 0 for p in procs), _stderr(procs)
+    assert {r["type"] for r in results.values()} == {"IntegrityError"}
+    assert len({(r["message"], r["hint"]) for r in results.values()}) == 1
+    assert b in results[0]["message"] and "sha256" in results[0]["message"]
+    assert job.final(1, b).read_bytes() == files[b]  # node 1 is fine
+    assert job.final(2, a).read_bytes() == files[a]
+    assert not job.final(2, b).exists() and not job.partial(2, b).exists()  # the bad copy was discarded
+
+
+# -- without torch -----------------------------------------------------------------------------------------
+
+
+def test_pieces_stay_inside_chunk_windows() -> None:
+    assert missing_pieces([(0, 10)], 4) == [(0, 4), (4, 8), (8, 10)]
+    assert missing_pieces([(3, 9), (13, 14)], 4) == [(3, 4), (4, 8), (8, 9), (13, 14)]
+    assert missing_pieces([], 4) == []
+
+
+def test_partial_sink_records_what_it_wrote_in_the_fetchers_format(tmp_path: Path) -> None:
+    from dinov3_fetcher._job import Job as _Job
+    from dinov3_fetcher._transfer import Target
+
+    data = _blob(3 * MiB + 5, 7)
+    spec = FileSpec("model.safetensors", len(data), hashlib.sha256(data).hexdigest())
+    sink = PartialSink(tmp_path / "partial", tmp_path / "final")
+    assert sink.missing(spec) == [(0, len(data))]
+    sink.write(spec, 0, memoryview(data)[:MiB])
+    sink.write(spec, 2 * MiB, memoryview(data)[2 * MiB:])
+    sink.close()
+    folder = tmp_path / "partial" / spec.sha256
+    assert sink.missing(spec) == [(MiB, 2 * MiB)]
+    # the fetcher's own transfer code reads the record as a resumable partial of the same bytes
+    job = _Job(None, Target(spec.name, "http://unused", spec.size, spec.sha256, spec.sha256), folder)  # type: ignore[arg-type]
+    os.close(job.fd)
+    assert job.resumed_from == len(data) - MiB
+    assert [(s.pos, s.end) for s in job.segments] == [(MiB, 2 * MiB)]
+
+    sink = PartialSink(tmp_path / "partial", tmp_path / "final")  # a later run resumes and publishes
+    sink.write(spec, MiB, memoryview(data)[MiB:2 * MiB])
+    sink.complete(spec)
+    sink.close()
+    assert (tmp_path / "final" / spec.name).read_bytes() == data and not folder.exists()
+    assert sink.missing(spec) == []
+
+
+@needs_torch
+@pytest.mark.slow
+def test_a_receiver_killed_midway_the_sender_and_the_others_raise_one_error(tmp_path: Path) -> None:
+    files = _files()
+    job = Job(tmp_path, files)
+    procs, results = job.run(corrupt_node=2, kill_receiver=True)
+    assert sorted(results) == [0, 1], _stderr(procs)  # node 2 died at its first write
+    assert {(r["type"], r["message"]) for r in results.values()} == {("NetworkError", BROKEN)}
+    for name, data in files.items():  # node 1 got everything (and keeps it) before the error was known
+        assert job.final(1, name).read_bytes() == data
+
+
+@needs_torch
+@pytest.mark.slow
+def test_a_full_disk_on_one_node_is_raised_everywhere_and_what_it_wrote_is_kept(tmp_path: Path) -> None:
+    files = _files()
+    a, b = files
+    job = Job(tmp_path, files)
+    procs, results = job.run(corrupt_node=1, disk_full_at=2 * MiB)
+    assert sorted(results) == [0, 1, 2], _stderr(procs)
+    assert {(r["type"], r["message"]) for r in results.values()} == {("DiskSpaceError", f"the disk filled up while "
+                                                                                          f"receiving {a}")}
+    assert job.final(2, b).read_bytes() == files[b]  # node 2 was fine
+    record = json.loads((job.partial(1, a) / "progress.json").read_text())
+    assert record["remaining"] == [[2 * MiB, len(files[a])]]  # the first 2 MiB stay
+    procs, results = job.run()
+    assert all(r["ok"] for r in results.values()), _stderr(procs)
+    assert results[0]["nodes"]["1"]["bytes"] == len(files[a]) - 2 * MiB + len(files[b])
+    assert results[0]["nodes"]["2"]["role"] == "warm"
