@@ -104,8 +104,10 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     m = report.manifest
     model = f"{m.repo_id}@{m.revision} ({m.commit[:12]})" if m else "unknown model"
     kind = "deep (sha256)" if args.deep else "quick (sizes and headers)"
+    origin = f" from {m.source}" + (f" ({m.endpoint})" if m.endpoint else "") if m else ""
     result: dict[str, Any] = {
         "path": str(root), "deep": args.deep, "repo_id": m.repo_id if m else None,
+        "source": m.source if m else None, "endpoint": m.endpoint if m else None,
         "files": [{"name": f.name, "size": f.size, "ok": f.ok, "detail": f.detail} for f in report.files],
         "problems": [str(p) for p in report.problems], "seconds": round(report.seconds, 3)}
     load_info: dict[str, Any] | None = None
@@ -119,7 +121,7 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
         first = report.problems[0] if report.problems else next(f for f in report.files if not f.ok)
         raise VerificationError(f"{root} failed {kind} verification of {model}: {first}",
                                 "run the fetch again to repair it (it re-downloads only what is wrong)")
-    _out(args, f"ok: {root} holds {model}, {len(report.files)} files passed {kind} verification "
+    _out(args, f"ok: {root} holds {model}{origin}, {len(report.files)} files passed {kind} verification "
                f"in {report.seconds:.1f} s")
     result["ok"] = True
     return result

@@ -229,7 +229,7 @@ def _fetch_locked(state: StateDir, req: FetchRequest, progress: Progress) -> Fet
     def raise_status(status: int, headers: dict[str, str], body: bytes, url: str) -> Any:
         source.raise_for_status(status, headers, body, url, req.model, req.revision)
 
-    transfer = Transfer(settings, pool, state, progress, raise_status)
+    transfer = Transfer(settings, pool, state, progress, raise_status, endpoint_var=source.endpoint_var)
     old = state.read_manifest()
     # The weights may start flowing now (the Hub's head start); the listing below decides whether they are kept.
     early = source.early(transfer, old, req.model, req.revision, transfer.cancel)

@@ -83,6 +83,7 @@ class Transfer:
     raise_status: Callable[[int, dict[str, str], bytes, str], NoReturn]
     cancel: threading.Event = field(default_factory=threading.Event)
     early: Callable[[Target], Done | None] | None = None
+    endpoint_var: str = "HF_ENDPOINT"  # the variable that points at the source, named in error hints
     _locations: dict[str, str] = field(default_factory=dict)
 
     def open(self, target: Target, headers: dict[str, str]) -> tuple[str, Connection, Response]:

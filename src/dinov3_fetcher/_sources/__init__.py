@@ -67,6 +67,7 @@ class EarlyBytes(Protocol):
 class Source(Protocol):
     name: str
     endpoint: str
+    endpoint_var: str  # the environment variable that sets the endpoint, for error hints
 
     def user_agent(self) -> str:
         """The User-Agent of every request for this source."""
