@@ -268,26 +268,70 @@ def test_info_and_verify_show_the_source(run_cli: Any, ms: ModelScopeServer, din
 
 # ---------------------------------------------------------------- which source
 
-def _dry_source(run_cli: Any, *args: str, **env: str | None) -> tuple[str, str]:
-    r = run_cli("fetch", "--dry-run", "--json", *args, **env)
+def _requested(run_cli: Any, *args: str, **env: str | None) -> tuple[str, str]:
+    """Which source and revision a request resolves to (``info`` is offline: no emulator needed)."""
+    r = run_cli("info", "--json", *args, **env)
     assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    return out["source"], out["revision"]
+    req = json.loads(r.stdout)["requested"]
+    return req["source"], req["revision"]
 
 
 def test_source_precedence_flag_then_config_then_environment(run_cli: Any, ms: ModelScopeServer,
-                                                             hub: HubServer, tmp_path: Path) -> None:
-    hub.add_repo(TINY, FILES)
+                                                             tmp_path: Path) -> None:
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"train": {"dino_root": "dinov3", "dino_model": TINY, "dino_source": "hf"}}))
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps({"train": {"dino_root": "dinov3", "dino_model": TINY}}))
     env_ms = {"DINOV3_FETCHER_SOURCE": "modelscope"}
-    assert _dry_source(run_cli, "--config", str(plain)) == ("hf", "main")  # the default
-    assert _dry_source(run_cli, "--config", str(plain), **env_ms) == ("modelscope", "master")
-    assert _dry_source(run_cli, "--config", str(cfg), **env_ms) == ("hf", "main")  # config beats environment
-    assert _dry_source(run_cli, "--config", str(cfg), "--source", "modelscope") == ("modelscope", "master")
-    assert _dry_source(run_cli, "--config", str(plain), "--source", "hf", **env_ms) == ("hf", "main")
-    assert len(ms.listing_gets(TINY)) == 2
+    assert _requested(run_cli, "--config", str(plain)) == ("hf", "main")  # the default
+    assert _requested(run_cli, "--config", str(plain), **env_ms) == ("modelscope", "master")
+    assert _requested(run_cli, "--config", str(cfg), **env_ms) == ("hf", "main")  # config beats environment
+    assert _requested(run_cli, "--config", str(cfg), "--source", "modelscope") == ("modelscope", "master")
+    assert _requested(run_cli, "--config", str(plain), "--source", "hf", **env_ms) == ("hf", "main")
+    # the fetch itself goes where the request says: here the environment's choice, ModelScope
+    r = run_cli("fetch", "--dry-run", "--json", "--config", str(plain), **env_ms)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["source"] == "modelscope" and len(ms.listing_gets(TINY)) == 1
     r = run_cli("fetch", "--dry-run", "--config", str(plain), DINOV3_FETCHER_SOURCE="gitee")
     assert r.returncode == 3 and "DINOV3_FETCHER_SOURCE" in r.stderr
+
+
+# ---------------------------------------------------------------- switching source
+
+def test_switching_source_reuses_files_with_the_same_sha256(run_cli: Any, ms: ModelScopeServer, hub: HubServer,
+                                                            dino_root: Path) -> None:
+    hub.add_repo(TINY, FILES)
+    hf = ("--dino-root", str(dino_root), "--model", TINY, "-q")
+    assert run_cli(*hf, "--source", "hf").returncode == 0
+    total = sum(len(FILES[n]) for n in PUBLISHED)
+    assert hub.bytes_served() >= total
+    # Hub -> ModelScope: the listing only; not one byte of a file
+    hub.clear()
+    r = ms_fetch(run_cli, dino_root, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert (out["bytes_fetched"], out["requests_made"]) == (0, True)
+    assert ms.file_gets() == [] and len(ms.listing_gets(TINY)) == 1 and hub.requests == []
+    manifest = json.loads((dino_root / ".dinov3-fetcher" / "manifest.json").read_bytes())
+    assert (manifest["source"], manifest["endpoint"], manifest["revision"]) == ("modelscope", ms.endpoint, "master")
+    assert_published(dino_root, FILES)
+    # ModelScope -> Hub again: no file bytes from the Hub either
+    ms.clear()
+    r = run_cli(*hf, "--source", "hf", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["bytes_fetched"] == 0
+    assert hub.bytes_served() == 0 and ms.requests == []
+    assert json.loads((dino_root / ".dinov3-fetcher" / "manifest.json").read_bytes())["source"] == "hf"
+
+
+def test_modelscope_first_then_the_hub_reuses_by_git_id_and_fetches_only_what_differs(
+        run_cli: Any, ms: ModelScopeServer, hub: HubServer, dino_root: Path) -> None:
+    changed = dict(FILES, **{MODEL: vit_repo_files(seed=3)[MODEL]})  # the Hub holds other weights
+    hub.add_repo(TINY, changed)
+    assert ms_fetch(run_cli, dino_root, "-q").returncode == 0
+    assert ms.bytes_served(MODEL, "storage") == len(FILES[MODEL])
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY, "--source", "hf", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["bytes_fetched"] == len(changed[MODEL])
+    assert hub.bytes_served() == len(changed[MODEL])  # config, preprocessor, README, LICENSE reused
+    assert_published(dino_root, changed)

@@ -153,7 +153,7 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
             *(f"  {n:<40} {human_bytes(r.size):>10}  sha256 {r.sha256[:16]}..." for n, r in sorted(m.files.items())),
             f"total:      {human_bytes(sum(r.size for r in m.files.values()))}",
         ]
-    lines.append(f"requested:  {req.model}@{req.revision} -> " + ("matches, valid" if why is None else
+    lines.append(f"requested:  {req.model}@{req.revision} from {req.source} -> " + ("matches, valid" if why is None else
                                                                   f"does NOT match: {why}"))
     _out(args, "\n".join(lines))
     return {
@@ -162,6 +162,6 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
         "verified_at": m.verified_at if m else None, "verified_deep_at": m.verified_deep_at if m else None,
         "tool_version": m.tool_version if m else None,
         "files": {n: {"size": r.size, "sha256": r.sha256} for n, r in sorted(m.files.items())} if m else {},
-        "requested": {"repo_id": req.model, "revision": req.revision}, "matches": why is None,
+        "requested": {"repo_id": req.model, "revision": req.revision, "source": req.source}, "matches": why is None,
         "problems": problems, "source": m.source if m else None, "endpoint": m.endpoint if m else None,
     }

@@ -69,7 +69,7 @@ class FetchResult:
 def ready(req: FetchRequest) -> Manifest | None:
     """The manifest if dino_root holds a valid checkpoint of the request, else None (zero network)."""
     manifest = StateDir(req.dino_root).read_manifest()
-    if manifest is None or not manifest.matches(req.model, req.revision):
+    if manifest is None or not manifest.matches(req.model, req.revision, req.source):
         return None
     return manifest if not find_problems(req.dino_root, manifest) else None
 

@@ -75,9 +75,12 @@ class Manifest:
             verified_deep_at=data.get("verified_deep_at"),
         )
 
-    def matches(self, repo_id: str, revision: str) -> bool:
-        """Is this the checkpoint asked for? A commit must equal the resolved one; a name the requested one."""
+    def matches(self, repo_id: str, revision: str, source: str | None = None) -> bool:
+        """Is this the checkpoint asked for? A commit must equal the resolved one; a name the requested one;
+        and, when ``source`` is given, it came from that source (a revision name means nothing on another)."""
         if not self.complete or self.repo_id.lower() != repo_id.lower():
+            return False
+        if source is not None and self.source != source:
             return False
         return self.commit == revision if is_commit(revision) else self.revision == revision
 
