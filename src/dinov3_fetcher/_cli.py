@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--revision", metavar="REV", help="branch, tag or 40-hex commit (default: "
                    "train.dino_revision, else main; master on ModelScope)")
     _source(f)
+    f.add_argument("--require-official", action="store_true", help="refuse (exit 8, nothing published) unless "
+                   "the weights' sha256 is that of Meta's release, as pinned in 'dinov3-fetcher list' (default: "
+                   "train.dino_require_official)")
     f.add_argument("--update", action="store_true", help="ask the Hub for the branch's current commit and fetch "
                    "what changed (a warm run otherwise makes no request)")
     f.add_argument("--dry-run", action="store_true", help="list what would be downloaded; write nothing")

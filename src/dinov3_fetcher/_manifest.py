@@ -44,6 +44,7 @@ class Manifest:
     tool_version: str
     source: str = "hf"  # where the bytes came from: "hf" (the Hub or a mirror of it) or "modelscope"
     endpoint: str = ""  # that source's endpoint (no credentials)
+    official: bool | None = None  # the weights are Meta's release (True), are not (False), unknown (None)
     fetched_at: float = field(default_factory=time.time)
     complete: bool = True
     verified_at: float | None = None
@@ -69,6 +70,7 @@ class Manifest:
             tool_version=str(data.get("tool_version", "")),
             source=str(data.get("source", "hf")),
             endpoint=str(data.get("endpoint", "")),
+            official=data["official"] if isinstance(data.get("official"), bool) else None,
             fetched_at=float(data.get("fetched_at", 0.0)),
             complete=bool(data.get("complete", False)),
             verified_at=data.get("verified_at"),
