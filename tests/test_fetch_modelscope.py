@@ -257,6 +257,10 @@ def test_info_and_verify_show_the_source(run_cli: Any, ms: ModelScopeServer, din
     assert info["revision"] == "master"
     r = run_cli("info", "--dino-root", str(dino_root), "--source", "modelscope", "--model", TINY)
     assert f"from modelscope ({ms.endpoint})" in r.stdout
+    r = run_cli("info", "--dino-root", str(dino_root), "--source", "hf", "--model", TINY, "--revision", "master",
+                "--json")
+    other = json.loads(r.stdout)
+    assert other["matches"] is False and other["requested"]["source"] == "hf"  # same names, another source
     r = run_cli("verify", "--dino-root", str(dino_root), "--deep", "--json")
     assert r.returncode == 0, r.stderr
     v = json.loads(r.stdout)

@@ -153,6 +153,8 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     check = check_official(m.repo_id, m.files) if m else None
     problems = [str(p) for p in find_problems(root, m)] if root.is_dir() else [f"{root} does not exist"]
     why = why_not(root, req.model, req.revision, m)
+    if why is None and m is not None and m.source != req.source:
+        why = f"it came from {m.source}, not {req.source} (a fetch with --source {req.source} reuses equal files)"
     lines = [f"dino_root:  {root}"]
     if m is None:
         lines.append("model:      none recorded (no manifest: not fetched by this tool, or never fetched)")
