@@ -339,3 +339,31 @@ def test_modelscope_first_then_the_hub_reuses_by_git_id_and_fetches_only_what_di
     assert json.loads(r.stdout)["bytes_fetched"] == len(changed[MODEL])
     assert hub.bytes_served() == len(changed[MODEL])  # config, preprocessor, README, LICENSE reused
     assert_published(dino_root, changed)
+
+
+def test_a_download_killed_on_the_hub_resumes_from_modelscope(ms: ModelScopeServer, hub: HubServer,
+                                                              tmp_path: Path, dino_root: Path) -> None:
+    """The partial data is named by the file's sha256, which both sources list: switching source resumes it."""
+    src = big_vit_repo_dir(tmp_path / "src", hidden=512, intermediate=2048, layers=3)  # ~38 MB
+    files: dict[str, Path | bytes] = {p.name: p for p in src.iterdir()}
+    hub.add_repo(TINY, files)
+    ms.add_repo(TINY, files)
+    size = (src / MODEL).stat().st_size
+    hub.faults.add(path_suffix=MODEL, host="cdn", throttle_bps=16 * MiB)
+    cmd = [sys.executable, "-m", "dinov3_fetcher", "--dino-root", str(dino_root), "--model", TINY, "-q"]
+    env = cli_env(DINOV3_FETCHER_CONNECTIONS="4")
+    proc = subprocess.Popen([*cmd, "--source", "hf"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    t0 = time.monotonic()
+    while hub.bytes_served(MODEL) < size // 2:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() - t0 < 60
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    r = subprocess.run([*cmd, "--source", "modelscope", "--json"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["bytes_resumed"] >= size // 4
+    assert ms.bytes_served(MODEL, "storage") <= size - out["bytes_resumed"] + _job.SAVE_EVERY
+    assert (dino_root / MODEL).read_bytes() == (src / MODEL).read_bytes()

@@ -183,3 +183,16 @@ def test_a_malformed_registry_file_is_a_config_error(run_cli: Any, pin: Any) -> 
     pin({VITS: {"sha256": "not-a-hash"}})
     r = run_cli("list")
     assert r.returncode == 3 and "DINOV3_FETCHER_REGISTRY" in r.stderr
+
+
+def test_dry_run_tells_from_the_listing_before_any_byte_moves(run_cli: Any, ms: ModelScopeServer, pin: Any,
+                                                              dino_root: Path) -> None:
+    pin({TINY: {"sha256": SHA}})
+    r = cli_fetch(run_cli, dino_root, "modelscope", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["official"] is True
+    assert f"by the listing's sha256, identical to Meta's release, sha256 {SHA[:8]}..." in r.stderr
+    pin({TINY: {"sha256": OTHER_SHA}})
+    r = cli_fetch(run_cli, dino_root, "modelscope", "--dry-run", "--json")
+    assert json.loads(r.stdout)["official"] is False
+    assert ms.file_gets() == [] and not dino_root.exists()

@@ -55,6 +55,8 @@ def cmd_fetch(args: argparse.Namespace) -> dict[str, Any]:
         _say(args, f"dry run: {dry.repo_id}@{dry.revision} is commit {dry.commit}; "
                    f"{human_bytes(dry.to_download)} to download into {dry.root}, {human_bytes(dry.free)} free; "
                    "nothing written")
+        if dry.official_message:
+            _say(args, f"{dry.repo_id}: by the listing's sha256, {dry.official_message.removeprefix('warning: ')}")
         return {"dry_run": True, **dry.to_dict()}
     progress = Progress(quiet=args.quiet, force=args.progress, verbose=args.verbose)
     result = fetch(req, update=args.update, progress=progress, lock_timeout=args.lock_timeout)

@@ -164,6 +164,8 @@ class DryRun:
     files: list[PlannedFile]
     free: int
     source: str = "hf"
+    official: bool | None = None  # by the listing's sha256 of the weights: Meta's release or not (None: unknown)
+    official_message: str = ""
 
     @property
     def to_download(self) -> int:
@@ -173,6 +175,7 @@ class DryRun:
         return {"path": str(self.root), "source": self.source, "repo_id": self.repo_id, "revision": self.revision,
                 "commit": self.commit, "bytes_to_download": self.to_download,
                 "bytes_present": sum(f.present for f in self.files), "free_bytes": self.free,
+                "official": self.official, "official_check": self.official_message,
                 "files": [{"name": f.name, "size": f.size, "present": f.present, "reuse": f.reuse}
                           for f in self.files]}
 
@@ -201,5 +204,10 @@ def dry_run(req: FetchRequest) -> DryRun:
     existing = req.dino_root
     while not existing.exists():
         existing = existing.parent
+    from ._manifest import FileRecord
+    from ._registry import check_official
+
+    listed = {n: FileRecord(f.size, f.sha256) for n, f in snap.files.items() if f.sha256}
+    check = check_official(req.model, listed)  # what the listing says the weights are, before any byte moves
     return DryRun(req.dino_root, req.model, req.revision, snap.commit, run.plan(names),
-                  shutil.disk_usage(existing).free, source.name)
+                  shutil.disk_usage(existing).free, source.name, check.official, check.message)
