@@ -26,11 +26,13 @@ examples:
   dinov3-fetcher --config config.json                 fetch into the config's train.dino_root
   dinov3-fetcher --config config.json --model facebook/dinov3-vitb16-pretrain-lvd1689m
   dinov3-fetcher --dino-root ./dinov3 --revision <40-hex commit>
+  dinov3-fetcher --config config.json --source modelscope --require-official
   dinov3-fetcher list                                 the DINOv3 variants
   dinov3-fetcher verify --config config.json --deep   re-hash every file
   dinov3-fetcher info --config config.json --json
 
 environment: HF_TOKEN (gated repos), HF_ENDPOINT (mirror), HF_HUB_OFFLINE=1 (no network),
+DINOV3_FETCHER_SOURCE (hf|modelscope), MODELSCOPE_ENDPOINT, MODELSCOPE_API_TOKEN, DINOV3_FETCHER_REGISTRY,
 DINOV3_FETCHER_CONNECTIONS, DINOV3_FETCHER_LOCK_TIMEOUT, DINOV3_FETCHER_TIMEOUT, DINOV3_FETCHER_RETRIES.
 exit codes: {exit_codes}
 """
@@ -80,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--revision", metavar="REV", help="branch, tag or 40-hex commit (default: "
                    "train.dino_revision, else main; master on ModelScope)")
     _source(f)
+    f.add_argument("--require-official", action="store_true", help="refuse (exit 8, nothing published) unless "
+                   "the weights' sha256 is that of Meta's release, as pinned in 'dinov3-fetcher list' (default: "
+                   "train.dino_require_official)")
     f.add_argument("--update", action="store_true", help="ask the Hub for the branch's current commit and fetch "
                    "what changed (a warm run otherwise makes no request)")
     f.add_argument("--dry-run", action="store_true", help="list what would be downloaded; write nothing")

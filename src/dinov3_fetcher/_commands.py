@@ -15,6 +15,7 @@ from typing import Any
 from ._config import FetchRequest, resolve_request
 from ._errors import VerificationError
 from ._progress import Progress, human_bytes
+from ._registry import check_official
 from ._state import StateDir
 
 __all__ = ["cmd_fetch", "cmd_info", "cmd_list", "cmd_verify"]
@@ -32,7 +33,8 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 def _request(args: argparse.Namespace) -> FetchRequest:
     return resolve_request(args.config, dino_root=args.dino_root, model=getattr(args, "model", None),
-                           revision=getattr(args, "revision", None), source=getattr(args, "source", None))
+                           revision=getattr(args, "revision", None), source=getattr(args, "source", None),
+                           require_official=getattr(args, "require_official", None))
 
 
 def _root_only(args: argparse.Namespace) -> Path:
@@ -54,6 +56,8 @@ def cmd_fetch(args: argparse.Namespace) -> dict[str, Any]:
         _say(args, f"dry run: {dry.repo_id}@{dry.revision} is commit {dry.commit}; "
                    f"{human_bytes(dry.to_download)} to download into {dry.root}, {human_bytes(dry.free)} free; "
                    "nothing written")
+        if dry.official_message:
+            _say(args, f"{dry.repo_id}: by the listing's sha256, {dry.official_message.removeprefix('warning: ')}")
         return {"dry_run": True, **dry.to_dict()}
     progress = Progress(quiet=args.quiet, force=args.progress, verbose=args.verbose)
     result = fetch(req, update=args.update, progress=progress, lock_timeout=args.lock_timeout)
@@ -67,30 +71,37 @@ def cmd_fetch(args: argparse.Namespace) -> dict[str, Any]:
         resumed = f", resumed {human_bytes(result.bytes_resumed)}" if result.bytes_resumed else ""
         _say(args, f"{result.repo_id}@{result.revision} ({result.commit[:12]}) ready in {result.path}: "
                    f"fetched {human_bytes(result.bytes_fetched)} in {result.seconds:.1f} s{resumed}, sha256 verified")
+    if result.official_message:
+        _say(args, f"{result.repo_id}: {result.official_message}")
     _out(args, str(result.path))
     return result.to_dict()
 
 
 def cmd_list(args: argparse.Namespace) -> dict[str, Any]:
     """list: the official DINOv3 checkpoints from the registry."""
-    from ._registry import VARIANTS
+    from ._registry import VARIANTS, pins
 
-    header = f"{'repo id':<48} {'arch':<22} {'params':>8} {'dim/heads/layers':>17} {'weights':>9}  notes"
+    pinned = pins()
+    header = (f"{'repo id':<48} {'arch':<22} {'params':>8} {'dim/heads/layers':>17} {'weights':>9}  "
+              f"{'release sha256':<14} notes")
     rows = [header]
     for v in VARIANTS:
+        pin = pinned.get(v.repo_id.lower())
+        release = f"{pin.sha256[:8]}..." if pin is not None and pin.sha256 else "unknown"
         shape = (f"{v.hidden_size}/{v.heads}/{v.layers}" if v.family == "vit"
                  else "x".join(map(str, v.depths)))
         notes = ", ".join(n for n in ("default" if v.is_default else "", "sharded" if v.sharded else "",
                                       "SwiGLU" if v.gated_mlp else "") if n)
         rows.append(f"{v.repo_id:<48} {v.arch:<22} {v.params_m:>7.1f}M {shape:>17} "
-                    f"{human_bytes(v.weights_bytes):>9}  {notes}")
+                    f"{human_bytes(v.weights_bytes):>9}  {release:<14} {notes}")
     _out(args, "\n".join(rows))
     return {"variants": [{
         "repo_id": v.repo_id, "arch": v.arch, "family": v.family, "params_m": v.params_m,
         "weights_bytes": v.weights_bytes, "hidden_size": v.hidden_size or None, "heads": v.heads or None,
         "layers": v.layers or None, "intermediate_size": v.intermediate_size or None, "gated_mlp": v.gated_mlp,
         "depths": list(v.depths) or None, "hidden_sizes": list(v.hidden_sizes) or None,
-        "default": v.is_default, "sharded": v.sharded} for v in VARIANTS]}
+        "default": v.is_default, "sharded": v.sharded,
+        "release": (p.to_dict() if (p := pinned.get(v.repo_id.lower())) is not None else None)} for v in VARIANTS]}
 
 
 def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,10 +118,14 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     m = report.manifest
     model = f"{m.repo_id}@{m.revision} ({m.commit[:12]})" if m else "unknown model"
     kind = "deep (sha256)" if args.deep else "quick (sizes and headers)"
+    origin = f" from {m.source}" + (f" ({m.endpoint})" if m.endpoint else "") if m else ""
+    check = check_official(m.repo_id, m.files) if m else None  # offline: the manifest's sha256s, checked above
     result: dict[str, Any] = {
         "path": str(root), "deep": args.deep, "repo_id": m.repo_id if m else None,
+        "source": m.source if m else None, "endpoint": m.endpoint if m else None,
         "files": [{"name": f.name, "size": f.size, "ok": f.ok, "detail": f.detail} for f in report.files],
-        "problems": [str(p) for p in report.problems], "seconds": round(report.seconds, 3)}
+        "problems": [str(p) for p in report.problems], "seconds": round(report.seconds, 3),
+        "official": check.official if check else None, "official_check": check.message if check else ""}
     load_info: dict[str, Any] | None = None
     if report.ok and args.load:
         from ._load import check_load
@@ -122,8 +137,10 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
         first = report.problems[0] if report.problems else next(f for f in report.files if not f.ok)
         raise VerificationError(f"{root} failed {kind} verification of {model}: {first}",
                                 "run the fetch again to repair it (it re-downloads only what is wrong)")
-    _out(args, f"ok: {root} holds {model}, {len(report.files)} files passed {kind} verification "
+    _out(args, f"ok: {root} holds {model}{origin}, {len(report.files)} files passed {kind} verification "
                f"in {report.seconds:.1f} s")
+    if check is not None and check.message:
+        _out(args, f"{m.repo_id if m else root}: {check.message}")
     result["ok"] = True
     return result
 
@@ -139,8 +156,11 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     req = _request(args)  # raises ConfigError("no dino_root given") without --config/--dino-root
     root = req.dino_root
     m = StateDir(root).read_manifest()
+    check = check_official(m.repo_id, m.files) if m else None
     problems = [str(p) for p in find_problems(root, m)] if root.is_dir() else [f"{root} does not exist"]
     why = why_not(root, req.model, req.revision, m)
+    if why is None and m is not None and m.source != req.source:
+        why = f"it came from {m.source}, not {req.source} (a fetch with --source {req.source} reuses equal files)"
     lines = [f"dino_root:  {root}"]
     if m is None:
         lines.append("model:      none recorded (no manifest: not fetched by this tool, or never fetched)")
@@ -151,11 +171,13 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
             f"fetched:    {_when(m.fetched_at)} by dinov3-fetcher {m.tool_version} from {m.source}"
             + (f" ({m.endpoint})" if m.endpoint else ""),
             f"verified:   quick {_when(m.verified_at)}, deep {_when(m.verified_deep_at)}",
+            "official:   " + (check.message if check and check.message else "unknown (no pinned release to compare)")
+            .removeprefix("warning: "),
             "files:",
             *(f"  {n:<40} {human_bytes(r.size):>10}  sha256 {r.sha256[:16]}..." for n, r in sorted(m.files.items())),
             f"total:      {human_bytes(sum(r.size for r in m.files.values()))}",
         ]
-    lines.append(f"requested:  {req.model}@{req.revision} -> " + ("matches, valid" if why is None else
+    lines.append(f"requested:  {req.model}@{req.revision} from {req.source} -> " + ("matches, valid" if why is None else
                                                                   f"does NOT match: {why}"))
     _out(args, "\n".join(lines))
     return {
@@ -164,6 +186,7 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
         "verified_at": m.verified_at if m else None, "verified_deep_at": m.verified_deep_at if m else None,
         "tool_version": m.tool_version if m else None,
         "files": {n: {"size": r.size, "sha256": r.sha256} for n, r in sorted(m.files.items())} if m else {},
-        "requested": {"repo_id": req.model, "revision": req.revision}, "matches": why is None,
+        "requested": {"repo_id": req.model, "revision": req.revision, "source": req.source}, "matches": why is None,
         "problems": problems, "source": m.source if m else None, "endpoint": m.endpoint if m else None,
+        "official": m.official if m else None, "official_check": check.to_dict() if check else None,
     }

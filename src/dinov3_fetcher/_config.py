@@ -40,6 +40,7 @@ class FetchRequest:
     revision: str = DEFAULT_REVISION
     source: str = "hf"
     config_path: Path | None = None
+    require_official: bool = False  # refuse (exit 8) unless the weights are Meta's release, byte for byte
 
 
 def load_pipeline_config(path: Path) -> dict[str, Any]:
@@ -127,7 +128,7 @@ def check_source(source: str) -> str:
 
 
 def make_request(dino_root: str | os.PathLike[str], model: str = DEFAULT_MODEL, revision: str | None = None,
-                 source: str | None = None) -> FetchRequest:
+                 source: str | None = None, require_official: bool = False) -> FetchRequest:
     """The request of an API call (dino_root relative to the working directory), validated.
 
     Raises:
@@ -135,7 +136,8 @@ def make_request(dino_root: str | os.PathLike[str], model: str = DEFAULT_MODEL, 
     """
     chosen = check_source(source or os.environ.get("DINOV3_FETCHER_SOURCE", "").strip() or "hf")
     return FetchRequest(resolve_dino_root(dino_root, Path.cwd()), check_repo_id(model),
-                        check_revision(revision or DEFAULT_REVISIONS[chosen]), chosen)
+                        check_revision(revision or DEFAULT_REVISIONS[chosen]), chosen,
+                        require_official=bool(require_official))
 
 
 def check_revision(revision: str) -> str:
@@ -153,6 +155,7 @@ def resolve_request(
     model: str | None = None,
     revision: str | None = None,
     source: str | None = None,
+    require_official: bool | None = None,
 ) -> FetchRequest:
     """Combine flags and the pipeline config into a FetchRequest.
 
@@ -187,10 +190,15 @@ def resolve_request(
     chosen_source = check_source(source or _optional_str(train, "dino_source", where)
                                  or os.environ.get("DINOV3_FETCHER_SOURCE", "").strip() or "hf")
     chosen_rev = revision if revision is not None else _optional_str(train, "dino_revision", where)
+    strict = train.get("dino_require_official", False)
+    if not isinstance(strict, bool):
+        raise ConfigError(f"train.dino_require_official in {where} must be true or false, got {strict!r}",
+                          "set it to true, false, or remove it")
     return FetchRequest(
         dino_root=root,
         model=check_repo_id(chosen_model),
         revision=check_revision(chosen_rev or DEFAULT_REVISIONS[chosen_source]),
         source=chosen_source,
         config_path=cfg_path,
+        require_official=require_official if require_official else strict,
     )

@@ -73,10 +73,16 @@ def token_file() -> Path:
 
 
 def known_secrets() -> list[str]:
-    """Every token this process could send (HF_TOKEN and the stored one), to scrub from anything printed."""
-    found = [os.environ.get("HF_TOKEN") or "", os.environ.get("HUGGING_FACE_HUB_TOKEN") or ""]
+    """Every token this process could send (HF_TOKEN and the stored one, MODELSCOPE_API_TOKEN and the saved
+    ModelScope login), to scrub from anything printed."""
+    found = [os.environ.get("HF_TOKEN") or "", os.environ.get("HUGGING_FACE_HUB_TOKEN") or "",
+             os.environ.get("MODELSCOPE_API_TOKEN") or ""]
     with contextlib.suppress(OSError):
         found.append(token_file().read_text(encoding="utf-8", errors="replace"))
+    with contextlib.suppress(Exception):  # ModelScope's saved login; no home folder is no login
+        from ._sources.modelscope import saved_token
+
+        found.append(saved_token() or "")
     return [t.strip() for t in found if len(t.strip()) >= 4]
 
 

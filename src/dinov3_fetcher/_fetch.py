@@ -24,13 +24,14 @@ from ._errors import (
     FetcherError,
     FetchInterrupted,
     HubResponseError,
+    IntegrityError,
     LocalEntryNotFoundError,
     NotDinov3Error,
 )
 from ._layout import CONFIG, INDEX, PREPROCESSOR, SINGLE, weight_files
 from ._manifest import FileRecord, Manifest
 from ._progress import Progress, human_bytes
-from ._registry import DEFAULT_MODEL
+from ._registry import DEFAULT_MODEL, OfficialCheck, check_official
 from ._safetensors import SafetensorsError, TensorInfo, read_header
 from ._state import SPACE_MARGIN, StateDir
 from ._validate import config_problem, find_problems, registry_mismatch, tensor_mismatch, why_not
@@ -57,6 +58,8 @@ class FetchResult:
     seconds: float = 0.0
     requests_made: bool = False  # False: answered from disk alone; True: the source was asked (e.g. --update)
     source: str = "hf"
+    official: bool | None = None  # the weights are Meta's release (True), are not (False), unknown (None)
+    official_message: str = ""  # the one line that says so ("" when there is nothing to compare with)
 
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON-able data (what --json prints)."""
@@ -64,7 +67,7 @@ class FetchResult:
             "path": str(self.path), "source": self.source, "repo_id": self.repo_id, "revision": self.revision,
             "commit": self.commit, "cached": self.cached, "requests_made": self.requests_made,
             "bytes_fetched": self.bytes_fetched, "bytes_resumed": self.bytes_resumed,
-            "seconds": round(self.seconds, 3),
+            "seconds": round(self.seconds, 3), "official": self.official, "official_check": self.official_message,
             "files": {k: {"size": v.size, "sha256": v.sha256} for k, v in sorted(self.files.items())},
         }
 
@@ -73,7 +76,7 @@ def ready(req: FetchRequest, manifest: Manifest | None = None) -> Manifest | Non
     """The manifest if dino_root holds a valid checkpoint of the request, else None (zero network).
     ``manifest``: the one already read, else it is read here."""
     manifest = manifest or StateDir(req.dino_root).read_manifest()
-    if manifest is None or not manifest.matches(req.model, req.revision):
+    if manifest is None or not manifest.matches(req.model, req.revision, req.source):
         return None
     return manifest if not find_problems(req.dino_root, manifest) else None
 
@@ -81,11 +84,11 @@ def ready(req: FetchRequest, manifest: Manifest | None = None) -> Manifest | Non
 @overload
 def fetch_dinov3(dino_root: str | os.PathLike[str], model_name: str = ..., *, revision: str | None = ...,
                  update: bool = ..., quiet: bool = ..., source: str | None = ...,
-                 details: Literal[False] = ...) -> Path: ...
+                 require_official: bool = ..., details: Literal[False] = ...) -> Path: ...
 @overload
 def fetch_dinov3(dino_root: str | os.PathLike[str], model_name: str = ..., *, revision: str | None = ...,
                  update: bool = ..., quiet: bool = ..., source: str | None = ...,
-                 details: Literal[True]) -> FetchResult: ...
+                 require_official: bool = ..., details: Literal[True]) -> FetchResult: ...
 def fetch_dinov3(
     dino_root: str | os.PathLike[str],
     model_name: str = DEFAULT_MODEL,
@@ -94,6 +97,7 @@ def fetch_dinov3(
     update: bool = False,
     quiet: bool = True,
     source: str | None = None,
+    require_official: bool = False,
     details: bool = False,
 ) -> Path | FetchResult:
     """Make ``dino_root`` hold the checkpoint of ``model_name`` at ``revision``, verified; return its path.
@@ -103,6 +107,8 @@ def fetch_dinov3(
     file's size and sha256, and publishes the files together with a manifest. ``dino_root`` is relative to the
     working directory. ``revision`` defaults to the source's default branch (``main``; ``master`` on
     ModelScope); ``source`` to DINOV3_FETCHER_SOURCE, else ``"hf"``. ``details=True`` returns a FetchResult.
+    ``require_official=True`` refuses (IntegrityError, nothing published) unless the weights' sha256 is the pinned
+    one of Meta's release (see ``dinov3-fetcher list``).
 
     Raises:
         ConfigError: dino_root is a file or cannot be created/written; the model id or revision is malformed.
@@ -111,13 +117,14 @@ def fetch_dinov3(
         RevisionNotFoundError: no such branch, tag or commit.
         NotDinov3Error: the repo is not a DINOv3 model, or its weights disagree with its config.
         LocalEntryNotFoundError: HF_HUB_OFFLINE=1 and the checkpoint is not complete on disk.
-        IntegrityError: a file's bytes did not match the listed size or hash (it was discarded).
+        IntegrityError: a file's bytes did not match the listed size or hash (it was discarded), or
+            ``require_official`` and the weights are not Meta's release (nothing was published).
         DiskSpaceError: not enough free space (an OSError); partial data is kept.
         NetworkError: the endpoint could not be reached or kept failing; partial data is kept.
         LockTimeoutError: another fetcher held dino_root for longer than the lock timeout.
         FetchInterrupted: Ctrl-C; partial data is kept.
     """
-    result = fetch(make_request(dino_root, model_name, revision, source), update=update,
+    result = fetch(make_request(dino_root, model_name, revision, source, require_official), update=update,
                    progress=Progress(quiet=quiet))
     return result if details else result.path
 
@@ -173,8 +180,24 @@ def _disk_error(exc: OSError, state: StateDir) -> Exception:
 
 
 def _cached(req: FetchRequest, m: Manifest, t0: float) -> FetchResult:
+    check = _official(req, m.files, published=True)
     return FetchResult(req.dino_root, m.repo_id, m.revision, m.commit, True, m.files,
-                       seconds=time.monotonic() - t0, source=m.source)
+                       seconds=time.monotonic() - t0, source=m.source, official=check.official,
+                       official_message=check.message)
+
+
+def _official(req: FetchRequest, files: dict[str, FileRecord], *, published: bool) -> OfficialCheck:
+    """The weights compared with Meta's pinned release; with ``require_official``, IntegrityError unless equal."""
+    check = check_official(req.model, files)
+    if req.require_official and check.official is not True:
+        what = (check.message.removeprefix("warning: ") if check.official is False else
+                f"there is no pinned sha256 of Meta's release to compare {req.model}'s weights with")
+        where = (f"{req.dino_root} is left as it is" if published else
+                 "nothing was published; dino_root keeps what it held")
+        raise IntegrityError(f"--require-official: {what}; {where}",
+                             "fetch an official id from a source that has the release (--source hf|modelscope), "
+                             "or drop --require-official (train.dino_require_official) to accept this copy")
+    return check
 
 
 def _offline_error(req: FetchRequest) -> LocalEntryNotFoundError:
@@ -255,7 +278,7 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
     def raise_status(status: int, headers: dict[str, str], body: bytes, url: str) -> Any:
         source.raise_for_status(status, headers, body, url, req.model, req.revision)
 
-    transfer = Transfer(settings, pool, state, progress, raise_status)
+    transfer = Transfer(settings, pool, state, progress, raise_status, endpoint_var=source.endpoint_var)
     # The weights may start flowing now (the Hub's head start); the listing below decides whether they are kept.
     early = source.early(transfer, old, req.model, req.revision, transfer.cancel)
     transfer.early = early.take if early is not None else None
@@ -293,12 +316,14 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
             early.stop()
         progress.close()
         pool.close()
+    check = _official(req, run.records, published=False)  # before anything is published
     manifest = Manifest(req.model, req.revision, snap.commit, run.records, __version__, source=source.name,
-                        endpoint=env.display_origin(source.endpoint))
+                        endpoint=env.display_origin(source.endpoint), official=check.official)
     if old is not None and old.complete and old.commit == snap.commit and old.files == run.records:
         # --update found nothing new: the files are the ones verified before, so their checks still hold.
         manifest.verified_at, manifest.verified_deep_at = old.verified_at, old.verified_deep_at
     state.publish(manifest, run.paths, old)
     state.drop_stale()
     return FetchResult(state.root, req.model, req.revision, snap.commit, run.fetched == 0 and run.resumed == 0,
-                       run.records, run.fetched, run.resumed, requests_made=True, source=source.name)
+                       run.records, run.fetched, run.resumed, requests_made=True, source=source.name,
+                       official=check.official, official_message=check.message)

@@ -135,7 +135,8 @@ class HeadStart:
         resp = self.transfer.pool.head(url)  # an intact file is never downloaded again
         commit = resp.getheader("X-Repo-Commit") or ""
         etag = etag_value(resp.getheader("ETag"))
-        if resp.status != 200 or not is_commit(commit) or etag != rec.git_oid:
+        # A record from a source that lists no git ids (ModelScope) has none: the bytes on disk decide below.
+        if resp.status != 200 or not is_commit(commit) or (rec.git_oid is not None and etag != rec.git_oid):
             return None if resp.status != 200 else self._small(url)
         try:
             body = (self.state.root / CONFIG).read_bytes()

@@ -180,8 +180,8 @@ class Job:
                     raise NetworkError(
                         f"downloading {self.target.name} from {self.t.pool.display_host(self.target.url)} failed "
                         f"{failures} times in a row ({r})",
-                        "check the link to HF_ENDPOINT, then run the same command again: it resumes from the "
-                        f"{seg_done(self)} bytes already on disk",
+                        f"check the link to {self.t.endpoint_var}, then run the same command again: it resumes "
+                        f"from the {seg_done(self)} bytes already on disk",
                     ) from None
                 time.sleep(r.wait if r.wait is not None else backoff)
                 backoff = min(backoff * 2, self.t.settings.backoff * 8)
@@ -279,7 +279,7 @@ class Job:
                 want = min(len(buf), seg.end - offset)
             if want <= 0:
                 if offset == self.target.size and resp.read(1):
-                    self.fail_integrity(f"the server sent more than the {self.target.size} bytes the Hub listed")
+                    self.fail_integrity(f"the server sent more than the {self.target.size} bytes the listing gives")
                 return
             if self.t.cancel.is_set() or self.error is not None:
                 return
@@ -335,7 +335,7 @@ class Job:
     def fail_integrity(self, why: str) -> NoReturn:
         """Raise IntegrityError: the bytes are not the listed file (the partial is discarded)."""
         raise IntegrityError(f"{self.target.name}: {why}; the file was discarded",
-                             "run again to re-download it; if it repeats, HF_ENDPOINT serves corrupt data")
+                             f"run again to re-download it; if it repeats, {self.t.endpoint_var} serves corrupt data")
 
     # -- verification -------------------------------------------------------------------------------
     def hash_all(self) -> str:
@@ -357,9 +357,9 @@ class Job:
             pos = reached
         digest = sha.hexdigest()
         if self.target.sha256 and digest != self.target.sha256:
-            self.fail_integrity(f"sha256 {digest[:12]}... does not match the Hub's {self.target.sha256[:12]}...")
+            self.fail_integrity(f"sha256 {digest[:12]}... does not match the listing's {self.target.sha256[:12]}...")
         if git is not None and git.hexdigest() != self.target.git_oid:
-            self.fail_integrity(f"git blob id {git.hexdigest()[:12]}... does not match the Hub's "
+            self.fail_integrity(f"git blob id {git.hexdigest()[:12]}... does not match the listing's "
                                 f"{(self.target.git_oid or '')[:12]}...")
         if os.fstat(self.fd).st_size != size:
             os.ftruncate(self.fd, size)

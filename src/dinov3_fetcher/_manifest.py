@@ -48,6 +48,7 @@ class Manifest:
     tool_version: str
     source: str = "hf"  # where the bytes came from: "hf" (the Hub or a mirror of it) or "modelscope"
     endpoint: str = ""  # that source's endpoint (no credentials)
+    official: bool | None = None  # the weights are Meta's release (True), are not (False), unknown (None)
     fetched_at: float = field(default_factory=time.time)
     complete: bool = True
     verified_at: float | None = None
@@ -75,15 +76,19 @@ class Manifest:
             tool_version=str(data.get("tool_version", "")),
             source=str(data.get("source", "hf")),
             endpoint=str(data.get("endpoint", "")),
+            official=data["official"] if isinstance(data.get("official"), bool) else None,
             fetched_at=float(data.get("fetched_at", 0.0)),
             complete=bool(data.get("complete", False)),
             verified_at=data.get("verified_at"),
             verified_deep_at=data.get("verified_deep_at"),
         )
 
-    def matches(self, repo_id: str, revision: str) -> bool:
-        """Is this the checkpoint asked for? A commit must equal the resolved one; a name the requested one."""
+    def matches(self, repo_id: str, revision: str, source: str | None = None) -> bool:
+        """Is this the checkpoint asked for? A commit must equal the resolved one; a name the requested one;
+        and, when ``source`` is given, it came from that source (a revision name means nothing on another)."""
         if not self.complete or self.repo_id.lower() != repo_id.lower():
+            return False
+        if source is not None and self.source != source:
             return False
         return self.commit == revision if is_commit(revision) else self.revision == revision
 

@@ -4,6 +4,7 @@ partial one is, and where each file is once verified. Also the dry run, which pl
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import threading
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._errors import HubResponseError, LocalEntryNotFoundError, NotDinov3Error
-from ._hashing import sha256_file
+from ._hashing import git_blob_id, sha256_file
 from ._layout import CONFIG, INDEX, OPTIONAL, PREPROCESSOR, SINGLE, check_filename, read_json_object, weight_files
 from ._manifest import FileRecord, Manifest
 from ._state import StateDir, record_for
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from ._transfer import Transfer
 
 __all__ = ["DryRun", "PlannedFile", "Run", "dry_run"]
+
+_GIT_CHECK_MAX = 16 * 1024 * 1024  # a published file this small may be re-hashed to compare its git blob id
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Run:
         self.paths: dict[str, Path] = {}
         self.records: dict[str, FileRecord] = {}
         self.reuse_cache: dict[str, Path | None] = {}  # reusable()'s verdict per name: hash a file once
+        self.record_cache: dict[str, FileRecord | None] = {}  # record()'s verdict per name
         self.fetched = 0
         self.resumed = 0
         self.lock = threading.Lock()  # get() runs in several threads (see _fetch._get_all)
@@ -71,11 +75,35 @@ class Run:
             self.reuse_cache[rf.name] = self._reusable(rf)
         return self.reuse_cache[rf.name]
 
+    def record(self, rf: RemoteFile) -> FileRecord | None:
+        """The old manifest's record of this exact file (see ``_state.record_for``), once per run.
+
+        A file listed with a git id only (the Hub's regular files) whose record came from a source that lists
+        sha256 only (ModelScope) has no git id to compare: the published file decides, if small, by its git
+        blob id and its sha256 (both must match: the listing's id, and the manifest's hash).
+        """
+        if rf.name in self.record_cache:
+            return self.record_cache[rf.name]
+        rec = record_for(self.old, rf.name, rf.size, rf.sha256, rf.git_oid)
+        old = self.old.files.get(rf.name) if self.old is not None else None
+        if (rec is None and old is not None and old.git_oid is None and rf.git_oid and not rf.sha256
+                and old.size == rf.size <= _GIT_CHECK_MAX):
+            p = self.state.root / rf.name
+            try:
+                data = p.read_bytes() if p.is_file() and p.stat().st_size == rf.size else b""
+            except OSError:
+                data = b""
+            if (len(data) == rf.size and git_blob_id(data) == rf.git_oid
+                    and hashlib.sha256(data).hexdigest() == old.sha256):
+                rec = FileRecord(old.size, old.sha256, rf.git_oid)
+        self.record_cache[rf.name] = rec
+        return rec
+
     def _reusable(self, rf: RemoteFile) -> Path | None:
         if (staged := self.state.find_staged(rf.identity, rf.name, rf.size, adopt=not self.read_only)) is not None:
             return staged
-        rec = record_for(self.old, rf.name, rf.size, rf.git_oid)
-        if rec is None or (rf.sha256 and rec.sha256 != rf.sha256):
+        rec = self.record(rf)
+        if rec is None:
             return None
         p = self.state.root / rf.name
         if not (p.is_file() and p.stat().st_size == rf.size):
@@ -92,7 +120,7 @@ class Run:
         check_filename(name)
         if (p := self.reusable(rf)) is not None:
             self.paths[name] = p
-            rec = record_for(self.old, name, rf.size, rf.git_oid)
+            rec = self.record(rf)
             self.records[name] = rec or FileRecord(rf.size, rf.sha256 or sha256_file(p), rf.git_oid)
             return p
         assert self.transfer is not None, "a dry run never downloads"
@@ -139,6 +167,8 @@ class DryRun:
     files: list[PlannedFile]
     free: int
     source: str = "hf"
+    official: bool | None = None  # by the listing's sha256 of the weights: Meta's release or not (None: unknown)
+    official_message: str = ""
 
     @property
     def to_download(self) -> int:
@@ -150,6 +180,7 @@ class DryRun:
         return {"path": str(self.root), "source": self.source, "repo_id": self.repo_id, "revision": self.revision,
                 "commit": self.commit, "bytes_to_download": self.to_download,
                 "bytes_present": sum(f.present for f in self.files), "free_bytes": self.free,
+                "official": self.official, "official_check": self.official_message,
                 "files": [{"name": f.name, "size": f.size, "present": f.present, "reuse": f.reuse}
                           for f in self.files]}
 
@@ -178,5 +209,10 @@ def dry_run(req: FetchRequest) -> DryRun:
     existing = req.dino_root
     while not existing.exists():
         existing = existing.parent
+    from ._manifest import FileRecord
+    from ._registry import check_official
+
+    listed = {n: FileRecord(f.size, f.sha256) for n, f in snap.files.items() if f.sha256}
+    check = check_official(req.model, listed)  # what the listing says the weights are, before any byte moves
     return DryRun(req.dino_root, req.model, req.revision, snap.commit, run.plan(names),
-                  shutil.disk_usage(existing).free, source.name)
+                  shutil.disk_usage(existing).free, source.name, check.official, check.message)

@@ -289,9 +289,17 @@ class StateDir:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def record_for(old: Manifest | None, name: str, size: int, git_oid: str | None) -> FileRecord | None:
-    """The old manifest's record of ``name`` if it describes the same file (size and git id), else None."""
+def record_for(old: Manifest | None, name: str, size: int, sha256: str | None,
+               git_oid: str | None) -> FileRecord | None:
+    """The old manifest's record of ``name`` if it describes the same content, else None.
+
+    By sha256 when the listing gives one (every manifest records each file's sha256, whichever source it came
+    from, so a file fetched from the Hub is recognised on ModelScope and back); by the git blob id otherwise
+    (the Hub's regular files, listed with a git id only).
+    """
     rec = old.files.get(name) if old else None
-    if rec is None or rec.size != size or rec.git_oid != git_oid:
+    if rec is None or rec.size != size:
         return None
-    return rec
+    if sha256:
+        return rec if rec.sha256 == sha256 else None
+    return rec if git_oid is not None and rec.git_oid == git_oid else None

@@ -86,6 +86,7 @@ class Transfer:
     raise_status: Callable[[int, dict[str, str], bytes, str], NoReturn]
     cancel: threading.Event = field(default_factory=threading.Event)
     early: Callable[[Target], Done | None] | None = None
+    endpoint_var: str = "HF_ENDPOINT"  # the variable that points at the source, named in error hints
     _locations: dict[str, str] = field(default_factory=dict)
     _per_request: set[str] = field(default_factory=set)  # files whose signed locations serve one request only
 

@@ -70,6 +70,7 @@ class Source(Protocol):
     """A hub the files come from (see the module docstring)."""
     name: str
     endpoint: str
+    endpoint_var: str  # the environment variable that sets the endpoint, for error hints
 
     def user_agent(self) -> str:
         """The User-Agent of every request for this source."""

@@ -70,6 +70,7 @@ class HfSource:
     """The Hub at HF_ENDPOINT; the token is read once (HF_TOKEN, else the one ``hf auth login`` stored)."""
 
     name = "hf"
+    endpoint_var = "HF_ENDPOINT"
 
     def __init__(self) -> None:
         from .._transfer import Settings

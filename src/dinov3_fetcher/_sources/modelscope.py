@@ -197,6 +197,7 @@ class ModelScopeSource:
     """
 
     name = NAME
+    endpoint_var = "MODELSCOPE_ENDPOINT"
 
     def __init__(self, endpoint: str, token: str | None = None, *, timeout: float = 30.0, retries: int = 4,
                  backoff: float = 1.0) -> None:
