@@ -17,8 +17,8 @@ import contextlib
 import json
 import os
 import shutil
+import secrets
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +28,7 @@ from ._manifest import FileRecord, Manifest
 from ._progress import Progress
 
 __all__ = ["HOST", "PROGRESS_PAGE", "SPACE_MARGIN", "STALE_AFTER", "StateDir", "atomic_write_bytes", "encode_progress",
-           "owner_gone", "owner_tag", "read_progress"]
+           "owner_gone", "owner_tag", "read_progress", "write_new"]
 
 STATE_DIRNAME = ".dinov3-fetcher"
 SPACE_MARGIN = 16 * 1024 * 1024  # free space left over after a download, on top of what it needs
@@ -72,7 +72,9 @@ def owner_gone(tag: str, touched: Path, kind: str) -> bool:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old content or the new one, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Not mkstemp: its 0600 would ignore the umask (a trainer running as another user could not read the file).
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -80,8 +82,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def write_new(path: Path, data: bytes) -> None:
+    """Write ``path`` as a new file of ours (mode per the umask): whatever was there, a planted link included,
+    is unlinked first, never written through."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 # -- the partial-download format -------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from ._hashing import git_blob_id
 from ._http import Connection, HttpPool, Response
 from ._job import Job
 from ._progress import Progress
-from ._state import StateDir
+from ._state import StateDir, write_new
 
 __all__ = ["FILES_AT_ONCE", "Settings", "Target", "Transfer"]
 
@@ -107,8 +107,7 @@ class Transfer:
                 target.git_oid and git_blob_id(body) != target.git_oid):
             raise IntegrityError(f"{target.name}: the early copy differs from the listing", "run again")
         folder = self.state.claim(target.identity, target.size)
-        with open(folder / "data", "wb") as f:
-            f.write(body)
+        write_new(folder / "data", body)
         self.progress.start_file(target.name, target.size, 0)
         self.progress.advance(len(body))
         self.progress.end_file(target.name)

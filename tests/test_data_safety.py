@@ -1,0 +1,72 @@
+"""Issue 11, items 1-5 and 19: a fetch never destroys or misreports data.
+
+1. files in dino_root it did not put there are adopted (same bytes) or refused (exit 3), never replaced;
+2. altered bytes of the same size are remembered by ``verify --deep`` and repaired (``--repair``);
+3. another host's claim is judged by its heartbeat as this process watched it, never by file times;
+4. links in the state folder are never followed to delete or write outside dino_root;
+5. published files follow the umask;
+19. a failed first fetch leaves no empty state folders (nor an empty dino_root) behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from checkpoints import shard_files, vit_repo_files
+from conftest import TINY, cli_env, start
+from dinov3_fetcher import fetch_dinov3, validate_dinov3
+from dinov3_fetcher._errors import AuthenticationError, ConfigError, RepositoryNotFoundError
+from dinov3_fetcher._state import StateDir
+from helpers import fetch
+from hub_server import HubServer
+
+FETCHED = ("config.json", "preprocessor_config.json", "model.safetensors", "README.md", "LICENSE.md")
+MODEL = "model.safetensors"
+MiB = 1 << 20
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every entry under ``root``: files by sha256, links by target, folders as such."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink():
+            out[rel] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[rel] = sha(p.read_bytes())
+        else:
+            out[rel] = "dir"
+    return out
+
+
+# -- 5. published files follow the umask ---------------------------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+@pytest.mark.parametrize("sharded", [False, True])
+def test_published_files_follow_the_umask(hub: HubServer, dino_root: Path, umask: int, sharded: bool) -> None:
+    files = vit_repo_files()
+    if sharded:
+        files = shard_files(files, 2)
+    hub.add_repo(TINY, files)
+    old = os.umask(umask)
+    try:
+        fetch_dinov3(dino_root, TINY)
+    finally:
+        os.umask(old)
+    want = 0o666 & ~umask
+    published = [p for p in dino_root.iterdir() if p.is_file()] + [dino_root / ".dinov3-fetcher" / "manifest.json"]
+    assert len(published) >= 5
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in published}
+    assert modes == {p.name: oct(want) for p in published}
