@@ -44,7 +44,7 @@ def tree(root: Path) -> dict[str, str]:
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root).as_posix()
         if p.is_symlink():
-            out[rel] = "-> " + os.readlink(p)
+            out[rel] = "-> " + str(p.readlink())
         elif p.is_file():
             out[rel] = sha(p.read_bytes())
         else:
@@ -70,3 +70,37 @@ def test_published_files_follow_the_umask(hub: HubServer, dino_root: Path, umask
     assert len(published) >= 5
     modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in published}
     assert modes == {p.name: oct(want) for p in published}
+
+
+# -- 19. a failed first fetch leaves nothing behind ----------------------------------------------------------
+@pytest.mark.parametrize("root_exists", [False, True])
+@pytest.mark.parametrize("case", ["missing-repo", "gated-401"])
+def test_a_failed_first_fetch_leaves_no_empty_state_folders(hub: HubServer, tmp_path: Path, case: str,
+                                                            root_exists: bool) -> None:
+    hub.add_repo(TINY, vit_repo_files(), gated=True)
+    dino_root = tmp_path / "new" / "dinov3"
+    if root_exists:
+        dino_root.mkdir(parents=True)
+    with pytest.raises(RepositoryNotFoundError if case == "missing-repo" else AuthenticationError):
+        fetch_dinov3(dino_root, "tiny-org/no-such-repo" if case == "missing-repo" else TINY)
+    if root_exists:
+        assert list(dino_root.iterdir()) == []
+    else:
+        assert not (tmp_path / "new").exists()  # neither dino_root nor the parent it created
+
+
+def test_a_failed_fetch_keeps_its_resumable_data(hub: HubServer, dino_root: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from dinov3_fetcher._errors import NetworkError
+
+    files = vit_repo_files(hidden=256, intermediate=1024, layers=4)
+    hub.add_repo(TINY, files)
+    hub.faults.add(cut_after=3 * MiB, path_suffix=MODEL, host="cdn", times=1)
+    monkeypatch.setenv("DINOV3_FETCHER_RETRIES", "0")
+    with pytest.raises(NetworkError):
+        fetch_dinov3(dino_root, TINY)
+    kept = list((dino_root / ".dinov3-fetcher" / "partial").glob("*/data"))
+    assert len(kept) == 1 and kept[0].stat().st_size >= 2 * MiB
+    hub.clear()
+    fetch_dinov3(dino_root, TINY)
+    assert hub.bytes_served(MODEL) <= len(files[MODEL]) - 2 * MiB

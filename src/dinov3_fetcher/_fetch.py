@@ -121,7 +121,7 @@ def fetch_dinov3(
 
 
 def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None = None,
-          lock_timeout: float | None = None) -> FetchResult:
+          lock_timeout: float | None = None, repair: bool = False) -> FetchResult:
     """The fetch of an already validated request, with a detailed result. Raises what fetch_dinov3 raises."""
     t0 = time.monotonic()
     progress = progress or Progress(quiet=True)
@@ -130,6 +130,7 @@ def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None 
     if env.is_offline():
         raise _offline_error(req)
     state = StateDir(req.dino_root)
+    created = state.missing_folders()  # what this fetch creates: removed again if it fails and they stay empty
     try:
         state.ensure()
     except OSError as exc:
@@ -141,10 +142,14 @@ def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None 
         if not update and (m := ready(req, old)):
             return _cached(req, m, t0)
         try:
-            result = _fetch_locked(state, req, old, progress)
+            result = _fetch_locked(state, req, old, progress, repair=repair)
         except KeyboardInterrupt:
+            state.remove_if_empty(created)
             raise FetchInterrupted("interrupted; the partial download is kept in " + str(state.partial),
                                    "run the same command again: it resumes where it stopped") from None
+        except BaseException:
+            state.remove_if_empty(created)
+            raise
     result.seconds = time.monotonic() - t0
     return result
 
@@ -219,7 +224,8 @@ def _check_space(state: StateDir, planned: list[PlannedFile]) -> None:
             "free some space or point dino_root at a bigger disk", needed=needed, free=free)
 
 
-def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, progress: Progress) -> FetchResult:
+def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, progress: Progress, *,
+                  repair: bool = False) -> FetchResult:
     from ._http import HttpPool
     from ._plan import Run
     from ._sources import get_source

@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import secrets
+import shutil
 import socket
 import time
 from collections.abc import Iterator
@@ -160,6 +160,36 @@ class StateDir:
         """Create the partial and staged folders."""
         for p in (self.partial, self.staged):
             p.mkdir(parents=True, exist_ok=True)
+
+    def missing_folders(self) -> list[Path]:
+        """The folders ``ensure`` would create (dino_root and its missing parents included), deepest first."""
+        out = [self.partial, self.staged, self.path]
+        p = self.root
+        while not p.exists() and not p.is_symlink() and p != p.parent:
+            out.append(p)
+            p = p.parent
+        return [p for p in out if not p.exists() and not p.is_symlink()]
+
+    def remove_if_empty(self, created: list[Path]) -> None:
+        """After a failed fetch: remove what ``missing_folders`` listed and is still empty (the lock file of a
+        state folder this fetch created, too), so that a failed first fetch leaves nothing behind. A folder
+        that holds anything (a resumable partial download) stays, and so do its parents."""
+        if self.path in created:
+            for p in self.partial.iterdir() if self.partial.is_dir() and not self.partial.is_symlink() else ():
+                with contextlib.suppress(OSError):  # released, and not one byte in it: nothing to resume
+                    if "." not in p.name and not p.is_symlink() and (p / "data").lstat().st_size == 0:
+                        shutil.rmtree(p)
+            try:
+                for p in (self.partial, self.staged):
+                    if p.is_dir() and not p.is_symlink():
+                        p.rmdir()
+            except OSError:
+                return  # it holds something (resumable data): keep it all
+            with contextlib.suppress(OSError):
+                self.lock_path.unlink(missing_ok=True)
+        for p in created:
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
     # -- the lock ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
