@@ -104,3 +104,71 @@ def test_a_failed_fetch_keeps_its_resumable_data(hub: HubServer, dino_root: Path
     hub.clear()
     fetch_dinov3(dino_root, TINY)
     assert hub.bytes_served(MODEL) <= len(files[MODEL]) - 2 * MiB
+
+
+# -- 1. a fetch never replaces or removes a file it did not put there ----------------------------------------
+def test_dino_root_dot_next_to_the_pipelines_config_is_refused_untouched(hub: HubServer, tiny: dict[str, bytes],
+                                                                        tmp_path: Path, run_cli) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    config = json.dumps({"train": {"dino_root": ".", "dino_model": TINY, "epochs": 3}}).encode()
+    (project / "config.json").write_bytes(config)
+    (project / "README.md").write_bytes(b"# my pipeline\n")
+    before = tree(project)
+    r = run_cli("--config", "config.json", cwd=project)
+    assert r.returncode == 3, r.stderr
+    assert "config.json" in r.stderr and "README.md" in r.stderr and '"dinov3"' in r.stderr
+    assert {k: v for k, v in tree(project).items() if not k.startswith(".dinov3-fetcher")} == before
+    assert hub.bytes_served(MODEL) == 0  # refused before any weight moved
+    # The advice works: a folder of its own.
+    config2 = json.dumps({"train": {"dino_root": "dinov3", "dino_model": TINY, "epochs": 3}}).encode()
+    (project / "config.json").write_bytes(config2)
+    assert run_cli("--config", "config.json", cwd=project).returncode == 0
+    assert (project / "config.json").read_bytes() == config2 and validate_dinov3(project / "dinov3")
+
+
+SHARDED = shard_files(vit_repo_files(), 2)
+SHARDED_NAMES = ("model.safetensors.index.json", *sorted(n for n in SHARDED if n.startswith("model-")))
+
+
+CASES = [(False, n, "none") for n in FETCHED] + [(True, n, "none") for n in (*SHARDED_NAMES, MODEL)] \
+    + [(False, n, "other-model") for n in ("README.md", "LICENSE.md")] \
+    + [(True, n, "other-model") for n in SHARDED_NAMES]
+
+
+# ``True, model.safetensors, none``: a name the publish would remove (the repo is sharded), not replace.
+# ``other-model``: dino_root holds a checkpoint of ours whose manifest does not list the user's file.
+@pytest.mark.parametrize(("sharded", "name", "manifest"), CASES)
+def test_a_users_file_under_a_published_name_is_refused_untouched(hub: HubServer, dino_root: Path, sharded: bool,
+                                                                  name: str, manifest: str) -> None:
+    files = SHARDED if sharded else vit_repo_files()
+    hub.add_repo(TINY, files)
+    if manifest == "other-model":
+        other = {k: v for k, v in vit_repo_files(seed=7).items() if k != name}  # single file, no such name
+        hub.add_repo("tiny-org/other", other)
+        fetch_dinov3(dino_root, "tiny-org/other")
+    dino_root.mkdir(parents=True, exist_ok=True)
+    (dino_root / name).write_bytes(b"the user's own bytes\n")
+    before = tree(dino_root)
+    hub.clear()
+    with pytest.raises(ConfigError) as info:
+        fetch_dinov3(dino_root, TINY)
+    assert info.value.exit_code == 3 and name in info.value.message and "dino_root" in info.value.hint
+    assert {k: v for k, v in tree(dino_root).items() if not k.startswith(".dinov3-fetcher/")} == \
+        {k: v for k, v in before.items() if not k.startswith(".dinov3-fetcher/")}
+    assert not [r for r in hub.file_gets() if r.path.endswith(".safetensors")]  # nothing big was downloaded
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_the_listed_bytes_already_there_are_adopted_without_a_download(hub: HubServer, dino_root: Path,
+                                                                       sharded: bool) -> None:
+    files = SHARDED if sharded else vit_repo_files()
+    hub.add_repo(TINY, files)
+    dino_root.mkdir(parents=True)
+    for name, data in files.items():  # e.g. copied by hand from another machine
+        (dino_root / name).write_bytes(data)
+    result = fetch(dino_root, TINY)
+    assert result.bytes_fetched == 0 and not [r for r in hub.file_gets() if r.path.endswith(".safetensors")]
+    assert validate_dinov3(dino_root)
+    m = StateDir(dino_root).read_manifest()
+    assert m is not None and all(m.files[n].sha256 == sha(files[n]) for n in m.files)

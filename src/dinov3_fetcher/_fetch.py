@@ -25,7 +25,7 @@ from ._errors import (
     LocalEntryNotFoundError,
     NotDinov3Error,
 )
-from ._layout import CONFIG, INDEX, PREPROCESSOR, SINGLE, weight_files
+from ._layout import CONFIG, INDEX, OPTIONAL, PREPROCESSOR, SINGLE, is_standard_weight, weight_files
 from ._manifest import FileRecord, Manifest
 from ._progress import Progress, human_bytes
 from ._registry import DEFAULT_MODEL
@@ -224,6 +224,16 @@ def _check_space(state: StateDir, planned: list[PlannedFile]) -> None:
             "free some space or point dino_root at a bigger disk", needed=needed, free=free)
 
 
+def _unrecorded(root: Path, old: Manifest | None) -> bool:
+    """Is there a file under a name a fetch publishes (or a standard weight name) that no manifest records?"""
+    ours = set(old.files) | set(old.previous) if old else set()
+    names = {CONFIG, PREPROCESSOR, SINGLE, INDEX, *OPTIONAL}
+    try:
+        return any((p.name in names or is_standard_weight(p.name)) and p.name not in ours for p in root.iterdir())
+    except OSError:
+        return False
+
+
 def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, progress: Progress, *,
                   repair: bool = False) -> FetchResult:
     from ._http import HttpPool
@@ -240,11 +250,18 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
 
     transfer = Transfer(settings, pool, state, progress, raise_status)
     # The weights may start flowing now (the Hub's head start); the listing below decides whether they are kept.
-    early = source.early(transfer, old, req.model, req.revision, transfer.cancel)
+    # Not when dino_root holds files we did not put there: the fetch may refuse it (Run.check_foreign).
+    early = source.early(transfer, old, req.model, req.revision, transfer.cancel) \
+        if not _unrecorded(state.root, old) else None
     transfer.early = early.take if early is not None else None
     try:
         snap = source.snapshot(req.model, req.revision)
-        run = Run(state, source, snap, old, transfer)
+        run = Run(state, source, snap, old, transfer, repair=repair)
+        listed = weight_files(snap.files) or []
+        if INDEX in snap.files and SINGLE not in snap.files:
+            listed.append(INDEX)
+        publishing = [CONFIG, PREPROCESSOR, *listed, *(n for n in OPTIONAL if n in snap.files)]
+        run.check_foreign(publishing)  # before any download
         cfg = run.json(CONFIG)
         if reason := config_problem(cfg) or registry_mismatch(req.model, cfg):
             raise NotDinov3Error(f"{req.model} is not a usable DINOv3 checkpoint: {reason}",
@@ -254,6 +271,7 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
         if weights is None:
             raise NotDinov3Error(f"{req.model} has no safetensors weights ({SINGLE} or {INDEX})",
                                  "pick a repo with safetensors weights")
+        run.check_foreign(publishing + [n for n in weights if n not in publishing])  # an index's other shards
         planned = run.plan(weights)
         _check_space(state, planned)
         progress.total = sum(p.size for p in planned)

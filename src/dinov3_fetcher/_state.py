@@ -289,24 +289,28 @@ class StateDir:
     def publish(self, manifest: Manifest, paths: dict[str, Path], old: Manifest | None) -> None:
         """Move the verified files into dino_root together; the manifest says 'incomplete' until all are there.
 
-        Removed afterwards: only what we put there (the old manifest's files). Without a trustworthy list (none,
-        or the incomplete one of a publish that stopped half-way), also the standard weight names transformers
-        would load in place of ours; any other file (a user's model_student.safetensors) is left alone.
+        Removed afterwards: only what we put there (the old manifest's files, and those it replaced if it is
+        the incomplete one of a publish that stopped half-way). After such a stop, also the standard weight
+        names transformers would load in place of ours; without any manifest, nothing (a user's file under
+        a name we publish was refused or adopted before: ``Run.check_foreign``).
         """
         from ._layout import check_filename, is_standard_weight
 
         manifest.complete = False
+        manifest.damaged = []
+        manifest.previous = sorted((set(old.files) | set(old.previous)) - set(paths)) if old else []
         self.write_manifest(manifest)
         for name, src in paths.items():
             if src != self.root / name:
                 os.replace(src, self.root / name)
-        stale = set(old.files) if old else set()
-        if old is None or not old.complete:
+        stale = set(old.files) | set(old.previous) if old else set()
+        if old is not None and not old.complete:
             stale |= {p.name for p in self.root.iterdir() if is_standard_weight(p.name)}
         for name in stale - set(paths):
             with contextlib.suppress(OSError, ValueError):
                 (self.root / check_filename(name)).unlink()
         manifest.complete = True
+        manifest.previous = []
         self.write_manifest(manifest)
 
     def drop_stale(self) -> None:
