@@ -77,9 +77,11 @@ class Run:
         """A complete copy of this exact file already on disk: staged (verified), or published per the manifest.
 
         A staged copy left by a fetcher that is gone is adopted. A published copy is trusted by its size only
-        when the manifest is complete, does not mark it damaged (``verify --deep``) and this is no repair: after a publish that stopped half-way the file under that name may
-        still be the old one, so it is re-hashed (once per run). In a read-only run (dry run) nothing is
-        renamed or hashed: a published file under an incomplete manifest counts as missing.
+        when the manifest is complete: after a publish that stopped half-way the file under that name may
+        still be the old one, so it is re-hashed (once per run), as is every file in a repair; one that
+        ``verify --deep`` marked damaged is never reused. In a read-only run (dry run) nothing is
+        renamed or hashed: a published file under an incomplete manifest counts as missing. A file the user
+        put there with exactly the listed bytes is reused once ``check_foreign`` adopted it.
         """
         if rf.name not in self.reuse_cache:
             self.reuse_cache[rf.name] = self._reusable(rf)
