@@ -16,16 +16,16 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from checkpoints import shard_files, vit_repo_files
-from conftest import TINY, cli_env, start
+from conftest import TINY, cli_env
 from dinov3_fetcher import fetch_dinov3, validate_dinov3
 from dinov3_fetcher._errors import AuthenticationError, ConfigError, RepositoryNotFoundError
 from dinov3_fetcher._state import StateDir
+from dinov3_fetcher._verify import verify_dinov3
 from helpers import fetch
 from hub_server import HubServer
 
@@ -172,3 +172,74 @@ def test_the_listed_bytes_already_there_are_adopted_without_a_download(hub: HubS
     assert validate_dinov3(dino_root)
     m = StateDir(dino_root).read_manifest()
     assert m is not None and all(m.files[n].sha256 == sha(files[n]) for n in m.files)
+
+
+# -- 2. altered bytes of the same size are repaired ----------------------------------------------------------
+def alter(path: Path) -> None:
+    """Flip one byte near the end (tensor data, or text): same size, same headers, other bytes."""
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def downloaded(hub: HubServer) -> set[str]:
+    """The files whose bytes the server sent (hub redirects and CDN answers alike)."""
+    return {q.path.split("?")[0].rsplit("/", 1)[-1] for q in hub.file_gets() if q.body_bytes}
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dinov3_fetcher", *args], env=cli_env(), capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("names", [(MODEL,), ("README.md",), (MODEL, "LICENSE.md"),
+                                   ("model-00002-of-00002.safetensors",)])
+@pytest.mark.parametrize("then", ["fetch", "update", "repair", "repair-cli"])
+def test_verify_deep_remembers_altered_bytes_and_a_fetch_repairs_exactly_them(hub: HubServer, dino_root: Path,
+                                                                              names: tuple[str, ...],
+                                                                              then: str) -> None:
+    files = SHARDED if names[0].startswith("model-") else vit_repo_files()
+    hub.add_repo(TINY, files)
+    fetch_dinov3(dino_root, TINY)
+    for name in names:
+        alter(dino_root / name)
+    assert validate_dinov3(dino_root)  # sizes and headers hold: only a deep check can tell
+    r = cli("verify", "--dino-root", str(dino_root), "--deep")
+    assert r.returncode == 13, r.stderr
+    assert f"dinov3-fetcher --repair --dino-root {dino_root}" in r.stderr
+    assert not validate_dinov3(dino_root)  # remembered
+    m = StateDir(dino_root).read_manifest()
+    assert m is not None and m.damaged == sorted(names)
+    hub.clear()
+    if then == "repair-cli":  # the command the hint names
+        r = cli("--repair", "--dino-root", str(dino_root), "--model", TINY)
+        assert r.returncode == 0, r.stderr
+    else:
+        assert not fetch(dino_root, TINY, update=then == "update", repair=then == "repair").cached
+    # Exactly those (the head start re-reads a sharded repo's small index on every run that asks the Hub).
+    extra = {"model.safetensors.index.json"} if "model.safetensors.index.json" in files else set()
+    assert downloaded(hub) - extra == set(names)
+    assert hub.bytes_served() == sum(len(files[n]) for n in set(names) | (downloaded(hub) & extra))
+    assert m.files and all((dino_root / n).read_bytes() == files[n] for n in m.files)
+    assert validate_dinov3(dino_root)
+    report = verify_dinov3(dino_root, deep=True)
+    assert report.ok and report.manifest is not None and report.manifest.damaged == []
+
+
+@pytest.mark.parametrize("names", [(MODEL,), ("config.json",), ("README.md", "preprocessor_config.json"), ()])
+def test_repair_without_a_verify_rehashes_and_redownloads_only_what_is_wrong(hub: HubServer, tiny: dict[str, bytes],
+                                                                             dino_root: Path,
+                                                                             names: tuple[str, ...]) -> None:
+    fetch_dinov3(dino_root, TINY)
+    for name in names:
+        data = (dino_root / name).read_bytes()
+        if name.endswith(".json"):  # still valid JSON, same size: a newline became a space
+            (dino_root / name).write_bytes(data.replace(b"\n", b" ", 1))
+        else:
+            alter(dino_root / name)
+    assert fetch(dino_root, TINY).cached  # a plain fetch trusts the sizes
+    hub.clear()
+    result = fetch(dino_root, TINY, repair=True)
+    assert downloaded(hub) == set(names)
+    assert result.bytes_fetched == sum(len(tiny[n]) for n in names)
+    assert all((dino_root / n).read_bytes() == tiny[n] for n in FETCHED)

@@ -78,11 +78,11 @@ def ready(req: FetchRequest, manifest: Manifest | None = None) -> Manifest | Non
 
 @overload
 def fetch_dinov3(dino_root: str | os.PathLike[str], model_name: str = ..., *, revision: str | None = ...,
-                 update: bool = ..., quiet: bool = ..., source: str | None = ...,
+                 update: bool = ..., quiet: bool = ..., source: str | None = ..., repair: bool = ...,
                  details: Literal[False] = ...) -> Path: ...
 @overload
 def fetch_dinov3(dino_root: str | os.PathLike[str], model_name: str = ..., *, revision: str | None = ...,
-                 update: bool = ..., quiet: bool = ..., source: str | None = ...,
+                 update: bool = ..., quiet: bool = ..., source: str | None = ..., repair: bool = ...,
                  details: Literal[True]) -> FetchResult: ...
 def fetch_dinov3(
     dino_root: str | os.PathLike[str],
@@ -92,6 +92,7 @@ def fetch_dinov3(
     update: bool = False,
     quiet: bool = True,
     source: str | None = None,
+    repair: bool = False,
     details: bool = False,
 ) -> Path | FetchResult:
     """Make ``dino_root`` hold the checkpoint of ``model_name`` at ``revision``, verified; return its path.
@@ -101,6 +102,8 @@ def fetch_dinov3(
     file's size and sha256, and publishes the files together with a manifest. ``dino_root`` is relative to the
     working directory. ``revision`` defaults to the source's default branch (``main``; ``master`` on
     ModelScope); ``source`` to DINOV3_FETCHER_SOURCE, else ``"hf"``. ``details=True`` returns a FetchResult.
+    ``repair=True`` re-hashes every file the manifest lists (instead of trusting sizes) and re-downloads only
+    what is wrong; files that ``verify --deep`` found altered are re-downloaded by any fetch.
 
     Raises:
         ConfigError: dino_root is a file or cannot be created/written; the model id or revision is malformed.
@@ -116,7 +119,7 @@ def fetch_dinov3(
         FetchInterrupted: Ctrl-C; partial data is kept.
     """
     result = fetch(make_request(dino_root, model_name, revision, source), update=update,
-                   progress=Progress(quiet=quiet))
+                   progress=Progress(quiet=quiet), repair=repair)
     return result if details else result.path
 
 
@@ -125,7 +128,7 @@ def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None 
     """The fetch of an already validated request, with a detailed result. Raises what fetch_dinov3 raises."""
     t0 = time.monotonic()
     progress = progress or Progress(quiet=True)
-    if not update and (m := ready(req)):
+    if not (update or repair) and (m := ready(req)):
         return _cached(req, m, t0)
     if env.is_offline():
         raise _offline_error(req)
@@ -139,7 +142,7 @@ def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None 
     timeout = lock_timeout if lock_timeout is not None else env.lock_timeout()
     with state.locked(timeout, progress, disabled=env.lock_disabled()):
         old = state.read_manifest()  # once under the lock
-        if not update and (m := ready(req, old)):
+        if not (update or repair) and (m := ready(req, old)):
             return _cached(req, m, t0)
         try:
             result = _fetch_locked(state, req, old, progress, repair=repair)
@@ -296,7 +299,8 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
         pool.close()
     manifest = Manifest(req.model, req.revision, snap.commit, run.records, __version__, source=source.name,
                         endpoint=env.display_origin(source.endpoint))
-    if old is not None and old.complete and old.commit == snap.commit and old.files == run.records:
+    if old is not None and old.complete and old.commit == snap.commit and old.files == run.records \
+            and not old.damaged and not repair:
         # --update found nothing new: the files are the ones verified before, so their checks still hold.
         manifest.verified_at, manifest.verified_deep_at = old.verified_at, old.verified_deep_at
     state.publish(manifest, run.paths, old)

@@ -12,7 +12,7 @@ from ._hashing import sha256_file
 from ._manifest import Manifest
 from ._progress import Progress
 from ._state import StateDir
-from ._validate import Problem, find_problems
+from ._validate import DAMAGED, Problem, find_problems
 
 __all__ = ["FileCheck", "VerifyReport", "verify_dinov3"]
 
@@ -43,8 +43,9 @@ class VerifyReport:
         return not self.problems and all(f.ok for f in self.files)
 
 
-def _record_verified(state: StateDir, checked: Manifest, deep: bool) -> None:
-    """Write the time of a passing verification into the manifest, unless a fetch changed or holds it meanwhile.
+def _record_verified(state: StateDir, checked: Manifest, deep: bool, damaged: list[str] | None = None) -> None:
+    """Write the time of a passing verification into the manifest, or with ``damaged`` the files a deep one
+    found altered (a fetch re-downloads them), unless a fetch changed or holds the manifest meanwhile.
 
     Best effort: a read-only dino_root, a fetcher holding the lock, or a manifest that is no longer the one
     that was checked (a fetch published in between) all mean: record nothing, and never overwrite.
@@ -61,10 +62,13 @@ def _record_verified(state: StateDir, checked: Manifest, deep: bool) -> None:
         current = state.read_manifest()
         if current is None or _identity(current) != _identity(checked):
             return
-        now = time.time()
-        current.verified_at = now
-        if deep:
-            current.verified_deep_at = now
+        if damaged:
+            current.damaged = sorted(set(damaged))
+        else:
+            now = time.time()
+            current.verified_at = now
+            if deep:
+                current.verified_deep_at, current.damaged = now, []
         with contextlib.suppress(OSError):  # a read-only dino_root can still be verified
             state.write_manifest(current)
     finally:
@@ -86,11 +90,14 @@ def verify_dinov3(root: Path, *, deep: bool = False, progress: Progress | None =
     manifest = state.read_manifest()
     report = VerifyReport(root, manifest, deep)
     report.problems = find_problems(root, manifest)
+    if deep:  # a deep check re-hashes: it does not take a damage mark it may clear for granted
+        report.problems = [p for p in report.problems if p.message != DAMAGED]
     if manifest is None:
         report.problems.insert(0, Problem("manifest.json", "is missing: dino_root was not fetched by this tool "
                                           "(run a fetch to record one)"))
     else:
         bad = {p.file for p in report.problems}
+        damaged: list[str] = []
         if progress is not None and deep:
             progress.total = sum(r.size for r in manifest.files.values())
         for name, rec in sorted(manifest.files.items()):
@@ -103,10 +110,14 @@ def verify_dinov3(root: Path, *, deep: bool = False, progress: Progress | None =
                 continue
             digest = sha256_file(path, progress)
             ok = digest == rec.sha256
+            if not ok:
+                damaged.append(name)
             report.files.append(FileCheck(name, rec.size, ok, "sha256 ok" if ok else
                                           f"sha256 {digest[:12]}... differs from the manifest's {rec.sha256[:12]}..."))
         if report.ok:
             _record_verified(state, manifest, deep)
+        elif damaged:
+            _record_verified(state, manifest, deep, damaged)
     if progress is not None:
         progress.close()
     report.seconds = time.monotonic() - t0
