@@ -243,3 +243,84 @@ def test_repair_without_a_verify_rehashes_and_redownloads_only_what_is_wrong(hub
     assert downloaded(hub) == set(names)
     assert result.bytes_fetched == sum(len(tiny[n]) for n in names)
     assert all((dino_root / n).read_bytes() == tiny[n] for n in FETCHED)
+
+
+# -- 4. nothing is deleted or written outside dino_root through links in the state folder --------------------
+def shared_folder(tmp_path: Path) -> Path:
+    """A folder outside dino_root that holds other people's things, shaped like a state folder's contents."""
+    shared = tmp_path / "shared"
+    for rel, data in {"project-a/data": b"a" * 1000, "project-b/progress.json": b"{}",
+                      "partial/x/data": b"x" * 10, "staged/y": b"y", "notes.txt": b"keep me"}.items():
+        (shared / rel).parent.mkdir(parents=True, exist_ok=True)
+        (shared / rel).write_bytes(data)
+    return shared
+
+
+@pytest.mark.parametrize("link", [".dinov3-fetcher", ".dinov3-fetcher/partial", ".dinov3-fetcher/staged"])
+def test_a_state_folder_that_is_a_link_is_refused_and_nothing_outside_changes(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, tmp_path: Path, link: str) -> None:
+    shared = shared_folder(tmp_path)
+    before = tree(shared)
+    fetch_dinov3(dino_root, TINY)  # a checkpoint whose next fetch has something to publish and clean up
+    hub.add_commit(TINY, {"README.md": b"# changed\n"})
+    import shutil
+
+    shutil.rmtree(dino_root / link)
+    (dino_root / link).symlink_to(shared, target_is_directory=True)
+    with pytest.raises(ConfigError) as info:
+        fetch_dinov3(dino_root, TINY, update=True)
+    assert info.value.exit_code == 3 and str(dino_root / link) in info.value.message
+    assert tree(shared) == before
+
+
+def planted(dino_root: Path, tmp_path: Path, case: str, files: dict[str, bytes]) -> Path:
+    """Plant a link in the state folder as someone else could; returns the outside folder it points into."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    size, ident = len(files[MODEL]), sha(files[MODEL])
+    progress = json.dumps({"identity": ident, "size": size, "remaining": [[0, size]]}).encode().ljust(4096)
+    state = dino_root / ".dinov3-fetcher"
+    partial = state / "partial"
+    partial.mkdir(parents=True)
+    (state / "staged").mkdir()
+    if case == "partial-folder":  # partial/<id> -> a folder outside, shaped like a resumable download
+        (outside / "data").write_bytes(b"\0" * size)
+        (outside / "progress.json").write_bytes(progress)
+        (partial / ident).symlink_to(outside, target_is_directory=True)
+    elif case in ("data", "progress-tmp"):  # a real partial folder with one link in it
+        (partial / ident).mkdir()
+        (outside / "victim").write_bytes(b"v" * size)
+        if case == "data":
+            (partial / ident / "data").symlink_to(outside / "victim")
+            (partial / ident / "progress.json").write_bytes(progress)
+        else:
+            (partial / ident / "data").write_bytes(b"")
+            (partial / ident / "progress.json.tmp").symlink_to(outside / "victim")
+    elif case == "staged-file":  # a dead fetcher's staged copy that is a link to other bytes of the same size
+        from dinov3_fetcher._state import HOST
+        from test_fetch import dead_pid
+
+        (outside / "victim").write_bytes(b"v" * size)
+        dead = state / "staged" / f"{HOST}.{dead_pid()}"
+        dead.mkdir()
+        (dead / f"{ident}.{MODEL}").symlink_to(outside / "victim")
+    elif case == "own-staged-folder":  # this process's staged folder, planted as a link
+        from dinov3_fetcher._state import owner_tag
+
+        (outside / "keep").write_bytes(b"keep")
+        (state / "staged" / owner_tag()).symlink_to(outside, target_is_directory=True)
+    return outside
+
+
+@pytest.mark.parametrize("case", ["partial-folder", "data", "progress-tmp", "staged-file", "own-staged-folder"])
+def test_a_link_planted_in_the_state_folder_is_never_followed(hub: HubServer, tiny: dict[str, bytes],
+                                                              dino_root: Path, tmp_path: Path, case: str) -> None:
+    outside = planted(dino_root, tmp_path, case, tiny)
+    before = tree(outside)
+    fetch_dinov3(dino_root, TINY)
+    assert tree(outside) == before  # not one byte written, moved or deleted there
+    for name in FETCHED:
+        p = dino_root / name
+        assert not p.is_symlink() and p.read_bytes() == tiny[name], name
+    assert not [p for p in (dino_root / ".dinov3-fetcher").rglob("*") if p.is_symlink()]  # the links are gone
+    assert validate_dinov3(dino_root)

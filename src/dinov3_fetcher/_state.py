@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ._errors import LockTimeoutError
+from ._errors import ConfigError, LockTimeoutError
 from ._manifest import FileRecord, Manifest
 from ._progress import Progress
 
@@ -118,6 +118,18 @@ def read_progress(folder: Path, identity: str, size: int) -> list[tuple[int, int
         return None
 
 
+def _own_entries(folder: Path) -> Path:
+    """A claimed partial folder whose files are ours: a link planted in it is removed (never written
+    through), and with a linked data file its progress record is dropped too (it no longer describes it)."""
+    if (folder / "data").is_symlink():
+        (folder / "data").unlink()
+        (folder / "progress.json").unlink(missing_ok=True)
+    for name in ("progress.json", "progress.json.tmp"):
+        if (folder / name).is_symlink():
+            (folder / name).unlink()
+    return folder
+
+
 def _done_end(remaining: list[tuple[int, int]], size: int) -> int:
     """Where the last byte a progress record calls done ends: the data file must be at least this long."""
     end = size
@@ -157,7 +169,17 @@ class StateDir:
         atomic_write_bytes(self.manifest_path, manifest.to_json())
 
     def ensure(self) -> None:
-        """Create the partial and staged folders."""
+        """Create the partial and staged folders.
+
+        Raises:
+            ConfigError: the state folder, ``partial`` or ``staged`` is a symbolic link: a fetch deletes and
+                writes in them, and never does so outside dino_root.
+        """
+        for p in (self.path, self.partial, self.staged):
+            if p.is_symlink():
+                raise ConfigError(
+                    f"{p} is a symbolic link (to {p.readlink()}): the fetcher deletes and writes files in it, "
+                    "and never outside dino_root", f"remove the link (rm {p}); the fetcher recreates the folder")
         for p in (self.partial, self.staged):
             p.mkdir(parents=True, exist_ok=True)
 
@@ -225,7 +247,7 @@ class StateDir:
         """The partial folders of this content that a claim may take: ours, the public one, a gone fetcher's."""
         mine = f"{identity}.{owner_tag()}"
         return [p for p in (self.partial / identity, *self.partial.glob(f"{identity}.*"))
-                if p.is_dir() and (p.name in (identity, mine) or self._abandoned(p, identity))]
+                if p.is_dir() and not p.is_symlink() and (p.name in (identity, mine) or self._abandoned(p, identity))]
 
     def partial_bytes(self, identity: str, size: int) -> int:
         """Bytes of this content already on disk in the best resumable partial folder (what a claim would take)."""
@@ -234,8 +256,10 @@ class StateDir:
     def claim(self, identity: str, size: int) -> Path:
         """Take the best resumable partial folder for this content (renamed to ours), or start an empty one."""
         mine = self.partial / f"{identity}.{owner_tag()}"
+        if mine.is_symlink():  # planted: never written through
+            mine.unlink()
         if mine.is_dir():
-            return mine
+            return _own_entries(mine)
         adopted = False
         for c in sorted(self.resumable(identity), key=lambda p: _missing(p, identity, size)):
             try:
@@ -249,7 +273,7 @@ class StateDir:
             except OSError:
                 continue
         mine.mkdir(parents=True, exist_ok=True)
-        return mine
+        return _own_entries(mine)
 
     def release(self, folder: Path, identity: str) -> None:
         """Hand a partial folder back under its public name so that any later run may resume it."""
@@ -266,20 +290,29 @@ class StateDir:
     def find_staged(self, identity: str, name: str, size: int, *, adopt: bool) -> Path | None:
         """A staged copy of this content: ours, or one a gone fetcher left (moved into ours when ``adopt``)."""
         own = self.staged_path(identity, name)
-        if own.is_file() and own.stat().st_size == size:
+        if not own.parent.is_symlink() and not own.is_symlink() and own.is_file() and own.stat().st_size == size:
             return own
         for other in self.staged.glob(f"*/{identity}.{name}"):
-            if other.parent == own.parent or other.stat().st_size != size:
+            if other.parent == own.parent or other.parent.is_symlink() or other.is_symlink() \
+                    or other.stat().st_size != size:
                 continue
             if not owner_gone(other.parent.name, other.parent, "staged"):
                 continue
             if not adopt:
                 return other
             with contextlib.suppress(OSError):
-                own.parent.mkdir(parents=True, exist_ok=True)
+                self.own_staged()
                 os.rename(other, own)
                 return own
         return None
+
+    def own_staged(self) -> Path:
+        """This process's staged folder, a real folder (a link planted under its name is removed, not followed)."""
+        own = self.staged / owner_tag()
+        if own.is_symlink():
+            own.unlink()
+        own.mkdir(parents=True, exist_ok=True)
+        return own
 
     def any_staged(self, identity: str, name: str) -> bool:
         """Is a staged copy of this content there, whoever staged it?"""
@@ -318,11 +351,13 @@ class StateDir:
         folder, and those of gone fetchers. Never another live fetcher's files."""
         for p in self.partial.iterdir():
             identity = p.name.split(".", 1)[0]
-            if p.name == identity or self._abandoned(p, identity):
+            if p.is_symlink() or not p.is_dir():  # not ours: only the link (or stray file) goes
+                p.unlink(missing_ok=True)
+            elif p.name == identity or self._abandoned(p, identity):
                 shutil.rmtree(p, ignore_errors=True)
         mine = self.staged / owner_tag()
         for p in self.staged.iterdir() if self.staged.is_dir() else ():
-            if not p.is_dir():
+            if p.is_symlink() or not p.is_dir():
                 p.unlink(missing_ok=True)
             elif p == mine or owner_gone(p.name, p, "staged"):
                 shutil.rmtree(p, ignore_errors=True)

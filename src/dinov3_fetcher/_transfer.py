@@ -20,7 +20,7 @@ from ._hashing import git_blob_id
 from ._http import Connection, HttpPool, Response
 from ._job import Job
 from ._progress import Progress
-from ._state import StateDir, write_new
+from ._state import StateDir, owner_tag, write_new
 
 __all__ = ["FILES_AT_ONCE", "Settings", "Target", "Transfer"]
 
@@ -177,7 +177,10 @@ class Transfer:
 
     def finish(self, done: Done, dest: Path) -> None:
         """Move a verified file to ``dest`` and drop its (now empty) partial folder."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.parent == self.state.staged / owner_tag():
+            self.state.own_staged()  # a real folder, never a planted link
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(done.path, dest)
         shutil.rmtree(done.path.parent, ignore_errors=True)
 
