@@ -16,12 +16,13 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from checkpoints import shard_files, vit_repo_files
-from conftest import TINY, cli_env
+from conftest import TINY, cli_env, start
 from dinov3_fetcher import fetch_dinov3, validate_dinov3
 from dinov3_fetcher._errors import AuthenticationError, ConfigError, RepositoryNotFoundError
 from dinov3_fetcher._state import StateDir
@@ -324,3 +325,85 @@ def test_a_link_planted_in_the_state_folder_is_never_followed(hub: HubServer, ti
         assert not p.is_symlink() and p.read_bytes() == tiny[name], name
     assert not [p for p in (dino_root / ".dinov3-fetcher").rglob("*") if p.is_symlink()]  # the links are gone
     assert validate_dinov3(dino_root)
+
+
+# -- 3. two hosts, no working lock: liveness by heartbeat as watched, never by file times --------------------
+@pytest.fixture
+def big(hub: HubServer) -> dict[str, bytes]:
+    files = vit_repo_files(hidden=256, intermediate=1024, layers=4)  # ~12.6 MB: one connection, one claim
+    hub.add_repo(TINY, files)
+    return files
+
+
+def host_claims(dino_root: Path, files: dict[str, bytes], host: str) -> list[Path]:
+    partial = dino_root / ".dinov3-fetcher" / "partial"
+    return list(partial.glob(f"{sha(files[MODEL])}.{host}.*")) if partial.is_dir() else []
+
+
+@pytest.mark.parametrize("case", ["no-progress-record-yet", "clock-skew"])
+def test_another_hosts_live_claim_is_never_taken(hub: HubServer, big: dict[str, bytes], dino_root: Path,
+                                                 case: str) -> None:
+    """Host A stalls mid-download (a slow mirror, a long retry): without a progress record yet, or with one whose
+    time looks ancient to host B (clock skew). B must not take A's folder: both succeed with the right bytes."""
+    stall_after = MiB if case == "no-progress-record-yet" else 6 * MiB  # past the first record (4 MiB)
+    hub.faults.add(path_suffix=MODEL, host="cdn", times=1, stall_after=stall_after, stall_seconds=6)
+    a = start(dino_root, "--json", DINOV3_FETCHER_NO_LOCK="1", DINOV3_FETCHER_HOSTNAME="host-a")
+    try:
+        while hub.bytes_served(MODEL) < stall_after or not host_claims(dino_root, big, "host-a"):
+            assert a.poll() is None, a.communicate()
+            time.sleep(0.02)
+        (claim,) = host_claims(dino_root, big, "host-a")
+        if case == "clock-skew":
+            while not (claim / "progress.json").exists():
+                time.sleep(0.02)
+            old = time.time() - 3600  # as host B's clock sees it
+            os.utime(claim / "progress.json", (old, old))
+            os.utime(claim, (old, old))
+        b = start(dino_root, "--json", DINOV3_FETCHER_NO_LOCK="1", DINOV3_FETCHER_HOSTNAME="host-b",
+                  DINOV3_FETCHER_STALE_AFTER="3")
+        out_b, err_b = b.communicate(timeout=120)
+        assert b.returncode == 0, err_b
+        assert claim.is_dir() or a.poll() is not None  # B finished; A's folder is still A's (unless A is done)
+        assert json.loads(out_b)["bytes_resumed"] == 0  # B took none of A's bytes
+        _, err_a = a.communicate(timeout=120)
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.communicate()
+    assert a.returncode == 0, err_a
+    assert all((dino_root / n).read_bytes() == big[n] for n in FETCHED)
+    assert validate_dinov3(dino_root) and verify_dinov3(dino_root, deep=True).ok
+
+
+def test_an_abandoned_claim_of_another_host_is_copied_after_watching_it(hub: HubServer, big: dict[str, bytes],
+                                                                        dino_root: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim of host A whose heartbeat this process watched stay still is adopted, by copying its done ranges
+    into a folder of our own: A's data file (which A could still hold open) is never written, never published."""
+    from dinov3_fetcher._errors import NetworkError
+
+    hub.faults.add(cut_after=5 * MiB, path_suffix=MODEL, host="cdn", times=1)
+    monkeypatch.setenv("DINOV3_FETCHER_RETRIES", "0")
+    with pytest.raises(NetworkError):
+        fetch_dinov3(dino_root, TINY)
+    (released,) = [p for p in (dino_root / ".dinov3-fetcher" / "partial").iterdir() if "." not in p.name]
+    claim = released.with_name(f"{released.name}.host-a.4242")  # as host A's fetcher left it, gone since
+    released.rename(claim)
+    (claim / "heartbeat").write_bytes(b"4242 17\n")
+    done = len(big[MODEL]) - sum(e - s for s, e in json.loads((claim / "progress.json").read_bytes())["remaining"])
+    assert done >= 4 * MiB
+    old = time.time() - 3600
+    os.utime(claim / "progress.json", (old, old))  # file times play no part, whatever they say
+    held = os.open(claim / "data", os.O_RDONLY)  # the inode A would still write through
+    before = os.pread(held, len(big[MODEL]), 0)
+    hub.clear()
+    monkeypatch.setenv("DINOV3_FETCHER_STALE_AFTER", "0.5")
+    result = fetch(dino_root, TINY)
+    try:
+        assert os.pread(held, len(big[MODEL]) + 1, 0) == before  # not one byte written into A's file
+        assert os.fstat(held).st_ino != (dino_root / MODEL).stat().st_ino  # nor A's file published
+    finally:
+        os.close(held)
+    assert result.bytes_resumed == done and hub.bytes_served(MODEL) == len(big[MODEL]) - done
+    assert (dino_root / MODEL).read_bytes() == big[MODEL]
+    assert not claim.exists()  # abandoned: removed once copied

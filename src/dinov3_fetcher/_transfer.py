@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
 import threading
 import time
@@ -171,7 +170,7 @@ class Transfer:
                 if sys.exc_info()[0] is not None:
                     self.state.release(folder, target.identity)
             else:
-                shutil.rmtree(folder, ignore_errors=True)
+                self.state.discard(folder)
             if job.progress_fd is not None and not orphans:
                 os.close(job.progress_fd)
 
@@ -182,6 +181,6 @@ class Transfer:
         else:
             dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(done.path, dest)
-        shutil.rmtree(done.path.parent, ignore_errors=True)
+        self.state.discard(done.path.parent)
 
 
