@@ -407,3 +407,17 @@ def test_an_abandoned_claim_of_another_host_is_copied_after_watching_it(hub: Hub
     assert result.bytes_resumed == done and hub.bytes_served(MODEL) == len(big[MODEL]) - done
     assert (dino_root / MODEL).read_bytes() == big[MODEL]
     assert not claim.exists()  # abandoned: removed once copied
+
+
+def test_a_deep_verify_that_passes_again_clears_the_damage_mark(hub: HubServer, tiny: dict[str, bytes],
+                                                                dino_root: Path) -> None:
+    fetch_dinov3(dino_root, TINY)
+    good = (dino_root / MODEL).read_bytes()
+    alter(dino_root / MODEL)
+    assert not verify_dinov3(dino_root, deep=True).ok
+    assert not validate_dinov3(dino_root) and not verify_dinov3(dino_root).ok  # the quick check reports it too
+    (dino_root / MODEL).write_bytes(good)  # put back by hand
+    report = verify_dinov3(dino_root, deep=True)
+    assert report.ok and validate_dinov3(dino_root)
+    hub.clear()
+    assert fetch(dino_root, TINY).cached and hub.requests == []  # warm again

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from ._hashing import sha256_file
 from ._manifest import Manifest
 from ._progress import Progress
 from ._state import StateDir
-from ._validate import DAMAGED, Problem, find_problems
+from ._validate import Problem, find_problems
 
 __all__ = ["FileCheck", "VerifyReport", "verify_dinov3"]
 
@@ -89,9 +90,8 @@ def verify_dinov3(root: Path, *, deep: bool = False, progress: Progress | None =
     state = StateDir(root)
     manifest = state.read_manifest()
     report = VerifyReport(root, manifest, deep)
-    report.problems = find_problems(root, manifest)
-    if deep:  # a deep check re-hashes: it does not take a damage mark it may clear for granted
-        report.problems = [p for p in report.problems if p.message != DAMAGED]
+    # A deep check re-hashes: it does not take an earlier deep check's damage marks for granted (it may clear them).
+    report.problems = find_problems(root, dataclasses.replace(manifest, damaged=[]) if deep and manifest else manifest)
     if manifest is None:
         report.problems.insert(0, Problem("manifest.json", "is missing: dino_root was not fetched by this tool "
                                           "(run a fetch to record one)"))
