@@ -344,6 +344,8 @@ class StateDir:
                         p.rmdir()
             except OSError:
                 return  # it holds something (resumable data): keep it all
+            # Unlinked while we hold it: a fetcher already waiting on this file may then run beside the next
+            # one, which wastes bandwidth but is safe (correctness never depends on the lock).
             with contextlib.suppress(OSError):
                 self.lock_path.unlink(missing_ok=True)
         for p in created:
@@ -513,6 +515,8 @@ class StateDir:
                 p.unlink(missing_ok=True)
             elif p.name == identity or self._abandoned(p, identity):
                 shutil.rmtree(p, ignore_errors=True)
+            elif p.name.endswith(".copy") and owner_gone(p.name[len(identity) + 1:-len(".copy")], p, "partial"):
+                shutil.rmtree(p, ignore_errors=True)  # a copy (see claim) whose maker died before finishing it
         mine = self.staged / owner_tag()
         for p in self.staged.iterdir() if self.staged.is_dir() else ():
             if p.is_symlink() or not p.is_dir():
