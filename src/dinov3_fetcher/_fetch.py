@@ -106,7 +106,10 @@ def fetch_dinov3(
     what is wrong; files that ``verify --deep`` found altered are re-downloaded by any fetch.
 
     Raises:
-        ConfigError: dino_root is a file or cannot be created/written; the model id or revision is malformed.
+        ConfigError: dino_root is a file or cannot be created/written; it holds files this tool did not put
+            there under names it would publish or remove (refused before any download; the listed bytes
+            themselves are adopted instead); its state folder, ``partial`` or ``staged`` is a symbolic link;
+            the model id or revision is malformed.
         AuthenticationError: no or invalid token, or a gated repo whose access is not granted yet.
         RepositoryNotFoundError: no such repo on the endpoint.
         RevisionNotFoundError: no such branch, tag or commit.
