@@ -515,8 +515,9 @@ class StateDir:
                 p.unlink(missing_ok=True)
             elif p.name == identity or self._abandoned(p, identity):
                 shutil.rmtree(p, ignore_errors=True)
-            elif p.name.endswith(".copy") and owner_gone(p.name[len(identity) + 1:-len(".copy")], p, "partial"):
-                shutil.rmtree(p, ignore_errors=True)  # a copy (see claim) whose maker died before finishing it
+            elif p.name.endswith(".copy") and not other_host(tag := p.name[len(identity) + 1:-len(".copy")]) \
+                    and owner_gone(tag, p, "partial"):
+                shutil.rmtree(p, ignore_errors=True)  # a copy (see claim) whose maker here died before finishing it
         mine = self.staged / owner_tag()
         for p in self.staged.iterdir() if self.staged.is_dir() else ():
             if p.is_symlink() or not p.is_dir():
