@@ -421,3 +421,44 @@ def test_a_deep_verify_that_passes_again_clears_the_damage_mark(hub: HubServer, 
     assert report.ok and validate_dinov3(dino_root)
     hub.clear()
     assert fetch(dino_root, TINY).cached and hub.requests == []  # warm again
+
+
+@pytest.mark.parametrize("alive", [True, False])
+def test_another_hosts_staged_file_is_judged_by_its_heartbeat_not_its_file_times(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, monkeypatch: pytest.MonkeyPatch,
+        alive: bool) -> None:
+    """Host A staged the weights and is about to publish them (alive: its heartbeat moves) or died (it does not).
+    File times say "a day old" either way (clock skew): only the heartbeat, as watched here, decides."""
+    import threading
+
+    folder = dino_root / ".dinov3-fetcher" / "staged" / "host-a.4242"
+    folder.mkdir(parents=True)
+    staged = folder / f"{sha(tiny[MODEL])}.{MODEL}"
+    staged.write_bytes(tiny[MODEL])
+    (folder / "heartbeat").write_bytes(b"4242 1\n")
+    old = time.time() - 2 * 86400
+    for p in (staged, folder / "heartbeat", folder):
+        os.utime(p, (old, old))
+    stop = threading.Event()
+
+    def beat() -> None:  # host A's heartbeat thread
+        n = 1
+        while not stop.wait(0.2):
+            n += 1
+            (folder / "heartbeat").write_bytes(f"4242 {n}\n".encode())
+
+    beater = threading.Thread(target=beat)
+    if alive:
+        beater.start()
+    monkeypatch.setenv("DINOV3_FETCHER_STALE_AFTER", "1")
+    try:
+        result = fetch(dino_root, TINY)
+    finally:
+        stop.set()
+        if alive:
+            beater.join()
+    assert (dino_root / MODEL).read_bytes() == tiny[MODEL]
+    if alive:  # A's file stays A's to publish; we downloaded our own
+        assert staged.read_bytes() == tiny[MODEL] and hub.bytes_served(MODEL) == len(tiny[MODEL])
+    else:  # watched still for 1 s: adopted, nothing downloaded
+        assert not staged.exists() and hub.bytes_served(MODEL) == 0 and result.bytes_fetched < len(tiny[MODEL])
