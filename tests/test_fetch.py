@@ -448,14 +448,22 @@ def test_publish_removes_only_our_files_and_conflicting_weight_names(hub: HubSer
     assert (dino_root / "model-best.index.json").exists()
     assert not (dino_root / "model.safetensors").exists()  # listed in the old manifest
 
-    # No manifest: a stray standard weight file would be loaded instead of ours, so it goes; the others stay.
+    # No manifest: a standard weight file would be loaded instead of ours, but nothing proves it is ours to
+    # remove: the fetch refuses (issue 11, item 1) and touches nothing; the user moves them, and it goes on.
+    from dinov3_fetcher._errors import ConfigError
+
     bare = dino_root.parent / "bare"
     bare.mkdir()
     (bare / "model.safetensors").write_bytes(b"stray")
     (bare / "model-00009-of-00009.safetensors").write_bytes(b"stray")
     (bare / "model_student.safetensors").write_bytes(b"mine")
+    with pytest.raises(ConfigError) as info:
+        fetch_dinov3(bare, other)
+    assert "model-00009-of-00009.safetensors, model.safetensors" in info.value.message
+    assert (bare / "model.safetensors").read_bytes() == b"stray"
+    (bare / "model.safetensors").unlink()
+    (bare / "model-00009-of-00009.safetensors").unlink()
     fetch_dinov3(bare, other)
-    assert not (bare / "model.safetensors").exists() and not (bare / "model-00009-of-00009.safetensors").exists()
     assert (bare / "model_student.safetensors").read_bytes() == b"mine"
     assert validate_dinov3(bare)
 

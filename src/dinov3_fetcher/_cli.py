@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "train.dino_require_official)")
     f.add_argument("--update", action="store_true", help="ask the Hub for the branch's current commit and fetch "
                    "what changed (a warm run otherwise makes no request)")
+    f.add_argument("--repair", action="store_true", help="re-hash every file the manifest lists and re-download "
+                   "only what is wrong (what 'verify --deep' reports)")
     f.add_argument("--dry-run", action="store_true", help="list what would be downloaded; write nothing")
     f.add_argument("--lock-timeout", type=float, metavar="SECONDS",
                    help="how long to wait for another fetcher on the same dino_root (default 3600)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,8 @@ def cmd_fetch(args: argparse.Namespace) -> dict[str, Any]:
             _say(args, f"{dry.repo_id}: by the listing's sha256, {dry.official_message.removeprefix('warning: ')}")
         return {"dry_run": True, **dry.to_dict()}
     progress = Progress(quiet=args.quiet, force=args.progress, verbose=args.verbose)
-    result = fetch(req, update=args.update, progress=progress, lock_timeout=args.lock_timeout)
+    result = fetch(req, update=args.update, progress=progress, lock_timeout=args.lock_timeout,
+                   repair=getattr(args, "repair", False))
     if result.cached and result.requests_made:  # --update (or a repair from staged files): the Hub was asked
         _say(args, f"{result.repo_id}@{result.revision} already in {result.path}: up to date with "
                    f"{result.commit}, nothing downloaded")
@@ -136,7 +138,8 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
     if not report.ok:
         first = report.problems[0] if report.problems else next(f for f in report.files if not f.ok)
         raise VerificationError(f"{root} failed {kind} verification of {model}: {first}",
-                                "run the fetch again to repair it (it re-downloads only what is wrong)")
+                                f"run 'dinov3-fetcher --repair --dino-root {shlex.quote(str(root))}' (it re-hashes "
+                                "every file and re-downloads only what is wrong)")
     _out(args, f"ok: {root} holds {model}{origin}, {len(report.files)} files passed {kind} verification "
                f"in {report.seconds:.1f} s")
     if check is not None and check.message:

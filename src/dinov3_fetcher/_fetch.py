@@ -28,7 +28,7 @@ from ._errors import (
     LocalEntryNotFoundError,
     NotDinov3Error,
 )
-from ._layout import CONFIG, INDEX, PREPROCESSOR, SINGLE, weight_files
+from ._layout import CONFIG, INDEX, OPTIONAL, PREPROCESSOR, SINGLE, is_standard_weight, weight_files
 from ._manifest import FileRecord, Manifest
 from ._progress import Progress, human_bytes
 from ._registry import DEFAULT_MODEL, OfficialCheck, check_official
@@ -84,11 +84,11 @@ def ready(req: FetchRequest, manifest: Manifest | None = None) -> Manifest | Non
 @overload
 def fetch_dinov3(dino_root: str | os.PathLike[str], model_name: str = ..., *, revision: str | None = ...,
                  update: bool = ..., quiet: bool = ..., source: str | None = ...,
-                 require_official: bool = ..., details: Literal[False] = ...) -> Path: ...
+                 require_official: bool = ..., repair: bool = ..., details: Literal[False] = ...) -> Path: ...
 @overload
 def fetch_dinov3(dino_root: str | os.PathLike[str], model_name: str = ..., *, revision: str | None = ...,
                  update: bool = ..., quiet: bool = ..., source: str | None = ...,
-                 require_official: bool = ..., details: Literal[True]) -> FetchResult: ...
+                 require_official: bool = ..., repair: bool = ..., details: Literal[True]) -> FetchResult: ...
 def fetch_dinov3(
     dino_root: str | os.PathLike[str],
     model_name: str = DEFAULT_MODEL,
@@ -98,6 +98,7 @@ def fetch_dinov3(
     quiet: bool = True,
     source: str | None = None,
     require_official: bool = False,
+    repair: bool = False,
     details: bool = False,
 ) -> Path | FetchResult:
     """Make ``dino_root`` hold the checkpoint of ``model_name`` at ``revision``, verified; return its path.
@@ -109,9 +110,14 @@ def fetch_dinov3(
     ModelScope); ``source`` to DINOV3_FETCHER_SOURCE, else ``"hf"``. ``details=True`` returns a FetchResult.
     ``require_official=True`` refuses (IntegrityError, nothing published) unless the weights' sha256 is the pinned
     one of Meta's release (see ``dinov3-fetcher list``).
+    ``repair=True`` re-hashes every file the manifest lists (instead of trusting sizes) and re-downloads only
+    what is wrong; files that ``verify --deep`` found altered are re-downloaded by any fetch.
 
     Raises:
-        ConfigError: dino_root is a file or cannot be created/written; the model id or revision is malformed.
+        ConfigError: dino_root is a file or cannot be created/written; it holds files this tool did not put
+            there under names it would publish or remove (refused before any download; the listed bytes
+            themselves are adopted instead); its state folder, ``partial`` or ``staged`` is a symbolic link;
+            the model id or revision is malformed.
         AuthenticationError: no or invalid token, or a gated repo whose access is not granted yet.
         RepositoryNotFoundError: no such repo on the endpoint.
         RevisionNotFoundError: no such branch, tag or commit.
@@ -125,16 +131,16 @@ def fetch_dinov3(
         FetchInterrupted: Ctrl-C; partial data is kept.
     """
     result = fetch(make_request(dino_root, model_name, revision, source, require_official), update=update,
-                   progress=Progress(quiet=quiet))
+                   progress=Progress(quiet=quiet), repair=repair)
     return result if details else result.path
 
 
 def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None = None,
-          lock_timeout: float | None = None) -> FetchResult:
+          lock_timeout: float | None = None, repair: bool = False) -> FetchResult:
     """The fetch of an already validated request, with a detailed result. Raises what fetch_dinov3 raises."""
     t0 = time.monotonic()
     progress = progress or Progress(quiet=True)
-    if not update and (m := ready(req)):
+    if not (update or repair) and (m := ready(req)):
         return _cached(req, m, t0)
     if env.is_offline():
         if update and (m := ready(req)):
@@ -145,18 +151,24 @@ def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None 
         raise _offline_error(req)
     state = StateDir(req.dino_root)
     timeout = lock_timeout if lock_timeout is not None else env.lock_timeout()
+    created = state.missing_folders()  # what this fetch creates: removed again if it fails and they stay empty
     try:
         state.ensure()
         with state.locked(timeout, progress, disabled=env.lock_disabled()):
             old = state.read_manifest()  # once under the lock
-            if not update and (m := ready(req, old)):
+            if not (update or repair) and (m := ready(req, old)):
                 return _cached(req, m, t0)
-            result = _fetch_locked(state, req, old, progress)
+            result = _fetch_locked(state, req, old, progress, repair=repair)
     except KeyboardInterrupt:
+        state.remove_if_empty(created)
         raise FetchInterrupted("interrupted; the partial download is kept in " + str(state.partial),
                                "run the same command again: it resumes where it stopped") from None
     except OSError as exc:
+        state.remove_if_empty(created)
         raise _disk_error(exc, state) from None
+    except BaseException:
+        state.remove_if_empty(created)
+        raise
     result.seconds = time.monotonic() - t0
     return result
 
@@ -265,7 +277,18 @@ def _check_space(state: StateDir, planned: list[PlannedFile]) -> None:
             "free some space or point dino_root at a bigger disk", needed=needed, free=free)
 
 
-def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, progress: Progress) -> FetchResult:
+def _unrecorded(root: Path, old: Manifest | None) -> bool:
+    """Is there a file under a name a fetch publishes (or a standard weight name) that no manifest records?"""
+    ours = set(old.files) | set(old.previous) if old else set()
+    names = {CONFIG, PREPROCESSOR, SINGLE, INDEX, *OPTIONAL}
+    try:
+        return any((p.name in names or is_standard_weight(p.name)) and p.name not in ours for p in root.iterdir())
+    except OSError:
+        return False
+
+
+def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, progress: Progress, *,
+                  repair: bool = False) -> FetchResult:
     from ._http import HttpPool
     from ._plan import Run
     from ._sources import get_source
@@ -280,11 +303,18 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
 
     transfer = Transfer(settings, pool, state, progress, raise_status, endpoint_var=source.endpoint_var)
     # The weights may start flowing now (the Hub's head start); the listing below decides whether they are kept.
-    early = source.early(transfer, old, req.model, req.revision, transfer.cancel)
+    # Not when dino_root holds files we did not put there: the fetch may refuse it (Run.check_foreign).
+    early = source.early(transfer, old, req.model, req.revision, transfer.cancel) \
+        if not _unrecorded(state.root, old) else None
     transfer.early = early.take if early is not None else None
     try:
         snap = source.snapshot(req.model, req.revision)
-        run = Run(state, source, snap, old, transfer)
+        run = Run(state, source, snap, old, transfer, repair=repair)
+        listed = weight_files(snap.files) or []
+        if INDEX in snap.files and SINGLE not in snap.files:
+            listed.append(INDEX)
+        publishing = [CONFIG, PREPROCESSOR, *listed, *(n for n in OPTIONAL if n in snap.files)]
+        run.check_foreign(publishing)  # before any download
         cfg = run.json(CONFIG)
         if reason := config_problem(cfg) or registry_mismatch(req.model, cfg):
             raise NotDinov3Error(f"{req.model} is not a usable DINOv3 checkpoint: {reason}",
@@ -294,6 +324,7 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
         if weights is None:
             raise NotDinov3Error(f"{req.model} has no safetensors weights ({SINGLE} or {INDEX})",
                                  "pick a repo with safetensors weights")
+        run.check_foreign(publishing + [n for n in weights if n not in publishing])  # an index's other shards
         planned = run.plan(weights)
         _check_space(state, planned)
         progress.total = sum(p.size for p in planned)
@@ -319,7 +350,8 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
     check = _official(req, run.records, published=False)  # before anything is published
     manifest = Manifest(req.model, req.revision, snap.commit, run.records, __version__, source=source.name,
                         endpoint=env.display_origin(source.endpoint), official=check.official)
-    if old is not None and old.complete and old.commit == snap.commit and old.files == run.records:
+    if old is not None and old.complete and old.commit == snap.commit and old.files == run.records \
+            and not old.damaged and not repair:
         # --update found nothing new: the files are the ones verified before, so their checks still hold.
         manifest.verified_at, manifest.verified_deep_at = old.verified_at, old.verified_deep_at
     state.publish(manifest, run.paths, old)

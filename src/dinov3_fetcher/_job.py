@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NoReturn
 from ._errors import DiskSpaceError, FetcherError, IntegrityError, NetworkError
 from ._hashing import WINDOW, git_blob_hasher, hash_range
 from ._http import Response, etag_value
-from ._state import PROGRESS_PAGE, encode_progress, read_progress
+from ._state import PROGRESS_PAGE, encode_progress, read_progress, write_new
 
 if TYPE_CHECKING:
     from ._transfer import Target, Transfer
@@ -74,8 +74,9 @@ class Job:
             remaining = [(0, size)] if size else []
         self.resumed_from = size - sum(e - s for s, e in remaining)
         self.segments: list[_Segment] = [_Segment(s, e) for s, e in remaining]
-        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
-        self.fd = os.open(self.data_path, flags, 0o644)
+        # 0o666: the umask decides, as for every other file; O_NOFOLLOW: never write through a planted link.
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        self.fd = os.open(self.data_path, flags, 0o666)
 
     def save(self, wait: bool = True) -> None:
         """Record the missing ranges in progress.json: the first time atomically (temp + rename), then by
@@ -100,14 +101,13 @@ class Job:
             os.pwrite(self.progress_fd, blob, 0)
             return
         path, tmp = self.folder / "progress.json", self.folder / "progress.json.tmp"
-        with open(tmp, "wb") as f:
-            f.write(blob)
+        write_new(tmp, blob)
         os.replace(tmp, path)
         if self.progress_fd is not None:
             os.close(self.progress_fd)
             self.progress_fd = None
         if len(blob) == PROGRESS_PAGE:
-            self.progress_fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+            self.progress_fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
 
     def frontier(self) -> int:
         """Every byte below this is on disk for good: the hasher may read it, nobody writes it again."""

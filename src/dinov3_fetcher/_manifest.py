@@ -53,6 +53,10 @@ class Manifest:
     complete: bool = True
     verified_at: float | None = None
     verified_deep_at: float | None = None
+    # Files whose bytes ``verify --deep`` found altered: not trusted by their size, re-downloaded by a fetch.
+    damaged: list[str] = field(default_factory=list)
+    # While a publish is under way (complete false): the files the manifest it replaces listed, still ours.
+    previous: list[str] = field(default_factory=list)
     format: int = MANIFEST_FORMAT
 
     def to_json(self) -> bytes:
@@ -81,6 +85,8 @@ class Manifest:
             complete=bool(data.get("complete", False)),
             verified_at=data.get("verified_at"),
             verified_deep_at=data.get("verified_deep_at"),
+            damaged=_names(data.get("damaged")),
+            previous=_names(data.get("previous")),
         )
 
     def matches(self, repo_id: str, revision: str, source: str | None = None) -> bool:
@@ -93,3 +99,8 @@ class Manifest:
         return self.commit == revision if is_commit(revision) else self.revision == revision
 
 
+
+
+def _names(value: Any) -> list[str]:
+    """A list of file names from the manifest (anything else: none)."""
+    return [str(v) for v in value] if isinstance(value, list) else []

@@ -5,15 +5,27 @@ partial one is, and where each file is once verified. Also the dry run, which pl
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._errors import HubResponseError, LocalEntryNotFoundError, NotDinov3Error
+from ._errors import ConfigError, HubResponseError, LocalEntryNotFoundError, NotDinov3Error
 from ._hashing import git_blob_id, sha256_file
-from ._layout import CONFIG, INDEX, OPTIONAL, PREPROCESSOR, SINGLE, check_filename, read_json_object, weight_files
+from ._layout import (
+    CONFIG,
+    INDEX,
+    OPTIONAL,
+    PREPROCESSOR,
+    SINGLE,
+    check_filename,
+    is_standard_weight,
+    read_json_object,
+    weight_files,
+)
 from ._manifest import FileRecord, Manifest
 from ._state import StateDir, record_for
 
@@ -40,13 +52,15 @@ class Run:
     """The state of one locked fetch: what the snapshot holds, and where each file currently is."""
 
     def __init__(self, state: StateDir, source: Source, snap: Snapshot, old: Manifest | None,
-                 transfer: Transfer | None = None) -> None:
+                 transfer: Transfer | None = None, *, repair: bool = False) -> None:
         self.state, self.source, self.snap, self.old, self.transfer = state, source, snap, old, transfer
+        self.repair = repair  # re-hash every published file instead of trusting its size (--repair)
         self.read_only = transfer is None  # a dry run: never rename, create or hash anything (see reusable)
         self.paths: dict[str, Path] = {}
         self.records: dict[str, FileRecord] = {}
         self.reuse_cache: dict[str, Path | None] = {}  # reusable()'s verdict per name: hash a file once
         self.record_cache: dict[str, FileRecord | None] = {}  # record()'s verdict per name
+        self.adopted: dict[str, str] = {}  # files found in dino_root, not ours, but the listed bytes: name -> sha256
         self.fetched = 0
         self.resumed = 0
         self.lock = threading.Lock()  # get() runs in several threads (see _fetch._get_all)
@@ -68,8 +82,10 @@ class Run:
 
         A staged copy left by a fetcher that is gone is adopted. A published copy is trusted by its size only
         when the manifest is complete: after a publish that stopped half-way the file under that name may
-        still be the old one, so it is re-hashed (once per run). In a read-only run (dry run) nothing is
-        renamed or hashed: a published file under an incomplete manifest counts as missing.
+        still be the old one, so it is re-hashed (once per run), as is every file in a repair; one that
+        ``verify --deep`` marked damaged is never reused. In a read-only run (dry run) nothing is
+        renamed or hashed: a published file under an incomplete manifest counts as missing. A file the user
+        put there with exactly the listed bytes is reused once ``check_foreign`` adopted it.
         """
         if rf.name not in self.reuse_cache:
             self.reuse_cache[rf.name] = self._reusable(rf)
@@ -100,6 +116,8 @@ class Run:
         return rec
 
     def _reusable(self, rf: RemoteFile) -> Path | None:
+        if rf.name in self.adopted:
+            return self.state.root / rf.name
         if (staged := self.state.find_staged(rf.identity, rf.name, rf.size, adopt=not self.read_only)) is not None:
             return staged
         rec = self.record(rf)
@@ -108,7 +126,10 @@ class Run:
         p = self.state.root / rf.name
         if not (p.is_file() and p.stat().st_size == rf.size):
             return None
-        if self.old is not None and not self.old.complete and (self.read_only or sha256_file(p) != rec.sha256):
+        if self.old is not None and rf.name in self.old.damaged:  # verify --deep found its bytes altered
+            return None
+        rehash = self.repair or (self.old is not None and not self.old.complete)
+        if rehash and (self.read_only or sha256_file(p) != rec.sha256):
             return None
         return p
 
@@ -120,8 +141,9 @@ class Run:
         check_filename(name)
         if (p := self.reusable(rf)) is not None:
             self.paths[name] = p
-            rec = self.record(rf)
-            self.records[name] = rec or FileRecord(rf.size, rf.sha256 or sha256_file(p), rf.git_oid)
+            rec = self.record(rf) if name not in self.adopted else None
+            self.records[name] = rec or FileRecord(rf.size, self.adopted.get(name) or rf.sha256 or sha256_file(p),
+                                                   rf.git_oid)
             return p
         assert self.transfer is not None, "a dry run never downloads"
         target = Target(name, self.source.file_url(self.snap, name), rf.size, rf.identity, rf.sha256,
@@ -135,6 +157,55 @@ class Run:
         self.paths[name] = dest
         self.records[name] = FileRecord(rf.size, done.sha256, rf.git_oid)
         return dest
+
+    def check_foreign(self, names: Collection[str]) -> None:
+        """Refuse to replace or delete a file this tool did not put in dino_root (issue 11: ``dino_root: "."``
+        next to the pipeline's own config.json and README.md).
+
+        ``names`` are the files the fetch would publish. One of them that is in dino_root but recorded by no
+        manifest of ours is adopted if its bytes are exactly the listed file (size and sha256, or git blob id),
+        else it is a conflict; so is, without any manifest, a standard weight name the publish would remove.
+
+        Raises:
+            ConfigError: the conflicting files, and what to do.
+        """
+        root = self.state.root
+        current = self.state.read_manifest()  # another fetcher (no working lock) may have published meanwhile
+        ours: set[str] = set()
+        for m in (self.old, current):
+            if m is not None:
+                ours |= set(m.files) | set(m.previous)
+        conflicts = []
+        for name in names:
+            p = root / name
+            if name in ours or name in self.adopted or not os.path.lexists(p):
+                continue
+            if (digest := self._same_bytes(p, self.snap.files.get(name))) is not None:
+                self.adopted[name] = digest
+                self.reuse_cache.pop(name, None)
+            else:
+                conflicts.append(name)
+        if self.old is None and current is None:  # nothing proves that a standard weight name is ours
+            conflicts += sorted(p.name for p in root.iterdir() if is_standard_weight(p.name)
+                                and p.name not in names and p.name not in conflicts)
+        if conflicts:
+            raise ConfigError(
+                f"{root} holds files this tool did not put there and would replace or remove: "
+                f"{', '.join(sorted(conflicts))}",
+                "point train.dino_root (--dino-root) at a folder of its own (e.g. \"dinov3\"), or move those "
+                "files out of it")
+
+    @staticmethod
+    def _same_bytes(path: Path, rf: RemoteFile | None) -> str | None:
+        """The sha256 of ``path`` if it is a regular file with exactly the listed bytes, else None."""
+        if rf is None or path.is_symlink() or not path.is_file() or path.stat().st_size != rf.size:
+            return None
+        digest = sha256_file(path)
+        if rf.sha256:
+            return digest if digest == rf.sha256 else None
+        if rf.git_oid and git_blob_id(path.read_bytes()) == rf.git_oid:
+            return digest
+        return None
 
     def json(self, name: str) -> dict[str, Any]:
         """A JSON file of the repo (verified against the listing), parsed; a broken one is the source's fault."""

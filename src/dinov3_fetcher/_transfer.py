@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
 import threading
 import time
@@ -20,7 +19,7 @@ from ._hashing import git_blob_id
 from ._http import Connection, HttpPool, Response
 from ._job import Job
 from ._progress import Progress
-from ._state import StateDir
+from ._state import StateDir, owner_tag, write_new
 
 __all__ = ["FILES_AT_ONCE", "Settings", "Target", "Transfer"]
 
@@ -113,8 +112,7 @@ class Transfer:
                 target.git_oid and git_blob_id(body) != target.git_oid):
             raise IntegrityError(f"{target.name}: the early copy differs from the listing", "run again")
         folder = self.state.claim(target.identity, target.size)
-        with open(folder / "data", "wb") as f:
-            f.write(body)
+        write_new(folder / "data", body)
         self.progress.start_file(target.name, target.size, 0)
         self.progress.advance(len(body))
         self.progress.end_file(target.name)
@@ -178,14 +176,17 @@ class Transfer:
                 if sys.exc_info()[0] is not None:
                     self.state.release(folder, target.identity)
             else:
-                shutil.rmtree(folder, ignore_errors=True)
+                self.state.discard(folder)
             if job.progress_fd is not None and not orphans:
                 os.close(job.progress_fd)
 
     def finish(self, done: Done, dest: Path) -> None:
         """Move a verified file to ``dest`` and drop its (now empty) partial folder."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.parent == self.state.staged / owner_tag():
+            self.state.own_staged()  # a real folder, never a planted link
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(done.path, dest)
-        shutil.rmtree(done.path.parent, ignore_errors=True)
+        self.state.discard(done.path.parent)
 
 

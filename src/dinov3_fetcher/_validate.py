@@ -4,7 +4,8 @@
 - the weights: model.safetensors, or model.safetensors.index.json plus every shard it names;
 - every safetensors header is well formed and its offsets account exactly for the file's size;
 - the tensors agree with the config (hidden size, layers, patch size, registers, MLP kind, ConvNeXt stages);
-- with a manifest: it is complete, and every file it lists is there with its recorded size.
+- with a manifest: it is complete, every file it lists is there with its recorded size, and none is one that
+  ``verify --deep`` found altered (the manifest's ``damaged``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ._safetensors import SafetensorsError, TensorInfo, read_header
 __all__ = ["Problem", "config_problem", "find_problems", "registry_mismatch", "tensor_mismatch",
            "validate_dinov3", "why_not"]
 
+DAMAGED = "its bytes differ from the manifest's sha256 (found by verify --deep); a fetch re-downloads it"
 DINOV3_MODEL_TYPES = frozenset({"dinov3_vit", "dinov3_convnext"})
 _LAYER = re.compile(r"^layer\.(\d+)\.")
 _STAGE_LAYER = re.compile(r"^stages\.(\d+)\.layers\.(\d+)\.")
@@ -149,6 +151,8 @@ def find_problems(root: Path, manifest: Manifest | None = None) -> list[Problem]
                 problems.append(Problem(name, "is missing"))
             elif path.stat().st_size != rec.size:
                 problems.append(Problem(name, f"has {path.stat().st_size} bytes, the manifest says {rec.size}"))
+            elif name in manifest.damaged:
+                problems.append(Problem(name, DAMAGED))
         if problems:
             return problems
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +44,9 @@ class VerifyReport:
         return not self.problems and all(f.ok for f in self.files)
 
 
-def _record_verified(state: StateDir, checked: Manifest, deep: bool) -> None:
-    """Write the time of a passing verification into the manifest, unless a fetch changed or holds it meanwhile.
+def _record_verified(state: StateDir, checked: Manifest, deep: bool, damaged: list[str] | None = None) -> None:
+    """Write the time of a passing verification into the manifest, or with ``damaged`` the files a deep one
+    found altered (a fetch re-downloads them), unless a fetch changed or holds the manifest meanwhile.
 
     Best effort: a read-only dino_root, a fetcher holding the lock, or a manifest that is no longer the one
     that was checked (a fetch published in between) all mean: record nothing, and never overwrite.
@@ -61,10 +63,13 @@ def _record_verified(state: StateDir, checked: Manifest, deep: bool) -> None:
         current = state.read_manifest()
         if current is None or _identity(current) != _identity(checked):
             return
-        now = time.time()
-        current.verified_at = now
-        if deep:
-            current.verified_deep_at = now
+        if damaged:
+            current.damaged = sorted(set(damaged))
+        else:
+            now = time.time()
+            current.verified_at = now
+            if deep:
+                current.verified_deep_at, current.damaged = now, []
         with contextlib.suppress(OSError):  # a read-only dino_root can still be verified
             state.write_manifest(current)
     finally:
@@ -85,12 +90,14 @@ def verify_dinov3(root: Path, *, deep: bool = False, progress: Progress | None =
     state = StateDir(root)
     manifest = state.read_manifest()
     report = VerifyReport(root, manifest, deep)
-    report.problems = find_problems(root, manifest)
+    # A deep check re-hashes: it does not take an earlier deep check's damage marks for granted (it may clear them).
+    report.problems = find_problems(root, dataclasses.replace(manifest, damaged=[]) if deep and manifest else manifest)
     if manifest is None:
         report.problems.insert(0, Problem("manifest.json", "is missing: dino_root was not fetched by this tool "
                                           "(run a fetch to record one)"))
     else:
         bad = {p.file for p in report.problems}
+        damaged: list[str] = []
         if progress is not None and deep:
             progress.total = sum(r.size for r in manifest.files.values())
         for name, rec in sorted(manifest.files.items()):
@@ -103,10 +110,14 @@ def verify_dinov3(root: Path, *, deep: bool = False, progress: Progress | None =
                 continue
             digest = sha256_file(path, progress)
             ok = digest == rec.sha256
+            if not ok:
+                damaged.append(name)
             report.files.append(FileCheck(name, rec.size, ok, "sha256 ok" if ok else
                                           f"sha256 {digest[:12]}... differs from the manifest's {rec.sha256[:12]}..."))
         if report.ok:
             _record_verified(state, manifest, deep)
+        elif damaged:
+            _record_verified(state, manifest, deep, damaged)
     if progress is not None:
         progress.close()
     report.seconds = time.monotonic() - t0
