@@ -24,263 +24,42 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
-import secrets
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ._errors import ConfigError, LockTimeoutError
-from ._manifest import FileRecord, Manifest
-from ._progress import Progress
+from .._errors import ConfigError, LockTimeoutError
+from .._manifest import FileRecord, Manifest
+from .._progress import Progress
+from .files import (
+    _copy_partial,
+    _missing,
+    _own_entries,
+    atomic_write_bytes,
+    encode_progress,
+    read_progress,
+    write_new,
+)
+from .owners import (
+    _BEATS,
+    HEARTBEAT_EVERY,
+    HOST,
+    PROGRESS_PAGE,
+    STALE_AFTER,
+    host,
+    other_host,
+    owner_gone,
+    owner_tag,
+    stale_after,
+)
 
 __all__ = ["HEARTBEAT_EVERY", "HOST", "PROGRESS_PAGE", "SPACE_MARGIN", "STALE_AFTER", "StateDir", "atomic_write_bytes",
-           "encode_progress", "host", "owner_gone", "owner_tag", "read_progress", "stale_after", "write_new"]
+           "encode_progress", "host", "other_host", "owner_gone", "owner_tag", "read_progress", "record_for",
+           "stale_after", "write_new"]
 
 STATE_DIRNAME = ".dinov3-fetcher"
 SPACE_MARGIN = 16 * 1024 * 1024  # free space left over after a download, on top of what it needs
-PROGRESS_PAGE = 4096  # progress.json is padded to one page, so that it can be rewritten in place
-
-
-def host() -> str:
-    """This host as the claim and staged folders name it (``DINOV3_FETCHER_HOSTNAME``, else the host name), with
-    no dots: the folders are named ``<...>.<host>.<pid>``."""
-    return (os.environ.get("DINOV3_FETCHER_HOSTNAME") or socket.gethostname()).replace(".", "_")
-
-
-HOST = host()  # as at import; owner_tag() reads the variable at call time
-HEARTBEAT_EVERY = 1.0  # seconds between two beats of a live fetcher's heartbeat files
-# Seconds that this process must itself have watched the heartbeat of a folder owned by a fetcher on ANOTHER
-# host stay unchanged before that folder counts as abandoned (on this host a dead pid decides). The owner beats
-# every HEARTBEAT_EVERY seconds from its own thread, while it downloads, retries or waits alike, so this is
-# many missed beats; DINOV3_FETCHER_STALE_AFTER overrides it.
-STALE_AFTER = {"partial": 10.0, "staged": 10.0}
-
-
-def stale_after(kind: str) -> float:
-    """``STALE_AFTER[kind]``, or DINOV3_FETCHER_STALE_AFTER (seconds) when it is set to a number >= 0."""
-    try:
-        value = float(os.environ.get("DINOV3_FETCHER_STALE_AFTER", ""))
-    except ValueError:
-        return STALE_AFTER[kind]
-    return value if value >= 0 and value == value and value != float("inf") else STALE_AFTER[kind]
-
-
-def owner_tag() -> str:
-    """This process as it names the partial and staged folders it owns: ``<host>.<pid>``."""
-    return f"{host()}.{os.getpid()}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def other_host(tag: str) -> bool:
-    """Is ``tag`` (``<host>.<pid>``) a fetcher on another host?"""
-    name, _, pid = tag.rpartition(".")
-    return pid.isdigit() and name != host()
-
-
-def owner_gone(tag: str, folder: Path, kind: str) -> bool:
-    """Is the fetcher named by ``tag`` (``<host>.<pid>``), owner of ``folder``, gone? On this host: its pid is
-    dead. On another host: this process watched the folder's heartbeat stay unchanged for ``stale_after(kind)``
-    seconds (never a file time: clocks differ between hosts). Never blocks: see ``watch``."""
-    name, _, pid = tag.rpartition(".")
-    if not pid.isdigit() or "." in name:
-        return False
-    if name == host():
-        return not _pid_alive(int(pid))
-    return _BEATS.verdict(folder, kind) == "gone"
-
-
-class _Heartbeats:
-    """This process's heartbeats (the folders it owns) and what it saw of other hosts' (the folders it watches)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.owned: set[Path] = set()
-        self.count = 0
-        self.thread: threading.Thread | None = None
-        self.seen: dict[Path, tuple[bytes | None, float, bool]] = {}  # folder -> (beat, since, it changed)
-
-    # -- the owner's side ----------------------------------------------------------------------------------
-    def own(self, folder: Path) -> None:
-        """Beat ``folder`` from now on (at once, then every HEARTBEAT_EVERY seconds) until ``disown``."""
-        with self.lock:
-            self.owned.add(folder)
-            if self.thread is None or not self.thread.is_alive():
-                self.thread = threading.Thread(target=self._run, daemon=True, name="dinov3-fetcher-heartbeat")
-                self.thread.start()
-            self.count += 1
-            count = self.count
-        _beat(folder, count)
-
-    def disown(self, folder: Path) -> None:
-        """Stop beating ``folder`` (released, published or removed)."""
-        with self.lock:
-            self.owned.discard(folder)
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(HEARTBEAT_EVERY)
-            with self.lock:
-                self.count += 1
-                count, folders = self.count, list(self.owned)
-            for folder in folders:
-                _beat(folder, count)
-
-    # -- the watcher's side --------------------------------------------------------------------------------
-    def verdict(self, folder: Path, kind: str) -> str:
-        """``alive`` (its beat changed while watched), ``gone`` (unchanged for stale_after(kind) as watched
-        here, or the folder is gone), or ``watching`` (seen unchanged, not long enough yet, or seen first now)."""
-        try:
-            beat: bytes | None = (folder / "heartbeat").read_bytes()
-        except FileNotFoundError:
-            if not folder.is_dir():
-                return "gone"
-            beat = None
-        except OSError:
-            beat = None
-        now = time.monotonic()
-        with self.lock:
-            prev = self.seen.get(folder)
-            if prev is None or prev[0] != beat:
-                self.seen[folder] = (beat, now, prev is not None)
-                return "alive" if prev is not None else "watching"
-            if now - prev[1] >= stale_after(kind):
-                return "gone"
-            return "alive" if prev[2] else "watching"
-
-    def watch(self, folders: list[Path], kind: str) -> None:
-        """Watch other hosts' folders until each has a verdict (at most stale_after(kind) plus one beat)."""
-        deadline = time.monotonic() + stale_after(kind) + HEARTBEAT_EVERY
-        while folders and time.monotonic() < deadline:
-            folders = [f for f in folders if self.verdict(f, kind) == "watching"]
-            if folders:
-                time.sleep(min(0.2, HEARTBEAT_EVERY / 4))
-
-
-def _beat(folder: Path, count: int) -> None:
-    """Write the counter into ``folder/heartbeat`` (in place: a fixed-width page, never through a link)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder / "heartbeat", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
-                     0o666)
-        try:
-            os.pwrite(fd, f"{os.getpid()} {count:>20}\n".encode(), 0)
-        finally:
-            os.close(fd)
-
-
-_BEATS = _Heartbeats()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old content or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: its 0600 would ignore the umask (a trainer running as another user could not read the file).
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_new(path: Path, data: bytes) -> None:
-    """Write ``path`` as a new file of ours (mode per the umask): whatever was there, a planted link included,
-    is unlinked first, never written through."""
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
-# -- the partial-download format -------------------------------------------------------------------------------
-def encode_progress(identity: str, size: int, remaining: list[list[int]]) -> bytes:
-    """A progress record: the byte ranges still missing, as one page of JSON padded with spaces (or longer)."""
-    return json.dumps({"identity": identity, "size": size, "remaining": remaining}).encode().ljust(PROGRESS_PAGE)
-
-
-def read_progress(folder: Path, identity: str, size: int) -> list[tuple[int, int]] | None:
-    """The ranges a partial folder still misses, or None when it cannot be resumed: no or another record,
-    ranges out of bounds, or a data file shorter than the bytes its record calls done (truncated)."""
-    try:
-        data = json.loads((folder / "progress.json").read_bytes())
-        if data.get("identity") != identity or data.get("size") != size:
-            return None
-        ranges = sorted((int(s), int(e)) for s, e in data["remaining"])
-        if any(not 0 <= s < e <= size for s, e in ranges):
-            return None
-        if (folder / "data").stat().st_size < _done_end(ranges, size):
-            return None
-        return ranges
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def _copy_partial(src: Path, dst: Path, identity: str, size: int) -> bool:
-    """Copy another host's partial download (the ranges its record calls done) into a fresh folder ``dst``;
-    False if it cannot be resumed. Its record is read before its data: what it calls done is on disk."""
-    ranges = read_progress(src, identity, size)
-    if ranges is None:
-        return False
-    tmp = dst.with_name(f"{dst.name}.copy")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        fd = os.open(src / "data", os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-        with os.fdopen(fd, "rb") as fin, open(tmp / "data", "xb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-        write_new(tmp / "progress.json", encode_progress(identity, size, [list(r) for r in ranges]))
-        os.rename(tmp, dst)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        return False
-    return True
-
-
-def _own_entries(folder: Path) -> Path:
-    """A claimed partial folder whose files are ours: a link planted in it is removed (never written
-    through), and with a linked data file its progress record is dropped too (it no longer describes it)."""
-    if (folder / "heartbeat").is_symlink():
-        (folder / "heartbeat").unlink()
-    if (folder / "data").is_symlink():
-        (folder / "data").unlink()
-        (folder / "progress.json").unlink(missing_ok=True)
-    for name in ("progress.json", "progress.json.tmp"):
-        if (folder / name).is_symlink():
-            (folder / name).unlink()
-    return folder
-
-
-def _done_end(remaining: list[tuple[int, int]], size: int) -> int:
-    """Where the last byte a progress record calls done ends: the data file must be at least this long."""
-    end = size
-    for s, e in sorted(remaining, reverse=True):
-        if e < end:
-            break  # a done gap between this range and the ones after it
-        end = min(end, s)
-    return end
-
-
-def _missing(folder: Path, identity: str, size: int) -> int:
-    ranges = read_progress(folder, identity, size)
-    return size if ranges is None else sum(e - s for s, e in ranges)
 
 
 class StateDir:
@@ -493,7 +272,7 @@ class StateDir:
         names transformers would load in place of ours; without any manifest, nothing (a user's file under
         a name we publish was refused or adopted before: ``Run.check_foreign``).
         """
-        from ._layout import check_filename, is_standard_weight
+        from .._layout import check_filename, is_standard_weight
 
         manifest.complete = False
         manifest.damaged = []

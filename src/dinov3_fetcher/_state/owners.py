@@ -1,0 +1,150 @@
+"""Who owns a claim or staged folder, and when its owner counts as gone (see the package docstring)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+PROGRESS_PAGE = 4096  # progress.json is padded to one page, so that it can be rewritten in place
+
+
+def host() -> str:
+    """This host as the claim and staged folders name it (``DINOV3_FETCHER_HOSTNAME``, else the host name), with
+    no dots: the folders are named ``<...>.<host>.<pid>``."""
+    return (os.environ.get("DINOV3_FETCHER_HOSTNAME") or socket.gethostname()).replace(".", "_")
+
+
+HOST = host()  # as at import; owner_tag() reads the variable at call time
+HEARTBEAT_EVERY = 1.0  # seconds between two beats of a live fetcher's heartbeat files
+# Seconds that this process must itself have watched the heartbeat of a folder owned by a fetcher on ANOTHER
+# host stay unchanged before that folder counts as abandoned (on this host a dead pid decides). The owner beats
+# every HEARTBEAT_EVERY seconds from its own thread, while it downloads, retries or waits alike, so this is
+# many missed beats; DINOV3_FETCHER_STALE_AFTER overrides it.
+STALE_AFTER = {"partial": 10.0, "staged": 10.0}
+
+
+def stale_after(kind: str) -> float:
+    """``STALE_AFTER[kind]``, or DINOV3_FETCHER_STALE_AFTER (seconds) when it is set to a number >= 0."""
+    try:
+        value = float(os.environ.get("DINOV3_FETCHER_STALE_AFTER", ""))
+    except ValueError:
+        return STALE_AFTER[kind]
+    return value if value >= 0 and value == value and value != float("inf") else STALE_AFTER[kind]
+
+
+def owner_tag() -> str:
+    """This process as it names the partial and staged folders it owns: ``<host>.<pid>``."""
+    return f"{host()}.{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def other_host(tag: str) -> bool:
+    """Is ``tag`` (``<host>.<pid>``) a fetcher on another host?"""
+    name, _, pid = tag.rpartition(".")
+    return pid.isdigit() and name != host()
+
+
+def owner_gone(tag: str, folder: Path, kind: str) -> bool:
+    """Is the fetcher named by ``tag`` (``<host>.<pid>``), owner of ``folder``, gone? On this host: its pid is
+    dead. On another host: this process watched the folder's heartbeat stay unchanged for ``stale_after(kind)``
+    seconds (never a file time: clocks differ between hosts). Never blocks: see ``watch``."""
+    name, _, pid = tag.rpartition(".")
+    if not pid.isdigit() or "." in name:
+        return False
+    if name == host():
+        return not _pid_alive(int(pid))
+    return _BEATS.verdict(folder, kind) == "gone"
+
+
+class _Heartbeats:
+    """This process's heartbeats (the folders it owns) and what it saw of other hosts' (the folders it watches)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.owned: set[Path] = set()
+        self.count = 0
+        self.thread: threading.Thread | None = None
+        self.seen: dict[Path, tuple[bytes | None, float, bool]] = {}  # folder -> (beat, since, it changed)
+
+    # -- the owner's side ----------------------------------------------------------------------------------
+    def own(self, folder: Path) -> None:
+        """Beat ``folder`` from now on (at once, then every HEARTBEAT_EVERY seconds) until ``disown``."""
+        with self.lock:
+            self.owned.add(folder)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, daemon=True, name="dinov3-fetcher-heartbeat")
+                self.thread.start()
+            self.count += 1
+            count = self.count
+        _beat(folder, count)
+
+    def disown(self, folder: Path) -> None:
+        """Stop beating ``folder`` (released, published or removed)."""
+        with self.lock:
+            self.owned.discard(folder)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_EVERY)
+            with self.lock:
+                self.count += 1
+                count, folders = self.count, list(self.owned)
+            for folder in folders:
+                _beat(folder, count)
+
+    # -- the watcher's side --------------------------------------------------------------------------------
+    def verdict(self, folder: Path, kind: str) -> str:
+        """``alive`` (its beat changed while watched), ``gone`` (unchanged for stale_after(kind) as watched
+        here, or the folder is gone), or ``watching`` (seen unchanged, not long enough yet, or seen first now)."""
+        try:
+            beat: bytes | None = (folder / "heartbeat").read_bytes()
+        except FileNotFoundError:
+            if not folder.is_dir():
+                return "gone"
+            beat = None
+        except OSError:
+            beat = None
+        now = time.monotonic()
+        with self.lock:
+            prev = self.seen.get(folder)
+            if prev is None or prev[0] != beat:
+                self.seen[folder] = (beat, now, prev is not None)
+                return "alive" if prev is not None else "watching"
+            if now - prev[1] >= stale_after(kind):
+                return "gone"
+            return "alive" if prev[2] else "watching"
+
+    def watch(self, folders: list[Path], kind: str) -> None:
+        """Watch other hosts' folders until each has a verdict (at most stale_after(kind) plus one beat)."""
+        deadline = time.monotonic() + stale_after(kind) + HEARTBEAT_EVERY
+        while folders and time.monotonic() < deadline:
+            folders = [f for f in folders if self.verdict(f, kind) == "watching"]
+            if folders:
+                time.sleep(min(0.2, HEARTBEAT_EVERY / 4))
+
+
+def _beat(folder: Path, count: int) -> None:
+    """Write the counter into ``folder/heartbeat`` (in place: a fixed-width page, never through a link)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder / "heartbeat", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                     0o666)
+        try:
+            os.pwrite(fd, f"{os.getpid()} {count:>20}\n".encode(), 0)
+        finally:
+            os.close(fd)
+
+
+_BEATS = _Heartbeats()
