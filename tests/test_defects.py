@@ -225,7 +225,7 @@ def test_item04_links_in_the_state_folder_are_never_followed(
     (state / "staged").mkdir()
     model_id = sha(tiny[MODEL])
     if link in ("partial", "staged"):
-        os.rmdir(state / link)
+        (state / link).rmdir()
         (state / link).symlink_to(outside, target_is_directory=True)
     elif link == "partial/<id>":
         (state / "partial" / model_id).symlink_to(outside, target_is_directory=True)
