@@ -18,13 +18,15 @@ from .validate import Problem, find_problems
 __all__ = ["FileCheck", "VerifyReport", "sha256_file", "verify_dinov3"]
 
 
-
 @dataclass
 class FileCheck:
     name: str
     size: int
     ok: bool
     detail: str
+
+    def __str__(self) -> str:  # as error messages show it: "model.safetensors: sha256 ... differs ..."
+        return f"{self.name}: {self.detail}"
 
 
 @dataclass
@@ -97,8 +99,9 @@ def verify_dinov3(root: Path, *, deep: bool = False, progress: Progress | None =
     report = VerifyReport(root, manifest, deep)
     report.problems = find_problems(root, manifest)
     if manifest is None:
-        report.problems.insert(0, Problem("manifest.json", "is missing: dino_root was not fetched by this tool "
-                                          "(run a fetch to record one)"))
+        if root.is_dir():  # else find_problems' "is not a folder" says it all: there is no manifest to look for
+            report.problems.insert(0, Problem("manifest.json", "is missing: dino_root was not fetched by this "
+                                              "tool (run a fetch to record one)"))
     else:
         bad = {p.file for p in report.problems}
         if progress is not None and deep:
