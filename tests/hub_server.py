@@ -28,6 +28,8 @@ then continue), ``status`` + ``retry_after``, ``no_content_length`` (Connection:
 ``hub.model_info_hook`` (a callable) runs before each model_info answer is built: to hold the answer back,
 or to move a branch while a client waits for it. If it returns ``(status, headers)`` that error is answered
 instead, and ``"reset"`` closes the connection with a TCP RST (a metadata request that fails).
+``hub.gate`` (a threading.Event, set by default): clear it and every file body stops before its next chunk (the
+chunk is counted only once it passes), to freeze what the server has sent at a known count.
 ``hub.redirect_location`` (a callable, None by default) rewrites the Location of the hub's 302 to the CDN
 (a redirect to another scheme, a malformed URL).
 A hostile Hub: ``hub.listed_sizes["repo/file"] = n`` makes model_info claim size n for that file; file
@@ -499,6 +501,7 @@ class _Handler(BaseHTTPRequestHandler):
             if i == 1:
                 time.sleep(fault.stall_seconds)
             for chunk in blob.chunks(a, b, step):
+                self.hub.gate.wait()
                 n = len(chunk)
                 if fault.corrupt_at is not None and pos <= fault.corrupt_at < pos + n:
                     buf = bytearray(chunk)
@@ -551,6 +554,8 @@ class HubServer:
         self.listed_sizes: dict[str, int] = {}  # "repo_id/path" -> size claimed by model_info (hostile Hub)
         self.model_info_hook: Callable[[], Any] | None = None  # runs before each model_info answer is built
         self.redirect_location: Callable[[str], str] | None = None  # rewrites the Location of LFS redirects
+        self.gate = threading.Event()  # cleared: file bodies pause before their next chunk
+        self.gate.set()
         self._counter = 0
         self._servers = [_Server("127.0.0.1", self, "hub"), _Server("127.0.0.2", self, "cdn")]
         self.endpoint = f"http://127.0.0.1:{self._servers[0].server_address[1]}"
