@@ -12,10 +12,10 @@ import hashlib
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -261,12 +261,10 @@ def test_item05_published_files_follow_the_umask(hub: HubServer, dino_root: Path
 
 def test_item06_metadata_request_that_never_answers_times_out(
         hub: HubServer, tiny: dict[str, bytes], dino_root: Path, run_cli: Any) -> None:
-    import threading
-
     release = threading.Event()
     hub.model_info_hook = lambda: release.wait(60)
     try:
-        r = fetch(run_cli, dino_root, timeout=20, DINOV3_FETCHER_TIMEOUT="1", DINOV3_FETCHER_RETRIES="1")
+        r = fetch(run_cli, dino_root, timeout=15, DINOV3_FETCHER_TIMEOUT="1", DINOV3_FETCHER_RETRIES="1")
     except subprocess.TimeoutExpired:
         pytest.fail("the fetch hung on a metadata request that never answers")
     finally:
@@ -422,8 +420,9 @@ def test_item11_model_file_name_taken_by_a_folder(
     assert (dino_root / MODEL / "x").read_text() == "x"
 
 
-@pytest.mark.parametrize("damage", ["files-null", "files-list", "size-overflow"])
-@pytest.mark.parametrize("command", ["fetch", "info", "verify"])
+@pytest.mark.parametrize(("command", "damage"), [("fetch", "files-null"), ("fetch", "files-list"),
+                                                ("fetch", "size-overflow"), ("info", "size-overflow"),
+                                                ("verify", "files-list")])
 def test_item11_damaged_manifest_is_treated_as_absent(
         hub: HubServer, tiny: dict[str, bytes], fetched: Path, run_cli: Any, damage: str, command: str) -> None:
     mpath = fetched / ".dinov3-fetcher" / "manifest.json"
@@ -488,7 +487,7 @@ def test_item14_offline_update_says_why(fetched: Path, run_cli: Any) -> None:
 
 # -- 15. a malformed revision is a config error, not a request --------------------------------------------
 
-@pytest.mark.parametrize("rev", ["bad rev", "../x", "a..b", "x~1", "feat:x", "main/"])
+@pytest.mark.parametrize("rev", ["bad rev", "../x", "x~1", "main/"])
 def test_item15_malformed_revision_is_refused_locally(
         hub: HubServer, tiny: dict[str, bytes], dino_root: Path, run_cli: Any, rev: str) -> None:
     r = fetch(run_cli, dino_root, f"--revision={rev}")
@@ -588,13 +587,11 @@ def test_item21_serve_py_prints_what_a_newcomer_needs(tmp_path: Path, run_cli: A
     try:
         assert proc.stdout is not None
         lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+        reader.start()
         deadline = time.monotonic() + 15
-        while not any("Ctrl-C" in ln for ln in lines) and time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-            if ready:
-                line = proc.stdout.readline()
-                assert line, f"serve.py stopped: {lines}"
-                lines.append(line)
+        while not any("Ctrl-C" in ln for ln in lines) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
         assert any("Ctrl-C" in ln for ln in lines), f"serve.py does not say how to stop it: {lines}"
         text = "".join(lines)
         export = next(ln for ln in lines if ln.startswith("export HF_ENDPOINT=http://127.0.0.1:"))
