@@ -167,8 +167,8 @@ def test_item02_altered_file_of_the_same_size_is_repaired(
 # honour a test-only variable. Both fetchers run with DINOV3_FETCHER_NO_LOCK=1 (locks that are no-ops).
 
 def _other_host(name: str, root: Path, **env: str) -> subprocess.Popen[str]:
-    if os.geteuid() != 0:
-        pytest.skip("a second hostname needs a UTS namespace (root)")
+    if os.geteuid() != 0 or subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode:
+        pytest.skip("a second hostname needs a UTS namespace (root, unshare)")
     cmd = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name, *MAIN,
            "--dino-root", str(root), "--model", TINY, "-q"]
     return subprocess.Popen(cmd, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
