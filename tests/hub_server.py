@@ -27,7 +27,12 @@ then continue), ``status`` + ``retry_after``, ``no_content_length`` (Connection:
 ``throttle_bps`` (per connection). ``after=N`` lets the first N matching GETs pass before a rule applies
 (to sequence faults: a cut, then 503s). Each ``Request`` records its arrival time ``t`` (monotonic).
 ``hub.model_info_hook`` (a callable) runs before each model_info answer is built: to hold the answer back,
-or to move a branch while a client waits for it.
+or to move a branch while a client waits for it. If it returns ``(status, headers)`` that error is answered
+instead, and ``"reset"`` closes the connection with a TCP RST (a metadata request that fails).
+``hub.gate`` (a threading.Event, set by default): clear it and every file body stops before its next chunk (the
+chunk is counted only once it passes), to freeze what the server has sent at a known count.
+``hub.redirect_location`` (a callable, None by default) rewrites the Location of the hub's 302 to the CDN
+(a redirect to another scheme, a malformed URL).
 A hostile Hub: ``hub.listed_sizes["repo/file"] = n`` makes model_info claim size n for that file; file
 names (``../x``, ``/abs``, ``a\\b``) and file contents (index.json, safetensors headers) are whatever
 ``add_repo`` is given.
@@ -393,7 +398,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _model_info(self, repo_id: str, rev: str) -> None:
         if self.hub.model_info_hook is not None:
-            self.hub.model_info_hook()
+            answer = self.hub.model_info_hook()
+            if answer == "reset":
+                self.close_connection = True
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+                return
+            if isinstance(answer, tuple):
+                status, headers = answer
+                return self._error(status, None, f"Injected fault: HTTP {status}", headers)
         if (repo := self._repo(repo_id)) is None or (c := self._commit(repo, rev)) is None:
             return
         sha, files = c
@@ -483,6 +496,8 @@ class _Handler(BaseHTTPRequestHandler):
         sig = hashlib.sha256(f"{blob.sha256}{path}".encode()).hexdigest()
         location = (f"{self.hub.cdn_endpoint}/lfs/{blob.sha256}/{quote(path)}"
                     f"?X-Amz-Expires=3600&X-Amz-Signature={sig}")
+        if self.hub.redirect_location is not None:
+            location = self.hub.redirect_location(location)
         self._send(302, b"", {"Location": location, "X-Linked-Etag": f'"{blob.sha256}"',
                               "X-Linked-Size": str(blob.size), "X-Repo-Commit": sha, "ETag": f'"{blob.oid}"'})
 
@@ -592,6 +607,7 @@ class _Handler(BaseHTTPRequestHandler):
             if i == 1:
                 time.sleep(fault.stall_seconds)
             for chunk in blob.chunks(a, b, step):
+                self.hub.gate.wait()
                 n = len(chunk)
                 if fault.corrupt_at is not None and pos <= fault.corrupt_at < pos + n:
                     buf = bytearray(chunk)
@@ -659,7 +675,10 @@ class HubServer:
         self.valid_tokens: set[str] = {"hf_valid_granted", "hf_valid_notgranted"}
         self.page_size = 50
         self.listed_sizes: dict[str, int] = {}  # "repo_id/path" -> size claimed by model_info (hostile Hub)
-        self.model_info_hook: Callable[[], None] | None = None  # runs before each model_info answer is built
+        self.model_info_hook: Callable[[], Any] | None = None  # runs before each model_info answer is built
+        self.redirect_location: Callable[[str], str] | None = None  # rewrites the Location of LFS redirects
+        self.gate = threading.Event()  # cleared: file bodies pause before their next chunk
+        self.gate.set()
         self._counter = 0
         self.xet = xet  # the default of add_repo(xet=...)
         self.xet_bridge = XetBridge()

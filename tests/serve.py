@@ -1,7 +1,12 @@
 """Run the local Hub emulator by hand, for demos and manual checks: ``uv run python tests/serve.py``.
 
-Serves ``tiny-org/dinov3-vit-tiny`` (open), ``tiny-org/dinov3-vit-gated`` (gated; token ``hf_valid_granted`` is
-granted) and ``tiny-org/dinov3-convnext-sharded`` (2 shards), prints ``HF_ENDPOINT=...`` and serves until Ctrl-C.
+Prints, then serves until Ctrl-C (the README's example session is recorded against it)::
+
+    export HF_ENDPOINT=http://127.0.0.1:<port>
+    # repos: tiny-org/dinov3-vit-tiny (open), tiny-org/dinov3-vit-gated (gated: token hf_valid_granted is
+    #        granted, hf_valid_notgranted is not), tiny-org/dinov3-convnext-sharded (open, 2 shards)
+    # paste the export line into another shell, then e.g.: uv run dinov3-fetcher --dino-root /tmp/demo/dinov3 ...
+    # serving until Ctrl-C
 """
 
 from __future__ import annotations
@@ -15,14 +20,22 @@ sys.path.insert(0, str(Path(__file__).parent))
 from checkpoints import convnext_repo_files, shard_files, vit_repo_files
 from hub_server import HubServer
 
+OPEN, GATED, SHARDED = "tiny-org/dinov3-vit-tiny", "tiny-org/dinov3-vit-gated", "tiny-org/dinov3-convnext-sharded"
+GRANTED, NOTGRANTED = "hf_valid_granted", "hf_valid_notgranted"
+
 
 def main() -> None:
     with HubServer() as hub:
-        hub.add_repo("tiny-org/dinov3-vit-tiny", vit_repo_files())
-        hub.add_repo("tiny-org/dinov3-vit-gated", vit_repo_files(seed=1), gated=True)
-        hub.grant("tiny-org/dinov3-vit-gated", "hf_valid_granted")
-        hub.add_repo("tiny-org/dinov3-convnext-sharded", shard_files(convnext_repo_files(), 2))
-        print(f"HF_ENDPOINT={hub.endpoint}", flush=True)
+        hub.add_repo(OPEN, vit_repo_files())
+        hub.add_repo(GATED, vit_repo_files(seed=1), gated=True)
+        hub.grant(GATED, GRANTED)
+        hub.add_repo(SHARDED, shard_files(convnext_repo_files(), 2))
+        print(f"export HF_ENDPOINT={hub.endpoint}\n"
+              f"# repos: {OPEN} (open), {GATED} (gated: token {GRANTED} is granted, {NOTGRANTED} is not),\n"
+              f"#        {SHARDED} (open, 2 shards)\n"
+              f"# paste the export line into another shell, then e.g.: uv run dinov3-fetcher --dino-root "
+              f"/tmp/demo/dinov3 --model {OPEN}\n"
+              "# serving until Ctrl-C", flush=True)
         try:
             while True:
                 time.sleep(3600)

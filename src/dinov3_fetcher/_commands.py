@@ -135,6 +135,10 @@ def cmd_verify(args: argparse.Namespace) -> dict[str, Any]:
         load_info = check_load(root, device=args.device)
         _say(args, "load: " + ", ".join(f"{k} {v}" for k, v in load_info.items()))
         result["load"] = load_info
+    if not root.is_dir():
+        raise VerificationError(f"{root} {'is not a folder' if root.exists() else 'does not exist'}",
+                                "check --dino-root (or train.dino_root in --config): verify checks a folder a fetch "
+                                "filled")
     if not report.ok:
         first = report.problems[0] if report.problems else next(f for f in report.files if not f.ok)
         raise VerificationError(f"{root} failed {kind} verification of {model}: {first}",

@@ -327,7 +327,7 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
         run.check_foreign(publishing + [n for n in weights if n not in publishing])  # an index's other shards
         planned = run.plan(weights)
         _check_space(state, planned)
-        progress.total = sum(p.size for p in planned)
+        progress.expect({p.name: p.size for p in planned})
         progress.done += sum(p.size for p in planned if p.reuse)  # += : head-start bytes are counted already
         _get_all(run, [p.name for p in planned if p.name in weights], FILES_AT_ONCE)
         for p in planned:

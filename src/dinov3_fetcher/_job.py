@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import http.client
-import math
 import os
 import shutil
 import threading
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from . import _env as env
 from ._errors import DiskSpaceError, FetcherError, IntegrityError, NetworkError
 from ._hashing import WINDOW, git_blob_hasher, hash_range
 from ._http import Response, etag_value
@@ -379,12 +379,5 @@ def _ranged(resp: Response) -> bool:
 
 
 def _retry_after(resp: Response) -> float | None:
-    value = resp.getheader("Retry-After")
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None  # an HTTP date, or garbage: the normal backoff
-    return min(max(seconds, 0.0), 120.0) if math.isfinite(seconds) else None
-
+    """The answer's Retry-After in seconds (capped), or None for the backoff (absent, an HTTP date, nan...)."""
+    return env.retry_after(resp.getheader("Retry-After"))

@@ -31,7 +31,9 @@ from ._layout import PREPROCESSOR, read_json_object
 __all__ = ["MIN_TRANSFORMERS", "Preprocess", "check_load", "load_teacher", "require_load_extra"]
 
 MIN_TRANSFORMERS = (4, 56)
-INSTALL_HINT = "install the [load] extra: pip install 'dinov3-fetcher[load]' (in this project: uv sync --extra load)"
+INSTALL_HINT = ("install torch first, the CPU wheel unless you have a GPU: pip install torch --index-url "
+                "https://download.pytorch.org/whl/cpu, then pip install 'dinov3-fetcher[load]' (in this repository: "
+                "bash .ci/install-load-extra.sh)")
 SYNTHETIC_SIZE = (240, 320)  # height, width of the test image check_load feeds (resized to the processor's size)
 _DEFAULTS: dict[str, Any] = {
     "do_resize": True, "size": {"height": 224, "width": 224}, "do_rescale": True, "rescale_factor": 1 / 255,

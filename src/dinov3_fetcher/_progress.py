@@ -2,6 +2,9 @@
 
 On a terminal the line redraws in place (at most 10 times a second); elsewhere there is no bar unless
 ``force`` asks for it. ``verbose`` adds one line per finished file. ``quiet`` prints nothing. Thread-safe.
+
+The total is what ``expect`` was told plus every file started (the files a fetch gets before it knows the
+whole plan, like config.json, count too), so the bytes shown never exceed it.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import TextIO
 
 __all__ = ["Progress", "human_bytes"]
@@ -39,6 +43,15 @@ class Progress:
         self._last = 0.0
         self._lock = threading.Lock()
         self._files: dict[str, tuple[int, int, float]] = {}
+        self._in_total: set[str] = set()  # files whose size ``total`` includes (see expect)
+
+    def expect(self, sizes: Mapping[str, int]) -> None:
+        """Set the total to these files plus those already started; a file started later adds its size."""
+        with self._lock:
+            known = {name: size for name, (size, _, _) in self._files.items()}
+            known.update(sizes)
+            self.total = sum(known.values())
+            self._in_total = set(known)
 
     def message(self, text: str) -> None:
         """Print one line (clearing the bar first), unless quiet."""
@@ -53,6 +66,9 @@ class Progress:
             self.done += resumed
             self.resumed += resumed
             self._files[name] = (size, resumed, time.monotonic())
+            if self._in_total and name not in self._in_total:
+                self._in_total.add(name)
+                self.total += size
         if resumed and not self.quiet:
             self.message(f"resuming {name} at {human_bytes(resumed)} of {human_bytes(size)}")
 

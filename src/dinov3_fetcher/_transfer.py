@@ -41,7 +41,7 @@ class Settings:
     @classmethod
     def from_env(cls) -> Settings:
         """The settings from DINOV3_FETCHER_* (and HF_HUB_DOWNLOAD_TIMEOUT)."""
-        timeout = env.number("DINOV3_FETCHER_TIMEOUT", env.number("HF_HUB_DOWNLOAD_TIMEOUT", cls.timeout))
+        timeout = env.timeout(cls.timeout)
         return cls(
             connections=max(1, int(env.number("DINOV3_FETCHER_CONNECTIONS", cls.connections))),
             timeout=timeout,

@@ -18,7 +18,6 @@ from ._validate import Problem, find_problems
 __all__ = ["FileCheck", "VerifyReport", "verify_dinov3"]
 
 
-
 @dataclass
 class FileCheck:
     """verify's verdict on one file."""
@@ -26,6 +25,9 @@ class FileCheck:
     size: int
     ok: bool
     detail: str
+
+    def __str__(self) -> str:  # as error messages show it: "model.safetensors: sha256 ... differs ..."
+        return f"{self.name}: {self.detail}"
 
 
 @dataclass
@@ -93,8 +95,9 @@ def verify_dinov3(root: Path, *, deep: bool = False, progress: Progress | None =
     # A deep check re-hashes: it does not take an earlier deep check's damage marks for granted (it may clear them).
     report.problems = find_problems(root, dataclasses.replace(manifest, damaged=[]) if deep and manifest else manifest)
     if manifest is None:
-        report.problems.insert(0, Problem("manifest.json", "is missing: dino_root was not fetched by this tool "
-                                          "(run a fetch to record one)"))
+        if root.is_dir():  # else find_problems' "is not a folder" says it all: there is no manifest to look for
+            report.problems.insert(0, Problem("manifest.json", "is missing: dino_root was not fetched by this "
+                                              "tool (run a fetch to record one)"))
     else:
         bad = {p.file for p in report.problems}
         damaged: list[str] = []
