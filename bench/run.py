@@ -384,7 +384,9 @@ class Bench:
             return f"openssl dgst -sha256 {paths}" if sha == "openssl" else f"sha256sum {paths}"
 
         def run_ours() -> None:
-            measure("dinov3-fetcher", [FETCHER, "--dino-root", str(d["dinov3-fetcher"]), "--model", repo, "-q"])
+            extra = dict(kv.split("=", 1) for kv in self.args.fetcher_env)
+            measure("dinov3-fetcher", [FETCHER, "--dino-root", str(d["dinov3-fetcher"]), "--model", repo, "-q"],
+                    self.env(**extra) if extra else None)
 
         def run_aria2c() -> None:
             out = d["aria2c + sha256"]
@@ -676,6 +678,8 @@ def main() -> int:
                     "runs the single file and the 6 shards, or one of them with PROFILE:single / PROFILE:sharded "
                     "(e.g. --link far,cdn:single,none:sharded); implies --only link unless --only is given")
     ap.add_argument("--link-tools", default=",".join(LINK_TOOLS), help="tools for --link (default: all)")
+    ap.add_argument("--fetcher-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra environment for dinov3-fetcher in --link runs (e.g. DINOV3_FETCHER_CONNECTIONS=16)")
     ap.add_argument("--sha256-tool", choices=("openssl", "sha256sum"), default="openssl",
                     help="the sha256 pass after curl and aria2c (openssl uses SHA-NI; coreutils sha256sum does "
                     "not and takes ~4x longer here)")
