@@ -600,6 +600,8 @@ def link_report(b: Bench) -> str:
                 cnt.append(f"| {prof}, {kind} | {tool} | {f['cdn_connections']} | {f['max_open_cdn_connections']} | "
                            f"{f['cdn_gets']} | {f['redirects']} | {f['hub_connections']} |")
     text = "\n".join(out)
+    if b.args.fetcher_env:
+        text = f"dinov3-fetcher run with {' '.join(b.args.fetcher_env)}\n\n{text}"
     if len(fb) > 2:
         text += "\n\nFirst weight byte (first byte of a CDN GET answer sent by the link proxy, from the start of " \
                 "the process):\n\n" + "\n".join(fb)
