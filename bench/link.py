@@ -102,6 +102,10 @@ class ConnStats:
     down_bytes: int = 0
     first_down: float | None = None  # when the first response byte left for the client
     windows: dict[int, int] = field(default_factory=dict)  # downlink bytes per window (see LinkProxy.window)
+    last_down: float | None = None  # when the last downlink byte so far left
+    # for each request after the first answer began: seconds since the last downlink byte (the client's own
+    # gap; the connection then idles this gap + one RTT before the next answer's first byte arrives)
+    gaps: list[float] = field(default_factory=list)
 
 
 def _sleep_until(t: float) -> None:
@@ -181,6 +185,7 @@ class LinkProxy:
             self.conns = [c for c in self.conns if c.closed is None]
             for c in self.conns:
                 c.requests.clear()
+                c.gaps.clear()
 
     def snapshot(self) -> list[ConnStats]:
         with self._lock:
@@ -244,6 +249,8 @@ class LinkProxy:
             pending = (pending + data)[-4096:]
             for m in _REQUEST.finditer(pending):
                 st.requests.append((now, m[1].decode(), m[2].decode(errors="replace")))
+                if st.last_down is not None:
+                    st.gaps.append(now - st.last_down)
             if _REQUEST.search(pending):
                 pending = pending[pending.rfind(b"\r\n") + 2:]
             self._delay.put(max(now, ready) + rtt, upstream, data)
@@ -275,6 +282,7 @@ class LinkProxy:
                 while left:
                     left -= os.splice(r, client.fileno(), left)
                 st.down_bytes += n
+                st.last_down = time.monotonic()
                 if self.window:
                     k = int((time.monotonic() - self.t0) / self.window)
                     st.windows[k] = st.windows.get(k, 0) + n

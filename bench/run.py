@@ -464,6 +464,8 @@ def _link_counts(t0: float, hub_conns: list[ConnStats], cdn_conns: list[ConnStat
     return {"cdn_connections": len(cdn), "cdn_gets": sum(sum(m == "GET" for _, m, _ in c.requests) for c in cdn),
             "cdn_heads": sum(sum(m == "HEAD" for _, m, _ in c.requests) for c in cdn),
             "max_open_cdn_connections": peak, "hub_connections": sum(bool(c.requests) for c in hub_conns),
+            "cdn_rerequests": sum(len(c.gaps) for c in cdn),
+            "client_gap_median": statistics.median(g) if (g := [x for c in cdn for x in c.gaps]) else None,
             "first_weight_byte": None if first is None else first - t0}
 
 
@@ -569,7 +571,8 @@ def link_report(b: Bench) -> str:
            "| fetcher / curl |", "|---" * (len(tools) + 3) + "|"]
     fb = ["| link, checkpoint | " + " | ".join(tools) + " |", "|---" * (len(tools) + 1) + "|"]
     cnt = ["| link, checkpoint | tool | TCP connections to the CDN | max open at once | GETs on the CDN | "
-           "302s from the Hub | Hub connections |", "|---|---|---|---|---|---|---|"]
+           "GETs on a used connection (each waits gap + 1 RTT) | median client gap | 302s from the Hub | "
+           "Hub connections |", "|---" * 9 + "|"]
 
     def cell(xs: list[float] | None) -> str:
         if not xs:
@@ -597,8 +600,10 @@ def link_report(b: Bench) -> str:
             runs = b.facts.get("link", {}).get(key, {}).get(tool, [])
             if runs and "cdn_connections" in runs[-1]:
                 f = runs[-1]
+                gap = "-" if f.get("client_gap_median") is None else f"{f['client_gap_median'] * 1000:.1f} ms"
                 cnt.append(f"| {prof}, {kind} | {tool} | {f['cdn_connections']} | {f['max_open_cdn_connections']} | "
-                           f"{f['cdn_gets']} | {f['redirects']} | {f['hub_connections']} |")
+                           f"{f['cdn_gets']} | {f.get('cdn_rerequests', '-')} | {gap} | {f['redirects']} | "
+                           f"{f['hub_connections']} |")
     text = "\n".join(out)
     if b.args.fetcher_env:
         text = f"dinov3-fetcher run with {' '.join(b.args.fetcher_env)}\n\n{text}"
