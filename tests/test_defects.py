@@ -162,51 +162,8 @@ def test_item02_altered_file_of_the_same_size_is_repaired(
 
 
 # -- 3. two hosts, no working lock: a live claim is never adopted --------------------------------------------
-# Choice: the second host is a real second hostname: the fetcher runs in its own UTS namespace
-# (`unshare --uts` + `hostname`, root only), so socket.gethostname() differs and nothing in the source has to
-# honour a test-only variable. Both fetchers run with DINOV3_FETCHER_NO_LOCK=1 (locks that are no-ops).
-
-def _other_host(name: str, root: Path, **env: str) -> subprocess.Popen[str]:
-    if os.geteuid() != 0 or subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode:
-        pytest.skip("a second hostname needs a UTS namespace (root, unshare)")
-    cmd = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name, *MAIN,
-           "--dino-root", str(root), "--model", TINY, "-q"]
-    return subprocess.Popen(cmd, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-@pytest.mark.parametrize("case", ["no-progress-file-yet", "progress-untouched-for-200s"])
-def test_item03_second_host_never_adopts_a_live_claim(
-        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, case: str) -> None:
-    size = len(tiny[MODEL])
-    env = {"DINOV3_FETCHER_NO_LOCK": "1"}
-    if case != "no-progress-file-yet":  # an earlier run left a resumable partial download with its record
-        hub.faults.add(path_suffix=MODEL, host="cdn", times=1, cut_after=100_000)
-        r = subprocess.run([*MAIN, "--dino-root", str(dino_root), "--model", TINY, "-q"], capture_output=True,
-                           env=cli_env(DINOV3_FETCHER_RETRIES="0"), timeout=60)
-        assert r.returncode == 10, r.stderr
-    hub.clear()
-    hub.faults.add(path_suffix=MODEL, host="cdn", times=1, stall_after=0, stall_seconds=4)  # host A waits
-    a = _other_host("host-a", dino_root, **env)
-    partial = dino_root / ".dinov3-fetcher" / "partial"
-    t0 = time.monotonic()
-    claim: Path | None = None
-    while time.monotonic() - t0 < 20 and claim is None:
-        claims = list(partial.glob("*.host-a.*")) if partial.is_dir() else []
-        if claims and hub.file_gets(MODEL) and any(r.host == "cdn" for r in hub.file_gets(MODEL)):
-            claim = claims[0]
-        time.sleep(0.01)
-    assert claim is not None, "host A never claimed the model's partial folder"
-    assert (claim / "progress.json").exists() == (case != "no-progress-file-yet")
-    if case != "no-progress-file-yet":  # no progress for 200 s as host B sees it (a long retry, clock skew)
-        old = time.time() - 200
-        os.utime(claim / "progress.json", (old, old))
-    b = _other_host("host-b", dino_root, **env)
-    b_out = b.communicate(timeout=60)
-    assert claim.is_dir(), "host B took host A's live partial folder"
-    a_out = a.communicate(timeout=60)
-    assert (a.returncode, b.returncode) == (0, 0), (a_out, b_out)
-    assert sha((dino_root / MODEL).read_bytes()) == sha(tiny[MODEL])
-    assert hub.bytes_served(MODEL) >= size  # host B downloaded its own copy
+# Covered in tests/test_data_safety.py (test_another_hosts_live_claim_is_never_taken and the copy-adoption
+# tests): two real fetcher processes named host-a / host-b, whose liveness is judged by heartbeats, not times.
 
 
 # -- 4. links in the state folder: nothing outside dino_root is deleted or written ---------------------------

@@ -186,7 +186,8 @@ def _disk_error(exc: OSError, state: StateDir) -> Exception:
                               "free space (or files) there, or point dino_root at a bigger disk; "
                               "the next run resumes", free=free)
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return ConfigError(f"cannot write in {state.root}: {exc.strerror} ({where})",
+        why = "it is on a read-only filesystem" if exc.errno == errno.EROFS else exc.strerror
+        return ConfigError(f"cannot write in {state.root}: {why} ({where})",
                            "make dino_root writable, or point train.dino_root (--dino-root) at a writable folder")
     return exc
 
