@@ -293,6 +293,8 @@ class ModelScopeServer:
         self._lock = threading.Lock()
         self.requests: list[Request] = []
         self.faults = Faults()
+        self.gate = threading.Event()  # hub_server's body writer pauses while it is clear (set: never)
+        self.gate.set()
         self.repos: dict[str, _MsRepo] = {}
         self.commit_index: dict[str, _Commit] = {}
         self.lfs_blobs: dict[str, _Blob] = {}

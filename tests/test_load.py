@@ -66,7 +66,7 @@ def test_missing_torch_is_a_load_error_with_the_install_hint(monkeypatch: pytest
         load.check_load("/nonexistent")
     assert "torch is not installed" in info.value.message
     assert "pip install 'dinov3-fetcher[load]'" in info.value.hint
-    assert "uv sync --extra load" in info.value.hint
+    assert "install-load-extra.sh" in info.value.hint
     assert info.value.exit_code == 14
 
 
