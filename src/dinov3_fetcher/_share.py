@@ -30,7 +30,7 @@ from typing import Any
 
 from . import __version__
 from . import _env as env
-from ._broadcast import FileSource, FileSpec, NodeStats, Report, receive, send
+from ._broadcast import CHUNK, FileSource, FileSpec, NodeStats, Report, receive, send
 from ._broadcast_files import _disk_error, _OpenFile, _same_size
 from ._broadcast_wire import BROKEN, BROKEN_HINT, Range, _is_transport, leaders_group
 from ._config import FetchRequest
@@ -48,7 +48,7 @@ from ._manifest import FileRecord, Manifest
 from ._progress import Progress, human_bytes
 from ._state import SPACE_MARGIN, StateDir
 
-__all__ = ["JobResult", "StateSink", "fetch_broadcast"]
+__all__ = ["CHUNK", "JobResult", "StateSink", "fetch_broadcast"]
 
 
 @dataclass
@@ -243,7 +243,7 @@ def _sender(req: FetchRequest, update: bool, group: Any) -> tuple[Report | None,
     source = FileSource(paths)
     report: Report | None = None
     try:
-        report = send(files, source, group, meta=meta)
+        report = send(files, source, group, meta=meta, chunk=CHUNK)
     except BaseException as exc:
         mine = mine or exc
     finally:
