@@ -69,9 +69,19 @@ from dinov3_fetcher._errors import FetcherError
 dist.init_process_group("gloo")
 t0 = time.monotonic()
 try:
-    res = fetch_once(root, cfg["model"], share="broadcast", details=True)
+    if cfg.get("teacher"):  # through the bridge: DinoV3Config(share=...) -> load_teacher -> fetch_once
+        import torch
+        from dinov3_bridge import DinoV3Config, DinoV3Teacher
+
+        teacher = DinoV3Teacher(DinoV3Config(root=root, model_name=cfg["model"], share="broadcast"))
+        with torch.no_grad():
+            out = teacher.model(pixel_values=teacher.preprocess(torch.zeros(224, 224, 3, dtype=torch.uint8)))
+        result = {"ok": True, "path": root, "shape": list(out.last_hidden_state.shape)}
+    else:
+        res = fetch_once(root, cfg["model"], share="broadcast", details=True)
+        result = {"ok": True, **res.to_dict()}
     dist.barrier()  # the ranks are still in step
-    result, code = {"ok": True, **res.to_dict()}, 0
+    code = 0
 except FetcherError as exc:
     result = {"ok": False, "type": type(exc).__name__, "message": exc.message, "hint": exc.hint}
     code = exc.exit_code
@@ -256,6 +266,20 @@ def test_a_sha256_mismatch_on_one_node_is_caught_there_and_raised_on_every_rank(
     for node in (1, 2):
         _same_checkpoint(job, node, model)
     assert hub.bytes_served(WEIGHTS) == len(data)
+
+
+@needs_torch
+@pytest.mark.slow
+def test_the_bridge_loads_a_teacher_each_node_received(hub: HubServer, model: dict[str, bytes],
+                                                      tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    procs, results = job.run(teacher=True, timeout=240)
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    assert sorted(results) == [0, 1, 2] and len({tuple(r["shape"]) for r in results.values()}) == 1, results
+    assert hub.bytes_served(WEIGHTS) == len(model[WEIGHTS])
+    for node in (1, 2):
+        assert _manifest(job.root(node))["source"] == "broadcast"
+        _same_checkpoint(job, node, model)
 
 
 def test_share_arguments_are_checked_before_anything_runs(tmp_path: Path) -> None:
