@@ -270,6 +270,23 @@ def test_a_sha256_mismatch_on_one_node_is_caught_there_and_raised_on_every_rank(
 
 @needs_torch
 @pytest.mark.slow
+def test_rank_0_refused_by_the_hub_every_rank_raises_its_error_and_no_node_writes(hub: HubServer,
+                                                                               tmp_path: Path) -> None:
+    hub.add_repo(MODEL, vit_repo_files(), gated=True)
+    job = Job(tmp_path)
+    procs, results = job.run()
+    assert sorted(results) == [0, 1, 2], _stderr(procs)
+    assert {r["type"] for r in results.values()} == {"AuthenticationError"}
+    assert len({(r["message"], r["hint"]) for r in results.values()}) == 1
+    assert hub.file_gets(WEIGHTS) == []
+    assert len([r for r in hub.requests if r.path.startswith("/api/models/")]) == 1  # rank 0 alone asked
+    for node in (1, 2):
+        assert not (job.root(node) / WEIGHTS).exists() and not (job.root(node) / ".dinov3-fetcher" /
+                                                                 "manifest.json").exists()
+
+
+@needs_torch
+@pytest.mark.slow
 def test_the_bridge_loads_a_teacher_each_node_received(hub: HubServer, model: dict[str, bytes],
                                                       tmp_path: Path) -> None:
     job = Job(tmp_path)
