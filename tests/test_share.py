@@ -304,3 +304,12 @@ def test_share_arguments_are_checked_before_anything_runs(tmp_path: Path) -> Non
         fetch_once(tmp_path, MODEL, share="torrent")
     with pytest.raises(ConfigError, match="shared_fs"):
         fetch_once(tmp_path, MODEL, share="broadcast", shared_fs=True)
+
+
+def test_outside_a_process_group_broadcast_is_a_plain_fetch(hub: HubServer, model: dict[str, bytes],
+                                                            tmp_path: Path) -> None:
+    res = fetch_once(tmp_path / "dinov3", MODEL, share="broadcast", details=True)
+    assert res.path == tmp_path / "dinov3" and res.nodes == {}
+    assert res.commit == _manifest(res.path)["commit"] and _manifest(res.path)["source"] == "hf"
+    assert (res.path / WEIGHTS).read_bytes() == model[WEIGHTS]
+    assert fetch_once(tmp_path / "dinov3", MODEL, share="broadcast") == tmp_path / "dinov3"
