@@ -14,6 +14,10 @@ file published under an older manifest) announces only what it misses. Then the 
 
 Rank 0 sends once its fetch is complete: the files it sends are the published, verified ones, so no receiver
 ever holds bytes that rank 0's own sha256 check would reject, and the file list comes from the manifest.
+Overlapping the transfer with rank 0's download (the protocol allows it: ``Source.ready``) needs two hooks in
+the fetch: the file list once ``_fetch_locked`` has planned it (the small non-LFS files are fetched first, so
+their sha256 is known by then), and each weight file's verified frontier from ``_job.Job``'s hasher, read
+through the claimed partial's fd (it survives the moves to staged and to dino_root).
 """
 
 from __future__ import annotations
