@@ -39,6 +39,8 @@ class DinoV3Config:
         dtype: None (the checkpoint's, float32), a ``torch.dtype`` or a name: ``"bfloat16"``/``"bf16"``,
             ``"float16"``/``"fp16"``, ``"float32"``/``"fp32"``. ``preprocess`` then returns that dtype.
         shared_fs: ``root`` is on a filesystem every node sees: fetch once per job (global rank 0).
+        share: ``"broadcast"``: nodes with their own disks; global rank 0 fetches once per job and the other
+            nodes receive the bytes from it over torch.distributed (see ``fetch_once``). None: as ``shared_fs``.
         layers: default intermediate layers ``forward`` returns (block indices, negative from the end).
         layer_norm: apply the model's final LayerNorm to intermediate layers (as DINOv3's
             ``get_intermediate_layers(norm=True)`` does); False returns transformers' raw ``hidden_states``.
@@ -52,6 +54,7 @@ class DinoV3Config:
     fetch: bool = True
     dtype: Any = None
     shared_fs: bool = False
+    share: str | None = None
     layers: Sequence[int] | None = None
     layer_norm: bool = True
     base: str | os.PathLike[str] | None = None

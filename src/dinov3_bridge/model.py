@@ -222,7 +222,8 @@ class DinoV3Teacher(torch.nn.Module):  # type: ignore[misc,unused-ignore]
                 check_device_memory(needed, int(free), device=str(dev), total=int(total),
                                     dtype_name=str(dtype).removeprefix("torch.") if dtype else None)
         model, preprocess = load_teacher(root, dev, model_name=cfg.model_name, revision=cfg.revision,
-                                         fetch=cfg.fetch, dtype=dtype, shared_fs=cfg.shared_fs)
+                                         fetch=cfg.fetch, dtype=dtype, shared_fs=cfg.shared_fs,
+                                         share=cfg.share)
         self.model = model
         self._preprocess: Preprocess = preprocess
         self.root = root

@@ -39,25 +39,43 @@ with one ``broadcast`` on a subgroup per set of needs (NCCL pipelines it as a ri
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import hashlib
-import importlib
-import json
-import os
-import pickle
 import queue
-import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
-from ._distributed import _outcome, _rebuild
-from ._errors import DiskSpaceError, IntegrityError, NetworkError
-from ._progress import human_bytes
+from ._broadcast_files import FileSource, PartialSink
+from ._broadcast_wire import (
+    _ABORT,
+    _DATA,
+    _END,
+    _POLL,
+    BROKEN,
+    BROKEN_HINT,
+    CHUNK,
+    FileSpec,
+    NodeStats,
+    Range,
+    Report,
+    Sink,
+    Source,
+    _Broken,
+    _check_ranges,
+    _guard,
+    _isend,
+    _Line,
+    _send_obj,
+    _torch,
+    _verdict,
+    _wait_all,
+    _Wire,
+    leaders_group,
+    missing_pieces,
+)
+from ._distributed import _outcome
+from ._errors import NetworkError
 
 __all__ = [
     "BROKEN",
@@ -74,211 +92,6 @@ __all__ = [
     "receive",
     "send",
 ]
-
-MiB = 1024 * 1024
-CHUNK = 32 * MiB  # largest piece; also the alignment of the sender's read windows
-PROGRESS_PAGE = 4096  # progress.json is one padded page, as transfer.py writes it
-_DATA, _END, _ABORT = 0, 1, 2
-_POLL = 0.05  # seconds between two looks at the source's ready frontier
-BROKEN = ("the broadcast of the teacher's files broke off: a rank of the transfer group stopped "
-          "(killed, out of memory, or its node failed)")
-BROKEN_HINT = "run the job again: every node resumes from the bytes it already wrote"
-
-Range = tuple[int, int]
-
-
-@dataclass(frozen=True)
-class FileSpec:
-    name: str
-    size: int
-    sha256: str  # of the whole file; the receiver's check
-
-
-@dataclass
-class NodeStats:
-    rank: int
-    role: str  # "sender", "receiver" or "warm" (a receiver that missed nothing)
-    bytes: int = 0  # sent (sender: all receivers together) or received over the group
-    seconds: float = 0.0  # from the start of send/receive to the end of the data step
-    files: dict[str, int] = field(default_factory=dict)  # bytes per file
-
-
-@dataclass
-class Report:
-    files: list[FileSpec]
-    meta: dict[str, Any]
-    nodes: dict[int, NodeStats]  # by global rank: the same on every member
-    rank: int
-
-    @property
-    def mine(self) -> NodeStats:
-        return self.nodes[self.rank]
-
-
-class Source(Protocol):
-    """The sender's bytes: a file may still be growing (being downloaded) while it is sent."""
-
-    def ready(self, name: str) -> int:
-        """Bytes of ``name`` that may be sent: every byte below this is final (written, or verified).
-        Raise the download's error if it failed; it is then raised on every rank."""
-
-    def readinto(self, name: str, offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` with the bytes of ``name`` from ``offset`` (all of them are below ``ready``)."""
-
-
-class Sink(Protocol):
-    """A receiver's own copy, e.g. the fetcher's partial folder of each file."""
-
-    def missing(self, spec: FileSpec) -> list[Range]:
-        """The byte ranges of ``spec`` this node lacks: sorted, disjoint, inside [0, size); [] if it holds it."""
-
-    def write(self, spec: FileSpec, offset: int, data: memoryview) -> None:
-        """Write ``data`` at ``offset`` and record it as done (may be batched until ``close``)."""
-
-    def complete(self, spec: FileSpec) -> None:
-        """Every missing byte of ``spec`` was written: verify it (raise IntegrityError) and stage it."""
-
-    def close(self) -> None:
-        """Record what was written, whatever happened before: the next run resumes from it."""
-
-
-def _torch() -> tuple[ModuleType, ModuleType]:
-    return importlib.import_module("torch"), importlib.import_module("torch.distributed")
-
-
-def leaders_group(dist: ModuleType, group: Any, local_rank: int, timeout: float) -> tuple[Any, list[int]]:
-    """The transfer group: global rank 0 and local rank 0 of every node, on gloo. A collective on ``group``
-    (every rank calls it, as ``new_group`` wants); returns (group, its global ranks), the group being
-    ``GroupMember.NON_GROUP_MEMBER`` on the other ranks."""
-    ranks: list[int | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(ranks, local_rank, group=group)
-    members = [r for r, lr in enumerate(ranks) if r == 0 or lr == 0]
-    sub = dist.new_group(ranks=members, backend="gloo", timeout=dt.timedelta(seconds=timeout))
-    return sub, members
-
-
-def missing_pieces(ranges: Iterable[Range], chunk: int) -> list[Range]:
-    """Ranges cut at every multiple of ``chunk``: each piece lies inside one chunk-aligned window."""
-    out: list[Range] = []
-    for s, e in ranges:
-        while s < e:
-            stop = min(e, (s // chunk + 1) * chunk)
-            out.append((s, stop))
-            s = stop
-    return out
-
-
-def _check_ranges(spec: FileSpec, ranges: Sequence[Range]) -> list[Range]:
-    clean = sorted((int(s), int(e)) for s, e in ranges)
-    prev = 0
-    for s, e in clean:
-        if not (prev <= s < e <= spec.size):
-            raise ValueError(f"bad missing ranges for {spec.name}: {clean}")
-        prev = e
-    return clean
-
-
-class _Line:
-    """The receiving node's progress line on stderr (one line every ``every`` seconds, and a last one)."""
-
-    def __init__(self, stream: TextIO | None, rank: int, src: int, total: int, every: float = 2.0) -> None:
-        self.stream, self.rank, self.src, self.total, self.every = stream, rank, src, total, every
-        self.t0 = self.last = time.monotonic()
-
-    def show(self, done: int, final: bool = False, end: str = "done") -> None:
-        now = time.monotonic()
-        if self.stream is None or (not final and now - self.last < self.every):
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-6)
-        end = end if final else f"{100 * done / max(self.total, 1):.0f}%"
-        with contextlib.suppress(OSError, ValueError):
-            self.stream.write(f"dinov3-fetcher: rank {self.rank} received {human_bytes(done)} of "
-                              f"{human_bytes(self.total)} from rank {self.src} ({human_bytes(rate)}/s) {end}\n")
-            self.stream.flush()
-
-
-class _Broken(Exception):
-    """The process group failed under us (a peer gone, a timeout)."""
-
-
-def _guard(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except Exception as exc:
-        if _is_transport(exc):
-            raise _Broken(str(exc)) from None
-        raise
-
-
-def _is_transport(exc: BaseException) -> bool:
-    """An error of the process group itself (a peer gone, a timeout), not of our source or sink."""
-    dist_error = getattr(importlib.import_module("torch.distributed"), "DistError", None)
-    if dist_error is not None and isinstance(exc, dist_error):
-        return True
-    return isinstance(exc, RuntimeError) and any(
-        w in str(exc).lower() for w in ("gloo", "connection", "timed out", "timeout", "peer", "socket"))
-
-
-class _Wire:
-    """Point-to-point messages with one peer role on ``group``: small objects (pickled) and headers."""
-
-    def __init__(self, torch: ModuleType, dist: ModuleType, group: Any) -> None:
-        self.torch, self.dist, self.group = torch, dist, group
-
-    def isend_obj(self, obj: Any, dst: int) -> list[Any]:
-        raw = bytearray(pickle.dumps(obj))
-        size = self.torch.tensor([len(raw)], dtype=self.torch.int64)
-        payload = self.torch.frombuffer(raw, dtype=self.torch.uint8)
-        return [self.dist.isend(size, dst=dst, group=self.group), self.dist.isend(payload, dst=dst, group=self.group)]
-
-    def recv_obj(self, src: int) -> Any:
-        size = self.torch.zeros(1, dtype=self.torch.int64)
-        _guard(self.dist.recv, size, src=src, group=self.group)
-        raw = bytearray(int(size.item()))
-        _guard(self.dist.recv, self.torch.frombuffer(raw, dtype=self.torch.uint8), src=src, group=self.group)
-        return pickle.loads(bytes(raw))  # peers of one job only: the same trust as torch's all_gather_object
-
-    def head(self, kind: int, idx: int = -1, offset: int = 0, n: int = 0) -> Any:
-        return self.torch.tensor([kind, idx, offset, n], dtype=self.torch.int64)
-
-
-def _isend(wire: _Wire, tensor: Any, r: int, dead: set[int]) -> list[tuple[int, Any]]:
-    """Post a send to ``r`` unless it is dead; a send that fails at once marks it dead."""
-    if r in dead:
-        return []
-    try:
-        return [(r, wire.dist.isend(tensor, dst=r, group=wire.group))]
-    except Exception as exc:
-        if not _is_transport(exc):
-            raise
-        dead.add(r)
-        return []
-
-
-def _send_obj(wire: _Wire, obj: Any, peers: Iterable[int], dead: set[int]) -> None:
-    works: list[tuple[int, Any]] = []
-    for r in peers:
-        if r in dead:
-            continue
-        try:
-            works += [(r, w) for w in wire.isend_obj(obj, r)]
-        except Exception as exc:
-            if not _is_transport(exc):
-                raise
-            dead.add(r)
-    _wait_all(works, dead)
-
-
-def _wait_all(works: Iterable[tuple[int, Any]], dead: set[int]) -> None:
-    """Wait for sends; a peer whose send fails is dead (it gets nothing more)."""
-    for r, work in works:
-        try:
-            work.wait()
-        except Exception as exc:
-            if not _is_transport(exc):
-                raise
-            dead.add(r)
 
 
 def send(files: Sequence[FileSpec], source: Source, group: Any, *, meta: dict[str, Any] | None = None,
@@ -338,16 +151,6 @@ def send(files: Sequence[FileSpec], source: Source, group: Any, *, meta: dict[st
     return _verdict(verdict, report, mine)
 
 
-def _verdict(verdict: dict[str, Any], report: Report, mine: BaseException | None) -> Report:
-    failure = verdict["failure"]
-    if failure is not None:
-        if failure.get("broken"):
-            raise NetworkError(BROKEN, BROKEN_HINT)
-        if mine is not None and failure["rank"] == report.rank:
-            raise mine
-        raise _rebuild(failure)
-    report.nodes = dict(verdict["nodes"])
-    return report
 
 
 def _stream(wire: _Wire, files: list[FileSpec], source: Source, wants: dict[int, list[list[Range]]], chunk: int,
@@ -501,216 +304,4 @@ def _take(wire: _Wire, src: int, sink: Sink, files: list[FileSpec], missing: lis
         writer.stop()  # what was received is written (and recorded by sink.close) even when the sender died
     line.show(stats.bytes, final=True, end="done" if kind == _END else "stopped (the sender failed)")
     return writer.error
-
-
-# -- the sender's source and a receiver's sink on plain files ---------------------------------------------
-
-
-class FileSource:
-    """Files on disk (``paths``), sendable up to ``ready(name)`` (default: the whole file)."""
-
-    def __init__(self, paths: dict[str, Path], ready: Callable[[str], int] | None = None) -> None:
-        self.paths = paths
-        self._ready = ready
-        self._fds: dict[str, int] = {}
-
-    def ready(self, name: str) -> int:
-        if self._ready is not None:
-            return self._ready(name)
-        return self.paths[name].stat().st_size
-
-    def readinto(self, name: str, offset: int, buf: memoryview) -> None:
-        fd = self._fds.get(name)
-        if fd is None:
-            fd = self._fds[name] = os.open(self.paths[name], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        while buf:
-            n = os.preadv(fd, [buf], offset)
-            if n <= 0:
-                raise IntegrityError(f"{name} ends at byte {offset}, before its ready frontier", "run again")
-            buf, offset = buf[n:], offset + n
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-def _read_progress(path: Path, spec: FileSpec) -> list[Range] | None:
-    try:
-        data = json.loads(path.read_bytes())
-        if data.get("identity") != spec.sha256 or data.get("size") != spec.size:
-            return None
-        return _check_ranges(spec, [(int(s), int(e)) for s, e in data["remaining"]])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-class PartialSink:
-    """A receiver's copy: per file a folder ``data`` + ``progress.json`` (the missing byte ranges), in the
-    format of transfer.py's partial folders (identity = sha256, one padded page), then publish on a match.
-
-    - ``folder(spec)``: the partial folder of a file (default ``partial_root/<sha256>``); the fetcher would
-      pass its claim here.
-    - ``have(spec)``: does this node already hold the file (default: ``final_root/name`` has its size)?
-    - ``complete`` hashes the file (following the received prefix while it arrives, the rest from disk),
-      raises IntegrityError on a mismatch (the folder is deleted, as transfer.py does), else moves ``data``
-      to ``final_root/name``.
-    Progress is rewritten after every ``save_every`` bytes and on ``close``.
-    """
-
-    def __init__(self, partial_root: Path, final_root: Path, *, folder: Callable[[FileSpec], Path] | None = None,
-                 have: Callable[[FileSpec], bool] | None = None, save_every: int = 64 * MiB) -> None:
-        self.partial_root, self.final_root = partial_root, final_root
-        self._folder = folder or (lambda spec: self.partial_root / spec.sha256)
-        self._have = have
-        self.save_every = save_every
-        self._open: dict[str, _OpenFile] = {}
-        self.published: list[str] = []
-
-    def missing(self, spec: FileSpec) -> list[Range]:
-        if self._have(spec) if self._have else _same_size(self.final_root / spec.name, spec.size):
-            return []
-        folder = self._folder(spec)
-        ranges = _read_progress(folder / "progress.json", spec)
-        data = folder / "data"
-        if ranges is None or not data.exists() or data.stat().st_size < _done_end(ranges, spec.size):
-            return [(0, spec.size)] if spec.size else []
-        return ranges
-
-    def _file(self, spec: FileSpec) -> _OpenFile:
-        f = self._open.get(spec.name)
-        if f is None:
-            folder = self._folder(spec)
-            folder.mkdir(parents=True, exist_ok=True)
-            f = self._open[spec.name] = _OpenFile(spec, folder, self.missing(spec))
-        return f
-
-    def write(self, spec: FileSpec, offset: int, data: memoryview) -> None:
-        f = self._file(spec)
-        try:
-            f.write(offset, data)
-            if f.unsaved >= self.save_every:
-                f.save()
-        except OSError as exc:
-            raise _disk_error(exc, spec, f.folder) from None
-
-    def complete(self, spec: FileSpec) -> None:
-        f = self._file(spec)
-        try:
-            digest = f.digest()
-        except OSError as exc:
-            raise _disk_error(exc, spec, f.folder) from None
-        f.close()
-        del self._open[spec.name]
-        if digest != spec.sha256:
-            shutil.rmtree(f.folder, ignore_errors=True)
-            raise IntegrityError(f"{spec.name}: sha256 {digest[:12]}... of the bytes received does not match "
-                                 f"{spec.sha256[:12]}...; the file was discarded",
-                                 "run again to receive it again; if it repeats, a node's disk or memory is bad")
-        dest = self.final_root / spec.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(f.folder / "data", dest)
-        shutil.rmtree(f.folder, ignore_errors=True)
-        self.published.append(spec.name)
-
-    def close(self) -> None:
-        errors = []
-        for f in self._open.values():
-            try:
-                f.save()
-            except OSError as exc:
-                errors.append(exc)
-            f.close()
-        self._open.clear()
-        if errors:
-            raise errors[0]
-
-
-def _same_size(path: Path, size: int) -> bool:
-    try:
-        return path.stat().st_size == size
-    except OSError:
-        return False
-
-
-def _done_end(remaining: list[Range], size: int) -> int:
-    end = size
-    for s, e in sorted(remaining, reverse=True):
-        if e < end:
-            break
-        end = min(end, s)
-    return end
-
-
-def _disk_error(exc: OSError, spec: FileSpec, folder: Path) -> OSError:
-    import errno
-
-    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-        return exc
-    free = shutil.disk_usage(folder).free
-    return DiskSpaceError(f"the disk filled up while receiving {spec.name} ({free} bytes free)",
-                          "free space in dino_root and run the job again: the transfer resumes", free=free)
-
-
-class _OpenFile:
-    def __init__(self, spec: FileSpec, folder: Path, remaining: list[Range]) -> None:
-        self.spec, self.folder, self.remaining = spec, folder, list(remaining)
-        self.fd = os.open(folder / "data", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        self.sha = hashlib.sha256()
-        self.hashed = 0  # the sha256 has seen [0, hashed)
-        self.unsaved = 0
-        self.save()
-
-    def _present_below(self, end: int) -> bool:
-        return all(e <= self.hashed or s >= end for s, e in self.remaining)
-
-    def _hash_disk(self, end: int) -> None:
-        buf = bytearray(4 * MiB)
-        while self.hashed < end:
-            n = os.preadv(self.fd, [memoryview(buf)[:min(len(buf), end - self.hashed)]], self.hashed)
-            if n <= 0:
-                raise OSError(f"{self.spec.name}: partial data ends at byte {self.hashed}")
-            self.sha.update(memoryview(buf)[:n])
-            self.hashed += n
-
-    def write(self, offset: int, data: memoryview) -> None:
-        view, pos = data, offset
-        while view:  # 1 MiB per call: a 32 MiB pwrite was 5x slower here (747 MB/s, page cache folio sizes)
-            n = os.pwrite(self.fd, view[:MiB], pos)
-            view, pos = view[n:], pos + n
-        end = offset + len(data)
-        cut: list[Range] = []
-        for s, e in self.remaining:  # [offset, end) is done now
-            if e <= offset or s >= end:
-                cut.append((s, e))
-                continue
-            if s < offset:
-                cut.append((s, offset))
-            if e > end:
-                cut.append((end, e))
-        self.remaining = cut
-        self.unsaved += len(data)
-        if offset > self.hashed and self._present_below(offset):
-            self._hash_disk(offset)  # the bytes a partial already held, once, before the first new ones
-        if offset == self.hashed:
-            self.sha.update(data)
-            self.hashed = end
-
-    def digest(self) -> str:
-        self._hash_disk(self.spec.size)
-        if os.fstat(self.fd).st_size != self.spec.size:
-            os.ftruncate(self.fd, self.spec.size)
-        return self.sha.hexdigest()
-
-    def save(self) -> None:
-        blob = json.dumps({"identity": self.spec.sha256, "size": self.spec.size,
-                           "remaining": [list(r) for r in self.remaining]}).encode()
-        path, tmp = self.folder / "progress.json", self.folder / "progress.json.tmp"
-        tmp.write_bytes(blob.ljust(PROGRESS_PAGE) if len(blob) <= PROGRESS_PAGE else blob)
-        os.replace(tmp, path)
-        self.unsaved = 0
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
 

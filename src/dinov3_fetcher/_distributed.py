@@ -21,12 +21,15 @@ import pickle
 import socket
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from . import _errors as errors
 from ._config import FetchRequest, make_request
 from ._errors import FetcherError, VerificationError
 from ._registry import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from ._share import JobResult
 
 __all__ = ["DEFAULT_TIMEOUT", "any_rank", "fetch_once"]
 
@@ -134,6 +137,14 @@ def _check_fetched(req: FetchRequest, leader_rank: str) -> None:
         "with shared_fs=True dino_root must be on a filesystem every node sees; otherwise use shared_fs=False")
 
 
+@overload
+def fetch_once(dino_root: str | os.PathLike[str], model_name: str = ..., *, revision: str | None = ...,
+               shared_fs: bool = ..., update: bool = ..., timeout: float = ..., source: str | None = ...,
+               share: str | None = ..., details: Literal[False] = ...) -> Path: ...
+@overload
+def fetch_once(dino_root: str | os.PathLike[str], model_name: str = ..., *, revision: str | None = ...,
+               shared_fs: bool = ..., update: bool = ..., timeout: float = ..., source: str | None = ...,
+               share: str | None = ..., details: Literal[True]) -> JobResult: ...
 def fetch_once(
     dino_root: str | os.PathLike[str],
     model_name: str = DEFAULT_MODEL,
@@ -143,7 +154,9 @@ def fetch_once(
     update: bool = False,
     timeout: float = DEFAULT_TIMEOUT,
     source: str | None = None,
-) -> Path:
+    share: str | None = None,
+    details: bool = False,
+) -> Path | JobResult:
     """``fetch_dinov3`` once per node (or per job) in a torch.distributed job; the path on every rank.
 
     Call it on every rank, after ``torch.distributed.init_process_group`` (any backend) and before the
@@ -156,13 +169,31 @@ def fetch_once(
     Every rank returns the same path, or raises the same error: if a fetching rank fails (gated repo, no
     space, network...), every rank raises that error (same type, message and hint); if a waiting rank finds
     dino_root incomplete, every rank raises that VerificationError. The lowest failing rank's error wins.
+
+    ``share="broadcast"`` (nodes with their own disks, no shared filesystem): global rank 0 alone fetches from
+    the source; local rank 0 of every other node receives the bytes from it over a gloo group (the job's
+    fabric), verifies each file's sha256 and publishes them in its own dino_root (see ``_share``). Warm nodes
+    receive nothing; a node holding a partial receives only what it misses. The receiving nodes print a
+    progress line on stderr. ``details=True`` returns a ``JobResult`` (path, commit, and with a broadcast the
+    bytes and seconds of every node) instead of the path.
     """
     from ._fetch import fetch
 
+    if share not in (None, "broadcast"):
+        raise errors.ConfigError(f"share={share!r} is not a way to share the teacher between nodes",
+                                 "use share=None (one fetch per node, or per job with shared_fs) or 'broadcast'")
+    if share == "broadcast" and shared_fs:
+        raise errors.ConfigError("share='broadcast' is for nodes with their own disks; shared_fs=True says "
+                                 "dino_root is one folder every node sees", "pass one of them, not both")
     req = make_request(dino_root, model_name, revision, source)
     dist = _dist()
-    if dist is None:
-        return fetch(req, update=update).path
+    if dist is None or share == "broadcast":
+        from ._share import JobResult, fetch_broadcast
+
+        if dist is not None:
+            return fetch_broadcast(dist, req, update=update, timeout=timeout, details=details)
+        res = fetch(req, update=update)
+        return JobResult(res.path, res.commit) if details else res.path
     rank = dist.get_rank()
     group = _gloo_group(dist, timeout)
     try:
@@ -187,6 +218,10 @@ def fetch_once(
     finally:
         _destroy(dist, group)
     if failure is None:
+        if details:
+            from ._share import JobResult
+
+            return JobResult(path)
         return path
     if mine is not None and failure["rank"] == rank:
         raise mine

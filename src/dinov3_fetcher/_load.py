@@ -301,7 +301,7 @@ def check_load(dino_root: str | os.PathLike[str], device: str = "cpu") -> dict[s
 
 
 def _resolve_for_loading(root: Path, model_name: str | None, revision: str | None, fetch: bool,
-                         shared_fs: bool) -> Path:
+                         shared_fs: bool, share: str | None = None) -> Path:
     from ._state import StateDir
     from ._validate import why_not
 
@@ -317,7 +317,8 @@ def _resolve_for_loading(root: Path, model_name: str | None, revision: str | Non
             return root
         if model_name is None and manifest is not None:
             model_name, revision = manifest.repo_id, manifest.revision
-        return fetch_once(root, model_name or DEFAULT_MODEL, revision=revision, shared_fs=shared_fs)
+        return fetch_once(root, model_name or DEFAULT_MODEL, revision=revision, shared_fs=shared_fs,
+                          share=share)
     if (why := why_not(root, model_name, revision or DEFAULT_REVISION, manifest)) is not None:
         hint = ("pass fetch=True to fetch the requested model, or model_name=None to load it" if model_name and
                 manifest is not None and manifest.complete else
@@ -337,6 +338,7 @@ def load_teacher(
     fetch: bool = True,
     dtype: Any = None,
     shared_fs: bool = False,
+    share: str | None = None,
 ) -> tuple[Any, Preprocess]:
     """The teacher for distillation: ``(model, preprocess)``, the model in eval mode with gradients off.
 
@@ -346,7 +348,9 @@ def load_teacher(
     - ``fetch=False``: never touch the network; raise VerificationError if dino_root is not complete (or holds
       another model than ``model_name``).
     - Inside torch.distributed (torchrun) the fetch runs once per node (``shared_fs=True``: once per job), the
-      other ranks wait for it (see ``dinov3_fetcher.distributed.fetch_once``).
+      other ranks wait for it (see ``dinov3_fetcher.fetch_once``). ``share="broadcast"``: global rank 0 fetches
+      once per job and the other nodes receive the bytes from it over torch.distributed (nodes with their own
+      disks).
     - ``dtype`` (e.g. ``torch.bfloat16``) casts the model, and ``preprocess`` then returns that dtype.
     - ``preprocess(images)`` turns uint8 HxWx3 / CxHxW tensors, arrays, PIL images or batches into the
       normalized (N, 3, H, W) ``pixel_values`` on ``device`` (see ``Preprocess``).
@@ -359,7 +363,7 @@ def load_teacher(
     torch, _ = require_load_extra()  # before any download: say what is missing first
     dev = _device(torch, device)
     root = Path(os.path.abspath(Path(dino_root).expanduser()))
-    root = _resolve_for_loading(root, model_name, revision, fetch, shared_fs)
+    root = _resolve_for_loading(root, model_name, revision, fetch, shared_fs, share)
     model = _load_model(root, dev, dtype)
     return model, Preprocess.from_dir(root, dev, dtype)
 

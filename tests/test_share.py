@@ -1,0 +1,315 @@
+"""fetch_once(..., share="broadcast") with several "nodes" on this host (each its own dino_root), against the
+Hub emulator: rank 0 downloads once, the other nodes' leaders receive its bytes over gloo.
+
+Each worker writes what it got (path, commit, nodes' stats, or the error) to rank<N>.json. The main test runs
+under real ``torchrun --nnodes 3 --node-rank N``; the others give the workers the environment torchrun gives
+them, without the agents (three fewer torch imports per run on a loaded machine), as tests/test_broadcast.py
+does. Skipped, with the reason, when torch is not installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from checkpoints import vit_repo_files
+from conftest import cli_env
+from dinov3_fetcher._broadcast_wire import BROKEN
+from dinov3_fetcher._distributed import fetch_once
+from dinov3_fetcher._errors import ConfigError
+from hub_server import HubServer
+
+needs_torch = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None,
+    reason="torch is not installed (the [load] extra): run bash .ci/install-load-extra.sh",
+)
+
+MODEL = "tiny-org/dinov3-vit-share"
+WEIGHTS = "model.safetensors"
+KiB = 1024
+WORKER = """\
+import json, os, signal, sys, time
+from pathlib import Path
+
+cfg = json.loads(Path(sys.argv[2]).read_text())
+out_dir = sys.argv[1]
+node, rank = int(os.environ["GROUP_RANK"]), int(os.environ["RANK"])
+root = cfg["root"].replace("{node}", str(node))
+
+import dinov3_fetcher._share as share
+
+share.CHUNK = cfg["chunk"]  # small pieces: a few windows even for a tiny checkpoint
+if rank == 0 and cfg.get("kill_at") is not None:  # the fault: rank 0 dies (SIGKILL) in the middle of the weights
+    from dinov3_fetcher import _broadcast_files as bf
+
+    read = bf.FileSource.readinto
+
+    def readinto(self, name, offset, buf):
+        if name == "model.safetensors" and offset >= cfg["kill_at"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        read(self, name, offset, buf)
+
+    bf.FileSource.readinto = readinto
+
+import torch.distributed as dist
+
+from dinov3_fetcher._distributed import fetch_once
+from dinov3_fetcher._errors import FetcherError
+
+dist.init_process_group("gloo")
+t0 = time.monotonic()
+try:
+    if cfg.get("teacher"):  # through the bridge: DinoV3Config(share=...) -> load_teacher -> fetch_once
+        import torch
+        from dinov3_bridge import DinoV3Config, DinoV3Teacher
+
+        teacher = DinoV3Teacher(DinoV3Config(root=root, model_name=cfg["model"], share="broadcast"))
+        with torch.no_grad():
+            out = teacher.model(pixel_values=teacher.preprocess(torch.zeros(224, 224, 3, dtype=torch.uint8)))
+        result = {"ok": True, "path": root, "shape": list(out.last_hidden_state.shape)}
+    else:
+        res = fetch_once(root, cfg["model"], share="broadcast", details=True)
+        result = {"ok": True, **res.to_dict()}
+    dist.barrier()  # the ranks are still in step
+    code = 0
+except FetcherError as exc:
+    result = {"ok": False, "type": type(exc).__name__, "message": exc.message, "hint": exc.hint}
+    code = exc.exit_code
+result.update(rank=rank, node=node, seconds=time.monotonic() - t0)
+Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+dist.destroy_process_group()
+sys.exit(code)
+"""
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Job:
+    """``nodes`` "nodes" of ``nproc`` ranks on this host, node N's dino_root being tmp/node<N>/dinov3."""
+
+    def __init__(self, tmp: Path, nodes: int = 3, nproc: int = 1, chunk: int = 256 * KiB) -> None:
+        self.tmp, self.nodes, self.nproc, self.runs = tmp, nodes, nproc, 0
+        self.cfg: dict[str, Any] = {"root": str(tmp / "node{node}" / "dinov3"), "model": MODEL, "chunk": chunk}
+
+    def root(self, node: int) -> Path:
+        return self.tmp / f"node{node}" / "dinov3"
+
+    def run(self, *, torchrun: bool = False, timeout: float = 120,
+            **overrides: Any) -> tuple[list[subprocess.CompletedProcess[str]], dict[int, dict[str, Any]]]:
+        self.runs += 1
+        out = self.tmp / f"run{self.runs}"
+        out.mkdir()
+        cfg = out / "cfg.json"
+        cfg.write_text(json.dumps({**self.cfg, **overrides}))
+        worker = self.tmp / "worker.py"
+        worker.write_text(WORKER)
+        env = cli_env(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        port, world = _port(), self.nodes * self.nproc
+        if torchrun:
+            cmds = [([sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nodes}", f"--node-rank={n}",
+                      f"--nproc-per-node={self.nproc}", "--master-addr=127.0.0.1", f"--master-port={port}",
+                      str(worker), str(out), str(cfg)], env) for n in range(self.nodes)]
+        else:
+            cmds = [([sys.executable, str(worker), str(out), str(cfg)],
+                     {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+                      "RANK": str(n * self.nproc + lr), "GROUP_RANK": str(n), "LOCAL_RANK": str(lr),
+                      "LOCAL_WORLD_SIZE": str(self.nproc)})
+                    for n in range(self.nodes) for lr in range(self.nproc)]
+        procs = [subprocess.Popen(c, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for c, e in cmds]
+        t0, done = time.monotonic(), []
+        try:
+            for p in procs:
+                stdout, stderr = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+                done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        results = {int(f.stem[4:]): json.loads(f.read_text()) for f in out.glob("rank*.json")}
+        return done, results
+
+
+def _stderr(procs: list[subprocess.CompletedProcess[str]]) -> list[str]:
+    return [p.stderr[-3000:] for p in procs]
+
+
+@pytest.fixture
+def model(hub: HubServer) -> dict[str, bytes]:
+    """A DINOv3 ViT of ~3 MB: a dozen 256 KiB windows, so that a transfer can be cut in the middle."""
+    files = vit_repo_files(hidden=128, intermediate=512, layers=4)
+    hub.add_repo(MODEL, files)
+    return files
+
+
+def _manifest(root: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((root / ".dinov3-fetcher" / "manifest.json").read_text())
+    return data
+
+
+def _same_checkpoint(job: Job, node: int, files: dict[str, bytes]) -> None:
+    for name in (WEIGHTS, "config.json", "preprocessor_config.json"):
+        assert (job.root(node) / name).read_bytes() == files[name], (node, name)
+    m = _manifest(job.root(node))
+    assert m["complete"] and m["files"][WEIGHTS]["sha256"] == hashlib.sha256(files[WEIGHTS]).hexdigest()
+
+
+@needs_torch
+def test_three_nodes_the_hub_serves_the_weights_once_and_a_warm_node_is_skipped(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path, nproc=2)
+    procs, results = job.run(torchrun=True)
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    assert sorted(results) == list(range(6)) and all(r["ok"] for r in results.values()), results
+    assert hub.bytes_served(WEIGHTS) == len(model[WEIGHTS])  # one download for the whole job
+    assert len(hub.file_gets("/config.json")) == 1
+    assert all(r["path"] == str(job.root(r["node"])) for r in results.values())  # each node's own dino_root
+    assert len({r["commit"] for r in results.values()}) == 1
+    for node in (0, 1, 2):
+        _same_checkpoint(job, node, model)
+    assert _manifest(job.root(0))["source"] == "hf"
+    for node in (1, 2):
+        m = _manifest(job.root(node))
+        assert m["source"] == "broadcast" and m["endpoint"].startswith("rank 0 on ") and "hf" in m["endpoint"]
+        assert m["commit"] == _manifest(job.root(0))["commit"]
+        assert not list((job.root(node) / ".dinov3-fetcher" / "partial").iterdir())
+    total = sum(len(model[n]) for n in _manifest(job.root(0))["files"])
+    nodes = results[0]["nodes"]
+    assert all(r["nodes"] == nodes for r in results.values())  # every rank learns every node's stats
+    assert set(nodes) == {"0", "2", "4"}  # the leaders: rank 0 and local rank 0 of nodes 1 and 2
+    assert [nodes[r]["role"] for r in ("0", "2", "4")] == ["sender", "receiver", "receiver"]
+    assert nodes["2"]["bytes"] == nodes["4"]["bytes"] == total and nodes["0"]["bytes"] == 2 * total
+    assert "received" in procs[1].stderr and "from rank 0" in procs[1].stderr  # the progress line (node 1)
+    assert "received" not in procs[0].stderr
+
+    # node 2 lost its disk; node 1 is warm: it takes no part, node 2 receives everything, the Hub nothing
+    shutil.rmtree(job.root(2))
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    nodes = results[0]["nodes"]
+    assert (nodes["2"]["role"], nodes["2"]["bytes"]) == ("warm", 0)
+    assert (nodes["4"]["role"], nodes["4"]["bytes"]) == ("receiver", total)
+    assert hub.bytes_served(WEIGHTS) == len(model[WEIGHTS])
+    _same_checkpoint(job, 2, model)
+
+
+@needs_torch
+def test_sender_killed_midway_every_rank_one_error_then_the_rerun_receives_only_the_rest(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    size = len(model[WEIGHTS])
+    procs, results = job.run(kill_at=size // 2)
+    assert procs[0].returncode != 0
+    assert sorted(results) == [1, 2], _stderr(procs)  # rank 0 was killed, the others answered
+    assert {(r["type"], r["message"]) for r in results.values()} == {("NetworkError", BROKEN)}
+    sha = hashlib.sha256(model[WEIGHTS]).hexdigest()
+    left = {}
+    for node in (1, 2):
+        assert not (job.root(node) / WEIGHTS).exists()
+        record = json.loads((job.root(node) / ".dinov3-fetcher" / "partial" / sha / "progress.json").read_text())
+        left[node] = sum(e - s for s, e in record["remaining"])
+        assert 0 < left[node] <= size - size // 4  # what arrived before the kill is recorded
+
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    nodes = results[0]["nodes"]
+    for node, rank in ((1, "1"), (2, "2")):
+        # only the rest: config.json (sent before the weights) was staged, preprocessor_config.json comes after
+        pre = "preprocessor_config.json"
+        assert nodes[rank]["files"] == {WEIGHTS: left[node], pre: len(model[pre])}
+        _same_checkpoint(job, node, model)
+    assert hub.bytes_served(WEIGHTS) == size  # rank 0 was warm on the rerun
+
+
+@needs_torch
+@pytest.mark.slow
+def test_a_sha256_mismatch_on_one_node_is_caught_there_and_raised_on_every_rank(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    data = model[WEIGHTS]
+    sha = hashlib.sha256(data).hexdigest()
+    folder = job.root(2) / ".dinov3-fetcher" / "partial" / sha  # node 2's disk holds a bad first MiB
+    folder.mkdir(parents=True)
+    (folder / "data").write_bytes(b"\0" * (1024 * KiB))
+    (folder / "progress.json").write_text(json.dumps({"identity": sha, "size": len(data),
+                                                      "remaining": [[1024 * KiB, len(data)]]}))
+    procs, results = job.run()
+    assert sorted(results) == [0, 1, 2], _stderr(procs)
+    assert all(p.returncode != 0 for p in procs)
+    assert {r["type"] for r in results.values()} == {"IntegrityError"}
+    assert len({(r["message"], r["hint"]) for r in results.values()}) == 1
+    assert WEIGHTS in results[0]["message"] and "sha256" in results[0]["message"]
+    assert not (job.root(1) / WEIGHTS).exists()  # a failed job publishes nothing; node 1's verified copy is staged
+    assert list((job.root(1) / ".dinov3-fetcher" / "staged").glob(f"*/{sha}.{WEIGHTS}"))
+    assert not (job.root(2) / WEIGHTS).exists() and not folder.exists()  # the bad copy was discarded
+
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    nodes = results[0]["nodes"]
+    assert (nodes["1"]["role"], nodes["1"]["bytes"]) == ("warm", 0)  # it took its staged copies
+    assert nodes["2"]["files"][WEIGHTS] == len(data) and "config.json" not in nodes["2"]["files"]
+    for node in (1, 2):
+        _same_checkpoint(job, node, model)
+    assert hub.bytes_served(WEIGHTS) == len(data)
+
+
+@needs_torch
+@pytest.mark.slow
+def test_rank_0_refused_by_the_hub_every_rank_raises_its_error_and_no_node_writes(hub: HubServer,
+                                                                               tmp_path: Path) -> None:
+    hub.add_repo(MODEL, vit_repo_files(), gated=True)
+    job = Job(tmp_path)
+    procs, results = job.run()
+    assert sorted(results) == [0, 1, 2], _stderr(procs)
+    assert {r["type"] for r in results.values()} == {"AuthenticationError"}
+    assert len({(r["message"], r["hint"]) for r in results.values()}) == 1
+    assert hub.file_gets(WEIGHTS) == []
+    assert len([r for r in hub.requests if r.path.startswith("/api/models/")]) == 1  # rank 0 alone asked
+    for node in (1, 2):
+        assert not (job.root(node) / WEIGHTS).exists() and not (job.root(node) / ".dinov3-fetcher" /
+                                                                 "manifest.json").exists()
+
+
+@needs_torch
+@pytest.mark.slow
+def test_the_bridge_loads_a_teacher_each_node_received(hub: HubServer, model: dict[str, bytes],
+                                                      tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    procs, results = job.run(teacher=True, timeout=240)
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    assert sorted(results) == [0, 1, 2] and len({tuple(r["shape"]) for r in results.values()}) == 1, results
+    assert hub.bytes_served(WEIGHTS) == len(model[WEIGHTS])
+    for node in (1, 2):
+        assert _manifest(job.root(node))["source"] == "broadcast"
+        _same_checkpoint(job, node, model)
+
+
+def test_share_arguments_are_checked_before_anything_runs(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="share="):
+        fetch_once(tmp_path, MODEL, share="torrent")
+    with pytest.raises(ConfigError, match="shared_fs"):
+        fetch_once(tmp_path, MODEL, share="broadcast", shared_fs=True)
+
+
+def test_outside_a_process_group_broadcast_is_a_plain_fetch(hub: HubServer, model: dict[str, bytes],
+                                                            tmp_path: Path) -> None:
+    res = fetch_once(tmp_path / "dinov3", MODEL, share="broadcast", details=True)
+    assert res.path == tmp_path / "dinov3" and res.nodes == {}
+    assert res.commit == _manifest(res.path)["commit"] and _manifest(res.path)["source"] == "hf"
+    assert (res.path / WEIGHTS).read_bytes() == model[WEIGHTS]
+    assert fetch_once(tmp_path / "dinov3", MODEL, share="broadcast") == tmp_path / "dinov3"
