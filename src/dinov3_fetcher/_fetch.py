@@ -180,7 +180,10 @@ def _disk_error(exc: OSError, state: StateDir) -> Exception:
         return exc
     where = f"{exc.filename}" if exc.filename else str(state.root)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        free = shutil.disk_usage(state.root if state.root.exists() else state.root.parent).free
+        existing = state.root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        free = shutil.disk_usage(existing).free
         return DiskSpaceError(f"no space left on the disk of {state.root} while writing {where} "
                               f"({human_bytes(free)} free; inodes may be used up)",
                               "free space (or files) there, or point dino_root at a bigger disk; "
