@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from ._broadcast_wire import PROGRESS_PAGE, FileSpec, MiB, Range, _check_ranges
+from ._broadcast_wire import FileSpec, MiB, Range, _check_ranges
 from ._errors import DiskSpaceError, IntegrityError
+from ._state import encode_progress, read_progress
 
 __all__ = ["FileSource", "PartialSink"]
 
@@ -46,16 +46,6 @@ class FileSource:
         self._fds.clear()
 
 
-def _read_progress(path: Path, spec: FileSpec) -> list[Range] | None:
-    try:
-        data = json.loads(path.read_bytes())
-        if data.get("identity") != spec.sha256 or data.get("size") != spec.size:
-            return None
-        return _check_ranges(spec, [(int(s), int(e)) for s, e in data["remaining"]])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 class PartialSink:
     """A receiver's copy: per file a folder ``data`` + ``progress.json`` (the missing byte ranges), in the
     format of transfer.py's partial folders (identity = sha256, one padded page), then publish on a match.
@@ -82,11 +72,10 @@ class PartialSink:
         if self._have(spec) if self._have else _same_size(self.final_root / spec.name, spec.size):
             return []
         folder = self._folder(spec)
-        ranges = _read_progress(folder / "progress.json", spec)
-        data = folder / "data"
-        if ranges is None or not data.exists() or data.stat().st_size < _done_end(ranges, spec.size):
+        ranges = read_progress(folder, spec.sha256, spec.size)  # the fetcher's one parser of the format
+        if ranges is None:
             return [(0, spec.size)] if spec.size else []
-        return ranges
+        return _check_ranges(spec, ranges)
 
     def _file(self, spec: FileSpec) -> _OpenFile:
         f = self._open.get(spec.name)
@@ -142,15 +131,6 @@ def _same_size(path: Path, size: int) -> bool:
         return path.stat().st_size == size
     except OSError:
         return False
-
-
-def _done_end(remaining: list[Range], size: int) -> int:
-    end = size
-    for s, e in sorted(remaining, reverse=True):
-        if e < end:
-            break
-        end = min(end, s)
-    return end
 
 
 def _disk_error(exc: OSError, spec: FileSpec, folder: Path) -> OSError:
@@ -214,10 +194,9 @@ class _OpenFile:
         return self.sha.hexdigest()
 
     def save(self) -> None:
-        blob = json.dumps({"identity": self.spec.sha256, "size": self.spec.size,
-                           "remaining": [list(r) for r in self.remaining]}).encode()
+        blob = encode_progress(self.spec.sha256, self.spec.size, [list(r) for r in self.remaining])
         path, tmp = self.folder / "progress.json", self.folder / "progress.json.tmp"
-        tmp.write_bytes(blob.ljust(PROGRESS_PAGE) if len(blob) <= PROGRESS_PAGE else blob)
+        tmp.write_bytes(blob)
         os.replace(tmp, path)
         self.unsaved = 0
 

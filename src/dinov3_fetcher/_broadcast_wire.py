@@ -20,7 +20,6 @@ from ._progress import human_bytes
 
 MiB = 1024 * 1024
 CHUNK = 32 * MiB  # largest piece; also the alignment of the sender's read windows
-PROGRESS_PAGE = 4096  # progress.json is one padded page, as transfer.py writes it
 _DATA, _END, _ABORT = 0, 1, 2
 _POLL = 0.05  # seconds between two looks at the source's ready frontier
 BROKEN = ("the broadcast of the teacher's files broke off: a rank of the transfer group stopped "
