@@ -115,16 +115,18 @@ def test_relative_root_is_the_working_directory_or_base(tmp_path: Path, monkeypa
     monkeypatch.chdir(tmp_path)
     cfg = DinoV3Config(root="dinov3")
     assert (cfg.model_name, cfg.revision, cfg.fetch, cfg.dtype, cfg.shared_fs, cfg.layers) == (
-        None, "main", True, None, False, None)
+        None, None, True, None, False, None)  # the revision: the source's default branch
     assert cfg.resolved_root == tmp_path / "dinov3"
     assert DinoV3Config(root="dinov3", base=tmp_path / "conf").resolved_root == tmp_path / "conf" / "dinov3"
     assert DinoV3Config(root=tmp_path / "abs", base="/elsewhere").resolved_root == tmp_path / "abs"
     conf = tmp_path / "conf" / "config.json"
     conf.parent.mkdir()
-    conf.write_text(json.dumps({"train": {"dino_root": "../models/dinov3", "dino_model": VIT}}))
+    conf.write_text(json.dumps({"train": {"dino_root": "../models/dinov3", "dino_model": VIT,
+                                          "dino_source": "modelscope"}}))
     from_file = DinoV3Config.from_pipeline_config(conf, fetch=False)
     assert from_file.resolved_root == tmp_path / "models" / "dinov3"  # as dinov3-fetcher --config resolves it
-    assert (from_file.model_name, from_file.fetch) == (VIT, False)
+    assert (from_file.model_name, from_file.fetch, from_file.source) == (VIT, False, "modelscope")
+    assert from_file.revision is None  # not in the config: the source's default branch (master on ModelScope)
     with pytest.raises(ValueError, match="non-empty"):
         DinoV3Config(root="  ")
     with pytest.raises(ValueError, match="dtype"):

@@ -24,6 +24,7 @@ import pytest
 
 from checkpoints import vit_repo_files
 from conftest import cli_env
+from dinov3_fetcher import fetch_dinov3
 from dinov3_fetcher._broadcast_wire import BROKEN
 from dinov3_fetcher._distributed import fetch_once
 from dinov3_fetcher._errors import ConfigError
@@ -185,9 +186,11 @@ def test_three_nodes_the_hub_serves_the_weights_once_and_a_warm_node_is_skipped(
     assert _manifest(job.root(0))["source"] == "hf"
     for node in (1, 2):
         m = _manifest(job.root(node))
-        assert m["source"] == "broadcast" and m["endpoint"].startswith("rank 0 on ") and "hf" in m["endpoint"]
+        assert m["source"] == "hf" and m["endpoint"].startswith("broadcast: rank 0 on ") and "hf" in m["endpoint"]
         assert m["commit"] == _manifest(job.root(0))["commit"]
         assert not list((job.root(node) / ".dinov3-fetcher" / "partial").iterdir())
+        hub.clear()  # what a node received is the checkpoint asked for: a later plain fetch there is warm
+        assert fetch_dinov3(job.root(node), MODEL, details=True).cached and hub.requests == []
     total = sum(len(model[n]) for n in _manifest(job.root(0))["files"])
     nodes = results[0]["nodes"]
     assert all(r["nodes"] == nodes for r in results.values())  # every rank learns every node's stats
@@ -204,7 +207,7 @@ def test_three_nodes_the_hub_serves_the_weights_once_and_a_warm_node_is_skipped(
     nodes = results[0]["nodes"]
     assert (nodes["2"]["role"], nodes["2"]["bytes"]) == ("warm", 0)
     assert (nodes["4"]["role"], nodes["4"]["bytes"]) == ("receiver", total)
-    assert hub.bytes_served(WEIGHTS) == len(model[WEIGHTS])
+    assert hub.bytes_served(WEIGHTS) == 0  # counted since the clear above: nothing more from the Hub
     _same_checkpoint(job, 2, model)
 
 
@@ -295,7 +298,7 @@ def test_the_bridge_loads_a_teacher_each_node_received(hub: HubServer, model: di
     assert sorted(results) == [0, 1, 2] and len({tuple(r["shape"]) for r in results.values()}) == 1, results
     assert hub.bytes_served(WEIGHTS) == len(model[WEIGHTS])
     for node in (1, 2):
-        assert _manifest(job.root(node))["source"] == "broadcast"
+        assert _manifest(job.root(node))["endpoint"].startswith("broadcast: ")
         _same_checkpoint(job, node, model)
 
 

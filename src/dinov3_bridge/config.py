@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,10 @@ class DinoV3Config:
             resolves it the same way the fetcher does. ``~`` is expanded.
         model_name: Hub repo id. None: load whatever complete checkpoint ``root`` holds (and, with ``fetch``,
             fetch the model its manifest names, or the default ViT-L/16, if there is none).
-        revision: branch, tag or commit of ``model_name``.
+        revision: branch, tag or commit of ``model_name`` (default: the source's default branch, ``main``;
+            ``master`` on ModelScope).
+        source: ``"hf"`` or ``"modelscope"`` (default: what dino_root's manifest says, else
+            DINOV3_FETCHER_SOURCE, else ``"hf"``).
         fetch: True: a missing or incomplete checkpoint is fetched (once per node under torch.distributed, once
             per job with ``shared_fs``), a complete one is used without any network request. False: nothing
             touches the network; an incomplete ``root`` raises ``VerificationError``.
@@ -50,11 +52,12 @@ class DinoV3Config:
 
     root: str | os.PathLike[str]
     model_name: str | None = None
-    revision: str = "main"
+    revision: str | None = None
     fetch: bool = True
     dtype: Any = None
     shared_fs: bool = False
     share: str | None = None
+    source: str | None = None
     layers: Sequence[int] | None = None
     layer_norm: bool = True
     base: str | os.PathLike[str] | None = None
@@ -91,18 +94,17 @@ class DinoV3Config:
 
     @classmethod
     def from_pipeline_config(cls, path: str | os.PathLike[str], **overrides: Any) -> DinoV3Config:
-        """From the pipeline's config.json: ``train.dino_root`` (resolved against the file's folder, as
-        ``dinov3-fetcher --config`` does), ``train.dino_model`` and ``train.dino_revision`` if present."""
-        cfg_path = Path(os.path.abspath(Path(path).expanduser()))
-        with open(cfg_path, encoding="utf-8") as f:
-            data = json.load(f)
-        train = data.get("train") if isinstance(data, dict) else None
-        if not isinstance(train, dict) or not isinstance(train.get("dino_root"), str):
-            raise ValueError(f"{cfg_path} has no train.dino_root string: add it, e.g. \"dino_root\": \"dinov3\"")
-        kwargs: dict[str, Any] = {"root": train["dino_root"], "base": cfg_path.parent}
-        if isinstance(train.get("dino_model"), str):
-            kwargs["model_name"] = train["dino_model"]
-        if isinstance(train.get("dino_revision"), str):
-            kwargs["revision"] = train["dino_revision"]
+        """From the pipeline's config.json, read exactly as ``dinov3-fetcher --config`` reads it (the fetcher's
+        own resolution, its ConfigError included): ``train.dino_root`` against the file's folder, and
+        ``train.dino_model`` / ``dino_revision`` / ``dino_source`` where present."""
+        from dinov3_fetcher._config import load_pipeline_config, resolve_request
+
+        req = resolve_request(path)
+        train = load_pipeline_config(Path(os.path.abspath(Path(path).expanduser())))["train"]
+        kwargs: dict[str, Any] = {"root": req.dino_root, "source": req.source}
+        if train.get("dino_model") is not None:
+            kwargs["model_name"] = req.model
+        if train.get("dino_revision") is not None:
+            kwargs["revision"] = req.revision
         kwargs.update(overrides)
         return cls(**kwargs)

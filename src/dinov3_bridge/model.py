@@ -223,7 +223,7 @@ class DinoV3Teacher(torch.nn.Module):  # type: ignore[misc,unused-ignore]
                                     dtype_name=str(dtype).removeprefix("torch.") if dtype else None)
         model, preprocess = load_teacher(root, dev, model_name=cfg.model_name, revision=cfg.revision,
                                          fetch=cfg.fetch, dtype=dtype, shared_fs=cfg.shared_fs,
-                                         share=cfg.share)
+                                         share=cfg.share, source=cfg.source)
         self.model = model
         self._preprocess: Preprocess = preprocess
         self.root = root

@@ -301,7 +301,7 @@ def check_load(dino_root: str | os.PathLike[str], device: str = "cpu") -> dict[s
 
 
 def _resolve_for_loading(root: Path, model_name: str | None, revision: str | None, fetch: bool,
-                         shared_fs: bool, share: str | None = None) -> Path:
+                         shared_fs: bool, share: str | None = None, source: str | None = None) -> Path:
     from ._state import StateDir
     from ._validate import why_not
 
@@ -316,9 +316,9 @@ def _resolve_for_loading(root: Path, model_name: str | None, revision: str | Non
         if not any_rank(not as_is):
             return root
         if model_name is None and manifest is not None:
-            model_name, revision = manifest.repo_id, manifest.revision
+            model_name, revision, source = manifest.repo_id, manifest.revision, source or manifest.source
         return fetch_once(root, model_name or DEFAULT_MODEL, revision=revision, shared_fs=shared_fs,
-                          share=share)
+                          share=share, source=source)
     if (why := why_not(root, model_name, revision or DEFAULT_REVISION, manifest)) is not None:
         hint = ("pass fetch=True to fetch the requested model, or model_name=None to load it" if model_name and
                 manifest is not None and manifest.complete else
@@ -339,6 +339,7 @@ def load_teacher(
     dtype: Any = None,
     shared_fs: bool = False,
     share: str | None = None,
+    source: str | None = None,
 ) -> tuple[Any, Preprocess]:
     """The teacher for distillation: ``(model, preprocess)``, the model in eval mode with gradients off.
 
@@ -363,7 +364,7 @@ def load_teacher(
     torch, _ = require_load_extra()  # before any download: say what is missing first
     dev = _device(torch, device)
     root = Path(os.path.abspath(Path(dino_root).expanduser()))
-    root = _resolve_for_loading(root, model_name, revision, fetch, shared_fs, share)
+    root = _resolve_for_loading(root, model_name, revision, fetch, shared_fs, share, source)
     model = _load_model(root, dev, dtype)
     return model, Preprocess.from_dir(root, dev, dtype)
 

@@ -50,7 +50,7 @@ from ._distributed import (
 from ._errors import DiskSpaceError, NetworkError, VerificationError
 from ._manifest import FileRecord, Manifest
 from ._progress import Progress, human_bytes
-from ._state import SPACE_MARGIN, StateDir
+from ._state import SPACE_MARGIN, StateDir, write_new
 
 __all__ = ["CHUNK", "JobResult", "StateSink", "fetch_broadcast"]
 
@@ -117,9 +117,9 @@ class StateSink:
             self.paths[spec.name] = staged
             return []
         if spec.size == 0:
+            self.state.own_staged()  # a real folder of ours, with its heartbeat (a planted link is removed)
             path = self.state.staged_path(spec.sha256, spec.name)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"")
+            write_new(path, b"")
             self.paths[spec.name] = path
             return []
         from ._state import read_progress
@@ -166,15 +166,15 @@ class StateSink:
         del self._open[spec.name]
         del self._claims[spec.name]
         if digest != spec.sha256:
-            shutil.rmtree(f.folder, ignore_errors=True)
+            self.state.discard(f.folder)
             raise IntegrityError(
                 f"{spec.name}: the bytes received on {socket.gethostname()} have sha256 {digest[:12]}..., not the "
                 f"{spec.sha256[:12]}... rank 0 verified; the file was discarded",
                 "run the job again to receive it again; if it repeats, that node's disk or memory is bad")
+        self.state.own_staged()  # as Transfer.finish: a real staged folder of ours, with its heartbeat
         dest = self.state.staged_path(spec.sha256, spec.name)
-        dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(f.folder / "data", dest)
-        shutil.rmtree(f.folder, ignore_errors=True)
+        self.state.discard(f.folder)
         self.paths[spec.name] = dest
 
     def close(self) -> None:
@@ -211,8 +211,10 @@ class StateSink:
         if not same:
             endpoint = f"rank 0 on {meta['host']}, from {meta['source']}"
             endpoint += f" ({meta['endpoint']})" if meta.get("endpoint") else ""
+            # The source is rank 0's (the checkpoint is that source's, so later runs asking it are warm); the
+            # endpoint says it came by broadcast from rank 0.
             manifest = Manifest(self.req.model, self.req.revision, meta["commit"], records, __version__,
-                                source="broadcast", endpoint=endpoint)
+                                source=str(meta["source"]), endpoint=f"broadcast: {endpoint}")
             self.state.publish(manifest, dict(self.paths), old)
             self.state.drop_stale()
         if (why := why_not(self.req.dino_root, self.req.model, self.req.revision)) is not None:

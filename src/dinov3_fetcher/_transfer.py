@@ -112,7 +112,11 @@ class Transfer:
                 target.git_oid and git_blob_id(body) != target.git_oid):
             raise IntegrityError(f"{target.name}: the early copy differs from the listing", "run again")
         folder = self.state.claim(target.identity, target.size)
-        write_new(folder / "data", body)
+        try:
+            write_new(folder / "data", body)
+        except BaseException:
+            self.state.release(folder, target.identity)  # never left claimed (and heartbeating) by a failed write
+            raise
         self.progress.start_file(target.name, target.size, 0)
         self.progress.advance(len(body))
         self.progress.end_file(target.name)
@@ -130,7 +134,11 @@ class Transfer:
         if self.early is not None and (done := self.early(target)) is not None:
             return done
         folder = self.state.claim(target.identity, target.size)
-        job = Job(self, target, folder)
+        try:
+            job = Job(self, target, folder)
+        except BaseException:
+            self.state.release(folder, target.identity)  # EACCES, EMFILE...: the folder stays resumable, unowned
+            raise
         keep, orphans = True, False
         try:
             self.progress.start_file(target.name, target.size, job.resumed_from)

@@ -7,14 +7,13 @@ huggingface_hub is imported only when a request is about to be made: a warm run 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote, urlsplit
 
 from .. import __version__
-from .._env import DEFAULT_ENDPOINT, display_endpoint, display_origin, endpoint
+from .._env import DEFAULT_ENDPOINT, display_endpoint, display_origin, endpoint, retry_after
 from .._errors import (
     AuthenticationError,
     FetcherError,
@@ -170,11 +169,8 @@ def _retry_wait(exc: BaseException) -> float | None:
     if status is not None:
         if status not in (408, 429) and status < 500:
             return None
-        try:
-            seconds = float(response.headers.get("Retry-After", "x"))  # type: ignore[union-attr]
-        except ValueError:
-            return -1.0
-        return min(max(seconds, 0.0), 120.0) if math.isfinite(seconds) else -1.0
+        wait = retry_after(response.headers.get("Retry-After"))  # type: ignore[union-attr]
+        return -1.0 if wait is None else wait
     return -1.0 if isinstance(exc, httpx2.TransportError | OSError) else None
 
 
@@ -270,4 +266,6 @@ def map_error(exc: BaseException, repo_id: str, revision: str) -> BaseException:
         return NetworkError(f"cannot reach {ep} (HF_ENDPOINT): {type(exc).__name__}",
                             "check the network, or set HF_ENDPOINT to a reachable mirror; "
                             "HF_HUB_OFFLINE=1 uses what is on disk")
-    return exc
+    # Anything else (e.g. a mirror's model_info that is not JSON): an answer we cannot read, not a bug of ours.
+    return HubResponseError(f"{ep} gave an answer for {repo_id}@{revision} that huggingface_hub could not read "
+                            f"({type(exc).__name__})", _FAITHFUL)

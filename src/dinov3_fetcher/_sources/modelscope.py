@@ -18,7 +18,6 @@ No huggingface_hub and no modelscope package here: the listing goes through our 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import io
 import json
 import os
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote, quote_plus, unquote_plus, urlsplit
 
 from .. import __version__
-from .._env import display_origin, number
+from .._env import display_origin, retry_after
 from .._errors import (
     AuthenticationError,
     ConfigError,
@@ -40,16 +39,16 @@ from .._errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from .._http import HttpPool, origin_key
 from . import Auth, RemoteFile, Snapshot
 
 if TYPE_CHECKING:
     import threading
 
+    from .._http import HttpPool
     from .._manifest import Manifest
     from .._transfer import Transfer
 
-__all__ = ["DEFAULT_ENDPOINT", "ModelScopeSource", "endpoint", "saved_token", "source", "token"]
+__all__ = ["DEFAULT_ENDPOINT", "ModelScopeSource", "endpoint", "saved_token", "token"]
 
 NAME = "modelscope"
 DEFAULT_ENDPOINT = "https://modelscope.cn"
@@ -80,12 +79,17 @@ def endpoint() -> str:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
         ok = bool(parts.hostname) and not parts.query and not parts.fragment and " " not in value
+        userinfo = parts.username is not None or parts.password is not None
     except ValueError:
-        ok = False
+        ok, userinfo = False, False
+    shown = re.sub(r"//[^/@]*@", "//***@", value)  # never print a password
     if not ok:
-        shown = re.sub(r"//[^/@]*@", "//***@", value)  # never print a password
         raise ConfigError(f"{name}={shown!r} is not an http(s) URL",
                           f"set {name} to e.g. https://modelscope.cn (or https://www.modelscope.ai), or unset it")
+    if userinfo:
+        raise ConfigError(f"{name}={shown!r} carries a user name or password, which downloads cannot use",
+                          f"remove 'user:password@' from {name}: the token goes in MODELSCOPE_API_TOKEN, a proxy's "
+                          "credentials in HTTPS_PROXY")
     return value
 
 
@@ -180,13 +184,6 @@ class _Retry(Exception):
         self.wait = wait
 
 
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return min(_RETRY_AFTER_CAP, max(0.0, float(value))) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date: use our own backoff
-
-
 # ---------------------------------------------------------------- the source
 
 class ModelScopeSource:
@@ -210,9 +207,11 @@ class ModelScopeSource:
 
     @classmethod
     def from_env(cls) -> ModelScopeSource:
-        timeout = number("DINOV3_FETCHER_TIMEOUT", 30.0)
-        return cls(endpoint(), token(), timeout=timeout if timeout > 0 else 30.0,
-                   backoff=max(0.0, number("DINOV3_FETCHER_BACKOFF", 1.0)))
+        """The endpoint and token from the environment; the timeout, retries and backoff the bytes use."""
+        from .._transfer import Settings
+
+        s = Settings.from_env()
+        return cls(endpoint(), token(), timeout=s.timeout, retries=s.retries, backoff=s.backoff)
 
     def __repr__(self) -> str:  # never the token
         return f"ModelScopeSource({self.endpoint!r}, token={'set' if self._token else 'none'})"
@@ -234,6 +233,8 @@ class ModelScopeSource:
 
     def pool(self) -> HttpPool:
         """A pool whose requests to the endpoint carry the credential, and to nowhere else."""
+        from .._http import HttpPool  # here, not at import: the CLI's scrubbing imports this module for saved_token
+
         return HttpPool(self.timeout, self._user_agent, self.auth())
 
     def file_url(self, snap: Snapshot, name: str) -> str:
@@ -257,6 +258,8 @@ class ModelScopeSource:
                          repo_id: str, revision: str) -> NoReturn:
         ep = display_origin(self.endpoint)
         name = _file_name(url)
+        from .._http import origin_key
+
         if origin_key(url) != origin_key(self.endpoint):  # the storage host a download was redirected to
             if status in (401, 403):
                 raise NetworkError(f"the storage host refused {name} (HTTP {status}; its signed URL expired?)",
@@ -296,6 +299,8 @@ class ModelScopeSource:
         raise AssertionError("unreachable")
 
     def _get_once(self, pool: HttpPool, url: str, repo_id: str) -> bytes:
+        import http.client
+
         try:
             final, conn, resp = pool.get(url, {"Accept": "application/json"})
             try:
@@ -305,7 +310,7 @@ class ModelScopeSource:
         except (OSError, http.client.HTTPException) as exc:
             raise _Retry(type(exc).__name__) from None
         if resp.status == 429 or resp.status >= 500:
-            raise _Retry(f"HTTP {resp.status}", _retry_after(resp.getheader("Retry-After")))
+            raise _Retry(f"HTTP {resp.status}", retry_after(resp.getheader("Retry-After"), _RETRY_AFTER_CAP))
         if resp.status in (401, 403):
             raise self._denied(resp.status, repo_id)
         if resp.status == 404:
@@ -396,8 +401,3 @@ def _file_name(url: str) -> str:
     if m:
         return unquote_plus(m[1])
     return urlsplit(url).path.rsplit("/", 1)[-1] or url
-
-
-def source() -> ModelScopeSource:
-    """The ModelScope source set up from the environment (what ``get_source("modelscope")`` should return)."""
-    return ModelScopeSource.from_env()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +60,7 @@ __all__ = ["HEARTBEAT_EVERY", "HOST", "PROGRESS_PAGE", "SPACE_MARGIN", "STALE_AF
            "stale_after", "write_new"]
 
 STATE_DIRNAME = ".dinov3-fetcher"
+_TRASH = re.compile(r"\.trash\d+$")  # a claim being removed (see claim): never resumed, always deleted
 SPACE_MARGIN = 16 * 1024 * 1024  # free space left over after a download, on top of what it needs
 
 
@@ -298,8 +300,8 @@ class StateDir:
             identity = p.name.split(".", 1)[0]
             if p.is_symlink() or not p.is_dir():  # not ours: only the link (or stray file) goes
                 p.unlink(missing_ok=True)
-            elif p.name == identity or self._abandoned(p, identity):
-                shutil.rmtree(p, ignore_errors=True)
+            elif p.name == identity or self._abandoned(p, identity) or _TRASH.search(p.name):
+                shutil.rmtree(p, ignore_errors=True)  # (a trash folder: a SIGKILL stopped its removal in claim)
             elif p.name.endswith(".copy") and not other_host(tag := p.name[len(identity) + 1:-len(".copy")]) \
                     and owner_gone(tag, p, "partial"):
                 shutil.rmtree(p, ignore_errors=True)  # a copy (see claim) whose maker here died before finishing it
