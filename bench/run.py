@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from link import PROFILES, ConnStats, LinkProxy, Profile
 from servers import HubServer, NginxCdn, find_nginx, make_repo, repo_files
 
 BENCH = Path(__file__).resolve().parent
@@ -42,7 +43,11 @@ REPO = "facebook/dinov3-vitl16-pretrain-lvd1689m"
 SHARDED_REPO = "facebook/dinov3-vitl16-pretrain-sat493m"  # same architecture, so the registry check passes
 MODEL = "model.safetensors"
 MiB = 1 << 20
-SCENARIOS = ("cold", "warm", "resume", "sharded", "throttled", "rehash", "startup")
+SCENARIOS = ("cold", "warm", "resume", "sharded", "throttled", "rehash", "startup", "link")
+LINK_TOOLS = ("dinov3-fetcher", "aria2c + sha256", "curl + sha256", "hf download")
+# The flags of the popular hfd.sh script (aria2c -x16 -s16 -k1M -j5), with its --file-allocation=none.
+ARIA2C = ["aria2c", "-x16", "-s16", "-k1M", "-j5", "--file-allocation=none", "--console-log-level=error",
+          "--summary-interval=0", "--allow-overwrite=true", "--auto-file-renaming=false"]
 
 
 @dataclass
@@ -51,6 +56,7 @@ class Proc:
     rss_mb: float  # peak resident set of the process (wait4's ru_maxrss)
     rc: int
     requests: int = 0  # requests the Hub emulator saw during the run
+    t0: float = 0.0  # time.monotonic() just before the process started
 
 
 @dataclass
@@ -65,13 +71,15 @@ class Bench:
     shard_size: int = 0
     times: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
+    endpoint: str | None = None  # HF_ENDPOINT for the tools when not the emulator's own (a link proxy's)
+    sharded_dir: Path | None = None
 
     # ---------- running things ----------
     def env(self, hf_home: Path | None = None, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("DINOV3_FETCHER_", "HF_")) and k.lower() not in
                ("http_proxy", "https_proxy", "all_proxy")}
-        env.update(HF_ENDPOINT=self.hub.endpoint, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
+        env.update(HF_ENDPOINT=self.endpoint or self.hub.endpoint, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
                    HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,127.0.0.2,localhost",
                    HF_HOME=str(hf_home or self.work / "hf_home"))
         env.update(extra)
@@ -84,6 +92,7 @@ class Bench:
         err = self.work / "stderr.txt"
         n0 = len(self.hub.requests)
         with open(err, "wb") as ef:
+            t0m = time.monotonic()
             t0 = time.perf_counter()
             p = subprocess.Popen(argv, env=env or self.env(), stdout=subprocess.DEVNULL, stderr=ef)
             while True:
@@ -99,7 +108,7 @@ class Bench:
         p.returncode = os.waitstatus_to_exitcode(status)
         if check and p.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} exited {p.returncode}: {err.read_text()[-2000:]}")
-        return Proc(dt, ru.ru_maxrss / 1024, p.returncode, len(self.hub.requests) - n0)
+        return Proc(dt, ru.ru_maxrss / 1024, p.returncode, len(self.hub.requests) - n0, t0m)
 
     def record(self, scenario: str, tool: str, value: float) -> None:
         self.times.setdefault(scenario, {}).setdefault(tool, []).append(value)
@@ -113,7 +122,7 @@ class Bench:
                 tools[name]()
 
     def url(self, repo: str, name: str) -> str:
-        return f"{self.hub.endpoint}/{repo}/resolve/main/{name}"
+        return f"{self.endpoint or self.hub.endpoint}/{repo}/resolve/main/{name}"
 
     def fresh(self, *paths: Path) -> None:
         for p in paths:
@@ -314,6 +323,102 @@ class Bench:
         self.rounds({"dinov3-fetcher --help": run_help, "hf --help": run_hf_help, "python -c pass": run_python},
                     max(10, self.args.rounds))
 
+    def link(self) -> None:
+        """Each --link profile: the four tools through the emulated link (bench/link.py), per checkpoint."""
+        for spec in self.args.link_specs:
+            prof, kind = PROFILES[spec[0]], spec[1]
+            print(f"[link {prof.name} {kind}] ...", file=sys.stderr, flush=True)
+            with self.linked(prof) as (hub_link, cdn_link):
+                self.link_one(prof, kind, hub_link, cdn_link)
+
+    @contextlib.contextmanager
+    def linked(self, prof: Profile) -> Iterator[tuple[LinkProxy | None, LinkProxy | None]]:
+        """Put the Hub and the CDN behind ``prof`` (the CDN on 127.0.0.2); 'none' talks to them directly."""
+        if prof.name == "none":
+            yield None, None
+            return
+        saved = self.hub.cdn_endpoint
+        host, port = saved.removeprefix("http://").rsplit(":", 1)
+        cdn_link = LinkProxy((host, int(port)), "127.0.0.2", prof)
+        h, p = self.hub.endpoint.removeprefix("http://").rsplit(":", 1)
+        hub_link = LinkProxy((h, int(p)), "127.0.0.1", prof, shaped=False)
+        self.hub.cdn_endpoint, self.endpoint = cdn_link.endpoint, hub_link.endpoint
+        try:
+            yield hub_link, cdn_link
+        finally:
+            self.hub.cdn_endpoint, self.endpoint = saved, None
+            hub_link.close()
+            cdn_link.close()
+
+    def link_one(self, prof: Profile, kind: str, hub_link: LinkProxy | None, cdn_link: LinkProxy | None) -> None:
+        repo = REPO if kind == "single" else SHARDED_REPO
+        names = [MODEL] if kind == "single" else self.shard_names
+        key = f"link {prof.name} {kind}"
+        facts = self.facts.setdefault("link", {}).setdefault(key, {})
+        d = {t: self.work / f"link_{i}" for i, t in enumerate(LINK_TOOLS)}
+        sha = self.args.sha256_tool
+
+        def measure(tool: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+            self.fresh(d[tool], self.work / "hf_home_link")
+            d[tool].mkdir()
+            if hub_link is not None and cdn_link is not None:
+                hub_link.clear()
+                cdn_link.clear()
+            n302 = len(self.hub.requests)
+            p = self.run(argv, env)
+            time.sleep(0.05)  # let the proxy see the connections close
+            self.record(key, tool, p.seconds)
+            self.record(key + " rss", tool, p.rss_mb)
+            with self.hub._lock:
+                reqs = self.hub.requests[n302:]
+            f: dict[str, Any] = {"redirects": sum(r.status == 302 for r in reqs),
+                                 "hub_requests": sum(r.host == "hub" for r in reqs)}
+            if hub_link is not None and cdn_link is not None:
+                f.update(_link_counts(p.t0, hub_link.snapshot(), cdn_link.snapshot()))
+                if f.get("first_weight_byte") is not None:
+                    self.record(key + " first byte", tool, f["first_weight_byte"])
+            facts.setdefault(tool, []).append(f)
+
+        def sha_pass(files: list[Path]) -> str:
+            paths = " ".join(f"'{x}'" for x in files)
+            return f"openssl dgst -sha256 {paths}" if sha == "openssl" else f"sha256sum {paths}"
+
+        def run_ours() -> None:
+            extra = dict(kv.split("=", 1) for kv in self.args.fetcher_env)
+            measure("dinov3-fetcher", [FETCHER, "--dino-root", str(d["dinov3-fetcher"]), "--model", repo, "-q"],
+                    self.env(**extra) if extra else None)
+
+        def run_aria2c() -> None:
+            out = d["aria2c + sha256"]
+            lst = self.work / "aria2c.txt"
+            lst.write_text("".join(f"{self.url(repo, n)}\n  out={n}\n" for n in names))
+            aria = " ".join([*ARIA2C, "-d", f"'{out}'", "-i", f"'{lst}'"])
+            measure("aria2c + sha256", ["sh", "-ec", f"{aria}\n{sha_pass([out / n for n in names])} >/dev/null"])
+
+        def run_curl() -> None:
+            out = d["curl + sha256"]
+            pairs = " ".join(f"-o '{out / n}' '{self.url(repo, n)}'" for n in names)
+            measure("curl + sha256", ["sh", "-ec", f"curl -sSfL {pairs}\n{sha_pass([out / n for n in names])} "
+                                      ">/dev/null"])
+
+        def run_hf() -> None:
+            measure("hf download", [HF, "download", repo, "--local-dir", str(d["hf download"])],
+                    self.env(self.work / "hf_home_link"))
+
+        all_tools = {"dinov3-fetcher": run_ours, "aria2c + sha256": run_aria2c, "curl + sha256": run_curl,
+                     "hf download": run_hf}
+        tools = {t: all_tools[t] for t in self.args.link_tools}
+        names_order = list(tools)
+        for r in range(self.args.rounds):
+            k = r % len(names_order)
+            for name in names_order[k:] + names_order[:k]:
+                done = self.times.get(key, {}).get(name, [])
+                if done and r >= self.args.slow_rounds and min(done) > self.args.slow_after:
+                    continue  # a slow tool (curl at 8 MB/s per connection): fewer rounds, said in the table
+                tools[name]()
+        for p in d.values():
+            self.fresh(p)
+
     @contextlib.contextmanager
     def emulator_cdn_only(self) -> Iterator[None]:
         """Byte counts and the per-connection throttle are the emulator's: use its own CDN for a while."""
@@ -344,6 +449,24 @@ def _data_bytes(path: Path) -> int:
         return total
     finally:
         os.close(fd)
+
+
+def _link_counts(t0: float, hub_conns: list[ConnStats], cdn_conns: list[ConnStats]) -> dict[str, Any]:
+    """What the link proxies saw of one run: TCP connections, requests, concurrency, first weight byte."""
+    cdn = [c for c in cdn_conns if c.requests]
+    gets = [c for c in cdn if c.requests[0][1] == "GET"]
+    first = min((c.first_down for c in gets if c.first_down is not None), default=None)
+    events = sorted([(c.opened, 1) for c in cdn] + [(c.closed or time.monotonic(), -1) for c in cdn])
+    live = peak = 0
+    for _, e in events:
+        live += e
+        peak = max(peak, live)
+    return {"cdn_connections": len(cdn), "cdn_gets": sum(sum(m == "GET" for _, m, _ in c.requests) for c in cdn),
+            "cdn_heads": sum(sum(m == "HEAD" for _, m, _ in c.requests) for c in cdn),
+            "max_open_cdn_connections": peak, "hub_connections": sum(bool(c.requests) for c in hub_conns),
+            "cdn_rerequests": sum(len(c.gaps) for c in cdn),
+            "client_gap_median": statistics.median(g) if (g := [x for c in cdn for x in c.gaps]) else None,
+            "first_weight_byte": None if first is None else first - t0}
 
 
 # ---------- report ----------
@@ -437,6 +560,71 @@ def report(b: Bench) -> tuple[list[dict[str, Any]], str]:
     return rows, "\n".join(lines)
 
 
+def link_report(b: Bench) -> str:
+    """The issue-14 table: one row per link and checkpoint, medians (min-max), ratios, first weight byte."""
+    t = b.times
+    keys = [k for k in t if k.startswith("link ") and not k.endswith((" rss", " first byte"))]
+    if not keys:
+        return ""
+    tools = list(b.args.link_tools)
+    out = ["| link (per connection / shared / RTT), checkpoint | " + " | ".join(tools) + " | fetcher / aria2c "
+           "| fetcher / curl |", "|---" * (len(tools) + 3) + "|"]
+    fb = ["| link, checkpoint | " + " | ".join(tools) + " |", "|---" * (len(tools) + 1) + "|"]
+    cnt = ["| link, checkpoint | tool | TCP connections to the CDN | max open at once | GETs on the CDN | "
+           "GETs on a used connection (each waits gap + 1 RTT) | median client gap | 302s from the Hub | "
+           "Hub connections |", "|---" * 9 + "|"]
+
+    def cell(xs: list[float] | None) -> str:
+        if not xs:
+            return "-"
+        s = _fmt(xs, "s")
+        return s if len(xs) >= b.args.rounds else f"{s}, {len(xs)} round{'s' if len(xs) > 1 else ''}"
+
+    def ratio(a: str, c: str, key: str) -> str:
+        xa, xc = t[key].get(a), t[key].get(c)
+        if not xa or not xc:
+            return "-"
+        return f"{statistics.median(xa) / statistics.median(xc):.2f}x (min/min {min(xa) / min(xc):.2f}x)"
+
+    for key in keys:
+        _, prof, kind = key.split()
+        label = f"{prof} ({PROFILES[prof].describe()}), {'1.2 GB' if b.args.layers == 24 else 'small'} " \
+                f"{'single file' if kind == 'single' else f'{len(b.shard_names)} shards'}"
+        out.append(f"| {label} | " + " | ".join(cell(t[key].get(x)) for x in tools)
+                   + f" | {ratio('dinov3-fetcher', 'aria2c + sha256', key)} | "
+                   f"{ratio('dinov3-fetcher', 'curl + sha256', key)} |")
+        first = t.get(key + " first byte", {})
+        if first:
+            fb.append(f"| {prof}, {kind} | " + " | ".join(cell(first.get(x)) for x in tools) + " |")
+        for tool in tools:
+            runs = b.facts.get("link", {}).get(key, {}).get(tool, [])
+            if runs and "cdn_connections" in runs[-1]:
+                f = runs[-1]
+                gap = "-" if f.get("client_gap_median") is None else f"{f['client_gap_median'] * 1000:.1f} ms"
+                cnt.append(f"| {prof}, {kind} | {tool} | {f['cdn_connections']} | {f['max_open_cdn_connections']} | "
+                           f"{f['cdn_gets']} | {f.get('cdn_rerequests', '-')} | {gap} | {f['redirects']} | "
+                           f"{f['hub_connections']} |")
+    text = "\n".join(out)
+    if b.args.fetcher_env:
+        text = f"dinov3-fetcher run with {' '.join(b.args.fetcher_env)}\n\n{text}"
+    if len(fb) > 2:
+        text += "\n\nFirst weight byte (first byte of a CDN GET answer sent by the link proxy, from the start of " \
+                "the process):\n\n" + "\n".join(fb)
+    if len(cnt) > 2:
+        text += "\n\nWhat each tool opened (last round, counted at the link proxies and the Hub emulator):\n\n" \
+                + "\n".join(cnt)
+    return text
+
+
+def exit_status(rows: list[dict[str, Any]], strict: bool) -> int:
+    """0 when every tool ran: a target missed on timing is reported (issue 11 item 23), not a failure,
+    unless ``strict``. A tool that failed never gets here (``main`` returns 1)."""
+    missed = [r["scenario"] for r in rows if r["met"] is False]
+    if missed:
+        print(f"targets not met: {', '.join(missed)}" + ("" if strict else " (timing: reported, not a failure; "
+              "--strict makes it one)"), file=sys.stderr)
+    return 1 if missed and strict else 0
+
 def versions(cdn: str) -> dict[str, str]:
     def first(argv: list[str]) -> str:
         try:
@@ -493,6 +681,20 @@ def main() -> int:
     ap.add_argument("--cdn", choices=("auto", "nginx", "emulator"), default="auto",
                     help="what serves the bytes behind the LFS redirect (auto: nginx when installed)")
     ap.add_argument("--throttle-mbps", type=float, default=40.0, help="per-connection limit for 'throttled'")
+    ap.add_argument("--link", help="emulated links (bench/link.py) out of " + ",".join(PROFILES) + "; each "
+                    "runs the single file and the 6 shards, or one of them with PROFILE:single / PROFILE:sharded "
+                    "(e.g. --link far,cdn:single,none:sharded); implies --only link unless --only is given")
+    ap.add_argument("--link-tools", default=",".join(LINK_TOOLS), help="tools for --link (default: all)")
+    ap.add_argument("--fetcher-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="extra environment for dinov3-fetcher in --link runs (e.g. DINOV3_FETCHER_CONNECTIONS=16)")
+    ap.add_argument("--sha256-tool", choices=("openssl", "sha256sum"), default="openssl",
+                    help="the sha256 pass after curl and aria2c (openssl uses SHA-NI; coreutils sha256sum does "
+                    "not and takes ~4x longer here)")
+    ap.add_argument("--slow-after", type=float, default=60.0, help="with --slow-rounds: a tool whose runs all "
+                    "took longer than this many seconds ...")
+    ap.add_argument("--slow-rounds", type=int, help="... stops after this many rounds (default: --rounds)")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a target is not met (default: report "
+                    "met / not met and exit 0; a tool that fails exits 1 either way)")
     ap.add_argument("--serve", action="store_true", help="only start the servers and print the environment to "
                     "use them (for profiling by hand); Ctrl-C stops")
     ap.add_argument("--data", type=Path, help="keep the generated checkpoints here between runs (default: "
@@ -503,7 +705,20 @@ def main() -> int:
     global REPO, SHARDED_REPO
     if args.layers != 24:  # not a real ViT-L any more: an unofficial id skips the registry's architecture check
         REPO, SHARDED_REPO = "bench-org/dinov3-vit-small", "bench-org/dinov3-vit-small-sharded"
-    only = [s.strip() for s in (args.only or ",".join(SCENARIOS)).split(",") if s.strip()]
+    default_only = "link" if args.link else ",".join(s for s in SCENARIOS if s != "link")
+    only = [s.strip() for s in (args.only or default_only).split(",") if s.strip()]
+    args.link_specs = []
+    for spec in (args.link or ",".join(PROFILES)).split(","):
+        prof, _, kind = spec.strip().partition(":")
+        if prof not in PROFILES or kind not in ("", "single", "sharded"):
+            ap.error(f"--link: unknown {spec!r}; profiles {','.join(PROFILES)}, optionally :single or :sharded")
+        args.link_specs += [(prof, k) for k in ([kind] if kind else ["single", "sharded"])]
+    args.link_tools = [x.strip() for x in args.link_tools.split(",") if x.strip()]
+    if bad_tools := [x for x in args.link_tools if x not in LINK_TOOLS]:
+        ap.error(f"--link-tools: unknown {bad_tools}; choose from {LINK_TOOLS}")
+    args.slow_rounds = args.slow_rounds or args.rounds
+    if "link" in only and "aria2c + sha256" in args.link_tools and shutil.which("aria2c") is None:
+        ap.error("aria2c is not installed (apt-get install aria2), or leave it out with --link-tools")
     if bad := [s for s in only if s not in SCENARIOS]:
         ap.error(f"unknown scenario(s) {bad}; choose from {SCENARIOS}")
     for tool in ("curl", "openssl"):
@@ -523,7 +738,7 @@ def main() -> int:
         print(f"generating checkpoints in {data} ...", file=sys.stderr, flush=True)
         single = make_repo(data / f"single-{args.layers}", 1, args.layers)
         hub.add_repo(REPO, repo_files(single))
-        needs_shards = "sharded" in only
+        needs_shards = "sharded" in only or ("link" in only and any(k == "sharded" for _, k in args.link_specs))
         if needs_shards:
             sharded = make_repo(data / f"sharded-{args.layers}", 6, args.layers)
             hub.add_repo(SHARDED_REPO, repo_files(sharded))
@@ -555,6 +770,8 @@ def main() -> int:
             getattr(b, s)()
             print(f"[{s}] done in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
         rows, table = report(b)
+        if links := link_report(b):
+            table = f"{table}\n\n{links}" if rows else links
         print()
         print(table)
         out = {"versions": info, "size": b.size, "layers": args.layers, "rounds": args.rounds, "times": b.times,
@@ -562,7 +779,10 @@ def main() -> int:
         (RESULTS / "latest.json").write_text(json.dumps(out, indent=2) + "\n")
         (RESULTS / "latest.md").write_text("  ".join(f"{k}: {v}" for k, v in info.items()) + "\n\n" + table + "\n")
         print(f"\nwritten: {RESULTS / 'latest.json'}, {RESULTS / 'latest.md'}", file=sys.stderr)
-        return 0 if all(r["met"] is not False for r in rows) else 1
+        return exit_status(rows, args.strict)
+    except RuntimeError as e:  # a tool failed (Bench.run): that is a failure, whatever the timing
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
     finally:
         if nginx_cdn is not None:
             nginx_cdn.close()

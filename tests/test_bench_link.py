@@ -1,0 +1,64 @@
+"""The bench's link emulation (bench/link.py) and its exit status (issue 14; issue 11 item 23).
+
+Counts only: what the proxies carried and saw, never how long it took (bench/link.py --selftest reports
+the timing figures)."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from hub_server import HubServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+from link import LinkProxy, Profile, Shaper
+from run import exit_status
+
+MB = 1_000_000
+
+
+def test_a_download_goes_through_both_links_and_the_redirect_points_at_the_proxied_cdn(
+        hub: HubServer) -> None:
+    data = bytes(range(256)) * 12_000  # 3 MB
+    hub.add_repo("org/m", {"config.json": b"{}", "model.safetensors": data})
+    prof = Profile("test", 50 * MB, 200 * MB, 0.002)
+    h = hub.endpoint.removeprefix("http://").rsplit(":", 1)
+    c = hub.cdn_endpoint.removeprefix("http://").rsplit(":", 1)
+    with LinkProxy((h[0], int(h[1])), "127.0.0.1", prof, shaped=False) as hub_link, \
+            LinkProxy((c[0], int(c[1])), "127.0.0.2", prof) as cdn_link:
+        hub.cdn_endpoint = cdn_link.endpoint
+        # a client that follows the Hub's 302, as curl -L and aria2c do
+        with urllib.request.urlopen(f"{hub_link.endpoint}/org/m/resolve/main/model.safetensors") as r:
+            got = r.read()
+        assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        hub_reqs = [r for c in hub_link.snapshot() for r in c.requests]
+        cdn_conns = [c for c in cdn_link.snapshot() if c.requests]
+    assert any("/resolve/main/model.safetensors" in p for _, _, p in hub_reqs)
+    gets = [(m, p) for c in cdn_conns for _, m, p in c.requests if m == "GET"]
+    assert len(gets) == 1 and gets[0][1].startswith("/lfs/")
+    # every body byte the CDN sent went through the proxy (plus the answer's headers)
+    assert hub.bytes_served("model.safetensors") == len(data)
+    assert len(data) < sum(c.down_bytes for c in cdn_conns) < len(data) + 2000
+    assert all(c.first_down is not None for c in cdn_conns)
+
+
+def test_the_shared_pacer_hands_out_link_time_in_order() -> None:
+    s = Shaper(100.0)  # 100 bytes/s
+    assert s.reserve(50, 0.0) == 0.0
+    assert s.reserve(50, 0.0) == 0.5  # queued behind the first chunk
+    assert s.reserve(100, 0.2) == 1.0
+    assert s.reserve(10, 5.0) == 5.0  # an idle link does not bank time
+    assert Shaper(None).reserve(10**9, 3.0) == 3.0
+
+
+@pytest.mark.parametrize(("met", "strict", "code"), [(True, False, 0), (False, False, 0), (False, True, 1),
+                                                    (None, True, 0)])
+def test_a_missed_timing_target_is_reported_not_a_failure(met: bool | None, strict: bool, code: int,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_status([{"scenario": "cold", "met": True}, {"scenario": "sharded", "met": met}], strict) == code
+    assert ("targets not met: sharded" in capsys.readouterr().err) == (met is False)
