@@ -128,22 +128,26 @@ class Budget:
         return self.rule.cap
 
     def acquire(self, give_up: Callable[[], bool]) -> Slot | None:
-        """A slot once fewer streams than the limit run; None as soon as ``give_up()`` says so."""
+        """A slot once fewer streams than the limit run; None as soon as ``give_up()`` says so (asked outside
+        the budget's lock: it may take the caller's own locks)."""
         with self._cond:
             self.waiting += 1
-            try:
-                while self.active >= self.rule.limit:
-                    if give_up():
-                        return None
-                    self._cond.wait(0.1)
+        buf: bytearray | None = None
+        try:
+            while True:
                 if give_up():
                     return None
-                self.active += 1
-                buf = self._free.pop() if self._free else None
-            finally:
+                with self._cond:
+                    if self.active < self.rule.limit:
+                        self.active += 1
+                        buf = self._free.pop() if self._free else bytearray(self.block)
+                        break
+                    self._cond.wait(0.1)
+        finally:
+            with self._cond:
                 self.waiting -= 1
                 self._demand()
-        return Slot(self, buf if buf is not None else bytearray(self.block))
+        return Slot(self, buf)
 
     def release(self, slot: Slot) -> None:
         """The stream ended: its slot (and buffer) go to the next waiting worker."""
