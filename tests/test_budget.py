@@ -11,7 +11,7 @@ import pytest
 
 from checkpoints import shard_files, vit_repo_files
 from conftest import TINY
-from dinov3_fetcher._budget import CAP, START, Budget, Rule
+from dinov3_fetcher._budget import CAP, SETTLE_RTTS, START, WINDOW_RTTS, Budget, Rule
 from dinov3_fetcher._transfer import Settings
 from helpers import fetch
 from hub_server import HubServer
@@ -80,28 +80,27 @@ class Clock:
 def test_budget_decides_once_per_full_window_and_waits_for_new_streams() -> None:
     clock = Clock()
     b = Budget(Rule(), block=16, clock=clock)
-    b.first_byte(0.125)  # window: 6 round trips = 0.75 s; settle: 4 round trips = 0.5 s
+    b.first_byte(0.125)  # window: WINDOW_RTTS round trips; settle: SETTLE_RTTS round trips
+    window, settle = WINDOW_RTTS * 0.125, SETTLE_RTTS * 0.125
     slots = [b.acquire(lambda: False) for _ in range(4)]
     assert all(s is not None for s in slots) and b.active == 4
     b.add(1)  # opens a window (every slot in use)
-    for _ in range(5):  # 0.625 s: no decision before the window's end
-        clock.now += 0.125
-        b.add(MB)
-    assert b.limit == 4
+    clock.now += window - 0.125
+    b.add(MB)
+    assert b.limit == 4  # no decision before the window's end
     clock.now += 0.125
     b.add(MB)
     assert b.limit == 8 and b.limits == [4, 8]
-    # the new streams need round trips to flow: bytes in the next 0.5 s are not measured
-    clock.now += 0.25
+    # the new streams need round trips to flow: bytes until the settling ends are not measured
+    clock.now += settle - 0.125
     b.add(100 * MB)
     assert b._win_start is None
     # a window in which fewer workers wanted a slot than the limit is not a sample
-    clock.now += 0.25
+    clock.now += 0.125
     b.add(1)
     assert b._win_start is not None and not b._win_full  # 4 active, none waiting: 8 not all wanted
-    for _ in range(6):  # 0.75 s: the window closes, and counts for nothing
-        clock.now += 0.125
-        b.add(100 * MB)
+    clock.now += window
+    b.add(100 * MB)  # the window closes, and counts for nothing
     assert b.limits == [4, 8] and b._win_start is None
 
 

@@ -26,9 +26,10 @@ START = 4  # streams at first: enough for a CPU-bound localhost, a first step on
 CAP = 32  # never more streams than this for one fetch (aria2c with hfd.sh's flags opens up to 80)
 GAIN = 0.10  # a step that raised the throughput by less than this is given back
 MIN_WINDOW = 0.25  # seconds: the shortest measurement window
-WINDOW_RTTS = 6  # ... else this many round trips (the shortest time to first byte seen)
-SETTLE_RTTS = 4  # after a change, round trips before the next window starts (new connections, redirects)
+WINDOW_RTTS = 4  # ... else this many round trips (the shortest time to first byte seen)
+SETTLE_RTTS = 2  # after a change, round trips before the next window starts (a new connection's handshake)
 PIECE_RTTS = 30  # a piece lasts this many round trips at one stream's rate: the gap between pieces ~3%
+STEAL_RTTS = 8  # at a file's end an idle stream takes half of a busy piece down to this many round trips
 
 
 @dataclass
@@ -184,6 +185,16 @@ class Budget:
             return smallest
         return int(min(largest, max(smallest, rate * rtt * PIECE_RTTS)))
 
+    def steal(self, smallest: int, largest: int) -> int:
+        """The smallest piece worth splitting off a busy one at a file's end (the victim's connection is
+        closed and reopened, the thief asks anew: a few round trips): ``STEAL_RTTS`` round trips of one
+        stream, within [smallest, largest]. Smaller ends let the last bytes come over many streams."""
+        with self._cond:
+            rtt, rate = self.rtt, self.stream_rate
+        if rtt is None or rate is None:
+            return largest
+        return int(min(largest, max(smallest, rate * rtt * STEAL_RTTS)))
+
     def add(self, n: int) -> None:
         """``n`` bytes arrived on some stream: the measurement windows, and the rule's decision after each."""
         now = self.clock()
@@ -202,6 +213,11 @@ class Budget:
                 return
             rate = self._win_bytes / span
             self._win_start = None
+            import os  # TEMP TRACE
+            if os.environ.get("XFER_TRACE"):
+                with open(os.environ["XFER_TRACE"], "a") as f:
+                    f.write(f"{now:.3f} lim={self.rule.limit} act={self.active} wait={self.waiting} "
+                            f"full={self._win_full} rate={rate/1e6:.1f} span={span:.2f} rtt={self.rtt}\n")
             if not self._win_full:
                 return
             self.stream_rate = rate / max(1, self.active)

@@ -36,6 +36,7 @@ MiB = 1024 * 1024
 _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 SAVE_EVERY = 4 * MiB  # progress.json is rewritten after this many new bytes (all connections together)
 WRITE_CHUNK = 32 * 1024  # bytes per pwrite (see Job.write)
+STEAL_MIN = 1 * MiB  # the smallest half of a busy piece an idle stream takes over at a file's end
 
 
 @dataclass
@@ -139,7 +140,8 @@ class Job:
                 return seg
             if self.whole_file:
                 return None
-            busy = [s for s in self.segments if s.busy and s.end - s.pos >= 2 * self.t.settings.min_split]
+            least = self.steal_min()
+            busy = [s for s in self.segments if s.busy and s.end - s.pos >= 2 * least]
             if not busy:
                 return None
             victim = max(busy, key=lambda s: s.end - s.pos)
@@ -156,8 +158,12 @@ class Job:
                 return False
             if any(not s.busy and s.pos < s.end for s in self.segments):
                 return True
-            return not self.whole_file and any(
-                s.busy and s.end - s.pos >= 2 * self.t.settings.min_split for s in self.segments)
+            least = self.steal_min()
+            return not self.whole_file and any(s.busy and s.end - s.pos >= 2 * least for s in self.segments)
+
+    def steal_min(self) -> int:
+        """A busy piece is split in two when each half is at least this (see Budget.steal)."""
+        return self.t.budget.steal(STEAL_MIN, self.t.settings.min_split)
 
     def worker(self) -> None:
         """A stream's loop: a slot of the fetch's budget, then pieces over it until there is none (or the budget
