@@ -213,11 +213,6 @@ class Budget:
                 return
             rate = self._win_bytes / span
             self._win_start = None
-            import os  # TEMP TRACE
-            if os.environ.get("XFER_TRACE"):
-                with open(os.environ["XFER_TRACE"], "a") as f:
-                    f.write(f"{now:.3f} lim={self.rule.limit} act={self.active} wait={self.waiting} "
-                            f"full={self._win_full} rate={rate/1e6:.1f} span={span:.2f} rtt={self.rtt}\n")
             if not self._win_full:
                 return
             self.stream_rate = rate / max(1, self.active)
