@@ -95,13 +95,21 @@ def test_budget_decides_once_per_full_window_and_waits_for_new_streams() -> None
     clock.now += settle - 0.125
     b.add(100 * MB)
     assert b._win_start is None
-    # a window in which fewer workers wanted a slot than the limit is not a sample
+    # no window while fewer workers want a slot than the limit (4 active, none waiting: 8 not all wanted)
     clock.now += 0.125
     b.add(1)
-    assert b._win_start is not None and not b._win_full  # 4 active, none waiting: 8 not all wanted
     clock.now += window
-    b.add(100 * MB)  # the window closes, and counts for nothing
+    b.add(100 * MB)
     assert b.limits == [4, 8] and b._win_start is None
+    more = [b.acquire(lambda: False) for _ in range(4)]
+    b.add(1)  # all 8 wanted: a window opens
+    assert b._win_start is not None and b._win_full
+    assert more[0] is not None
+    more[0].release()  # a slot not wanted: the window ends at once, uncounted
+    assert b._win_start is None and not b._win_full
+    clock.now += window
+    b.add(100 * MB)
+    assert b.limits == [4, 8]
 
 
 def test_budget_sheds_streams_above_a_lowered_limit() -> None:

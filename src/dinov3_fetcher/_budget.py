@@ -204,8 +204,8 @@ class Budget:
             if now < self._settle_until:
                 return
             if self._win_start is None:
-                self._win_start, self._win_bytes = now, 0
-                self._win_full = self.active + self.waiting >= self.rule.limit
+                if self.active + self.waiting >= self.rule.limit:  # a window opens only while all are wanted
+                    self._win_start, self._win_bytes, self._win_full = now, 0, True
                 return
             self._win_bytes += n
             span = now - self._win_start
@@ -224,6 +224,7 @@ class Budget:
                 self._cond.notify_all()
 
     def _demand(self) -> None:
-        """Under the lock, after any change: a window in which a slot was not wanted does not count."""
+        """Under the lock, after any change: a window in which a slot was not wanted does not count (it ends
+        there; the next opens once every slot is wanted again)."""
         if self.active + self.waiting < self.rule.limit:
-            self._win_full = False
+            self._win_full, self._win_start = False, None
