@@ -13,6 +13,6 @@ lint:
     uv run ruff check .
     uv run mypy
 
-# Benchmarks against curl and `hf download` (see BENCHMARKS.md)
+# Benchmarks against curl, aria2c and `hf download` (see BENCHMARKS.md); `just bench --link far,cdn` for emulated links
 bench *ARGS:
     uv run python bench/run.py {{ARGS}}

@@ -3,10 +3,13 @@
     uv run python bench/run.py                 # full run: 1.2 GB ViT-L/16-shaped checkpoint, 5 rounds
     uv run python bench/run.py --quick         # smoke run: 1 round, smaller checkpoint (8 layers, ~0.4 GB)
     uv run python bench/run.py --only cold,warm --rounds 3 --cdn emulator
+    uv run python bench/run.py --link far,cdn:single --rounds 3   # emulated links (bench/link.py), + aria2c
 
 Every figure is a ratio against a public tool timed in the same run on the same server, runs alternating
 (the order rotates each round), each preceded by an untimed ``sync`` so that no run pays for the previous
-one's dirty pages. Scenarios: cold, warm, resume, sharded, throttled, rehash, startup (see ``--help``).
+one's dirty pages. Scenarios: cold, warm, resume, sharded, throttled, rehash, startup (see ``--help``), and
+link (``--link``: the Hub and the CDN behind an emulated link, against aria2c, curl and hf download).
+A timing target that is missed is reported, not a failure (exit 0; ``--strict`` for exit 1).
 The checkpoints and downloads live in a temp folder under bench/results/ (gitignored) that is deleted at the
 end; the results go to bench/results/latest.{json,md}.
 """
