@@ -1,6 +1,7 @@
 """One file's download: the pieces still missing, the workers that fetch them, and the hasher that follows.
 
-Workers take pieces front to back, each over its own pooled connection; the ranges still missing are
+Workers take pieces front to back, each over its own pooled connection and while it holds a slot of the
+fetch's stream budget (_budget: how many streams run, and how long a piece is); the ranges still missing are
 recorded after every ``SAVE_EVERY`` bytes written (and at least once a second), so a SIGKILL costs at most
 that plus one block per connection. A thread follows the contiguous written prefix with sha256 (and the git
 blob sha1 for small files), so verification ends moments after the last byte. Why each number is what it
