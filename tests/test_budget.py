@@ -11,7 +11,7 @@ import pytest
 
 from checkpoints import shard_files, vit_repo_files
 from conftest import TINY
-from dinov3_fetcher._budget import CAP, SETTLE_RTTS, START, WINDOW_RTTS, Budget, Rule
+from dinov3_fetcher._budget import CAP, READ_AHEAD, SETTLE_RTTS, START, WINDOW_RTTS, Budget, Rule
 from dinov3_fetcher._transfer import Settings
 from helpers import fetch
 from hub_server import HubServer
@@ -124,6 +124,16 @@ def test_budget_sheds_streams_above_a_lowered_limit() -> None:
         s.release()
     assert b.active == 2 and b.shedding == 0
     assert len(b._free) == 2  # buffers kept for reuse, never more than the limit
+
+
+def test_reads_under_way_stay_within_the_read_ahead_however_many_streams() -> None:
+    b = Budget(Rule(), block=1024 * 1024)
+    for limit in (1, 4, 8, 16, 32):
+        b.rule.limit = limit
+        assert b.read_size() <= 1024 * 1024
+        assert limit * b.read_size() <= max(READ_AHEAD, limit * 64 * 1024)
+    b.rule.limit = 4
+    assert b.read_size() == 1024 * 1024  # few streams (localhost): full 1 MiB reads, as measured
 
 
 def test_a_waiting_worker_gets_the_released_slot() -> None:

@@ -29,6 +29,7 @@ MIN_WINDOW = 0.25  # seconds: the shortest measurement window
 WINDOW_RTTS = 4  # ... else this many round trips (the shortest time to first byte seen)
 SETTLE_RTTS = 2  # after a change, round trips before the next window starts (a new connection's handshake)
 PIECE_RTTS = 30  # a piece lasts this many round trips at one stream's rate: the gap between pieces ~3%
+READ_AHEAD = 8 * 1024 * 1024  # all streams' reads under way together: a SIGKILL loses at most this (+ progress)
 STEAL_RTTS = 8  # at a file's end an idle stream takes half of a busy piece down to this many round trips
 
 
@@ -169,6 +170,11 @@ class Budget:
             self.shedding += 1
             slot.shedding = True
             return True
+
+    def read_size(self) -> int:
+        """Bytes one read may take: the buffer, shrunk when many streams run so that all reads under way
+        together stay within ``READ_AHEAD`` (what a SIGKILL costs besides the unrecorded progress)."""
+        return max(64 * 1024, min(self.block, READ_AHEAD // max(1, self.rule.limit)))
 
     def first_byte(self, seconds: float) -> None:
         """A request's time to its answer's headers (redirects included): the shortest is the round trip."""

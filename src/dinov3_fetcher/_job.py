@@ -306,7 +306,7 @@ class Job:
         mv = memoryview(buf)
         while True:
             with self.lock:
-                want = min(len(buf), seg.end - offset)
+                want = min(len(buf), self.t.budget.read_size(), seg.end - offset)
             if want <= 0:
                 if offset == self.target.size and resp.read(1):
                     self.fail_integrity(f"the server sent more than the {self.target.size} bytes the Hub listed")
