@@ -87,6 +87,7 @@ class Request:
     body_bytes: int = 0
     file: str | None = None  # the repo file a Xet-bridge CDN URL serves (its URL path ends in the Xet hash)
     t: float = field(default_factory=time.monotonic)  # when the request arrived (monotonic clock)
+    done: float | None = None  # when its answer's body ended (sent, cut or failed)
 
 
 @dataclass
@@ -596,6 +597,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._write_body(blob, start, end, fault)
 
     def _write_body(self, blob: _Blob, start: int, end: int, fault: Fault) -> None:
+        try:
+            self._write_body_(blob, start, end, fault)
+        finally:
+            self.rec.done = time.monotonic()
+
+    def _write_body_(self, blob: _Blob, start: int, end: int, fault: Fault) -> None:
         limit = end if fault.cut_after is None else min(end, start + fault.cut_after)
         step = MIB if not fault.throttle_bps else max(1, min(MIB, fault.throttle_bps // 50))
         stall_at = None if fault.stall_after is None else start + fault.stall_after

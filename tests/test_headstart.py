@@ -53,8 +53,11 @@ def _hold_listing_until(hub: HubServer, *names: str) -> list[bool]:
 
 
 def _resolve_commits(hub: HubServer, name: str) -> set[str]:
-    """The commits of the hub's resolve GETs for a file (the main path asks at the listing's commit)."""
-    return {r.path.split("/resolve/")[1].split("/")[0] for r in hub.file_gets("/" + name) if r.host == "hub"}
+    """The commits of the hub's resolve requests for a file: the head start's HEAD (its GETs then go straight to
+    the HEAD's Location) and the main path's GETs, at the listing's commit."""
+    return {r.path.split("/resolve/")[1].split("/")[0] for r in list(hub.requests)
+            if r.host == "hub" and "/resolve/" in r.path and r.method in ("GET", "HEAD")
+            and r.path.partition("?")[0].endswith("/" + name)}
 
 
 def test_weights_flow_while_the_listing_is_held_back(hub: HubServer, dino_root: Path) -> None:

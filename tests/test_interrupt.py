@@ -26,6 +26,7 @@ from checkpoints import big_vit_repo_dir, vit_repo_files
 from conftest import TINY, cli_env, start
 from dinov3_fetcher import _job, validate_dinov3
 from dinov3_fetcher import _transfer as transfer
+from dinov3_fetcher._budget import READ_AHEAD
 from hub_server import HubServer
 
 MiB = 1 << 20
@@ -33,11 +34,14 @@ MODEL = "model.safetensors"
 SAVE_EVERY = _job.SAVE_EVERY
 
 
-def kill_bound(connections: int) -> int:
+def kill_bound(connections: int | None) -> int:
     """What a SIGKILL may cost, per the design, in bytes the server sent that the next run asks for again:
     progress not yet recorded (less than SAVE_EVERY, plus the block that crossed it) plus one block read or being
-    written per connection. Measured at a gated kill (see ``freeze``), where nothing is left in socket buffers."""
-    return SAVE_EVERY + (connections + 1) * transfer.Settings.block
+    written per connection; with the adaptive budget (``connections=None``), all reads under way together stay
+    within ``_budget.READ_AHEAD``. Measured at a gated kill (see ``freeze``), where nothing is left in socket
+    buffers."""
+    in_flight = READ_AHEAD if connections is None else connections * transfer.Settings.block
+    return SAVE_EVERY + in_flight + transfer.Settings.block
 
 
 def _socket_queues(port: int) -> int:
@@ -189,13 +193,13 @@ def expected_digests(files: dict[str, Path | bytes]) -> dict[str, str]:
 
 
 def _run_kill_series(hub: HubServer, dino_root: Path, src: Path, n_kills: int, throttle: int, connections: int,
-                     seed: int) -> tuple[list[KillReport], int]:
+                     seed: int, adaptive: bool = False) -> tuple[list[KillReport], int]:
     files: dict[str, Path | bytes] = {p.name: p for p in src.iterdir()}
     hub.add_repo(TINY, files)
     expected = expected_digests(files)
     size = (src / MODEL).stat().st_size
     hub.faults.add(path_suffix=MODEL, host="cdn", throttle_bps=throttle)
-    env = {"DINOV3_FETCHER_CONNECTIONS": str(connections)}
+    env = {} if adaptive else {"DINOV3_FETCHER_CONNECTIONS": str(connections)}
     rng = random.Random(seed)
     triggers: list[tuple[Callable[[int], bool], bool]] = []
     for i in range(n_kills):
@@ -213,7 +217,7 @@ def _run_kill_series(hub: HubServer, dino_root: Path, src: Path, n_kills: int, t
     final_missing = size - partial_state(dino_root, expected[MODEL])[1]
     fetched = finish(hub, dino_root, src / MODEL, expected, env)
     assert fetched <= final_missing + SAVE_EVERY, (fetched, final_missing)
-    bound = kill_bound(connections)
+    bound = kill_bound(None if adaptive else connections)
     for r in reports:
         assert r.missing_after <= r.missing_before  # a kill never loses what an earlier run recorded
         if r.frozen:
@@ -248,6 +252,17 @@ def test_sigkill_at_twenty_random_points_of_a_large_download(hub: HubServer, tmp
     reports, fetched = _run_kill_series(hub, dino_root, src, n_kills=22, throttle=12 * MiB, connections=8,
                                         seed=int(os.environ.get("KILL_SEED", "20")))
     assert len(reports) >= 21
+    print(_summary(reports, fetched))
+
+
+@pytest.mark.slow
+def test_sigkill_series_with_the_adaptive_budget(hub: HubServer, tmp_path: Path, dino_root: Path) -> None:
+    """Streams grow with a link throttled per connection (up to 18 on this file): the bytes in flight at a kill
+    (reads under way, bytes not yet recorded) stay within the resume bound all the same."""
+    src = big_vit_repo_dir(tmp_path / "src", hidden=1024, intermediate=4096, layers=6)  # ~300 MB
+    reports, fetched = _run_kill_series(hub, dino_root, src, n_kills=12, throttle=4 * MiB, connections=0,
+                                        seed=int(os.environ.get("KILL_SEED", "21")), adaptive=True)
+    assert len(reports) >= 11
     print(_summary(reports, fetched))
 
 

@@ -24,12 +24,13 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from ._errors import FetchInterrupted
 from ._hashing import git_blob_id
-from ._http import etag_value
+from ._http import etag_value, redirect_target
 from ._layout import CONFIG, INDEX, SINGLE, shards_from_index
 from ._manifest import Manifest, is_commit, is_sha256
 from ._registry import variant_for
@@ -39,6 +40,7 @@ from ._validate import config_problem, registry_mismatch
 
 __all__ = ["HeadStart"]
 
+HEADS_AT_ONCE = 8  # the shards' HEAD requests in parallel
 MAX_JSON = 16 * 1024 * 1024  # config.json and the index are a few KB; a bigger answer is not one of them
 
 
@@ -117,12 +119,13 @@ class HeadStart:
             if layout == INDEX and (idx := self._small(self.base + commit + "/" + INDEX)) is not None:
                 self.small[INDEX] = idx[1]
                 index = json.loads(idx[1])
-                targets = []
-                for name in shards_from_index(index if isinstance(index, dict) else {}):
-                    t = self._lfs(commit, name)
-                    if t is None:
-                        return []
-                    targets.append(t)
+                names = shards_from_index(index if isinstance(index, dict) else {})
+                # The shards' HEADs at once (a few at a time): one round trip for all, not one per shard.
+                with ThreadPoolExecutor(min(HEADS_AT_ONCE, max(1, len(names)))) as ex:
+                    found = list(ex.map(lambda n: self._lfs(commit, n), names))
+                targets = [t for t in found if t is not None]
+                if len(targets) != len(found):
+                    return []
                 return [t for t in targets if self._needed(t)]
         return []
 
@@ -166,7 +169,14 @@ class HeadStart:
         size = resp.getheader("X-Linked-Size") or resp.getheader("Content-Length") or ""
         if resp.status >= 400 or not is_sha256(sha) or not size.isdigit():
             return None
-        return Target(name, url, int(size), sha, sha)
+        target = Target(name, url, int(size), sha, sha)
+        location = resp.getheader("Location")
+        if resp.status in (301, 302, 303, 307, 308) and location:
+            # The GETs go straight there (one round trip less); a location refused later (expired, signed
+            # per request) is re-resolved from then on: Transfer.forget_location.
+            with contextlib.suppress(Exception):
+                self.transfer.remember_location(target, redirect_target(url, location))
+        return target
 
     def _needed(self, t: Target) -> bool:
         """False when a complete copy is on disk already (published or staged): the main path reuses it."""

@@ -22,7 +22,7 @@ from ._errors import HubResponseError
 from ._net import Proxy, network_error, proxy_for, ssl_context
 from ._sources import Auth
 
-__all__ = ["Connection", "HttpPool", "Response", "etag_value", "origin_key"]
+__all__ = ["Connection", "HttpPool", "Response", "etag_value", "origin_key", "redirect_target"]
 
 Response = http.client.HTTPResponse
 Connection = http.client.HTTPConnection
@@ -111,7 +111,7 @@ class HttpPool:
             if resp.status in _REDIRECTS and resp.getheader("Location"):
                 resp.read()
                 self.finish(url, conn, resp)
-                url = _redirect_target(url, resp.getheader("Location") or "")
+                url = redirect_target(url, resp.getheader("Location") or "")
                 continue
             return url, conn, resp
         raise http.client.HTTPException(f"too many redirects for {url}")
@@ -169,7 +169,7 @@ class HttpPool:
             conn.close()
 
 
-def _redirect_target(url: str, location: str) -> str:
+def redirect_target(url: str, location: str) -> str:
     """Where a redirect leads; HubResponseError for a Location that is malformed or not http(s)."""
     try:
         target = urljoin(url, location.strip())

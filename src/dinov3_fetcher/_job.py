@@ -1,6 +1,7 @@
 """One file's download: the pieces still missing, the workers that fetch them, and the hasher that follows.
 
-Workers take pieces front to back, each over its own pooled connection; the ranges still missing are
+Workers take pieces front to back, each over its own pooled connection and while it holds a slot of the
+fetch's stream budget (_budget: how many streams run, and how long a piece is); the ranges still missing are
 recorded after every ``SAVE_EVERY`` bytes written (and at least once a second), so a SIGKILL costs at most
 that plus one block per connection. A thread follows the contiguous written prefix with sha256 (and the git
 blob sha1 for small files), so verification ends moments after the last byte. Why each number is what it
@@ -27,6 +28,7 @@ from ._http import Response, etag_value
 from ._state import PROGRESS_PAGE, encode_progress, read_progress, write_new
 
 if TYPE_CHECKING:
+    from ._budget import Slot
     from ._transfer import Target, Transfer
 
 __all__ = ["SAVE_EVERY", "WRITE_CHUNK", "Job"]
@@ -35,6 +37,7 @@ MiB = 1024 * 1024
 _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 SAVE_EVERY = 4 * MiB  # progress.json is rewritten after this many new bytes (all connections together)
 WRITE_CHUNK = 32 * 1024  # bytes per pwrite (see Job.write)
+STEAL_MIN = 1 * MiB  # the smallest half of a busy piece an idle stream takes over at a file's end
 
 
 @dataclass
@@ -124,18 +127,22 @@ class Job:
             idle = [s for s in self.segments if not s.busy and s.pos < s.end]
             if idle:
                 seg = min(idle, key=lambda s: s.pos)
-                if self.piece and seg.end - seg.pos >= self.piece * 3 // 2 and not self.whole_file:
+                piece = self.t.budget.piece(self.piece, 4 * self.piece) if self.piece else 0
+                if piece and seg.end - seg.pos >= piece * 3 // 2 and not self.whole_file:
                     # Hand the file out front to back, one piece at a time: the written prefix (which the
                     # hasher follows) then grows at the speed of all connections, not of the first one, so
                     # the sha256 is done moments after the last byte instead of one 7/8-file pass later.
-                    rest = _Segment(seg.pos + self.piece, seg.end)
+                    # A piece lasts a few dozen round trips (Budget.piece): the round trip a connection
+                    # idles between two pieces is a small part of it.
+                    rest = _Segment(seg.pos + piece, seg.end)
                     seg.end = rest.pos
                     self.segments.append(rest)
                 seg.busy = True
                 return seg
             if self.whole_file:
                 return None
-            busy = [s for s in self.segments if s.busy and s.end - s.pos >= 2 * self.t.settings.min_split]
+            least = self.steal_min()
+            busy = [s for s in self.segments if s.busy and s.end - s.pos >= 2 * least]
             if not busy:
                 return None
             victim = max(busy, key=lambda s: s.end - s.pos)
@@ -145,32 +152,51 @@ class Job:
             self.segments.append(seg)
             return seg
 
+    def has_work(self) -> bool:
+        """Would ``take`` hand out a piece now (without taking it)?"""
+        with self.lock:
+            if self.error is not None or self.t.cancel.is_set():
+                return False
+            if any(not s.busy and s.pos < s.end for s in self.segments):
+                return True
+            least = self.steal_min()
+            return not self.whole_file and any(s.busy and s.end - s.pos >= 2 * least for s in self.segments)
+
+    def steal_min(self) -> int:
+        """A busy piece is split in two when each half is at least this (see Budget.steal)."""
+        return self.t.budget.steal(STEAL_MIN, self.t.settings.min_split)
+
     def worker(self) -> None:
-        """A connection's loop: take a piece, fetch it, until there is none; the first error stops the job."""
-        buf = bytearray(self.t.settings.block)
+        """A stream's loop: a slot of the fetch's budget, then pieces over it until there is none (or the budget
+        shrank); the first error stops the job."""
         try:
-            while (seg := self.take()) is not None:
+            while (slot := self.t.budget.acquire(lambda: not self.has_work())) is not None:
                 try:
-                    self.fetch_segment(seg, buf)
+                    while not slot.shed() and (seg := self.take()) is not None:
+                        try:
+                            self.fetch_segment(seg, slot)
+                        finally:
+                            with self.lock:
+                                seg.busy = False
+                                self.lock.notify_all()
                 finally:
-                    with self.lock:
-                        seg.busy = False
-                        self.lock.notify_all()
+                    slot.release()
         except BaseException as exc:
             with self.lock:
                 if self.error is None:
                     self.error = exc
                 self.lock.notify_all()
 
-    def fetch_segment(self, seg: _Segment, buf: bytearray) -> None:
-        """Fetch one piece, retrying with backoff while attempts in a row make no progress."""
+    def fetch_segment(self, seg: _Segment, slot: Slot) -> None:
+        """Fetch one piece, retrying with backoff while attempts in a row make no progress; stops early (the
+        rest of the piece left to a later stream) when the budget sheds this stream."""
         failures, backoff = 0, self.t.settings.backoff
         while seg.pos < seg.end:
-            if self.t.cancel.is_set() or self.error is not None:
+            if self.t.cancel.is_set() or self.error is not None or slot.shedding:
                 return
             start = seg.pos
             try:
-                self.stream(seg, buf)
+                self.stream(seg, slot)
                 if seg.pos >= seg.end or seg.pos > start:
                     continue  # done, or cut short by a split / a whole-file switch: the loop decides
                 raise _Retry("the answer ended without progress")
@@ -186,13 +212,15 @@ class Job:
                 time.sleep(r.wait if r.wait is not None else backoff)
                 backoff = min(backoff * 2, self.t.settings.backoff * 8)
 
-    def stream(self, seg: _Segment, buf: bytearray) -> None:
+    def stream(self, seg: _Segment, slot: Slot) -> None:
         """One GET of the piece (a Range request unless it is the whole file), copied to disk."""
         size = self.target.size
         whole = (seg.pos == 0 and seg.end == size) or self.no_ranges
         headers = {} if whole else {"Range": f"bytes={seg.pos}-{seg.end - 1}"}
         try:
+            asked = time.monotonic()
             url, conn, resp = self.t.open(self.target, headers)
+            self.t.budget.first_byte(time.monotonic() - asked)
         except (TimeoutError, OSError, http.client.HTTPException) as exc:  # refused, DNS, TLS, no headers
             if isinstance(exc, FetcherError):
                 raise
@@ -203,7 +231,7 @@ class Job:
             offset = seg.pos if _ranged(resp) else 0
             if not _ranged(resp) and headers and not self.become_whole_file(seg):
                 return
-            self.copy(resp, seg, buf, offset)
+            self.copy(resp, seg, slot, offset)
         except (TimeoutError, OSError, http.client.HTTPException) as exc:
             if isinstance(exc, FetcherError):  # our own errors are final (some are OSErrors too)
                 raise
@@ -271,17 +299,19 @@ class Job:
             self.lock.notify_all()
             return True
 
-    def copy(self, resp: Response, seg: _Segment, buf: bytearray, offset: int) -> None:
-        """Read the body into the buffer and write what belongs to the piece, recording progress."""
+    def copy(self, resp: Response, seg: _Segment, slot: Slot, offset: int) -> None:
+        """Read the body into the slot's buffer and write what belongs to the piece, recording progress; stop
+        (the connection is closed, the rest of the piece stays to fetch) when the budget sheds this stream."""
+        buf = slot.buf
         mv = memoryview(buf)
         while True:
             with self.lock:
-                want = min(len(buf), seg.end - offset)
+                want = min(len(buf), self.t.budget.read_size(), seg.end - offset)
             if want <= 0:
                 if offset == self.target.size and resp.read(1):
                     self.fail_integrity(f"the server sent more than the {self.target.size} bytes the listing gives")
                 return
-            if self.t.cancel.is_set() or self.error is not None:
+            if self.t.cancel.is_set() or self.error is not None or slot.shed():
                 return
             n = resp.readinto(mv[:want])
             if not n:
@@ -310,6 +340,7 @@ class Job:
                 due = self.unsaved >= SAVE_EVERY or time.monotonic() - self.saved_at >= 1.0
                 self.lock.notify_all()
             self.t.progress.advance(max(hi - lo, 0))
+            self.t.budget.add(n)
             if due:
                 self.save(wait=False)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import _env as env
+from ._budget import Budget
 from ._errors import FetchInterrupted, IntegrityError
 from ._hashing import git_blob_id
 from ._http import Connection, HttpPool, Response
@@ -31,7 +32,7 @@ FILES_AT_ONCE = 2  # weight files downloaded together: one file's sha256 tail ov
 class Settings:
     """Transfer knobs; each has an environment variable (see the README)."""
 
-    connections: int = 8  # DINOV3_FETCHER_CONNECTIONS: Range connections per large file
+    connections: int | None = None  # DINOV3_FETCHER_CONNECTIONS: streams for the whole fetch (None: adaptive)
     min_split: int = 16 * MiB  # never split a file into pieces smaller than this
     block: int = 1 * MiB  # read/write block
     timeout: float = 30.0  # DINOV3_FETCHER_TIMEOUT (or HF_HUB_DOWNLOAD_TIMEOUT): seconds without a byte
@@ -42,8 +43,9 @@ class Settings:
     def from_env(cls) -> Settings:
         """The settings from DINOV3_FETCHER_* (and HF_HUB_DOWNLOAD_TIMEOUT)."""
         timeout = env.timeout(cls.timeout)
+        connections = env.number("DINOV3_FETCHER_CONNECTIONS", 0)
         return cls(
-            connections=max(1, int(env.number("DINOV3_FETCHER_CONNECTIONS", cls.connections))),
+            connections=max(1, int(connections)) if connections else None,
             timeout=timeout,
             retries=max(0, int(env.number("DINOV3_FETCHER_RETRIES", cls.retries))),
             backoff=max(0.0, env.number("DINOV3_FETCHER_BACKOFF", cls.backoff)),
@@ -76,6 +78,7 @@ class Transfer:
 
     ``early``, when set, is asked first for each file: a source of bytes that may already hold the verified
     download (the head start, see _headstart); it answers None when it does not, and the transfer runs.
+    ``budget`` caps the streams of all its files together; the head start's Transfer shares the main one's.
     """
 
     settings: Settings
@@ -88,6 +91,16 @@ class Transfer:
     endpoint_var: str = "HF_ENDPOINT"  # the variable that points at the source, named in error hints
     _locations: dict[str, str] = field(default_factory=dict)
     _per_request: set[str] = field(default_factory=set)  # files whose signed locations serve one request only
+    budget: Budget = None  # type: ignore[assignment]  # None: one from the settings (see __post_init__)
+
+    def __post_init__(self) -> None:
+        if self.budget is None:
+            self.budget = Budget.for_connections(self.settings.connections, self.settings.block)
+
+    def remember_location(self, target: Target, location: str) -> None:
+        """Where ``target``'s URL redirects (a HEAD's Location): used until it is refused (``forget_location``)."""
+        if target.url not in self._per_request:
+            self._locations.setdefault(target.url, location)
 
     def open(self, target: Target, headers: dict[str, str]) -> tuple[str, Connection, Response]:
         """GET the target's URL (or the location it last redirected to, until one was refused) with ``headers``."""
@@ -142,7 +155,7 @@ class Transfer:
         keep, orphans = True, False
         try:
             self.progress.start_file(target.name, target.size, job.resumed_from)
-            n_workers = min(self.settings.connections, max(1, target.size // self.settings.min_split))
+            n_workers = min(self.budget.cap, max(1, target.size // self.settings.min_split))
             job.piece = self.settings.min_split if n_workers > 1 else 0
             workers = [threading.Thread(target=job.worker, daemon=True, name=f"fetch-{i}") for i in range(n_workers)]
             if job.segments:

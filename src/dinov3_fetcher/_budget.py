@@ -1,0 +1,236 @@
+"""One budget of concurrent streams for a whole fetch (the head start included), and the rule that sizes it.
+
+Every worker of every file holds a ``Slot`` while it streams; a slot carries the worker's read buffer, so
+the buffers (and the connections) in use never outnumber the budget's limit, however many files run at once.
+
+The limit adapts to the link (``Rule``): it starts at ``START`` streams and grows while the aggregate
+throughput grows: after each step, once the new streams flow, one window of a few round trips (at least
+``MIN_WINDOW`` seconds) measures the rate; a gain over ``GAIN`` is worth another step (doubling while the
+rate scales nearly in proportion, +50% otherwise), a smaller one is not, and the last step is given back.
+Only windows in which every slot was wanted count (a file's tail, or the gap between files, says nothing
+about the link). ``DINOV3_FETCHER_CONNECTIONS`` set explicitly fixes the limit instead (no adapting).
+Why: BENCHMARKS.md ("Links (issue 14)").
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+__all__ = ["CAP", "START", "Budget", "Rule", "Slot"]
+
+START = 4  # streams at first: enough for a CPU-bound localhost, a first step on any real link
+CAP = 32  # never more streams than this for one fetch (aria2c with hfd.sh's flags opens up to 80)
+GAIN = 0.10  # a step that raised the throughput by less than this is given back
+MIN_WINDOW = 0.25  # seconds: the shortest measurement window
+WINDOW_RTTS = 4  # ... else this many round trips (the shortest time to first byte seen)
+SETTLE_RTTS = 2  # after a change, round trips before the next window starts (a new connection's handshake)
+PIECE_RTTS = 30  # a piece lasts this many round trips at one stream's rate: the gap between pieces ~3%
+READ_AHEAD = 8 * 1024 * 1024  # all streams' reads under way together: a SIGKILL loses at most this (+ progress)
+STEAL_RTTS = 8  # at a file's end an idle stream takes half of a busy piece down to this many round trips
+
+
+@dataclass
+class Rule:
+    """The adaptive rule alone, fed throughput samples (bytes/s, one per window in which every slot was
+    wanted); ``sample`` answers the next limit. No clock: it counts samples."""
+
+    start: int = START
+    cap: int = CAP
+    fixed: bool = False  # a limit set by the user: never changed
+    limit: int = 0
+    done: bool = False  # the last step did not pay: the limit stays
+    base: float | None = None  # the rate measured before the last step
+    before: int = 0  # the limit before the last step
+
+    def __post_init__(self) -> None:
+        self.limit = max(1, min(self.start, self.cap))
+        self.done = self.fixed or self.limit >= self.cap
+
+    def sample(self, rate: float) -> int:
+        """One window's aggregate rate at the current limit; returns the limit from now on."""
+        if self.done:
+            return self.limit
+        if self.base is None:  # the first window: its rate is the baseline, and the first step doubles
+            self._step(rate, double=True)
+            return self.limit
+        gain = rate / self.base - 1 if self.base > 0 else math.inf
+        if gain > GAIN:
+            # doubling while the rate grows at least half as fast as the streams did, +50% otherwise
+            self._step(rate, double=gain >= 0.5 * (self.limit / self.before - 1))
+        else:  # no gain worth the streams: give the last step back and stay there
+            self.limit, self.done = self.before, True
+        return self.limit
+
+    def _step(self, rate: float, double: bool) -> None:
+        if self.limit >= self.cap:
+            self.done = True
+            return
+        self.base, self.before = rate, self.limit
+        grown = self.limit * 2 if double else math.ceil(self.limit * 1.5)
+        self.limit = min(self.cap, max(self.limit + 1, grown))
+
+
+@dataclass
+class Slot:
+    """A stream's right to run, with its read buffer; ``shed`` asks it to stop (the limit went down)."""
+
+    budget: Budget
+    buf: bytearray
+    shedding: bool = False
+
+    def shed(self) -> bool:
+        """True when this stream should end now (more streams run than the limit): the caller stops its
+        request where it is and gives the slot back."""
+        return self.shedding or self.budget.shed(self)
+
+    def release(self) -> None:
+        self.budget.release(self)
+
+
+@dataclass
+class Budget:
+    """The streams of one fetch: a semaphore whose size the rule adjusts from the measured throughput."""
+
+    rule: Rule = field(default_factory=Rule)
+    block: int = 1024 * 1024  # read buffer per stream
+    clock: Callable[[], float] = time.monotonic
+    active: int = 0
+    waiting: int = 0
+    shedding: int = 0
+    rtt: float | None = None  # the shortest time to first byte seen: one round trip, at best
+    stream_rate: float | None = None  # the last window's rate per stream
+    limits: list[int] = field(default_factory=list)  # each limit the rule chose, in order (for the bench)
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _free: list[bytearray] = field(default_factory=list)
+    _win_start: float | None = None
+    _win_bytes: int = 0
+    _win_full: bool = False
+    _settle_until: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.limits.append(self.rule.limit)
+
+    @classmethod
+    def for_connections(cls, connections: int | None, block: int) -> Budget:
+        """Adaptive (START..CAP) when ``connections`` is None, else fixed at that many streams."""
+        if connections is None:
+            return cls(Rule(), block)
+        return cls(Rule(start=connections, cap=connections, fixed=True), block)
+
+    @property
+    def limit(self) -> int:
+        return self.rule.limit
+
+    @property
+    def cap(self) -> int:
+        return self.rule.cap
+
+    def acquire(self, give_up: Callable[[], bool]) -> Slot | None:
+        """A slot once fewer streams than the limit run; None as soon as ``give_up()`` says so (asked outside
+        the budget's lock: it may take the caller's own locks)."""
+        with self._cond:
+            self.waiting += 1
+        buf: bytearray | None = None
+        try:
+            while True:
+                if give_up():
+                    return None
+                with self._cond:
+                    if self.active < self.rule.limit:
+                        self.active += 1
+                        buf = self._free.pop() if self._free else bytearray(self.block)
+                        break
+                    self._cond.wait(0.1)
+        finally:
+            with self._cond:
+                self.waiting -= 1
+                self._demand()
+        return Slot(self, buf)
+
+    def release(self, slot: Slot) -> None:
+        """The stream ended: its slot (and buffer) go to the next waiting worker."""
+        with self._cond:
+            self.active -= 1
+            if slot.shedding:
+                self.shedding -= 1
+                slot.shedding = False
+            self._free.append(slot.buf)
+            del self._free[self.rule.limit:]
+            self._demand()
+            self._cond.notify_all()
+
+    def shed(self, slot: Slot) -> bool:
+        with self._cond:
+            if self.active - self.shedding <= self.rule.limit:
+                return False
+            self.shedding += 1
+            slot.shedding = True
+            return True
+
+    def read_size(self) -> int:
+        """Bytes one read may take: the buffer, shrunk when many streams run so that all reads under way
+        together stay within ``READ_AHEAD`` (what a SIGKILL costs besides the unrecorded progress)."""
+        return max(64 * 1024, min(self.block, READ_AHEAD // max(1, self.rule.limit)))
+
+    def first_byte(self, seconds: float) -> None:
+        """A request's time to its answer's headers (redirects included): the shortest is the round trip."""
+        with self._cond:
+            if self.rtt is None or seconds < self.rtt:
+                self.rtt = seconds
+
+    def piece(self, smallest: int, largest: int) -> int:
+        """The size of a piece: ``PIECE_RTTS`` round trips at one stream's rate, so that the round trip a
+        stream idles between two pieces is a small part of each; within [smallest, largest]."""
+        with self._cond:
+            rtt, rate = self.rtt, self.stream_rate
+        if rtt is None or rate is None:
+            return smallest
+        return int(min(largest, max(smallest, rate * rtt * PIECE_RTTS)))
+
+    def steal(self, smallest: int, largest: int) -> int:
+        """The smallest piece worth splitting off a busy one at a file's end (the victim's connection is
+        closed and reopened, the thief asks anew: a few round trips): ``STEAL_RTTS`` round trips of one
+        stream, within [smallest, largest]. Smaller ends let the last bytes come over many streams."""
+        with self._cond:
+            rtt, rate = self.rtt, self.stream_rate
+        if rtt is None or rate is None:
+            return largest
+        return int(min(largest, max(smallest, rate * rtt * STEAL_RTTS)))
+
+    def add(self, n: int) -> None:
+        """``n`` bytes arrived on some stream: the measurement windows, and the rule's decision after each."""
+        now = self.clock()
+        with self._cond:
+            if self.rule.done and self.stream_rate is not None:
+                return
+            if now < self._settle_until:
+                return
+            if self._win_start is None:
+                if self.active + self.waiting >= self.rule.limit:  # a window opens only while all are wanted
+                    self._win_start, self._win_bytes, self._win_full = now, 0, True
+                return
+            self._win_bytes += n
+            span = now - self._win_start
+            if span < max(MIN_WINDOW, WINDOW_RTTS * (self.rtt or 0.0)):
+                return
+            rate = self._win_bytes / span
+            self._win_start = None
+            if not self._win_full:
+                return
+            self.stream_rate = rate / max(1, self.active)
+            old = self.rule.limit
+            new = self.rule.sample(rate)
+            if new != old:
+                self.limits.append(new)
+                self._settle_until = now + SETTLE_RTTS * (self.rtt or 0.0)
+                self._cond.notify_all()
+
+    def _demand(self) -> None:
+        """Under the lock, after any change: a window in which a slot was not wanted does not count (it ends
+        there; the next opens once every slot is wanted again)."""
+        if self.active + self.waiting < self.rule.limit:
+            self._win_full, self._win_start = False, None

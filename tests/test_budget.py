@@ -1,0 +1,190 @@
+"""The stream budget (issue 14): the adaptive rule fed throughput samples, the budget's windows on a fake clock,
+and one budget for a whole fetch, head start included, counted at the emulator. No wall-clock assertions."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from checkpoints import shard_files, vit_repo_files
+from conftest import TINY
+from dinov3_fetcher._budget import CAP, READ_AHEAD, SETTLE_RTTS, START, WINDOW_RTTS, Budget, Rule
+from dinov3_fetcher._transfer import Settings
+from helpers import fetch
+from hub_server import HubServer
+
+MB = 1_000_000
+
+
+def feed(rule: Rule, rate_at: dict[int, float] | None = None, per_stream: float = 0.0, shared: float = 0.0,
+         samples: int = 20) -> list[int]:
+    """Feed ``samples`` windows of the rate a link gives at each limit; the limits chosen, in order."""
+    limits = [rule.limit]
+    for _ in range(samples):
+        n = rule.limit
+        rate = rate_at[n] if rate_at is not None else min(per_stream * n, shared)
+        new = rule.sample(rate)
+        if new != limits[-1]:
+            limits.append(new)
+    return limits
+
+
+def test_grows_while_the_rate_grows_and_gives_the_last_step_back() -> None:
+    # far: 8 MB/s per connection, 100 MB/s shared: 4 -> 8 -> 16 (100 MB/s) -> 32 (no gain) -> back to 16
+    assert feed(Rule(), per_stream=8 * MB, shared=100 * MB) == [4, 8, 16, 32, 16]
+
+
+def test_a_cpu_bound_link_stays_small() -> None:
+    # localhost: 4 streams already take all the CPU; 8 bring 3% (noise): back to 4 and stay
+    rule = Rule()
+    assert feed(rule, rate_at={4: 1000 * MB, 8: 1030 * MB}) == [4, 8, 4]
+    assert rule.done and rule.limit == START
+
+
+def test_grows_by_half_when_the_gain_is_less_than_proportional() -> None:
+    # 4 -> 8 doubled the rate; 8 -> 16 gave +30% only (less than half of +100%): the next step is +50%
+    rates = {4: 40 * MB, 8: 80 * MB, 16: 104 * MB, 24: 125 * MB, 36: 126 * MB}
+    assert feed(Rule(cap=64), rate_at=rates) == [4, 8, 16, 24, 36, 24]
+
+
+def test_never_above_the_cap() -> None:
+    rule = Rule(cap=12)
+    assert feed(rule, per_stream=8 * MB, shared=10_000 * MB) == [4, 8, 12]
+    assert rule.done and rule.limit == 12
+    assert max(feed(Rule(), per_stream=1 * MB, shared=10_000 * MB)) == CAP
+
+
+def test_a_fixed_limit_never_moves() -> None:
+    rule = Rule(start=3, cap=3, fixed=True)
+    assert feed(rule, per_stream=8 * MB, shared=10_000 * MB) == [3]
+
+
+def test_the_first_sample_only_sets_the_baseline() -> None:
+    rule = Rule()
+    assert rule.sample(10 * MB) == 8  # no judgement yet: a first step
+    assert rule.sample(10.5 * MB) == 4  # +5%: given back
+    assert rule.sample(100 * MB) == 4  # and it stays (done)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_budget_decides_once_per_full_window_and_waits_for_new_streams() -> None:
+    clock = Clock()
+    b = Budget(Rule(), block=16, clock=clock)
+    b.first_byte(0.125)  # window: WINDOW_RTTS round trips; settle: SETTLE_RTTS round trips
+    window, settle = WINDOW_RTTS * 0.125, SETTLE_RTTS * 0.125
+    slots = [b.acquire(lambda: False) for _ in range(4)]
+    assert all(s is not None for s in slots) and b.active == 4
+    b.add(1)  # opens a window (every slot in use)
+    clock.now += window - 0.125
+    b.add(MB)
+    assert b.limit == 4  # no decision before the window's end
+    clock.now += 0.125
+    b.add(MB)
+    assert b.limit == 8 and b.limits == [4, 8]
+    # the new streams need round trips to flow: bytes until the settling ends are not measured
+    clock.now += settle - 0.125
+    b.add(100 * MB)
+    assert b._win_start is None
+    # no window while fewer workers want a slot than the limit (4 active, none waiting: 8 not all wanted)
+    clock.now += 0.125
+    b.add(1)
+    clock.now += window
+    b.add(100 * MB)
+    assert b.limits == [4, 8] and b._win_start is None
+    more = [b.acquire(lambda: False) for _ in range(4)]
+    b.add(1)  # all 8 wanted: a window opens
+    assert b._win_start is not None and b._win_full
+    assert more[0] is not None
+    more[0].release()  # a slot not wanted: the window ends at once, uncounted
+    assert b._win_start is None and not b._win_full
+    clock.now += window
+    b.add(100 * MB)
+    assert b.limits == [4, 8]
+
+
+def test_budget_sheds_streams_above_a_lowered_limit() -> None:
+    b = Budget(Rule(start=4, cap=4, fixed=True), block=16)
+    slots = [b.acquire(lambda: False) for _ in range(4)]
+    assert b.acquire(lambda: True) is None  # full: a worker that gives up gets nothing
+    assert not any(s.shed() for s in slots if s is not None)
+    b.rule.limit = 2
+    assert [s.shed() for s in slots if s is not None] == [True, True, False, False]
+    for s in slots[:2]:
+        assert s is not None
+        s.release()
+    assert b.active == 2 and b.shedding == 0
+    assert len(b._free) == 2  # buffers kept for reuse, never more than the limit
+
+
+def test_reads_under_way_stay_within_the_read_ahead_however_many_streams() -> None:
+    b = Budget(Rule(), block=1024 * 1024)
+    for limit in (1, 4, 8, 16, 32):
+        b.rule.limit = limit
+        assert b.read_size() <= 1024 * 1024
+        assert limit * b.read_size() <= max(READ_AHEAD, limit * 64 * 1024)
+    b.rule.limit = 4
+    assert b.read_size() == 1024 * 1024  # few streams (localhost): full 1 MiB reads, as measured
+
+
+def test_a_waiting_worker_gets_the_released_slot() -> None:
+    b = Budget(Rule(start=1, cap=1, fixed=True), block=16)
+    first = b.acquire(lambda: False)
+    assert first is not None
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(b.acquire(lambda: False)))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and got == []
+    first.release()
+    t.join(5)
+    assert got and got[0] is not None and got[0].buf is first.buf  # type: ignore[attr-defined]
+
+
+def test_settings_fixed_only_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DINOV3_FETCHER_CONNECTIONS", raising=False)
+    assert Settings.from_env().connections is None
+    monkeypatch.setenv("DINOV3_FETCHER_CONNECTIONS", "3")
+    assert Settings.from_env().connections == 3
+    b = Budget.for_connections(3, 16)
+    assert b.rule.fixed and b.limit == 3 and b.cap == 3
+    assert not Budget.for_connections(None, 16).rule.fixed
+
+
+def _max_concurrent_bodies(hub: HubServer) -> int:
+    """The most weight-file answers the server was sending at once (from each GET's arrival and its last byte)."""
+    events = []
+    for r in hub.file_gets(".safetensors"):
+        if r.body_bytes and r.done is not None:
+            events += [(r.t, 1), (r.done, -1)]
+    most = now = 0
+    for _, step in sorted(events):
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_one_budget_for_the_whole_fetch_head_start_included(hub: HubServer, dino_root: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # 4 shards: the head start takes two, the main path two more; each file alone would open up to 3 streams
+    files = shard_files(vit_repo_files(hidden=256, intermediate=1024, layers=8), 4)
+    hub.add_repo(TINY, files)
+    hub.faults.add(host="cdn", throttle_bps=8 * 1024 * 1024)  # slow enough for the streams to overlap
+    hub.faults.add(host="hub", throttle_bps=8 * 1024 * 1024)
+    monkeypatch.setenv("DINOV3_FETCHER_CONNECTIONS", "3")
+    real = Settings.from_env
+    monkeypatch.setattr(Settings, "from_env", classmethod(lambda cls: replace(real(), min_split=1024 * 1024)))
+    fetch(dino_root, TINY)
+    for name in (n for n in files if n.endswith(".safetensors")):
+        assert (dino_root / name).read_bytes() == files[name]
+    assert len(hub.file_gets(".safetensors")) > 4  # several ranged GETs per file
+    assert 2 <= _max_concurrent_bodies(hub) <= 3
