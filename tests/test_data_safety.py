@@ -462,3 +462,16 @@ def test_another_hosts_staged_file_is_judged_by_its_heartbeat_not_its_file_times
         assert staged.read_bytes() == tiny[MODEL] and hub.bytes_served(MODEL) == len(tiny[MODEL])
     else:  # watched still for 1 s: adopted, nothing downloaded
         assert not staged.exists() and hub.bytes_served(MODEL) == 0 and result.bytes_fetched < len(tiny[MODEL])
+
+
+def test_verify_never_writes_through_a_linked_state_folder(hub: HubServer, tiny: dict[str, bytes],
+                                                           dino_root: Path, tmp_path: Path) -> None:
+    """verify records its time in the manifest; with `.dinov3-fetcher` a link to a shared folder it must not."""
+    fetch_dinov3(dino_root, TINY)
+    shared = tmp_path / "shared-state"
+    (dino_root / ".dinov3-fetcher").rename(shared)
+    (dino_root / ".dinov3-fetcher").symlink_to(shared)
+    before = {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()}
+    report = verify_dinov3(dino_root, deep=True)
+    assert report.ok
+    assert {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()} == before

@@ -55,6 +55,8 @@ def _record_verified(state: StateDir, checked: Manifest, deep: bool, damaged: li
     """
     from filelock import FileLock, Timeout
 
+    if state.path.is_symlink() or state.lock_path.is_symlink():  # never written through a link (a fetch refuses it)
+        return
     lock = FileLock(state.lock_path)
     if not lock_disabled():
         try:
