@@ -103,15 +103,28 @@ class PartialSink:
         f.close()
         del self._open[spec.name]
         if digest != spec.sha256:
-            shutil.rmtree(f.folder, ignore_errors=True)
-            raise IntegrityError(f"{spec.name}: sha256 {digest[:12]}... of the bytes received does not match "
-                                 f"{spec.sha256[:12]}...; the file was discarded",
+            self._discard(f.folder)
+            raise IntegrityError(f"{spec.name}: sha256 {digest[:12]}... of the bytes received{self.where} does not "
+                                 f"match the {spec.sha256[:12]}... sent; the file was discarded",
                                  "run again to receive it again; if it repeats, a node's disk or memory is bad")
+        self._place(spec, f.folder)
+
+    # -- where the files go: a subclass (the fetcher's own sink, _share.StateSink) overrides these -----------
+    where = ""  # words naming this node in messages
+
+    def _place(self, spec: FileSpec, folder: Path) -> None:
+        """Move a verified file out of its partial folder: here, to ``final_root/name``."""
         dest = self.final_root / spec.name
         dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(f.folder / "data", dest)
-        shutil.rmtree(f.folder, ignore_errors=True)
+        os.replace(folder / "data", dest)
+        shutil.rmtree(folder, ignore_errors=True)
         self.published.append(spec.name)
+
+    def _discard(self, folder: Path) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def _unfinished(self) -> None:
+        """After ``close`` saved every open file's progress: what to do with unfinished folders (nothing here)."""
 
     def close(self) -> None:
         errors = []
@@ -122,6 +135,7 @@ class PartialSink:
                 errors.append(exc)
             f.close()
         self._open.clear()
+        self._unfinished()
         if errors:
             raise errors[0]
 

@@ -35,7 +35,7 @@ from typing import Any
 from . import __version__
 from . import _env as env
 from ._broadcast import CHUNK, FileSource, FileSpec, NodeStats, Report, receive, send
-from ._broadcast_files import _disk_error, _OpenFile, _same_size
+from ._broadcast_files import PartialSink, _OpenFile, _same_size
 from ._broadcast_wire import BROKEN, BROKEN_HINT, Range, _is_transport, leaders_group
 from ._config import FetchRequest
 from ._distributed import (
@@ -71,7 +71,7 @@ class JobResult:
                 "nodes": {str(r): asdict(s) for r, s in sorted(self.nodes.items())}}
 
 
-class StateSink:
+class StateSink(PartialSink):
     """A receiving node's dino_root as a ``Sink``: claimed partial folders, verified, staged, then published.
 
     The node's lock is taken at the first ``missing`` (so that a lock timeout is reported like any other
@@ -86,8 +86,9 @@ class StateSink:
         self.old: Manifest | None = None
         self.paths: dict[str, Path] = {}  # verified files: published (held) or staged
         self._claims: dict[str, tuple[FileSpec, Path, list[Range]]] = {}
-        self._open: dict[str, _OpenFile] = {}
         self._needed = 0
+        super().__init__(self.state.partial, self.state.root, folder=lambda spec: self._claims[spec.name][1])
+        self.where = f" on {socket.gethostname()}"
 
     def _enter(self) -> None:
         if self._entered:
@@ -140,58 +141,29 @@ class StateSink:
 
     def _file(self, spec: FileSpec) -> _OpenFile:
         f = self._open.get(spec.name)
-        if f is None:
+        if f is None:  # the ranges the claim announced (missing() has already run for this file)
             _, folder, ranges = self._claims[spec.name]
             f = self._open[spec.name] = _OpenFile(spec, folder, ranges)
         return f
 
-    def write(self, spec: FileSpec, offset: int, data: memoryview) -> None:
-        f = self._file(spec)
-        try:
-            f.write(offset, data)
-            if f.unsaved >= 64 * 1024 * 1024:
-                f.save()
-        except OSError as exc:
-            raise _disk_error(exc, spec, f.folder) from None
-
-    def complete(self, spec: FileSpec) -> None:
-        from ._errors import IntegrityError
-
-        f = self._file(spec)
-        try:
-            digest = f.digest()
-        except OSError as exc:
-            raise _disk_error(exc, spec, f.folder) from None
-        f.close()
-        del self._open[spec.name]
+    def _place(self, spec: FileSpec, folder: Path) -> None:
+        """As Transfer.finish: into a real staged folder of ours (with its heartbeat), the claim dropped."""
         del self._claims[spec.name]
-        if digest != spec.sha256:
-            self.state.discard(f.folder)
-            raise IntegrityError(
-                f"{spec.name}: the bytes received on {socket.gethostname()} have sha256 {digest[:12]}..., not the "
-                f"{spec.sha256[:12]}... rank 0 verified; the file was discarded",
-                "run the job again to receive it again; if it repeats, that node's disk or memory is bad")
-        self.state.own_staged()  # as Transfer.finish: a real staged folder of ours, with its heartbeat
+        self.state.own_staged()
         dest = self.state.staged_path(spec.sha256, spec.name)
-        os.replace(f.folder / "data", dest)
-        self.state.discard(f.folder)
+        os.replace(folder / "data", dest)
+        self.state.discard(folder)
         self.paths[spec.name] = dest
 
-    def close(self) -> None:
-        """Record what was written; hand unfinished partial folders back under their public name."""
-        errors: list[OSError] = []
-        for f in self._open.values():
-            try:
-                f.save()
-            except OSError as exc:
-                errors.append(exc)
-            f.close()
-        self._open.clear()
+    def _discard(self, folder: Path) -> None:
+        self._claims = {n: c for n, c in self._claims.items() if c[1] != folder}
+        self.state.discard(folder)
+
+    def _unfinished(self) -> None:
+        """Hand unfinished partial folders back under their public name (their progress is recorded)."""
         for spec, folder, _ in self._claims.values():
             self.state.release(folder, spec.sha256)
         self._claims.clear()
-        if errors:
-            raise errors[0]
 
     def publish(self, report: Report) -> None:
         """Move the received files into dino_root with a manifest saying where they came from (not on a warm
