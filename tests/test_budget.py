@@ -33,26 +33,46 @@ def feed(rule: Rule, rate_at: dict[int, float] | None = None, per_stream: float 
 
 
 def test_grows_while_the_rate_grows_and_gives_the_last_step_back() -> None:
-    # far: 8 MB/s per connection, 100 MB/s shared: 4 -> 8 -> 16 (100 MB/s) -> 32 (no gain) -> back to 16
-    assert feed(Rule(), per_stream=8 * MB, shared=100 * MB) == [4, 8, 16, 32, 16]
+    # far: 8 MB/s per connection, 100 MB/s shared: 8 -> 16 (100 MB/s) -> 32 (no gain) -> back to 16
+    rule = Rule()
+    assert feed(rule, per_stream=8 * MB, shared=100 * MB) == [8, 16, 32, 16]
+    assert rule.done and not rule.down  # a step paid: no probing downwards
+    # from 4 (the start before issue 14's second round) the same link: 4 -> 8 -> 16 -> 32 -> 16
+    assert feed(Rule(start=4), per_stream=8 * MB, shared=100 * MB) == [4, 8, 16, 32, 16]
 
 
 def test_a_cpu_bound_link_stays_small() -> None:
-    # localhost: 4 streams already take all the CPU; 8 bring 3% (noise): back to 4 and stay
+    # localhost: the start's streams already take all the CPU; twice as many bring 3% (noise): no step paid,
+    # so it halves while the rate holds (4 do as well), and gives back the halving that cost (2: -20%)
     rule = Rule()
-    assert feed(rule, rate_at={4: 1000 * MB, 8: 1030 * MB}) == [4, 8, 4]
-    assert rule.done and rule.limit == START
+    assert START == 8
+    assert feed(rule, rate_at={8: 1000 * MB, 16: 1030 * MB, 4: 990 * MB, 2: 800 * MB}) == [8, 16, 4, 2, 4]
+    assert rule.done and rule.limit == 4
+
+
+def test_a_small_pipe_full_with_one_stream_ends_with_one() -> None:
+    # pipe: 50 MB/s shared, no cap per connection: one stream fills it, so no more than one stays
+    rule = Rule()
+    assert feed(rule, per_stream=1000 * MB, shared=50 * MB) == [8, 16, 4, 2, 1]
+    assert rule.done and rule.limit == 1
+
+
+def test_a_halving_that_costs_is_given_back() -> None:
+    # cdn: 40 MB/s per connection, 250 MB/s shared: 8 streams fill it (320 > 250), 16 bring nothing, 4 lose
+    rule = Rule()
+    assert feed(rule, per_stream=40 * MB, shared=250 * MB) == [8, 16, 4, 8]
+    assert rule.done and rule.limit == 8
 
 
 def test_grows_by_half_when_the_gain_is_less_than_proportional() -> None:
     # 4 -> 8 doubled the rate; 8 -> 16 gave +30% only (less than half of +100%): the next step is +50%
-    rates = {4: 40 * MB, 8: 80 * MB, 16: 104 * MB, 24: 125 * MB, 36: 126 * MB}
-    assert feed(Rule(cap=64), rate_at=rates) == [4, 8, 16, 24, 36, 24]
+    rates = {8: 40 * MB, 16: 80 * MB, 32: 104 * MB, 48: 125 * MB, 72: 126 * MB}
+    assert feed(Rule(cap=128), rate_at=rates) == [8, 16, 32, 48, 72, 48]
 
 
 def test_never_above_the_cap() -> None:
     rule = Rule(cap=12)
-    assert feed(rule, per_stream=8 * MB, shared=10_000 * MB) == [4, 8, 12]
+    assert feed(rule, per_stream=8 * MB, shared=10_000 * MB) == [8, 12]
     assert rule.done and rule.limit == 12
     assert max(feed(Rule(), per_stream=1 * MB, shared=10_000 * MB)) == CAP
 
@@ -64,9 +84,11 @@ def test_a_fixed_limit_never_moves() -> None:
 
 def test_the_first_sample_only_sets_the_baseline() -> None:
     rule = Rule()
-    assert rule.sample(10 * MB) == 8  # no judgement yet: a first step
-    assert rule.sample(10.5 * MB) == 4  # +5%: given back
-    assert rule.sample(100 * MB) == 4  # and it stays (done)
+    assert rule.sample(10 * MB) == 16  # no judgement yet: a first step
+    assert rule.sample(10.5 * MB) == 4  # +5%: given back, and as no step paid, half the start is tried
+    assert rule.sample(9.5 * MB) == 2  # within 10% of the start's rate: fewer still
+    assert rule.sample(5 * MB) == 4  # that halving cost: given back, and it stays (done)
+    assert rule.sample(100 * MB) == 4 and rule.done
 
 
 class Clock:
@@ -79,7 +101,7 @@ class Clock:
 
 def test_budget_decides_once_per_full_window_and_waits_for_new_streams() -> None:
     clock = Clock()
-    b = Budget(Rule(), block=16, clock=clock)
+    b = Budget(Rule(start=4), block=16, clock=clock)
     b.first_byte(0.125)  # window: WINDOW_RTTS round trips; settle: SETTLE_RTTS round trips
     window, settle = WINDOW_RTTS * 0.125, SETTLE_RTTS * 0.125
     slots = [b.acquire(lambda: False) for _ in range(4)]
@@ -188,3 +210,31 @@ def test_one_budget_for_the_whole_fetch_head_start_included(hub: HubServer, dino
         assert (dino_root / name).read_bytes() == files[name]
     assert len(hub.file_gets(".safetensors")) > 4  # several ranged GETs per file
     assert 2 <= _max_concurrent_bodies(hub) <= 3
+
+
+def test_round_trips_count_new_connections_and_redirects(hub: HubServer, tiny: dict[str, bytes]) -> None:
+    # The round trip comes from times to first byte divided by what each answer cost: a new plain connection
+    # is 2 (handshake + request), a kept-alive one 1, and a redirect's hops add up (Hub, then the CDN).
+    from dinov3_fetcher._http import HttpPool, round_trips
+
+    pool = HttpPool(10.0, "test")
+    try:
+        url = f"{hub.endpoint}/{TINY}/resolve/main/config.json"
+        final, conn, resp = pool.get(url, {})
+        resp.read()
+        pool.finish(final, conn, resp)
+        assert round_trips(resp) == 2  # a new connection
+        final, conn, resp = pool.get(url, {})
+        resp.read()
+        pool.finish(final, conn, resp)
+        assert round_trips(resp) == 1  # the same connection again
+        weights = f"{hub.endpoint}/{TINY}/resolve/main/model.safetensors"
+        final, conn, resp = pool.get(weights, {"Range": "bytes=0-0"})
+        resp.read()
+        pool.finish(final, conn, resp)
+        assert final != weights  # redirected to the CDN
+        assert round_trips(resp) == 1 + 2  # the Hub's 302 on the kept connection, then a new one to the CDN
+        head = pool.head(weights)
+        assert head.status == 302 and round_trips(head) == 1
+    finally:
+        pool.close()

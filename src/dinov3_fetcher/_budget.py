@@ -7,8 +7,10 @@ The limit adapts to the link (``Rule``): it starts at ``START`` streams and grow
 throughput grows: after each step, once the new streams flow, one window of a few round trips (at least
 ``MIN_WINDOW`` seconds) measures the rate; a gain over ``GAIN`` is worth another step (doubling while the
 rate scales nearly in proportion, +50% otherwise), a smaller one is not, and the last step is given back.
-Only windows in which every slot was wanted count (a file's tail, or the gap between files, says nothing
-about the link). ``DINOV3_FETCHER_CONNECTIONS`` set explicitly fixes the limit instead (no adapting).
+Where not even the first step paid (the link was full at the start), it halves instead while the rate holds.
+The round trip comes from the requests' times to first byte (``_http.round_trips``). Only windows in which
+every slot was wanted count (a file's tail, or the gap between files, says nothing about the link).
+``DINOV3_FETCHER_CONNECTIONS`` set explicitly fixes the limit instead (no adapting).
 Why: BENCHMARKS.md ("Links (issue 14)").
 """
 
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["CAP", "START", "Budget", "Rule", "Slot"]
 
-START = 4  # streams at first: enough for a CPU-bound localhost, a first step on any real link
+START = 8  # streams at first: a far link's first window already half full; fewer follow where they do as well
 CAP = 32  # never more streams than this for one fetch (aria2c with hfd.sh's flags opens up to 80)
 GAIN = 0.10  # a step that raised the throughput by less than this is given back
 MIN_WINDOW = 0.25  # seconds: the shortest measurement window
@@ -36,15 +38,23 @@ STEAL_RTTS = 8  # at a file's end an idle stream takes half of a busy piece down
 @dataclass
 class Rule:
     """The adaptive rule alone, fed throughput samples (bytes/s, one per window in which every slot was
-    wanted); ``sample`` answers the next limit. No clock: it counts samples."""
+    wanted); ``sample`` answers the next limit. No clock: it counts samples.
+
+    Up: the first window is the baseline; a step that raised the rate by more than ``GAIN`` is worth another
+    (doubling while the rate grew at least half as fast as the streams did, +50% otherwise); one that did not
+    is given back. Down, only when no step up ever paid (the link was full at ``start`` already: a small
+    pipe, a CPU-bound localhost): halve while the rate stays within ``GAIN`` of the start's, so that no more
+    streams run than the link rewards; the first halving that costs more is given back."""
 
     start: int = START
     cap: int = CAP
     fixed: bool = False  # a limit set by the user: never changed
     limit: int = 0
-    done: bool = False  # the last step did not pay: the limit stays
+    done: bool = False  # settled: the limit stays
     base: float | None = None  # the rate measured before the last step
     before: int = 0  # the limit before the last step
+    down: bool = False  # probing downwards (see above)
+    paid: bool = False  # some step up raised the rate
 
     def __post_init__(self) -> None:
         self.limit = max(1, min(self.start, self.cap))
@@ -57,12 +67,24 @@ class Rule:
         if self.base is None:  # the first window: its rate is the baseline, and the first step doubles
             self._step(rate, double=True)
             return self.limit
+        if self.down:
+            if rate >= (1 - GAIN) * self.base and self.limit > 1:
+                self.before, self.limit = self.limit, max(1, self.limit // 2)  # as good with fewer: fewer still
+            else:
+                if rate < (1 - GAIN) * self.base:
+                    self.limit = self.before  # that halving cost: give it back
+                self.done = True
+            return self.limit
         gain = rate / self.base - 1 if self.base > 0 else math.inf
         if gain > GAIN:
+            self.paid = True
             # doubling while the rate grows at least half as fast as the streams did, +50% otherwise
             self._step(rate, double=gain >= 0.5 * (self.limit / self.before - 1))
-        else:  # no gain worth the streams: give the last step back and stay there
+        elif self.paid or self.before <= 1:  # no gain worth the streams: give the last step back and stay there
             self.limit, self.done = self.before, True
+        else:  # not even the first step paid: the link was full at the start; try fewer streams
+            self.down = True
+            self.limit, self.before = max(1, self.before // 2), self.before
         return self.limit
 
     def _step(self, rate: float, double: bool) -> None:
@@ -177,7 +199,8 @@ class Budget:
         return max(64 * 1024, min(self.block, READ_AHEAD // max(1, self.rule.limit)))
 
     def first_byte(self, seconds: float) -> None:
-        """A request's time to its answer's headers (redirects included): the shortest is the round trip."""
+        """A request's time to its answer's headers per round trip it took (a new connection's handshake and
+        the redirects count: ``_http.round_trips``): the shortest is the round trip."""
         with self._cond:
             if self.rtt is None or seconds < self.rtt:
                 self.rtt = seconds

@@ -3,9 +3,10 @@
 On a cold fetch, huggingface_hub's ``model_info`` and then config.json, preprocessor_config.json and the
 index each cost a round trip, and until they answered, the weights (all but a few KB of the bytes) could
 not start. ``HeadStart`` learns what the weights will be from the Hub's ``resolve`` answers, the way
-huggingface_hub's own ``hf_hub_download`` does (config.json with its ``X-Repo-Commit``, then each weight
-file's ``X-Linked-Etag`` and ``X-Linked-Size``), and starts their transfer at once, in the background,
-beside ``model_info`` (it starts after the ``HfApi`` import: see ``hub.load_api``).
+huggingface_hub's own ``hf_hub_download`` does (config.json with its ``X-Repo-Commit``, each weight file's
+``X-Linked-Etag`` and ``X-Linked-Size``), asking config.json, the single file and the index at once, and
+starts each file's transfer as soon as it is known, in the background, beside ``model_info`` (and beside
+the ``HfApi`` import: see ``HfSource.early``).
 
 Nothing it learns is trusted. ``fetch`` adopts an early download only when huggingface_hub's listing gives
 the same size and sha256, and the bytes were checked against that sha256 as always; otherwise the early
@@ -23,14 +24,14 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from ._errors import FetchInterrupted
 from ._hashing import git_blob_id
-from ._http import etag_value, redirect_target
+from ._http import etag_value, redirect_target, round_trips
 from ._layout import CONFIG, INDEX, SINGLE, shards_from_index
 from ._manifest import Manifest, is_commit, is_sha256
 from ._registry import variant_for
@@ -72,6 +73,11 @@ class HeadStart:
         self.taken: set[str] = set()  # names the main path asked for: never started here after that
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
+        self.running = 0  # download workers alive (at most FILES_AT_ONCE)
+        # Set by the caller once the main thread's heavy imports are done (see ``HfSource.early``): the resolve
+        # answers may come in meanwhile, the weights' streams wait (a connection not read while an import holds
+        # the GIL fills its socket buffers, and a SIGKILL then wastes those bytes).
+        self.streams_may_start = threading.Event()
 
     def start(self) -> None:
         """Begin: learn the weights from the resolve answers and start their transfer, in the background."""
@@ -85,49 +91,75 @@ class HeadStart:
 
     # -- what to fetch ----------------------------------------------------------------------------------
     def _plan(self) -> None:
+        """Start each weight file as soon as its resolve answer is in (a shard need not wait for the others)."""
         try:
-            targets = self._targets()
             free = shutil.disk_usage(self.state.partial).free
-        except Exception:  # no head start: the main path meets the same problem and reports it
+            identities: set[str] = set()
+            for t in self._targets():
+                with self.lock:
+                    if t.identity in identities:  # same bytes as another file: they would share a partial folder
+                        continue
+                    free -= t.size
+                    if free < SPACE_MARGIN or self.transfer.cancel.is_set():
+                        return  # the main path checks the space precisely, and says what is missing
+                    identities.add(t.identity)
+                    self.jobs[t.name] = _Early(t)
+                    spawn = self.running < FILES_AT_ONCE
+                    if spawn:
+                        self.running += 1
+                if spawn:
+                    self._spawn(self._worker, f"head-start-{t.name}")
+        except Exception:  # no (more) head start: the main path meets the same problem and reports it
             return
-        with self.lock:
-            identities = set()
-            for t in targets:
-                if t.identity in identities:  # same bytes as another file: they would share a partial folder
-                    continue
-                free -= t.size
-                if free < SPACE_MARGIN or self.transfer.cancel.is_set():
-                    break  # the main path checks the space precisely, and says what is missing
-                identities.add(t.identity)
-                self.jobs[t.name] = _Early(t)
-        for i in range(min(FILES_AT_ONCE, len(self.jobs))):
-            self._spawn(self._worker, f"head-start-{i}")
 
-    def _targets(self) -> list[Target]:
-        cfg_answer = self._config()
-        if cfg_answer is None:
-            return []
-        commit, body = cfg_answer
-        self.small[CONFIG] = body
-        cfg = json.loads(body)
-        if not isinstance(cfg, dict) or config_problem(cfg) or registry_mismatch(self.repo_id, cfg):
-            return []  # not a DINOv3 checkpoint: nothing big is fetched before the main path refuses it
+    def _targets(self) -> Iterator[Target]:
+        """The weight files to start, each as soon as it is known. config.json and the first answer of both
+        layouts (the single file's HEAD, the index) are asked at once, at the revision: one round trip for
+        all three, each answer checked against config.json's commit."""
+        rev = quote(self.revision, safe="")
         variant = variant_for(self.repo_id)
-        for layout in (INDEX, SINGLE) if variant is not None and variant.sharded else (SINGLE, INDEX):
-            if layout == SINGLE and (t := self._lfs(commit, SINGLE)) is not None:
-                return [t] if self._needed(t) else []
-            if layout == INDEX and (idx := self._small(self.base + commit + "/" + INDEX)) is not None:
-                self.small[INDEX] = idx[1]
-                index = json.loads(idx[1])
-                names = shards_from_index(index if isinstance(index, dict) else {})
-                # The shards' HEADs at once (a few at a time): one round trip for all, not one per shard.
-                with ThreadPoolExecutor(min(HEADS_AT_ONCE, max(1, len(names)))) as ex:
-                    found = list(ex.map(lambda n: self._lfs(commit, n), names))
-                targets = [t for t in found if t is not None]
-                if len(targets) != len(found):
-                    return []
-                return [t for t in targets if self._needed(t)]
-        return []
+        order = (INDEX, SINGLE) if variant is not None and variant.sharded else (SINGLE, INDEX)
+        if self.old is not None and (INDEX in self.old.files) != (order[0] == INDEX):
+            order = order[::-1]  # the layout on disk first: an update usually keeps it
+        with ThreadPoolExecutor(3) as ex:
+            cfg_answer = ex.submit(self._config)
+            # Cold, both layouts are asked at once (one 404 more, one round trip less); an update asks the
+            # layout it has, and the other only if that one is gone.
+            first = {order[0]: ex.submit(self._layout, order[0], rev)}
+            if self.old is None:
+                first[order[1]] = ex.submit(self._layout, order[1], rev)
+            if (answer := cfg_answer.result()) is None:
+                return
+            commit, body = answer
+            self.small[CONFIG] = body
+            cfg = json.loads(body)
+            if not isinstance(cfg, dict) or config_problem(cfg) or registry_mismatch(self.repo_id, cfg):
+                return  # not a DINOv3 checkpoint: nothing big is fetched before the main path refuses it
+            for layout in order:
+                found = first[layout].result() if layout in first else self._layout(layout, commit)
+                if found is None or found[0] != commit:
+                    continue
+                if isinstance(found[1], Target):
+                    if self._needed(found[1]):
+                        yield found[1]
+                    return
+                self.small[INDEX] = found[1]
+                yield from self._shards(commit, json.loads(found[1]))
+                return
+
+    def _layout(self, layout: str, rev: str) -> tuple[str, Target | bytes] | None:
+        """(commit, the single file's target or the index's bytes) at ``rev``, or None."""
+        return self._lfs(rev, SINGLE) if layout == SINGLE else self._small(self.base + rev + "/" + INDEX)
+
+    def _shards(self, commit: str, index: object) -> Iterator[Target]:
+        """The shards' HEADs a few at a time, each shard yielded (in order) once its answer is in."""
+        names = shards_from_index(index if isinstance(index, dict) else {})
+        with ThreadPoolExecutor(min(HEADS_AT_ONCE, max(1, len(names)))) as ex:
+            for found in ex.map(lambda n: self._lfs(commit, n), names):
+                if found is None or found[0] != commit:
+                    return  # the shards before it go on; the main path fetches the rest
+                if self._needed(found[1]):
+                    yield found[1]
 
     def _config(self) -> tuple[str, bytes] | None:
         """(commit, config.json) at the revision; the copy on disk when the Hub's git blob id says it is intact."""
@@ -161,14 +193,18 @@ class HeadStart:
             return None
         return commit, body
 
-    def _lfs(self, commit: str, name: str) -> Target | None:
-        """A weight file as the Hub's resolve answer describes it (sha256 and size), or None."""
-        url = self.base + commit + "/" + quote(name)
-        resp = self.transfer.pool.head(url)
+    def _lfs(self, rev: str, name: str) -> tuple[str, Target] | None:
+        """(commit, the weight file as the Hub's resolve answer at ``rev`` describes it: sha256 and size), or
+        None. The target's URL names the commit, whatever ``rev`` was."""
+        asked = time.monotonic()
+        resp = self.transfer.pool.head(self.base + rev + "/" + quote(name))
+        self.transfer.budget.first_byte((time.monotonic() - asked) / round_trips(resp))
+        commit = resp.getheader("X-Repo-Commit") or ""
         sha = etag_value(resp.getheader("X-Linked-Etag") or resp.getheader("ETag"))
         size = resp.getheader("X-Linked-Size") or resp.getheader("Content-Length") or ""
-        if resp.status >= 400 or not is_sha256(sha) or not size.isdigit():
+        if resp.status >= 400 or not is_commit(commit) or not is_sha256(sha) or not size.isdigit():
             return None
+        url = self.base + commit + "/" + quote(name)
         target = Target(name, url, int(size), sha, sha)
         location = resp.getheader("Location")
         if resp.status in (301, 302, 303, 307, 308) and location:
@@ -176,7 +212,7 @@ class HeadStart:
             # per request) is re-resolved from then on: Transfer.forget_location.
             with contextlib.suppress(Exception):
                 self.transfer.remember_location(target, redirect_target(url, location))
-        return target
+        return commit, target
 
     def _needed(self, t: Target) -> bool:
         """False when a complete copy is on disk already (published or staged): the main path reuses it."""
@@ -187,10 +223,13 @@ class HeadStart:
 
     # -- the downloads ----------------------------------------------------------------------------------
     def _worker(self) -> None:
+        while not self.streams_may_start.wait(0.05) and not self.transfer.cancel.is_set():
+            pass
         while True:
             with self.lock:
                 job = next((j for n, j in self.jobs.items() if not j.started and n not in self.taken), None)
                 if job is None or self.transfer.cancel.is_set() or self.main_cancel.is_set():
+                    self.running -= 1  # under the lock: _plan starts another worker for a file it adds later
                     return
                 job.started = True
             try:

@@ -22,7 +22,7 @@ from ._errors import HubResponseError
 from ._net import Proxy, network_error, proxy_for, ssl_context
 from ._sources import Auth
 
-__all__ = ["Connection", "HttpPool", "Response", "etag_value", "origin_key", "redirect_target"]
+__all__ = ["Connection", "HttpPool", "Response", "etag_value", "origin_key", "redirect_target", "round_trips"]
 
 Response = http.client.HTTPResponse
 Connection = http.client.HTTPConnection
@@ -105,14 +105,20 @@ class HttpPool:
         return headers
 
     def get(self, url: str, headers: dict[str, str]) -> tuple[str, Connection, Response]:
-        """GET ``url`` following redirects; returns the final URL, its connection and the response (unread)."""
+        """GET ``url`` following redirects; returns the final URL, its connection and the response (unread).
+
+        ``round_trips(resp)`` says how many round trips the answer took at least (redirects and new
+        connections included), so that its time to first byte can be read as a round trip."""
+        trips = 0
         for _ in range(10):
             conn, resp = self._send("GET", url, headers)
+            trips += round_trips(resp)
             if resp.status in _REDIRECTS and resp.getheader("Location"):
                 resp.read()
                 self.finish(url, conn, resp)
                 url = redirect_target(url, resp.getheader("Location") or "")
                 continue
+            resp.round_trips = trips  # type: ignore[attr-defined]
             return url, conn, resp
         raise http.client.HTTPException(f"too many redirects for {url}")
 
@@ -127,15 +133,17 @@ class HttpPool:
         conn = self.acquire(url)
         target = url if isinstance(conn, _ProxiedHTTPConnection) else _path(url)
         try:
+            trips = _trips(conn)
             conn.request(method, target, headers=self._request_headers(conn, url, headers))
-            return conn, conn.getresponse()
+            return conn, _counted(conn.getresponse(), trips)
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
             # A kept-alive connection the server had closed: one fresh try.
             conn.close()
             conn = self._new(*self._origin(url))
             try:
+                trips = _trips(conn)
                 conn.request(method, target, headers=self._request_headers(conn, url, headers))
-                return conn, conn.getresponse()
+                return conn, _counted(conn.getresponse(), trips)
             except BaseException as exc:
                 conn.close()
                 self._explain(exc, conn, url)
@@ -183,6 +191,24 @@ def redirect_target(url: str, location: str) -> str:
                                "the endpoint (or the CDN behind it) is misconfigured; retry later or use "
                                "another endpoint")
     return target
+
+
+def round_trips(resp: Response) -> int:
+    """The round trips a response of ``HttpPool`` took at least: 1 on a kept-alive connection, 2 on a new
+    one (TCP's handshake), 3 over a new TLS connection (TLS 1.3's handshake; older TLS takes more, so the time
+    per round trip derived from it errs long), summed over the redirects ``get`` followed."""
+    return int(getattr(resp, "round_trips", 1))
+
+
+def _trips(conn: Connection) -> int:
+    if conn.sock is not None:
+        return 1
+    return 3 if isinstance(conn, http.client.HTTPSConnection) else 2
+
+
+def _counted(resp: Response, trips: int) -> Response:
+    resp.round_trips = trips  # type: ignore[attr-defined]
+    return resp
 
 
 def etag_value(header: str | None) -> str:

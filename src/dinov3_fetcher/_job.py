@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NoReturn
 from . import _env as env
 from ._errors import DiskSpaceError, FetcherError, IntegrityError, NetworkError
 from ._hashing import WINDOW, git_blob_hasher, hash_range
-from ._http import Response, etag_value
+from ._http import Response, etag_value, round_trips
 from ._state import PROGRESS_PAGE, encode_progress, read_progress, write_new
 
 if TYPE_CHECKING:
@@ -220,7 +220,7 @@ class Job:
         try:
             asked = time.monotonic()
             url, conn, resp = self.t.open(self.target, headers)
-            self.t.budget.first_byte(time.monotonic() - asked)
+            self.t.budget.first_byte((time.monotonic() - asked) / round_trips(resp))
         except (TimeoutError, OSError, http.client.HTTPException) as exc:  # refused, DNS, TLS, no headers
             if isinstance(exc, FetcherError):
                 raise

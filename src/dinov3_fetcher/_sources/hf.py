@@ -48,7 +48,7 @@ def get_token() -> str | None:
 
 
 def load_api() -> None:
-    """Import huggingface_hub's HfApi now, before the head start's transfers begin: the import holds the GIL,
+    """Import huggingface_hub's HfApi now, before the head start's streams begin: the import holds the GIL,
     and connections that are not read meanwhile cost bytes on a SIGKILL (BENCHMARKS.md)."""
     from huggingface_hub import HfApi  # noqa: F401
 
@@ -86,9 +86,12 @@ class HfSource:
         """Start the weights while ``snapshot`` (huggingface_hub's model_info) answers: see _headstart."""
         from .._headstart import HeadStart
 
-        load_api()
         head = HeadStart(transfer, old, repo_id, revision, self.endpoint, cancel)
-        head.start()
+        head.start()  # its resolve requests are on the wire while HfApi imports (0.06-0.2 s), its streams wait
+        try:
+            load_api()
+        finally:
+            head.streams_may_start.set()
         return head
 
     def auth(self) -> Auth | None:
