@@ -88,6 +88,7 @@ class Request:
     file: str | None = None  # the repo file a Xet-bridge CDN URL serves (its URL path ends in the Xet hash)
     t: float = field(default_factory=time.monotonic)  # when the request arrived (monotonic clock)
     done: float | None = None  # when its answer's body ended (sent, cut or failed)
+    peer: int = 0  # the client's port: requests with the same peer came on the same connection
 
 
 @dataclass
@@ -288,7 +289,8 @@ class _Handler(BaseHTTPRequestHandler):
     # ---------- plumbing ----------
     def _begin(self) -> None:
         hdrs = {k.lower(): v for k, v in self.headers.items()}
-        self.rec = Request(self.command, self.server.kind, self.path, hdrs, range=hdrs.get("range"))
+        self.rec = Request(self.command, self.server.kind, self.path, hdrs, range=hdrs.get("range"),
+                           peer=self.client_address[1])
         self.hub = self.server.hub
         with self.hub._lock:
             self.hub.requests.append(self.rec)

@@ -238,3 +238,24 @@ def test_round_trips_count_new_connections_and_redirects(hub: HubServer, tiny: d
         assert head.status == 302 and round_trips(head) == 1
     finally:
         pool.close()
+
+
+def test_warmed_connections_carry_the_first_requests(hub: HubServer, tiny: dict[str, bytes]) -> None:
+    # HttpPool.warm opens connections ahead (the head start's first requests find them open, their handshakes
+    # overlapped with the Hub client's import); a request meanwhile waits for one rather than open another.
+    from dinov3_fetcher._http import HttpPool, round_trips
+
+    pool = HttpPool(10.0, "test")
+    try:
+        pool.warm(hub.endpoint, 2)
+        url = f"{hub.endpoint}/{TINY}/resolve/main/config.json"
+        answers = []
+        for _ in range(2):  # one after the other: each takes a warmed connection, none is opened anew
+            final, conn, resp = pool.get(url, {})
+            answers.append((resp.read(), round_trips(resp), conn.sock.getsockname()[1]))
+        assert [a[0] for a in answers] == [tiny["config.json"]] * 2
+        assert [a[1] for a in answers] == [1, 1]  # already open when asked
+        peers = {r.peer for r in hub.requests}
+        assert len(peers) == 2 and peers == {a[2] for a in answers}  # the two warmed ones, one request each
+    finally:
+        pool.close()

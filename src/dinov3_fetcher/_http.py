@@ -41,10 +41,45 @@ class HttpPool:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _ssl: ssl.SSLContext | None = None
     _auth_key: tuple[str, str | None, int | None] | None = None
+    _warming: dict[tuple[str, str], int] = field(default_factory=dict)  # connections being opened by warm()
+    _warmed: threading.Condition = field(init=False)
+    _closed: bool = False
 
     def __post_init__(self) -> None:
-        if self.auth is not None:
-            self._auth_key = origin_key(self.auth.origin)
+        self._warmed = threading.Condition(self._lock)
+        self.set_auth(self.auth)
+
+    def set_auth(self, auth: Auth | None) -> None:
+        """The credential headers from now on, sent only to ``auth.origin``'s scheme, host and port."""
+        self.auth = auth
+        self._auth_key = origin_key(auth.origin) if auth is not None else None
+
+    def warm(self, url: str, n: int) -> None:
+        """Open ``n`` connections to ``url``'s origin in the background (TCP, TLS, a proxy's tunnel: the round
+        trips a first request would wait for), into the idle pool; a request for that origin meanwhile waits
+        for one of them rather than open another. A failure is silent: a request then opens its own connection
+        and reports what goes wrong."""
+        origin = self._origin(url)
+
+        def one() -> None:
+            conn: Connection | None = None
+            try:
+                conn = self._new(*origin)
+                conn.connect()
+            except Exception:
+                conn = None
+            with self._lock:
+                self._warming[origin] -= 1
+                if conn is not None and not self._closed:
+                    self._idle.setdefault(origin, []).append(conn)
+                elif conn is not None:
+                    conn.close()
+                self._warmed.notify_all()
+
+        with self._lock:
+            self._warming[origin] = self._warming.get(origin, 0) + n
+        for _ in range(n):
+            threading.Thread(target=one, daemon=True, name="http-warm").start()
 
     def _origin(self, url: str) -> tuple[str, str]:
         parts = urlsplit(url)
@@ -75,19 +110,26 @@ class HttpPool:
         """An idle connection to the URL's origin, or a new one (proxy and TLS as the network policy says)."""
         origin = self._origin(url)
         with self._lock:
-            idle = self._idle.get(origin)
-            if idle:
-                return idle.pop()
+            while True:
+                if idle := self._idle.get(origin):
+                    return idle.pop()
+                if not self._warming.get(origin):
+                    break
+                self._warmed.wait()  # a connection warm() is opening: sooner than a new one
         return self._new(*origin)
 
     def release(self, url: str, conn: Connection) -> None:
-        """Give a connection whose response was read to the end back to the pool."""
+        """Give a connection whose response was read to the end back to the pool (closed, once the pool is)."""
         with self._lock:
+            if self._closed:
+                conn.close()
+                return
             self._idle.setdefault(self._origin(url), []).append(conn)
 
     def close(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection (and those warm() still opens, once they are open)."""
         with self._lock:
+            self._closed = True
             for conns in self._idle.values():
                 for c in conns:
                     c.close()
