@@ -754,14 +754,17 @@ def main() -> int:
             assert nginx is not None
             nginx_cdn = NginxCdn(nginx, work, hub.lfs_blobs)
             hub.cdn_endpoint = nginx_cdn.endpoint
-        if args.serve:
-            print(f"export HF_ENDPOINT={hub.endpoint} HF_HUB_DISABLE_XET=1 HF_HUB_DISABLE_TELEMETRY=1 "
-                  f"NO_PROXY=127.0.0.1,127.0.0.2  # repos: {REPO}, {SHARDED_REPO}; cdn: {hub.cdn_endpoint}",
-                  flush=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-                while True:
-                    time.sleep(3600)
+        if args.serve:  # with --link PROFILE: behind that emulated link
+            prof = PROFILES[args.link_specs[0][0]] if args.link else PROFILES["none"]
+            with b.linked(prof) as (hub_link, _):
+                endpoint = hub_link.endpoint if hub_link is not None else hub.endpoint
+                print(f"export HF_ENDPOINT={endpoint} HF_HUB_DISABLE_XET=1 HF_HUB_DISABLE_TELEMETRY=1 "
+                      f"NO_PROXY=127.0.0.1,127.0.0.2  # repos: {REPO}, {SHARDED_REPO}; cdn: {hub.cdn_endpoint}; "
+                      f"link: {prof.name}", flush=True)
+                with contextlib.suppress(KeyboardInterrupt):
+                    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+                    while True:
+                        time.sleep(3600)
             return 0
         info = versions(cdn)
         print("  ".join(f"{k}: {v}" for k, v in info.items()), flush=True)

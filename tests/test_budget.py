@@ -77,6 +77,17 @@ def test_never_above_the_cap() -> None:
     assert max(feed(Rule(), per_stream=1 * MB, shared=10_000 * MB)) == CAP
 
 
+def test_a_step_never_goes_above_the_streams_the_files_want() -> None:
+    # 6 shards, two files at a time of 12 workers each: 24 streams at most are wanted. A step to 32 would never
+    # see a window in which all its slots were wanted, and the limit would stay there, unjudged.
+    rule = Rule()
+    assert rule.sample(64 * MB, wanted=24) == 16
+    assert rule.sample(100 * MB, wanted=24) == 24  # not 32
+    assert rule.sample(100 * MB, wanted=24) == 16 and rule.done  # no gain: given back
+    alone = Rule()
+    assert alone.sample(64 * MB, wanted=8) == 8 and alone.done  # no worker for a ninth stream: no step
+
+
 def test_a_fixed_limit_never_moves() -> None:
     rule = Rule(start=3, cap=3, fixed=True)
     assert feed(rule, per_stream=8 * MB, shared=10_000 * MB) == [3]
@@ -111,7 +122,9 @@ def test_budget_decides_once_per_full_window_and_waits_for_new_streams() -> None
     b.add(MB)
     assert b.limit == 4  # no decision before the window's end
     clock.now += 0.125
+    b.waiting = 4  # as if four more workers waited for a slot: 8 streams are wanted, so the step can go to 8
     b.add(MB)
+    b.waiting = 0
     assert b.limit == 8 and b.limits == [4, 8]
     # the new streams need round trips to flow: bytes until the settling ends are not measured
     clock.now += settle - 0.125
@@ -251,7 +264,7 @@ def test_warmed_connections_carry_the_first_requests(hub: HubServer, tiny: dict[
         url = f"{hub.endpoint}/{TINY}/resolve/main/config.json"
         answers = []
         for _ in range(2):  # one after the other: each takes a warmed connection, none is opened anew
-            final, conn, resp = pool.get(url, {})
+            _final, conn, resp = pool.get(url, {})
             answers.append((resp.read(), round_trips(resp), conn.sock.getsockname()[1]))
         assert [a[0] for a in answers] == [tiny["config.json"]] * 2
         assert [a[1] for a in answers] == [1, 1]  # already open when asked

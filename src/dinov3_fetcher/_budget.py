@@ -55,13 +55,17 @@ class Rule:
     before: int = 0  # the limit before the last step
     down: bool = False  # probing downwards (see above)
     paid: bool = False  # some step up raised the rate
+    wanted: int | None = None  # the streams the fetch could run at the last sample (None: no limit)
 
     def __post_init__(self) -> None:
         self.limit = max(1, min(self.start, self.cap))
         self.done = self.fixed or self.limit >= self.cap
 
-    def sample(self, rate: float) -> int:
-        """One window's aggregate rate at the current limit; returns the limit from now on."""
+    def sample(self, rate: float, wanted: int | None = None) -> int:
+        """One window's aggregate rate at the current limit; returns the limit from now on. ``wanted``: the
+        streams the fetch could run now (its files' workers); a step never goes above it, since streams that
+        no worker wants would never be measured (the limit would stay there unjudged)."""
+        self.wanted = wanted
         if self.done:
             return self.limit
         if self.base is None:  # the first window: its rate is the baseline, and the first step doubles
@@ -88,12 +92,13 @@ class Rule:
         return self.limit
 
     def _step(self, rate: float, double: bool) -> None:
-        if self.limit >= self.cap:
+        most = min(self.cap, self.wanted) if self.wanted is not None else self.cap
+        if self.limit >= most:
             self.done = True
             return
         self.base, self.before = rate, self.limit
         grown = self.limit * 2 if double else math.ceil(self.limit * 1.5)
-        self.limit = min(self.cap, max(self.limit + 1, grown))
+        self.limit = min(most, max(self.limit + 1, grown))
 
 
 @dataclass
@@ -246,7 +251,7 @@ class Budget:
                 return
             self.stream_rate = rate / max(1, self.active)
             old = self.rule.limit
-            new = self.rule.sample(rate)
+            new = self.rule.sample(rate, self.active + self.waiting)
             if new != old:
                 self.limits.append(new)
                 self._settle_until = now + SETTLE_RTTS * (self.rtt or 0.0)
