@@ -78,7 +78,7 @@ def test_never_above_the_cap() -> None:
 
 
 def test_a_step_never_goes_above_the_streams_the_files_want() -> None:
-    # 6 shards, two files at a time of 12 workers each: 24 streams at most are wanted. A step to 32 would never
+    # 6 shards, two files at a time (say) of 12 workers each: 24 streams at most are wanted. A step to 32 would never
     # see a window in which all its slots were wanted, and the limit would stay there, unjudged.
     rule = Rule()
     assert rule.sample(64 * MB, wanted=24) == 16

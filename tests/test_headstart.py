@@ -186,7 +186,8 @@ def test_ctrl_c_during_a_sharded_head_start_exits_promptly_and_resumes(hub: HubS
     shards = sorted(n for n in files if n.startswith("model-"))
     hub.faults.add(path_suffix=".safetensors", host="cdn", throttle_bps=MiB)  # ~4 s per shard
     proc = start(dino_root)
-    _wait_for(lambda: sum(hub.bytes_served(n) for n in shards) >= 2 * MiB or proc.poll() is not None)
+    # 4 MiB: with three shards at once, each has had a whole 1 MiB read (the unit a stream writes and records)
+    _wait_for(lambda: sum(hub.bytes_served(n) for n in shards) >= 4 * MiB or proc.poll() is not None)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     t0 = time.monotonic()

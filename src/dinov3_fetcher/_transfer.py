@@ -25,7 +25,7 @@ from ._state import StateDir, owner_tag, write_new
 __all__ = ["FILES_AT_ONCE", "Settings", "Target", "Transfer"]
 
 MiB = 1024 * 1024
-FILES_AT_ONCE = 2  # weight files downloaded together: one file's sha256 tail overlaps the next transfer
+FILES_AT_ONCE = 3  # weight files downloaded together: a file's tail (and its sha256 tail) overlaps the others
 
 
 @dataclass(frozen=True)
