@@ -628,7 +628,7 @@ def exit_status(rows: list[dict[str, Any]], strict: bool) -> int:
               "--strict makes it one)"), file=sys.stderr)
     return 1 if missed and strict else 0
 
-def versions(cdn: str) -> dict[str, str]:
+def versions(cdn: str, as_installed: bool = False) -> dict[str, str]:
     def first(argv: list[str]) -> str:
         try:
             p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
@@ -644,15 +644,16 @@ def versions(cdn: str) -> dict[str, str]:
         "cpus": str(os.cpu_count()), "machine": f"{platform.system()} {platform.release()} {platform.machine()}",
         "python": platform.python_version(), "dinov3-fetcher": __version__,
         "huggingface_hub": huggingface_hub.__version__, "curl": first(["curl", "--version"]).split(" (")[0],
-        "openssl": first(["openssl", "version"]), "cdn": cdn, "bytecode": ensure_bytecode(),
+        "openssl": first(["openssl", "version"]), "cdn": cdn, "bytecode": ensure_bytecode(as_installed),
     }
     if cdn == "nginx":
         out["nginx"] = first([find_nginx() or "nginx", "-v"])
     return out
 
 
-def ensure_bytecode() -> str:
-    """Byte-compile the venv and this project once, as `pip install` does, if nothing has.
+def ensure_bytecode(as_installed: bool = False) -> str:
+    """Byte-compile the venv and this project once, as `pip install` does, if nothing has (``as_installed``:
+    leave the venv as the install made it, and say what it holds).
 
     uv does not compile at install, and with PYTHONDONTWRITEBYTECODE=1 (this machine, many training images)
     Python never caches bytecode either: every run of this tool and of `hf` would compile huggingface_hub
@@ -666,6 +667,8 @@ def ensure_bytecode() -> str:
     pyc = Path(importlib.util.cache_from_source(huggingface_hub.hf_api.__file__))
     if pyc.is_file():
         return "compiled" + env
+    if as_installed:
+        return "none (as installed)" + env
     site = Path(huggingface_hub.__file__).resolve().parent.parent
     # Not check=True: a few packages ship files that do not compile (test data); compileall then exits 1.
     subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", str(site), str(BENCH.parent / "src")],
@@ -700,6 +703,10 @@ def main() -> int:
                     "met / not met and exit 0; a tool that fails exits 1 either way)")
     ap.add_argument("--serve", action="store_true", help="only start the servers and print the environment to "
                     "use them (for profiling by hand); Ctrl-C stops")
+    ap.add_argument("--as-installed", action="store_true",
+                    help="time the venv as the install left it (the README's `uv run`: bytecode compiled by uv at "
+                         "install, see pyproject's [tool.uv]); by default the bench byte-compiles a venv that has "
+                         "none")
     ap.add_argument("--data", type=Path, help="keep the generated checkpoints here between runs (default: "
                     "a temp folder that is deleted)")
     args = ap.parse_args()
@@ -766,7 +773,7 @@ def main() -> int:
                     while True:
                         time.sleep(3600)
             return 0
-        info = versions(cdn)
+        info = versions(cdn, args.as_installed)
         print("  ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
         print(f"checkpoint: {b.size / 1e9:.2f} GB ({args.layers} layers); shards: {len(b.shard_names)} x "
               f"~{(b.shard_size / max(1, len(b.shard_names))) / 1e6:.0f} MB; rounds: {args.rounds}", flush=True)

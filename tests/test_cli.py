@@ -11,6 +11,7 @@ import pytest
 
 from checkpoints import vit_repo_files
 from conftest import NOTGRANTED, TINY, checkpoint_tree
+from dinov3_fetcher import validate_dinov3
 from dinov3_fetcher._errors import EXIT_CODES
 from hub_server import HubServer
 
@@ -280,3 +281,24 @@ def test_progress_bar_only_when_asked_off_a_terminal(hub: HubServer, tiny: dict[
     assert {line.split()[1] for line in per_file} == {"config.json", "preprocessor_config.json",
                                                       "model.safetensors", "README.md", "LICENSE.md"}
     assert all("sha256 verified" in line for line in per_file)
+
+
+def test_a_fetch_writes_no_bytecode_where_the_user_said_not_to(hub: HubServer, tiny: dict[str, bytes],
+                                                               dino_root: Path, run_cli: Any) -> None:
+    # PYTHONDONTWRITEBYTECODE=1 (many training images) is respected at run time: the install compiles the
+    # bytecode once (pyproject's [tool.uv] compile-bytecode, as pip does), a run never writes any.
+    import site
+    import sysconfig
+
+    roots = [Path(p) for p in {sysconfig.get_paths()["purelib"], *site.getsitepackages()} if Path(p).is_dir()]
+    roots.append(Path(__file__).resolve().parent.parent / "src")
+
+    def pyc() -> dict[Path, int]:
+        return {p: p.stat().st_mtime_ns for r in roots for p in r.rglob("*.pyc")}
+
+    before = pyc()
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY, PYTHONDONTWRITEBYTECODE="1")
+    assert r.returncode == 0, r.stderr
+    assert validate_dinov3(dino_root)
+    after = pyc()
+    assert {p for p in after if before.get(p) != after[p]} == set()
