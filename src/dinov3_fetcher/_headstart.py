@@ -199,7 +199,7 @@ class HeadStart:
         asked = time.monotonic()
         resp = self.transfer.pool.head(self.base + rev + "/" + quote(name))
         self.transfer.budget.first_byte((time.monotonic() - asked) / round_trips(resp))
-        commit = resp.getheader("X-Repo-Commit") or ""
+        commit = resp.getheader("X-Repo-Commit") or (rev if is_commit(rev) else "")  # at a commit: that one
         sha = etag_value(resp.getheader("X-Linked-Etag") or resp.getheader("ETag"))
         size = resp.getheader("X-Linked-Size") or resp.getheader("Content-Length") or ""
         if resp.status >= 400 or not is_commit(commit) or not is_sha256(sha) or not size.isdigit():
