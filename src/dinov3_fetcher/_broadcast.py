@@ -42,7 +42,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, TextIO
 
@@ -95,14 +95,16 @@ __all__ = [
 
 
 def send(files: Sequence[FileSpec], source: Source, group: Any, *, meta: dict[str, Any] | None = None,
-         chunk: int = CHUNK) -> Report:
+         chunk: int = CHUNK, finish: Callable[[], None] | None = None) -> Report:
     """The sender's side (global rank 0 of the job, a member of ``group``). A collective with ``receive``.
 
     Streams every receiver the ranges it announced, in file order, waiting for ``source.ready`` to pass each
-    piece. Returns the Report (the bytes and seconds of every member), or raises on every member the error
-    of the lowest failing rank (``source`` failing, a receiver's disk or sha256), or ``NetworkError(BROKEN)``
-    if a member died. A relay for many nodes would keep this loop and the headers: the sender sends each
-    piece to the first receiver of a chain that needs it, and each receiver forwards it to the next.
+    piece. ``finish``, if given, runs after the data step (e.g. waits for the download that ``source``
+    follows): what it raises is the sender's error. Returns the Report (the bytes and seconds of every
+    member), or raises on every member the error of the lowest failing rank (``source`` failing, a
+    receiver's disk or sha256), or ``NetworkError(BROKEN)`` if a member died. A relay for many nodes would
+    keep this loop and the headers: the sender sends each piece to the first receiver of a chain that needs
+    it, and each receiver forwards it to the next.
     """
     torch, dist = _torch()
     rank = dist.get_rank()
@@ -130,6 +132,11 @@ def send(files: Sequence[FileSpec], source: Source, group: Any, *, meta: dict[st
         _wait_all([w for r in active for w in _isend(wire, wire.head(_ABORT), r, dead)], dead)
     elif active:
         mine = _stream(wire, files, source, {r: announced[r]["missing"] for r in active}, chunk, stats, dead)
+    if finish is not None:
+        try:
+            finish()
+        except BaseException as exc:
+            mine = mine or exc
     stats.seconds = time.monotonic() - t0
     # step 4: gather every outcome, decide, tell everyone (all through the sender: a dead sender is seen at once)
     outcomes: dict[int, dict[str, Any]] = {}

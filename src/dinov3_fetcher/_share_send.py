@@ -1,0 +1,216 @@
+"""Rank 0's side of ``fetch_once(..., share="broadcast")``: its own fetch, sent while it downloads.
+
+The fetch (``_fetch.fetch``) runs in the calling thread, as a plain fetch does (Ctrl-C, signals), with a
+``Feed`` as its observer; the sending (``_broadcast.send``) runs in a thread of its own. The Feed is told
+two things by the fetch:
+
+- ``planned(run, weights)``: once the fetch has planned, with every small file (config, preprocessor, index,
+  README...) already fetched and verified. The file list (name, size, sha256) and the manifest's records,
+  commit and source are final from here on, so ``send`` starts: step 1 (the list), step 2 (what each
+  receiver misses) and the small files go out while the weights are still downloading;
+- ``started(target, job)``: a weight file's ``_job.Job`` (the main transfer's, or the head start's, whose
+  Transfer is a copy of the main one). The Feed keeps a duplicate of the job's fd on the claimed partial's
+  data file: it is the same inode through the moves to staged and to dino_root.
+
+A weight file may be sent up to the job's hashed prefix (``Job.hashed``): those bytes are on disk for good
+(the job never writes below its frontier again) and rank 0's sha256 has read them. A prefix already on disk
+(a resumed download) counts as soon as the job has hashed it; a file rank 0 holds already (reused, staged)
+is ready whole. The final sha256 check comes at the end on rank 0 and independently on every receiver
+(``PartialSink.complete`` against the listed sha256), so bytes of a file that fails it are sent but
+never published anywhere: the receivers discard their copy and every rank raises rank 0's error (the lowest
+failing rank). ``finish`` waits for rank 0's whole fetch (tensor checks, publish) before the verdict of
+``send``'s step 4, so a fetch that fails after its last byte still fails the job everywhere.
+
+Files go out in list order: the small ones (ready at once), then the weights in the order the fetch
+downloads them (``_fetch._get_all`` takes them in that order, ``FILES_AT_ONCE`` together). The sender waits
+only on the file the download is furthest along; its backlog when the download ends is at most what the
+other files in flight got meanwhile, which the link between nodes (faster than the Hub's) clears quickly.
+
+No plan (rank 0 warm, its fetch failed before planning, a weight listed without sha256): ``send`` starts once
+the fetch has ended, with the files of the manifest it published (or an empty list and its error), as before.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from typing import TYPE_CHECKING, Any
+
+from . import _env as env
+from ._broadcast import FileSource, FileSpec, Report, send
+from ._config import FetchRequest
+from ._errors import VerificationError
+from ._manifest import FileRecord
+from ._state import StateDir
+
+if TYPE_CHECKING:
+    from ._job import Job
+    from ._plan import Run
+    from ._transfer import Target
+
+__all__ = ["Feed"]
+
+
+class Feed(FileSource):
+    """Rank 0's fetch as the broadcast's ``Source`` (see the module's docstring)."""
+
+    def __init__(self, req: FetchRequest) -> None:
+        super().__init__({})
+        self.req = req
+        self.cond = threading.Condition()
+        self.specs: dict[str, FileSpec] = {}
+        self.meta: dict[str, Any] | None = None  # set by planned(): the list is final
+        self.run: Run | None = None
+        self.jobs: dict[str, tuple[Target, Job, int]] = {}  # by name: the latest job and a dup of its fd
+        self.spare: list[int] = []  # fds of jobs replaced by a later one (closed at the end)
+        self.using: dict[str, Job | None] = {}  # what readinto reads each file through (sender thread only)
+        self.ended = False
+        self.error: BaseException | None = None
+
+    # -- the fetch's side (its thread) -------------------------------------------------------------------
+    def fetch(self, update: bool) -> None:
+        """Rank 0's fetch, its outcome kept for the sending thread."""
+        from ._fetch import fetch
+
+        try:
+            fetch(self.req, update=update, observer=self)
+        except BaseException as exc:
+            self.error = exc
+        with self.cond:
+            self.ended = True
+            self.cond.notify_all()
+
+    def started(self, target: Target, job: Job) -> None:
+        fd = os.dup(job.fd)
+        with self.cond:
+            old = self.jobs.get(target.name)
+            self.jobs[target.name] = (target, job, fd)
+            if old is not None:
+                self.spare.append(old[2])
+
+    def planned(self, run: Run, weights: list[str]) -> None:
+        records = dict(run.records)  # the small files, fetched and verified
+        for name in weights:
+            rf = run.remote(name)
+            rec = run.record(rf) if run.reusable(rf) is not None and name not in run.adopted else None
+            rec = rec or FileRecord(rf.size, run.adopted.get(name) or rf.sha256 or "", rf.git_oid)
+            if not rec.sha256:  # a weight listed without its sha256 (a mirror): sent once the fetch is done
+                return
+            records[name] = rec
+        order = sorted(n for n in records if n not in weights) + weights
+        meta = {"commit": run.snap.commit, "host": socket.gethostname(), "source": run.source.name,
+                "endpoint": env.display_origin(run.source.endpoint),
+                "records": {n: (r.size, r.sha256, r.git_oid) for n, r in records.items()}}
+        with self.cond:
+            self.run = run
+            self.specs = {n: FileSpec(n, records[n].size, records[n].sha256) for n in order}
+            self.meta = meta
+            self.cond.notify_all()
+
+    # -- the sender's side (its thread) ------------------------------------------------------------------
+    def serve(self, group: Any, chunk: int) -> tuple[Report | None, BaseException | None]:
+        """``send``, as soon as the list is known. A failed fetch still sends (an empty list), so that the
+        receivers finish the protocol and learn the error in the outer exchange."""
+        with self.cond:
+            while self.meta is None and not self.ended:
+                self.cond.wait()
+            planned = self.meta is not None
+        mine: BaseException | None = None
+        meta: dict[str, Any] = {"failed": True}
+        files: list[FileSpec] = []
+        try:
+            if planned:
+                assert self.meta is not None
+                files, meta = list(self.specs.values()), self.meta
+            elif self.error is not None:
+                raise self.error
+            else:
+                files, meta = self._published()
+        except BaseException as exc:  # every leader must reach send/receive, whatever happened
+            mine = exc
+        report: Report | None = None
+        try:
+            report = send(files, self, group, meta=meta, chunk=chunk, finish=self.finish if planned else None)
+        except BaseException as exc:
+            mine = mine or exc
+        finally:
+            self.close()
+        return report, mine
+
+    def _published(self) -> tuple[list[FileSpec], dict[str, Any]]:
+        """The list from the manifest rank 0's fetch published (it was warm, or planned nothing to overlap)."""
+        m = StateDir(self.req.dino_root).read_manifest()
+        if m is None:
+            raise VerificationError(f"{self.req.dino_root} changed on rank 0 right after its fetch",
+                                    "run the job again")
+        self.paths = {n: self.req.dino_root / n for n in m.files}
+        self.specs = {n: FileSpec(n, r.size, r.sha256) for n, r in sorted(m.files.items())}
+        meta = {"commit": m.commit, "host": socket.gethostname(), "source": m.source, "endpoint": m.endpoint,
+                "records": {n: (r.size, r.sha256, r.git_oid) for n, r in m.files.items()}}
+        return list(self.specs.values()), meta
+
+    def finish(self) -> None:
+        """After the data step: wait for rank 0's fetch; its error, or a manifest that is not the list sent,
+        fails the job on every rank (the receivers publish nothing)."""
+        with self.cond:
+            while not self.ended:
+                self.cond.wait()
+        if self.error is not None:
+            raise self.error
+        m = StateDir(self.req.dino_root).read_manifest()
+        assert self.meta is not None
+        sent = {n: (s, h) for n, (s, h, _) in self.meta["records"].items()}
+        held = {n: (r.size, r.sha256) for n, r in m.files.items()} if m is not None else None
+        if m is None or m.commit != self.meta["commit"] or held != sent:
+            raise VerificationError(f"{self.req.dino_root} changed on rank 0 right after its fetch",
+                                    "run the job again")
+
+    def ready(self, name: str) -> int:
+        spec = self.specs[name]
+        with self.cond:
+            entry = self.jobs.get(name)
+            ended, error = self.ended, self.error
+        if error is not None:
+            raise error
+        if entry is not None and (entry[0].size, entry[0].sha256) == (spec.size, spec.sha256):
+            _, job, fd = entry
+            if self.using.get(name) is not job:
+                self._fds[name] = fd  # the job's own data file (its fd is one of self.jobs': closed at the end)
+                self.using[name] = job
+            return job.hashed
+        if name in self._fds:
+            return spec.size
+        path = self.run.paths.get(name) if self.run is not None and not ended else self.req.dino_root / name
+        if path is None:
+            return 0
+        try:  # a file rank 0 holds (reused, staged): whole; opened now, the fd outlives the publish's move
+            self._fds[name] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return 0  # moved by the publish meanwhile: next time from dino_root
+        self.using[name] = None
+        self.spare.append(self._fds[name])
+        return spec.size
+
+    def close(self) -> None:
+        with self.cond:
+            fds = [fd for _, _, fd in self.jobs.values()] + self.spare
+            self.jobs.clear()
+            self.spare = []
+        for fd in fds:
+            os.close(fd)
+        self._fds.clear()
+
+
+def serve(req: FetchRequest, update: bool, group: Any, chunk: int) -> tuple[Report | None, BaseException | None]:
+    """Rank 0: its fetch in this thread, the sending in another; returns (report, its error or the fetch's)."""
+    feed = Feed(req)
+    out: list[tuple[Report | None, BaseException | None]] = []
+    sender = threading.Thread(target=lambda: out.append(feed.serve(group, chunk)), name="dinov3-broadcast-send",
+                              daemon=True)
+    sender.start()
+    feed.fetch(update)
+    while sender.is_alive():
+        sender.join(0.2)
+    report, mine = out[0] if out else (None, RuntimeError("the broadcast's sending thread ended without a result"))
+    return report, mine or feed.error
