@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ class Job:
     def root(self, node: int) -> Path:
         return self.tmp / f"node{node}" / "dinov3"
 
-    def run(self, *, torchrun: bool = False, timeout: float = 120,
+    def run(self, *, torchrun: bool = False, timeout: float = 120, env: dict[str, str] | None = None,
             **overrides: Any) -> tuple[list[subprocess.CompletedProcess[str]], dict[int, dict[str, Any]]]:
         self.runs += 1
         out = self.tmp / f"run{self.runs}"
@@ -118,7 +119,7 @@ class Job:
         cfg.write_text(json.dumps({**self.cfg, **overrides}))
         worker = self.tmp / "worker.py"
         worker.write_text(WORKER)
-        env = cli_env(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env = cli_env(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
         port, world = _port(), self.nodes * self.nproc
         if torchrun:
             cmds = [([sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nodes}", f"--node-rank={n}",
@@ -209,6 +210,96 @@ def test_three_nodes_the_hub_serves_the_weights_once_and_a_warm_node_is_skipped(
     assert (nodes["4"]["role"], nodes["4"]["bytes"]) == ("receiver", total)
     assert hub.bytes_served(WEIGHTS) == 0  # counted since the clear above: nothing more from the Hub
     _same_checkpoint(job, 2, model)
+
+
+def _received(root: Path, sha: str) -> int:
+    """Bytes of the weights a receiving node has written in its partial folder (claimed or released)."""
+    return sum(p.stat().st_size for p in (root / ".dinov3-fetcher" / "partial").glob(f"{sha}*/data"))
+
+
+@needs_torch
+def test_receivers_get_the_weights_while_rank_0_still_downloads_them(hub: HubServer, model: dict[str, bytes],
+                                                                     tmp_path: Path) -> None:
+    # The Hub stops the weights at 2 MiB (of ~3 MB) until the test lets them go on: rank 0's download is
+    # then half done, and the receivers must already hold what rank 0 has written and hashed of it.
+    job = Job(tmp_path)
+    size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
+    pause = 2 * 1024 * KiB
+    assert size > pause + 256 * KiB
+    hub.faults.add(pause_at=pause, path_suffix=WEIGHTS, times=1)
+    out: list[Any] = []
+    # rank 0 reads 1 MiB at a time: it has written at least 1 MiB when the Hub stops (timeout: it waits for us)
+    runner = threading.Thread(target=lambda: out.append(job.run(env={"DINOV3_FETCHER_TIMEOUT": "300"})),
+                              daemon=True)
+    runner.start()
+    try:
+        assert hub.paused.wait(90)
+        deadline, got = time.monotonic() + 90, {}
+        while time.monotonic() < deadline:
+            got = {node: _received(job.root(node), sha) for node in (1, 2)}
+            if min(got.values()) >= 1024 * KiB:
+                break
+            time.sleep(0.05)
+        assert min(got.values()) >= 1024 * KiB and max(got.values()) <= pause, got
+        assert hub.bytes_served(WEIGHTS) == pause and not out  # the Hub still holds the rest back
+        assert not (job.root(0) / WEIGHTS).exists()
+    finally:
+        hub.resume.set()
+    runner.join(180)
+    procs, results = out[0]
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    assert sorted(results) == [0, 1, 2] and all(r["ok"] for r in results.values()), results
+    assert hub.bytes_served(WEIGHTS) == size  # still one download for the whole job
+    for node in (0, 1, 2):
+        _same_checkpoint(job, node, model)
+    nodes = results[0]["nodes"]
+    assert nodes["1"]["files"][WEIGHTS] == nodes["2"]["files"][WEIGHTS] == size
+
+
+@needs_torch
+def test_bytes_rank_0_got_wrong_are_sent_while_it_downloads_but_published_nowhere(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
+    hub.faults.add(corrupt_at=size - 10, path_suffix=WEIGHTS, times=1)  # rank 0's sha256 fails at the very end
+    procs, results = job.run()
+    assert sorted(results) == [0, 1, 2], _stderr(procs)
+    assert all(p.returncode != 0 for p in procs)
+    assert {r["type"] for r in results.values()} == {"IntegrityError"}
+    assert len({(r["message"], r["hint"]) for r in results.values()}) == 1  # rank 0's, on every rank
+    assert WEIGHTS in results[0]["message"] and "listing" in results[0]["message"]
+    assert all("received" in p.stderr and "from rank 0" in p.stderr for p in procs[1:])  # they got the bytes
+    for node in (0, 1, 2):
+        root = job.root(node)
+        assert not (root / WEIGHTS).exists() and not (root / ".dinov3-fetcher" / "manifest.json").exists()
+        assert not list(root.glob(f".dinov3-fetcher/staged/*/{sha}.{WEIGHTS}"))
+        assert _received(root, sha) == 0  # the wrong copy was discarded, there as on rank 0
+
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    for node in (0, 1, 2):
+        _same_checkpoint(job, node, model)
+    assert hub.bytes_served(WEIGHTS) == 2 * size
+
+
+@needs_torch
+def test_rank_0_resumes_its_partial_and_sends_the_prefix_it_already_held(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    data = model[WEIGHTS]
+    sha, held = hashlib.sha256(data).hexdigest(), 1024 * KiB
+    folder = job.root(0) / ".dinov3-fetcher" / "partial" / sha  # rank 0 holds the first MiB from an earlier run
+    folder.mkdir(parents=True)
+    (folder / "data").write_bytes(data[:held])
+    (folder / "progress.json").write_text(json.dumps({"identity": sha, "size": len(data),
+                                                      "remaining": [[held, len(data)]]}))
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    assert hub.bytes_served(WEIGHTS) == len(data) - held
+    nodes = results[0]["nodes"]
+    assert nodes["1"]["files"][WEIGHTS] == nodes["2"]["files"][WEIGHTS] == len(data)
+    for node in (0, 1, 2):
+        _same_checkpoint(job, node, model)
 
 
 @needs_torch
