@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from checkpoints import vit_repo_files
+from checkpoints import shard_files, vit_repo_files
 from conftest import cli_env
 from dinov3_fetcher import fetch_dinov3
 from dinov3_fetcher._broadcast_wire import BROKEN
@@ -254,6 +254,43 @@ def test_receivers_get_the_weights_while_rank_0_still_downloads_them(hub: HubSer
         _same_checkpoint(job, node, model)
     nodes = results[0]["nodes"]
     assert nodes["1"]["files"][WEIGHTS] == nodes["2"]["files"][WEIGHTS] == size
+
+
+@needs_torch
+def test_a_sharded_checkpoint_goes_out_in_order_while_later_shards_still_download(hub: HubServer,
+                                                                                   tmp_path: Path) -> None:
+    files = shard_files(vit_repo_files(hidden=128, intermediate=512, layers=4), 3)
+    hub.add_repo(MODEL + "-sharded", files)
+    first, second = "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"
+    assert len(files[second]) > 256 * KiB
+    hub.faults.add(pause_at=256 * KiB, path_suffix=second, times=1)
+    job = Job(tmp_path)
+    out: list[Any] = []
+    runner = threading.Thread(target=lambda: out.append(job.run(model=MODEL + "-sharded",
+                                                                env={"DINOV3_FETCHER_TIMEOUT": "300"})),
+                              daemon=True)
+    runner.start()
+    sha = hashlib.sha256(files[first]).hexdigest()
+    try:
+        assert hub.paused.wait(90)
+        deadline, staged = time.monotonic() + 90, False
+        while time.monotonic() < deadline and not staged:  # the first shard, whole and verified, on both
+            staged = all(list(job.root(n).glob(f".dinov3-fetcher/staged/*/{sha}.{first}")) for n in (1, 2))
+            time.sleep(0.05)
+        assert staged and not out and hub.bytes_served(second) == 256 * KiB
+    finally:
+        hub.resume.set()
+    runner.join(180)
+    procs, results = out[0]
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    assert sorted(results) == [0, 1, 2] and all(r["ok"] for r in results.values()), results
+    shards = [n for n in files if n.endswith(".safetensors")]
+    assert len(shards) == 3 and all(hub.bytes_served(n) == len(files[n]) for n in shards)  # each once
+    published = set(_manifest(job.root(0))["files"])
+    assert set(shards) < published
+    for node in (0, 1, 2):
+        assert all((job.root(node) / n).read_bytes() == files[n] for n in published), node
+        assert _manifest(job.root(node))["complete"] and set(_manifest(job.root(node))["files"]) == published
 
 
 @needs_torch
