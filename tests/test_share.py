@@ -9,15 +9,18 @@ does. Skipped, with the reason, when torch is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -337,6 +340,92 @@ def test_rank_0_resumes_its_partial_and_sends_the_prefix_it_already_held(
     assert nodes["1"]["files"][WEIGHTS] == nodes["2"]["files"][WEIGHTS] == len(data)
     for node in (0, 1, 2):
         _same_checkpoint(job, node, model)
+
+
+@contextlib.contextmanager
+def _tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs mounted at ``where`` (a node's own disk), unmounted at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    where.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True,
+                       text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def _fill(where: Path, leave: int) -> Path:
+    """Fill ``where``'s filesystem up to ``leave`` bytes free."""
+    filler = where / "filler"
+    with filler.open("wb") as f:
+        f.write(b"\0" * max(0, shutil.disk_usage(where).free - leave))
+    return filler
+
+
+@needs_torch
+def test_a_node_whose_disk_fills_up_mid_transfer_fails_every_rank_alike_and_the_rerun_resumes(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
+    hub.faults.add(pause_at=2 * 1024 * KiB, path_suffix=WEIGHTS, times=1)
+    with _tmpfs(tmp_path / "node2", "24m") as disk:  # room for the checkpoint and the 16 MiB margin: accepted
+        out: list[Any] = []
+        runner = threading.Thread(target=lambda: out.append(job.run(env={"DINOV3_FETCHER_TIMEOUT": "300"})),
+                                  daemon=True)
+        runner.start()
+        try:
+            assert hub.paused.wait(90)
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and _received(job.root(2), sha) < 1024 * KiB:
+                time.sleep(0.05)
+            filler = _fill(disk, 64 * KiB)  # then the disk fills up: room for a progress record, not a piece
+        finally:
+            hub.resume.set()
+        runner.join(180)
+        procs, results = out[0]
+        assert sorted(results) == [0, 1, 2], _stderr(procs)
+        assert [p.returncode for p in procs] == [9, 9, 9]  # DiskSpaceError's exit code, on every rank
+        assert {r["type"] for r in results.values()} == {"DiskSpaceError"}
+        assert len({(r["message"], r["hint"]) for r in results.values()}) == 1
+        assert "receiving " + WEIGHTS in results[0]["message"]
+        assert (job.root(0) / WEIGHTS).exists()  # rank 0's own fetch succeeded; the receivers publish nothing
+        for node in (1, 2):
+            assert not (job.root(node) / WEIGHTS).exists()
+        record = json.loads((job.root(2) / ".dinov3-fetcher" / "partial" / sha / "progress.json").read_text())
+        left = sum(e - s for s, e in record["remaining"])
+        assert 0 < left <= size - 1024 * KiB  # what node 2 wrote before the disk filled is recorded
+
+        filler.unlink()  # space again: the rerun completes, node 2 receives only the rest
+        procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    nodes = results[0]["nodes"]
+    assert nodes["1"]["role"] == "warm" and nodes["2"]["files"] == {WEIGHTS: left}
+    assert hub.bytes_served(WEIGHTS) == size
+
+
+@needs_torch
+@pytest.mark.slow
+def test_a_node_without_the_space_is_refused_before_any_byte_moves(hub: HubServer, model: dict[str, bytes],
+                                                                 tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    with _tmpfs(tmp_path / "node1", "8m"):  # less than the checkpoint plus the 16 MiB margin
+        procs, results = job.run()
+        assert sorted(results) == [0, 1, 2], _stderr(procs)
+        assert [p.returncode for p in procs] == [9, 9, 9]
+        assert {r["type"] for r in results.values()} == {"DiskSpaceError"}
+        assert len({(r["message"], r["hint"]) for r in results.values()}) == 1
+        assert "not enough disk space" in results[0]["message"]
+        assert not (job.root(2) / WEIGHTS).exists() and not list(job.root(2).glob(".dinov3-fetcher/partial/*/data"))
+    shutil.rmtree(tmp_path / "node1")
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    for node in (0, 1, 2):
+        _same_checkpoint(job, node, model)
+    assert hub.bytes_served(WEIGHTS) == len(model[WEIGHTS])
 
 
 @needs_torch
