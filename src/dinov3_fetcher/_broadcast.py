@@ -50,6 +50,7 @@ from ._broadcast_files import FileSource, PartialSink
 from ._broadcast_wire import (
     _ABORT,
     _DATA,
+    _DROP,
     _END,
     _POLL,
     BROKEN,
@@ -75,7 +76,7 @@ from ._broadcast_wire import (
     missing_pieces,
 )
 from ._distributed import _outcome
-from ._errors import NetworkError
+from ._errors import IntegrityError, NetworkError
 
 __all__ = [
     "BROKEN",
@@ -169,7 +170,7 @@ def _stream(wire: _Wire, files: list[FileSpec], source: Source, wants: dict[int,
     views = [memoryview(b) for b in bufs]
     tensors = [torch.frombuffer(b, dtype=torch.uint8) for b in bufs]
     pending: list[tuple[int, Any]] = []  # the sends of the previous window: its buffer is busy until they end
-    which, kind, mine = 0, _END, None
+    which, kind, mine, drop = 0, _END, None, -1
     try:
         for idx, spec in enumerate(files):
             pieces = {r: missing_pieces(m[idx], chunk) for r, m in wants.items()}
@@ -193,8 +194,10 @@ def _stream(wire: _Wire, files: list[FileSpec], source: Source, wants: dict[int,
                 pending, which = works, 1 - which
     except BaseException as exc:  # the source failed (or Ctrl-C): every receiver stops at its next header
         mine, kind = exc, _ABORT
+        if isinstance(exc, IntegrityError):  # the source's bytes were wrong: the receivers drop what they hold
+            drop = _DROP
     _wait_all(pending, dead)
-    _wait_all([w for r in wants for w in _isend(wire, wire.head(kind), r, dead)], dead)
+    _wait_all([w for r in wants for w in _isend(wire, wire.head(kind, drop), r, dead)], dead)
     return mine
 
 
@@ -310,5 +313,7 @@ def _take(wire: _Wire, src: int, sink: Sink, files: list[FileSpec], missing: lis
     finally:
         writer.stop()  # what was received is written (and recorded by sink.close) even when the sender died
     line.show(stats.bytes, final=True, end="done" if kind == _END else "stopped (the sender failed)")
+    if kind == _ABORT and idx == _DROP and (drop := getattr(sink, "drop", None)) is not None:
+        drop()  # rank 0's copy failed its sha256: what this node holds of unfinished files may be as wrong
     return writer.error
 

@@ -109,6 +109,13 @@ class PartialSink:
                                  "run again to receive it again; if it repeats, a node's disk or memory is bad")
         self._place(spec, f.folder)
 
+    def drop(self) -> None:
+        """The sender's bytes were wrong (its sha256 failed mid-way): discard every file not completed."""
+        for f in self._open.values():
+            f.close()
+            self._discard(f.folder)
+        self._open.clear()
+
     # -- where the files go: a subclass (the fetcher's own sink, _share.StateSink) overrides these -----------
     where = ""  # words naming this node in messages
 

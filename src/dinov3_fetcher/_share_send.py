@@ -13,13 +13,15 @@ two things by the fetch:
   data file: it is the same inode through the moves to staged and to dino_root.
 
 A weight file may be sent up to the job's hashed prefix (``Job.hashed``): those bytes are on disk for good
-(the job never writes below its frontier again) and rank 0's sha256 has read them. A prefix already on disk
-(a resumed download) counts as soon as the job has hashed it; a file rank 0 holds already (reused, staged)
-is ready whole. The final sha256 check comes at the end on rank 0 and independently on every receiver
-(``PartialSink.complete`` against the listed sha256), so bytes of a file that fails it are sent but
-never published anywhere: the receivers discard their copy and every rank raises rank 0's error (the lowest
-failing rank). ``finish`` waits for rank 0's whole fetch (tensor checks, publish) before the verdict of
-``send``'s step 4, so a fetch that fails after its last byte still fails the job everywhere.
+(the job never writes below its frontier again) and rank 0's sha256 has read them. Its last byte waits until
+that sha256 matched (the file is staged): no receiver completes a file before rank 0 has verified it. A
+prefix already on disk (a resumed download) counts as soon as the job has hashed it; a file rank 0 holds
+already (reused, staged) is ready whole. Every receiver checks each file's sha256 itself as well
+(``PartialSink.complete``, against the listed sha256). A file whose sha256 fails on rank 0 is published
+nowhere: rank 0's IntegrityError aborts the stream with a drop (``_broadcast``), the receivers discard what
+they hold of unfinished files, and every rank raises rank 0's error (the lowest failing rank). ``finish``
+waits for rank 0's whole fetch (tensor checks, publish) before the verdict of ``send``'s step 4, so a fetch
+that fails after its last byte still fails the job everywhere.
 
 Files go out in list order: the small ones (ready at once), then the weights in the order the fetch
 downloads them (``_fetch._get_all`` takes them in that order, ``FILES_AT_ONCE`` together). The sender waits
@@ -178,6 +180,8 @@ class Feed(FileSource):
             if self.using.get(name) is not job:
                 self._fds[name] = fd  # the job's own data file (its fd is one of self.jobs': closed at the end)
                 self.using[name] = job
+            if job.hashed >= spec.size and not (ended or (self.run is not None and name in self.run.paths)):
+                return spec.size - 1  # the last byte once rank 0's sha256 matched: no receiver completes before
             return job.hashed
         if name in self._fds:
             return spec.size
