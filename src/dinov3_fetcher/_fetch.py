@@ -335,15 +335,12 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
         _check_space(state, planned)
         progress.expect({p.name: p.size for p in planned})
         progress.done += sum(p.size for p in planned if p.reuse)  # += : head-start bytes are counted already
-        small = [p.name for p in planned if p.name not in weights]
-        if observer is not None:  # every small file first: the list it is told holds every file's sha256
-            for name in small:
-                run.get(name)
+        if observer is not None:  # the broadcast's sender (_share_send): the plan, before the weights' transfer
             observer.planned(run, [p.name for p in planned if p.name in weights])
         _get_all(run, [p.name for p in planned if p.name in weights], FILES_AT_ONCE)
-        for name in small:
-            if name not in run.paths:
-                run.get(name)
+        for p in planned:
+            if p.name not in weights:
+                run.get(p.name)
         tensors: dict[str, TensorInfo] = {}
         for name in weights:
             try:

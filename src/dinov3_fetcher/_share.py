@@ -47,6 +47,7 @@ from ._distributed import (
 from ._errors import DiskSpaceError, NetworkError, VerificationError
 from ._manifest import FileRecord, Manifest
 from ._progress import Progress, human_bytes
+from ._share_send import merge
 from ._state import SPACE_MARGIN, StateDir, write_new
 
 __all__ = ["CHUNK", "JobResult", "StateSink", "fetch_broadcast"]
@@ -208,6 +209,8 @@ def _receiver(req: FetchRequest, update: bool, group: Any) -> tuple[Report | Non
     mine: BaseException | None = None
     try:
         report = receive(sink, group, progress=sys.stderr)
+        if report.meta.get("more"):  # rank 0 sends what it fetched after the weights (see _share_send)
+            report = merge(report, receive(sink, group, progress=sys.stderr))
         if not report.meta.get("failed"):
             sink.publish(report)
     except BaseException as exc:

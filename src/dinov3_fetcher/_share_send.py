@@ -40,10 +40,11 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from . import _env as env
-from ._broadcast import FileSource, FileSpec, Report, send
+from ._broadcast import FileSource, FileSpec, NodeStats, Report, send
 from ._config import FetchRequest
 from ._errors import VerificationError
-from ._manifest import FileRecord
+from ._layout import OPTIONAL
+from ._manifest import FileRecord, Manifest
 from ._state import StateDir
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
     from ._plan import Run
     from ._transfer import Target
 
-__all__ = ["Feed"]
+__all__ = ["Feed", "merge", "serve"]
 
 
 class Feed(FileSource):
@@ -69,6 +70,7 @@ class Feed(FileSource):
         self.using: dict[str, Job | None] = {}  # what readinto reads each file through (sender thread only)
         self.ended = False
         self.error: BaseException | None = None
+        self.manifest: Manifest  # what rank 0 published (set by finish)
 
     # -- the fetch's side (its thread) -------------------------------------------------------------------
     def fetch(self, update: bool) -> None:
@@ -92,7 +94,7 @@ class Feed(FileSource):
                 self.spare.append(old[2])
 
     def planned(self, run: Run, weights: list[str]) -> None:
-        records = dict(run.records)  # the small files, fetched and verified
+        records = dict(run.records)  # config, preprocessor (and the index): fetched and verified already
         for name in weights:
             rf = run.remote(name)
             rec = run.record(rf) if run.reusable(rf) is not None and name not in run.adopted else None
@@ -100,10 +102,10 @@ class Feed(FileSource):
             if not rec.sha256:  # a weight listed without its sha256 (a mirror): sent once the fetch is done
                 return
             records[name] = rec
+        later = [n for n in OPTIONAL if n in run.snap.files and n not in records]  # fetched after the weights
         order = sorted(n for n in records if n not in weights) + weights
-        meta = {"commit": run.snap.commit, "host": socket.gethostname(), "source": run.source.name,
-                "endpoint": env.display_origin(run.source.endpoint),
-                "records": {n: (r.size, r.sha256, r.git_oid) for n, r in records.items()}}
+        meta = {**_meta(run.snap.commit, run.source.name, env.display_origin(run.source.endpoint), records),
+                "more": bool(later)}
         with self.cond:
             self.run = run
             self.specs = {n: FileSpec(n, records[n].size, records[n].sha256) for n in order}
@@ -112,8 +114,11 @@ class Feed(FileSource):
 
     # -- the sender's side (its thread) ------------------------------------------------------------------
     def serve(self, group: Any, chunk: int) -> tuple[Report | None, BaseException | None]:
-        """``send``, as soon as the list is known. A failed fetch still sends (an empty list), so that the
-        receivers finish the protocol and learn the error in the outer exchange."""
+        """``send``, as soon as the list is known; then, if the list said ``more``, a second ``send`` of the
+        files the fetch got after the weights (its README and LICENSE: their sha256 is known once they are
+        fetched, and the Hub's head start keeps every stream of the budget on the weights until then). A
+        failed fetch still sends (an empty list), so that the receivers finish the protocol and learn the
+        error in the outer exchange."""
         with self.cond:
             while self.meta is None and not self.ended:
                 self.cond.wait()
@@ -134,6 +139,8 @@ class Feed(FileSource):
         report: Report | None = None
         try:
             report = send(files, self, group, meta=meta, chunk=chunk, finish=self.finish if planned else None)
+            if meta.get("more"):  # the verdict was success on every member: every receiver takes the rest
+                report = merge(report, self._rest(group, chunk))
         except BaseException as exc:
             mine = mine or exc
         finally:
@@ -148,13 +155,11 @@ class Feed(FileSource):
                                     "run the job again")
         self.paths = {n: self.req.dino_root / n for n in m.files}
         self.specs = {n: FileSpec(n, r.size, r.sha256) for n, r in sorted(m.files.items())}
-        meta = {"commit": m.commit, "host": socket.gethostname(), "source": m.source, "endpoint": m.endpoint,
-                "records": {n: (r.size, r.sha256, r.git_oid) for n, r in m.files.items()}}
-        return list(self.specs.values()), meta
+        return list(self.specs.values()), _meta(m.commit, m.source, m.endpoint, m.files)
 
     def finish(self) -> None:
-        """After the data step: wait for rank 0's fetch; its error, or a manifest that is not the list sent,
-        fails the job on every rank (the receivers publish nothing)."""
+        """After the data step: wait for rank 0's fetch; its error, or a manifest that does not hold the files
+        sent, fails the job on every rank (the receivers publish nothing)."""
         with self.cond:
             while not self.ended:
                 self.cond.wait()
@@ -163,10 +168,23 @@ class Feed(FileSource):
         m = StateDir(self.req.dino_root).read_manifest()
         assert self.meta is not None
         sent = {n: (s, h) for n, (s, h, _) in self.meta["records"].items()}
-        held = {n: (r.size, r.sha256) for n, r in m.files.items()} if m is not None else None
-        if m is None or m.commit != self.meta["commit"] or held != sent:
+        held = {n: (r.size, r.sha256) for n, r in m.files.items()} if m is not None else {}
+        if m is None or m.commit != self.meta["commit"] or {n: held.get(n) for n in sent} != sent \
+                or (set(held) - set(sent) and not self.meta["more"]):
             raise VerificationError(f"{self.req.dino_root} changed on rank 0 right after its fetch",
                                     "run the job again")
+        self.manifest = m
+
+    def _rest(self, group: Any, chunk: int) -> Report:
+        """The second ``send``: the manifest's files the first one did not list, with the manifest's records."""
+        m = self.manifest
+        rest = sorted(n for n in m.files if n not in self.specs)
+        source = FileSource({n: self.req.dino_root / n for n in rest})
+        try:
+            return send([FileSpec(n, m.files[n].size, m.files[n].sha256) for n in rest], source, group,
+                        meta=_meta(m.commit, m.source, m.endpoint, m.files), chunk=chunk)
+        finally:
+            source.close()
 
     def ready(self, name: str) -> int:
         spec = self.specs[name]
@@ -204,6 +222,25 @@ class Feed(FileSource):
         for fd in fds:
             os.close(fd)
         self._fds.clear()
+
+
+def _meta(commit: str, source: str, endpoint: str, records: dict[str, FileRecord]) -> dict[str, Any]:
+    return {"commit": commit, "host": socket.gethostname(), "source": source, "endpoint": endpoint,
+            "records": {n: (r.size, r.sha256, r.git_oid) for n, r in records.items()}}
+
+
+def merge(first: Report, then: Report) -> Report:
+    """One Report of two rounds of ``send``/``receive``: the files of both, the last meta, each member's
+    bytes, seconds and files summed (a receiver in either round is a receiver)."""
+    nodes: dict[int, NodeStats] = {}
+    for r in sorted(set(first.nodes) | set(then.nodes)):
+        a, b = first.nodes.get(r), then.nodes.get(r)
+        if a is None or b is None:
+            nodes[r] = a or b  # type: ignore[assignment]
+            continue
+        role = "receiver" if "receiver" in (a.role, b.role) else a.role
+        nodes[r] = NodeStats(r, role, a.bytes + b.bytes, a.seconds + b.seconds, {**a.files, **b.files})
+    return Report(first.files + then.files, then.meta, nodes, first.rank)
 
 
 def serve(req: FetchRequest, update: bool, group: Any, chunk: int) -> tuple[Report | None, BaseException | None]:
