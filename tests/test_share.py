@@ -296,6 +296,28 @@ def test_a_sharded_checkpoint_goes_out_in_order_while_later_shards_still_downloa
 
 
 @needs_torch
+@pytest.mark.slow
+def test_weights_rank_0_holds_already_are_sent_whole_while_its_fetch_runs(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    procs, _ = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    # rank 0 lost its manifest (it fetches again: the listed bytes it holds are adopted, not downloaded);
+    # the other nodes lost everything
+    (job.root(0) / ".dinov3-fetcher" / "manifest.json").unlink()
+    for node in (1, 2):
+        shutil.rmtree(job.root(node))
+    hub.clear()
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    assert hub.bytes_served(WEIGHTS) == 0 and any(r.path.startswith("/api/models/") for r in hub.requests)
+    nodes = results[0]["nodes"]
+    assert nodes["1"]["files"][WEIGHTS] == nodes["2"]["files"][WEIGHTS] == len(model[WEIGHTS])
+    for node in (0, 1, 2):
+        _same_checkpoint(job, node, model)
+
+
+@needs_torch
 def test_bytes_rank_0_got_wrong_are_sent_while_it_downloads_but_published_nowhere(
         hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
     job = Job(tmp_path)
