@@ -69,6 +69,7 @@ class Feed(FileSource):
         self.spare: list[int] = []  # fds of jobs replaced by a later one (closed at the end)
         self.using: dict[str, Job | None] = {}  # what readinto reads each file through (sender thread only)
         self.ended = False
+        self.closed = False
         self.error: BaseException | None = None
         self.manifest: Manifest  # what rank 0 published (set by finish)
 
@@ -86,8 +87,10 @@ class Feed(FileSource):
             self.cond.notify_all()
 
     def started(self, target: Target, job: Job) -> None:
-        fd = os.dup(job.fd)
         with self.cond:
+            if self.closed:  # the sending is over (it failed): nothing reads this job any more
+                return
+            fd = os.dup(job.fd)
             old = self.jobs.get(target.name)
             self.jobs[target.name] = (target, job, fd)
             if old is not None:
@@ -201,7 +204,7 @@ class Feed(FileSource):
             if job.hashed >= spec.size and not (ended or (self.run is not None and name in self.run.paths)):
                 return spec.size - 1  # the last byte once rank 0's sha256 matched: no receiver completes before
             return job.hashed
-        if name in self._fds:
+        if name in self._fds and self.using.get(name) is None:  # opened from its path below: whole
             return spec.size
         path = self.run.paths.get(name) if self.run is not None and not ended else self.req.dino_root / name
         if path is None:
@@ -211,11 +214,13 @@ class Feed(FileSource):
         except FileNotFoundError:
             return 0  # moved by the publish meanwhile: next time from dino_root
         self.using[name] = None
-        self.spare.append(self._fds[name])
+        with self.cond:
+            self.spare.append(self._fds[name])
         return spec.size
 
     def close(self) -> None:
         with self.cond:
+            self.closed = True
             fds = [fd for _, _, fd in self.jobs.values()] + self.spare
             self.jobs.clear()
             self.spare = []
