@@ -114,7 +114,9 @@ class Job:
         return self.tmp / f"node{node}" / "dinov3"
 
     def run(self, *, torchrun: bool = False, timeout: float = 120, env: dict[str, str] | None = None,
+            rank_of: Callable[[int, int], int] | None = None,
             **overrides: Any) -> tuple[list[subprocess.CompletedProcess[str]], dict[int, dict[str, Any]]]:
+        """One run of the job; ``rank_of(node, local_rank)`` numbers the ranks (not under torchrun)."""
         self.runs += 1
         out = self.tmp / f"run{self.runs}"
         out.mkdir()
@@ -131,8 +133,8 @@ class Job:
         else:
             cmds = [([sys.executable, str(worker), str(out), str(cfg)],
                      {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-                      "RANK": str(n * self.nproc + lr), "GROUP_RANK": str(n), "LOCAL_RANK": str(lr),
-                      "LOCAL_WORLD_SIZE": str(self.nproc)})
+                      "RANK": str(rank_of(n, lr) if rank_of else n * self.nproc + lr), "GROUP_RANK": str(n),
+                      "LOCAL_RANK": str(lr), "LOCAL_WORLD_SIZE": str(self.nproc)})
                     for n in range(self.nodes) for lr in range(self.nproc)]
         procs = [subprocess.Popen(c, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for c, e in cmds]
@@ -450,6 +452,29 @@ def test_a_node_without_the_space_is_refused_before_any_byte_moves(hub: HubServe
     for node in (0, 1, 2):
         _same_checkpoint(job, node, model)
     assert hub.bytes_served(WEIGHTS) == len(model[WEIGHTS])
+
+
+@needs_torch
+@pytest.mark.slow
+@pytest.mark.parametrize("rank_0", ["a local rank 0", "node 0's local rank 1"])
+def test_nodes_whose_local_rank_0_is_not_their_lowest_rank(hub: HubServer, model: dict[str, bytes],
+                                                            tmp_path: Path, rank_0: str) -> None:
+    # A launcher other than torchrun (which numbers each node's ranks from its local rank 0) may do this: on
+    # nodes 1 and 2 the local rank 0 is the higher global rank (3 and 5), so the leaders are 0, 3 and 5. When
+    # global rank 0 is not node 0's local rank 0 either, that one (rank 1) joins the leaders too: it waits on
+    # node 0's lock while rank 0 fetches there, then finds the checkpoint (warm).
+    job = Job(tmp_path, nproc=2)
+    rank_0_leads = rank_0 == "a local rank 0"
+    procs, results = job.run(rank_of=lambda node, lr: 2 * node + (lr if node == 0 and rank_0_leads else 1 - lr))
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    assert sorted(results) == list(range(6)) and all(r["ok"] for r in results.values()), results
+    nodes = results[0]["nodes"]
+    roles = {"0": "sender", "3": "receiver", "5": "receiver", **({} if rank_0_leads else {"1": "warm"})}
+    assert {r: s["role"] for r, s in nodes.items()} == roles
+    assert all(r["path"] == str(job.root(r["node"])) for r in results.values())
+    assert hub.bytes_served(WEIGHTS) == len(model[WEIGHTS])
+    for node in (0, 1, 2):
+        _same_checkpoint(job, node, model)
 
 
 @needs_torch
