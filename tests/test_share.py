@@ -222,8 +222,8 @@ def _while_paused(job: Job, hub: HubServer, until: Callable[[], bool], **overrid
     to hold, let the body go on, and return the job's (processes, results) and whether ``until`` held while
     the Hub held the rest back. Rank 0 waits for the Hub as long as it takes (its read timeout: 300 s)."""
     out: list[Any] = []
-    runner = threading.Thread(target=lambda: out.append(job.run(env={"DINOV3_FETCHER_TIMEOUT": "300"},
-                                                                **overrides)), daemon=True)
+    env = {"DINOV3_FETCHER_TIMEOUT": "300", **overrides.pop("env", {})}
+    runner = threading.Thread(target=lambda: out.append(job.run(env=env, **overrides)), daemon=True)
     runner.start()
     held = False
     try:
@@ -345,6 +345,39 @@ def test_bytes_rank_0_got_wrong_are_sent_while_it_downloads_but_published_nowher
     for node in (0, 1, 2):
         _same_checkpoint(job, node, model)
     assert hub.bytes_served(WEIGHTS) == 2 * size
+
+
+@needs_torch
+@pytest.mark.slow
+def test_rank_0_losing_the_hub_mid_file_fails_every_rank_and_each_node_resumes_what_it_holds(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
+    # the CDN stops at 1.5 MiB until the receivers hold 1 MiB, cuts the file at 2 MiB, then answers 503
+    hub.faults.add(pause_at=1536 * KiB, cut_after=2048 * KiB, path_suffix=WEIGHTS, host="cdn", times=1)
+    hub.faults.add(status=503, path_suffix=WEIGHTS, host="cdn", after=1)
+    (procs, results), held = _while_paused(
+        job, hub, lambda: min(_received(job.root(n), sha) for n in (1, 2)) >= 1024 * KiB,
+        env={"DINOV3_FETCHER_RETRIES": "1"})
+    assert held
+    assert sorted(results) == [0, 1, 2], _stderr(procs)
+    assert {r["type"] for r in results.values()} == {"NetworkError"}
+    assert len({(r["message"], r["hint"]) for r in results.values()}) == 1 and WEIGHTS in results[0]["message"]
+    left = {}
+    for node in (1, 2):  # what each node received is recorded (it is rank 0's hashed prefix: sound)
+        assert not (job.root(node) / WEIGHTS).exists()
+        record = json.loads((job.root(node) / ".dinov3-fetcher" / "partial" / sha / "progress.json").read_text())
+        left[node] = sum(e - s for s, e in record["remaining"])
+        assert left[node] <= size - 1024 * KiB
+
+    hub.faults.clear()
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    nodes = results[0]["nodes"]
+    for node in (1, 2):
+        assert nodes[str(node)]["files"][WEIGHTS] == left[node]
+        _same_checkpoint(job, node, model)
+    assert hub.bytes_served(WEIGHTS) == size  # rank 0 resumed its own 2 MiB as well
 
 
 @needs_torch
