@@ -19,9 +19,11 @@ sender is seen by every receiver at once, and a dead receiver by the sender:
 
 A receiver whose sink fails (disk full) or whose file fails its sha256 keeps draining what the sender sends
 (discarding it), so the stream and the exchange still complete and the error reaches every rank. What a sink
-wrote stays recorded (``Sink.close``), so the next run resumes it. A member that dies (killed sender, lost
-node) breaks the group: every surviving member raises the same ``NetworkError`` (``BROKEN``) at once (TCP
-reset) or after the group's timeout (a node that vanished without a reset).
+wrote stays recorded (``Sink.close``), so the next run resumes it, unless the sender's own source failed its
+sha256 (``IntegrityError``): its abort header then says ``_DROP`` and each sink drops its unfinished files.
+A member that dies (killed sender, lost node) breaks the group: every surviving member raises the same
+``NetworkError`` (``BROKEN``) at once (TCP reset) or after the group's timeout (a node that vanished without a
+reset).
 
 Point to point rather than one broadcast of the union: each receiver takes only what it misses and a warm
 node takes nothing, with no subgroup per set of needs; the cost is the sender's egress, which is N x the

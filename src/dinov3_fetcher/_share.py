@@ -12,9 +12,10 @@ announces nothing and takes no part in the data step; a node holding a partial (
 file published under an older manifest) announces only what it misses. Then the outer exchange of
 ``_distributed`` runs on every rank: the same path everywhere, or the lowest failing rank's error everywhere.
 
-Rank 0 sends while it downloads (``_share_send``): the file list as soon as its fetch has planned (the small
-files fetched first, so every sha256 is known), each weight file up to the prefix its download has written and
-hashed. Every receiver checks each file's sha256 itself, and publishes only when rank 0's whole fetch succeeded.
+Rank 0 sends while it downloads (``_share_send``): the file list as soon as its fetch has planned (config and
+preprocessor fetched, the weights' sha256 listed), each weight file up to the prefix its download has written
+and hashed, then (meta ``more``) a second round with what the fetch got after the weights (README, LICENSE).
+Every receiver checks each file's sha256 itself, and publishes only when rank 0's whole fetch succeeded.
 """
 
 from __future__ import annotations
