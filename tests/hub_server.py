@@ -24,7 +24,9 @@ redirecting hub GET included. All matching rules are consumed and merged (first 
 Knobs: ``cut_after`` (body bytes, then clean close; with ``reset``: TCP RST), ``ignore_range``,
 ``corrupt_at`` (absolute file offset, byte XOR 0xFF), ``stall_after`` + ``stall_seconds`` (sleep once,
 then continue), ``status`` + ``retry_after``, ``no_content_length`` (Connection: close), ``chunked``,
-``throttle_bps`` (per connection). ``after=N`` lets the first N matching GETs pass before a rule applies
+``throttle_bps`` (per connection), ``pause_at`` (absolute file offset: the body stops there, sets
+``hub.paused`` and waits for ``hub.resume``, which nothing sets but the test).
+``after=N`` lets the first N matching GETs pass before a rule applies
 (to sequence faults: a cut, then 503s). Each ``Request`` records its arrival time ``t`` (monotonic).
 ``hub.model_info_hook`` (a callable) runs before each model_info answer is built: to hold the answer back,
 or to move a branch while a client waits for it. If it returns ``(status, headers)`` that error is answered
@@ -108,6 +110,7 @@ class Fault:
     no_content_length: bool = False
     chunked: bool = False
     throttle_bps: int | None = None
+    pause_at: int | None = None
 
 
 _KNOBS = [f.name for f in dataclasses.fields(Fault) if f.name not in ("path_suffix", "times", "host", "after")]
@@ -609,12 +612,14 @@ class _Handler(BaseHTTPRequestHandler):
         step = MIB if not fault.throttle_bps else max(1, min(MIB, fault.throttle_bps // 50))
         stall_at = None if fault.stall_after is None else start + fault.stall_after
         sent, t0, pos = 0, time.monotonic(), start
-        pieces = [(start, limit)]
-        if stall_at is not None and start <= stall_at < limit:
-            pieces = [(start, stall_at), (stall_at, limit)]
+        cuts = sorted({c for c in (stall_at, fault.pause_at) if c is not None and start <= c < limit})
+        pieces = list(zip([start, *cuts], [*cuts, limit], strict=True))
         for i, (a, b) in enumerate(pieces):
-            if i == 1:
+            if i and a == stall_at:
                 time.sleep(fault.stall_seconds)
+            if i and a == fault.pause_at:
+                self.hub.paused.set()
+                self.hub.resume.wait()
             for chunk in blob.chunks(a, b, step):
                 self.hub.gate.wait()
                 n = len(chunk)
@@ -688,6 +693,8 @@ class HubServer:
         self.redirect_location: Callable[[str], str] | None = None  # rewrites the Location of LFS redirects
         self.gate = threading.Event()  # cleared: file bodies pause before their next chunk
         self.gate.set()
+        self.paused = threading.Event()  # a body reached a fault's pause_at
+        self.resume = threading.Event()  # set by the test: paused bodies go on
         self._counter = 0
         self.xet = xet  # the default of add_repo(xet=...)
         self.xet_bridge = XetBridge()

@@ -319,6 +319,15 @@ def test_fault_stall(hub: HubServer) -> None:
     assert r.read() == BLOB[100:] and time.monotonic() - t >= 0.5
 
 
+def test_fault_pause_at_holds_the_body_until_resumed(hub: HubServer) -> None:
+    hub.faults.add(pause_at=6000, stall_after=0, stall_seconds=0.01)  # a pause and a stall at the start
+    r = get(blob_url(hub), {"Range": "bytes=4096-"})
+    assert r.read(1904) == BLOB[4096:6000]  # up to the pause offset (absolute in the file)
+    assert hub.paused.wait(5) and hub.bytes_served() == 1904
+    hub.resume.set()
+    assert r.read() == BLOB[6000:] and hub.bytes_served() == len(BLOB) - 4096
+
+
 def test_fault_status(hub: HubServer, tmp_path: Path) -> None:
     hub.faults.add(status=503, retry_after="7", times=1)
     r = get(blob_url(hub))

@@ -9,20 +9,24 @@ does. Skipped, with the reason, when torch is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from checkpoints import vit_repo_files
+from checkpoints import shard_files, vit_repo_files
 from conftest import cli_env
 from dinov3_fetcher import fetch_dinov3
 from dinov3_fetcher._broadcast_wire import BROKEN
@@ -109,8 +113,10 @@ class Job:
     def root(self, node: int) -> Path:
         return self.tmp / f"node{node}" / "dinov3"
 
-    def run(self, *, torchrun: bool = False, timeout: float = 120,
+    def run(self, *, torchrun: bool = False, timeout: float = 120, env: dict[str, str] | None = None,
+            rank_of: Callable[[int, int], int] | None = None,
             **overrides: Any) -> tuple[list[subprocess.CompletedProcess[str]], dict[int, dict[str, Any]]]:
+        """One run of the job; ``rank_of(node, local_rank)`` numbers the ranks (not under torchrun)."""
         self.runs += 1
         out = self.tmp / f"run{self.runs}"
         out.mkdir()
@@ -118,7 +124,7 @@ class Job:
         cfg.write_text(json.dumps({**self.cfg, **overrides}))
         worker = self.tmp / "worker.py"
         worker.write_text(WORKER)
-        env = cli_env(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env = cli_env(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
         port, world = _port(), self.nodes * self.nproc
         if torchrun:
             cmds = [([sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nodes}", f"--node-rank={n}",
@@ -127,8 +133,8 @@ class Job:
         else:
             cmds = [([sys.executable, str(worker), str(out), str(cfg)],
                      {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-                      "RANK": str(n * self.nproc + lr), "GROUP_RANK": str(n), "LOCAL_RANK": str(lr),
-                      "LOCAL_WORLD_SIZE": str(self.nproc)})
+                      "RANK": str(rank_of(n, lr) if rank_of else n * self.nproc + lr), "GROUP_RANK": str(n),
+                      "LOCAL_RANK": str(lr), "LOCAL_WORLD_SIZE": str(self.nproc)})
                     for n in range(self.nodes) for lr in range(self.nproc)]
         procs = [subprocess.Popen(c, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for c, e in cmds]
@@ -211,6 +217,299 @@ def test_three_nodes_the_hub_serves_the_weights_once_and_a_warm_node_is_skipped(
     _same_checkpoint(job, 2, model)
 
 
+def _while_paused(job: Job, hub: HubServer, until: Callable[[], bool], **overrides: Any) -> tuple[Any, bool]:
+    """Run the job while the Hub holds back a body at a fault's ``pause_at``: wait (up to 90 s) for ``until``
+    to hold, let the body go on, and return the job's (processes, results) and whether ``until`` held while
+    the Hub held the rest back. Rank 0 waits for the Hub as long as it takes (its read timeout: 300 s)."""
+    out: list[Any] = []
+    env = {"DINOV3_FETCHER_TIMEOUT": "300", **overrides.pop("env", {})}
+    runner = threading.Thread(target=lambda: out.append(job.run(env=env, **overrides)), daemon=True)
+    runner.start()
+    held = False
+    try:
+        assert hub.paused.wait(90)
+        deadline = time.monotonic() + 90
+        while not (held := until()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        held = held and not out
+    finally:
+        hub.resume.set()
+    runner.join(180)
+    return out[0], held
+
+
+def _received(root: Path, sha: str) -> int:
+    """Bytes of the weights a receiving node has written in its partial folder (claimed or released)."""
+    return sum(p.stat().st_size for p in (root / ".dinov3-fetcher" / "partial").glob(f"{sha}*/data"))
+
+
+@needs_torch
+def test_receivers_get_the_weights_while_rank_0_still_downloads_them(hub: HubServer, model: dict[str, bytes],
+                                                                     tmp_path: Path) -> None:
+    # The Hub stops the weights at 2 MiB (of ~3 MB) until the test lets them go on: rank 0's download is
+    # then half done, and the receivers must already hold what rank 0 has written and hashed of it.
+    job = Job(tmp_path)
+    size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
+    pause = 2 * 1024 * KiB
+    assert size > pause + 256 * KiB
+    hub.faults.add(pause_at=pause, path_suffix=WEIGHTS, times=1)
+    got: dict[int, int] = {}
+
+    def received() -> bool:  # rank 0 reads 1 MiB at a time: it has written at least 1 MiB when the Hub stops
+        got.update({node: _received(job.root(node), sha) for node in (1, 2)})
+        return min(got.values()) >= 1024 * KiB and hub.bytes_served(WEIGHTS) == pause \
+            and not (job.root(0) / WEIGHTS).exists()
+
+    (procs, results), held = _while_paused(job, hub, received)
+    assert held and max(got.values()) <= pause, got  # while the Hub still held the rest back
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    assert sorted(results) == [0, 1, 2] and all(r["ok"] for r in results.values()), results
+    assert hub.bytes_served(WEIGHTS) == size  # still one download for the whole job
+    for node in (0, 1, 2):
+        _same_checkpoint(job, node, model)
+    nodes = results[0]["nodes"]
+    assert nodes["1"]["files"][WEIGHTS] == nodes["2"]["files"][WEIGHTS] == size
+
+
+@needs_torch
+def test_a_sharded_checkpoint_goes_out_in_order_while_later_shards_still_download(hub: HubServer,
+                                                                                   tmp_path: Path) -> None:
+    files = shard_files(vit_repo_files(hidden=128, intermediate=512, layers=4), 3)
+    hub.add_repo(MODEL + "-sharded", files)
+    first, second = "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"
+    assert len(files[second]) > 256 * KiB
+    hub.faults.add(pause_at=256 * KiB, path_suffix=second, times=1)
+    job = Job(tmp_path)
+    sha = hashlib.sha256(files[first]).hexdigest()
+    (procs, results), held = _while_paused(  # the first shard, whole and verified, on both receivers
+        job, hub, lambda: hub.bytes_served(second) == 256 * KiB
+        and all(list(job.root(n).glob(f".dinov3-fetcher/staged/*/{sha}.{first}")) for n in (1, 2)),
+        model=MODEL + "-sharded")
+    assert held
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    assert sorted(results) == [0, 1, 2] and all(r["ok"] for r in results.values()), results
+    shards = [n for n in files if n.endswith(".safetensors")]
+    assert len(shards) == 3 and all(hub.bytes_served(n) == len(files[n]) for n in shards)  # each once
+    published = set(_manifest(job.root(0))["files"])
+    assert set(shards) < published
+    for node in (0, 1, 2):
+        assert all((job.root(node) / n).read_bytes() == files[n] for n in published), node
+        assert _manifest(job.root(node))["complete"] and set(_manifest(job.root(node))["files"]) == published
+
+
+@needs_torch
+@pytest.mark.slow
+def test_weights_rank_0_holds_already_are_sent_whole_while_its_fetch_runs(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    procs, _ = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    # rank 0 lost its manifest (it fetches again: the listed bytes it holds are adopted, not downloaded);
+    # the other nodes lost everything
+    (job.root(0) / ".dinov3-fetcher" / "manifest.json").unlink()
+    for node in (1, 2):
+        shutil.rmtree(job.root(node))
+    hub.clear()
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    assert hub.bytes_served(WEIGHTS) == 0 and any(r.path.startswith("/api/models/") for r in hub.requests)
+    nodes = results[0]["nodes"]
+    assert nodes["1"]["files"][WEIGHTS] == nodes["2"]["files"][WEIGHTS] == len(model[WEIGHTS])
+    for node in (0, 1, 2):
+        _same_checkpoint(job, node, model)
+
+
+@needs_torch
+def test_bytes_rank_0_got_wrong_are_sent_while_it_downloads_but_published_nowhere(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
+    hub.faults.add(corrupt_at=100, pause_at=2 * 1024 * KiB, path_suffix=WEIGHTS, times=1)
+    # the receivers hold a wrong MiB (rank 0 only finds out by its sha256, at the end)
+    (procs, results), held = _while_paused(job, hub, lambda: min(_received(job.root(n), sha) for n in (1, 2))
+                                           >= 1024 * KiB)
+    assert held
+    assert sorted(results) == [0, 1, 2], _stderr(procs)
+    assert all(p.returncode != 0 for p in procs)
+    assert {r["type"] for r in results.values()} == {"IntegrityError"}
+    assert len({(r["message"], r["hint"]) for r in results.values()}) == 1  # rank 0's, on every rank
+    assert WEIGHTS in results[0]["message"] and "listing" in results[0]["message"]
+    for node in (0, 1, 2):
+        root = job.root(node)
+        assert not (root / WEIGHTS).exists() and not (root / ".dinov3-fetcher" / "manifest.json").exists()
+        assert not list(root.glob(f".dinov3-fetcher/staged/*/{sha}.{WEIGHTS}"))
+        assert _received(root, sha) == 0  # the wrong copy was discarded, there as on rank 0
+
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    for node in (0, 1, 2):
+        _same_checkpoint(job, node, model)
+    assert hub.bytes_served(WEIGHTS) == 2 * size
+
+
+@needs_torch
+@pytest.mark.slow
+def test_rank_0_losing_the_hub_mid_file_fails_every_rank_and_each_node_resumes_what_it_holds(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
+    # the CDN stops at 1.5 MiB until the receivers hold 1 MiB, cuts the file at 2 MiB, then answers 503
+    hub.faults.add(pause_at=1536 * KiB, cut_after=2048 * KiB, path_suffix=WEIGHTS, host="cdn", times=1)
+    hub.faults.add(status=503, path_suffix=WEIGHTS, host="cdn", after=1)
+    (procs, results), held = _while_paused(
+        job, hub, lambda: min(_received(job.root(n), sha) for n in (1, 2)) >= 1024 * KiB,
+        env={"DINOV3_FETCHER_RETRIES": "1"})
+    assert held
+    assert sorted(results) == [0, 1, 2], _stderr(procs)
+    assert {r["type"] for r in results.values()} == {"NetworkError"}
+    assert len({(r["message"], r["hint"]) for r in results.values()}) == 1 and WEIGHTS in results[0]["message"]
+    left = {}
+    for node in (1, 2):  # what each node received is recorded (it is rank 0's hashed prefix: sound)
+        assert not (job.root(node) / WEIGHTS).exists()
+        record = json.loads((job.root(node) / ".dinov3-fetcher" / "partial" / sha / "progress.json").read_text())
+        left[node] = sum(e - s for s, e in record["remaining"])
+        assert left[node] <= size - 1024 * KiB
+
+    hub.faults.clear()
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    nodes = results[0]["nodes"]
+    for node in (1, 2):
+        assert nodes[str(node)]["files"][WEIGHTS] == left[node]
+        _same_checkpoint(job, node, model)
+    assert hub.bytes_served(WEIGHTS) == size  # rank 0 resumed its own 2 MiB as well
+
+
+@needs_torch
+def test_rank_0_resumes_its_partial_and_sends_the_prefix_it_already_held(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    data = model[WEIGHTS]
+    sha, held = hashlib.sha256(data).hexdigest(), 1024 * KiB
+    folder = job.root(0) / ".dinov3-fetcher" / "partial" / sha  # rank 0 holds the first MiB from an earlier run
+    folder.mkdir(parents=True)
+    (folder / "data").write_bytes(data[:held])
+    (folder / "progress.json").write_text(json.dumps({"identity": sha, "size": len(data),
+                                                      "remaining": [[held, len(data)]]}))
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    assert hub.bytes_served(WEIGHTS) == len(data) - held
+    nodes = results[0]["nodes"]
+    assert nodes["1"]["files"][WEIGHTS] == nodes["2"]["files"][WEIGHTS] == len(data)
+    for node in (0, 1, 2):
+        _same_checkpoint(job, node, model)
+
+
+@contextlib.contextmanager
+def _tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs mounted at ``where`` (a node's own disk), unmounted at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    where.mkdir(parents=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True,
+                       text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def _fill(where: Path, leave: int) -> Path:
+    """Fill ``where``'s filesystem up to ``leave`` bytes free."""
+    filler = where / "filler"
+    with filler.open("wb") as f:
+        with contextlib.suppress(OSError):  # until the disk is full (a receiver may be writing meanwhile)
+            while True:
+                f.write(b"\0" * (64 * KiB))
+                f.flush()
+        f.truncate(max(0, f.tell() - leave))
+    return filler
+
+
+@needs_torch
+def test_a_node_whose_disk_fills_up_mid_transfer_fails_every_rank_alike_and_the_rerun_resumes(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
+    hub.faults.add(pause_at=2 * 1024 * KiB, path_suffix=WEIGHTS, times=1)
+    with _tmpfs(tmp_path / "node2", "24m") as disk:  # room for the checkpoint and the 16 MiB margin: accepted
+        filler = disk / "filler"
+
+        def then_full() -> bool:  # node 2 got its first MiB, then its disk fills up: room for a progress record
+            if _received(job.root(2), sha) < 1024 * KiB:
+                return False
+            _fill(disk, 64 * KiB)
+            return True
+
+        (procs, results), held = _while_paused(job, hub, then_full)
+        assert held
+        assert sorted(results) == [0, 1, 2], _stderr(procs)
+        assert [p.returncode for p in procs] == [9, 9, 9]  # DiskSpaceError's exit code, on every rank
+        assert {r["type"] for r in results.values()} == {"DiskSpaceError"}
+        assert len({(r["message"], r["hint"]) for r in results.values()}) == 1
+        assert "receiving " + WEIGHTS in results[0]["message"]
+        assert (job.root(0) / WEIGHTS).exists()  # rank 0's own fetch succeeded; the receivers publish nothing
+        for node in (1, 2):
+            assert not (job.root(node) / WEIGHTS).exists()
+        record = json.loads((job.root(2) / ".dinov3-fetcher" / "partial" / sha / "progress.json").read_text())
+        left = sum(e - s for s, e in record["remaining"])
+        assert 0 < left <= size - 1024 * KiB  # what node 2 wrote before the disk filled is recorded
+
+        filler.unlink()  # space again: the rerun completes, node 2 receives only the rest
+        procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    nodes = results[0]["nodes"]
+    later = {n: len(model[n]) for n in ("README.md", "LICENSE.md")}  # sent after the weights: not in the first run
+    assert nodes["1"]["files"] == later and nodes["2"]["files"] == {WEIGHTS: left, **later}
+    assert hub.bytes_served(WEIGHTS) == size
+
+
+@needs_torch
+@pytest.mark.slow
+def test_a_node_without_the_space_is_refused_before_any_byte_moves(hub: HubServer, model: dict[str, bytes],
+                                                                 tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    with _tmpfs(tmp_path / "node1", "8m"):  # less than the checkpoint plus the 16 MiB margin
+        procs, results = job.run()
+        assert sorted(results) == [0, 1, 2], _stderr(procs)
+        assert [p.returncode for p in procs] == [9, 9, 9]
+        assert {r["type"] for r in results.values()} == {"DiskSpaceError"}
+        assert len({(r["message"], r["hint"]) for r in results.values()}) == 1
+        assert "not enough disk space" in results[0]["message"]
+        assert not (job.root(2) / WEIGHTS).exists() and not list(job.root(2).glob(".dinov3-fetcher/partial/*/data"))
+    shutil.rmtree(tmp_path / "node1")
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    for node in (0, 1, 2):
+        _same_checkpoint(job, node, model)
+    assert hub.bytes_served(WEIGHTS) == len(model[WEIGHTS])
+
+
+@needs_torch
+@pytest.mark.slow
+@pytest.mark.parametrize("rank_0", ["a local rank 0", "node 0's local rank 1"])
+def test_nodes_whose_local_rank_0_is_not_their_lowest_rank(hub: HubServer, model: dict[str, bytes],
+                                                            tmp_path: Path, rank_0: str) -> None:
+    # A launcher other than torchrun (which numbers each node's ranks from its local rank 0) may do this: on
+    # nodes 1 and 2 the local rank 0 is the higher global rank (3 and 5), so the leaders are 0, 3 and 5. When
+    # global rank 0 is not node 0's local rank 0 either, that one (rank 1) joins the leaders too: it waits on
+    # node 0's lock while rank 0 fetches there, then finds the checkpoint (warm).
+    job = Job(tmp_path, nproc=2)
+    rank_0_leads = rank_0 == "a local rank 0"
+    procs, results = job.run(rank_of=lambda node, lr: 2 * node + (lr if node == 0 and rank_0_leads else 1 - lr))
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    assert sorted(results) == list(range(6)) and all(r["ok"] for r in results.values()), results
+    nodes = results[0]["nodes"]
+    roles = {"0": "sender", "3": "receiver", "5": "receiver", **({} if rank_0_leads else {"1": "warm"})}
+    assert {r: s["role"] for r, s in nodes.items()} == roles
+    assert all(r["path"] == str(job.root(r["node"])) for r in results.values())
+    assert hub.bytes_served(WEIGHTS) == len(model[WEIGHTS])
+    for node in (0, 1, 2):
+        _same_checkpoint(job, node, model)
+
+
 @needs_torch
 def test_sender_killed_midway_every_rank_one_error_then_the_rerun_receives_only_the_rest(
         hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
@@ -232,9 +531,9 @@ def test_sender_killed_midway_every_rank_one_error_then_the_rerun_receives_only_
     assert all(p.returncode == 0 for p in procs), _stderr(procs)
     nodes = results[0]["nodes"]
     for node, rank in ((1, "1"), (2, "2")):
-        # only the rest: config.json (sent before the weights) was staged, preprocessor_config.json comes after
-        pre = "preprocessor_config.json"
-        assert nodes[rank]["files"] == {WEIGHTS: left[node], pre: len(model[pre])}
+        # only the rest: config.json and preprocessor_config.json (sent first, while rank 0 downloaded the
+        # weights) were staged; README.md and LICENSE.md come after the weights
+        assert nodes[rank]["files"] == {WEIGHTS: left[node], **{n: len(model[n]) for n in ("README.md", "LICENSE.md")}}
         _same_checkpoint(job, node, model)
     assert hub.bytes_served(WEIGHTS) == size  # rank 0 was warm on the rerun
 
@@ -264,7 +563,8 @@ def test_a_sha256_mismatch_on_one_node_is_caught_there_and_raised_on_every_rank(
     procs, results = job.run()
     assert all(p.returncode == 0 for p in procs), _stderr(procs)
     nodes = results[0]["nodes"]
-    assert (nodes["1"]["role"], nodes["1"]["bytes"]) == ("warm", 0)  # it took its staged copies
+    # node 1 took its staged copies; README.md and LICENSE.md come after the weights: the first run stopped before
+    assert nodes["1"]["files"] == {n: len(model[n]) for n in ("README.md", "LICENSE.md")}
     assert nodes["2"]["files"][WEIGHTS] == len(data) and "config.json" not in nodes["2"]["files"]
     for node in (1, 2):
         _same_checkpoint(job, node, model)

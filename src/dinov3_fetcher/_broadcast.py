@@ -19,9 +19,11 @@ sender is seen by every receiver at once, and a dead receiver by the sender:
 
 A receiver whose sink fails (disk full) or whose file fails its sha256 keeps draining what the sender sends
 (discarding it), so the stream and the exchange still complete and the error reaches every rank. What a sink
-wrote stays recorded (``Sink.close``), so the next run resumes it. A member that dies (killed sender, lost
-node) breaks the group: every surviving member raises the same ``NetworkError`` (``BROKEN``) at once (TCP
-reset) or after the group's timeout (a node that vanished without a reset).
+wrote stays recorded (``Sink.close``), so the next run resumes it, unless the sender's own source failed its
+sha256 (``IntegrityError``): its abort header then says ``_DROP`` and each sink drops its unfinished files.
+A member that dies (killed sender, lost node) breaks the group: every surviving member raises the same
+``NetworkError`` (``BROKEN``) at once (TCP reset) or after the group's timeout (a node that vanished without a
+reset).
 
 Point to point rather than one broadcast of the union: each receiver takes only what it misses and a warm
 node takes nothing, with no subgroup per set of needs; the cost is the sender's egress, which is N x the
@@ -42,7 +44,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, TextIO
 
@@ -50,6 +52,7 @@ from ._broadcast_files import FileSource, PartialSink
 from ._broadcast_wire import (
     _ABORT,
     _DATA,
+    _DROP,
     _END,
     _POLL,
     BROKEN,
@@ -75,7 +78,7 @@ from ._broadcast_wire import (
     missing_pieces,
 )
 from ._distributed import _outcome
-from ._errors import NetworkError
+from ._errors import IntegrityError, NetworkError
 
 __all__ = [
     "BROKEN",
@@ -95,14 +98,16 @@ __all__ = [
 
 
 def send(files: Sequence[FileSpec], source: Source, group: Any, *, meta: dict[str, Any] | None = None,
-         chunk: int = CHUNK) -> Report:
+         chunk: int = CHUNK, finish: Callable[[], None] | None = None) -> Report:
     """The sender's side (global rank 0 of the job, a member of ``group``). A collective with ``receive``.
 
     Streams every receiver the ranges it announced, in file order, waiting for ``source.ready`` to pass each
-    piece. Returns the Report (the bytes and seconds of every member), or raises on every member the error
-    of the lowest failing rank (``source`` failing, a receiver's disk or sha256), or ``NetworkError(BROKEN)``
-    if a member died. A relay for many nodes would keep this loop and the headers: the sender sends each
-    piece to the first receiver of a chain that needs it, and each receiver forwards it to the next.
+    piece. ``finish``, if given, runs after the data step (e.g. waits for the download that ``source``
+    follows): what it raises is the sender's error. Returns the Report (the bytes and seconds of every
+    member), or raises on every member the error of the lowest failing rank (``source`` failing, a
+    receiver's disk or sha256), or ``NetworkError(BROKEN)`` if a member died. A relay for many nodes would
+    keep this loop and the headers: the sender sends each piece to the first receiver of a chain that needs
+    it, and each receiver forwards it to the next.
     """
     torch, dist = _torch()
     rank = dist.get_rank()
@@ -130,6 +135,11 @@ def send(files: Sequence[FileSpec], source: Source, group: Any, *, meta: dict[st
         _wait_all([w for r in active for w in _isend(wire, wire.head(_ABORT), r, dead)], dead)
     elif active:
         mine = _stream(wire, files, source, {r: announced[r]["missing"] for r in active}, chunk, stats, dead)
+    if finish is not None:
+        try:
+            finish()
+        except BaseException as exc:
+            mine = mine or exc
     stats.seconds = time.monotonic() - t0
     # step 4: gather every outcome, decide, tell everyone (all through the sender: a dead sender is seen at once)
     outcomes: dict[int, dict[str, Any]] = {}
@@ -162,7 +172,7 @@ def _stream(wire: _Wire, files: list[FileSpec], source: Source, wants: dict[int,
     views = [memoryview(b) for b in bufs]
     tensors = [torch.frombuffer(b, dtype=torch.uint8) for b in bufs]
     pending: list[tuple[int, Any]] = []  # the sends of the previous window: its buffer is busy until they end
-    which, kind, mine = 0, _END, None
+    which, kind, mine, drop = 0, _END, None, -1
     try:
         for idx, spec in enumerate(files):
             pieces = {r: missing_pieces(m[idx], chunk) for r, m in wants.items()}
@@ -186,8 +196,10 @@ def _stream(wire: _Wire, files: list[FileSpec], source: Source, wants: dict[int,
                 pending, which = works, 1 - which
     except BaseException as exc:  # the source failed (or Ctrl-C): every receiver stops at its next header
         mine, kind = exc, _ABORT
+        if isinstance(exc, IntegrityError):  # the source's bytes were wrong: the receivers drop what they hold
+            drop = _DROP
     _wait_all(pending, dead)
-    _wait_all([w for r in wants for w in _isend(wire, wire.head(kind), r, dead)], dead)
+    _wait_all([w for r in wants for w in _isend(wire, wire.head(kind, drop), r, dead)], dead)
     return mine
 
 
@@ -303,5 +315,7 @@ def _take(wire: _Wire, src: int, sink: Sink, files: list[FileSpec], missing: lis
     finally:
         writer.stop()  # what was received is written (and recorded by sink.close) even when the sender died
     line.show(stats.bytes, final=True, end="done" if kind == _END else "stopped (the sender failed)")
+    if kind == _ABORT and idx == _DROP and (drop := getattr(sink, "drop", None)) is not None:
+        drop()  # rank 0's copy failed its sha256: what this node holds of unfinished files may be as wrong
     return writer.error
 

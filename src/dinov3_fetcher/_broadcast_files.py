@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ._broadcast_wire import FileSpec, MiB, Range, _check_ranges
 from ._errors import DiskSpaceError, IntegrityError
-from ._state import encode_progress, read_progress
+from ._state import PROGRESS_PAGE, encode_progress, read_progress
 
 __all__ = ["FileSource", "PartialSink"]
 
@@ -109,6 +109,13 @@ class PartialSink:
                                  "run again to receive it again; if it repeats, a node's disk or memory is bad")
         self._place(spec, f.folder)
 
+    def drop(self) -> None:
+        """The sender's bytes were wrong (its sha256 failed mid-way): discard every file not completed."""
+        for f in self._open.values():
+            f.close()
+            self._discard(f.folder)
+        self._open.clear()
+
     # -- where the files go: a subclass (the fetcher's own sink, _share.StateSink) overrides these -----------
     where = ""  # words naming this node in messages
 
@@ -164,6 +171,7 @@ class _OpenFile:
         self.sha = hashlib.sha256()
         self.hashed = 0  # the sha256 has seen [0, hashed)
         self.unsaved = 0
+        self.progress_fd: int | None = None  # progress.json, rewritten in place after the first save
         self.save()
 
     def _present_below(self, end: int) -> bool:
@@ -209,12 +217,21 @@ class _OpenFile:
 
     def save(self) -> None:
         blob = encode_progress(self.spec.sha256, self.spec.size, [list(r) for r in self.remaining])
+        if self.progress_fd is not None and len(blob) == PROGRESS_PAGE:
+            os.pwrite(self.progress_fd, blob, 0)  # one page in place (as _job does): no new block, so a disk
+            self.unsaved = 0                      # the data just filled up still gets what was written recorded
+            return
         path, tmp = self.folder / "progress.json", self.folder / "progress.json.tmp"
         tmp.write_bytes(blob)
         os.replace(tmp, path)
         self.unsaved = 0
+        if self.progress_fd is None and len(blob) == PROGRESS_PAGE:
+            self.progress_fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
+        for fd in (self.fd, self.progress_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.progress_fd = None
 

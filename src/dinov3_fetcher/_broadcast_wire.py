@@ -21,6 +21,7 @@ from ._progress import human_bytes
 MiB = 1024 * 1024
 CHUNK = 32 * MiB  # largest piece; also the alignment of the sender's read windows
 _DATA, _END, _ABORT = 0, 1, 2
+_DROP = -2  # an abort header's file index when the source's bytes were wrong (IntegrityError)
 _POLL = 0.05  # seconds between two looks at the source's ready frontier
 BROKEN = ("the broadcast of the teacher's files broke off: a rank of the transfer group stopped "
           "(killed, out of memory, or its node failed)")
@@ -83,6 +84,9 @@ class Sink(Protocol):
 
     def close(self) -> None:
         """Record what was written, whatever happened before: the next run resumes from it."""
+
+    # Optional: ``drop()``, called when the sender's source failed its sha256 (the abort says so): forget
+    # every file not completed, its bytes may be as wrong as the source's (``PartialSink.drop``).
 
 
 def _torch() -> tuple[ModuleType, ModuleType]:

@@ -136,8 +136,9 @@ def fetch_dinov3(
 
 
 def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None = None,
-          lock_timeout: float | None = None, repair: bool = False) -> FetchResult:
-    """The fetch of an already validated request, with a detailed result. Raises what fetch_dinov3 raises."""
+          lock_timeout: float | None = None, repair: bool = False, observer: Any = None) -> FetchResult:
+    """The fetch of an already validated request, with a detailed result. Raises what fetch_dinov3 raises.
+    ``observer`` (the broadcast's sender, _share_send) is told the plan and each download as it starts."""
     t0 = time.monotonic()
     progress = progress or Progress(quiet=True)
     if not (update or repair) and (m := ready(req)):
@@ -158,7 +159,7 @@ def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None 
             old = state.read_manifest()  # once under the lock
             if not (update or repair) and (m := ready(req, old)):
                 return _cached(req, m, t0)
-            result = _fetch_locked(state, req, old, progress, repair=repair)
+            result = _fetch_locked(state, req, old, progress, repair=repair, observer=observer)
     except KeyboardInterrupt:
         state.remove_if_empty(created)
         raise FetchInterrupted("interrupted; the partial download is kept in " + str(state.partial),
@@ -292,7 +293,7 @@ def _unrecorded(root: Path, old: Manifest | None) -> bool:
 
 
 def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, progress: Progress, *,
-                  repair: bool = False) -> FetchResult:
+                  repair: bool = False, observer: Any = None) -> FetchResult:
     from ._http import HttpPool
     from ._plan import Run
     from ._sources import get_source
@@ -316,7 +317,8 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
     def raise_status(status: int, headers: dict[str, str], body: bytes, url: str) -> Any:
         source.raise_for_status(status, headers, body, url, req.model, req.revision)
 
-    transfer = Transfer(settings, pool, state, progress, raise_status, endpoint_var=source.endpoint_var)
+    transfer = Transfer(settings, pool, state, progress, raise_status, endpoint_var=source.endpoint_var,
+                        observer=observer)
     # The weights may start flowing now (the Hub's head start); the listing below decides whether they are kept.
     # Not when dino_root holds files we did not put there: the fetch may refuse it (Run.check_foreign).
     early = source.early(transfer, old, req.model, req.revision, transfer.cancel) if head_start else None
@@ -343,6 +345,8 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
         _check_space(state, planned)
         progress.expect({p.name: p.size for p in planned})
         progress.done += sum(p.size for p in planned if p.reuse)  # += : head-start bytes are counted already
+        if observer is not None:  # the broadcast's sender (_share_send): the plan, before the weights' transfer
+            observer.planned(run, [p.name for p in planned if p.name in weights])
         _get_all(run, [p.name for p in planned if p.name in weights], FILES_AT_ONCE)
         for p in planned:
             if p.name not in weights:

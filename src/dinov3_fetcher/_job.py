@@ -71,6 +71,7 @@ class Job:
         self.write_lock = threading.Lock()  # see write()
         self.progress_fd: int | None = None  # progress.json, open for in-place rewrites
         self.piece = 0  # with several connections: the size of the in-order pieces handed out (see take)
+        self.hashed = 0  # [0, hashed) is on disk for good and hashed (hash_all): what a broadcast may send
         size = target.size
         remaining = read_progress(folder, target.identity, size) if size else None
         if remaining is None:
@@ -385,7 +386,7 @@ class Job:
             reached = hash_range(self.fd, pos, min(limit, pos + WINDOW), hashers)
             if reached == pos:  # the data file is shorter than its progress record: it cannot be trusted
                 self.fail_integrity(f"the partial data ends at byte {pos}, before what its progress record says")
-            pos = reached
+            pos = self.hashed = reached
         digest = sha.hexdigest()
         if self.target.sha256 and digest != self.target.sha256:
             self.fail_integrity(f"sha256 {digest[:12]}... does not match the listing's {self.target.sha256[:12]}...")

@@ -1,8 +1,8 @@
 """``fetch_once(..., share="broadcast")``: one download per job; every other node receives rank 0's bytes.
 
 Every rank: ``_gloo_group``, ``_local_rank``, ``leaders_group`` (global rank 0 and local rank 0 of each node).
-Global rank 0 fetches from the source as ``fetch_dinov3`` does (``_fetch.fetch``), then sends every file of the
-manifest it published (``send``; the manifest holds every file's size and sha256, the small non-LFS files
+Global rank 0 fetches from the source as ``fetch_dinov3`` does (``_fetch.fetch``) and sends every file of the
+manifest it publishes (``send``; the list holds every file's size and sha256, the small non-LFS files
 included, so the receivers never ask the source anything). Every other leader receives into its own
 dino_root (``receive`` into a ``StateSink``): under the node's lock, into claimed partial folders of
 ``_state.StateDir`` (identity = the file's sha256, the progress record of ``encode_progress``), hashed while
@@ -12,12 +12,10 @@ announces nothing and takes no part in the data step; a node holding a partial (
 file published under an older manifest) announces only what it misses. Then the outer exchange of
 ``_distributed`` runs on every rank: the same path everywhere, or the lowest failing rank's error everywhere.
 
-Rank 0 sends once its fetch is complete: the files it sends are the published, verified ones, so no receiver
-ever holds bytes that rank 0's own sha256 check would reject, and the file list comes from the manifest.
-Overlapping the transfer with rank 0's download (the protocol allows it: ``Source.ready``) needs two hooks in
-the fetch: the file list once ``_fetch_locked`` has planned it (the small non-LFS files are fetched first, so
-their sha256 is known by then), and each weight file's verified frontier from ``_job.Job``'s hasher, read
-through the claimed partial's fd (it survives the moves to staged and to dino_root).
+Rank 0 sends while it downloads (``_share_send``): the file list as soon as its fetch has planned (config and
+preprocessor fetched, the weights' sha256 listed), each weight file up to the prefix its download has written
+and hashed, then (meta ``more``) a second round with what the fetch got after the weights (README, LICENSE).
+Every receiver checks each file's sha256 itself, and publishes only when rank 0's whole fetch succeeded.
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ from typing import Any
 
 from . import __version__
 from . import _env as env
-from ._broadcast import CHUNK, FileSource, FileSpec, NodeStats, Report, receive, send
+from ._broadcast import CHUNK, FileSpec, NodeStats, Report, receive
 from ._broadcast_files import PartialSink, _OpenFile, _same_size
 from ._broadcast_wire import BROKEN, BROKEN_HINT, Range, _is_transport, leaders_group
 from ._config import FetchRequest
@@ -50,6 +48,7 @@ from ._distributed import (
 from ._errors import DiskSpaceError, NetworkError, VerificationError
 from ._manifest import FileRecord, Manifest
 from ._progress import Progress, human_bytes
+from ._share_send import merge
 from ._state import SPACE_MARGIN, StateDir, write_new
 
 __all__ = ["CHUNK", "JobResult", "StateSink", "fetch_broadcast"]
@@ -199,34 +198,10 @@ class StateSink(PartialSink):
 
 
 def _sender(req: FetchRequest, update: bool, group: Any) -> tuple[Report | None, BaseException | None]:
-    """Rank 0: fetch, then send the manifest's files. A failed fetch still sends (an empty list), so that the
-    receivers finish the protocol and learn the error in the outer exchange."""
-    from ._fetch import fetch
+    """Rank 0: fetch, and send the files while they download (``_share_send``)."""
+    from ._share_send import serve
 
-    mine: BaseException | None = None
-    files: list[FileSpec] = []
-    meta: dict[str, Any] = {"failed": True}
-    paths: dict[str, Path] = {}
-    try:
-        result = fetch(req, update=update)
-        m = StateDir(req.dino_root).read_manifest()
-        if m is None or m.commit != result.commit:
-            raise VerificationError(f"{req.dino_root} changed on rank 0 right after its fetch", "run the job again")
-        files = [FileSpec(n, r.size, r.sha256) for n, r in sorted(m.files.items())]
-        paths = {n: req.dino_root / n for n in m.files}
-        meta = {"commit": m.commit, "host": socket.gethostname(), "source": m.source, "endpoint": m.endpoint,
-                "records": {n: (r.size, r.sha256, r.git_oid) for n, r in m.files.items()}}
-    except BaseException as exc:  # every leader must reach send/receive, whatever happened
-        mine = exc
-    source = FileSource(paths)
-    report: Report | None = None
-    try:
-        report = send(files, source, group, meta=meta, chunk=CHUNK)
-    except BaseException as exc:
-        mine = mine or exc
-    finally:
-        source.close()
-    return report, mine
+    return serve(req, update, group, CHUNK)
 
 
 def _receiver(req: FetchRequest, update: bool, group: Any) -> tuple[Report | None, BaseException | None]:
@@ -235,6 +210,8 @@ def _receiver(req: FetchRequest, update: bool, group: Any) -> tuple[Report | Non
     mine: BaseException | None = None
     try:
         report = receive(sink, group, progress=sys.stderr)
+        if report.meta.get("more"):  # rank 0 sends what it fetched after the weights (see _share_send)
+            report = merge(report, receive(sink, group, progress=sys.stderr))
         if not report.meta.get("failed"):
             sink.publish(report)
     except BaseException as exc:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import _env as env
 from ._budget import Budget
@@ -92,6 +92,7 @@ class Transfer:
     _locations: dict[str, str] = field(default_factory=dict)
     _per_request: set[str] = field(default_factory=set)  # files whose signed locations serve one request only
     budget: Budget = None  # type: ignore[assignment]  # None: one from the settings (see __post_init__)
+    observer: Any = None  # told of each Job as it starts (``started(target, job)``): the broadcast's sender
 
     def __post_init__(self) -> None:
         if self.budget is None:
@@ -154,6 +155,8 @@ class Transfer:
             raise
         keep, orphans = True, False
         try:
+            if self.observer is not None:
+                self.observer.started(target, job)
             self.progress.start_file(target.name, target.size, job.resumed_from)
             n_workers = min(self.budget.cap, max(1, target.size // self.settings.min_split))
             job.piece = self.settings.min_split if n_workers > 1 else 0

@@ -1,0 +1,262 @@
+"""Rank 0's side of ``fetch_once(..., share="broadcast")``: its own fetch, sent while it downloads.
+
+The fetch (``_fetch.fetch``) runs in the calling thread, as a plain fetch does (Ctrl-C, signals), with a
+``Feed`` as its observer; the sending (``_broadcast.send``) runs in a thread of its own. The Feed is told
+two things by the fetch:
+
+- ``planned(run, weights)``: once the fetch has planned, with every small file (config, preprocessor, index,
+  README...) already fetched and verified. The file list (name, size, sha256) and the manifest's records,
+  commit and source are final from here on, so ``send`` starts: step 1 (the list), step 2 (what each
+  receiver misses) and the small files go out while the weights are still downloading;
+- ``started(target, job)``: a weight file's ``_job.Job`` (the main transfer's, or the head start's, whose
+  Transfer is a copy of the main one). The Feed keeps a duplicate of the job's fd on the claimed partial's
+  data file: it is the same inode through the moves to staged and to dino_root.
+
+A weight file may be sent up to the job's hashed prefix (``Job.hashed``): those bytes are on disk for good
+(the job never writes below its frontier again) and rank 0's sha256 has read them. Its last byte waits until
+that sha256 matched (the file is staged): no receiver completes a file before rank 0 has verified it. A
+prefix already on disk (a resumed download) counts as soon as the job has hashed it; a file rank 0 holds
+already (reused, staged) is ready whole. Every receiver checks each file's sha256 itself as well
+(``PartialSink.complete``, against the listed sha256). A file whose sha256 fails on rank 0 is published
+nowhere: rank 0's IntegrityError aborts the stream with a drop (``_broadcast``), the receivers discard what
+they hold of unfinished files, and every rank raises rank 0's error (the lowest failing rank). ``finish``
+waits for rank 0's whole fetch (tensor checks, publish) before the verdict of ``send``'s step 4, so a fetch
+that fails after its last byte still fails the job everywhere.
+
+Files go out in list order: the small ones (ready at once), then the weights in the order the fetch
+downloads them (``_fetch._get_all`` takes them in that order, ``FILES_AT_ONCE`` together). The sender waits
+only on the file the download is furthest along; its backlog when the download ends is at most what the
+other files in flight got meanwhile, which the link between nodes (faster than the Hub's) clears quickly.
+
+No plan (rank 0 warm, its fetch failed before planning, a weight listed without sha256): ``send`` starts once
+the fetch has ended, with the files of the manifest it published (or an empty list and its error), as before.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from typing import TYPE_CHECKING, Any
+
+from . import _env as env
+from ._broadcast import FileSource, FileSpec, NodeStats, Report, send
+from ._config import FetchRequest
+from ._errors import VerificationError
+from ._layout import OPTIONAL
+from ._manifest import FileRecord, Manifest
+from ._state import StateDir
+
+if TYPE_CHECKING:
+    from ._job import Job
+    from ._plan import Run
+    from ._transfer import Target
+
+__all__ = ["Feed", "merge", "serve"]
+
+
+class Feed(FileSource):
+    """Rank 0's fetch as the broadcast's ``Source`` (see the module's docstring)."""
+
+    def __init__(self, req: FetchRequest) -> None:
+        super().__init__({})
+        self.req = req
+        self.cond = threading.Condition()
+        self.specs: dict[str, FileSpec] = {}
+        self.meta: dict[str, Any] | None = None  # set by planned(): the list is final
+        self.run: Run | None = None
+        self.jobs: dict[str, tuple[Target, Job, int]] = {}  # by name: the latest job and a dup of its fd
+        self.spare: list[int] = []  # fds of jobs replaced by a later one (closed at the end)
+        self.using: dict[str, Job | None] = {}  # what readinto reads each file through (sender thread only)
+        self.ended = False
+        self.closed = False
+        self.error: BaseException | None = None
+        self.manifest: Manifest  # what rank 0 published (set by finish)
+
+    # -- the fetch's side (its thread) -------------------------------------------------------------------
+    def fetch(self, update: bool) -> None:
+        """Rank 0's fetch, its outcome kept for the sending thread."""
+        from ._fetch import fetch
+
+        try:
+            fetch(self.req, update=update, observer=self)
+        except BaseException as exc:
+            self.error = exc
+        with self.cond:
+            self.ended = True
+            self.cond.notify_all()
+
+    def started(self, target: Target, job: Job) -> None:
+        with self.cond:
+            if self.closed:  # the sending is over (it failed): nothing reads this job any more
+                return
+            fd = os.dup(job.fd)
+            old = self.jobs.get(target.name)
+            self.jobs[target.name] = (target, job, fd)
+            if old is not None:
+                self.spare.append(old[2])
+
+    def planned(self, run: Run, weights: list[str]) -> None:
+        records = dict(run.records)  # config, preprocessor (and the index): fetched and verified already
+        for name in weights:
+            rf = run.remote(name)
+            rec = run.record(rf) if run.reusable(rf) is not None and name not in run.adopted else None
+            rec = rec or FileRecord(rf.size, run.adopted.get(name) or rf.sha256 or "", rf.git_oid)
+            if not rec.sha256:  # a weight listed without its sha256 (a mirror): sent once the fetch is done
+                return
+            records[name] = rec
+        later = [n for n in OPTIONAL if n in run.snap.files and n not in records]  # fetched after the weights
+        order = sorted(n for n in records if n not in weights) + weights
+        meta = {**_meta(run.snap.commit, run.source.name, env.display_origin(run.source.endpoint), records),
+                "more": bool(later)}
+        with self.cond:
+            self.run = run
+            self.specs = {n: FileSpec(n, records[n].size, records[n].sha256) for n in order}
+            self.meta = meta
+            self.cond.notify_all()
+
+    # -- the sender's side (its thread) ------------------------------------------------------------------
+    def serve(self, group: Any, chunk: int) -> tuple[Report | None, BaseException | None]:
+        """``send``, as soon as the list is known; then, if the list said ``more``, a second ``send`` of the
+        files the fetch got after the weights (its README and LICENSE: their sha256 is known once they are
+        fetched, and the Hub's head start keeps every stream of the budget on the weights until then). A
+        failed fetch still sends (an empty list), so that the receivers finish the protocol and learn the
+        error in the outer exchange."""
+        with self.cond:
+            while self.meta is None and not self.ended:
+                self.cond.wait()
+            planned = self.meta is not None
+        mine: BaseException | None = None
+        meta: dict[str, Any] = {"failed": True}
+        files: list[FileSpec] = []
+        try:
+            if planned:
+                assert self.meta is not None
+                files, meta = list(self.specs.values()), self.meta
+            elif self.error is not None:
+                raise self.error
+            else:
+                files, meta = self._published()
+        except BaseException as exc:  # every leader must reach send/receive, whatever happened
+            mine = exc
+        report: Report | None = None
+        try:
+            report = send(files, self, group, meta=meta, chunk=chunk, finish=self.finish if planned else None)
+            if meta.get("more"):  # the verdict was success on every member: every receiver takes the rest
+                report = merge(report, self._rest(group, chunk))
+        except BaseException as exc:
+            mine = mine or exc
+        finally:
+            self.close()
+        return report, mine
+
+    def _published(self) -> tuple[list[FileSpec], dict[str, Any]]:
+        """The list from the manifest rank 0's fetch published (it was warm, or planned nothing to overlap)."""
+        m = StateDir(self.req.dino_root).read_manifest()
+        if m is None:
+            raise VerificationError(f"{self.req.dino_root} changed on rank 0 right after its fetch",
+                                    "run the job again")
+        self.paths = {n: self.req.dino_root / n for n in m.files}
+        self.specs = {n: FileSpec(n, r.size, r.sha256) for n, r in sorted(m.files.items())}
+        return list(self.specs.values()), _meta(m.commit, m.source, m.endpoint, m.files)
+
+    def finish(self) -> None:
+        """After the data step: wait for rank 0's fetch; its error, or a manifest that does not hold the files
+        sent, fails the job on every rank (the receivers publish nothing)."""
+        with self.cond:
+            while not self.ended:
+                self.cond.wait()
+        if self.error is not None:
+            raise self.error
+        m = StateDir(self.req.dino_root).read_manifest()
+        assert self.meta is not None
+        sent = {n: (s, h) for n, (s, h, _) in self.meta["records"].items()}
+        held = {n: (r.size, r.sha256) for n, r in m.files.items()} if m is not None else {}
+        if m is None or m.commit != self.meta["commit"] or {n: held.get(n) for n in sent} != sent \
+                or (set(held) - set(sent) and not self.meta["more"]):
+            raise VerificationError(f"{self.req.dino_root} changed on rank 0 right after its fetch",
+                                    "run the job again")
+        self.manifest = m
+
+    def _rest(self, group: Any, chunk: int) -> Report:
+        """The second ``send``: the manifest's files the first one did not list, with the manifest's records."""
+        m = self.manifest
+        rest = sorted(n for n in m.files if n not in self.specs)
+        source = FileSource({n: self.req.dino_root / n for n in rest})
+        try:
+            return send([FileSpec(n, m.files[n].size, m.files[n].sha256) for n in rest], source, group,
+                        meta=_meta(m.commit, m.source, m.endpoint, m.files), chunk=chunk)
+        finally:
+            source.close()
+
+    def ready(self, name: str) -> int:
+        spec = self.specs[name]
+        with self.cond:
+            entry = self.jobs.get(name)
+            ended, error = self.ended, self.error
+        if error is not None:
+            raise error
+        if entry is not None and (entry[0].size, entry[0].sha256) == (spec.size, spec.sha256):
+            _, job, fd = entry
+            if self.using.get(name) is not job:
+                self._fds[name] = fd  # the job's own data file (its fd is one of self.jobs': closed at the end)
+                self.using[name] = job
+            if job.hashed >= spec.size and not (ended or (self.run is not None and name in self.run.paths)):
+                return spec.size - 1  # the last byte once rank 0's sha256 matched: no receiver completes before
+            return job.hashed
+        if name in self._fds and self.using.get(name) is None:  # opened from its path below: whole
+            return spec.size
+        path = self.run.paths.get(name) if self.run is not None and not ended else self.req.dino_root / name
+        if path is None:
+            return 0
+        try:  # a file rank 0 holds (reused, staged): whole; opened now, the fd outlives the publish's move
+            self._fds[name] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return 0  # moved by the publish meanwhile: next time from dino_root
+        self.using[name] = None
+        with self.cond:
+            self.spare.append(self._fds[name])
+        return spec.size
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            fds = [fd for _, _, fd in self.jobs.values()] + self.spare
+            self.jobs.clear()
+            self.spare = []
+        for fd in fds:
+            os.close(fd)
+        self._fds.clear()
+
+
+def _meta(commit: str, source: str, endpoint: str, records: dict[str, FileRecord]) -> dict[str, Any]:
+    return {"commit": commit, "host": socket.gethostname(), "source": source, "endpoint": endpoint,
+            "records": {n: (r.size, r.sha256, r.git_oid) for n, r in records.items()}}
+
+
+def merge(first: Report, then: Report) -> Report:
+    """One Report of two rounds of ``send``/``receive``: the files of both, the last meta, each member's
+    bytes, seconds and files summed (a receiver in either round is a receiver)."""
+    nodes: dict[int, NodeStats] = {}
+    for r in sorted(set(first.nodes) | set(then.nodes)):
+        a, b = first.nodes.get(r), then.nodes.get(r)
+        if a is None or b is None:
+            nodes[r] = a or b  # type: ignore[assignment]
+            continue
+        role = "receiver" if "receiver" in (a.role, b.role) else a.role
+        nodes[r] = NodeStats(r, role, a.bytes + b.bytes, a.seconds + b.seconds, {**a.files, **b.files})
+    return Report(first.files + then.files, then.meta, nodes, first.rank)
+
+
+def serve(req: FetchRequest, update: bool, group: Any, chunk: int) -> tuple[Report | None, BaseException | None]:
+    """Rank 0: its fetch in this thread, the sending in another; returns (report, its error or the fetch's)."""
+    feed = Feed(req)
+    out: list[tuple[Report | None, BaseException | None]] = []
+    sender = threading.Thread(target=lambda: out.append(feed.serve(group, chunk)), name="dinov3-broadcast-send",
+                              daemon=True)
+    sender.start()
+    feed.fetch(update)
+    while sender.is_alive():
+        sender.join(0.2)
+    report, mine = out[0] if out else (None, RuntimeError("the broadcast's sending thread ended without a result"))
+    return report, mine or feed.error
