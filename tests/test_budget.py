@@ -84,8 +84,10 @@ def test_a_step_never_goes_above_the_streams_the_files_want() -> None:
     assert rule.sample(64 * MB, wanted=24) == 16
     assert rule.sample(100 * MB, wanted=24) == 24  # not 32
     assert rule.sample(100 * MB, wanted=24) == 16 and rule.done  # no gain: given back
-    alone = Rule()
-    assert alone.sample(64 * MB, wanted=8) == 8 and alone.done  # no worker for a ninth stream: no step
+    alone = Rule()  # one file of 8 pieces: no worker for a ninth stream, so no step up; fewer are tried instead
+    assert alone.sample(50 * MB, wanted=8) == 4
+    assert alone.sample(50 * MB, wanted=4) == 2  # a small pipe: as fast with fewer
+    assert alone.sample(30 * MB, wanted=4) == 4 and alone.done  # that halving cost: given back
 
 
 def test_a_fixed_limit_never_moves() -> None:

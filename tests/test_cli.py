@@ -287,8 +287,15 @@ def test_a_fetch_writes_no_bytecode_where_the_user_said_not_to(hub: HubServer, t
                                                                dino_root: Path, run_cli: Any) -> None:
     # PYTHONDONTWRITEBYTECODE=1 (many training images) is respected at run time: the install compiles the
     # bytecode once (pyproject's [tool.uv] compile-bytecode, as pip does), a run never writes any.
+    import importlib.util
     import site
     import sysconfig
+
+    import huggingface_hub.hf_api
+
+    # the install compiled it (uv sync / uv run with pyproject's [tool.uv] compile-bytecode): not a run
+    compiled = Path(importlib.util.cache_from_source(huggingface_hub.hf_api.__file__))
+    assert compiled.is_file(), f"no bytecode for huggingface_hub at {compiled}: was the venv installed by uv sync?"
 
     roots = [Path(p) for p in {sysconfig.get_paths()["purelib"], *site.getsitepackages()} if Path(p).is_dir()]
     roots.append(Path(__file__).resolve().parent.parent / "src")

@@ -203,3 +203,32 @@ def test_ctrl_c_during_a_sharded_head_start_exits_promptly_and_resumes(hub: HubS
     for n in shards:
         assert (dino_root / n).read_bytes() == files[n]
     assert sum(hub.bytes_served(n) for n in shards) < sum(len(files[n]) for n in shards)  # resumed, not redone
+
+
+def test_ctrl_c_while_huggingface_hub_imports_stops_the_head_start(hub: HubServer, dino_root: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # The head start's resolve requests go out while HfApi imports; a Ctrl-C in that import must stop it
+    # there, not leave it downloading in the background of a library caller (which then downloads twice).
+    import threading
+
+    from dinov3_fetcher._errors import FetchInterrupted
+    from dinov3_fetcher._sources import hf
+
+    files = vit_repo_files(hidden=128, intermediate=512, layers=2)
+    hub.add_repo(TINY, files)
+
+    def interrupted_import() -> None:
+        # the head start knows the weights: its worker for them waits for this import to end
+        _wait_for(lambda: any(t.name == f"head-start-{MODEL}" for t in threading.enumerate()))
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(hf, "load_api", interrupted_import)
+        with pytest.raises((FetchInterrupted, KeyboardInterrupt)):
+            fetch_dinov3(dino_root, TINY)
+    _wait_for(lambda: not any(t.name.startswith("head-start") for t in threading.enumerate()))
+    assert not any(t.name.startswith("head-start") for t in threading.enumerate())
+    assert hub.bytes_served(MODEL) == 0  # no stream started after the interrupt
+    fetch_dinov3(dino_root, TINY)  # the same process again: the weights come once
+    assert hub.bytes_served(MODEL) == len(files[MODEL])
+    assert (dino_root / MODEL).read_bytes() == files[MODEL]

@@ -69,6 +69,10 @@ class Rule:
         if self.done:
             return self.limit
         if self.base is None:  # the first window: its rate is the baseline, and the first step doubles
+            if self.limit >= self._most() and self.limit > 1:  # no worker for more streams: try fewer instead
+                self.base, self.before, self.down = rate, self.limit, True
+                self.limit = max(1, self.limit // 2)
+                return self.limit
             self._step(rate, double=True)
             return self.limit
         if self.down:
@@ -91,8 +95,11 @@ class Rule:
             self.limit, self.before = max(1, self.before // 2), self.before
         return self.limit
 
+    def _most(self) -> int:
+        return min(self.cap, self.wanted) if self.wanted is not None else self.cap
+
     def _step(self, rate: float, double: bool) -> None:
-        most = min(self.cap, self.wanted) if self.wanted is not None else self.cap
+        most = self._most()
         if self.limit >= most:
             self.done = True
             return

@@ -38,7 +38,7 @@ from ._validate import config_problem, find_problems, registry_mismatch, tensor_
 
 if TYPE_CHECKING:
     from ._plan import PlannedFile, Run
-    from ._sources import Source
+    from ._sources import EarlyBytes, Source
 
 __all__ = ["FetchResult", "fetch", "fetch_dinov3", "ready"]
 
@@ -321,9 +321,11 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
                         observer=observer)
     # The weights may start flowing now (the Hub's head start); the listing below decides whether they are kept.
     # Not when dino_root holds files we did not put there: the fetch may refuse it (Run.check_foreign).
-    early = source.early(transfer, old, req.model, req.revision, transfer.cancel) if head_start else None
-    transfer.early = early.take if early is not None else None
+    early: EarlyBytes | None = None
     try:
+        if head_start:
+            early = source.early(transfer, old, req.model, req.revision, transfer.cancel)
+        transfer.early = early.take if early is not None else None
         snap = source.snapshot(req.model, req.revision)
         run = Run(state, source, snap, old, transfer, repair=repair)
         listed = weight_files(snap.files) or []

@@ -31,7 +31,7 @@ from urllib.parse import quote
 
 from ._errors import FetchInterrupted
 from ._hashing import git_blob_id
-from ._http import etag_value, redirect_target, round_trips
+from ._http import etag_value, redirect_target, seconds_per_trip
 from ._layout import CONFIG, INDEX, SINGLE, shards_from_index
 from ._manifest import Manifest, is_commit, is_sha256
 from ._registry import variant_for
@@ -196,9 +196,9 @@ class HeadStart:
     def _lfs(self, rev: str, name: str) -> tuple[str, Target] | None:
         """(commit, the weight file as the Hub's resolve answer at ``rev`` describes it: sha256 and size), or
         None. The target's URL names the commit, whatever ``rev`` was."""
-        asked = time.monotonic()
-        resp = self.transfer.pool.head(self.base + rev + "/" + quote(name))
-        self.transfer.budget.first_byte((time.monotonic() - asked) / round_trips(resp))
+        asked = self.base + rev + "/" + quote(name)
+        resp = self.transfer.pool.head(asked)
+        self.transfer.budget.first_byte(seconds_per_trip(resp))
         commit = resp.getheader("X-Repo-Commit") or (rev if is_commit(rev) else "")  # at a commit: that one
         sha = etag_value(resp.getheader("X-Linked-Etag") or resp.getheader("ETag"))
         size = resp.getheader("X-Linked-Size") or resp.getheader("Content-Length") or ""
@@ -211,7 +211,7 @@ class HeadStart:
             # The GETs go straight there (one round trip less); a location refused later (expired, signed
             # per request) is re-resolved from then on: Transfer.forget_location.
             with contextlib.suppress(Exception):
-                self.transfer.remember_location(target, redirect_target(url, location))
+                self.transfer.remember_location(target, redirect_target(asked, location))
         return commit, target
 
     def _needed(self, t: Target) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
@@ -22,7 +23,8 @@ from ._errors import HubResponseError
 from ._net import Proxy, network_error, proxy_for, ssl_context
 from ._sources import Auth
 
-__all__ = ["Connection", "HttpPool", "Response", "etag_value", "origin_key", "redirect_target", "round_trips"]
+__all__ = ["Connection", "HttpPool", "Response", "etag_value", "origin_key", "redirect_target", "round_trips",
+           "seconds_per_trip"]
 
 Response = http.client.HTTPResponse
 Connection = http.client.HTTPConnection
@@ -151,16 +153,17 @@ class HttpPool:
 
         ``round_trips(resp)`` says how many round trips the answer took at least (redirects and new
         connections included), so that its time to first byte can be read as a round trip."""
-        trips = 0
+        trips, asked = 0, None
         for _ in range(10):
             conn, resp = self._send("GET", url, headers)
             trips += round_trips(resp)
+            asked = asked if asked is not None else resp.asked_at  # type: ignore[attr-defined]
             if resp.status in _REDIRECTS and resp.getheader("Location"):
                 resp.read()
                 self.finish(url, conn, resp)
                 url = redirect_target(url, resp.getheader("Location") or "")
                 continue
-            resp.round_trips = trips  # type: ignore[attr-defined]
+            resp.round_trips, resp.asked_at = trips, asked  # type: ignore[attr-defined]
             return url, conn, resp
         raise http.client.HTTPException(f"too many redirects for {url}")
 
@@ -175,17 +178,17 @@ class HttpPool:
         conn = self.acquire(url)
         target = url if isinstance(conn, _ProxiedHTTPConnection) else _path(url)
         try:
-            trips = _trips(conn)
+            trips, asked = _trips(conn), time.monotonic()
             conn.request(method, target, headers=self._request_headers(conn, url, headers))
-            return conn, _counted(conn.getresponse(), trips)
+            return conn, _counted(conn.getresponse(), trips, asked)
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
             # A kept-alive connection the server had closed: one fresh try.
             conn.close()
             conn = self._new(*self._origin(url))
             try:
-                trips = _trips(conn)
+                trips, asked = _trips(conn), time.monotonic()
                 conn.request(method, target, headers=self._request_headers(conn, url, headers))
-                return conn, _counted(conn.getresponse(), trips)
+                return conn, _counted(conn.getresponse(), trips, asked)
             except BaseException as exc:
                 conn.close()
                 self._explain(exc, conn, url)
@@ -248,9 +251,15 @@ def _trips(conn: Connection) -> int:
     return 3 if isinstance(conn, http.client.HTTPSConnection) else 2
 
 
-def _counted(resp: Response, trips: int) -> Response:
-    resp.round_trips = trips  # type: ignore[attr-defined]
+def _counted(resp: Response, trips: int, asked: float) -> Response:
+    resp.round_trips, resp.asked_at = trips, asked  # type: ignore[attr-defined]
     return resp
+
+
+def seconds_per_trip(resp: Response) -> float:
+    """The time from the request (once it had a connection: not the wait for one that ``warm`` was opening)
+    to now, the answer's headers, per round trip it took (``round_trips``): one round trip, at best."""
+    return (time.monotonic() - float(getattr(resp, "asked_at", time.monotonic()))) / round_trips(resp)
 
 
 def etag_value(header: str | None) -> str:

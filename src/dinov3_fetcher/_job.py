@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NoReturn
 from . import _env as env
 from ._errors import DiskSpaceError, FetcherError, IntegrityError, NetworkError
 from ._hashing import WINDOW, git_blob_hasher, hash_range
-from ._http import Response, etag_value, round_trips
+from ._http import Response, etag_value, seconds_per_trip
 from ._state import PROGRESS_PAGE, encode_progress, read_progress, write_new
 
 if TYPE_CHECKING:
@@ -219,9 +219,8 @@ class Job:
         whole = (seg.pos == 0 and seg.end == size) or self.no_ranges
         headers = {} if whole else {"Range": f"bytes={seg.pos}-{seg.end - 1}"}
         try:
-            asked = time.monotonic()
             url, conn, resp = self.t.open(self.target, headers)
-            self.t.budget.first_byte((time.monotonic() - asked) / round_trips(resp))
+            self.t.budget.first_byte(seconds_per_trip(resp))
         except (TimeoutError, OSError, http.client.HTTPException) as exc:  # refused, DNS, TLS, no headers
             if isinstance(exc, FetcherError):
                 raise

@@ -90,6 +90,9 @@ class HfSource:
         head.start()  # its resolve requests are on the wire while HfApi imports (0.06-0.2 s), its streams wait
         try:
             load_api()
+        except BaseException:  # Ctrl-C (or a broken install) in the import: nothing may go on downloading
+            head.stop()
+            raise
         finally:
             head.streams_may_start.set()
         return head
