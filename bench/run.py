@@ -703,6 +703,12 @@ def main() -> int:
                     "met / not met and exit 0; a tool that fails exits 1 either way)")
     ap.add_argument("--serve", action="store_true", help="only start the servers and print the environment to "
                     "use them (for profiling by hand); Ctrl-C stops")
+    ap.add_argument("--xet", choices=("off", "on", "signed-range"), default="off",
+                    help="the Hub's Xet bridge (tests/hub_server.py): every LFS resolve answers 302 to a freshly "
+                         "signed URL on the emulator's CDN (signed-range: a signature binds the Range it was "
+                         "redirected with, so every piece is resolved anew)")
+    ap.add_argument("--xet-expire-after", type=int, default=None,
+                    help="with --xet: a signature is refused (403, expired) after this many uses")
     ap.add_argument("--as-installed", action="store_true",
                     help="time the venv as the install left it (the README's `uv run`: bytecode compiled by uv at "
                          "install, see pyproject's [tool.uv]); by default the bench byte-compiles a venv that has "
@@ -737,13 +743,15 @@ def main() -> int:
     nginx = find_nginx()
     if args.cdn == "nginx" and nginx is None:
         ap.error("nginx is not installed: apt-get install nginx-light, or use --cdn emulator")
-    cdn = "nginx" if nginx and args.cdn != "emulator" else "emulator"
+    cdn = "nginx" if nginx and args.cdn != "emulator" and args.xet == "off" else "emulator"
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="work-", dir=RESULTS))
     data = args.data or work / "data"
     nginx_cdn: NginxCdn | None = None
-    hub = HubServer()
+    hub = HubServer(xet=args.xet != "off")  # the Xet bridge's signed URLs are the emulator CDN's
+    hub.xet_bridge.sign_range = args.xet == "signed-range"
+    hub.xet_bridge.expire_after = args.xet_expire_after
     try:
         print(f"generating checkpoints in {data} ...", file=sys.stderr, flush=True)
         single = make_repo(data / f"single-{args.layers}", 1, args.layers)
@@ -774,6 +782,9 @@ def main() -> int:
                         time.sleep(3600)
             return 0
         info = versions(cdn, args.as_installed)
+        if args.xet != "off":
+            info["xet bridge"] = args.xet + (f", expire after {args.xet_expire_after} uses"
+                                             if args.xet_expire_after is not None else "")
         print("  ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
         print(f"checkpoint: {b.size / 1e9:.2f} GB ({args.layers} layers); shards: {len(b.shard_names)} x "
               f"~{(b.shard_size / max(1, len(b.shard_names))) / 1e6:.0f} MB; rounds: {args.rounds}", flush=True)
