@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import subprocess
@@ -159,3 +160,23 @@ def test_disk_filling_up_mid_download_keeps_partial_and_previous_checkpoint(
     assert (dino_root / MODEL).read_bytes() == v2[MODEL]
     assert json.loads(proc2.stdout)["bytes_resumed"] == have  # ... and resumable
     assert hub.bytes_served(MODEL) == len(v2[MODEL]) - have
+
+
+def test_a_receiver_whose_disk_is_full_when_a_file_opens_gets_a_disk_space_error(tmpfs: Callable[[str], Path]) -> None:
+    # Broadcast (issue 16): a receiving node's disk may fill between two files; opening the next one (its folder,
+    # its progress record) then fails with ENOSPC, which must be the DiskSpaceError every rank reports (exit 9),
+    # with no file descriptor left open.
+    from dinov3_fetcher._broadcast_files import PartialSink
+    from dinov3_fetcher._broadcast_wire import FileSpec
+    from dinov3_fetcher._errors import DiskSpaceError
+
+    root = tmpfs("1m")
+    (root / "partial").mkdir()
+    fill(root / "ballast")
+    data = b"x" * 10000
+    spec = FileSpec("w.safetensors", len(data), hashlib.sha256(data).hexdigest())
+    sink = PartialSink(root / "partial", root / "final")
+    fds = len(list(Path("/proc/self/fd").iterdir()))
+    with pytest.raises(DiskSpaceError):
+        sink.write(spec, 0, memoryview(data))
+    assert len(list(Path("/proc/self/fd").iterdir())) == fds

@@ -86,20 +86,20 @@ class PartialSink:
         return f
 
     def write(self, spec: FileSpec, offset: int, data: memoryview) -> None:
-        f = self._file(spec)
         try:
+            f = self._file(spec)  # opening a file writes its folder and progress record: the disk may be full
             f.write(offset, data)
             if f.unsaved >= self.save_every:
                 f.save()
         except OSError as exc:
-            raise _disk_error(exc, spec, f.folder) from None
+            raise _disk_error(exc, spec, self._folder(spec)) from None
 
     def complete(self, spec: FileSpec) -> None:
-        f = self._file(spec)
         try:
+            f = self._file(spec)
             digest = f.digest()
         except OSError as exc:
-            raise _disk_error(exc, spec, f.folder) from None
+            raise _disk_error(exc, spec, self._folder(spec)) from None
         f.close()
         del self._open[spec.name]
         if digest != spec.sha256:
@@ -159,7 +159,7 @@ def _disk_error(exc: OSError, spec: FileSpec, folder: Path) -> OSError:
 
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
         return exc
-    free = shutil.disk_usage(folder).free
+    free = shutil.disk_usage(folder if folder.is_dir() else folder.parent).free
     return DiskSpaceError(f"the disk filled up while receiving {spec.name} ({free} bytes free)",
                           "free space in dino_root and run the job again: the transfer resumes", free=free)
 
@@ -172,7 +172,11 @@ class _OpenFile:
         self.hashed = 0  # the sha256 has seen [0, hashed)
         self.unsaved = 0
         self.progress_fd: int | None = None  # progress.json, rewritten in place after the first save
-        self.save()
+        try:
+            self.save()
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def _present_below(self, end: int) -> bool:
         return all(e <= self.hashed or s >= end for s, e in self.remaining)

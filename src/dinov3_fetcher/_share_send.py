@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from . import _env as env
 from ._broadcast import FileSource, FileSpec, NodeStats, Report, send
 from ._config import FetchRequest
-from ._errors import VerificationError
+from ._errors import FetcherError, FetchInterrupted, VerificationError
 from ._layout import OPTIONAL
 from ._manifest import FileRecord, Manifest
 from ._state import StateDir
@@ -256,7 +256,16 @@ def serve(req: FetchRequest, update: bool, group: Any, chunk: int) -> tuple[Repo
                               daemon=True)
     sender.start()
     feed.fetch(update)
-    while sender.is_alive():
-        sender.join(0.2)
+    try:
+        while sender.is_alive():
+            sender.join(0.2)
+    except BaseException as exc:  # Ctrl-C (SIGTERM) while the sending runs: the sending thread aborts with it at
+        # its next chunk, so that the receivers learn it and every rank raises one error
+        stop = exc if isinstance(exc, FetcherError) else FetchInterrupted("interrupted", "run the same command "
+                                                                          "again: it resumes")
+        with feed.cond:
+            feed.error = feed.error or stop
+            feed.cond.notify_all()
+        sender.join(30)
     report, mine = out[0] if out else (None, RuntimeError("the broadcast's sending thread ended without a result"))
     return report, mine or feed.error
