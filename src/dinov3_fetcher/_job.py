@@ -259,7 +259,10 @@ class Job:
         body = resp.read(64 * 1024) if resp.status < 500 else b""
         if resp.status == 416:
             self.check_total((resp.getheader("Content-Range") or "").rpartition("/")[2])
-        if resp.status in (403, 416) and self.t.forget_location(self.target):
+        # A remembered location refused: stale (expired, or signed for another range), whichever stream is the
+        # first to say so; every stream that used it retries through a fresh resolve, none concludes "no ranges".
+        stale = bool(getattr(resp, "remembered_location", False))
+        if resp.status in (403, 416) and (self.t.forget_location(self.target) or stale):
             raise _Retry(f"HTTP {resp.status} from a signed URL used again (expired, or bound to another range)", 0)
         if resp.status in (403, 416) and headers:
             # A fresh location refuses this range (a CDN that takes no ranged requests): one connection streams

@@ -107,6 +107,7 @@ class Transfer:
         """GET the target's URL (or the location it last redirected to, until one was refused) with ``headers``."""
         url = self._locations.get(target.url, target.url)
         final, conn, resp = self.pool.get(url, headers)
+        resp.remembered_location = url != target.url  # type: ignore[attr-defined]  # a 403 there: stale
         if final != url and target.url not in self._per_request:
             self._locations[target.url] = final
         return final, conn, resp
