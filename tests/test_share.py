@@ -65,6 +65,18 @@ if rank == 0 and cfg.get("kill_at") is not None:  # the fault: rank 0 dies (SIGK
         read(self, name, offset, buf)
 
     bf.FileSource.readinto = readinto
+if rank == 0 and cfg.get("interrupt_at") is not None:  # the fault: Ctrl-C on rank 0 in the middle of the weights
+    from dinov3_fetcher import _broadcast_files as bf
+
+    read_, sent = bf.FileSource.readinto, []
+
+    def readinto_(self, name, offset, buf):
+        if name == "model.safetensors" and offset >= cfg["interrupt_at"] and not sent:
+            sent.append(offset)
+            os.kill(os.getpid(), signal.SIGINT)  # to the main thread, wherever it is (here: waiting on the sending)
+        read_(self, name, offset, buf)
+
+    bf.FileSource.readinto = readinto_
 
 import torch.distributed as dist
 
@@ -536,6 +548,24 @@ def test_sender_killed_midway_every_rank_one_error_then_the_rerun_receives_only_
         assert nodes[rank]["files"] == {WEIGHTS: left[node], **{n: len(model[n]) for n in ("README.md", "LICENSE.md")}}
         _same_checkpoint(job, node, model)
     assert hub.bytes_served(WEIGHTS) == size  # rank 0 was warm on the rerun
+
+
+@needs_torch
+def test_ctrl_c_on_rank_0_while_it_sends_gives_every_rank_one_error_and_the_rerun_completes(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    fetch_dinov3(job.root(0), MODEL)  # rank 0 warm: its fetch ends at once and the Ctrl-C lands while it sends
+    size = len(model[WEIGHTS])
+    procs, results = job.run(interrupt_at=size // 2)
+    assert sorted(results) == [0, 1, 2], "\n".join(p.stderr[-2500:] for p in procs)  # no raw KeyboardInterrupt
+    assert {r["type"] for r in results.values()} == {"FetchInterrupted"}, results
+    assert len({r["message"] for r in results.values()}) == 1
+    for node in (1, 2):
+        assert not (job.root(node) / WEIGHTS).exists()
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    for node in (0, 1, 2):
+        _same_checkpoint(job, node, model)
 
 
 @needs_torch

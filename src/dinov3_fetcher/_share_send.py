@@ -252,13 +252,22 @@ def serve(req: FetchRequest, update: bool, group: Any, chunk: int) -> tuple[Repo
     """Rank 0: its fetch in this thread, the sending in another; returns (report, its error or the fetch's)."""
     feed = Feed(req)
     out: list[tuple[Report | None, BaseException | None]] = []
-    sender = threading.Thread(target=lambda: out.append(feed.serve(group, chunk)), name="dinov3-broadcast-send",
-                              daemon=True)
+    sent = threading.Event()  # not Thread.join: a join that a KeyboardInterrupt broke can say "ended" too early
+
+    def send_all() -> None:
+        try:
+            out.append(feed.serve(group, chunk))
+        except BaseException as exc:  # the interrupt it was told of (a KeyboardInterrupt) ends it too
+            out.append((None, exc))
+        finally:
+            sent.set()
+
+    sender = threading.Thread(target=send_all, name="dinov3-broadcast-send", daemon=True)
     sender.start()
     feed.fetch(update)
     try:
-        while sender.is_alive():
-            sender.join(0.2)
+        while not sent.wait(0.2):
+            pass
     except BaseException as exc:  # Ctrl-C (SIGTERM) while the sending runs: the sending thread aborts with it at
         # its next chunk, so that the receivers learn it and every rank raises one error
         stop = exc if isinstance(exc, FetcherError) else FetchInterrupted("interrupted", "run the same command "
@@ -266,6 +275,6 @@ def serve(req: FetchRequest, update: bool, group: Any, chunk: int) -> tuple[Repo
         with feed.cond:
             feed.error = feed.error or stop
             feed.cond.notify_all()
-        sender.join(30)
+        sent.wait(30)
     report, mine = out[0] if out else (None, RuntimeError("the broadcast's sending thread ended without a result"))
     return report, mine or feed.error
