@@ -9,10 +9,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import itertools
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,53 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
     monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(home / ".agent_harnesses.json"))
     return home
+
+
+def _has_load_extra() -> bool:
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
+        return False
+    from importlib.metadata import version
+
+    from dinov3_fetcher import _load as load
+
+    return load._version_tuple(version("transformers")) >= load.MIN_TRANSFORMERS
+
+
+needs_load = pytest.mark.skipif(
+    not _has_load_extra(),
+    reason="the [load] extra (torch, transformers>=4.56) is not installed: run bash .ci/install-load-extra.sh",
+)
+
+
+def point_hub_client(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """huggingface_hub's own functions (hf_hub_download, get_hf_file_metadata) at ``endpoint``: it read
+    HF_ENDPOINT at import (the rest of its sandbox is ``isolated``'s)."""
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, size: str, inodes: int | None = None) -> Iterator[Path]:
+    """A small tmpfs mounted at ``where`` (created), unmounted at the end; the test skips without root."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    where.mkdir(parents=True)
+    opts = f"size={size}" + (f",nr_inodes={inodes}" if inodes else "")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """``tmpfs(size, inodes=None)``: a fresh small filesystem for the test (see ``mounted_tmpfs``)."""
+    n = itertools.count()
+    with contextlib.ExitStack() as stack:
+        yield lambda size, inodes=None: stack.enter_context(mounted_tmpfs(tmp_path / f"tmpfs{next(n)}", size, inodes))
 
 
 @pytest.fixture

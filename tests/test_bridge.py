@@ -10,7 +10,6 @@ run on CPU. Reference outputs come from transformers' own ``AutoModel`` on the s
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -22,26 +21,11 @@ from typing import Any
 import pytest
 
 from checkpoints import convnext_repo_files, read_safetensors_header, vit_repo_files
-from conftest import cli_env
+from conftest import cli_env, needs_load
 from dinov3_bridge.config import DinoV3Config
 from dinov3_fetcher import VerificationError, fetch_dinov3
 from hub_server import HubServer
 
-
-def _has_load_extra() -> bool:
-    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
-        return False
-    from importlib.metadata import version
-
-    from dinov3_fetcher import _load as load
-
-    return load._version_tuple(version("transformers")) >= load.MIN_TRANSFORMERS
-
-
-needs_load = pytest.mark.skipif(
-    not _has_load_extra(),
-    reason="the [load] extra (torch, transformers>=4.56) is not installed: run bash .ci/install-load-extra.sh",
-)
 VIT = "tiny-org/dinov3-vit-finite"
 CONVNEXT = "tiny-org/dinov3-convnext-finite"
 ROOT = Path(__file__).resolve().parents[1]

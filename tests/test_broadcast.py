@@ -12,10 +12,8 @@ import hashlib
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,8 @@ import pytest
 
 from conftest import cli_env
 from dinov3_fetcher._broadcast import BROKEN, FileSpec, PartialSink, missing_pieces
+from helpers import wait_all
+from net_fixtures import free_port
 
 needs_torch = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None,
@@ -156,12 +156,6 @@ finally:
 """
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _spec(name: str, data: bytes) -> list[Any]:
     return [name, len(data), hashlib.sha256(data).hexdigest()]
 
@@ -199,7 +193,7 @@ class Job:
         worker = self.tmp / "worker.py"
         worker.write_text(WORKER)
         env = cli_env(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        port = _port()
+        port = free_port()
         if torchrun:
             procs = [subprocess.Popen(
                 [sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nodes}", f"--node-rank={n}",
@@ -212,16 +206,7 @@ class Job:
                 env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(self.nodes),
                      "RANK": str(n), "GROUP_RANK": str(n), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"},
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(self.nodes)]
-        t0, done = time.monotonic(), []
-        try:
-            for p in procs:
-                stdout, stderr = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - t0)))
-                done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+        done = wait_all(procs, timeout)
         results = {int(f.stem[4:]): json.loads(f.read_text()) for f in out.glob("rank*.json")}
         return done, results
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,26 +62,6 @@ def fetched(tiny: dict[str, bytes], dino_root: Path, run_cli: Any) -> Path:
     assert r.returncode == 0, r.stderr
     return dino_root
 
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
-    mounted: list[Path] = []
-
-    def mount(size: str, inodes: int | None = None) -> Path:
-        if os.geteuid() != 0:
-            pytest.skip("mounting a small tmpfs needs root")
-        d = tmp_path / f"tmpfs{len(mounted)}"
-        d.mkdir()
-        opts = f"size={size}" + (f",nr_inodes={inodes}" if inodes else "")
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], capture_output=True, text=True)
-        if r.returncode:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-        mounted.append(d)
-        return d
-
-    yield mount
-    for d in mounted:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 def fill_inodes(where: Path) -> int:

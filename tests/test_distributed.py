@@ -21,6 +21,7 @@ from checkpoints import vit_repo_files
 from conftest import TINY, cli_env
 from dinov3_fetcher._distributed import _outcome, _rebuild, fetch_once
 from dinov3_fetcher._errors import AuthenticationError, DiskSpaceError
+from helpers import wait_all
 from hub_server import HubServer
 
 needs_torch = pytest.mark.skipif(
@@ -97,16 +98,7 @@ def _torchrun(tmp_path: Path, root: str, model: str, *, shared_fs: bool = False,
                 for n in range(nodes)]
     t0 = time.monotonic()
     procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
-    done = []
-    try:
-        for p in procs:
-            stdout, stderr = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - t0)))
-            done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    done = wait_all(procs, timeout)
     seconds = time.monotonic() - t0
     results = [json.loads(f.read_text()) for f in sorted(out.glob("rank*.json"))]
     return done, sorted(results, key=lambda r: r["rank"]), seconds

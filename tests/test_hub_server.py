@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import huggingface_hub
 import pytest
-from huggingface_hub import HfApi, constants, hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -38,6 +38,7 @@ from checkpoints import (
     vit_tensors,
     write_safetensors,
 )
+from conftest import point_hub_client
 from hub_server import Fault, HubServer
 
 REPO = "facebook/dinov3-test"
@@ -46,20 +47,9 @@ BLOB = bytes(range(256)) * 1024  # 256 KiB, served as an LFS file straight from 
 
 
 @pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
     with HubServer() as server:
-        # huggingface_hub reads these at import: point them at the sandbox too.
-        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HOME", str(home))
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-        monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(home / ".agent_harnesses.json"))
+        point_hub_client(monkeypatch, server.endpoint)  # the rest of the sandbox: conftest.isolated
         server.add_repo(REPO, vit_repo_files())
         server.add_repo("facebook/direct", {"blob.bin": BLOB, "a.txt": b"hello"}, lfs_redirect=False)
         yield server

@@ -13,6 +13,7 @@ import pytest
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 
 from checkpoints import vit_repo_files
+from conftest import point_hub_client
 from hub_server import HubServer, xet_hash
 
 REPO = "facebook/dinov3-xet"
@@ -22,21 +23,11 @@ SHA = hashlib.sha256(WEIGHTS).hexdigest()
 
 
 @pytest.fixture
-def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    home = tmp_path / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
     # hf_xet is installed: without this the client would switch to the Xet protocol on X-Xet-Hash + xet-auth.
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     with HubServer(xet=True) as server:
-        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HOME", str(home))
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-        monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(home / ".agent_harnesses.json"))
+        point_hub_client(monkeypatch, server.endpoint)  # the rest of the sandbox: conftest.isolated
         server.add_repo(REPO, FILES)
         yield server
 

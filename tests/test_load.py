@@ -8,7 +8,6 @@ everywhere: they hide torch/transformers from the code under test.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -19,25 +18,12 @@ from typing import Any
 import pytest
 
 from checkpoints import convnext_repo_files
-from conftest import TINY, cli_env
+from conftest import TINY, cli_env, needs_load
 from dinov3_fetcher import _load as load
 from dinov3_fetcher import fetch_dinov3
 from dinov3_fetcher._errors import LoadError, VerificationError
 from hub_server import HubServer
 
-
-def _has_load_extra() -> bool:
-    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
-        return False
-    from importlib.metadata import version
-
-    return load._version_tuple(version("transformers")) >= load.MIN_TRANSFORMERS
-
-
-needs_load = pytest.mark.skipif(
-    not _has_load_extra(),
-    reason="the [load] extra (torch, transformers>=4.56) is not installed: run bash .ci/install-load-extra.sh",
-)
 CONVNEXT = "tiny-org/dinov3-convnext-tiny"
 VIT_TOKENS = 1 + 4 + 196  # CLS + 4 registers + (224/16)^2 patches
 

@@ -13,26 +13,26 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from checkpoints import shard_files, vit_repo_files
-from conftest import cli_env
+from conftest import cli_env, mounted_tmpfs
 from dinov3_fetcher import fetch_dinov3
 from dinov3_fetcher._broadcast_wire import BROKEN
 from dinov3_fetcher._distributed import fetch_once
 from dinov3_fetcher._errors import ConfigError
+from helpers import wait_all
 from hub_server import HubServer
+from net_fixtures import free_port
 
 needs_torch = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None,
@@ -109,12 +109,6 @@ sys.exit(code)
 """
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Job:
     """``nodes`` "nodes" of ``nproc`` ranks on this host, node N's dino_root being tmp/node<N>/dinov3."""
 
@@ -137,7 +131,7 @@ class Job:
         worker = self.tmp / "worker.py"
         worker.write_text(WORKER)
         env = cli_env(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
-        port, world = _port(), self.nodes * self.nproc
+        port, world = free_port(), self.nodes * self.nproc
         if torchrun:
             cmds = [([sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nodes}", f"--node-rank={n}",
                       f"--nproc-per-node={self.nproc}", "--master-addr=127.0.0.1", f"--master-port={port}",
@@ -150,16 +144,7 @@ class Job:
                     for n in range(self.nodes) for lr in range(self.nproc)]
         procs = [subprocess.Popen(c, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for c, e in cmds]
-        t0, done = time.monotonic(), []
-        try:
-            for p in procs:
-                stdout, stderr = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - t0)))
-                done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+        done = wait_all(procs, timeout)
         results = {int(f.stem[4:]): json.loads(f.read_text()) for f in out.glob("rank*.json")}
         return done, results
 
@@ -412,21 +397,6 @@ def test_rank_0_resumes_its_partial_and_sends_the_prefix_it_already_held(
         _same_checkpoint(job, node, model)
 
 
-@contextlib.contextmanager
-def _tmpfs(where: Path, size: str) -> Iterator[Path]:
-    """A small tmpfs mounted at ``where`` (a node's own disk), unmounted at the end."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    where.mkdir(parents=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True,
-                       text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
-
 
 def _fill(where: Path, leave: int) -> Path:
     """Fill ``where``'s filesystem up to ``leave`` bytes free."""
@@ -446,7 +416,7 @@ def test_a_node_whose_disk_fills_up_mid_transfer_fails_every_rank_alike_and_the_
     job = Job(tmp_path)
     size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
     hub.faults.add(pause_at=2 * 1024 * KiB, path_suffix=WEIGHTS, times=1)
-    with _tmpfs(tmp_path / "node2", "24m") as disk:  # room for the checkpoint and the 16 MiB margin: accepted
+    with mounted_tmpfs(tmp_path / "node2", "24m") as disk:  # room for the checkpoint and the 16 MiB margin: accepted
         filler = disk / "filler"
 
         def then_full() -> bool:  # node 2 got its first MiB, then its disk fills up: room for a progress record
@@ -483,7 +453,7 @@ def test_a_node_whose_disk_fills_up_mid_transfer_fails_every_rank_alike_and_the_
 def test_a_node_without_the_space_is_refused_before_any_byte_moves(hub: HubServer, model: dict[str, bytes],
                                                                  tmp_path: Path) -> None:
     job = Job(tmp_path)
-    with _tmpfs(tmp_path / "node1", "8m"):  # less than the checkpoint plus the 16 MiB margin
+    with mounted_tmpfs(tmp_path / "node1", "8m"):  # less than the checkpoint plus the 16 MiB margin
         procs, results = job.run()
         assert sorted(results) == [0, 1, 2], _stderr(procs)
         assert [p.returncode for p in procs] == [9, 9, 9]

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ._broadcast_wire import FileSpec, MiB, Range, _check_ranges
-from ._errors import DiskSpaceError, IntegrityError
-from ._state import PROGRESS_PAGE, encode_progress, read_progress
+from ._errors import IntegrityError, disk_full
+from ._state import open_data, remaining, save_progress
 
 __all__ = ["FileSource", "PartialSink"]
 
@@ -71,11 +71,7 @@ class PartialSink:
     def missing(self, spec: FileSpec) -> list[Range]:
         if self._have(spec) if self._have else _same_size(self.final_root / spec.name, spec.size):
             return []
-        folder = self._folder(spec)
-        ranges = read_progress(folder, spec.sha256, spec.size)  # the fetcher's one parser of the format
-        if ranges is None:
-            return [(0, spec.size)] if spec.size else []
-        return _check_ranges(spec, ranges)
+        return _check_ranges(spec, remaining(self._folder(spec), spec.sha256, spec.size))
 
     def _file(self, spec: FileSpec) -> _OpenFile:
         f = self._open.get(spec.name)
@@ -155,19 +151,14 @@ def _same_size(path: Path, size: int) -> bool:
 
 
 def _disk_error(exc: OSError, spec: FileSpec, folder: Path) -> OSError:
-    import errno
-
-    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-        return exc
-    free = shutil.disk_usage(folder if folder.is_dir() else folder.parent).free
-    return DiskSpaceError(f"the disk filled up while receiving {spec.name} ({free} bytes free)",
-                          "free space in dino_root and run the job again: the transfer resumes", free=free)
+    return disk_full(exc, folder, f"receiving {spec.name}",
+                     "free space in dino_root and run the job again: the transfer resumes")
 
 
 class _OpenFile:
     def __init__(self, spec: FileSpec, folder: Path, remaining: list[Range]) -> None:
         self.spec, self.folder, self.remaining = spec, folder, list(remaining)
-        self.fd = os.open(folder / "data", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self.fd = open_data(folder)
         self.sha = hashlib.sha256()
         self.hashed = 0  # the sha256 has seen [0, hashed)
         self.unsaved = 0
@@ -220,17 +211,11 @@ class _OpenFile:
         return self.sha.hexdigest()
 
     def save(self) -> None:
-        blob = encode_progress(self.spec.sha256, self.spec.size, [list(r) for r in self.remaining])
-        if self.progress_fd is not None and len(blob) == PROGRESS_PAGE:
-            os.pwrite(self.progress_fd, blob, 0)  # one page in place (as _job does): no new block, so a disk
-            self.unsaved = 0                      # the data just filled up still gets what was written recorded
-            return
-        path, tmp = self.folder / "progress.json", self.folder / "progress.json.tmp"
-        tmp.write_bytes(blob)
-        os.replace(tmp, path)
+        # in place after the first save, as _job's: no new block, so a disk the data just filled up still gets
+        # what was written recorded
+        self.progress_fd = save_progress(self.folder, self.spec.sha256, self.spec.size,
+                                         [list(r) for r in self.remaining], self.progress_fd)
         self.unsaved = 0
-        if self.progress_fd is None and len(blob) == PROGRESS_PAGE:
-            self.progress_fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
 
     def close(self) -> None:
         for fd in (self.fd, self.progress_fd):

@@ -55,7 +55,6 @@ class Rule:
     before: int = 0  # the limit before the last step
     down: bool = False  # probing downwards (see above)
     paid: bool = False  # some step up raised the rate
-    wanted: int | None = None  # the streams the fetch could run at the last sample (None: no limit)
 
     def __post_init__(self) -> None:
         self.limit = max(1, min(self.start, self.cap))
@@ -65,15 +64,15 @@ class Rule:
         """One window's aggregate rate at the current limit; returns the limit from now on. ``wanted``: the
         streams the fetch could run now (its files' workers); a step never goes above it, since streams that
         no worker wants would never be measured (the limit would stay there unjudged)."""
-        self.wanted = wanted
+        most = min(self.cap, wanted) if wanted is not None else self.cap
         if self.done:
             return self.limit
         if self.base is None:  # the first window: its rate is the baseline, and the first step doubles
-            if self.limit >= self._most() and self.limit > 1:  # no worker for more streams: try fewer instead
+            if self.limit >= most and self.limit > 1:  # no worker for more streams: try fewer instead
                 self.base, self.before, self.down = rate, self.limit, True
                 self.limit = max(1, self.limit // 2)
                 return self.limit
-            self._step(rate, double=True)
+            self._step(rate, most, double=True)
             return self.limit
         if self.down:
             if rate >= (1 - GAIN) * self.base and self.limit > 1:
@@ -87,7 +86,7 @@ class Rule:
         if gain > GAIN:
             self.paid = True
             # doubling while the rate grows at least half as fast as the streams did, +50% otherwise
-            self._step(rate, double=gain >= 0.5 * (self.limit / self.before - 1))
+            self._step(rate, most, double=gain >= 0.5 * (self.limit / self.before - 1))
         elif self.paid or self.before <= 1:  # no gain worth the streams: give the last step back and stay there
             self.limit, self.done = self.before, True
         else:  # not even the first step paid: the link was full at the start; try fewer streams
@@ -95,11 +94,7 @@ class Rule:
             self.limit, self.before = max(1, self.before // 2), self.before
         return self.limit
 
-    def _most(self) -> int:
-        return min(self.cap, self.wanted) if self.wanted is not None else self.cap
-
-    def _step(self, rate: float, double: bool) -> None:
-        most = self._most()
+    def _step(self, rate: float, most: int, double: bool) -> None:
         if self.limit >= most:
             self.done = True
             return
@@ -142,7 +137,6 @@ class Budget:
     _free: list[bytearray] = field(default_factory=list)
     _win_start: float | None = None
     _win_bytes: int = 0
-    _win_full: bool = False
     _settle_until: float = 0.0
 
     def __post_init__(self) -> None:
@@ -154,6 +148,11 @@ class Budget:
         if connections is None:
             return cls(Rule(), block)
         return cls(Rule(start=connections, cap=connections, fixed=True), block)
+
+    @property
+    def _win_full(self) -> bool:
+        """A window is under way: it opened with every slot wanted, and ends (uncounted) when one is not."""
+        return self._win_start is not None
 
     @property
     def limit(self) -> int:
@@ -220,21 +219,22 @@ class Budget:
     def piece(self, smallest: int, largest: int) -> int:
         """The size of a piece: ``PIECE_RTTS`` round trips at one stream's rate, so that the round trip a
         stream idles between two pieces is a small part of each; within [smallest, largest]."""
-        with self._cond:
-            rtt, rate = self.rtt, self.stream_rate
-        if rtt is None or rate is None:
-            return smallest
-        return int(min(largest, max(smallest, rate * rtt * PIECE_RTTS)))
+        return self._rtts(PIECE_RTTS, smallest, largest, unknown=smallest)
 
     def steal(self, smallest: int, largest: int) -> int:
         """The smallest piece worth splitting off a busy one at a file's end (the victim's connection is
         closed and reopened, the thief asks anew: a few round trips): ``STEAL_RTTS`` round trips of one
         stream, within [smallest, largest]. Smaller ends let the last bytes come over many streams."""
+        return self._rtts(STEAL_RTTS, smallest, largest, unknown=largest)
+
+    def _rtts(self, n: int, smallest: int, largest: int, unknown: int) -> int:
+        """``n`` round trips' worth of one stream's bytes, within [smallest, largest]; ``unknown`` before the
+        first measurement."""
         with self._cond:
             rtt, rate = self.rtt, self.stream_rate
         if rtt is None or rate is None:
-            return largest
-        return int(min(largest, max(smallest, rate * rtt * STEAL_RTTS)))
+            return unknown
+        return int(min(largest, max(smallest, rate * rtt * n)))
 
     def add(self, n: int) -> None:
         """``n`` bytes arrived on some stream: the measurement windows, and the rule's decision after each."""
@@ -246,7 +246,7 @@ class Budget:
                 return
             if self._win_start is None:
                 if self.active + self.waiting >= self.rule.limit:  # a window opens only while all are wanted
-                    self._win_start, self._win_bytes, self._win_full = now, 0, True
+                    self._win_start, self._win_bytes = now, 0
                 return
             self._win_bytes += n
             span = now - self._win_start
@@ -254,8 +254,6 @@ class Budget:
                 return
             rate = self._win_bytes / span
             self._win_start = None
-            if not self._win_full:
-                return
             self.stream_rate = rate / max(1, self.active)
             old = self.rule.limit
             new = self.rule.sample(rate, self.active + self.waiting)
@@ -268,4 +266,4 @@ class Budget:
         """Under the lock, after any change: a window in which a slot was not wanted does not count (it ends
         there; the next opens once every slot is wanted again)."""
         if self.active + self.waiting < self.rule.limit:
-            self._win_full, self._win_start = False, None
+            self._win_start = None

@@ -8,6 +8,8 @@ of exit codes lives here, next to the classes, so that the CLI and the README ca
 from __future__ import annotations
 
 import errno
+import shutil
+from pathlib import Path
 
 __all__ = [
     "AuthenticationError",
@@ -117,6 +119,15 @@ class DiskSpaceError(FetcherError, OSError):
         self.free = free
         FetcherError.__init__(self, message, hint)
         self.errno = errno.ENOSPC
+
+
+def disk_full(exc: OSError, folder: Path, doing: str, hint: str) -> OSError:
+    """ENOSPC/EDQUOT met while ``doing`` (e.g. "writing model.safetensors") as a DiskSpaceError with the free
+    space of ``folder``'s filesystem (its parent's while it does not exist); any other OSError as it is."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return exc
+    free = shutil.disk_usage(folder if folder.is_dir() else folder.parent).free
+    return DiskSpaceError(f"the disk filled up while {doing} ({free} bytes free)", hint, free=free)
 
 
 class NetworkError(FetcherError, ConnectionError):

@@ -43,6 +43,7 @@ class HttpPool:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _ssl: ssl.SSLContext | None = None
     _auth_key: tuple[str, str | None, int | None] | None = None
+    _proxies: dict[tuple[str, str], Proxy | None] = field(default_factory=dict)
     _warming: dict[tuple[str, str], int] = field(default_factory=dict)  # connections being opened by warm()
     _warmed: threading.Condition = field(init=False)
     _closed: bool = False
@@ -90,7 +91,9 @@ class HttpPool:
     def _new(self, scheme: str, netloc: str) -> Connection:
         if scheme not in ("http", "https"):
             raise ValueError(f"unsupported URL scheme {scheme!r}")
-        proxy = proxy_for(f"{scheme}://{netloc}/")  # ConfigError for a proxy we cannot speak to
+        if (scheme, netloc) not in self._proxies:  # the environment's proxy rules, parsed once per origin
+            self._proxies[scheme, netloc] = proxy_for(f"{scheme}://{netloc}/")  # ConfigError: one we cannot speak
+        proxy = self._proxies[scheme, netloc]
         if scheme == "https":
             if self._ssl is None:
                 self._ssl = ssl_context()

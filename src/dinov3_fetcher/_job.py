@@ -10,11 +10,9 @@ is: BENCHMARKS.md ("Why the transfer looks like this").
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import http.client
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -22,10 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from . import _env as env
-from ._errors import DiskSpaceError, FetcherError, IntegrityError, NetworkError
+from ._errors import FetcherError, IntegrityError, NetworkError, disk_full
 from ._hashing import WINDOW, git_blob_hasher, hash_range
 from ._http import Response, etag_value, seconds_per_trip
-from ._state import PROGRESS_PAGE, encode_progress, read_progress, write_new
+from ._state import open_data, remaining, save_progress
 
 if TYPE_CHECKING:
     from ._budget import Slot
@@ -72,15 +70,10 @@ class Job:
         self.progress_fd: int | None = None  # progress.json, open for in-place rewrites
         self.piece = 0  # with several connections: the size of the in-order pieces handed out (see take)
         self.hashed = 0  # [0, hashed) is on disk for good and hashed (hash_all): what a broadcast may send
-        size = target.size
-        remaining = read_progress(folder, target.identity, size) if size else None
-        if remaining is None:
-            remaining = [(0, size)] if size else []
-        self.resumed_from = size - sum(e - s for s, e in remaining)
-        self.segments: list[_Segment] = [_Segment(s, e) for s, e in remaining]
-        # 0o666: the umask decides, as for every other file; O_NOFOLLOW: never write through a planted link.
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-        self.fd = os.open(self.data_path, flags, 0o666)
+        missing = remaining(folder, target.identity, target.size)
+        self.resumed_from = target.size - sum(e - s for s, e in missing)
+        self.segments: list[_Segment] = [_Segment(s, e) for s, e in missing]
+        self.fd = open_data(folder)
 
     def save(self, wait: bool = True) -> None:
         """Record the missing ranges in progress.json: the first time atomically (temp + rename), then by
@@ -98,20 +91,10 @@ class Job:
 
     def _save(self) -> None:
         with self.lock:
-            remaining = sorted([s.pos, s.end] for s in self.segments if s.pos < s.end)
+            ranges = sorted([s.pos, s.end] for s in self.segments if s.pos < s.end)
             self.unsaved, self.saved_at = 0, time.monotonic()
-        blob = encode_progress(self.target.identity, self.target.size, remaining)
-        if self.progress_fd is not None and len(blob) == PROGRESS_PAGE:
-            os.pwrite(self.progress_fd, blob, 0)
-            return
-        path, tmp = self.folder / "progress.json", self.folder / "progress.json.tmp"
-        write_new(tmp, blob)
-        os.replace(tmp, path)
-        if self.progress_fd is not None:
-            os.close(self.progress_fd)
-            self.progress_fd = None
-        if len(blob) == PROGRESS_PAGE:
-            self.progress_fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        self.progress_fd = save_progress(self.folder, self.target.identity, self.target.size, ranges,
+                                         self.progress_fd)
 
     def frontier(self) -> int:
         """Every byte below this is on disk for good: the hasher may read it, nobody writes it again."""
@@ -360,11 +343,8 @@ class Job:
 
     def disk_full(self, exc: OSError) -> OSError:
         """ENOSPC/EDQUOT as our DiskSpaceError (exit 9, partial kept); any other OSError as it is."""
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            return exc
-        free = shutil.disk_usage(self.folder).free
-        return DiskSpaceError(f"the disk filled up while writing {self.target.name} ({free} bytes free)",
-                              f"free space in {self.t.state.root} and run again: the download resumes", free=free)
+        return disk_full(exc, self.folder, f"writing {self.target.name}",
+                         f"free space in {self.t.state.root} and run again: the download resumes")
 
     def fail_integrity(self, why: str) -> NoReturn:
         """Raise IntegrityError: the bytes are not the listed file (the partial is discarded)."""

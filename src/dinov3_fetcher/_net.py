@@ -50,7 +50,6 @@ _CA_FILE_CANDIDATES = (
     "/etc/ssl/certs/ca-certificates.crt",
     "/etc/ssl/ca-bundle.pem",
 )
-CA_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR")
 
 
 @dataclass(frozen=True)
@@ -315,15 +314,11 @@ def tls_error_hint() -> str:
 def certificate_error(exc: BaseException, where: str) -> NetworkError | None:
     """A NetworkError that says "certificate" and which variable fixes it, if ``exc`` (or what caused it, as
     httpx2 wraps it) is a certificate verification failure; else None. ``where`` names the host."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in _chain(exc):
         if isinstance(e, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(e):
             reason = getattr(e, "verify_message", None) or str(e)
             return NetworkError(f"the TLS certificate of {where} is not trusted (certificate problem: {reason})",
                                 tls_error_hint())
-        e = e.__cause__ or e.__context__
     return None
 
 
@@ -344,13 +339,14 @@ def network_error(exc: BaseException, url: str, via: Proxy | None = None) -> Net
         return config
     if proxy is None:
         return None
-    text = " ".join(str(e) for e in _chain(exc))
-    names = {type(e).__name__ for e in _chain(exc)}
+    chain = _chain(exc)
+    text = " ".join(str(e) for e in chain)
+    names = {type(e).__name__ for e in chain}
     if "ProxyError" in names or "Tunnel connection failed" in text:
         return NetworkError(f"the proxy {proxy.display} refused to carry the request to {where} ({text[:200]})",
                             f"check the proxy's access rules and credentials, or leave {where} out of it "
                             "with NO_PROXY")
-    if any(isinstance(e, ConnectionRefusedError | TimeoutError | socket.gaierror) for e in _chain(exc)) \
+    if any(isinstance(e, ConnectionRefusedError | TimeoutError | socket.gaierror) for e in chain) \
             or names & {"ConnectError", "ConnectTimeout"}:
         return NetworkError(f"cannot reach the proxy {proxy.display} (on the way to {where}): {type(exc).__name__}",
                             f"check that the proxy runs and that {proxy.variable} is right, or unset it")

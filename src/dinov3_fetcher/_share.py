@@ -49,7 +49,7 @@ from ._errors import DiskSpaceError, NetworkError, VerificationError
 from ._manifest import FileRecord, Manifest
 from ._progress import Progress, human_bytes
 from ._share_send import merge
-from ._state import SPACE_MARGIN, StateDir, write_new
+from ._state import SPACE_MARGIN, StateDir, remaining, write_new
 
 __all__ = ["CHUNK", "JobResult", "StateSink", "fetch_broadcast"]
 
@@ -122,12 +122,8 @@ class StateSink(PartialSink):
             write_new(path, b"")
             self.paths[spec.name] = path
             return []
-        from ._state import read_progress
-
         folder = self.state.claim(spec.sha256, spec.size)
-        ranges = read_progress(folder, spec.sha256, spec.size)
-        if ranges is None or not (folder / "data").exists():
-            ranges = [(0, spec.size)]
+        ranges = remaining(folder, spec.sha256, spec.size)
         self._claims[spec.name] = (spec, folder, ranges)
         self._needed += sum(e - s for s, e in ranges)
         free = shutil.disk_usage(self.state.path).free

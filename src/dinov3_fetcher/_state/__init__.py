@@ -39,7 +39,10 @@ from .files import (
     _own_entries,
     atomic_write_bytes,
     encode_progress,
+    open_data,
     read_progress,
+    remaining,
+    save_progress,
     write_new,
 )
 from .owners import (
@@ -56,8 +59,8 @@ from .owners import (
 )
 
 __all__ = ["HEARTBEAT_EVERY", "HOST", "PROGRESS_PAGE", "SPACE_MARGIN", "STALE_AFTER", "StateDir", "atomic_write_bytes",
-           "encode_progress", "host", "other_host", "owner_gone", "owner_tag", "read_progress", "record_for",
-           "stale_after", "write_new"]
+           "encode_progress", "host", "open_data", "other_host", "owner_gone", "owner_tag", "read_progress",
+           "record_for", "remaining", "save_progress", "stale_after", "write_new"]
 
 STATE_DIRNAME = ".dinov3-fetcher"
 _TRASH = re.compile(r"\.trash\d+$")  # a claim being removed (see claim): never resumed, always deleted

@@ -105,6 +105,37 @@ def _done_end(remaining: list[tuple[int, int]], size: int) -> int:
     return end
 
 
-def _missing(folder: Path, identity: str, size: int) -> int:
+def remaining(folder: Path, identity: str, size: int) -> list[tuple[int, int]]:
+    """The ranges a partial folder still misses: its record's, else the whole file."""
     ranges = read_progress(folder, identity, size)
-    return size if ranges is None else sum(e - s for s, e in ranges)
+    return ranges if ranges is not None else ([(0, size)] if size else [])
+
+
+def _missing(folder: Path, identity: str, size: int) -> int:
+    return sum(e - s for s, e in remaining(folder, identity, size))
+
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def open_data(folder: Path) -> int:
+    """A partial folder's ``data``, for reading and writing: created per the umask (0o666, as every other file),
+    never through a planted link."""
+    return os.open(folder / "data", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | _O_CLOEXEC, 0o666)
+
+
+def save_progress(folder: Path, identity: str, size: int, ranges: list[list[int]], fd: int | None) -> int | None:
+    """Record the missing ``ranges`` in ``progress.json``. With ``fd`` (what the previous call returned) the one
+    page is rewritten in place with one pwrite, which a SIGKILL cannot tear, which never waits for the disk as
+    a rename over a file can, and which needs no new block on a full disk; else a new file is renamed over.
+    Returns the fd for the next call (None when the record is longer than a page)."""
+    blob = encode_progress(identity, size, ranges)
+    if fd is not None and len(blob) == PROGRESS_PAGE:
+        os.pwrite(fd, blob, 0)
+        return fd
+    path, tmp = folder / "progress.json", folder / "progress.json.tmp"
+    write_new(tmp, blob)
+    os.replace(tmp, path)
+    if fd is not None:
+        os.close(fd)
+    return os.open(path, os.O_WRONLY | os.O_NOFOLLOW | _O_CLOEXEC) if len(blob) == PROGRESS_PAGE else None
