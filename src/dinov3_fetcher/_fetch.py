@@ -11,6 +11,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -37,6 +38,7 @@ from ._state import SPACE_MARGIN, StateDir
 from ._validate import config_problem, find_problems, registry_mismatch, tensor_mismatch, why_not
 
 if TYPE_CHECKING:
+    from ._observe import FetchObserver
     from ._plan import PlannedFile, Run
     from ._sources import EarlyBytes, Source
 
@@ -136,9 +138,11 @@ def fetch_dinov3(
 
 
 def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None = None,
-          lock_timeout: float | None = None, repair: bool = False, observer: Any = None) -> FetchResult:
+          lock_timeout: float | None = None, repair: bool = False,
+          observer: FetchObserver | None = None) -> FetchResult:
     """The fetch of an already validated request, with a detailed result. Raises what fetch_dinov3 raises.
-    ``observer`` (the broadcast's sender, _share_send) is told the plan and each download as it starts."""
+    ``observer`` is told the plan, each weight's download as it starts and each weight once verified
+    (``_observe``)."""
     t0 = time.monotonic()
     progress = progress or Progress(quiet=True)
     if not (update or repair) and (m := ready(req)):
@@ -227,16 +231,27 @@ def _offline_error(req: FetchRequest) -> LocalEntryNotFoundError:
         f"{why}{extra}", "unset HF_HUB_OFFLINE to download it (partial downloads resume)")
 
 
-def _get_all(run: Run, names: list[str], files_at_once: int) -> None:
-    """``run.get`` each weight file, ``files_at_once`` at a time, so that one file's sha256 tail overlaps the
-    next transfer. Files with the same content never run together (they share a partial folder). The first
+def _telling(run: Run, observer: FetchObserver) -> Callable[[str], Path]:
+    """``run.get``, telling ``observer`` of each file it verified."""
+
+    def get(name: str) -> Path:
+        path = run.get(name)
+        observer.verified(name, path)
+        return path
+
+    return get
+
+
+def _get_all(run: Run, names: list[str], files_at_once: int, get: Callable[[str], Path]) -> None:
+    """``get`` (``run.get``) each weight file, ``files_at_once`` at a time, so that one file's sha256 tail overlaps
+    the next transfer. Files with the same content never run together (they share a partial folder). The first
     error stops the others and is raised; Ctrl-C stops all and keeps their progress."""
     assert run.transfer is not None
     transfer = run.transfer
     identities = [run.remote(n).identity for n in names]
     if len(names) < 2 or len(set(identities)) < len(identities):
         for name in names:
-            run.get(name)
+            get(name)
         return
     todo, lock = list(names), threading.Lock()
     errors: list[BaseException] = []
@@ -248,7 +263,7 @@ def _get_all(run: Run, names: list[str], files_at_once: int) -> None:
                     return
                 name = todo.pop(0)
             try:
-                run.get(name)
+                get(name)
             except BaseException as exc:
                 with lock:
                     errors.append(exc)
@@ -293,8 +308,9 @@ def _unrecorded(root: Path, old: Manifest | None) -> bool:
 
 
 def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, progress: Progress, *,
-                  repair: bool = False, observer: Any = None) -> FetchResult:
+                  repair: bool = False, observer: FetchObserver | None = None) -> FetchResult:
     from ._http import HttpPool
+    from ._observe import FetchPlan
     from ._plan import Run
     from ._sources import get_source
     from ._transfer import FILES_AT_ONCE, Settings, Transfer
@@ -347,9 +363,15 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
         _check_space(state, planned)
         progress.expect({p.name: p.size for p in planned})
         progress.done += sum(p.size for p in planned if p.reuse)  # += : head-start bytes are counted already
-        if observer is not None:  # the broadcast's sender (_share_send): the plan, before the weights' transfer
-            observer.planned(run, [p.name for p in planned if p.name in weights])
-        _get_all(run, [p.name for p in planned if p.name in weights], FILES_AT_ONCE)
+        order = [p.name for p in planned if p.name in weights]
+        get: Callable[[str], Path] = run.get
+        if observer is not None:  # before the weights' transfer
+            observer.planned(FetchPlan(snap.commit, source.name, env.display_origin(source.endpoint),
+                                       {**run.records, **{n: run.expected(n) for n in order}}, order,
+                                       [p.name for p in planned if p.name not in weights], dict(run.paths),
+                                       transfer.cancel))
+            get = _telling(run, observer)
+        _get_all(run, order, FILES_AT_ONCE, get)
         for p in planned:
             if p.name not in weights:
                 run.get(p.name)

@@ -133,6 +133,14 @@ class Run:
             return None
         return p
 
+    def expected(self, name: str) -> FileRecord:
+        """The record ``name`` will have once verified, as far as it is known before its bytes: the listing's, or
+        for a copy on disk the manifest's (or the sha256 its adoption computed); sha256 "" when only the bytes
+        will tell (a listing without sha256)."""
+        rf = self.remote(name)
+        rec = self.record(rf) if self.reusable(rf) is not None and name not in self.adopted else None
+        return rec or FileRecord(rf.size, self.adopted.get(name) or rf.sha256 or "", rf.git_oid)
+
     def get(self, name: str) -> Path:
         """The verified file ``name``: reused from disk, or downloaded (resuming a partial) and staged."""
         from ._transfer import Target

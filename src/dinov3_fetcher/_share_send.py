@@ -1,20 +1,21 @@
 """Rank 0's side of ``fetch_once(..., share="broadcast")``: its own fetch, sent while it downloads.
 
 The fetch (``_fetch.fetch``) runs in the calling thread, as a plain fetch does (Ctrl-C, signals), with a
-``Feed`` as its observer; the sending (``_broadcast.send``) runs in a thread of its own. The Feed is told
-two things by the fetch:
+``Feed`` as its observer (``_observe.FetchObserver``); the sending (``_broadcast.send``) runs in a thread of its
+own. The Feed is told three things by the fetch:
 
-- ``planned(run, weights)``: once the fetch has planned, with every small file (config, preprocessor, index,
-  README...) already fetched and verified. The file list (name, size, sha256) and the manifest's records,
-  commit and source are final from here on, so ``send`` starts: step 1 (the list), step 2 (what each
-  receiver misses) and the small files go out while the weights are still downloading;
-- ``started(target, job)``: a weight file's ``_job.Job`` (the main transfer's, or the head start's, whose
-  Transfer is a copy of the main one). The Feed keeps a duplicate of the job's fd on the claimed partial's
-  data file: it is the same inode through the moves to staged and to dino_root.
+- ``planned(plan)``: once the fetch has planned, with the small files (config, preprocessor, index) already
+  fetched and verified. The file list (name, size, sha256) and the manifest's records, commit and source are
+  final from here on, so ``send`` starts: step 1 (the list), step 2 (what each receiver misses) and the small
+  files go out while the weights are still downloading;
+- ``started(name, size, sha256, download)``: a weight file's download (the main transfer's, or the head
+  start's). The Feed keeps a duplicate of its fd on the claimed partial's data file: it is the same inode
+  through the moves to staged and to dino_root;
+- ``verified(name, path)``: a weight file whose hashes matched (or that rank 0 held already).
 
-A weight file may be sent up to the job's hashed prefix (``Job.hashed``): those bytes are on disk for good
-(the job never writes below its frontier again) and rank 0's sha256 has read them. Its last byte waits until
-that sha256 matched (the file is staged): no receiver completes a file before rank 0 has verified it. A
+A weight file may be sent up to the download's hashed prefix (``download.hashed``): those bytes are on disk for
+good (the download never writes below its frontier again) and rank 0's sha256 has read them. Its last byte
+waits until that sha256 matched (``verified``): no receiver completes a file before rank 0 has verified it. A
 prefix already on disk (a resumed download) counts as soon as the job has hashed it; a file rank 0 holds
 already (reused, staged) is ready whole. Every receiver checks each file's sha256 itself as well
 (``PartialSink.complete``, against the listed sha256). A file whose sha256 fails on rank 0 is published
@@ -37,20 +38,15 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
-from . import _env as env
 from ._broadcast import FileSource, FileSpec, NodeStats, Report, send
 from ._config import FetchRequest
 from ._errors import FetcherError, FetchInterrupted, VerificationError
-from ._layout import OPTIONAL
 from ._manifest import FileRecord, Manifest
+from ._observe import Download, FetchPlan
 from ._state import StateDir
-
-if TYPE_CHECKING:
-    from ._job import Job
-    from ._plan import Run
-    from ._transfer import Target
 
 __all__ = ["Feed", "merge", "serve"]
 
@@ -64,10 +60,12 @@ class Feed(FileSource):
         self.cond = threading.Condition()
         self.specs: dict[str, FileSpec] = {}
         self.meta: dict[str, Any] | None = None  # set by planned(): the list is final
-        self.run: Run | None = None
-        self.jobs: dict[str, tuple[Target, Job, int]] = {}  # by name: the latest job and a dup of its fd
-        self.spare: list[int] = []  # fds of jobs replaced by a later one (closed at the end)
-        self.using: dict[str, Job | None] = {}  # what readinto reads each file through (sender thread only)
+        self.plan: FetchPlan | None = None
+        self.verified_paths: dict[str, Path] = {}  # files rank 0 verified (held, or told by verified())
+        self.jobs: dict[str, tuple[int, str | None, Download, int]] = {}  # by name: the latest download and a
+        # dup of its fd
+        self.spare: list[int] = []  # fds of downloads replaced by a later one (closed at the end)
+        self.using: dict[str, Download | None] = {}  # what readinto reads each file through (sender thread only)
         self.ended = False
         self.closed = False
         self.error: BaseException | None = None
@@ -86,31 +84,29 @@ class Feed(FileSource):
             self.ended = True
             self.cond.notify_all()
 
-    def started(self, target: Target, job: Job) -> None:
+    def started(self, name: str, size: int, sha256: str | None, download: Download) -> None:
         with self.cond:
-            if self.closed:  # the sending is over (it failed): nothing reads this job any more
+            if self.closed:  # the sending is over (it failed): nothing reads this download any more
                 return
-            fd = os.dup(job.fd)
-            old = self.jobs.get(target.name)
-            self.jobs[target.name] = (target, job, fd)
+            fd = os.dup(download.fd)
+            old = self.jobs.get(name)
+            self.jobs[name] = (size, sha256, download, fd)
             if old is not None:
-                self.spare.append(old[2])
+                self.spare.append(old[3])
 
-    def planned(self, run: Run, weights: list[str]) -> None:
-        records = dict(run.records)  # config, preprocessor (and the index): fetched and verified already
-        for name in weights:
-            rf = run.remote(name)
-            rec = run.record(rf) if run.reusable(rf) is not None and name not in run.adopted else None
-            rec = rec or FileRecord(rf.size, run.adopted.get(name) or rf.sha256 or "", rf.git_oid)
-            if not rec.sha256:  # a weight listed without its sha256 (a mirror): sent once the fetch is done
-                return
-            records[name] = rec
-        later = [n for n in OPTIONAL if n in run.snap.files and n not in records]  # fetched after the weights
-        order = sorted(n for n in records if n not in weights) + weights
-        meta = {**_meta(run.snap.commit, run.source.name, env.display_origin(run.source.endpoint), records),
-                "more": bool(later)}
+    def verified(self, name: str, path: Path) -> None:
         with self.cond:
-            self.run = run
+            self.verified_paths[name] = path
+
+    def planned(self, plan: FetchPlan) -> None:
+        records = plan.records
+        if any(not records[n].sha256 for n in plan.weights):  # a weight listed without its sha256 (a mirror):
+            return  # sent once the fetch is done
+        order = sorted(n for n in records if n not in plan.weights) + plan.weights
+        meta = {**_meta(plan.commit, plan.source, plan.endpoint, records), "more": bool(plan.later)}
+        with self.cond:
+            self.plan = plan
+            self.verified_paths.update(plan.held)
             self.specs = {n: FileSpec(n, records[n].size, records[n].sha256) for n in order}
             self.meta = meta
             self.cond.notify_all()
@@ -194,19 +190,19 @@ class Feed(FileSource):
         with self.cond:
             entry = self.jobs.get(name)
             ended, error = self.ended, self.error
+            path = self.verified_paths.get(name) if self.plan is not None and not ended else self.req.dino_root / name
         if error is not None:
             raise error
-        if entry is not None and (entry[0].size, entry[0].sha256) == (spec.size, spec.sha256):
-            _, job, fd = entry
-            if self.using.get(name) is not job:
-                self._fds[name] = fd  # the job's own data file (its fd is one of self.jobs': closed at the end)
-                self.using[name] = job
-            if job.hashed >= spec.size and not (ended or (self.run is not None and name in self.run.paths)):
+        if entry is not None and entry[:2] == (spec.size, spec.sha256):
+            _, _, download, fd = entry
+            if self.using.get(name) is not download:
+                self._fds[name] = fd  # the download's own data file (its fd is one of self.jobs': closed at the end)
+                self.using[name] = download
+            if download.hashed >= spec.size and not (ended or path is not None):
                 return spec.size - 1  # the last byte once rank 0's sha256 matched: no receiver completes before
-            return job.hashed
+            return download.hashed
         if name in self._fds and self.using.get(name) is None:  # opened from its path below: whole
             return spec.size
-        path = self.run.paths.get(name) if self.run is not None and not ended else self.req.dino_root / name
         if path is None:
             return 0
         try:  # a file rank 0 holds (reused, staged): whole; opened now, the fd outlives the publish's move
@@ -221,7 +217,7 @@ class Feed(FileSource):
     def close(self) -> None:
         with self.cond:
             self.closed = True
-            fds = [fd for _, _, fd in self.jobs.values()] + self.spare
+            fds = [fd for _, _, _, fd in self.jobs.values()] + self.spare
             self.jobs.clear()
             self.spare = []
         for fd in fds:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from . import _env as env
 from ._budget import Budget
@@ -19,6 +19,7 @@ from ._errors import FetchInterrupted, IntegrityError
 from ._hashing import git_blob_id
 from ._http import Connection, HttpPool, Response
 from ._job import Job
+from ._observe import FetchObserver
 from ._progress import Progress
 from ._state import StateDir, owner_tag, write_new
 
@@ -92,7 +93,7 @@ class Transfer:
     _locations: dict[str, str] = field(default_factory=dict)
     _per_request: set[str] = field(default_factory=set)  # files whose signed locations serve one request only
     budget: Budget = None  # type: ignore[assignment]  # None: one from the settings (see __post_init__)
-    observer: Any = None  # told of each Job as it starts (``started(target, job)``): the broadcast's sender
+    observer: FetchObserver | None = None  # told of each download as it starts (see _observe)
 
     def __post_init__(self) -> None:
         if self.budget is None:
@@ -157,7 +158,7 @@ class Transfer:
         keep, orphans = True, False
         try:
             if self.observer is not None:
-                self.observer.started(target, job)
+                self.observer.started(target.name, target.size, target.sha256, job)
             self.progress.start_file(target.name, target.size, job.resumed_from)
             n_workers = min(self.budget.cap, max(1, target.size // self.settings.min_split))
             job.piece = self.settings.min_split if n_workers > 1 else 0
