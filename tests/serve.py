@@ -1,6 +1,6 @@
 """Run the local Hub emulator by hand, for demos and manual checks: ``uv run python tests/serve.py``.
 
-Prints, then serves until Ctrl-C (the README's example session is recorded against it)::
+Prints, then serves until Ctrl-C (the session in docs/cli.md is recorded against it)::
 
     export HF_ENDPOINT=http://127.0.0.1:<port>
     # repos: tiny-org/dinov3-vit-tiny (open), tiny-org/dinov3-vit-gated (gated: token hf_valid_granted is
@@ -24,12 +24,17 @@ OPEN, GATED, SHARDED = "tiny-org/dinov3-vit-tiny", "tiny-org/dinov3-vit-gated", 
 GRANTED, NOTGRANTED = "hf_valid_granted", "hf_valid_notgranted"
 
 
+def add_demo_repos(hub: HubServer) -> None:
+    """The three repos this script serves (the recorded session in docs/cli.md is replayed against them)."""
+    hub.add_repo(OPEN, vit_repo_files())
+    hub.add_repo(GATED, vit_repo_files(seed=1), gated=True)
+    hub.grant(GATED, GRANTED)
+    hub.add_repo(SHARDED, shard_files(convnext_repo_files(), 2))
+
+
 def main() -> None:
     with HubServer() as hub:
-        hub.add_repo(OPEN, vit_repo_files())
-        hub.add_repo(GATED, vit_repo_files(seed=1), gated=True)
-        hub.grant(GATED, GRANTED)
-        hub.add_repo(SHARDED, shard_files(convnext_repo_files(), 2))
+        add_demo_repos(hub)
         print(f"export HF_ENDPOINT={hub.endpoint}\n"
               f"# repos: {OPEN} (open), {GATED} (gated: token {GRANTED} is granted, {NOTGRANTED} is not),\n"
               f"#        {SHARDED} (open, 2 shards)\n"

@@ -12,7 +12,6 @@ import pytest
 from checkpoints import vit_repo_files
 from conftest import NOTGRANTED, TINY, checkpoint_tree
 from dinov3_fetcher import validate_dinov3
-from dinov3_fetcher._errors import EXIT_CODES
 from hub_server import HubServer
 
 
@@ -105,13 +104,6 @@ def test_errors_are_one_line_with_the_documented_exit_code(
 def test_debug_shows_the_traceback(hub: HubServer, tmp_path: Path, run_cli: Any):
     r = run_cli("--dino-root", "d", "--model", "nobody/dinov3-missing", "--debug", cwd=tmp_path)
     assert r.returncode == 5 and "Traceback" in r.stderr
-
-
-def test_exit_code_table_is_in_the_readme():
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    for name, code in EXIT_CODES.items():
-        if name[0].isupper():
-            assert f"| {code} | `{name}`" in readme, name
 
 
 def test_list(run_cli: Any):
@@ -252,22 +244,10 @@ def test_a_command_without_dino_root(run_cli: Any, tmp_path: Path, command: str)
     assert r.returncode == 3 and "no dino_root given" in one_line_error(r.stderr)
 
 
-def test_readme_cli_reference_matches_help(run_cli: Any):
-    """Every flag of every command's --help is in the README's CLI reference, and no README flag is unknown."""
-    import re
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    reference = readme.split("## CLI reference", 1)[1].split("\n## ", 1)[0]
-    documented = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", reference))
-    helped: set[str] = set()
+def test_every_command_has_help_with_examples(run_cli: Any):
     for command in ("fetch", "list", "verify", "info"):
         r = run_cli(command, "--help")
-        assert r.returncode == 0 and "examples:" in r.stdout
-        helped |= set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", r.stdout))
-    documented -= {"--help"}
-    helped -= {"--help"}
-    assert helped - documented == set(), "flags missing from the README"
-    assert documented - helped == set(), "README documents flags that do not exist"
+        assert r.returncode == 0 and "examples:" in r.stdout and "--json" in r.stdout, command
 
 
 def test_progress_bar_only_when_asked_off_a_terminal(hub: HubServer, tiny: dict[str, bytes], tmp_path: Path,
