@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import test_share as ts
 from dinov3_fetcher import fetch_dinov3
-from dinov3_fetcher._broadcast_wire import CHUNK
+from dinov3_fetcher._broadcast.wire import CHUNK
 from link import PROFILES, LinkProxy
 from servers import HubServer, make_repo, repo_files
 

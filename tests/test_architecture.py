@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,83 @@ def test_every_module_but_the_package_root_and_the_seeds_path_is_private() -> No
 def test_no_module_is_over_the_size_a_reader_takes_in_at_once() -> None:
     sizes = {p.relative_to(SRC).as_posix(): len(p.read_text().splitlines()) for p in SRC.rglob("*.py")}
     assert {name: n for name, n in sizes.items() if n > 420} == {}
+
+
+def _module_name(path: Path) -> str:
+    parts = ["dinov3_fetcher", *path.relative_to(SRC).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports() -> dict[str, list[tuple[str, str]]]:
+    """Every import statement of every module (in functions and under TYPE_CHECKING too), as (module, name)
+    pairs: ``from .a import b`` is (dinov3_fetcher.a, b), or (dinov3_fetcher.a.b, "") when b is a module."""
+    modules = {_module_name(p): p for p in SRC.rglob("*.py")}
+    out: dict[str, list[tuple[str, str]]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: list[tuple[str, str]] = []
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found += [(a.name, "") for a in node.names if a.name.startswith("dinov3_fetcher")]
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                if not target.startswith("dinov3_fetcher"):
+                    continue
+                for a in node.names:
+                    sub = f"{target}.{a.name}"
+                    found.append((sub, "") if sub in modules else (target, a.name))
+        out[name] = found
+    return out
+
+
+def _circles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected groups of more than one module (Tarjan), and modules that import themselves."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while (w := stack.pop()) != v:
+                group.add(w)
+            group.add(v)
+            if len(group) > 1 or v in graph.get(v, ()):
+                out.append(group)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+# The broadcast and the distributed layer: outside every import circle, and no module-private name crosses a
+# module boundary into or out of them.
+OWN = ("dinov3_fetcher._broadcast", "dinov3_fetcher._distributed", "dinov3_fetcher._ranks",
+       "dinov3_fetcher._observe", "dinov3_fetcher._version")
+
+
+def _own(module: str) -> bool:
+    return module == "dinov3_fetcher" or any(module == o or module.startswith(o + ".") for o in OWN)
+
+
+def test_the_broadcast_the_distributed_layer_and_the_package_root_are_in_no_import_circle() -> None:
+    graph = {m: {t for t, _ in found if t != m} for m, found in _imports().items()}
+    assert [sorted(g) for g in _circles(graph) if any(_own(m) for m in g)] == []
+
+
+def test_no_module_private_name_crosses_into_or_out_of_the_broadcast_and_the_distributed_layer() -> None:
+    crossing = [(m, t, n) for m, found in _imports().items() for t, n in found
+                if n.startswith("_") and n != "__version__" and t != m and (_own(m) or _own(t))]
+    assert crossing == []

@@ -1,4 +1,4 @@
-"""_broadcast: one sender streams files to the other nodes over a gloo group, under a real torchrun.
+"""The broadcast protocol: one sender streams files to the other nodes over a gloo group, under a real torchrun.
 
 Three or four torchrun agents on this host stand for as many nodes (one rank each, ``--nnodes 3 --node-rank
 N``), each with its own folders: node 0 sends from its source folder, the others receive into their own partial
@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from conftest import cli_env
-from dinov3_fetcher._broadcast import BROKEN, FileSpec, PartialSink, missing_pieces
+from dinov3_fetcher._broadcast.ends import PartialSink
+from dinov3_fetcher._broadcast.wire import BROKEN, FileSpec, missing_pieces
 from helpers import wait_all
 from net_fixtures import free_port
 
@@ -42,7 +43,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from dinov3_fetcher._broadcast import FileSource, FileSpec, PartialSink, leaders_group, receive, send
+from dinov3_fetcher._broadcast.ends import FileSource, PartialSink
+from dinov3_fetcher._broadcast.receiver import receive
+from dinov3_fetcher._broadcast.sender import send
+from dinov3_fetcher._broadcast.wire import FileSpec, leaders_group
 from dinov3_fetcher._errors import FetcherError
 
 out_dir, cfg = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())

@@ -146,8 +146,8 @@ def test_a_receiver_whose_disk_is_full_when_a_file_opens_gets_a_disk_space_error
     # Broadcast (issue 16): a receiving node's disk may fill between two files; opening the next one (its folder,
     # its progress record) then fails with ENOSPC, which must be the DiskSpaceError every rank reports (exit 9),
     # with no file descriptor left open.
-    from dinov3_fetcher._broadcast_files import PartialSink
-    from dinov3_fetcher._broadcast_wire import FileSpec
+    from dinov3_fetcher._broadcast.ends import PartialSink
+    from dinov3_fetcher._broadcast.wire import FileSpec
     from dinov3_fetcher._errors import DiskSpaceError
 
     root = tmpfs("1m")

@@ -19,8 +19,9 @@ import pytest
 
 from checkpoints import vit_repo_files
 from conftest import TINY, cli_env
-from dinov3_fetcher._distributed import _outcome, _rebuild, fetch_once
+from dinov3_fetcher._distributed import fetch_once
 from dinov3_fetcher._errors import AuthenticationError, DiskSpaceError
+from dinov3_fetcher._ranks import outcome, rebuild
 from helpers import wait_all
 from hub_server import HubServer
 
@@ -136,20 +137,20 @@ def test_gated_repo_every_rank_raises_the_same_error_without_hanging(hub: HubSer
 
 def test_errors_cross_ranks_with_their_type_message_and_details() -> None:
     disk = DiskSpaceError("not enough disk space", "free some", needed=10, free=1)
-    back = _rebuild(_outcome(disk, 0) or {})
+    back = rebuild(outcome(disk, 0) or {})
     assert type(back) is DiskSpaceError and str(back) == str(disk)
     assert (back.message, back.hint, back.needed, back.free, back.errno) == ("not enough disk space", "free some",
                                                                             10, 1, errno.ENOSPC)
-    auth = _rebuild(_outcome(AuthenticationError("gated", "ask for access", status=403), 2) or {})
+    auth = rebuild(outcome(AuthenticationError("gated", "ask for access", status=403), 2) or {})
     assert isinstance(auth, AuthenticationError) and auth.status == 403 and auth.hint == "ask for access"
     assert isinstance(auth, PermissionError)
-    other = _rebuild(_outcome(ValueError("odd"), 1) or {})
+    other = rebuild(outcome(ValueError("odd"), 1) or {})
     assert type(other) is ValueError and str(other) == "odd"
 
     class Local(Exception):  # cannot be pickled: rebuilt as a RuntimeError naming it
         pass
 
-    local = _rebuild(_outcome(Local("x"), 3) or {})
+    local = rebuild(outcome(Local("x"), 3) or {})
     assert type(local) is RuntimeError and "rank 3" in str(local) and "Local: x" in str(local)
 
 

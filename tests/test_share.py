@@ -27,7 +27,7 @@ import pytest
 from checkpoints import shard_files, vit_repo_files
 from conftest import cli_env, mounted_tmpfs
 from dinov3_fetcher import fetch_dinov3
-from dinov3_fetcher._broadcast_wire import BROKEN
+from dinov3_fetcher._broadcast.wire import BROKEN
 from dinov3_fetcher._distributed import fetch_once
 from dinov3_fetcher._errors import ConfigError
 from helpers import wait_all
@@ -51,11 +51,11 @@ out_dir = sys.argv[1]
 node, rank = int(os.environ["GROUP_RANK"]), int(os.environ["RANK"])
 root = cfg["root"].replace("{node}", str(node))
 
-import dinov3_fetcher._share as share
+import dinov3_fetcher._broadcast.job as share
 
 share.CHUNK = cfg["chunk"]  # small pieces: a few windows even for a tiny checkpoint
 if rank == 0 and cfg.get("kill_at") is not None:  # the fault: rank 0 dies (SIGKILL) in the middle of the weights
-    from dinov3_fetcher import _broadcast_files as bf
+    from dinov3_fetcher._broadcast import ends as bf
 
     read = bf.FileSource.readinto
 
@@ -66,7 +66,7 @@ if rank == 0 and cfg.get("kill_at") is not None:  # the fault: rank 0 dies (SIGK
 
     bf.FileSource.readinto = readinto
 if rank == 0 and cfg.get("interrupt_at") is not None:  # the fault: Ctrl-C on rank 0 in the middle of the weights
-    from dinov3_fetcher import _broadcast_files as bf
+    from dinov3_fetcher._broadcast import ends as bf
 
     read_, sent = bf.FileSource.readinto, []
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 __all__ = [
     "DEFAULT_MODEL",
     "AuthenticationError",
@@ -62,15 +60,16 @@ if TYPE_CHECKING:
     from ._load import load_teacher
     from ._registry import DEFAULT_MODEL
     from ._validate import validate_dinov3
+    from ._version import __version__
 
 _WHERE = {
     "fetch_dinov3": "_fetch", "FetchResult": "_fetch", "validate_dinov3": "_validate",
-    "load_teacher": "_load", "fetch_once": "_distributed", "DEFAULT_MODEL": "_registry",
+    "load_teacher": "_load", "fetch_once": "_distributed", "DEFAULT_MODEL": "_registry", "__version__": "_version",
 }
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__ and name != "__version__":
+    if name in __all__:
         module = importlib.import_module(f".{_WHERE.get(name, '_errors')}", __name__)
         return getattr(module, name)
     raise AttributeError(f"module 'dinov3_fetcher' has no attribute {name!r}")

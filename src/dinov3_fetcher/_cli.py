@@ -15,8 +15,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from . import __version__
 from ._errors import EXIT_UNEXPECTED, EXIT_USAGE, FetcherError, exit_code_summary
+from ._version import __version__
 
 PROG = "dinov3-fetcher"
 COMMANDS = ("fetch", "list", "verify", "info")

@@ -13,23 +13,16 @@ cannot leave the others stuck at a barrier.
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import importlib
 import os
-import pickle
-import socket
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import Literal, overload
 
 from . import _errors as errors
-from ._config import FetchRequest, make_request
-from ._errors import FetcherError, VerificationError
+from ._config import make_request
+from ._ranks import JobResult, check_fetched, destroy, first_failure, gloo_group, local_rank, outcome, rebuild
 from ._registry import DEFAULT_MODEL
-
-if TYPE_CHECKING:
-    from ._share import JobResult
 
 __all__ = ["DEFAULT_TIMEOUT", "any_rank", "fetch_once"]
 
@@ -47,94 +40,18 @@ def _dist() -> ModuleType | None:
     return dist
 
 
-def _outcome(exc: BaseException | None, rank: int) -> dict[str, Any] | None:
-    """An exception as plain data that every rank can turn back into the same exception."""
-    if exc is None:
-        return None
-    out: dict[str, Any] = {"rank": rank, "module": type(exc).__module__, "name": type(exc).__qualname__,
-                           "text": str(exc)}
-    if isinstance(exc, FetcherError):
-        out["attrs"] = {k: v for k, v in vars(exc).items() if isinstance(v, (str, int, float, bool, type(None)))}
-        out["errno"] = getattr(exc, "errno", None)
-    else:
-        try:
-            out["pickled"] = pickle.dumps(exc)
-        except Exception:
-            out["pickled"] = None
-    return out
-
-
-def _rebuild(out: dict[str, Any]) -> BaseException:
-    """The exception another rank raised, rebuilt here (same type and message)."""
-    cls = getattr(errors, out["name"], None) if out["module"] == errors.__name__ else None
-    if isinstance(cls, type) and issubclass(cls, FetcherError):
-        attrs = out.get("attrs", {})
-        exc = cls.__new__(cls)
-        FetcherError.__init__(exc, attrs.get("message", out["text"]), attrs.get("hint", ""))
-        exc.__dict__.update(attrs)
-        if out.get("errno") is not None and isinstance(exc, OSError):
-            exc.errno = out["errno"]
-        return exc
-    if out.get("pickled"):
-        try:
-            rebuilt = pickle.loads(out["pickled"])
-            if isinstance(rebuilt, BaseException):
-                return rebuilt
-        except Exception:
-            pass
-    return RuntimeError(f"rank {out['rank']} failed to fetch: {out['name']}: {out['text']}")
-
-
-def _first_failure(dist: ModuleType, group: Any, mine: dict[str, Any] | None) -> dict[str, Any] | None:
-    """All ranks' outcomes of one step; the failure of the lowest failing rank, or None. A collective."""
-    outcomes: list[dict[str, Any] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(outcomes, mine, group=group)
-    return next((o for o in outcomes if o is not None), None)
-
-
-def _gloo_group(dist: ModuleType, timeout: float) -> Any:
-    return dist.new_group(backend="gloo", timeout=dt.timedelta(seconds=timeout))
-
-
-def _destroy(dist: ModuleType, group: Any) -> None:
-    with contextlib.suppress(Exception):  # older torch cannot destroy a subgroup; it is freed at exit
-        dist.destroy_process_group(group)
-
-
 def any_rank(flag: bool, timeout: float = 600.0) -> bool:
     """True if ``flag`` is true on any rank (a collective: call it on every rank); ``flag`` outside a job."""
     dist = _dist()
     if dist is None:
         return flag
-    group = _gloo_group(dist, timeout)
+    group = gloo_group(dist, timeout)
     try:
         flags: list[bool | None] = [None] * dist.get_world_size()
         dist.all_gather_object(flags, bool(flag), group=group)
     finally:
-        _destroy(dist, group)
+        destroy(dist, group)
     return any(flags)
-
-
-def _local_rank(dist: ModuleType, group: Any) -> int:
-    """LOCAL_RANK as torchrun sets it; without it, this rank's index among the ranks on the same host."""
-    value = os.environ.get("LOCAL_RANK")
-    if value is not None and value.strip().isdigit():
-        return int(value)
-    hosts: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname(), group=group)
-    me = dist.get_rank()
-    return sum(1 for r, h in enumerate(hosts) if h == hosts[me] and r < me)
-
-
-def _check_fetched(req: FetchRequest, leader_rank: str) -> None:
-    from ._validate import why_not
-
-    if (why := why_not(req.dino_root, req.model, req.revision)) is None:
-        return
-    raise VerificationError(
-        f"after {leader_rank} fetched {req.model}@{req.revision}, {req.dino_root} is not a complete checkpoint of "
-        f"it on {socket.gethostname()}: {why}",
-        "with shared_fs=True dino_root must be on a filesystem every node sees; otherwise use shared_fs=False")
 
 
 @overload
@@ -172,7 +89,7 @@ def fetch_once(
 
     ``share="broadcast"`` (nodes with their own disks, no shared filesystem): global rank 0 alone fetches from
     the source; local rank 0 of every other node receives the bytes from it over a gloo group (the job's
-    fabric), verifies each file's sha256 and publishes them in its own dino_root (see ``_share``). Warm nodes
+    fabric), verifies each file's sha256 and publishes them in its own dino_root (see ``_broadcast``). Warm nodes
     receive nothing; a node holding a partial receives only what it misses. The receiving nodes print a
     progress line on stderr. ``details=True`` returns a ``JobResult`` (path, commit, and with a broadcast the
     bytes and seconds of every node) instead of the path.
@@ -188,17 +105,17 @@ def fetch_once(
     req = make_request(dino_root, model_name, revision, source)
     dist = _dist()
     if dist is None or share == "broadcast":
-        from ._share import JobResult, fetch_broadcast
-
         if dist is not None:
+            from ._broadcast.job import fetch_broadcast
+
             return fetch_broadcast(dist, req, update=update, timeout=timeout, details=details)
         res = fetch(req, update=update)
         return JobResult(res.path, res.commit) if details else res.path
     rank = dist.get_rank()
-    group = _gloo_group(dist, timeout)
+    group = gloo_group(dist, timeout)
     try:
-        local_rank = _local_rank(dist, group)
-        leader = rank == 0 if shared_fs else local_rank == 0
+        lrank = local_rank(dist, group)
+        leader = rank == 0 if shared_fs else lrank == 0
         mine: BaseException | None = None
         path = req.dino_root
         if leader:
@@ -206,23 +123,21 @@ def fetch_once(
                 path = fetch(req, update=update).path
             except BaseException as exc:  # every rank must reach the collective below, whatever happened
                 mine = exc
-        failure = _first_failure(dist, group, _outcome(mine, rank))
+        failure = first_failure(dist, group, outcome(mine, rank))
         if failure is None and not leader:
             try:
-                _check_fetched(req, "rank 0" if shared_fs else "local rank 0")
+                check_fetched(req, "rank 0" if shared_fs else "local rank 0")
             except BaseException as exc:
                 mine = exc
-            failure = _first_failure(dist, group, _outcome(mine, rank))
+            failure = first_failure(dist, group, outcome(mine, rank))
         elif failure is None:
-            failure = _first_failure(dist, group, None)
+            failure = first_failure(dist, group, None)
     finally:
-        _destroy(dist, group)
+        destroy(dist, group)
     if failure is None:
         if details:
-            from ._share import JobResult
-
             return JobResult(path)
         return path
     if mine is not None and failure["rank"] == rank:
         raise mine
-    raise _rebuild(failure)
+    raise rebuild(failure)

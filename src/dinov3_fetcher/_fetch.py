@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from . import __version__
 from . import _env as env
 from ._config import FetchRequest, make_request
 from ._errors import (
@@ -36,6 +35,7 @@ from ._registry import DEFAULT_MODEL, OfficialCheck, check_official
 from ._safetensors import SafetensorsError, TensorInfo, read_header
 from ._state import SPACE_MARGIN, StateDir
 from ._validate import config_problem, find_problems, registry_mismatch, tensor_mismatch, why_not
+from ._version import __version__
 
 if TYPE_CHECKING:
     from ._observe import FetchObserver

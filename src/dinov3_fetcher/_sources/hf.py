@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote, urlsplit
 
-from .. import __version__
 from .._env import DEFAULT_ENDPOINT, display_endpoint, display_origin, endpoint, retry_after
 from .._errors import (
     AuthenticationError,
@@ -23,6 +22,7 @@ from .._errors import (
     RevisionNotFoundError,
 )
 from .._manifest import is_commit, is_sha256
+from .._version import __version__
 from . import Auth, RemoteFile, Snapshot
 
 if TYPE_CHECKING:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote, quote_plus, unquote_plus, urlsplit
 
-from .. import __version__
 from .._env import display_origin, retry_after
 from .._errors import (
     AuthenticationError,
@@ -39,6 +38,7 @@ from .._errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from .._version import __version__
 from . import Auth, RemoteFile, Snapshot
 
 if TYPE_CHECKING:

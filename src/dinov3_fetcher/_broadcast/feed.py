@@ -1,7 +1,7 @@
 """Rank 0's side of ``fetch_once(..., share="broadcast")``: its own fetch, sent while it downloads.
 
 The fetch (``_fetch.fetch``) runs in the calling thread, as a plain fetch does (Ctrl-C, signals), with a
-``Feed`` as its observer (``_observe.FetchObserver``); the sending (``_broadcast.send``) runs in a thread of its
+``Feed`` as its observer (``_observe.FetchObserver``); the sending (``sender.send``) runs in a thread of its
 own. The Feed is told three things by the fetch:
 
 - ``planned(plan)``: once the fetch has planned, with the small files (config, preprocessor, index) already
@@ -18,8 +18,8 @@ good (the download never writes below its frontier again) and rank 0's sha256 ha
 waits until that sha256 matched (``verified``): no receiver completes a file before rank 0 has verified it. A
 prefix already on disk (a resumed download) counts as soon as the job has hashed it; a file rank 0 holds
 already (reused, staged) is ready whole. Every receiver checks each file's sha256 itself as well
-(``PartialSink.complete``, against the listed sha256). A file whose sha256 fails on rank 0 is published
-nowhere: rank 0's IntegrityError aborts the stream with a drop (``_broadcast``), the receivers discard what
+(``ends.PartialSink.complete``, against the listed sha256). A file whose sha256 fails on rank 0 is published
+nowhere: rank 0's IntegrityError aborts the stream with a drop (see the package's docstring), the receivers discard what
 they hold of unfinished files, and every rank raises rank 0's error (the lowest failing rank). ``finish``
 waits for rank 0's whole fetch (tensor checks, publish) before the verdict of ``send``'s step 4, so a fetch
 that fails after its last byte still fails the job everywhere.
@@ -41,12 +41,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ._broadcast import FileSource, FileSpec, NodeStats, Report, send
-from ._config import FetchRequest
-from ._errors import FetcherError, FetchInterrupted, VerificationError
-from ._manifest import FileRecord, Manifest
-from ._observe import Download, FetchPlan
-from ._state import StateDir
+from .._config import FetchRequest
+from .._errors import FetcherError, FetchInterrupted, VerificationError
+from .._manifest import FileRecord, Manifest
+from .._observe import Download, FetchPlan
+from .._ranks import NodeStats
+from .._state import StateDir
+from .ends import FileSource
+from .sender import send
+from .wire import FileSpec, Report
 
 __all__ = ["Feed", "merge", "serve"]
 
@@ -74,7 +77,7 @@ class Feed(FileSource):
     # -- the fetch's side (its thread) -------------------------------------------------------------------
     def fetch(self, update: bool) -> None:
         """Rank 0's fetch, its outcome kept for the sending thread."""
-        from ._fetch import fetch
+        from .._fetch import fetch
 
         try:
             fetch(self.req, update=update, observer=self)

@@ -1,5 +1,6 @@
-"""The broadcast's ends on plain files: a sender's ``FileSource`` and a receiver's ``PartialSink`` (partial
-folders in the fetcher's format, hashed while the bytes arrive). ``_share`` builds the fetcher's own ends on them."""
+"""The broadcast's ends: what a sender reads (``Source``) and a receiver writes (``Sink``), and both on plain
+files: ``FileSource`` and ``PartialSink`` (partial folders in the fetcher's format, hashed while the bytes
+arrive). The fetcher's own ends are built on them (``feed.Feed``, ``node.StateSink``)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,43 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
-from ._broadcast_wire import FileSpec, MiB, Range, _check_ranges
-from ._errors import IntegrityError, disk_full
-from ._state import open_data, remaining, save_progress
+from .._errors import IntegrityError, disk_full
+from .._state import open_data, remaining, save_progress
+from .wire import FileSpec, MiB, Range, check_ranges
 
-__all__ = ["FileSource", "PartialSink"]
+__all__ = ["FileSource", "OpenFile", "PartialSink", "Sink", "Source", "same_size"]
+
+
+class Source(Protocol):
+    """The sender's bytes: a file may still be growing (being downloaded) while it is sent."""
+
+    def ready(self, name: str) -> int:
+        """Bytes of ``name`` that may be sent: every byte below this is final (written, or verified).
+        Raise the download's error if it failed; it is then raised on every rank."""
+
+    def readinto(self, name: str, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` with the bytes of ``name`` from ``offset`` (all of them are below ``ready``)."""
+
+
+class Sink(Protocol):
+    """A receiver's own copy, e.g. the fetcher's partial folder of each file."""
+
+    def missing(self, spec: FileSpec) -> list[Range]:
+        """The byte ranges of ``spec`` this node lacks: sorted, disjoint, inside [0, size); [] if it holds it."""
+
+    def write(self, spec: FileSpec, offset: int, data: memoryview) -> None:
+        """Write ``data`` at ``offset`` and record it as done (may be batched until ``close``)."""
+
+    def complete(self, spec: FileSpec) -> None:
+        """Every missing byte of ``spec`` was written: verify it (raise IntegrityError) and stage it."""
+
+    def close(self) -> None:
+        """Record what was written, whatever happened before: the next run resumes from it."""
+
+    # Optional: ``drop()``, called when the sender's source failed its sha256 (the abort says so): forget
+    # every file not completed, its bytes may be as wrong as the source's (``PartialSink.drop``).
 
 
 class FileSource:
@@ -65,20 +97,20 @@ class PartialSink:
         self._folder = folder or (lambda spec: self.partial_root / spec.sha256)
         self._have = have
         self.save_every = save_every
-        self._open: dict[str, _OpenFile] = {}
+        self._open: dict[str, OpenFile] = {}
         self.published: list[str] = []
 
     def missing(self, spec: FileSpec) -> list[Range]:
-        if self._have(spec) if self._have else _same_size(self.final_root / spec.name, spec.size):
+        if self._have(spec) if self._have else same_size(self.final_root / spec.name, spec.size):
             return []
-        return _check_ranges(spec, remaining(self._folder(spec), spec.sha256, spec.size))
+        return check_ranges(spec, remaining(self._folder(spec), spec.sha256, spec.size))
 
-    def _file(self, spec: FileSpec) -> _OpenFile:
+    def _file(self, spec: FileSpec) -> OpenFile:
         f = self._open.get(spec.name)
         if f is None:
             folder = self._folder(spec)
             folder.mkdir(parents=True, exist_ok=True)
-            f = self._open[spec.name] = _OpenFile(spec, folder, self.missing(spec))
+            f = self._open[spec.name] = OpenFile(spec, folder, self.missing(spec))
         return f
 
     def write(self, spec: FileSpec, offset: int, data: memoryview) -> None:
@@ -112,7 +144,7 @@ class PartialSink:
             self._discard(f.folder)
         self._open.clear()
 
-    # -- where the files go: a subclass (the fetcher's own sink, _share.StateSink) overrides these -----------
+    # -- where the files go: a subclass (the fetcher's own sink, ``node.StateSink``) overrides these -----------
     where = ""  # words naming this node in messages
 
     def _place(self, spec: FileSpec, folder: Path) -> None:
@@ -143,7 +175,7 @@ class PartialSink:
             raise errors[0]
 
 
-def _same_size(path: Path, size: int) -> bool:
+def same_size(path: Path, size: int) -> bool:
     try:
         return path.stat().st_size == size
     except OSError:
@@ -155,7 +187,7 @@ def _disk_error(exc: OSError, spec: FileSpec, folder: Path) -> OSError:
                      "free space in dino_root and run the job again: the transfer resumes")
 
 
-class _OpenFile:
+class OpenFile:
     def __init__(self, spec: FileSpec, folder: Path, remaining: list[Range]) -> None:
         self.spec, self.folder, self.remaining = spec, folder, list(remaining)
         self.fd = open_data(folder)
