@@ -4,6 +4,8 @@
   temp dir or are unset, so no test touches ~/.cache or the real Hub; retries back off in milliseconds.
 - ``hub``: a HubServer (tests/hub_server.py) with HF_ENDPOINT pointing at it.
 - ``tiny``: a tiny DINOv3 ViT repo on that hub (``TINY``), returning its files.
+- ``ms``: a ModelScopeServer (tests/modelscope_server.py), empty, with MODELSCOPE_ENDPOINT pointing at it (a test
+  module that wants repos on it overrides ``ms`` with a fixture of the same name that adds them).
 - ``run_cli``: run ``python -m dinov3_fetcher`` as a real subprocess with the sandboxed environment.
 """
 
@@ -24,6 +26,7 @@ from huggingface_hub import constants
 
 from checkpoints import vit_repo_files
 from hub_server import HubServer
+from modelscope_server import ModelScopeServer
 
 TINY = "tiny-org/dinov3-vit-tiny"
 GRANTED, NOTGRANTED = "hf_valid_granted", "hf_valid_notgranted"
@@ -40,7 +43,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,127.0.0.2,localhost")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,127.0.0.2,127.0.0.3,localhost")
     monkeypatch.setenv("DINOV3_FETCHER_BACKOFF", "0.01")
     monkeypatch.setenv("DINOV3_FETCHER_TIMEOUT", "5")
     # huggingface_hub read these at import; point them at the sandbox too (subprocesses get the env).
@@ -111,6 +114,17 @@ def tiny(hub: HubServer) -> dict[str, bytes]:
     files = vit_repo_files()
     hub.add_repo(TINY, files)
     return files
+
+
+@pytest.fixture
+def ms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModelScopeServer]:
+    for name in list(os.environ):  # modelscope_hub read its own knobs at import: only ours count from here on
+        if name.startswith("MODELSCOPE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MODELSCOPE_HOME", str(tmp_path / "ms_home"))  # no saved login of the real user
+    with ModelScopeServer() as server:
+        monkeypatch.setenv("MODELSCOPE_ENDPOINT", server.endpoint)
+        yield server
 
 
 @pytest.fixture

@@ -1,11 +1,14 @@
-"""Small shortcuts the tests share: a fetch with its detailed result, the dry run by arguments, and waiting for
-a group of processes (the torchrun "nodes") with one deadline."""
+"""Small shortcuts the tests share: a fetch with its detailed result, the dry run by arguments, waiting for a
+group of processes (the torchrun "nodes") with one deadline, digests and trees of what is on disk, the CLI's one
+error line, and a pid that no process has."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 from dinov3_fetcher import FetchResult, fetch_dinov3
@@ -35,3 +38,45 @@ def wait_all(procs: list[subprocess.Popen[str]], timeout: float) -> list[subproc
                 p.kill()
                 p.wait()
     return done
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every entry under ``root`` (relative path): files by sha256, links by target, folders as ``dir``."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink():
+            out[rel] = "-> " + str(p.readlink())
+        elif p.is_file():
+            out[rel] = sha256(p.read_bytes())
+        else:
+            out[rel] = "dir"
+    return out
+
+
+def error_line(stderr: str) -> str:
+    """The CLI's error: one line, the last and the only one that speaks of an error, with a fix after ' -> ',
+    and no traceback (fails otherwise)."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    assert errors == lines[-1:], stderr
+    assert "Traceback" not in stderr
+    assert lines[-1].startswith("dinov3-fetcher: error: ") and " -> " in lines[-1], stderr
+    return lines[-1]
+
+
+def dead_pid() -> int:
+    """A pid no process has here (for a folder that looks left behind by a fetcher killed on this host)."""
+    pid = 999_999
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid += 1

@@ -12,6 +12,7 @@ import pytest
 from checkpoints import vit_repo_files
 from conftest import NOTGRANTED, TINY, checkpoint_tree
 from dinov3_fetcher import validate_dinov3
+from helpers import dead_pid, error_line, tree
 from hub_server import HubServer
 
 
@@ -20,16 +21,6 @@ def config(tmp_path: Path, **train: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"paths": {"dataset_root": "dataset"}, "train": {"dino_root": "dinov3", **train}}))
     return path
-
-
-def one_line_error(stderr: str) -> str:
-    """The error is one line (the last), with a fix after ' -> ', and there is no traceback."""
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if "error" in line.lower()]
-    assert errors == lines[-1:], stderr
-    assert "Traceback" not in stderr
-    assert lines[-1].startswith("dinov3-fetcher: error: ") and " -> " in lines[-1]
-    return lines[-1]
 
 
 def test_fetch_from_config_prints_the_path(hub: HubServer, tiny: dict[str, bytes], tmp_path: Path, run_cli: Any):
@@ -92,7 +83,7 @@ def test_errors_are_one_line_with_the_documented_exit_code(
     if code == 2:
         assert fragment in r.stderr and "Traceback" not in r.stderr
         return
-    line = one_line_error(r.stderr)
+    line = error_line(r.stderr)
     assert fragment in line
     assert r.stdout == ""
     js = run_cli(*args, "--json", cwd=tmp_path, **env)
@@ -170,15 +161,6 @@ def test_dry_run_writes_nothing(hub: HubServer, tiny: dict[str, bytes], tmp_path
     assert not hub.file_gets()
 
 
-def whole_tree(root: Path) -> dict[str, str]:
-    """Every file (sha256) and folder under ``root``, the state folder's partial/ and staged/ included."""
-    out = {rel: "dir" for p in root.rglob("*") if p.is_dir() and (rel := p.relative_to(root).as_posix())}
-    for p in root.rglob("*"):
-        if p.is_file():
-            out[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
 def test_dry_run_writes_nothing_into_an_existing_dino_root(hub: HubServer, tmp_path: Path, run_cli: Any):
     """A dead fetcher's staged file is not adopted and a SIGKILLed claim is counted, not moved."""
     from dinov3_fetcher._state import HOST as _HOST
@@ -197,16 +179,14 @@ def test_dry_run_writes_nothing_into_an_existing_dino_root(hub: HubServer, tmp_p
     (released,) = list((state / "partial").iterdir())
     progress = json.loads((released / "progress.json").read_bytes())
     have = progress["size"] - sum(e - s for s, e in progress["remaining"])
-    pid = 999_999
-    while Path(f"/proc/{pid}").exists():
-        pid += 1
+    pid = dead_pid()
     released.rename(released.with_name(f"{released.name}.{_HOST}.{pid}"))  # as a SIGKILL leaves it
     dead = state / "staged" / f"{_HOST}.{pid}"
     dead.mkdir(parents=True, exist_ok=True)
     oid = hashlib.sha1(b"blob %d\0" % len(readme) + readme).hexdigest()
     (dead / f"{oid}.README.md").write_bytes(readme)
 
-    before, checkpoint = whole_tree(root), checkpoint_tree(root)
+    before, checkpoint = tree(root), checkpoint_tree(root)
     r = run_cli("--dino-root", str(root), "--model", TINY, "--dry-run", "--json")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
@@ -215,7 +195,7 @@ def test_dry_run_writes_nothing_into_an_existing_dino_root(hub: HubServer, tmp_p
     assert files["model.safetensors"]["present"] == have > 0 and not files["model.safetensors"]["reuse"]
     assert files["README.md"]["reuse"] and files["config.json"]["reuse"]
     assert data["bytes_present"] == sum(f["present"] for f in data["files"])
-    assert whole_tree(root) == before and checkpoint_tree(root) == checkpoint
+    assert tree(root) == before and checkpoint_tree(root) == checkpoint
 
 
 def test_update_with_nothing_new_says_so(hub: HubServer, tiny: dict[str, bytes], tmp_path: Path, run_cli: Any):
@@ -235,13 +215,13 @@ def test_a_repo_without_config_json_is_not_dinov3(hub: HubServer, tmp_path: Path
     hub.add_repo(TINY, {k: v for k, v in vit_repo_files().items() if k != "config.json"})
     r = run_cli("--dino-root", str(tmp_path / "d"), "--model", TINY)
     assert r.returncode == 7, r.stderr
-    assert f"{TINY} has no config.json: not a transformers DINOv3 checkpoint" in one_line_error(r.stderr)
+    assert f"{TINY} has no config.json: not a transformers DINOv3 checkpoint" in error_line(r.stderr)
 
 
 @pytest.mark.parametrize("command", ["verify", "info"])
 def test_a_command_without_dino_root(run_cli: Any, tmp_path: Path, command: str):
     r = run_cli(command, cwd=tmp_path)
-    assert r.returncode == 3 and "no dino_root given" in one_line_error(r.stderr)
+    assert r.returncode == 3 and "no dino_root given" in error_line(r.stderr)
 
 
 def test_every_command_has_help_with_examples(run_cli: Any):

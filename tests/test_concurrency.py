@@ -5,7 +5,6 @@ the path each returns, the bytes on disk, the bytes the server sent, the message
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -22,7 +21,7 @@ from filelock import FileLock
 from checkpoints import vit_repo_files
 from conftest import TINY, cli_env, start
 from dinov3_fetcher import validate_dinov3
-from helpers import fetch
+from helpers import fetch, sha256
 from hub_server import HubServer
 
 MiB = 1 << 20
@@ -31,23 +30,19 @@ N = 8
 FETCHED = ("config.json", "preprocessor_config.json", MODEL, "README.md", "LICENSE.md")
 
 
-def digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def assert_checkpoint(dino_root: Path, files: dict[str, bytes]) -> None:
     for name in FETCHED:
-        assert digest((dino_root / name).read_bytes()) == digest(files[name]), name
+        assert sha256((dino_root / name).read_bytes()) == sha256(files[name]), name
 
 
 def watch_never_half_written(dino_root: Path, files: dict[str, bytes], stop: threading.Event,
                              seen: list[str]) -> None:
     """Like a training job polling dino_root: whenever it looks valid, its weights must be the right bytes."""
-    want = digest(files[MODEL])
+    want = sha256(files[MODEL])
     while not stop.is_set():
         if validate_dinov3(dino_root):
             try:
-                got = digest((dino_root / MODEL).read_bytes())
+                got = sha256((dino_root / MODEL).read_bytes())
             except FileNotFoundError:  # replaced between the check and the read: look again
                 continue
             seen.append("ok" if got == want else "WRONG")

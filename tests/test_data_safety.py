@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -27,30 +26,12 @@ from dinov3_fetcher import fetch_dinov3, validate_dinov3
 from dinov3_fetcher._errors import AuthenticationError, ConfigError, RepositoryNotFoundError
 from dinov3_fetcher._state import StateDir
 from dinov3_fetcher._verify import verify_dinov3
-from helpers import fetch
+from helpers import dead_pid, fetch, sha256, tree
 from hub_server import HubServer
 
 FETCHED = ("config.json", "preprocessor_config.json", "model.safetensors", "README.md", "LICENSE.md")
 MODEL = "model.safetensors"
 MiB = 1 << 20
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Every entry under ``root``: files by sha256, links by target, folders as such."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        if p.is_symlink():
-            out[rel] = "-> " + str(p.readlink())
-        elif p.is_file():
-            out[rel] = sha(p.read_bytes())
-        else:
-            out[rel] = "dir"
-    return out
 
 
 # -- 5. published files follow the umask ---------------------------------------------------------------------
@@ -172,7 +153,7 @@ def test_the_listed_bytes_already_there_are_adopted_without_a_download(hub: HubS
     assert result.bytes_fetched == 0 and not [r for r in hub.file_gets() if r.path.endswith(".safetensors")]
     assert validate_dinov3(dino_root)
     m = StateDir(dino_root).read_manifest()
-    assert m is not None and all(m.files[n].sha256 == sha(files[n]) for n in m.files)
+    assert m is not None and all(m.files[n].sha256 == sha256(files[n]) for n in m.files)
 
 
 # -- 2. altered bytes of the same size are repaired ----------------------------------------------------------
@@ -278,7 +259,7 @@ def planted(dino_root: Path, tmp_path: Path, case: str, files: dict[str, bytes])
     """Plant a link in the state folder as someone else could; returns the outside folder it points into."""
     outside = tmp_path / "outside"
     outside.mkdir()
-    size, ident = len(files[MODEL]), sha(files[MODEL])
+    size, ident = len(files[MODEL]), sha256(files[MODEL])
     progress = json.dumps({"identity": ident, "size": size, "remaining": [[0, size]]}).encode().ljust(4096)
     state = dino_root / ".dinov3-fetcher"
     partial = state / "partial"
@@ -299,7 +280,6 @@ def planted(dino_root: Path, tmp_path: Path, case: str, files: dict[str, bytes])
             (partial / ident / "progress.json.tmp").symlink_to(outside / "victim")
     elif case == "staged-file":  # a dead fetcher's staged copy that is a link to other bytes of the same size
         from dinov3_fetcher._state import HOST
-        from test_fetch import dead_pid
 
         (outside / "victim").write_bytes(b"v" * size)
         dead = state / "staged" / f"{HOST}.{dead_pid()}"
@@ -337,7 +317,7 @@ def big(hub: HubServer) -> dict[str, bytes]:
 
 def host_claims(dino_root: Path, files: dict[str, bytes], host: str) -> list[Path]:
     partial = dino_root / ".dinov3-fetcher" / "partial"
-    return list(partial.glob(f"{sha(files[MODEL])}.{host}.*")) if partial.is_dir() else []
+    return list(partial.glob(f"{sha256(files[MODEL])}.{host}.*")) if partial.is_dir() else []
 
 
 @pytest.mark.parametrize("case", ["no-progress-record-yet", "clock-skew"])
@@ -433,7 +413,7 @@ def test_another_hosts_staged_file_is_judged_by_its_heartbeat_not_its_file_times
 
     folder = dino_root / ".dinov3-fetcher" / "staged" / "host-a.4242"
     folder.mkdir(parents=True)
-    staged = folder / f"{sha(tiny[MODEL])}.{MODEL}"
+    staged = folder / f"{sha256(tiny[MODEL])}.{MODEL}"
     staged.write_bytes(tiny[MODEL])
     (folder / "heartbeat").write_bytes(b"4242 1\n")
     old = time.time() - 2 * 86400

@@ -17,6 +17,7 @@ import pytest
 
 from checkpoints import vit_repo_files
 from conftest import TINY, checkpoint_tree
+from helpers import sha256
 from hub_server import HubServer, Request
 
 MiB = 1 << 20
@@ -26,10 +27,6 @@ MODEL = "model.safetensors"
 def small_files(seed: int = 0) -> dict[str, bytes]:
     """A ~12.6 MB ViT checkpoint: big enough for several 1 MiB blocks, small enough for one connection."""
     return vit_repo_files(seed=seed, hidden=256, intermediate=1024, layers=4)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def partial_progress(dino_root: Path) -> dict[str, int]:

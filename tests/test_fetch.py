@@ -20,7 +20,7 @@ from dinov3_fetcher._errors import (
     RevisionNotFoundError,
 )
 from dinov3_fetcher._state import StateDir
-from helpers import fetch
+from helpers import dead_pid, fetch
 from hub_server import HubServer
 
 FETCHED = {"config.json", "preprocessor_config.json", "model.safetensors", "README.md", "LICENSE.md"}
@@ -302,20 +302,6 @@ def test_partial_of_a_file_that_changed_is_discarded_not_spliced(hub: HubServer,
     assert (dino_root / "model.safetensors").read_bytes() == new["model.safetensors"]
     assert hub.bytes_served("model.safetensors") == len(new["model.safetensors"])
     assert not list((dino_root / ".dinov3-fetcher" / "partial").iterdir())  # the stale partial is gone
-
-
-def dead_pid() -> int:
-    import os
-
-    pid = 999_999
-    while True:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return pid
-        except PermissionError:
-            pass
-        pid += 1
 
 
 def kill_claim(dino_root: Path) -> Path:

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import pytest
 from checkpoints import big_vit_repo_dir, vit_repo_files
 from conftest import TINY, checkpoint_tree, cli_env
 from dinov3_fetcher import _job
+from helpers import sha256
 from hub_server import HubServer
 from modelscope_server import ModelScopeServer
 
@@ -37,20 +37,9 @@ FILES = vit_repo_files()
 
 
 @pytest.fixture
-def ms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModelScopeServer]:
-    for name in list(os.environ):
-        if name.startswith("MODELSCOPE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("MODELSCOPE_HOME", str(tmp_path / "ms_home"))  # no saved login of the real user
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,127.0.0.2,127.0.0.3,localhost")
-    with ModelScopeServer() as server:
-        monkeypatch.setenv("MODELSCOPE_ENDPOINT", server.endpoint)
-        server.add_repo(TINY, FILES)
-        yield server
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def ms(ms: ModelScopeServer) -> ModelScopeServer:
+    ms.add_repo(TINY, FILES)
+    return ms
 
 
 def ms_fetch(run_cli: Any, dino_root: Path, *args: str, model: str = TINY, **env: str | None) -> Any:
@@ -70,11 +59,11 @@ def test_cold_fetch_publishes_identical_bytes_and_records_the_source(run_cli: An
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["ok"] and out["source"] == "modelscope" and out["revision"] == "master" and not out["cached"]
-    assert out["files"][MODEL]["sha256"] == sha(FILES[MODEL])
+    assert out["files"][MODEL]["sha256"] == sha256(FILES[MODEL])
     assert_published(dino_root, FILES)
     manifest = json.loads((dino_root / ".dinov3-fetcher" / "manifest.json").read_bytes())
     assert (manifest["source"], manifest["endpoint"], manifest["complete"]) == ("modelscope", ms.endpoint, True)
-    assert {n: f["sha256"] for n, f in manifest["files"].items()} == {n: sha(FILES[n]) for n in PUBLISHED}
+    assert {n: f["sha256"] for n, f in manifest["files"].items()} == {n: sha256(FILES[n]) for n in PUBLISHED}
     assert ms.listing_gets(TINY) and ms.bytes_served(MODEL, "storage") == len(FILES[MODEL])
     assert hub.requests == []  # the Hub was never asked
 

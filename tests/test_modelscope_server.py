@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ import modelscope_hub
 from modelscope_hub import HubApi, HubConfig
 
 from checkpoints import vit_repo_files
+from helpers import sha256
 from modelscope_server import CODE_NOT_FOUND, ModelScopeServer
 
 REPO = "facebook/dinov3-vits16-pretrain-lvd1689m"
@@ -26,30 +25,19 @@ WEIGHTS = FILES["model.safetensors"]
 
 
 @pytest.fixture
-def ms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModelScopeServer]:
-    for name in list(os.environ):
-        if name.startswith("MODELSCOPE_") and "DELAY" not in name:
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("MODELSCOPE_HOME", str(tmp_path / "ms_home"))
+def ms(ms: ModelScopeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModelScopeServer:
     monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms_cache"))
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,127.0.0.2,127.0.0.3,localhost")
     # a module constant, not an env knob: the 1 s pause before refetching a file that failed its sha256
     monkeypatch.setattr(modelscope_hub._download, "DOWNLOAD_INTEGRITY_RETRY_BACKOFF", 0.0)
-    with ModelScopeServer() as server:
-        monkeypatch.setenv("MODELSCOPE_ENDPOINT", server.endpoint)
-        server.add_repo(REPO, FILES)
-        server.add_repo("facebook/private", FILES, private=True)
-        server.grant("facebook/private", GRANTED)
-        yield server
+    ms.add_repo(REPO, FILES)
+    ms.add_repo("facebook/private", FILES, private=True)
+    ms.grant("facebook/private", GRANTED)
+    return ms
 
 
 def api(token: str | None = None) -> HubApi:
     """A client configured as a user would: MODELSCOPE_ENDPOINT, MODELSCOPE_HOME, an optional token."""
     return HubApi(HubConfig(token=token if token is not None else ""))
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def test_snapshot_download_lfs_via_storage_git_files_direct(ms: ModelScopeServer, tmp_path: Path) -> None:
@@ -78,7 +66,7 @@ def test_listing_envelope_as_the_client_reads_it(ms: ModelScopeServer) -> None:
 
 def test_one_file_download(ms: ModelScopeServer, tmp_path: Path) -> None:
     path = api().download_file(REPO, "model", "model.safetensors", local_dir=tmp_path / "one",
-                               expected_sha256=sha(WEIGHTS), file_size=len(WEIGHTS))
+                               expected_sha256=sha256(WEIGHTS), file_size=len(WEIGHTS))
     assert path.read_bytes() == WEIGHTS
     assert ms.listing_gets() == []
 
@@ -96,7 +84,7 @@ def test_resume_of_a_partial_from_storage(ms: ModelScopeServer, tmp_path: Path, 
     n = len(WEIGHTS) // 3
     _partial(tmp_path, "model.safetensors", WEIGHTS, n)
     path = api().download_file(REPO, "model", "model.safetensors", local_dir=tmp_path / "one",
-                               expected_sha256=sha(WEIGHTS), file_size=len(WEIGHTS))
+                               expected_sha256=sha256(WEIGHTS), file_size=len(WEIGHTS))
     assert path.read_bytes() == WEIGHTS
     (get,) = ms.file_gets("model.safetensors", host="storage")
     assert get.range == f"bytes={n}-"
@@ -108,7 +96,7 @@ def test_git_file_ignores_range_and_the_client_restarts(ms: ModelScopeServer, tm
     data = FILES["config.json"]
     _partial(tmp_path, "config.json", data, 10)
     path = api().download_file(REPO, "model", "config.json", local_dir=tmp_path / "one",
-                               expected_sha256=sha(data), file_size=len(data))
+                               expected_sha256=sha256(data), file_size=len(data))
     assert path.read_bytes() == data
     (get,) = ms.file_gets("/config.json")
     assert get.range == "bytes=10-" and get.status == 200 and get.body_bytes == len(data)
@@ -117,7 +105,7 @@ def test_git_file_ignores_range_and_the_client_restarts(ms: ModelScopeServer, tm
 def test_cut_then_resume_within_one_call(ms: ModelScopeServer, tmp_path: Path) -> None:
     ms.faults.add(cut_after=4096, path_suffix="model.safetensors", host="storage", times=1)
     path = api().download_file(REPO, "model", "model.safetensors", local_dir=tmp_path / "one",
-                               expected_sha256=sha(WEIGHTS), file_size=len(WEIGHTS))
+                               expected_sha256=sha256(WEIGHTS), file_size=len(WEIGHTS))
     assert path.read_bytes() == WEIGHTS
     gets = ms.file_gets("model.safetensors", host="storage")
     assert [g.range for g in gets] == [None, "bytes=4096-"]
@@ -210,7 +198,7 @@ def test_listing_429_retry_after_then_503(ms: ModelScopeServer, tmp_path: Path) 
 def test_storage_rejects_unsigned_urls(ms: ModelScopeServer) -> None:
     import urllib.request
 
-    blob_sha = sha(WEIGHTS)
+    blob_sha = sha256(WEIGHTS)
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"{ms.storage_endpoint}/lfs/{blob_sha}/model.safetensors", timeout=5)
     assert err.value.code == 404
@@ -219,7 +207,7 @@ def test_storage_rejects_unsigned_urls(ms: ModelScopeServer) -> None:
 def test_reset_then_resume(ms: ModelScopeServer, tmp_path: Path) -> None:
     ms.faults.add(cut_after=8192, reset=True, path_suffix="model.safetensors", host="storage", times=1)
     path = api().download_file(REPO, "model", "model.safetensors", local_dir=tmp_path / "one",
-                               expected_sha256=sha(WEIGHTS), file_size=len(WEIGHTS))
+                               expected_sha256=sha256(WEIGHTS), file_size=len(WEIGHTS))
     assert path.read_bytes() == WEIGHTS
     gets = ms.file_gets("model.safetensors", host="storage")
     assert len(gets) == 2 and gets[1].range is not None and gets[1].range.startswith("bytes=")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +29,9 @@ VITS = "facebook/dinov3-vits16-pretrain-lvd1689m"
 
 
 @pytest.fixture
-def ms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModelScopeServer]:
-    for name in list(os.environ):
-        if name.startswith("MODELSCOPE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("MODELSCOPE_HOME", str(tmp_path / "ms_home"))
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,127.0.0.2,127.0.0.3,localhost")
-    with ModelScopeServer() as server:
-        monkeypatch.setenv("MODELSCOPE_ENDPOINT", server.endpoint)
-        server.add_repo(TINY, FILES)
-        yield server
+def ms(ms: ModelScopeServer) -> ModelScopeServer:
+    ms.add_repo(TINY, FILES)
+    return ms
 
 
 @pytest.fixture

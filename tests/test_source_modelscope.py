@@ -7,7 +7,6 @@ import os
 import pickle
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -34,18 +33,11 @@ FILES = vit_repo_files()
 
 
 @pytest.fixture
-def ms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModelScopeServer]:
-    for name in list(os.environ):
-        if name.startswith("MODELSCOPE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("MODELSCOPE_HOME", str(tmp_path / "ms_home"))
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,127.0.0.2,127.0.0.3,localhost")
-    with ModelScopeServer() as server:
-        monkeypatch.setenv("MODELSCOPE_ENDPOINT", server.endpoint)
-        server.add_repo(REPO, FILES)
-        server.add_repo(PRIVATE, FILES, private=True)
-        server.grant(PRIVATE, GRANTED)
-        yield server
+def ms(ms: ModelScopeServer) -> ModelScopeServer:
+    ms.add_repo(REPO, FILES)
+    ms.add_repo(PRIVATE, FILES, private=True)
+    ms.grant(PRIVATE, GRANTED)
+    return ms
 
 
 def fetch(src: ModelScopeSource, snap: Snapshot, name: str) -> tuple[int, bytes]:
