@@ -1,12 +1,12 @@
 """Load a fetched DINOv3 checkpoint with transformers: ``verify --load`` and the trainer's ``load_teacher``.
 
 Needs the ``[load]`` extra (torch and transformers >= 4.56); both are imported inside the functions, so
-``import dinov3_fetcher.load`` and the CLI stay light on the default install. The image preprocessing is
+``import dinov3_fetcher`` and the CLI stay light on the default install. The image preprocessing is
 built here from ``preprocessor_config.json`` with torch alone (transformers' own DINOv3 image processor
 needs torchvision): resize to ``size`` (bilinear, antialiased), rescale by ``rescale_factor``, normalize
 with ``image_mean`` / ``image_std``.
 
-    from dinov3_fetcher.load import load_teacher
+    from dinov3_fetcher import load_teacher
     teacher, preprocess = load_teacher("dinov3", "cuda")     # fetches if needed, eval mode, no grads
     with torch.no_grad():
         feats = teacher(pixel_values=preprocess(images)).last_hidden_state
