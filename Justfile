@@ -13,6 +13,6 @@ lint:
     uv run ruff check .
     uv run mypy
 
-# Benchmarks against curl, aria2c and `hf download` (see BENCHMARKS.md); `just bench --link far,cdn` for emulated links
+# Benchmarks against curl, aria2c and `hf download` (see BENCHMARKS.md); `just bench --link far,cdn --plot bench/figures/links.png`
 bench *ARGS:
-    uv run python bench/run.py {{ARGS}}
+    uv run --group bench python bench/run.py {{ARGS}}

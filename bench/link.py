@@ -1,4 +1,4 @@
-"""Link emulation for the bench (issue 14): a pacing TCP proxy in front of the Hub emulator and the CDN.
+"""Link emulation for the bench: a pacing TCP proxy in front of the Hub emulator and the CDN.
 
     uv run python bench/link.py --selftest            # counts what the emulation does (figures, no asserts)
 
@@ -21,7 +21,8 @@ The bytes go through ``os.splice`` (socket -> pipe -> socket) without entering P
 What it is not: TCP between the client and the proxy is loopback TCP, so there is no slow start, no
 congestion window growth per RTT, no loss and no queue building up at a bottleneck (bufferbloat). A new
 connection gets the full per-connection rate after its handshake RTT, where a real one needs several RTTs
-of slow start to get there; see BENCHMARKS.md "Links (issue 14)" for what that means for an adaptive rule.
+of slow start to get there; see BENCHMARKS.md ("Where the emulation differs from a real link") for what
+that means for an adaptive rule.
 
 Use (bench/run.py does this)::
 

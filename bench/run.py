@@ -1,9 +1,10 @@
-"""Benchmark dinov3-fetcher against curl, openssl and `hf download` on a local Hub (issue 4).
+"""Benchmark dinov3-fetcher against curl, openssl, aria2c and `hf download` on a local Hub.
 
     uv run python bench/run.py                 # full run: 1.2 GB ViT-L/16-shaped checkpoint, 5 rounds
     uv run python bench/run.py --quick         # smoke run: 1 round, smaller checkpoint (8 layers, ~0.4 GB)
     uv run python bench/run.py --only cold,warm --rounds 3 --cdn emulator
     uv run python bench/run.py --link far,cdn:single --rounds 3   # emulated links (bench/link.py), + aria2c
+    uv run --group bench python bench/run.py --link far --plot bench/figures/links.png   # and the figure
 
 Every figure is a ratio against a public tool timed in the same run on the same server, runs alternating
 (the order rotates each round), each preceded by an untimed ``sync`` so that no run pays for the previous
@@ -11,13 +12,14 @@ one's dirty pages. Scenarios: cold, warm, resume, sharded, throttled, rehash, st
 link (``--link``: the Hub and the CDN behind an emulated link, against aria2c, curl and hf download).
 A timing target that is missed is reported, not a failure (exit 0; ``--strict`` for exit 1).
 The checkpoints and downloads live in a temp folder under bench/results/ (gitignored) that is deleted at the
-end; the results go to bench/results/latest.{json,md}.
+end; the results go to bench/results/latest.{json,md} (bench/plot.py draws the links figure from the JSON).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -564,7 +566,7 @@ def report(b: Bench) -> tuple[list[dict[str, Any]], str]:
 
 
 def link_report(b: Bench) -> str:
-    """The issue-14 table: one row per link and checkpoint, medians (min-max), ratios, first weight byte."""
+    """The links table: one row per link and checkpoint, medians (min-max), ratios, first weight byte."""
     t = b.times
     keys = [k for k in t if k.startswith("link ") and not k.endswith((" rss", " first byte"))]
     if not keys:
@@ -620,8 +622,8 @@ def link_report(b: Bench) -> str:
 
 
 def exit_status(rows: list[dict[str, Any]], strict: bool) -> int:
-    """0 when every tool ran: a target missed on timing is reported (issue 11 item 23), not a failure,
-    unless ``strict``. A tool that failed never gets here (``main`` returns 1)."""
+    """0 when every tool ran: a target missed on timing is reported, not a failure (timing depends on the
+    machine's load), unless ``strict``. A tool that failed never gets here (``main`` returns 1)."""
     missed = [r["scenario"] for r in rows if r["met"] is False]
     if missed:
         print(f"targets not met: {', '.join(missed)}" + ("" if strict else " (timing: reported, not a failure; "
@@ -715,7 +717,11 @@ def main() -> int:
                          "none")
     ap.add_argument("--data", type=Path, help="keep the generated checkpoints here between runs (default: "
                     "a temp folder that is deleted)")
+    ap.add_argument("--plot", type=Path, metavar="PNG", help="with --link: also draw the seconds against link and "
+                    "tool into this PNG (bench/plot.py; needs the bench group: uv run --group bench ...)")
     args = ap.parse_args()
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        ap.error("--plot needs matplotlib: uv run --group bench python bench/run.py ...")
     args.rounds = args.rounds or (1 if args.quick else 5)
     args.layers = args.layers or (8 if args.quick else 24)
     global REPO, SHARDED_REPO
@@ -803,6 +809,10 @@ def main() -> int:
         (RESULTS / "latest.json").write_text(json.dumps(out, indent=2) + "\n")
         (RESULTS / "latest.md").write_text("  ".join(f"{k}: {v}" for k, v in info.items()) + "\n\n" + table + "\n")
         print(f"\nwritten: {RESULTS / 'latest.json'}, {RESULTS / 'latest.md'}", file=sys.stderr)
+        if args.plot is not None and links:
+            from plot import draw_links
+
+            print(f"drawn: {draw_links(out, args.plot)}", file=sys.stderr)
         return exit_status(rows, args.strict)
     except RuntimeError as e:  # a tool failed (Bench.run): that is a failure, whatever the timing
         print(f"bench: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ from hub_server import HubServer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from link import LinkProxy, Profile, Shaper
+from plot import link_series
 from run import exit_status
 
 MB = 1_000_000
@@ -62,3 +63,16 @@ def test_a_missed_timing_target_is_reported_not_a_failure(met: bool | None, stri
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_status([{"scenario": "cold", "met": True}, {"scenario": "sharded", "met": met}], strict) == code
     assert ("targets not met: sharded" in capsys.readouterr().err) == (met is False)
+
+
+def test_the_links_figure_draws_each_tools_median_and_range_from_the_results_run_py_wrote() -> None:
+    times = {"link far single": {"dinov3-fetcher": [14.2, 14.0, 14.9], "aria2c + sha256": [15.6, 15.5, 16.0],
+                                 "curl + sha256": [154.0]},
+             "link far single first byte": {"dinov3-fetcher": [0.8, 0.7, 0.9]},
+             "link none sharded": {"dinov3-fetcher": [2.3, 2.4, 2.9], "hf download": [3.7, 3.8]}}
+    groups, series = link_series({"times": times})
+    assert groups == ["far, single file", "none, shards"]
+    assert list(series) == ["dinov3-fetcher", "aria2c + sha256", "curl + sha256", "hf download"]
+    assert series["dinov3-fetcher"] == [(14.2, 14.0, 14.9), (2.4, 2.3, 2.9)]
+    assert series["aria2c + sha256"] == [(15.6, 15.5, 16.0), None]
+    assert series["hf download"] == [None, (3.75, 3.7, 3.8)]

@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import inspect
 import io
+import itertools
 import json
 import re
 import shlex
@@ -190,6 +191,30 @@ def test_the_cli_reference_names_every_flag_and_no_other() -> None:
     assert documented - flags == set(), "docs/cli.md names flags that do not exist"
     commands = set(re.findall(r"^## `(\w+)`", page, flags=re.M))
     assert commands == set(_cli.COMMANDS), commands
+
+
+def _script_flags(script: Path) -> set[str]:
+    """The flags a bench script's argparse parser defines (read from its source: the scripts import torch)."""
+    return {arg.value for node in ast.walk(ast.parse(script.read_text()))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument"
+            for arg in node.args if isinstance(arg, ast.Constant) and str(arg.value).startswith("-")} | {"--help"}
+
+
+def test_every_bench_command_in_the_docs_uses_flags_the_script_has() -> None:
+    lines = [line for page in ALL_PAGES for b in blocks(page) if b.lang in SHELL for line in shell_lines(b)]
+    lines += [span for page in ALL_PAGES for span in inline_code(page)]
+    lines += (ROOT / "Justfile").read_text().splitlines()
+    checked, bad = 0, []
+    for line in lines:
+        toks = tokens(line) if "bench/" in line else []
+        for i, tok in enumerate(toks):
+            if re.fullmatch(r"bench/\w+\.py", tok) and i and toks[i - 1] == "python":
+                flags = _script_flags(ROOT / tok)
+                args = list(itertools.takewhile(lambda t: not set(t) <= set("|&;()<>"), toks[i + 1:]))
+                bad += [f"{tok} {a}" for a in args if a.startswith("--") and a.split("=")[0] not in flags]
+                checked += 1
+    assert bad == []
+    assert checked >= 6
 
 
 # -- environment, config keys, exit codes -------------------------------------------------------------------------
