@@ -624,3 +624,83 @@ def test_the_config_example_is_a_valid_config(tmp_path: Path) -> None:
     example = next(b for b in blocks(README) if b.lang == "json")
     (tmp_path / "config.json").write_text(example.text)
     assert resolve_request(tmp_path / "config.json").dino_root == tmp_path / "dinov3"
+
+
+# -- ARCHITECTURE.md ---------------------------------------------------------------------------------------------
+
+ARCHITECTURE = ROOT / "ARCHITECTURE.md"
+FETCHER = SRC / "dinov3_fetcher"
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(FETCHER).as_posix()
+
+
+def _table_modules(after: str) -> set[str]:
+    """The module column of the first table after the line ``after``."""
+    lines = ARCHITECTURE.read_text().split(after, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = itertools.takewhile(lambda line: line.startswith("|"), lines[start:])
+    return {m.group(1) for line in table if (m := re.match(r"^\| `([\w/.]+\.py)` \|", line))}
+
+
+@pytest.mark.parametrize(("heading", "package"), [("`src/dinov3_fetcher/`:", "dinov3_fetcher"),
+                                                   ("`src/dinov3_bridge/`", "dinov3_bridge")])
+def test_the_architecture_tables_list_exactly_the_modules_that_exist(heading: str, package: str) -> None:
+    files = {p.relative_to(SRC / package).as_posix() for p in (SRC / package).rglob("*.py")}
+    assert _table_modules(heading) == files
+
+
+def test_the_names_in_the_architecture_flow_exist() -> None:
+    flow = next(b for b in blocks(ARCHITECTURE) if b.lang == "text").text
+    names = re.findall(r"\b(_[a-z_]+(?:\.[A-Za-z_]+)+)", flow)
+    assert len(names) >= 10
+    for dotted in names:
+        module, *attrs = dotted.split(".")
+        obj: Any = importlib.import_module(f"dinov3_fetcher.{module}")
+        for attr in attrs:
+            assert hasattr(obj, attr), f"ARCHITECTURE.md names {dotted}, which does not exist"
+            obj = getattr(obj, attr)
+
+
+def _who_touches_what() -> dict[str, set[str]]:
+    """What the code does, for each list of "Who touches what"."""
+    env, state, sources, hub, bridge = set(), set(), set(), set(), set()
+    for path in sorted(FETCHER.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        bare = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv") \
+                    and isinstance(node.value, ast.Name) and node.value.id == "os":
+                env.add(_rel(path))
+            if isinstance(node, ast.ImportFrom):
+                parts = (node.module or "").split(".") + ([a.name for a in node.names] if not node.module else [])
+                if "_state" in parts and _rel(path).split("/")[0] != "_state":
+                    state.add(_rel(path))
+                if "modelscope" in parts:
+                    sources.add(_rel(path))
+                if parts[0] == "huggingface_hub":
+                    hub.add(_rel(path))
+            if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "huggingface_hub" for a in node.names):
+                hub.add(_rel(path))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in bare \
+                    and "modelscope" in node.value:
+                sources.add(_rel(path))
+    for path in (SRC / "dinov3_bridge").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dinov3_fetcher"):
+                bridge.add(node.module or "")
+    return {"Read `os.environ` directly": env, "Import `_state`": state,
+            "Name a source outside `_sources/`": {m for m in sources if not m.startswith("_sources/")},
+            "Import huggingface_hub": hub, "`dinov3_bridge` imports from `dinov3_fetcher`": bridge}
+
+
+def test_who_touches_what_is_what_the_code_does() -> None:
+    section = ARCHITECTURE.read_text().split("## Who touches what", 1)[1].split("\n## ", 1)[0]
+    bullets = {m.group(1): m.group(2) for m in re.finditer(r"^- \*\*(.+?)\*\*(.*?)(?=^- |\Z)", section,
+                                                            flags=re.M | re.S)}
+    facts = _who_touches_what()
+    assert set(bullets) == set(facts)
+    for key, text in bullets.items():
+        stated = {m for m in re.findall(r"`([\w/.]+)`", text) if m.endswith(".py") or m.startswith("dinov3_fetcher")}
+        assert stated == facts[key], f"ARCHITECTURE.md, {key}: the code has {sorted(facts[key])}"
