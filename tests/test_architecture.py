@@ -32,11 +32,11 @@ def test_the_seeds_import_path_keeps_working() -> None:
     assert validate_dinov3 is dinov3_fetcher.validate_dinov3
 
 
-def test_importing_the_package_loads_no_internal_module() -> None:
+def test_importing_the_package_loads_no_internal_module_but_its_version() -> None:
     code = ("import sys, dinov3_fetcher; "
             "print(sorted(m for m in sys.modules if m.startswith('dinov3_fetcher.') or m == 'huggingface_hub'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert out.strip() == "['dinov3_fetcher._version']"
 
 
 def test_every_module_but_the_package_root_and_the_seeds_path_is_private() -> None:

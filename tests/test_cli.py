@@ -163,7 +163,9 @@ def test_dry_run_writes_nothing(hub: HubServer, tiny: dict[str, bytes], tmp_path
 
 def test_dry_run_writes_nothing_into_an_existing_dino_root(hub: HubServer, tmp_path: Path, run_cli: Any):
     """A dead fetcher's staged file is not adopted and a SIGKILLed claim is counted, not moved."""
-    from dinov3_fetcher._state import HOST as _HOST
+    from dinov3_fetcher._state import host
+
+    _HOST = host()
 
     root = tmp_path / "d"
     v1 = vit_repo_files(hidden=256, intermediate=1024, layers=4, seed=1)  # ~ 13 MB

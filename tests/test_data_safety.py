@@ -279,7 +279,9 @@ def planted(dino_root: Path, tmp_path: Path, case: str, files: dict[str, bytes])
             (partial / ident / "data").write_bytes(b"")
             (partial / ident / "progress.json.tmp").symlink_to(outside / "victim")
     elif case == "staged-file":  # a dead fetcher's staged copy that is a link to other bytes of the same size
-        from dinov3_fetcher._state import HOST
+        from dinov3_fetcher._state import host
+
+        HOST = host()
 
         (outside / "victim").write_bytes(b"v" * size)
         dead = state / "staged" / f"{HOST}.{dead_pid()}"

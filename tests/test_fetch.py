@@ -306,7 +306,9 @@ def test_partial_of_a_file_that_changed_is_discarded_not_spliced(hub: HubServer,
 
 def kill_claim(dino_root: Path) -> Path:
     """Make the released partial folder look like the claim of a fetcher that was SIGKILLed mid-download."""
-    from dinov3_fetcher._state import HOST as _HOST
+    from dinov3_fetcher._state import host
+
+    _HOST = host()
 
     (released,) = [p for p in (dino_root / ".dinov3-fetcher" / "partial").iterdir() if "." not in p.name]
     claimed = released.with_name(f"{released.name}.{_HOST}.{dead_pid()}")
@@ -354,7 +356,9 @@ def test_dry_run_neither_adopts_nor_hashes(hub: HubServer, tiny: dict[str, bytes
     import hashlib
 
     from dinov3_fetcher import _plan as fetch_module
-    from dinov3_fetcher._state import HOST as _HOST
+    from dinov3_fetcher._state import host
+
+    _HOST = host()
     from helpers import plan
 
     fetch_dinov3(dino_root, TINY)

@@ -16,8 +16,8 @@ import pytest
 from conftest import GRANTED, TINY
 from dinov3_fetcher import _env as env
 from dinov3_fetcher._errors import ConfigError
-from dinov3_fetcher._http import HttpPool
-from dinov3_fetcher._sources import Auth
+from dinov3_fetcher._http import Auth, HttpPool
+from dinov3_fetcher._sources import hf
 from hub_server import HubServer
 
 TOKEN = "hf_secret_token_for_tests"
@@ -44,7 +44,7 @@ def test_token_goes_to_the_endpoints_origin_only() -> None:
 
 
 def test_display_hides_credentials_and_brackets_ipv6() -> None:
-    assert env.display_endpoint("https://user:pw@Hub.example/") == "https://hub.example"
+    assert env.display_origin("https://user:pw@Hub.example/") == "https://hub.example"
     assert HttpPool(5, "ua").display_host("http://[::1]:8080/x") == "[::1]:8080"
     assert HttpPool(5, "ua").display_host("https://u:p@cdn.example/x") == "cdn.example"
 
@@ -71,7 +71,7 @@ BAD_ENDPOINTS = ["http://[::1", "ftp://x", "not a url", "https://", "http://host
 def test_malformed_endpoint_is_a_config_error(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("HF_ENDPOINT", value)
     with pytest.raises(ConfigError, match="is not an http\\(s\\) URL") as info:
-        env.endpoint()
+        hf.endpoint()
     assert "hunter2" not in str(info.value)
 
 

@@ -16,9 +16,8 @@ from huggingface_hub.utils import close_session, get_session
 
 from checkpoints import vit_repo_files
 from dinov3_fetcher._errors import ConfigError, NetworkError
-from dinov3_fetcher._http import HttpPool
+from dinov3_fetcher._http import Auth, HttpPool
 from dinov3_fetcher._net import network_error, proxy_for, ssl_context
-from dinov3_fetcher._sources import Auth
 from hub_server import HubServer
 from net_fixtures import ForwardProxy, TlsHub, free_port, make_ca
 

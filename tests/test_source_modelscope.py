@@ -21,9 +21,11 @@ from dinov3_fetcher._errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from dinov3_fetcher._sources import Auth, Snapshot
+from dinov3_fetcher._http import Auth
+from dinov3_fetcher._retry import RetryPolicy
 from dinov3_fetcher._sources import modelscope as msrc
 from dinov3_fetcher._sources.modelscope import ModelScopeSource, pinned_id
+from dinov3_fetcher._sources.source import Snapshot
 from modelscope_server import ModelScopeServer
 
 REPO = "facebook/dinov3-vits16-pretrain-lvd1689m"
@@ -190,7 +192,7 @@ def test_429_and_503_are_retried(ms: ModelScopeServer) -> None:
 
 def test_retries_are_bounded(ms: ModelScopeServer) -> None:
     ms.faults.add(status=503, path_suffix="repo/files")
-    src = ModelScopeSource(ms.endpoint, None, retries=3, backoff=0.0)
+    src = ModelScopeSource(ms.endpoint, None, retry=RetryPolicy(retries=3, backoff=0.0))
     with pytest.raises(NetworkError) as err:
         src.snapshot(REPO, "master")
     assert err.value.exit_code == 10 and "4 tries" in err.value.message
@@ -201,7 +203,7 @@ def test_unreachable_endpoint_is_a_network_error(ms: ModelScopeServer) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    src = ModelScopeSource(f"http://127.0.0.1:{port}", None, retries=2, backoff=0.0)
+    src = ModelScopeSource(f"http://127.0.0.1:{port}", None, retry=RetryPolicy(retries=2, backoff=0.0))
     with pytest.raises(NetworkError, match="3 tries"):
         src.snapshot(REPO, "master")
 
@@ -333,8 +335,8 @@ def _transfer_once(ms: ModelScopeServer, tmp_path: Path, token: str | None) -> t
 
     state = StateDir(tmp_path)
     state.ensure()
-    t = Transfer(Settings(connections=1, backoff=0.0, retries=2), src.pool(), state, Progress(quiet=True),
-                 raise_status)
+    settings = Settings(connections=1, retry=RetryPolicy(retries=2, backoff=0.0))
+    t = Transfer(settings, src.pool(), state, Progress(quiet=True), raise_status)
     rf = snap.files["model.safetensors"]
     try:
         done = t.download(Target(rf.name, src.file_url(snap, rf.name), rf.size, rf.identity, rf.sha256))

@@ -138,7 +138,7 @@ _URL_QUERY = re.compile(r"(\bhttps?://[^\s?#'\"<>]+)\?[^\s'\"<>]*")
 def _scrub(text: str) -> str:
     """Defence in depth: no code path prints a token, and this makes sure none slips through. Query strings of
     URLs go too: a signed CDN URL's query (X-Amz-Signature, X-Amz-Credential...) is a credential."""
-    from ._env import known_secrets
+    from ._sources import known_secrets
 
     for token in known_secrets():
         text = text.replace(token, "<redacted>")

@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import _env as env
 from ._errors import ConfigError
+from ._ids import is_repo_id
 from ._registry import DEFAULT_MODEL
+from ._sources import SOURCES
 
 __all__ = ["DEFAULT_REVISION", "FetchRequest", "check_repo_id", "load_pipeline_config", "make_request",
            "resolve_request"]
@@ -24,8 +27,6 @@ __all__ = ["DEFAULT_REVISION", "FetchRequest", "check_repo_id", "load_pipeline_c
 DEFAULT_REVISION = "main"
 DEFAULT_REVISIONS = {"hf": "main", "modelscope": "master"}  # each hub's default branch
 
-# The Hub's rule for repo ids: "namespace/name", letters, digits, "-", "_", "."; no "--" or ".."; <= 96 chars.
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # git's rules for ref names (git check-ref-format): no spaces, control characters, ~^:?*[\ , "..", "@{", "//",
 # no leading "/" or "-", no trailing "/", "." or ".lock".
 _REVISION = re.compile(r"^(?![/-])(?!.*\.\.)(?!.*//)(?!.*@\{)[^\x00-\x20~^:?*\[\\\x7f]{1,255}(?<![/.])(?<!\.lock)$")
@@ -111,7 +112,7 @@ def check_repo_id(model: str) -> str:
     if not isinstance(model, str) or not model.strip():
         raise ConfigError("the model id is empty", "pass --model facebook/dinov3-vitl16-pretrain-lvd1689m or omit it")
     model = model.strip()
-    if len(model) > 96 or not _REPO_ID.match(model) or "--" in model or ".." in model:
+    if len(model) > 96 or not is_repo_id(model) or "--" in model:  # the Hub's rule: no "--", <= 96 characters
         raise ConfigError(f"{model!r} is not a Hub repo id",
                           "use the form namespace/name, e.g. facebook/dinov3-vitl16-pretrain-lvd1689m")
     return model
@@ -119,8 +120,6 @@ def check_repo_id(model: str) -> str:
 
 def check_source(source: str) -> str:
     """Return the source name if it is one of the known sources, else raise ConfigError."""
-    from ._sources import SOURCES
-
     if source not in SOURCES:
         raise ConfigError(f"unknown source {source!r}", f"use one of: {', '.join(SOURCES)} (--source, "
                           "train.dino_source or DINOV3_FETCHER_SOURCE)")
@@ -134,7 +133,7 @@ def make_request(dino_root: str | os.PathLike[str], model: str = DEFAULT_MODEL, 
     Raises:
         ConfigError: dino_root is empty or a file, or the model id, revision or source is malformed.
     """
-    chosen = check_source(source or os.environ.get("DINOV3_FETCHER_SOURCE", "").strip() or "hf")
+    chosen = check_source(source or env.default_source())
     return FetchRequest(resolve_dino_root(dino_root, Path.cwd()), check_repo_id(model),
                         check_revision(revision or DEFAULT_REVISIONS[chosen]), chosen,
                         require_official=bool(require_official))
@@ -188,7 +187,7 @@ def resolve_request(
     where = cfg_path or Path("config")
     chosen_model = model if model is not None else _optional_str(train, "dino_model", where) or DEFAULT_MODEL
     chosen_source = check_source(source or _optional_str(train, "dino_source", where)
-                                 or os.environ.get("DINOV3_FETCHER_SOURCE", "").strip() or "hf")
+                                 or env.default_source())
     chosen_rev = revision if revision is not None else _optional_str(train, "dino_revision", where)
     strict = train.get("dino_require_official", False)
     if not isinstance(strict, bool):

@@ -1,37 +1,31 @@
-"""Environment settings read at call time (huggingface_hub reads its own only at import)."""
+"""Settings from the environment, read at call time and only here (nothing is read or changed at import).
+
+The transfer's knobs, offline mode, the lock, the default source, the registry override, the host name the
+state folder uses; and how an endpoint variable is checked and shown. A source's own variables (HF_ENDPOINT and
+the Hub's token, MODELSCOPE_*) are read by that source, and the network policy's (proxies, CAs) by ``_net``.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
-from pathlib import Path
+import socket
 from urllib.parse import urlsplit
 
 from ._errors import ConfigError
 
-__all__ = ["DEFAULT_ENDPOINT", "display_endpoint", "display_origin", "endpoint", "hf_import_compat", "is_offline",
-           "lock_disabled", "lock_timeout", "number", "retry_after", "timeout"]
+__all__ = ["DEFAULT_TIMEOUT", "default_source", "display_origin", "endpoint_url", "hide_password", "host_name",
+           "is_offline", "lock_disabled", "lock_timeout", "number", "registry_file", "stale_after", "timeout"]
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
+DEFAULT_TIMEOUT = 30.0  # seconds without a byte before a request is given up
 _TRUE = {"1", "ON", "YES", "TRUE"}
 # Knobs that must be > 0 (a socket timeout of 0 is non-blocking, a negative one is refused by the socket).
 _POSITIVE = {"DINOV3_FETCHER_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT"}
-# HF_HUB_DOWNLOAD_TIMEOUT as the user set it, before hf_import_compat() rounded it for huggingface_hub.
-_ORIGINAL: dict[str, tuple[str, str | None]] = {}  # name -> (as set, what huggingface_hub was shown)
 
 
 def _true(name: str) -> bool:
     return (os.environ.get(name) or "").strip().upper() in _TRUE
-
-
-def _raw(name: str) -> str | None:
-    """The variable as the user set it (what hf_import_compat() rewrote counts as the original value)."""
-    current = os.environ.get(name)
-    if name in _ORIGINAL and _ORIGINAL[name][1] == current:
-        return _ORIGINAL[name][0]
-    return current
 
 
 def number(name: str, default: float) -> float:
@@ -40,7 +34,7 @@ def number(name: str, default: float) -> float:
     Raises ConfigError for a negative value (every knob is a count, a size or a duration), and for a timeout
     (DINOV3_FETCHER_TIMEOUT, HF_HUB_DOWNLOAD_TIMEOUT) that is not above 0.
     """
-    raw = _raw(name)
+    raw = os.environ.get(name)
     try:
         value = float(raw or default)
     except ValueError:
@@ -54,103 +48,15 @@ def number(name: str, default: float) -> float:
     return value
 
 
-def timeout(default: float) -> float:
+def timeout() -> float:
     """Seconds without a byte before a request is given up: DINOV3_FETCHER_TIMEOUT, else its alias
-    HF_HUB_DOWNLOAD_TIMEOUT (fractions allowed in both), else ``default``. Raises ConfigError when <= 0."""
-    return number("DINOV3_FETCHER_TIMEOUT", number("HF_HUB_DOWNLOAD_TIMEOUT", default))
-
-
-def retry_after(value: str | None, cap: float = 120.0) -> float | None:
-    """A Retry-After header in seconds, clamped to [0, cap]; None when absent or not a finite number
-    ("nan", "inf", an HTTP date): the caller's own backoff applies then."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return None
-    return min(max(seconds, 0.0), cap) if math.isfinite(seconds) else None
-
-
-def hf_import_compat() -> None:
-    """Make the environment readable by huggingface_hub before it is imported.
-
-    huggingface_hub parses HF_HUB_DOWNLOAD_TIMEOUT with int() at import, so a documented value like ``1.5``
-    crashed the import. The value is kept here for ``timeout()`` and huggingface_hub sees it rounded up.
-    Idempotent; runs when this module is imported (before any import of huggingface_hub by this package).
-    """
-    raw = os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT")
-    if raw is None or raw.strip().lstrip("-").isdigit():
-        return
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    shown = str(math.ceil(value)) if math.isfinite(value) and value > 0 else None
-    _ORIGINAL["HF_HUB_DOWNLOAD_TIMEOUT"] = (raw, shown)
-    if shown is not None:
-        os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] = shown
-    else:  # not a usable number: huggingface_hub uses its default, timeout() reports or ignores it
-        del os.environ["HF_HUB_DOWNLOAD_TIMEOUT"]
-
-
-def endpoint() -> str:
-    """HF_ENDPOINT, without a trailing slash. Raises ConfigError unless it is an http(s) URL with a host."""
-    url = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).strip().rstrip("/")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
-    except ValueError:  # also "http://[::1"
-        parts = None
-    shown = re.sub(r"//[^/@]*@", "//***@", url)  # never print a password
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"HF_ENDPOINT={shown!r} is not an http(s) URL",
-                          "set HF_ENDPOINT to e.g. https://huggingface.co or unset it")
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError(f"HF_ENDPOINT={shown!r} carries a user name or password, which downloads cannot use",
-                          "remove 'user:password@' from HF_ENDPOINT: the Hub token goes in HF_TOKEN, a proxy's "
-                          "credentials in HTTPS_PROXY")
-    return url
-
-
-def display_origin(url: str, *, scheme: bool = True) -> str:
-    """``scheme://host:port`` of ``url`` without any user:password part, for messages."""
-    parts = urlsplit(url)
-    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else f"{parts.hostname}"
-    return (f"{parts.scheme}://" if scheme else "") + host + (f":{parts.port}" if parts.port else "")
-
-
-def display_endpoint(url: str | None = None) -> str:
-    """The endpoint without any user:password part, for messages."""
-    return display_origin(url or endpoint())
+    HF_HUB_DOWNLOAD_TIMEOUT (fractions allowed in both), else DEFAULT_TIMEOUT. Raises ConfigError when <= 0."""
+    return number("DINOV3_FETCHER_TIMEOUT", number("HF_HUB_DOWNLOAD_TIMEOUT", DEFAULT_TIMEOUT))
 
 
 def is_offline() -> bool:
     """HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1): no network at all."""
     return _true("HF_HUB_OFFLINE") or _true("TRANSFORMERS_OFFLINE")
-
-
-def token_file() -> Path:
-    """Where ``hf auth login`` keeps the token: HF_TOKEN_PATH, else $HF_HOME/token (huggingface_hub's rule)."""
-    if path := os.environ.get("HF_TOKEN_PATH"):
-        return Path(os.path.expandvars(path)).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
-    home = os.environ.get("HF_HOME") or str(Path(cache) / "huggingface")
-    return Path(os.path.expandvars(home)).expanduser() / "token"
-
-
-def known_secrets() -> list[str]:
-    """Every token this process could send (HF_TOKEN and the stored one, MODELSCOPE_API_TOKEN and the saved
-    ModelScope login), to scrub from anything printed."""
-    found = [os.environ.get("HF_TOKEN") or "", os.environ.get("HUGGING_FACE_HUB_TOKEN") or "",
-             os.environ.get("MODELSCOPE_API_TOKEN") or ""]
-    with contextlib.suppress(OSError):
-        found.append(token_file().read_text(encoding="utf-8", errors="replace"))
-    with contextlib.suppress(Exception):  # ModelScope's saved login; no home folder is no login
-        from ._sources.modelscope import saved_token
-
-        found.append(saved_token() or "")
-    return [t.strip() for t in found if len(t.strip()) >= 4]
 
 
 def lock_timeout(default: float = 3600.0) -> float:
@@ -163,4 +69,62 @@ def lock_disabled() -> bool:
     return _true("DINOV3_FETCHER_NO_LOCK")
 
 
-hf_import_compat()
+def default_source() -> str:
+    """DINOV3_FETCHER_SOURCE, else "hf": the source when neither a flag nor the pipeline config names one."""
+    return os.environ.get("DINOV3_FETCHER_SOURCE", "").strip() or "hf"
+
+
+def registry_file() -> str:
+    """DINOV3_FETCHER_REGISTRY: a JSON file of pins that replace or extend the built-in ones ("" when unset)."""
+    return os.environ.get("DINOV3_FETCHER_REGISTRY", "").strip()
+
+
+def host_name() -> str:
+    """This host as the state folder's claims name it: DINOV3_FETCHER_HOSTNAME, else the host name."""
+    return os.environ.get("DINOV3_FETCHER_HOSTNAME") or socket.gethostname()
+
+
+def stale_after(default: float) -> float:
+    """DINOV3_FETCHER_STALE_AFTER: seconds another host's silent heartbeat is watched before its folder counts
+    as abandoned; ``default`` when unset or not a number >= 0."""
+    try:
+        value = float(os.environ.get("DINOV3_FETCHER_STALE_AFTER", ""))
+    except ValueError:
+        return default
+    return value if value >= 0 and math.isfinite(value) else default
+
+
+def hide_password(url: str) -> str:
+    """``url`` with any ``user:password@`` shown as ``***@``, for messages."""
+    return re.sub(r"//[^/@]*@", "//***@", url)
+
+
+def endpoint_url(name: str, url: str, *, example: str, token: str) -> str:
+    """``url``, the value of the endpoint variable ``name``, once checked: an http(s) URL with a host and a
+    valid port, and no query, fragment, space or credentials.
+
+    Raises ConfigError naming ``name`` (the password hidden): with the hint ``example`` when it is not such a
+    URL; with ``token`` (where the credential goes instead) when it carries a user name or password.
+    """
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
+        ok = (parts.scheme in ("http", "https") and bool(parts.hostname) and not parts.query
+              and not parts.fragment and " " not in url)
+        userinfo = parts.username is not None or parts.password is not None
+    except ValueError:  # also "http://[::1"
+        ok, userinfo = False, False
+    if not ok:
+        raise ConfigError(f"{name}={hide_password(url)!r} is not an http(s) URL", example)
+    if userinfo:
+        raise ConfigError(f"{name}={hide_password(url)!r} carries a user name or password, which downloads cannot "
+                          f"use", f"remove 'user:password@' from {name}: {token}, a proxy's credentials in "
+                          "HTTPS_PROXY")
+    return url
+
+
+def display_origin(url: str, *, scheme: bool = True) -> str:
+    """``scheme://host:port`` of ``url`` without any user:password part, for messages."""
+    parts = urlsplit(url)
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else f"{parts.hostname}"
+    return (f"{parts.scheme}://" if scheme else "") + host + (f":{parts.port}" if parts.port else "")

@@ -40,7 +40,7 @@ from ._version import __version__
 if TYPE_CHECKING:
     from ._observe import FetchObserver
     from ._plan import PlannedFile, Run
-    from ._sources import EarlyBytes, Source
+    from ._sources.source import EarlyBytes, Source
 
 __all__ = ["FetchResult", "fetch", "fetch_dinov3", "ready"]
 
@@ -321,7 +321,9 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
     if req.source == "hf" and head_start:
         # The head start's first requests (config.json and both layouts; one layout on an update) will find
         # these open: their handshakes overlap the Hub client's import below (~0.15 s).
-        pool.warm(env.endpoint(), 3 if old is None else 2)
+        from ._sources.hf import endpoint
+
+        pool.warm(endpoint(), 3 if old is None else 2)
     try:
         source: Source = get_source(req.source)
         pool.user_agent = source.user_agent()

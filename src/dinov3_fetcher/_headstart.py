@@ -32,8 +32,9 @@ from urllib.parse import quote
 from ._errors import FetchInterrupted
 from ._hashing import git_blob_id
 from ._http import etag_value, redirect_target, seconds_per_trip
+from ._ids import is_commit, is_sha256
 from ._layout import CONFIG, INDEX, SINGLE, shards_from_index
-from ._manifest import Manifest, is_commit, is_sha256
+from ._manifest import Manifest
 from ._registry import variant_for
 from ._state import SPACE_MARGIN
 from ._transfer import FILES_AT_ONCE, Done, Target, Transfer

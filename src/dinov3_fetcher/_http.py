@@ -15,21 +15,29 @@ import http.client
 import ssl
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
 from ._env import display_origin
 from ._errors import HubResponseError
 from ._net import Proxy, network_error, proxy_for, ssl_context
-from ._sources import Auth
 
-__all__ = ["Connection", "HttpPool", "Response", "etag_value", "origin_key", "redirect_target", "round_trips",
+__all__ = ["Auth", "Connection", "HttpPool", "Response", "etag_value", "origin_key", "redirect_target", "round_trips",
            "seconds_per_trip"]
 
 Response = http.client.HTTPResponse
 Connection = http.client.HTTPConnection
 
 _REDIRECTS = (301, 302, 303, 307, 308)
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Headers that carry a credential, and the only origin (scheme, host, port) they may be sent to."""
+
+    origin: str  # scheme://host[:port] of the endpoint
+    headers: Mapping[str, str]
 
 
 @dataclass

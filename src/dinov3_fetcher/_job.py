@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from . import _env as env
 from ._errors import FetcherError, IntegrityError, NetworkError, disk_full
 from ._hashing import WINDOW, git_blob_hasher, hash_range
 from ._http import Response, etag_value, seconds_per_trip
+from ._retry import TryAgain
 from ._state import open_data, remaining, save_progress
 
 if TYPE_CHECKING:
@@ -43,12 +43,6 @@ class _Segment:
     pos: int
     end: int
     busy: bool = False
-
-
-class _Retry(Exception):
-    def __init__(self, why: str, wait: float | None = None) -> None:
-        super().__init__(why)
-        self.wait = wait
 
 
 class Job:
@@ -174,7 +168,8 @@ class Job:
     def fetch_segment(self, seg: _Segment, slot: Slot) -> None:
         """Fetch one piece, retrying with backoff while attempts in a row make no progress; stops early (the
         rest of the piece left to a later stream) when the budget sheds this stream."""
-        failures, backoff = 0, self.t.settings.backoff
+        policy = self.t.settings.retry
+        tries = policy.tries()
         while seg.pos < seg.end:
             if self.t.cancel.is_set() or self.error is not None or slot.shedding:
                 return
@@ -183,18 +178,15 @@ class Job:
                 self.stream(seg, slot)
                 if seg.pos >= seg.end or seg.pos > start:
                     continue  # done, or cut short by a split / a whole-file switch: the loop decides
-                raise _Retry("the answer ended without progress")
-            except _Retry as r:
-                failures = 1 if seg.pos > start else failures + 1
-                if failures > self.t.settings.retries:
+                raise TryAgain("the answer ended without progress")
+            except TryAgain as r:
+                if not tries.failed(wait=r.wait, progressed=seg.pos > start):
                     raise NetworkError(
                         f"downloading {self.target.name} from {self.t.pool.display_host(self.target.url)} failed "
-                        f"{failures} times in a row ({r})",
+                        f"{tries.failures} times in a row ({r})",
                         f"check the link to {self.t.endpoint_var}, then run the same command again: it resumes "
                         f"from the {seg_done(self)} bytes already on disk",
                     ) from None
-                time.sleep(r.wait if r.wait is not None else backoff)
-                backoff = min(backoff * 2, self.t.settings.backoff * 8)
 
     def stream(self, seg: _Segment, slot: Slot) -> None:
         """One GET of the piece (a Range request unless it is the whole file), copied to disk."""
@@ -208,7 +200,7 @@ class Job:
             if isinstance(exc, FetcherError):
                 raise
             where = "".join(f" ({n})" for n in getattr(exc, "__notes__", ()))
-            raise _Retry(f"{type(exc).__name__}: {exc}{where}") from None
+            raise TryAgain(f"{type(exc).__name__}: {exc}{where}") from None
         try:
             self.check_response(resp, seg, headers, url)
             offset = seg.pos if _ranged(resp) else 0
@@ -218,7 +210,7 @@ class Job:
         except (TimeoutError, OSError, http.client.HTTPException) as exc:
             if isinstance(exc, FetcherError):  # our own errors are final (some are OSErrors too)
                 raise
-            raise _Retry(f"{type(exc).__name__}: {exc}") from None
+            raise TryAgain(f"{type(exc).__name__}: {exc}") from None
         finally:
             self.t.pool.finish(url, conn, resp)
 
@@ -235,7 +227,7 @@ class Job:
                 cr = resp.getheader("Content-Range") or ""
                 self.check_total(cr.rpartition("/")[2])
                 if not cr.startswith(f"bytes {seg.pos}-"):
-                    raise _Retry(f"unexpected Content-Range {cr!r}")
+                    raise TryAgain(f"unexpected Content-Range {cr!r}")
             elif resp.status == 200 and not resp.chunked:
                 self.check_total(resp.getheader("Content-Length") or "")
             return
@@ -246,16 +238,16 @@ class Job:
         # first to say so; every stream that used it retries through a fresh resolve, none concludes "no ranges".
         stale = bool(getattr(resp, "remembered_location", False))
         if resp.status in (403, 416) and (self.t.forget_location(self.target) or stale):
-            raise _Retry(f"HTTP {resp.status} from a signed URL used again (expired, or bound to another range)", 0)
+            raise TryAgain(f"HTTP {resp.status} from a signed URL used again (expired, or bound to another range)", 0)
         if resp.status in (403, 416) and headers:
             # A fresh location refuses this range (a CDN that takes no ranged requests): one connection streams
             # the whole file, reading past what is on disk. A genuine refusal comes back without a Range too.
             if self.become_whole_file(seg):
                 self.no_ranges = True
-                raise _Retry(f"HTTP {resp.status} for a ranged request: the whole file on one connection", 0)
-            raise _Retry("another connection restreams the whole file", 0)
+                raise TryAgain(f"HTTP {resp.status} for a ranged request: the whole file on one connection", 0)
+            raise TryAgain("another connection restreams the whole file", 0)
         if resp.status in _RETRYABLE_STATUS:
-            raise _Retry(f"HTTP {resp.status}", _retry_after(resp))
+            raise TryAgain(f"HTTP {resp.status}", self.t.settings.retry.retry_after(resp.getheader("Retry-After")))
         self.t.raise_status(resp.status, dict(resp.getheaders()), body, self.target.url)
 
     def check_total(self, total: str) -> None:
@@ -301,7 +293,7 @@ class Job:
                 return
             n = resp.readinto(mv[:want])
             if not n:
-                raise _Retry(f"connection closed at byte {offset} of {self.target.size}")
+                raise TryAgain(f"connection closed at byte {offset} of {self.target.size}")
             with self.lock:
                 if self.t.cancel.is_set() or self.error is not None:
                     return  # stopped while this read was under way: the folder may be someone else's by now
@@ -390,8 +382,3 @@ def seg_done(job: Job) -> int:
 def _ranged(resp: Response) -> bool:
     """Did the server answer the requested range (206, or 200 with a Content-Range), not the whole file?"""
     return resp.status == 206 or (resp.status == 200 and (resp.getheader("Content-Range") or "").startswith("bytes "))
-
-
-def _retry_after(resp: Response) -> float | None:
-    """The answer's Retry-After in seconds (capped), or None for the backoff (absent, an HTTP date, nan...)."""
-    return env.retry_after(resp.getheader("Retry-After"))

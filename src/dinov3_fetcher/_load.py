@@ -56,7 +56,10 @@ def _import_torch() -> ModuleType:
 
 
 def _import_transformers() -> ModuleType:
+    from ._sources.hf import import_hub
+
     try:
+        import_hub()  # transformers imports huggingface_hub: through the Hub source's rule for its import
         transformers = importlib.import_module("transformers")
     except ImportError as exc:
         raise LoadError(f"transformers is not installed ({exc}); loading DINOv3 needs transformers >= 4.56",

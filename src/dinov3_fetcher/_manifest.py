@@ -8,26 +8,15 @@ crash in the middle never leaves a folder that looks valid with files of two mod
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["FileRecord", "Manifest", "is_commit", "is_sha256"]
+from ._ids import is_commit
+
+__all__ = ["FileRecord", "Manifest"]
 
 MANIFEST_FORMAT = 1
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def is_commit(revision: str) -> bool:
-    """Is ``revision`` a 40-hex commit id?"""
-    return bool(_COMMIT.match(revision))
-
-
-def is_sha256(value: str) -> bool:
-    """Is ``value`` a 64-hex sha256?"""
-    return bool(_SHA256.match(value))
 
 
 @dataclass(frozen=True)

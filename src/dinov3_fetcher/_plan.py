@@ -31,7 +31,7 @@ from ._state import StateDir, record_for
 
 if TYPE_CHECKING:
     from ._config import FetchRequest
-    from ._sources import RemoteFile, Snapshot, Source
+    from ._sources.source import RemoteFile, Snapshot, Source
     from ._transfer import Transfer
 
 __all__ = ["DryRun", "PlannedFile", "Run", "dry_run"]

@@ -9,14 +9,16 @@ entries replace (or add) pins, read at call time: for tests, or for an organisat
 from __future__ import annotations
 
 import json
-import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from . import _env as env
+from ._errors import ConfigError
+from ._ids import is_commit, is_sha256
+
 __all__ = ["DEFAULT_MODEL", "PINS", "REGISTRY_ENV", "VARIANTS", "OfficialCheck", "Pin", "Variant", "check_official",
-           "pin_for", "pins", "variant_for"]
+           "pins", "variant_for"]
 
 DEFAULT_MODEL = "facebook/dinov3-vitl16-pretrain-lvd1689m"
 
@@ -84,8 +86,6 @@ def variant_for(repo_id: str) -> Variant | None:
 # ---------------------------------------------------------------- Meta's release, pinned
 
 REGISTRY_ENV = "DINOV3_FETCHER_REGISTRY"
-_HEX40 = re.compile(r"[0-9a-f]{40}")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -126,8 +126,6 @@ PINS: Mapping[str, Pin] = {p.repo_id: p for p in (
 
 
 def _bad(path: str, what: str) -> Exception:
-    from ._errors import ConfigError
-
     return ConfigError(f"{REGISTRY_ENV}={path}: {what}",
                        'write {"owner/name": {"sha256": "<64 hex>", "size": <bytes or null>, "commits": [], '
                        '"file": "model.safetensors"}}, or unset it')
@@ -149,11 +147,11 @@ def _read_override(path: str) -> dict[str, Pin]:
             raise _bad(path, f"the entry of {repo_id!r} is not an object of commits, file, size, sha256")
         sha, size, commits = e.get("sha256"), e.get("size"), e.get("commits", [])
         file = e.get("file", "model.safetensors")
-        if sha is not None and not (isinstance(sha, str) and _HEX64.fullmatch(sha)):
+        if sha is not None and not (isinstance(sha, str) and is_sha256(sha)):
             raise _bad(path, f"{repo_id}: sha256 must be 64 lower-case hex digits or null")
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
             raise _bad(path, f"{repo_id}: size must be a number of bytes or null")
-        if not isinstance(commits, list) or not all(isinstance(c, str) and _HEX40.fullmatch(c) for c in commits):
+        if not isinstance(commits, list) or not all(isinstance(c, str) and is_commit(c) for c in commits):
             raise _bad(path, f"{repo_id}: commits must be a list of 40-hex commit ids")
         if not isinstance(file, str) or not file:
             raise _bad(path, f"{repo_id}: file must be a file name")
@@ -167,13 +165,9 @@ def pins() -> dict[str, Pin]:
     Raises ConfigError (exit 3) for an override file that cannot be read or is malformed.
     """
     out = {k.lower(): v for k, v in PINS.items()}
-    if path := os.environ.get(REGISTRY_ENV, "").strip():
+    if path := env.registry_file():
         out.update(_read_override(path))
     return out
-
-
-def pin_for(repo_id: str) -> Pin | None:
-    return pins().get(repo_id.lower())
 
 
 class _Record(Protocol):

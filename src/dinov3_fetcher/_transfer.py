@@ -21,6 +21,7 @@ from ._http import Connection, HttpPool, Response
 from ._job import Job
 from ._observe import FetchObserver
 from ._progress import Progress
+from ._retry import RetryPolicy
 from ._state import StateDir, owner_tag, write_new
 
 __all__ = ["FILES_AT_ONCE", "Settings", "Target", "Transfer"]
@@ -36,21 +37,16 @@ class Settings:
     connections: int | None = None  # DINOV3_FETCHER_CONNECTIONS: streams for the whole fetch (None: adaptive)
     min_split: int = 16 * MiB  # never split a file into pieces smaller than this
     block: int = 1 * MiB  # read/write block
-    timeout: float = 30.0  # DINOV3_FETCHER_TIMEOUT (or HF_HUB_DOWNLOAD_TIMEOUT): seconds without a byte
-    retries: int = 5  # DINOV3_FETCHER_RETRIES: attempts in a row without progress
-    backoff: float = 1.0  # DINOV3_FETCHER_BACKOFF: first wait, doubled per retry, capped at 8x
+    timeout: float = env.DEFAULT_TIMEOUT  # DINOV3_FETCHER_TIMEOUT (or HF_HUB_DOWNLOAD_TIMEOUT)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)  # DINOV3_FETCHER_RETRIES, DINOV3_FETCHER_BACKOFF
 
     @classmethod
     def from_env(cls) -> Settings:
         """The settings from DINOV3_FETCHER_* (and HF_HUB_DOWNLOAD_TIMEOUT)."""
-        timeout = env.timeout(cls.timeout)
+        timeout = env.timeout()
         connections = env.number("DINOV3_FETCHER_CONNECTIONS", 0)
-        return cls(
-            connections=max(1, int(connections)) if connections else None,
-            timeout=timeout,
-            retries=max(0, int(env.number("DINOV3_FETCHER_RETRIES", cls.retries))),
-            backoff=max(0.0, env.number("DINOV3_FETCHER_BACKOFF", cls.backoff)),
-        )
+        return cls(connections=max(1, int(connections)) if connections else None, timeout=timeout,
+                   retry=RetryPolicy.from_env())
 
 
 @dataclass(frozen=True)

@@ -7,23 +7,31 @@ huggingface_hub is imported only when a request is about to be made: a warm run 
 
 from __future__ import annotations
 
-import time
+import contextlib
+import math
+import os
+import sys
 from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote, urlsplit
 
-from .._env import DEFAULT_ENDPOINT, display_endpoint, display_origin, endpoint, retry_after
+from .. import _env as env
 from .._errors import (
     AuthenticationError,
     FetcherError,
     HubResponseError,
+    LocalEntryNotFoundError,
     NetworkError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from .._manifest import is_commit, is_sha256
+from .._http import Auth
+from .._ids import is_commit, is_sha256
+from .._retry import RetryPolicy
 from .._version import __version__
-from . import Auth, RemoteFile, Snapshot
+from .source import RemoteFile, Snapshot
 
 if TYPE_CHECKING:
     import threading
@@ -34,7 +42,59 @@ if TYPE_CHECKING:
     from .._manifest import Manifest
     from .._transfer import Transfer
 
-__all__ = ["HfSource", "get_token", "load_api", "map_error", "raise_for_file_status", "user_agent"]
+__all__ = ["DEFAULT_ENDPOINT", "HfSource", "display_endpoint", "endpoint", "import_hub", "known_tokens",
+           "raise_for_file_status", "user_agent"]
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def endpoint() -> str:
+    """HF_ENDPOINT, without a trailing slash. Raises ConfigError unless it is an http(s) URL with a host."""
+    url = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).strip().rstrip("/")
+    return env.endpoint_url("HF_ENDPOINT", url, example="set HF_ENDPOINT to e.g. https://huggingface.co or unset it",
+                            token="the Hub token goes in HF_TOKEN")
+
+
+def display_endpoint(url: str | None = None) -> str:
+    """The endpoint without any user:password part, for messages."""
+    return env.display_origin(url or endpoint())
+
+
+def import_hub() -> ModuleType:
+    """huggingface_hub, imported (by this or by transformers) only through here: it reads HF_HUB_DOWNLOAD_TIMEOUT
+    once, with int(), at import, so a documented value like ``1.5`` would crash the import. While it imports, it
+    sees the timeout rounded up to whole seconds; the variable is the user's again right after."""
+    if (hub := sys.modules.get("huggingface_hub")) is not None:
+        return hub
+    raw = os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT")
+    if raw is None or raw.strip().lstrip("-").isdigit():
+        import huggingface_hub
+
+        return huggingface_hub
+    os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] = str(math.ceil(env.timeout()))  # ConfigError for a value <= 0
+    try:
+        import huggingface_hub
+    finally:
+        os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] = raw
+    return huggingface_hub
+
+
+def token_file() -> Path:
+    """Where ``hf auth login`` keeps the token: HF_TOKEN_PATH, else $HF_HOME/token (huggingface_hub's rule)."""
+    if path := os.environ.get("HF_TOKEN_PATH"):
+        return Path(os.path.expandvars(path)).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
+    home = os.environ.get("HF_HOME") or str(Path(cache) / "huggingface")
+    return Path(os.path.expandvars(home)).expanduser() / "token"
+
+
+def known_tokens() -> list[str]:
+    """Every Hub token this process could send: HF_TOKEN, HUGGING_FACE_HUB_TOKEN and the stored one."""
+    found = [os.environ.get("HF_TOKEN") or "", os.environ.get("HUGGING_FACE_HUB_TOKEN") or ""]
+    with contextlib.suppress(OSError):
+        found.append(token_file().read_text(encoding="utf-8", errors="replace"))
+    return found
+
 
 def get_token() -> str | None:
     """HF_TOKEN, else the token stored by ``hf auth login``; None when there is none (huggingface_hub's rules).
@@ -42,14 +102,14 @@ def get_token() -> str | None:
     Raises ConfigError for a malformed HF_ENDPOINT, which would otherwise break huggingface_hub's own import.
     """
     endpoint()
-    from huggingface_hub import get_token as _hf_get_token
-
-    return _hf_get_token()
+    token: str | None = import_hub().get_token()
+    return token
 
 
 def load_api() -> None:
     """Import huggingface_hub's HfApi now, before the head start's streams begin: the import holds the GIL,
     and connections that are not read meanwhile cost bytes on a SIGKILL (BENCHMARKS.md)."""
+    import_hub()
     from huggingface_hub import HfApi  # noqa: F401
 
 
@@ -60,9 +120,7 @@ def user_agent() -> str:
 
 def hf_version() -> str:
     """huggingface_hub's version."""
-    from huggingface_hub import __version__ as v
-
-    return v
+    return str(import_hub().__version__)
 
 
 class HfSource:
@@ -72,11 +130,10 @@ class HfSource:
     endpoint_var = "HF_ENDPOINT"
 
     def __init__(self) -> None:
-        from .._transfer import Settings
-
         self.endpoint = endpoint()
         self.token = get_token()
-        self.settings = Settings.from_env()  # the same timeout and retries as the bytes
+        self.timeout = env.timeout()  # the same timeout and retries as the bytes
+        self.retry = RetryPolicy.from_env()
 
     def user_agent(self) -> str:
         return user_agent()
@@ -109,26 +166,22 @@ class HfSource:
         Raises:
             AuthenticationError, RepositoryNotFoundError, RevisionNotFoundError, NetworkError, HubResponseError.
         """
-        from huggingface_hub import HfApi
-
         from .._net import proxy_for
+
+        import_hub()
+        from huggingface_hub import HfApi
 
         proxy_for(self.endpoint)  # a proxy setting our downloads cannot use: ConfigError (exit 3) before any request
         api = HfApi(endpoint=self.endpoint, token=self.token or False, library_name="dinov3-fetcher",
                     library_version=__version__)
-        s = self.settings
-        failures, backoff = 0, s.backoff
+        tries = self.retry.tries()
         while True:
             try:
-                info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=s.timeout)
+                info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=self.timeout)
                 break
             except Exception as exc:
-                failures += 1
-                wait = _retry_wait(exc)
-                if wait is None or failures > s.retries:
+                if not _retryable(exc) or not tries.failed(wait=self.retry.retry_after(_retry_after(exc))):
                     raise_mapped(exc, repo_id, revision)
-                time.sleep(wait if wait >= 0 else backoff)
-                backoff = min(backoff * 2, s.backoff * 8)
         commit = info.sha or ""
         siblings = [(s.rfilename, s.size, s.blob_id, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []]
         if not is_commit(commit):
@@ -148,6 +201,7 @@ class HfSource:
     def _tree(self, api: HfApi, repo_id: str, revision: str, commit: str) -> list[tuple[str, Any, Any, Any]]:
         """The files with sizes and ids from the tree API, for a mirror whose model_info lacks them: olah drops
         ``?blobs=true`` but keeps the tree's sizes, blob ids and LFS sha256s (huggingface_hub reads the same)."""
+        import_hub()
         from huggingface_hub.hf_api import RepoFile
 
         try:
@@ -164,26 +218,29 @@ class HfSource:
 _FAITHFUL = "check that HF_ENDPOINT points at a Hugging Face Hub or a faithful mirror"
 
 
-def _retry_wait(exc: BaseException) -> float | None:
-    """How long to wait before retrying the metadata request after ``exc``: Retry-After (capped) for a 429 or
-    5xx that sends one, -1 for the backoff (other 429/408/5xx, a timeout, a reset, a refused connection), None
-    for an error that a retry cannot fix (401, 404, a malformed answer...)."""
+def _retryable(exc: BaseException) -> bool:
+    """Can another try of the metadata request fix ``exc``: a 408, 429 or 5xx, a timeout, a reset, a refused
+    connection; not a 401, a 404 or a malformed answer."""
     import httpx2
 
-    response = getattr(exc, "response", None)
-    status = getattr(response, "status_code", None)
+    status = getattr(getattr(exc, "response", None), "status_code", None)
     if status is not None:
-        if status not in (408, 429) and status < 500:
-            return None
-        wait = retry_after(response.headers.get("Retry-After"))  # type: ignore[union-attr]
-        return -1.0 if wait is None else wait
-    return -1.0 if isinstance(exc, httpx2.TransportError | OSError) else None
+        return status in (408, 429) or status >= 500
+    return isinstance(exc, httpx2.TransportError | OSError)
+
+
+def _retry_after(exc: BaseException) -> str | None:
+    """The Retry-After header of the answer ``exc`` carries, if any."""
+    response = getattr(exc, "response", None)
+    return None if response is None else response.headers.get("Retry-After")
 
 
 def raise_for_file_status(status: int, headers: dict[str, str], body: bytes, url: str,
                           repo_id: str, revision: str) -> NoReturn:
     """Turn a failed file download (status + X-Error-Code) into our error, via huggingface_hub's reading of it."""
     import httpx2
+
+    import_hub()
     from huggingface_hub import hf_raise_for_status
 
     response = httpx2.Response(status, headers=headers, content=body, request=httpx2.Request("GET", url))
@@ -192,7 +249,7 @@ def raise_for_file_status(status: int, headers: dict[str, str], body: bytes, url
     except Exception as exc:
         raise_mapped(exc, repo_id, revision)
     name = urlsplit(url).path.rsplit("/", 1)[-1]  # never the query: a signed URL's query is a credential
-    raise NetworkError(f"{display_origin(url)} answered HTTP {status} for {name}",
+    raise NetworkError(f"{env.display_origin(url)} answered HTTP {status} for {name}",
                        "retry later; the next run resumes where this one stopped")
 
 
@@ -212,11 +269,11 @@ def raise_mapped(exc: BaseException, repo_id: str, revision: str) -> NoReturn:
     raise map_error(exc, repo_id, revision) from exc
 
 
-def map_error(exc: BaseException, repo_id: str, revision: str) -> BaseException:
+def map_error(exc: BaseException, repo_id: str, revision: str) -> FetcherError:
     """The FetcherError that says what a huggingface_hub or httpx2 exception means for the user."""
-    if isinstance(exc, FetcherError):
-        return exc
     import httpx2
+
+    import_hub()
     from huggingface_hub import errors as hf_errors
 
     status = getattr(getattr(exc, "response", None), "status_code", None)
@@ -256,8 +313,6 @@ def map_error(exc: BaseException, repo_id: str, revision: str) -> BaseException:
         return NetworkError(f"{ep} answered HTTP {status} for {repo_id} without a Hub error code",
                             "check that HF_ENDPOINT points at the Hugging Face Hub or a mirror of it")
     if isinstance(exc, hf_errors.OfflineModeIsEnabled):
-        from .._errors import LocalEntryNotFoundError
-
         return LocalEntryNotFoundError("HF_HUB_OFFLINE is set and the checkpoint is not complete on disk",
                                        "unset HF_HUB_OFFLINE to download it")
     if isinstance(exc, httpx2.HTTPError | OSError):

@@ -1,6 +1,6 @@
 """ModelScope (modelscope.cn and its mirrors) as a source: the listing, the file URLs, the credential, the errors.
 
-What the real client (modelscope_hub 0.5.1) does, and so what this module does (/work/shared/MODELSCOPE.md):
+What the real client (modelscope_hub 0.5.1) does, and so what this module does:
 
 - Endpoint: ``MODELSCOPE_ENDPOINT``, else the deprecated ``MODELSCOPE_DOMAIN``, else https://modelscope.cn; a bare
   host gets ``https://``, a trailing ``/`` is dropped. Everything lives under ``{endpoint}/api/v1``.
@@ -17,7 +17,10 @@ No huggingface_hub and no modelscope package here: the listing goes through our 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import http.client
 import io
 import json
 import os
@@ -29,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import quote, quote_plus, unquote_plus, urlsplit
 
-from .._env import display_origin, retry_after
+from .. import _env as env
 from .._errors import (
     AuthenticationError,
     ConfigError,
@@ -38,17 +41,19 @@ from .._errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from .._http import Auth, HttpPool, origin_key
+from .._ids import is_repo_id, is_sha256
+from .._retry import RetryPolicy, TryAgain
 from .._version import __version__
-from . import Auth, RemoteFile, Snapshot
+from .source import RemoteFile, Snapshot
 
 if TYPE_CHECKING:
     import threading
 
-    from .._http import HttpPool
     from .._manifest import Manifest
     from .._transfer import Transfer
 
-__all__ = ["DEFAULT_ENDPOINT", "ModelScopeSource", "endpoint", "saved_token", "token"]
+__all__ = ["DEFAULT_ENDPOINT", "ModelScopeSource", "endpoint", "known_tokens", "saved_token", "token"]
 
 NAME = "modelscope"
 DEFAULT_ENDPOINT = "https://modelscope.cn"
@@ -56,8 +61,6 @@ LISTING_LIMIT = 3000  # the site cuts a listing at this many entries, silently (
 _MAX_LISTING_BYTES = 64 << 20
 _MAX_COOKIE_FILE = 1 << 20
 _RETRY_AFTER_CAP = 60.0
-_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 _TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # what a header and a cookie value can carry as is
 
 
@@ -74,23 +77,9 @@ def endpoint() -> str:
     value = raw.strip() or DEFAULT_ENDPOINT
     if not value.lower().startswith(("http://", "https://")):
         value = f"https://{value}"
-    value = value.rstrip("/")
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
-        ok = bool(parts.hostname) and not parts.query and not parts.fragment and " " not in value
-        userinfo = parts.username is not None or parts.password is not None
-    except ValueError:
-        ok, userinfo = False, False
-    shown = re.sub(r"//[^/@]*@", "//***@", value)  # never print a password
-    if not ok:
-        raise ConfigError(f"{name}={shown!r} is not an http(s) URL",
-                          f"set {name} to e.g. https://modelscope.cn (or https://www.modelscope.ai), or unset it")
-    if userinfo:
-        raise ConfigError(f"{name}={shown!r} carries a user name or password, which downloads cannot use",
-                          f"remove 'user:password@' from {name}: the token goes in MODELSCOPE_API_TOKEN, a proxy's "
-                          "credentials in HTTPS_PROXY")
-    return value
+    return env.endpoint_url(name, value.rstrip("/"), token="the token goes in MODELSCOPE_API_TOKEN",
+                            example=f"set {name} to e.g. https://modelscope.cn (or https://www.modelscope.ai), or "
+                                    "unset it")
 
 
 def credentials_file() -> Path:
@@ -176,12 +165,12 @@ def token() -> str | None:
     return value or None
 
 
-# ---------------------------------------------------------------- HTTP
-
-class _Retry(Exception):
-    def __init__(self, why: str, wait: float | None = None) -> None:
-        super().__init__(why)
-        self.wait = wait
+def known_tokens() -> list[str]:
+    """Every ModelScope token this process could send: MODELSCOPE_API_TOKEN and the saved login."""
+    found = [os.environ.get("MODELSCOPE_API_TOKEN") or ""]
+    with contextlib.suppress(Exception):  # no home folder is no login
+        found.append(saved_token() or "")
+    return found
 
 
 # ---------------------------------------------------------------- the source
@@ -189,29 +178,30 @@ class _Retry(Exception):
 class ModelScopeSource:
     """The ``Source`` for ModelScope. ``ModelScopeSource.from_env()`` is what ``get_source("modelscope")`` returns.
 
-    ``retries`` bounds the extra tries of the listing after a 429, a 5xx or a connection error; the wait is
-    Retry-After when given (capped at 60 s), else ``backoff`` doubled per try (capped at 8x).
+    ``retry`` bounds the extra tries of the listing after a 429, a 5xx or a connection error; the wait is
+    Retry-After when given (capped at 60 s here), else the policy's backoff.
     """
 
     name = NAME
     endpoint_var = "MODELSCOPE_ENDPOINT"
 
-    def __init__(self, endpoint: str, token: str | None = None, *, timeout: float = 30.0, retries: int = 4,
-                 backoff: float = 1.0) -> None:
+    def __init__(self, endpoint: str, token: str | None = None, *, timeout: float = env.DEFAULT_TIMEOUT,
+                 retry: RetryPolicy | None = None) -> None:
         self.endpoint = endpoint.rstrip("/")
         self._token = token or None
         self.timeout = timeout
-        self.retries = max(0, retries)
-        self.backoff = max(0.0, backoff)
+        self.retry = dataclasses.replace(retry or RetryPolicy(), retry_after_cap=_RETRY_AFTER_CAP)
         self._user_agent = f"dinov3-fetcher/{__version__}; source/modelscope"
 
     @classmethod
     def from_env(cls) -> ModelScopeSource:
         """The endpoint and token from the environment; the timeout, retries and backoff the bytes use."""
-        from .._transfer import Settings
+        return cls(endpoint(), token(), timeout=env.timeout(), retry=RetryPolicy.from_env())
 
-        s = Settings.from_env()
-        return cls(endpoint(), token(), timeout=s.timeout, retries=s.retries, backoff=s.backoff)
+    @property
+    def _site(self) -> str:
+        """The endpoint's scheme://host:port, for messages."""
+        return env.display_origin(self.endpoint)
 
     def __repr__(self) -> str:  # never the token
         return f"ModelScopeSource({self.endpoint!r}, token={'set' if self._token else 'none'})"
@@ -220,7 +210,7 @@ class ModelScopeSource:
     def auth(self) -> Auth | None:
         if not self._token:
             return None
-        return Auth(display_origin(self.endpoint),
+        return Auth(self._site,
                     {"Authorization": f"Bearer {self._token}", "Cookie": f"m_session_id={self._token}"})
 
     def user_agent(self) -> str:
@@ -233,8 +223,6 @@ class ModelScopeSource:
 
     def pool(self) -> HttpPool:
         """A pool whose requests to the endpoint carry the credential, and to nowhere else."""
-        from .._http import HttpPool  # here, not at import: the CLI's scrubbing imports this module for saved_token
-
         return HttpPool(self.timeout, self._user_agent, self.auth())
 
     def file_url(self, snap: Snapshot, name: str) -> str:
@@ -244,7 +232,7 @@ class ModelScopeSource:
                 f"?Revision={quote_plus(snap.revision)}&FilePath={quote_plus(name)}")
 
     def snapshot(self, repo_id: str, revision: str) -> Snapshot:
-        if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+        if not is_repo_id(repo_id):
             raise ConfigError(f"{repo_id!r} is not a ModelScope model id",
                               "use owner/name, e.g. facebook/dinov3-vitl16-pretrain-lvd1689m")
         revision = revision or "master"
@@ -256,10 +244,8 @@ class ModelScopeSource:
 
     def raise_for_status(self, status: int, headers: Mapping[str, str], body: bytes, url: str,
                          repo_id: str, revision: str) -> NoReturn:
-        ep = display_origin(self.endpoint)
+        ep = self._site
         name = _file_name(url)
-        from .._http import origin_key
-
         if origin_key(url) != origin_key(self.endpoint):  # the storage host a download was redirected to
             if status in (401, 403):
                 raise NetworkError(f"the storage host refused {name} (HTTP {status}; its signed URL expired?)",
@@ -281,26 +267,21 @@ class ModelScopeSource:
     # ---- listing ----
     def _get_listing(self, url: str, repo_id: str, revision: str) -> bytes:
         pool = self.pool()
-        wait = self.backoff
+        tries = self.retry.tries()
         try:
-            for attempt in range(self.retries + 1):
+            while True:
                 try:
                     return self._get_once(pool, url, repo_id)
-                except _Retry as r:
-                    if attempt >= self.retries:
+                except TryAgain as r:
+                    if not tries.failed(wait=r.wait):
                         raise NetworkError(
-                            f"cannot list {repo_id} on {display_origin(self.endpoint)} (MODELSCOPE_ENDPOINT): "
-                            f"{r} after {attempt + 1} tries",
+                            f"cannot list {repo_id} on {self._site} (MODELSCOPE_ENDPOINT): "
+                            f"{r} after {tries.failures} tries",
                             "check the network or retry later; MODELSCOPE_ENDPOINT can point at a mirror") from None
-                    time.sleep(r.wait if r.wait is not None else wait)
-                    wait = min(wait * 2, self.backoff * 8)
         finally:
             pool.close()
-        raise AssertionError("unreachable")
 
     def _get_once(self, pool: HttpPool, url: str, repo_id: str) -> bytes:
-        import http.client
-
         try:
             final, conn, resp = pool.get(url, {"Accept": "application/json"})
             try:
@@ -308,36 +289,36 @@ class ModelScopeSource:
             finally:
                 pool.finish(final, conn, resp)
         except (OSError, http.client.HTTPException) as exc:
-            raise _Retry(type(exc).__name__) from None
+            raise TryAgain(type(exc).__name__) from None
         if resp.status == 429 or resp.status >= 500:
-            raise _Retry(f"HTTP {resp.status}", retry_after(resp.getheader("Retry-After"), _RETRY_AFTER_CAP))
+            raise TryAgain(f"HTTP {resp.status}", self.retry.retry_after(resp.getheader("Retry-After")))
         if resp.status in (401, 403):
             raise self._denied(resp.status, repo_id)
         if resp.status == 404:
             hint = ("check the id ('dinov3-fetcher list' shows the official ones)" +
                     ("" if self._token else "; a private repo also needs MODELSCOPE_API_TOKEN"))
-            raise RepositoryNotFoundError(f"repo {repo_id} was not found on {display_origin(self.endpoint)}", hint)
+            raise RepositoryNotFoundError(f"repo {repo_id} was not found on {self._site}", hint)
         if resp.status != 200:
-            raise NetworkError(f"{display_origin(self.endpoint)} answered HTTP {resp.status} to the listing of "
+            raise NetworkError(f"{self._site} answered HTTP {resp.status} to the listing of "
                                f"{repo_id}", "check that MODELSCOPE_ENDPOINT points at ModelScope or a mirror of it")
         if len(body) > _MAX_LISTING_BYTES:
             raise self._malformed(repo_id, "a listing larger than 64 MiB")
         return body
 
     def _denied(self, status: int, repo_id: str) -> AuthenticationError:
-        page = f"{display_origin(self.endpoint)}/models/{repo_id}"
+        page = f"{self._site}/models/{repo_id}"
         if self._token is None:
             return AuthenticationError(
-                f"{repo_id} is private or gated on {display_origin(self.endpoint)} and no token was sent ({status})",
+                f"{repo_id} is private or gated on {self._site} and no token was sent ({status})",
                 f"request access at {page}, then set MODELSCOPE_API_TOKEN to an access token "
-                f"({display_origin(self.endpoint)}/my/myaccesstoken) or run 'modelscope login'", status=status)
+                f"({self._site}/my/myaccesstoken) or run 'modelscope login'", status=status)
         return AuthenticationError(
             f"your ModelScope token has no access to {repo_id} ({status})",
             f"request access at {page} and wait for approval, or set MODELSCOPE_API_TOKEN to a token that has it",
             status=status)
 
     def _malformed(self, repo_id: str, what: str) -> HubResponseError:
-        return HubResponseError(f"{display_origin(self.endpoint)} answered {what} for {repo_id}",
+        return HubResponseError(f"{self._site} answered {what} for {repo_id}",
                                 "check that MODELSCOPE_ENDPOINT points at ModelScope or a faithful mirror")
 
     def _parse_listing(self, body: bytes, repo_id: str, revision: str) -> dict[str, RemoteFile]:
@@ -351,7 +332,7 @@ class ModelScopeSource:
         entries = (data or {}).get("Files")
         if not entries:  # Files: null is how the site says "no such revision" (with 200)
             raise RevisionNotFoundError(f"revision {revision!r} of {repo_id} has no files on "
-                                        f"{display_origin(self.endpoint)} (the site's answer for an unknown revision)",
+                                        f"{self._site} (the site's answer for an unknown revision)",
                                         "pass a branch, tag or commit that exists (ModelScope's default is master)")
         if not isinstance(entries, list):
             raise self._malformed(repo_id, "a listing whose Files is not a list")
@@ -368,7 +349,7 @@ class ModelScopeSource:
                 raise self._malformed(repo_id, "a listing entry without a Path")
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise self._malformed(repo_id, f"no valid Size for {path!r}")
-            if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            if not isinstance(sha, str) or not is_sha256(sha.lower()):
                 raise self._malformed(repo_id, f"no valid Sha256 for {path!r}")
             if path in files:
                 raise self._malformed(repo_id, f"{path!r} twice in the listing")

@@ -48,7 +48,6 @@ from .files import (
 from .owners import (
     _BEATS,
     HEARTBEAT_EVERY,
-    HOST,
     PROGRESS_PAGE,
     STALE_AFTER,
     host,
@@ -58,7 +57,7 @@ from .owners import (
     stale_after,
 )
 
-__all__ = ["HEARTBEAT_EVERY", "HOST", "PROGRESS_PAGE", "SPACE_MARGIN", "STALE_AFTER", "StateDir", "atomic_write_bytes",
+__all__ = ["HEARTBEAT_EVERY", "PROGRESS_PAGE", "SPACE_MARGIN", "STALE_AFTER", "StateDir", "atomic_write_bytes",
            "encode_progress", "host", "open_data", "other_host", "owner_gone", "owner_tag", "read_progress",
            "record_for", "remaining", "save_progress", "stale_after", "write_new"]
 

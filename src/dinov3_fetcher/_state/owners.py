@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import threading
 import time
 from pathlib import Path
+
+from .. import _env as env
 
 PROGRESS_PAGE = 4096  # progress.json is padded to one page, so that it can be rewritten in place
 
@@ -15,10 +16,9 @@ PROGRESS_PAGE = 4096  # progress.json is padded to one page, so that it can be r
 def host() -> str:
     """This host as the claim and staged folders name it (``DINOV3_FETCHER_HOSTNAME``, else the host name), with
     no dots: the folders are named ``<...>.<host>.<pid>``."""
-    return (os.environ.get("DINOV3_FETCHER_HOSTNAME") or socket.gethostname()).replace(".", "_")
+    return env.host_name().replace(".", "_")
 
 
-HOST = host()  # as at import; owner_tag() reads the variable at call time
 HEARTBEAT_EVERY = 1.0  # seconds between two beats of a live fetcher's heartbeat files
 # Seconds that this process must itself have watched the heartbeat of a folder owned by a fetcher on ANOTHER
 # host stay unchanged before that folder counts as abandoned (on this host a dead pid decides). The owner beats
@@ -29,11 +29,7 @@ STALE_AFTER = {"partial": 10.0, "staged": 10.0}
 
 def stale_after(kind: str) -> float:
     """``STALE_AFTER[kind]``, or DINOV3_FETCHER_STALE_AFTER (seconds) when it is set to a number >= 0."""
-    try:
-        value = float(os.environ.get("DINOV3_FETCHER_STALE_AFTER", ""))
-    except ValueError:
-        return STALE_AFTER[kind]
-    return value if value >= 0 and value == value and value != float("inf") else STALE_AFTER[kind]
+    return env.stale_after(STALE_AFTER[kind])
 
 
 def owner_tag() -> str:
