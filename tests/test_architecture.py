@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,11 +33,21 @@ def test_the_seeds_import_path_keeps_working() -> None:
     assert validate_dinov3 is dinov3_fetcher.validate_dinov3
 
 
-def test_importing_the_package_loads_no_internal_module_but_its_version() -> None:
+def test_importing_the_package_loads_no_internal_module() -> None:
     code = ("import sys, dinov3_fetcher; "
             "print(sorted(m for m in sys.modules if m.startswith('dinov3_fetcher.') or m == 'huggingface_hub'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['dinov3_fetcher._version']"
+    assert out.strip() == "[]"
+
+
+def test_importing_every_module_leaves_the_environment_as_it_was() -> None:
+    modules = sorted(".".join(("dinov3_fetcher", *p.relative_to(SRC).with_suffix("").parts)).removesuffix(".__init__")
+                     for p in SRC.rglob("*.py") if p.name != "__main__.py")  # importing __main__ runs the CLI
+    code = ("import importlib, os, sys; before = dict(os.environ); "
+            "[importlib.import_module(m) for m in sys.argv[1:]]; print(dict(os.environ) == before)")
+    env = {**os.environ, "HF_HUB_DOWNLOAD_TIMEOUT": "1.5", "HF_ENDPOINT": "http://127.0.0.1:9/"}
+    out = subprocess.run([sys.executable, "-c", code, *modules], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
 
 
 def test_every_module_but_the_package_root_and_the_seeds_path_is_private() -> None:

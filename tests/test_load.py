@@ -129,6 +129,17 @@ def test_verify_load_through_the_cli(fetched: Path, run_cli: Any) -> None:
 
 
 @needs_load
+def test_load_teacher_with_a_fractional_hub_timeout(fetched: Path) -> None:
+    # transformers imports huggingface_hub, which reads HF_HUB_DOWNLOAD_TIMEOUT with int() when it loads
+    code = ("import sys; from dinov3_fetcher import load_teacher; "
+            "model, _ = load_teacher(sys.argv[1], fetch=False); print(type(model).__name__)")
+    proc = subprocess.run([sys.executable, "-c", code, str(fetched)], env=cli_env(HF_HUB_DOWNLOAD_TIMEOUT="1.5"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "DINOv3ViTModel"
+
+
+@needs_load
 def test_verify_load_unknown_device_exits_14(fetched: Path, run_cli: Any) -> None:
     proc = run_cli("verify", "--dino-root", str(fetched), "--load", "--device", "tpu-please")
     assert proc.returncode == 14, proc.stderr

@@ -8,6 +8,7 @@ huggingface_hub is imported only when a request is about to be made: a warm run 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import os
 import sys
@@ -61,22 +62,17 @@ def display_endpoint(url: str | None = None) -> str:
 
 
 def import_hub() -> ModuleType:
-    """huggingface_hub, imported (by this or by transformers) only through here: it reads HF_HUB_DOWNLOAD_TIMEOUT
-    once, with int(), at import, so a documented value like ``1.5`` would crash the import. While it imports, it
-    sees the timeout rounded up to whole seconds; the variable is the user's again right after."""
-    if (hub := sys.modules.get("huggingface_hub")) is not None:
-        return hub
+    """huggingface_hub, imported (by this or by transformers) only through here: its constants read
+    HF_HUB_DOWNLOAD_TIMEOUT once, with int(), so a documented value like ``1.5`` would crash the import. While
+    they are read, the variable shows the timeout rounded up to whole seconds; it is the user's again right after."""
     raw = os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT")
-    if raw is None or raw.strip().lstrip("-").isdigit():
-        import huggingface_hub
-
-        return huggingface_hub
-    os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] = str(math.ceil(env.timeout()))  # ConfigError for a value <= 0
-    try:
-        import huggingface_hub
-    finally:
-        os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] = raw
-    return huggingface_hub
+    if "huggingface_hub.constants" not in sys.modules and raw is not None and not raw.strip().lstrip("-").isdigit():
+        os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] = str(math.ceil(env.timeout()))  # ConfigError for a value <= 0
+        try:
+            importlib.import_module("huggingface_hub.constants")
+        finally:
+            os.environ["HF_HUB_DOWNLOAD_TIMEOUT"] = raw
+    return importlib.import_module("huggingface_hub")
 
 
 def token_file() -> Path:
