@@ -157,16 +157,21 @@ class LinkProxy:
     """Listens on ``listen_host`` (a free port) and forwards to ``upstream`` through an emulated link.
 
     ``shaped=False`` keeps the latency but no rate caps (the Hub's API link: small answers).
+    ``kernel=True`` leaves the rates to the kernel: each client connection's socket gets the per-connection cap
+    as ``SO_MAX_PACING_RATE`` (TCP's own pacing), and the shared cap is left to a ``tc tbf`` in front of the
+    clients (bench/netns.py); the proxy then only delays.
     ``conns`` lists every connection's ``ConnStats``; ``clear()`` forgets them. ``window`` (seconds) sets the
-    width of the per-connection byte-count windows in ``ConnStats.windows`` (for the self-test).
+    width of the per-connection byte-count windows in ``ConnStats.windows`` (the self-test; the bench's
+    streams-over-time).
     """
 
     def __init__(self, upstream: tuple[str, int], listen_host: str, profile: Profile, *, shaped: bool = True,
-                 window: float = 0.0) -> None:
+                 window: float = 0.0, kernel: bool = False) -> None:
         self.upstream = upstream
         self.profile = profile
-        self.per_conn = profile.per_conn_bps if shaped else None
-        self.shared = Shaper(profile.shared_bps if shaped else None)
+        self.pacing = int(profile.per_conn_bps) if shaped and kernel and profile.per_conn_bps else 0
+        self.per_conn = profile.per_conn_bps if shaped and not kernel else None
+        self.shared = Shaper(profile.shared_bps if shaped and not kernel else None)
         self.window = window
         self.t0 = time.monotonic()
         self.conns: list[ConnStats] = []
@@ -226,6 +231,8 @@ class LinkProxy:
             return
         for s in (client, upstream):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.pacing:
+            client.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_MAX_PACING_RATE", 47), self.pacing)
         down = threading.Thread(target=self._downlink, args=(upstream, client, st), daemon=True, name="link-down")
         down.start()
         self._uplink(client, upstream, st)

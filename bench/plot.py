@@ -62,7 +62,9 @@ def draw_links(results: dict[str, Any], out: Path) -> Path:
     ax.set_ylabel("seconds (median; line: fastest to slowest round)")
     ax.set_xticks(range(len(groups)), groups)
     versions = results.get("versions", {})
-    ax.set_title(f"{results.get('size', 0) / 1e9:.2f} GB checkpoint, {results.get('rounds', '?')} rounds, "
+    size = results.get("size") or results.get("shard_size") or 0
+    ax.set_title(f"{results.get('checkpoint', '')} {size / 1e9:.2f} GB checkpoint, "
+                 f"{results.get('rounds', '?')} rounds, "
                  f"{versions.get('cpus', '?')} CPUs, {results.get('when', '')}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

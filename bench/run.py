@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from link import PROFILES, ConnStats, LinkProxy, Profile
-from servers import HubServer, NginxCdn, find_nginx, make_repo, repo_files
+from netns import KernelLink, kernel_link_available
+from servers import CHECKPOINTS, Checkpoint, HubServer, NginxCdn, find_nginx, make_repo, repo_files
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
@@ -48,8 +49,12 @@ REPO = "facebook/dinov3-vitl16-pretrain-lvd1689m"
 SHARDED_REPO = "facebook/dinov3-vitl16-pretrain-sat493m"  # same architecture, so the registry check passes
 MODEL = "model.safetensors"
 MiB = 1 << 20
-SCENARIOS = ("cold", "warm", "resume", "sharded", "throttled", "rehash", "startup", "link")
+SCENARIOS = ("cold", "warm", "resume", "sharded", "throttled", "rehash", "startup", "link", "diskspace")
+SINGLE_ONLY = ("cold", "warm", "throttled", "rehash")  # the scenarios that time the single-file layout
 LINK_TOOLS = ("dinov3-fetcher", "aria2c + sha256", "curl + sha256", "hf download")
+BEFORE = "dinov3-fetcher before"  # --before: another build of this tool, timed in the same rounds
+TIMELINE = 0.25  # seconds per window of the CDN proxy's byte counts (streams and rate over time)
+GiB = 1 << 30
 # The flags of the popular hfd.sh script (aria2c -x16 -s16 -k1M -j5), with its --file-allocation=none.
 ARIA2C = ["aria2c", "-x16", "-s16", "-k1M", "-j5", "--file-allocation=none", "--console-log-level=error",
           "--summary-interval=0", "--allow-overwrite=true", "--auto-file-renaming=false"]
@@ -62,6 +67,7 @@ class Proc:
     rc: int
     requests: int = 0  # requests the Hub emulator saw during the run
     t0: float = 0.0  # time.monotonic() just before the process started
+    cpu: float = 0.0  # user + system CPU seconds of the process and its children (wait4's rusage)
 
 
 @dataclass
@@ -78,6 +84,9 @@ class Bench:
     facts: dict[str, Any] = field(default_factory=dict)
     endpoint: str | None = None  # HF_ENDPOINT for the tools when not the emulator's own (a link proxy's)
     sharded_dir: Path | None = None
+    ckpt: Checkpoint = CHECKPOINTS["vitl16"]
+    wrap: Callable[[list[str]], list[str]] | None = None  # runs a tool inside the kernel link's namespace
+    no_proxy: str = "127.0.0.1,127.0.0.2,localhost"
 
     # ---------- running things ----------
     def env(self, hf_home: Path | None = None, **extra: str) -> dict[str, str]:
@@ -85,7 +94,7 @@ class Bench:
                if not k.startswith(("DINOV3_FETCHER_", "HF_")) and k.lower() not in
                ("http_proxy", "https_proxy", "all_proxy")}
         env.update(HF_ENDPOINT=self.endpoint or self.hub.endpoint, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
-                   HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY="127.0.0.1,127.0.0.2,localhost",
+                   HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY=self.no_proxy,
                    HF_HOME=str(hf_home or self.work / "hf_home"))
         env.update(extra)
         return env
@@ -99,7 +108,8 @@ class Bench:
         with open(err, "wb") as ef:
             t0m = time.monotonic()
             t0 = time.perf_counter()
-            p = subprocess.Popen(argv, env=env or self.env(), stdout=subprocess.DEVNULL, stderr=ef)
+            p = subprocess.Popen(self.wrap(argv) if self.wrap else argv, env=env or self.env(),
+                                 stdout=subprocess.DEVNULL, stderr=ef)
             while True:
                 pid, status, ru = os.wait4(p.pid, os.WNOHANG if kill_when else 0)
                 if pid:
@@ -113,7 +123,14 @@ class Bench:
         p.returncode = os.waitstatus_to_exitcode(status)
         if check and p.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} exited {p.returncode}: {err.read_text()[-2000:]}")
-        return Proc(dt, ru.ru_maxrss / 1024, p.returncode, len(self.hub.requests) - n0, t0m)
+        return Proc(dt, ru.ru_maxrss / 1024, p.returncode, len(self.hub.requests) - n0, t0m,
+                    ru.ru_utime + ru.ru_stime)
+
+    def label(self, kind: str) -> str:
+        """The checkpoint of a run in words: '1.21 GB vitl16, single file'."""
+        if kind == "single":
+            return f"{self.size / 1e9:.2f} GB {self.ckpt.name}, single file"
+        return f"{self.shard_size / 1e9:.2f} GB {self.ckpt.name}, {len(self.shard_names)} shards"
 
     def record(self, scenario: str, tool: str, value: float) -> None:
         self.times.setdefault(scenario, {}).setdefault(tool, []).append(value)
@@ -194,12 +211,19 @@ class Bench:
         self.facts["warm_heavy_imports"] = heavy
 
     def resume(self) -> None:
-        """SIGKILL each tool once half the file has been served, run it again, count the bytes served again."""
-        half = self.size // 2
+        """SIGKILL each tool once half the weights have been served, run it again, count the bytes served again.
+
+        The single file when the checkpoint has one, else its shards (the 7B: 13.4 GB served, then the kill).
+        The emulator's CDN counts the bytes; the bound is the one the transfer documents (``resume_bound``)."""
+        single = "single" in self.ckpt.kinds
+        names, repo = ([MODEL], REPO) if single else (self.shard_names, SHARDED_REPO)
+        total = self.size if single else self.shard_size
+        half = total // 2
         self.facts["resume"] = res = {}
+        self.facts["resume_bound"] = resume_bound()
 
         def served() -> int:
-            return self.hub.bytes_served(MODEL)
+            return sum(self.hub.bytes_served(n) for n in names)
 
         def one(tool: str, argv: list[str], env: dict[str, str], on_disk: Callable[[], int]) -> None:
             self.hub.clear()
@@ -207,40 +231,71 @@ class Bench:
             time.sleep(0.3)  # let the server threads notice the dead connections
             served1, have = served(), on_disk()
             self.hub.clear()
-            self.run(argv, env)
+            p = self.run(argv, env)
             served2 = served()
-            missing = self.size - have
+            missing = total - have
             r = res.setdefault(tool, [])
             r.append({"killed_rc": first.rc, "served_before_kill": served1, "on_disk_after_kill": have,
-                      "missing": missing, "served_on_resume": served2, "excess": served2 - missing})
+                      "missing": missing, "served_on_resume": served2, "excess": served2 - missing,
+                      "rss_mb": max(first.rss_mb, p.rss_mb)})
             self.record("resume", tool, (served2 - missing) / MiB)
+            self.record("resume rss", tool, max(first.rss_mb, p.rss_mb))
 
-        ours, hf, out = self.work / "ours_resume", self.work / "hf_resume", self.work / "curl_resume.bin"
+        ours, hf, out = self.work / "ours_resume", self.work / "hf_resume", self.work / "curl_resume"
 
         def ours_disk() -> int:
-            return sum(_data_bytes(p) for p in (ours / ".dinov3-fetcher" / "partial").glob("*/data"))
+            state = ours / ".dinov3-fetcher"
+            staged = sum(p.stat().st_size for p in (state / "staged").rglob("*") if p.is_file() and p.name in names)
+            return staged + sum(_data_bytes(p) for p in (state / "partial").glob("*/data"))
 
         def hf_disk() -> int:
-            return sum(_data_bytes(p) for p in hf.rglob("*.incomplete"))
+            return sum(_data_bytes(p) for p in hf.rglob("*.incomplete")) + sum(
+                (hf / n).stat().st_size for n in names if (hf / n).is_file())
 
         def run_ours() -> None:
             self.fresh(ours)
-            one("dinov3-fetcher", [FETCHER, "--dino-root", str(ours), "--model", REPO, "-q"], self.env(), ours_disk)
+            one("dinov3-fetcher", [FETCHER, "--dino-root", str(ours), "--model", repo, "-q"], self.env(), ours_disk)
 
         def run_hf() -> None:
             self.fresh(hf, self.work / "hf_home_resume")
-            one("hf download", [HF, "download", REPO, "--local-dir", str(hf)], self.env(self.work / "hf_home_resume"),
+            one("hf download", [HF, "download", repo, "--local-dir", str(hf)], self.env(self.work / "hf_home_resume"),
                 hf_disk)
 
         def run_curl() -> None:
             self.fresh(out)
-            one("curl -C -", ["curl", "-sSfL", "-C", "-", "-o", str(out), self.url(REPO, MODEL)], self.env(),
-                lambda: _data_bytes(out))
+            out.mkdir()
+            pairs = [x for n in names for x in ("-o", str(out / n), self.url(repo, n))]
+            one("curl -C -", ["curl", "-sSfL", "-C", "-", *pairs], self.env(),
+                lambda: sum(_data_bytes(out / n) for n in names))
 
+        tools = {"dinov3-fetcher": run_ours, "hf download": run_hf, "curl -C -": run_curl}
+        if self.shard_size > 4 * GiB:  # the 7B: this tool alone (each peer would take minutes per run)
+            tools = {"dinov3-fetcher": run_ours}
         with self.emulator_cdn_only():
-            self.rounds({"dinov3-fetcher": run_ours, "hf download": run_hf, "curl -C -": run_curl},
-                        min(self.args.rounds, 2))
+            self.rounds(tools, min(self.args.rounds, 2))
         self.fresh(ours, hf, out)
+
+    def diskspace(self) -> None:
+        """The weights need more space than dino_root's disk has (a tmpfs one shard bigger than nothing): the
+        fetch must fail with the disk-space error before the first weight byte is served."""
+        names, repo = (self.shard_names, SHARDED_REPO) if self.shard_names else ([MODEL], REPO)
+        largest = max(((self.sharded_dir or Path()) / n).stat().st_size if self.shard_names else self.size
+                      for n in names)
+        mnt = self.work / "diskspace"
+        mnt.mkdir(exist_ok=True)
+        size = largest + 256 * MiB  # room for one shard (and more than any margin), not for the checkpoint
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
+        try:
+            with self.emulator_cdn_only():
+                self.hub.clear()
+                p = self.run([FETCHER, "--dino-root", str(mnt / "dinov3"), "--model", repo, "-q"], check=False)
+                time.sleep(0.3)
+                served = sum(self.hub.bytes_served(n) for n in names)
+            err = (self.work / "stderr.txt").read_text(errors="replace").strip().splitlines()
+            self.facts["diskspace"] = {"disk_bytes": size, "exit_code": p.rc, "weight_bytes_served": served,
+                                       "message": err[-1] if err else ""}
+        finally:
+            subprocess.run(["umount", str(mnt)], check=False)
 
     def sharded(self) -> None:
         ours, hf, outs = self.work / "ours_sharded", self.work / "hf_sharded", self.work / "curl_sharded"
@@ -329,38 +384,58 @@ class Bench:
                     max(10, self.args.rounds))
 
     def link(self) -> None:
-        """Each --link profile: the four tools through the emulated link (bench/link.py), per checkpoint."""
-        for spec in self.args.link_specs:
-            prof, kind = PROFILES[spec[0]], spec[1]
-            print(f"[link {prof.name} {kind}] ...", file=sys.stderr, flush=True)
-            with self.linked(prof) as (hub_link, cdn_link):
-                self.link_one(prof, kind, hub_link, cdn_link)
+        """Each --link profile: the tools through the emulated link (bench/link.py), per checkpoint layout."""
+        for prof_name, kind, kernel in self.args.link_specs:
+            prof = PROFILES[prof_name]
+            print(f"[link {link_label(prof_name, kernel)} {kind}] ...", file=sys.stderr, flush=True)
+            with self.linked(prof, kernel) as (hub_link, cdn_link, klink):
+                self.link_one(prof, kind, hub_link, cdn_link, klink)
 
     @contextlib.contextmanager
-    def linked(self, prof: Profile) -> Iterator[tuple[LinkProxy | None, LinkProxy | None]]:
-        """Put the Hub and the CDN behind ``prof`` (the CDN on 127.0.0.2); 'none' talks to them directly."""
-        if prof.name == "none":
-            yield None, None
+    def linked(self, prof: Profile, kernel: bool = False
+               ) -> Iterator[tuple[LinkProxy | None, LinkProxy | None, KernelLink | None]]:
+        """Put the Hub and the CDN behind ``prof`` (the CDN on 127.0.0.2); 'none' talks to them directly.
+
+        ``kernel``: the tools run in a network namespace behind a ``tc tbf`` with the profile's shared rate
+        (bench/netns.py); the proxies listen on the veth's host side, delay as always, and leave the rates to
+        the kernel (the per-connection cap as each socket's pacing rate)."""
+        if prof.name == "none" and not kernel:
+            yield None, None, None
             return
+        klink = KernelLink(prof.shared_bps, queue=max(prof.rtt, 0.02)) if kernel else None
         saved = self.hub.cdn_endpoint
         host, port = saved.removeprefix("http://").rsplit(":", 1)
-        cdn_link = LinkProxy((host, int(port)), "127.0.0.2", prof)
         h, p = self.hub.endpoint.removeprefix("http://").rsplit(":", 1)
-        hub_link = LinkProxy((h, int(p)), "127.0.0.1", prof, shaped=False)
-        self.hub.cdn_endpoint, self.endpoint = cdn_link.endpoint, hub_link.endpoint
         try:
-            yield hub_link, cdn_link
+            cdn_link = LinkProxy((host, int(port)), klink.host if klink else "127.0.0.2", prof, window=TIMELINE,
+                                 kernel=kernel)
+            hub_link = LinkProxy((h, int(p)), klink.host if klink else "127.0.0.1", prof, shaped=False)
+        except BaseException:
+            if klink is not None:
+                klink.close()
+            raise
+        self.hub.cdn_endpoint, self.endpoint = cdn_link.endpoint, hub_link.endpoint
+        if klink is not None:
+            self.wrap, self.no_proxy = klink.wrap, f"{klink.host},127.0.0.1,127.0.0.2,localhost"
+        try:
+            yield hub_link, cdn_link, klink
         finally:
             self.hub.cdn_endpoint, self.endpoint = saved, None
+            self.wrap, self.no_proxy = None, "127.0.0.1,127.0.0.2,localhost"
             hub_link.close()
             cdn_link.close()
+            if klink is not None:
+                klink.close()
 
-    def link_one(self, prof: Profile, kind: str, hub_link: LinkProxy | None, cdn_link: LinkProxy | None) -> None:
+    def link_one(self, prof: Profile, kind: str, hub_link: LinkProxy | None, cdn_link: LinkProxy | None,
+                 klink: KernelLink | None = None) -> None:
         repo = REPO if kind == "single" else SHARDED_REPO
         names = [MODEL] if kind == "single" else self.shard_names
-        key = f"link {prof.name} {kind}"
+        weight_bytes = self.size if kind == "single" else self.shard_size
+        key = f"link {link_label(prof.name, klink is not None)} {kind}"
         facts = self.facts.setdefault("link", {}).setdefault(key, {})
-        d = {t: self.work / f"link_{i}" for i, t in enumerate(LINK_TOOLS)}
+        tools_all = [*LINK_TOOLS, BEFORE]
+        d = {t: self.work / f"link_{i}" for i, t in enumerate(tools_all)}
         sha = self.args.sha256_tool
 
         def measure(tool: str, argv: list[str], env: dict[str, str] | None = None) -> None:
@@ -370,28 +445,47 @@ class Bench:
                 hub_link.clear()
                 cdn_link.clear()
             n302 = len(self.hub.requests)
+            q0 = klink.qdisc_stats() if klink is not None else {}
             p = self.run(argv, env)
             time.sleep(0.05)  # let the proxy see the connections close
+            # what it wrote goes at once: a 7B run leaves 26.9 GB, and the disk holds the source plus one copy
+            self.fresh(d[tool], self.work / "hf_home_link")
             self.record(key, tool, p.seconds)
             self.record(key + " rss", tool, p.rss_mb)
+            self.record(key + " cpu", tool, p.cpu)
             with self.hub._lock:
                 reqs = self.hub.requests[n302:]
-            f: dict[str, Any] = {"redirects": sum(r.status == 302 for r in reqs),
-                                 "hub_requests": sum(r.host == "hub" for r in reqs)}
+            resolves = sum(r.host == "hub" and "/resolve/" in r.path for r in reqs)
+            weight_resolves = sum(r.host == "hub" and "/resolve/" in r.path
+                                  and r.path.partition("?")[0].rsplit("/", 1)[-1] in names for r in reqs)
+            f: dict[str, Any] = {"seconds": p.seconds, "redirects": sum(r.status == 302 for r in reqs),
+                                 "hub_requests": sum(r.host == "hub" for r in reqs), "resolves": resolves,
+                                 "resolves_per_gib": resolves / (weight_bytes / GiB), "cpu": p.cpu,
+                                 "weight_resolves": weight_resolves,
+                                 "rss_mb": p.rss_mb}
+            self.record(key + " resolves/GiB", tool, f["resolves_per_gib"])
             if hub_link is not None and cdn_link is not None:
                 f.update(_link_counts(p.t0, hub_link.snapshot(), cdn_link.snapshot()))
+                f["timeline"] = _timeline(p.t0, p.seconds, cdn_link)
                 if f.get("first_weight_byte") is not None:
                     self.record(key + " first byte", tool, f["first_weight_byte"])
+                if f["timeline"]:
+                    self.record(key + " streams", tool, _settled(f["timeline"]))
+            if klink is not None:
+                q1 = klink.qdisc_stats()
+                f["tbf"] = {k: q1.get(k, 0) - q0.get(k, 0) for k in q1}
             facts.setdefault(tool, []).append(f)
 
         def sha_pass(files: list[Path]) -> str:
             paths = " ".join(f"'{x}'" for x in files)
             return f"openssl dgst -sha256 {paths}" if sha == "openssl" else f"sha256sum {paths}"
 
-        def run_ours() -> None:
-            extra = dict(kv.split("=", 1) for kv in self.args.fetcher_env)
-            measure("dinov3-fetcher", [FETCHER, "--dino-root", str(d["dinov3-fetcher"]), "--model", repo, "-q"],
-                    self.env(**extra) if extra else None)
+        def fetcher(tool: str, binary: str) -> Callable[[], None]:
+            def run_it() -> None:
+                extra = dict(kv.split("=", 1) for kv in self.args.fetcher_env)
+                measure(tool, [binary, "--dino-root", str(d[tool]), "--model", repo, "-q"],
+                        self.env(**extra) if extra else None)
+            return run_it
 
         def run_aria2c() -> None:
             out = d["aria2c + sha256"]
@@ -410,8 +504,10 @@ class Bench:
             measure("hf download", [HF, "download", repo, "--local-dir", str(d["hf download"])],
                     self.env(self.work / "hf_home_link"))
 
-        all_tools = {"dinov3-fetcher": run_ours, "aria2c + sha256": run_aria2c, "curl + sha256": run_curl,
-                     "hf download": run_hf}
+        all_tools = {"dinov3-fetcher": fetcher("dinov3-fetcher", FETCHER), "aria2c + sha256": run_aria2c,
+                     "curl + sha256": run_curl, "hf download": run_hf}
+        if self.args.before:
+            all_tools[BEFORE] = fetcher(BEFORE, self.args.before)
         tools = {t: all_tools[t] for t in self.args.link_tools}
         names_order = list(tools)
         for r in range(self.args.rounds):
@@ -471,7 +567,13 @@ def _link_counts(t0: float, hub_conns: list[ConnStats], cdn_conns: list[ConnStat
             "max_open_cdn_connections": peak, "hub_connections": sum(bool(c.requests) for c in hub_conns),
             "cdn_rerequests": sum(len(c.gaps) for c in cdn),
             "client_gap_median": statistics.median(g) if (g := [x for c in cdn for x in c.gaps]) else None,
-            "first_weight_byte": None if first is None else first - t0}
+            "first_weight_byte": None if first is None else first - t0,
+            # when the first requests reached the proxies (the tool's start-up, then the Hub's round trips)
+            "first_hub_connection": min((c.opened - t0 for c in hub_conns if c.opened >= t0), default=None),
+            "first_hub_request": min((r[0] - t0 for c in hub_conns for r in c.requests), default=None),
+            "first_weight_request": min((r[0] - t0 for c in hub_conns for r in c.requests
+                                         if r[2].partition("?")[0].endswith(".safetensors")), default=None),
+            "first_cdn_request": min((r[0] - t0 for c in gets for r in c.requests), default=None)}
 
 
 # ---------- report ----------
@@ -526,10 +628,19 @@ def report(b: Bench) -> tuple[list[dict[str, Any]], str]:
         worst = max(o) if o else None
         det = b.facts.get("resume", {})
         hf = det.get("hf download", [{}])[-1]
-        row("resume", "dinov3-fetcher", "hf download", "MiB", None, "excess <= 16 MiB",
-            worst is not None and worst <= 16,
+        bound = b.facts.get("resume_bound", {}).get("bytes", 16 * MiB) / MiB
+        row("resume", "dinov3-fetcher", "hf download", "MiB", None, f"excess <= {bound:.0f} MiB (the bound)",
+            worst is not None and worst <= bound,
             f"excess = bytes served on resume - bytes missing on disk after SIGKILL at 50%; "
-            f"hf download re-fetched {hf.get('served_on_resume', 0) / MiB:.0f} MiB of {b.size / MiB:.0f} MiB")
+            f"hf download re-fetched {hf.get('served_on_resume', 0) / MiB:.0f} MiB" if hf else
+            f"peak RSS {_fmt(t.get('resume rss', {}).get('dinov3-fetcher'), 'MB')}")
+    if "diskspace" in b.facts:
+        f = b.facts["diskspace"]
+        rows.append({"scenario": "diskspace", "ours": "dinov3-fetcher", "ref": "-", "unit": "", "ratio": None,
+                     "target": "exit 9, 0 weight bytes served", "met": f["exit_code"] == 9
+                     and f["weight_bytes_served"] == 0, "note": f"disk {f['disk_bytes'] / 1e9:.2f} GB; exit "
+                     f"{f['exit_code']}; {f['weight_bytes_served'] / 1e6:.1f} MB of weights served; "
+                     f"{f['message'][:160]}", "ours_values": None, "ref_values": None})
     if "sharded" in t:
         o, c = med("sharded", "dinov3-fetcher"), med("sharded", "curl (one after another)")
         row("sharded", "dinov3-fetcher", "curl (one after another)", "s", o / c if o and c else None,
@@ -565,24 +676,35 @@ def report(b: Bench) -> tuple[list[dict[str, Any]], str]:
     return rows, "\n".join(lines)
 
 
+def link_label(prof: str, kernel: bool) -> str:
+    """A link's name in keys and tables: the profile, ``+tbf`` when the kernel shapes it (bench/netns.py)."""
+    return f"{prof}+tbf" if kernel else prof
+
+
+_LINK_SUFFIXES = (" rss", " first byte", " cpu", " resolves/GiB", " streams")
+
+
 def link_report(b: Bench) -> str:
-    """The links table: one row per link and checkpoint, medians (min-max), ratios, first weight byte."""
+    """The link tables: one row per link and checkpoint layout, medians (min-max), ratios; first weight byte;
+    the streams, resolves, memory and CPU of each tool."""
     t = b.times
-    keys = [k for k in t if k.startswith("link ") and not k.endswith((" rss", " first byte"))]
+    keys = [k for k in t if k.startswith("link ") and not k.endswith(_LINK_SUFFIXES)]
     if not keys:
         return ""
     tools = list(b.args.link_tools)
+    ref = "dinov3-fetcher"
     out = ["| link (per connection / shared / RTT), checkpoint | " + " | ".join(tools) + " | fetcher / aria2c "
-           "| fetcher / curl |", "|---" * (len(tools) + 3) + "|"]
+           "| fetcher / curl |" + (" fetcher / before |" if BEFORE in tools else ""),
+           "|---" * (len(tools) + 3 + (BEFORE in tools)) + "|"]
     fb = ["| link, checkpoint | " + " | ".join(tools) + " |", "|---" * (len(tools) + 1) + "|"]
-    cnt = ["| link, checkpoint | tool | TCP connections to the CDN | max open at once | GETs on the CDN | "
-           "GETs on a used connection (each waits gap + 1 RTT) | median client gap | 302s from the Hub | "
-           "Hub connections |", "|---" * 9 + "|"]
+    cnt = ["| link, checkpoint | tool | streams settled at (CDN connections moving bytes, mid-run median) | "
+           "TCP connections to the CDN | max open at once | GETs on the CDN | resolves: all (per GiB), of weight "
+           "files | peak RSS | CPU s (user + sys) |", "|---" * 9 + "|"]
 
-    def cell(xs: list[float] | None) -> str:
+    def cell(xs: list[float] | None, unit: str = "s") -> str:
         if not xs:
             return "-"
-        s = _fmt(xs, "s")
+        s = _fmt(xs, unit)
         return s if len(xs) >= b.args.rounds else f"{s}, {len(xs)} round{'s' if len(xs) > 1 else ''}"
 
     def ratio(a: str, c: str, key: str) -> str:
@@ -593,22 +715,28 @@ def link_report(b: Bench) -> str:
 
     for key in keys:
         _, prof, kind = key.split()
-        label = f"{prof} ({PROFILES[prof].describe()}), {'1.2 GB' if b.args.layers == 24 else 'small'} " \
-                f"{'single file' if kind == 'single' else f'{len(b.shard_names)} shards'}"
+        base = prof.removesuffix("+tbf")
+        how = ", kernel tbf + TCP pacing" if prof.endswith("+tbf") else ""
+        label = f"{prof} ({PROFILES[base].describe()}{how}), {b.label(kind)}"
         out.append(f"| {label} | " + " | ".join(cell(t[key].get(x)) for x in tools)
-                   + f" | {ratio('dinov3-fetcher', 'aria2c + sha256', key)} | "
-                   f"{ratio('dinov3-fetcher', 'curl + sha256', key)} |")
+                   + f" | {ratio(ref, 'aria2c + sha256', key)} | {ratio(ref, 'curl + sha256', key)} |"
+                   + (f" {ratio(ref, BEFORE, key)} |" if BEFORE in tools else ""))
         first = t.get(key + " first byte", {})
         if first:
             fb.append(f"| {prof}, {kind} | " + " | ".join(cell(first.get(x)) for x in tools) + " |")
         for tool in tools:
             runs = b.facts.get("link", {}).get(key, {}).get(tool, [])
-            if runs and "cdn_connections" in runs[-1]:
-                f = runs[-1]
-                gap = "-" if f.get("client_gap_median") is None else f"{f['client_gap_median'] * 1000:.1f} ms"
-                cnt.append(f"| {prof}, {kind} | {tool} | {f['cdn_connections']} | {f['max_open_cdn_connections']} | "
-                           f"{f['cdn_gets']} | {f.get('cdn_rerequests', '-')} | {gap} | {f['redirects']} | "
-                           f"{f['hub_connections']} |")
+            if not runs:
+                continue
+            f = runs[-1]
+            st = t.get(key + " streams", {}).get(tool)
+            streams = f"{statistics.median(st):.0f} ({min(st):.0f}-{max(st):.0f})" if st else "-"
+            res = t.get(key + " resolves/GiB", {}).get(tool) or [0.0]
+            cnt.append(f"| {prof}, {kind} | {tool} | {streams} | {f.get('cdn_connections', '-')} | "
+                       f"{f.get('max_open_cdn_connections', '-')} | {f.get('cdn_gets', '-')} | "
+                       f"{f['resolves']} ({max(res):.1f}), {f['weight_resolves']} | "
+                       f"{_fmt(t.get(key + ' rss', {}).get(tool), 'MB')} | "
+                       f"{_fmt(t.get(key + ' cpu', {}).get(tool), 's')} |")
     text = "\n".join(out)
     if b.args.fetcher_env:
         text = f"dinov3-fetcher run with {' '.join(b.args.fetcher_env)}\n\n{text}"
@@ -616,9 +744,40 @@ def link_report(b: Bench) -> str:
         text += "\n\nFirst weight byte (first byte of a CDN GET answer sent by the link proxy, from the start of " \
                 "the process):\n\n" + "\n".join(fb)
     if len(cnt) > 2:
-        text += "\n\nWhat each tool opened (last round, counted at the link proxies and the Hub emulator):\n\n" \
-                + "\n".join(cnt)
+        text += "\n\nWhat each tool did (resolves: `/resolve/` requests the Hub saw, the most per GiB of any " \
+                "round; connections: last round, at the link proxies):\n\n" + "\n".join(cnt)
     return text
+
+
+def _timeline(t0: float, seconds: float, cdn: LinkProxy) -> list[tuple[float, int, float]]:
+    """(seconds since the tool started, CDN connections that moved bytes, MB/s) per ``TIMELINE`` window."""
+    first = int((t0 - cdn.t0) / TIMELINE)
+    last = int((t0 + seconds - cdn.t0) / TIMELINE)
+    conns = [c for c in cdn.snapshot() if c.windows]
+    out = []
+    for k in range(first, last + 1):
+        moved = [c.windows[k] for c in conns if c.windows.get(k)]
+        out.append((round(cdn.t0 + k * TIMELINE - t0, 3), len(moved), round(sum(moved) / TIMELINE / 1e6, 2)))
+    return out
+
+
+def _settled(timeline: list[tuple[float, int, float]]) -> float:
+    """The streams a run settled at: the median count of connections moving bytes over the middle of the run
+    (from 40% to 90% of the windows that moved any: past the ramp, before the files' tails)."""
+    moving = [n for _, n, rate in timeline if rate > 0]
+    mid = moving[int(len(moving) * 0.4):max(int(len(moving) * 0.9), int(len(moving) * 0.4) + 1)]
+    return float(statistics.median(mid)) if mid else 0.0
+
+
+def resume_bound() -> dict[str, int]:
+    """What a SIGKILL may cost in bytes fetched again, from the transfer's own constants: each file in flight's
+    unrecorded progress (``SAVE_EVERY``), the reads under way on all streams (``READ_AHEAD``) and one block."""
+    from dinov3_fetcher._budget import READ_AHEAD
+    from dinov3_fetcher._job import SAVE_EVERY
+    from dinov3_fetcher._transfer import FILES_AT_ONCE
+
+    return {"save_every": SAVE_EVERY, "files_at_once": FILES_AT_ONCE, "read_ahead": READ_AHEAD,
+            "bytes": FILES_AT_ONCE * SAVE_EVERY + READ_AHEAD + MiB}
 
 
 def exit_status(rows: list[dict[str, Any]], strict: bool) -> int:
@@ -684,7 +843,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 round, 8-layer checkpoint (~0.4 GB): a smoke run")
     ap.add_argument("--rounds", type=int, help="rounds per scenario (default 5; resume <= 2, throttled <= 3)")
-    ap.add_argument("--layers", type=int, help="ViT-L layers (default 24 = 1.2 GB)")
+    ap.add_argument("--checkpoint", choices=sorted(CHECKPOINTS), default="vitl16",
+                    help="the workload: vitl16 (ViT-L/16, 1.21 GB, single file and 6 shards) or vit7b16 (ViT-7B/16, "
+                         "26.9 GB, index + 6 shards, generated once into --data: keep 2 x 27 GB free)")
+    ap.add_argument("--layers", type=int, help="layers (default: the checkpoint's own; fewer make a small copy)")
     ap.add_argument("--only", help=f"comma-separated scenarios out of {','.join(SCENARIOS)}")
     ap.add_argument("--cdn", choices=("auto", "nginx", "emulator"), default="auto",
                     help="what serves the bytes behind the LFS redirect (auto: nginx when installed)")
@@ -692,7 +854,10 @@ def main() -> int:
     ap.add_argument("--link", help="emulated links (bench/link.py) out of " + ",".join(PROFILES) + "; each "
                     "runs the single file and the 6 shards, or one of them with PROFILE:single / PROFILE:sharded "
                     "(e.g. --link far,cdn:single,none:sharded); implies --only link unless --only is given")
-    ap.add_argument("--link-tools", default=",".join(LINK_TOOLS), help="tools for --link (default: all)")
+    ap.add_argument("--link-tools", default=None, help="tools for --link (default: all; with --before, "
+                    f"'{BEFORE}' too)")
+    ap.add_argument("--before", metavar="BIN", help="another build of this tool (e.g. a second checkout's "
+                    ".venv/bin/dinov3-fetcher), timed in the same rounds as '" + BEFORE + "'")
     ap.add_argument("--fetcher-env", action="append", default=[], metavar="NAME=VALUE",
                     help="extra environment for dinov3-fetcher in --link runs (e.g. DINOV3_FETCHER_CONNECTIONS=16)")
     ap.add_argument("--sha256-tool", choices=("openssl", "sha256sum"), default="openssl",
@@ -723,21 +888,30 @@ def main() -> int:
     if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
         ap.error("--plot needs matplotlib: uv run --group bench python bench/run.py ...")
     args.rounds = args.rounds or (1 if args.quick else 5)
-    args.layers = args.layers or (8 if args.quick else 24)
+    ckpt = CHECKPOINTS[args.checkpoint]
+    args.layers = args.layers or (8 if args.quick else ckpt.layers)
     global REPO, SHARDED_REPO
-    if args.layers != 24:  # not a real ViT-L any more: an unofficial id skips the registry's architecture check
-        REPO, SHARDED_REPO = "bench-org/dinov3-vit-small", "bench-org/dinov3-vit-small-sharded"
+    if args.layers != ckpt.layers:  # not the real architecture: unofficial ids skip the registry's check
+        ckpt = ckpt.smaller(args.layers)
+    REPO, SHARDED_REPO = ckpt.repo, ckpt.sharded_repo
     default_only = "link" if args.link else ",".join(s for s in SCENARIOS if s != "link")
     only = [s.strip() for s in (args.only or default_only).split(",") if s.strip()]
+    if "single" not in ckpt.kinds and (bad := [s for s in only if s in SINGLE_ONLY]):
+        ap.error(f"{ckpt.name} has no single-file layout: {', '.join(bad)} need one (use link, sharded, resume)")
     args.link_specs = []
     for spec in (args.link or ",".join(PROFILES)).split(","):
-        prof, _, kind = spec.strip().partition(":")
-        if prof not in PROFILES or kind not in ("", "single", "sharded"):
-            ap.error(f"--link: unknown {spec!r}; profiles {','.join(PROFILES)}, optionally :single or :sharded")
-        args.link_specs += [(prof, k) for k in ([kind] if kind else ["single", "sharded"])]
-    args.link_tools = [x.strip() for x in args.link_tools.split(",") if x.strip()]
-    if bad_tools := [x for x in args.link_tools if x not in LINK_TOOLS]:
-        ap.error(f"--link-tools: unknown {bad_tools}; choose from {LINK_TOOLS}")
+        name, _, kind = spec.strip().partition(":")
+        prof, plus, variant = name.partition("+")
+        if prof not in PROFILES or kind not in ("", *ckpt.kinds) or (plus and variant != "tbf"):
+            ap.error(f"--link: unknown {spec!r}; profiles {','.join(PROFILES)}, each optionally +tbf (the kernel "
+                     f"shapes it), then optionally {' or '.join(':' + k for k in ckpt.kinds)}")
+        args.link_specs += [(prof, k, bool(plus)) for k in ([kind] if kind else list(ckpt.kinds))]
+    if any(kernel for _, _, kernel in args.link_specs) and (why := kernel_link_available()):
+        ap.error(f"--link PROFILE+tbf: {why}")
+    all_link_tools = [*LINK_TOOLS, BEFORE] if args.before else list(LINK_TOOLS)
+    args.link_tools = [x.strip() for x in (args.link_tools or ",".join(all_link_tools)).split(",") if x.strip()]
+    if bad_tools := [x for x in args.link_tools if x not in all_link_tools]:
+        ap.error(f"--link-tools: unknown {bad_tools}; choose from {all_link_tools}")
     args.slow_rounds = args.slow_rounds or args.rounds
     if "link" in only and "aria2c + sha256" in args.link_tools and shutil.which("aria2c") is None:
         ap.error("aria2c is not installed (apt-get install aria2), or leave it out with --link-tools")
@@ -760,15 +934,19 @@ def main() -> int:
     hub.xet_bridge.expire_after = args.xet_expire_after
     try:
         print(f"generating checkpoints in {data} ...", file=sys.stderr, flush=True)
-        single = make_repo(data / f"single-{args.layers}", 1, args.layers)
-        hub.add_repo(REPO, repo_files(single))
-        needs_shards = "sharded" in only or ("link" in only and any(k == "sharded" for _, k in args.link_specs))
+        b = Bench(args, work, hub, cdn, hub.cdn_endpoint, ckpt=ckpt)
+        needs_single = any(s in SINGLE_ONLY for s in only) or (
+            "link" in only and any(k == "single" for _, k, _ in args.link_specs))
+        needs_shards = "sharded" in only or "single" not in ckpt.kinds or (
+            "link" in only and any(k == "sharded" for _, k, _ in args.link_specs))
+        if needs_single:
+            single = make_repo(data / f"{ckpt.name}-single-{args.layers}", 1, ckpt)
+            hub.add_repo(REPO, repo_files(single))
+            b.size = (single / MODEL).stat().st_size
         if needs_shards:
-            sharded = make_repo(data / f"sharded-{args.layers}", 6, args.layers)
+            sharded = make_repo(data / f"{ckpt.name}-sharded-{args.layers}", 6, ckpt)
             hub.add_repo(SHARDED_REPO, repo_files(sharded))
-        b = Bench(args, work, hub, cdn, hub.cdn_endpoint)
-        b.size = (single / MODEL).stat().st_size
-        if needs_shards:
+            b.sharded_dir = sharded
             b.shard_names = sorted(p.name for p in sharded.glob("model-*.safetensors"))
             b.shard_size = sum((sharded / n).stat().st_size for n in b.shard_names)
         if cdn == "nginx":
@@ -777,23 +955,28 @@ def main() -> int:
             hub.cdn_endpoint = nginx_cdn.endpoint
         if args.serve:  # with --link PROFILE: behind that emulated link
             prof = PROFILES[args.link_specs[0][0]] if args.link else PROFILES["none"]
-            with b.linked(prof) as (hub_link, _):
+            kernel = bool(args.link) and args.link_specs[0][2]
+            with b.linked(prof, kernel) as (hub_link, _, klink):
                 endpoint = hub_link.endpoint if hub_link is not None else hub.endpoint
                 print(f"export HF_ENDPOINT={endpoint} HF_HUB_DISABLE_XET=1 HF_HUB_DISABLE_TELEMETRY=1 "
-                      f"NO_PROXY=127.0.0.1,127.0.0.2  # repos: {REPO}, {SHARDED_REPO}; cdn: {hub.cdn_endpoint}; "
-                      f"link: {prof.name}", flush=True)
+                      f"NO_PROXY={b.no_proxy}  # repos: {REPO}, {SHARDED_REPO}; cdn: {hub.cdn_endpoint}; "
+                      f"link: {link_label(prof.name, kernel)}"
+                      + (f"; run the tools with: ip netns exec {klink.ns} ..." if klink else ""), flush=True)
                 with contextlib.suppress(KeyboardInterrupt):
                     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
                     while True:
                         time.sleep(3600)
             return 0
         info = versions(cdn, args.as_installed)
+        info["load average at start"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
         if args.xet != "off":
             info["xet bridge"] = args.xet + (f", expire after {args.xet_expire_after} uses"
                                              if args.xet_expire_after is not None else "")
         print("  ".join(f"{k}: {v}" for k, v in info.items()), flush=True)
-        print(f"checkpoint: {b.size / 1e9:.2f} GB ({args.layers} layers); shards: {len(b.shard_names)} x "
-              f"~{(b.shard_size / max(1, len(b.shard_names))) / 1e6:.0f} MB; rounds: {args.rounds}", flush=True)
+        print(f"checkpoint: {ckpt.name} ({args.layers} layers): "
+              + (f"single file {b.size / 1e9:.2f} GB; " if b.size else "")
+              + (f"{len(b.shard_names)} shards, {b.shard_size / 1e9:.2f} GB; " if b.shard_names else "")
+              + f"rounds: {args.rounds}", flush=True)
         for s in only:
             t0 = time.monotonic()
             print(f"[{s}] ...", file=sys.stderr, flush=True)
@@ -804,8 +987,9 @@ def main() -> int:
             table = f"{table}\n\n{links}" if rows else links
         print()
         print(table)
-        out = {"versions": info, "size": b.size, "layers": args.layers, "rounds": args.rounds, "times": b.times,
-               "facts": b.facts, "rows": rows, "when": time.strftime("%Y-%m-%d %H:%M:%S")}
+        out = {"versions": info, "checkpoint": ckpt.name, "size": b.size, "shard_size": b.shard_size,
+               "layers": args.layers, "rounds": args.rounds, "times": b.times, "facts": b.facts, "rows": rows,
+               "load_average": os.getloadavg(), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
         (RESULTS / "latest.json").write_text(json.dumps(out, indent=2) + "\n")
         (RESULTS / "latest.md").write_text("  ".join(f"{k}: {v}" for k, v in info.items()) + "\n\n" + table + "\n")
         print(f"\nwritten: {RESULTS / 'latest.json'}, {RESULTS / 'latest.md'}", file=sys.stderr)

@@ -8,31 +8,77 @@ fast client. nginx is optional: ``find_nginx`` returns None when it is not insta
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+import hub_server  # noqa: E402
 from checkpoints import big_vit_repo_dir  # noqa: E402
 from hub_server import HubServer  # noqa: E402
 
-__all__ = ["HubServer", "NginxCdn", "find_nginx", "make_repo", "repo_files"]
+__all__ = ["CHECKPOINTS", "Checkpoint", "HubServer", "NginxCdn", "find_nginx", "make_repo", "repo_files"]
 
 
-def make_repo(dest: Path, n_shards: int, layers: int) -> Path:
-    """A ViT-L/16-shaped repo (real tensor names; 1.2 GB at 24 layers) written once into ``dest``."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A bench workload: a DINOv3 ViT's real tensor names and shapes, as a single file and/or shards."""
+
+    name: str
+    repo: str  # the single-file repo id (an official id, so the registry's architecture check runs)
+    sharded_repo: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    gated_mlp: bool = False
+    qv_bias: bool = True
+    kinds: tuple[str, ...] = ("single", "sharded")  # the layouts the bench serves
+
+    def smaller(self, layers: int) -> Checkpoint:
+        """Fewer layers: no longer the real architecture, so unofficial ids (no registry check)."""
+        return replace(self, repo=f"bench-org/{self.name}-small", sharded_repo=f"bench-org/{self.name}-small-sharded",
+                       layers=layers)
+
+
+CHECKPOINTS = {
+    # ViT-L/16, 1.21 GB; the shards under the satellite id (same architecture, so the registry check passes)
+    "vitl16": Checkpoint("vitl16", "facebook/dinov3-vitl16-pretrain-lvd1689m",
+                         "facebook/dinov3-vitl16-pretrain-sat493m", 1024, 4096, 24, 16),
+    # ViT-7B/16, 26.9 GB in an index + 6 shards, as on the Hub (no single-file layout)
+    "vit7b16": Checkpoint("vit7b16", "facebook/dinov3-vit7b16-pretrain-sat493m",
+                          "facebook/dinov3-vit7b16-pretrain-lvd1689m", 4096, 8192, 40, 32, gated_mlp=True,
+                          qv_bias=False, kinds=("sharded",)),
+}
+
+
+def make_repo(dest: Path, n_shards: int, ckpt: Checkpoint) -> Path:
+    """``ckpt``'s repo written once into ``dest`` (streamed: never held in memory), reused by later runs. Each
+    weight file's sha256 is computed while it is written and kept beside it, so the Hub emulator does not read
+    26.9 GB back to hash them."""
     done = dest / ".complete"
     if not done.exists():
         shutil.rmtree(dest, ignore_errors=True)
-        big_vit_repo_dir(dest, layers=layers, n_shards=n_shards)
+        hashes: dict[str, str] = {}
+        big_vit_repo_dir(dest, hidden=ckpt.hidden, intermediate=ckpt.intermediate, layers=ckpt.layers,
+                         heads=ckpt.heads, gated_mlp=ckpt.gated_mlp, qv_bias=ckpt.qv_bias, n_shards=n_shards,
+                         sha256s=hashes)
+        (dest / ".sha256.json").write_text(json.dumps(hashes, indent=1) + "\n")
         done.write_text("ok\n")
+    with contextlib.suppress(OSError, ValueError):
+        for name, sha in json.loads((dest / ".sha256.json").read_text()).items():
+            st = (dest / name).stat()
+            hub_server._HASH_CACHE[(str((dest / name).resolve()), st.st_size, st.st_mtime_ns)] = sha
     return dest
 
 
@@ -71,7 +117,7 @@ class NginxCdn:
             # The emulator redirects to /lfs/<sha>/<repo path>; one name per blob is enough here.
             link = d / blob.disk.name
             if not link.exists():
-                link.symlink_to(blob.disk)
+                link.symlink_to(blob.disk.resolve())
         (self.dir / "tmp").mkdir(parents=True, exist_ok=True)
         self.port = _free_port(host)
         self.endpoint = f"http://{host}:{self.port}"

@@ -103,16 +103,31 @@ def _write_tensor_data(f: BinaryIO, name: str, n: int, seed: int, block2: memory
         f.write(piece[:left])
 
 
+class _Hashing:
+    """A write-only file that also feeds every byte to a sha256 (so a big file is never read back to hash it)."""
+
+    def __init__(self, f: BinaryIO, sha: Any) -> None:
+        self.f, self.sha = f, sha
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+
 def write_safetensors(
     path: Path, tensors: TensorSpec, *, seed: int = 0, metadata: dict[str, str] | None = None
-) -> None:
-    """Stream a safetensors file to ``path``. A tensor's bytes depend only on (seed, name, size)."""
+) -> str:
+    """Stream a safetensors file to ``path``; returns its sha256. A tensor's bytes depend only on (seed, name,
+    size)."""
     head, layout = _header(tensors, metadata)
     block2 = memoryview(_filler_block(seed))
-    with open(path, "wb", buffering=0) as f:
+    sha = hashlib.sha256()
+    with open(path, "wb", buffering=0) as raw:
+        f: Any = _Hashing(raw, sha)
         f.write(head)
         for name, n in layout:
             _write_tensor_data(f, name, n, seed, block2)
+    return sha.hexdigest()
 
 
 def read_safetensors_header(data: bytes | Path) -> tuple[int, dict[str, Any]]:
@@ -361,23 +376,29 @@ def shard_files(files: dict[str, bytes], n_shards: int) -> dict[str, bytes]:
 
 def big_vit_repo_dir(
     dest: Path, *, hidden: int = 1024, intermediate: int = 4096, layers: int = 24, seed: int = 0,
-    n_shards: int = 1,
+    n_shards: int = 1, heads: int | None = None, gated_mlp: bool = False, qv_bias: bool = True,
+    sha256s: dict[str, str] | None = None,
 ) -> Path:
-    """Write a ViT repo (ViT-L/16 shapes by default, 1.2 GB) to ``dest``; returns ``dest``."""
+    """Write a ViT repo (ViT-L/16 shapes by default, 1.2 GB) to ``dest``; returns ``dest``. The ViT-7B/16:
+    ``hidden=4096, intermediate=8192, layers=40, heads=32, gated_mlp=True, qv_bias=False, n_shards=6`` (26.9 GB,
+    streamed to disk). ``sha256s``, when given, receives each weight file's sha256, computed while writing."""
     dest.mkdir(parents=True, exist_ok=True)
-    tensors = vit_tensors(hidden, intermediate, layers)
-    config = vit_config(hidden, intermediate, layers, heads=max(1, hidden // 64))
+    tensors = vit_tensors(hidden, intermediate, layers, gated_mlp=gated_mlp, qv_bias=qv_bias)
+    config = vit_config(hidden, intermediate, layers, heads=heads or max(1, hidden // 64), gated_mlp=gated_mlp,
+                        query_bias=qv_bias, value_bias=qv_bias)
+    hashes = sha256s if sha256s is not None else {}
     for name, content in _common_files(config, b"", seed).items():
         if name not in ("model.safetensors", "model.pth"):
             (dest / name).write_bytes(content)
     if n_shards <= 1:
-        write_safetensors(dest / "model.safetensors", tensors, seed=seed)
+        hashes["model.safetensors"] = write_safetensors(dest / "model.safetensors", tensors, seed=seed)
         return dest
     _, layout = _header(tensors, None)
     weight_map: dict[str, str] = {}
     for k, names in enumerate(_split(layout, n_shards)):
-        write_safetensors(dest / _shard_name(k, n_shards), {nm: tensors[nm] for nm in names}, seed=seed)
-        weight_map.update(dict.fromkeys(names, _shard_name(k, n_shards)))
+        name = _shard_name(k, n_shards)
+        hashes[name] = write_safetensors(dest / name, {nm: tensors[nm] for nm in names}, seed=seed)
+        weight_map.update(dict.fromkeys(names, name))
     index = {"metadata": {"total_size": sum(n for _, n in layout)},
              "weight_map": dict(sorted(weight_map.items()))}
     (dest / "model.safetensors.index.json").write_bytes(_json(index))

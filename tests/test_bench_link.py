@@ -6,6 +6,7 @@ the timing figures)."""
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -17,6 +18,7 @@ from hub_server import HubServer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from link import LinkProxy, Profile, Shaper
+from netns import KernelLink, kernel_link_available
 from plot import link_series
 from run import exit_status
 
@@ -46,6 +48,35 @@ def test_a_download_goes_through_both_links_and_the_redirect_points_at_the_proxi
     assert hub.bytes_served("model.safetensors") == len(data)
     assert len(data) < sum(c.down_bytes for c in cdn_conns) < len(data) + 2000
     assert all(c.first_down is not None for c in cdn_conns)
+
+
+@pytest.mark.skipif(kernel_link_available() is not None, reason=str(kernel_link_available()))
+def test_a_kernel_shaped_link_carries_a_download_from_its_namespace_through_the_tbf(
+        hub: HubServer, tmp_path: Path) -> None:
+    data = bytes(range(256)) * 20_000  # 5 MB
+    hub.add_repo("org/m", {"config.json": b"{}", "model.safetensors": data})
+    prof = Profile("test", 40 * MB, 200 * MB, 0.002)
+    h = hub.endpoint.removeprefix("http://").rsplit(":", 1)
+    c = hub.cdn_endpoint.removeprefix("http://").rsplit(":", 1)
+    with KernelLink(prof.shared_bps, queue=0.05) as k, \
+            LinkProxy((h[0], int(h[1])), k.host, prof, shaped=False) as hub_link, \
+            LinkProxy((c[0], int(c[1])), k.host, prof, kernel=True) as cdn_link:
+        hub.cdn_endpoint = cdn_link.endpoint
+        out = tmp_path / "got"
+        before = k.qdisc_stats()
+        # curl runs in the namespace: the proxies are reachable there only through the veth (and its tbf)
+        subprocess.run(k.wrap(["curl", "-sSfL", "--noproxy", "*", "-o", str(out),
+                               f"{hub_link.endpoint}/org/m/resolve/main/model.safetensors"]), check=True)
+        sent = k.qdisc_stats()["bytes"] - before["bytes"]
+        cdn_conns = [c for c in cdn_link.snapshot() if c.requests]
+        with pytest.raises(subprocess.CalledProcessError):  # nothing outside the namespace is reachable
+            subprocess.run(k.wrap(["curl", "-sSf", "--noproxy", "*", "-m", "5", hub.endpoint]), check=True,
+                           capture_output=True)
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+    assert sent >= len(data)  # every byte of the answer passed the tbf (plus headers and TCP/IP overhead)
+    assert len(cdn_conns) == 1 and cdn_conns[0].down_bytes > len(data)
+    assert hub.bytes_served("model.safetensors") == len(data)
+    assert not Path(f"/run/netns/{k.ns}").exists()  # removed on exit
 
 
 def test_the_shared_pacer_hands_out_link_time_in_order() -> None:

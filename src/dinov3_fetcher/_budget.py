@@ -3,15 +3,18 @@
 Every worker of every file holds a ``Slot`` while it streams; a slot carries the worker's read buffer, so
 the buffers (and the connections) in use never outnumber the budget's limit, however many files run at once.
 
-The limit adapts to the link (``Rule``): it starts at ``START`` streams and grows while the aggregate
-throughput grows: after each step, once the new streams flow, one window of a few round trips (at least
-``MIN_WINDOW`` seconds) measures the rate; a gain over ``GAIN`` is worth another step (doubling while the
-rate scales nearly in proportion, +50% otherwise), a smaller one is not, and the last step is given back.
-Where not even the first step paid (the link was full at the start), it halves instead while the rate holds.
-The round trip comes from the requests' times to first byte (``_http.round_trips``). Only windows in which
-every slot was wanted count (a file's tail, or the gap between files, says nothing about the link).
+The limit adapts to the link (``Rule``): it starts at ``START`` streams (``LONG_START`` on a long round trip)
+and grows while the aggregate throughput grows: after each step, once the new streams flow, windows of a few
+round trips (at least ``MIN_WINDOW`` seconds) measure the rate; a gain over ``GAIN`` is worth another step
+(doubling while the rate scales nearly in proportion, +50% otherwise), and a step that brought less is given
+back. Where not even the first step paid (the link was full at the start), it halves instead while the rate
+holds. A decision that lowers the streams for good (a step not worth it, a halving as good as before) waits
+for ``CONFIRM`` windows that agree, so that one window made slow by the machine (a busy CPU, new streams late
+to start) cannot leave a far link at half its rate; one that adds streams, or gives back a halving that cost,
+needs one. The round trip comes from the requests' times to first byte (``_http.round_trips``). Only windows
+in which every slot was wanted count (a file's tail, or the gap between files, says nothing about the link).
 ``DINOV3_FETCHER_CONNECTIONS`` set explicitly fixes the limit instead (no adapting).
-Why: BENCHMARKS.md ("Links (issue 14)").
+Why: BENCHMARKS.md (the links).
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["CAP", "START", "Budget", "Rule", "Slot"]
+__all__ = ["CAP", "CONFIRM", "LONG_RTT", "LONG_START", "START", "Budget", "Rule", "Slot"]
 
 START = 8  # streams at first: a far link's first window already half full; fewer follow where they do as well
+LONG_START = 16  # ... where the round trip is at least LONG_RTT: each window of probing costs more there, and a
+LONG_RTT = 0.1  # stream's own limit (TCP's window per round trip, a per-flow cap) more often leaves room for more
+CONFIRM = 2  # windows that must agree before the limit goes down for good
 CAP = 32  # never more streams than this for one fetch (aria2c with hfd.sh's flags opens up to 80)
 GAIN = 0.10  # a step that raised the throughput by less than this is given back
 MIN_WINDOW = 0.25  # seconds: the shortest measurement window
@@ -44,7 +50,10 @@ class Rule:
     (doubling while the rate grew at least half as fast as the streams did, +50% otherwise); one that did not
     is given back. Down, only when no step up ever paid (the link was full at ``start`` already: a small
     pipe, a CPU-bound localhost): halve while the rate stays within ``GAIN`` of the start's, so that no more
-    streams run than the link rewards; the first halving that costs more is given back."""
+    streams run than the link rewards; the first halving that costs more is given back.
+
+    Noise: "not worth it" and "as good with fewer" are believed after ``CONFIRM`` windows in a row say so (the
+    best of them decides); one window that disagrees is enough to step up, or to give a halving back."""
 
     start: int = START
     cap: int = CAP
@@ -55,10 +64,21 @@ class Rule:
     before: int = 0  # the limit before the last step
     down: bool = False  # probing downwards (see above)
     paid: bool = False  # some step up raised the rate
+    doubts: list[float] = field(default_factory=list)  # rates at this limit that argued for fewer streams so far
 
     def __post_init__(self) -> None:
         self.limit = max(1, min(self.start, self.cap))
         self.done = self.fixed or self.limit >= self.cap
+
+    def start_long(self) -> None:
+        """The round trip is long (``LONG_RTT``): start at ``LONG_START`` streams, if nothing was measured yet.
+
+        Taken as a step up that paid, so the rule grows from there and gives back what does not pay, but does
+        not probe below it: on such a link a window at half the streams costs seconds of half the rate (far:
+        ~0.2 s of a 13 s fetch), for fewer flows on links that a few streams would fill."""
+        if not self.fixed and self.base is None and self.limit < LONG_START:
+            self.limit, self.paid = min(self.cap, LONG_START), True
+            self.done = self.limit >= self.cap
 
     def sample(self, rate: float, wanted: int | None = None) -> int:
         """One window's aggregate rate at the current limit; returns the limit from now on. ``wanted``: the
@@ -75,18 +95,21 @@ class Rule:
             self._step(rate, most, double=True)
             return self.limit
         if self.down:
-            if rate >= (1 - GAIN) * self.base and self.limit > 1:
-                self.before, self.limit = self.limit, max(1, self.limit // 2)  # as good with fewer: fewer still
-            else:
+            if rate < (1 - GAIN) * self.base or self.limit <= 1:
                 if rate < (1 - GAIN) * self.base:
                     self.limit = self.before  # that halving cost: give it back
                 self.done = True
+            elif self._confirmed(rate) is not None:
+                self.before, self.limit = self.limit, max(1, self.limit // 2)  # as good with fewer: fewer still
             return self.limit
         gain = rate / self.base - 1 if self.base > 0 else math.inf
         if gain > GAIN:
             self.paid = True
+            self.doubts.clear()
             # doubling while the rate grows at least half as fast as the streams did, +50% otherwise
             self._step(rate, most, double=gain >= 0.5 * (self.limit / self.before - 1))
+        elif self._confirmed(rate) is None:
+            pass  # one more window before the streams go down for good
         elif self.paid or self.before <= 1:  # no gain worth the streams: give the last step back and stay there
             self.limit, self.done = self.before, True
         else:  # not even the first step paid: the link was full at the start; try fewer streams
@@ -94,7 +117,18 @@ class Rule:
             self.limit, self.before = max(1, self.before // 2), self.before
         return self.limit
 
+    def _confirmed(self, rate: float) -> float | None:
+        """This window argues for fewer streams: the best rate of ``CONFIRM`` such windows in a row once there
+        are that many (they all agree), else None (wait for the next)."""
+        self.doubts.append(rate)
+        if len(self.doubts) < CONFIRM:
+            return None
+        best = max(self.doubts)
+        self.doubts.clear()
+        return best
+
     def _step(self, rate: float, most: int, double: bool) -> None:
+        self.doubts.clear()
         if self.limit >= most:
             self.done = True
             return
@@ -173,6 +207,10 @@ class Budget:
                 if give_up():
                     return None
                 with self._cond:
+                    if self.rule.base is None and self.rtt is not None and self.rtt >= LONG_RTT:
+                        self.rule.start_long()  # before the first window: nothing measured yet
+                        if self.rule.limit != self.limits[-1]:
+                            self.limits.append(self.rule.limit)
                     if self.active < self.rule.limit:
                         self.active += 1
                         buf = self._free.pop() if self._free else bytearray(self.block)
