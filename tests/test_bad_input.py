@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -110,6 +111,16 @@ def _readonly_root(c: Ctx) -> list[str]:
     return c.config({"train": {"dino_root": str(ro / "dinov3")}})
 
 
+def _fifo_config(c: Ctx) -> list[str]:
+    os.mkfifo(c.cfg)
+    return ["--config", str(c.cfg)]
+
+
+def _looping_root(c: Ctx) -> list[str]:
+    (c.tmp / "loop").symlink_to("loop")
+    return c.config({"train": {"dino_root": "loop/dinov3"}})
+
+
 def _file_root(c: Ctx) -> list[str]:
     (c.tmp / "afile").write_text("not a folder")
     return c.config({"train": {"dino_root": "afile"}})
@@ -136,6 +147,16 @@ CASES: list[Case] = [
     Case("dino-root-empty", lambda c: c.config({"train": {"dino_root": "  "}}), 3, "train.dino_root in"),
     Case("dino-root-not-a-string", lambda c: c.config({"train": {"dino_root": 42}}), 3, "must be a string, got int"),
     Case("dino-root-is-a-file", _file_root, 3, "is a file, not a folder"),
+    Case("config-is-a-fifo", _fifo_config, 3, "is a FIFO (named pipe), not a regular file"),
+    Case("config-nested-too-deeply", lambda c: c.config(b"[" * 200_000), 3, "is nested too deeply"),
+    Case("config-5000-digit-integer", lambda c: c.config(b'{"train": {"dino_root": "work/dinov3", "seed": ' +
+                                                          b"7" * 5000 + b"}}"), 3, "holds a number too long"),
+    Case("dino-root-nul", lambda c: c.config({"train": {"dino_root": "t\u0000x"}}), 3, "holds a NUL character"),
+    Case("dino-root-link-loop", _looping_root, 3, "goes through a loop of symbolic links"),
+    Case("dino-root-name-over-255-bytes", lambda c: c.config({"train": {"dino_root": "d" * 256}}), 3,
+         "has a name longer than 255 bytes"),
+    Case("dino-root-over-path-max", lambda c: c.config({"train": {"dino_root": "/".join(["d" * 250] * 20)}}), 3,
+         "its path is longer than the system allows"),
     Case("dino-root-unwritable", _readonly_root, 3, "cannot write in"),
     Case("dino-model-not-a-string", lambda c: c.config({"train": {"dino_root": "work/dinov3", "dino_model": 7}}),
          3, "train.dino_model"),
@@ -214,6 +235,9 @@ def snapshot(top: Path, skip: Path) -> dict[str, tuple[int, str]]:
         out[d.relative_to(top).as_posix() + "/"] = (0, "")
         for n in filenames:
             p = d / n
+            if p.is_symlink() or not stat.S_ISREG(p.lstat().st_mode):  # a link, a FIFO a case planted
+                out[p.relative_to(top).as_posix()] = (p.lstat().st_mode, "")
+                continue
             out[p.relative_to(top).as_posix()] = (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
     return out
 
@@ -261,3 +285,44 @@ def test_bad_input(case: Case, evil_hub: HubServer, good_checkpoint: Path, tmp_p
         assert set(after) - set(inside_before) <= {".dinov3-fetcher/manifest.json"}
     else:
         assert after == inside_before
+
+
+def test_a_gigabyte_passed_as_the_config_is_refused_from_its_size(tmp_path: Path) -> None:
+    """An annotations.json given by mistake: refused from its stat, never read into memory."""
+    big = tmp_path / "annotations.json"
+    with open(big, "wb") as f:
+        f.truncate(1 << 30)  # sparse: a gigabyte that costs no disk
+    probe = ("import resource, subprocess, sys; "
+             "p = subprocess.run([sys.executable, '-m', 'dinov3_fetcher', '--config', sys.argv[1]], "
+             "capture_output=True, text=True); "
+             "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); print(p.stderr)")
+    proc = subprocess.run([sys.executable, "-c", probe, str(big)], capture_output=True, text=True, timeout=120)
+    first, _, stderr = proc.stdout.partition("\n")
+    code, max_rss_kib = map(int, first.split())
+    assert code == 3, stderr
+    assert f"config file {big} is 1.1 GB, more than such a file may be (16.8 MB)" in stderr, stderr
+    assert max_rss_kib < 200 * 1024  # the CLI's own size, not the file's
+
+
+@pytest.mark.parametrize("damage", ["verified-at-a-string", "fetched-at-1e300", "files-a-list", "a-fifo"])
+def test_info_reports_a_damaged_manifest_as_damaged(good_checkpoint: Path, tmp_path: Path, run_cli: Any,
+                                                    damage: str) -> None:
+    root = tmp_path / "dinov3"
+    shutil.copytree(good_checkpoint, root)
+    path = root / ".dinov3-fetcher" / "manifest.json"
+    doc = json.loads(path.read_bytes())
+    if damage == "a-fifo":
+        path.unlink()
+        os.mkfifo(path)
+    else:
+        key, value = {"verified-at-a-string": ("verified_at", "yesterday"), "fetched-at-1e300": ("fetched_at", 1e300),
+                      "files-a-list": ("files", [1, 2])}[damage]
+        doc[key] = value
+        path.write_text(json.dumps(doc))
+    for args in ([], ["--json"]):
+        proc = run_cli("info", "--dino-root", str(root), "--model", TINY, *args, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr and "unexpected error" not in proc.stderr
+    assert json.loads(proc.stdout)["manifest_damage"]
+    text = run_cli("info", "--dino-root", str(root), "--model", TINY, timeout=60).stdout
+    assert "model:      unknown: the manifest is damaged (" in text and "does NOT match" in text, text

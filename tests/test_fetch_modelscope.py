@@ -156,6 +156,22 @@ def test_private_repo_without_token_exits_4_naming_the_variable(run_cli: Any, ms
     assert_published(dino_root, FILES)
 
 
+def test_a_saved_login_that_is_a_fifo_is_refused_naming_it(run_cli: Any, ms: ModelScopeServer, dino_root: Path,
+                                                             tmp_path: Path) -> None:
+    cookies = tmp_path / "ms_home" / "credentials" / "cookies"
+    cookies.parent.mkdir(parents=True)
+    os.mkfifo(cookies)
+    r = ms_fetch(run_cli, dino_root, timeout=60)
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.strip() == (f"dinov3-fetcher: error: ModelScope's saved login {cookies} is a FIFO (named pipe), "
+                                "not a regular file -> remove it and run 'modelscope login' again, or set "
+                                "MODELSCOPE_API_TOKEN (empty: anonymous); MODELSCOPE_HOME moves that folder")
+    assert ms.requests == []
+    r = ms_fetch(run_cli, dino_root, "-q", MODELSCOPE_API_TOKEN="", timeout=60)  # the token set: no login read
+    assert r.returncode == 0, r.stderr
+    assert_published(dino_root, FILES)
+
+
 def test_unknown_revision_exits_6(run_cli: Any, ms: ModelScopeServer, dino_root: Path) -> None:
     r = ms_fetch(run_cli, dino_root, "--revision", "v9.9", "--json")
     assert r.returncode == 6, r.stderr

@@ -176,6 +176,56 @@ def test_a_malformed_registry_file_is_a_config_error(run_cli: Any, pin: Any) -> 
     assert r.returncode == 3 and "DINOV3_FETCHER_REGISTRY" in r.stderr
 
 
+@pytest.mark.parametrize("kind", ["fifo", "folder", "nested", "huge-integer"])
+def test_a_registry_file_that_cannot_be_read_is_refused_naming_it(run_cli: Any, tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "registry.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(b"[" * 200_000 if kind == "nested" else b'{"a/b": {"size": ' + b"9" * 5000 + b"}}")
+    for args in (["list"], ["--dino-root", str(tmp_path / "dinov3"), "--model", TINY]):
+        r = run_cli(*args, DINOV3_FETCHER_REGISTRY=str(path), timeout=60)
+        assert r.returncode == 3, r.stderr
+        line = r.stderr.strip()
+        assert line.startswith(f"dinov3-fetcher: error: DINOV3_FETCHER_REGISTRY={path}: the file ") and \
+            "\n" not in line, r.stderr
+        assert {"fifo": "is a FIFO", "folder": "is a folder", "nested": "nested too deeply",
+                "huge-integer": "number too long"}[kind] in line
+
+
+def test_a_registry_file_over_a_mebibyte_is_read(run_cli: Any, pin: Any) -> None:
+    entries = {f"org/copy-{i:05d}": {"sha256": f"{i:064x}", "size": i} for i in range(12_000)}
+    path = pin({**entries, VITS: {"sha256": "cd" * 32, "size": 7}})
+    assert path.stat().st_size > 1 << 20
+    r = run_cli("list", "--json")
+    assert r.returncode == 0, r.stderr
+    by_id = {v["repo_id"]: v for v in json.loads(r.stdout)["variants"]}
+    assert by_id[VITS]["release"]["sha256"] == "cd" * 32
+
+
+def test_a_malformed_pin_is_refused_before_any_download(run_cli: Any, ms: ModelScopeServer, hub: HubServer,
+                                                       pin: Any, dino_root: Path) -> None:
+    hub.add_repo(TINY, FILES)
+    pin({TINY: {"sha256": "abc"}})
+    for source, server in (("hf", hub), ("modelscope", ms)):
+        r = cli_fetch(run_cli, dino_root, source)
+        assert r.returncode == 3 and f"{TINY}: sha256 must be 64 lower-case hex digits" in r.stderr, r.stderr
+        assert server.requests == [] and not dino_root.exists()
+
+
+def test_the_right_sha256_with_a_wrong_pinned_size_says_the_size(run_cli: Any, ms: ModelScopeServer, pin: Any,
+                                                                 dino_root: Path) -> None:
+    size = len(FILES[MODEL])
+    pin({TINY: {"sha256": SHA, "size": size + 1}})
+    r = cli_fetch(run_cli, dino_root, "modelscope")
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stderr.splitlines() if "Meta" in ln)
+    assert f"{MODEL} has {size} bytes, the release {size + 1}" in line and "the pinned size is wrong" in line
+    assert "differs from the release's" not in line
+
+
 def test_dry_run_tells_from_the_listing_before_any_byte_moves(run_cli: Any, ms: ModelScopeServer, pin: Any,
                                                               dino_root: Path) -> None:
     pin({TINY: {"sha256": SHA}})

@@ -5,6 +5,7 @@ A known token is grepped for everywhere after each scenario.
 
 from __future__ import annotations
 
+import os
 import socket
 import traceback
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import pytest
 
 from checkpoints import vit_repo_files
 from conftest import TINY
-from dinov3_fetcher._errors import FetcherError
+from dinov3_fetcher._errors import FetcherError, NetworkError
 from helpers import fetch
 from hub_server import HubServer
 
@@ -124,3 +125,73 @@ def test_token_never_appears_in_exception_messages_or_tracebacks(
     for s in (SECRET, BAD_SECRET):
         assert s not in text, text
     assert files_containing(tmp_path, SECRET) == []
+
+
+def _signatures(location: str) -> list[str]:
+    """The values of a signed location's query parameters (each one a part of the credential)."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    return [v for _, v in parse_qsl(urlsplit(location).query) if len(v) >= 8]
+
+
+@pytest.mark.parametrize("mode", [[], ["--json"], ["--debug"]])
+def test_a_signed_location_whose_path_holds_a_space_is_never_printed(hub: HubServer, tiny: dict[str, bytes],
+                                                                       dino_root: Path, run_cli: Any,
+                                                                       mode: list[str]) -> None:
+    signed: list[str] = []
+
+    def with_space(location: str) -> str:  # the CDN's path holds a space: the client cannot even send it
+        signed.append(location.replace("/lfs/", "/lfs/a b/"))
+        return signed[-1]
+
+    hub.redirect_location = with_space
+    proc = run_cli("--dino-root", str(dino_root), "--model", TINY, *mode, DINOV3_FETCHER_RETRIES="1")
+    assert proc.returncode == 10, proc.stderr
+    assert signed and _signatures(signed[0])
+    for value in {v for loc in signed for v in _signatures(loc)}:
+        assert value not in proc.stdout + proc.stderr, proc.stderr
+    assert "?<query hidden>" in proc.stdout + proc.stderr  # what it was is said, the credential is not
+
+
+def test_an_error_raised_to_python_holds_no_signed_url(hub: HubServer, tiny: dict[str, bytes],
+                                                       dino_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A redirect loop through signed URLs: the NetworkError a trainer logs has no credential in its text."""
+    signed: list[str] = []
+
+    def back_to_the_hub(location: str) -> str:
+        signed.append(f"{hub.endpoint}/{TINY}/resolve/main/{MODEL}?{location.partition('?')[2]}")
+        return signed[-1]
+
+    hub.redirect_location = back_to_the_hub
+    monkeypatch.setenv("DINOV3_FETCHER_RETRIES", "1")
+    with pytest.raises(NetworkError) as info:
+        fetch(dino_root, TINY)
+    exc = info.value
+    assert "redirects" in str(exc)
+    text = str(exc) + repr(exc) + exc.message + exc.hint + "".join(traceback.format_exception_only(exc))
+    values = {v for loc in signed for v in _signatures(loc)}
+    assert values
+    for value in values:
+        assert value not in text, text
+
+
+def test_a_fifo_as_the_saved_modelscope_login_never_blocks_an_error_line(hub: HubServer, dino_root: Path,
+                                                                        tmp_path: Path, run_cli: Any) -> None:
+    """Every message is scrubbed of the saved logins: one that is a FIFO is skipped, not waited on."""
+    home = tmp_path / "ms_home"
+    (home / "credentials").mkdir(parents=True)
+    os.mkfifo(home / "credentials" / "cookies")
+    for mode in ([], ["--json"]):
+        proc = run_cli("--dino-root", str(dino_root), "--model", "nobody/nothing", *mode, MODELSCOPE_HOME=str(home),
+                       timeout=60)
+        assert proc.returncode == 5, proc.stderr
+        assert proc.stderr.count("dinov3-fetcher: error: repo nobody/nothing was not found") == 1, proc.stderr
+
+
+def test_a_fifo_as_the_token_file_is_refused_naming_it(hub: HubServer, tiny: dict[str, bytes], dino_root: Path,
+                                                      isolated: Path, run_cli: Any) -> None:
+    os.mkfifo(isolated / "token")
+    proc = run_cli("--dino-root", str(dino_root), "--model", TINY, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert f"the token file {isolated / 'token'}" in proc.stderr and "is a FIFO" in proc.stderr, proc.stderr
+    assert "hf auth login" in proc.stderr

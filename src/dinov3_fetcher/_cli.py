@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import signal
 import sys
 import traceback
@@ -132,17 +131,12 @@ def _argv(argv: Sequence[str] | None) -> list[str]:
     return ["fetch", *args]
 
 
-_URL_QUERY = re.compile(r"(\bhttps?://[^\s?#'\"<>]+)\?[^\s'\"<>]*")
-
-
 def _scrub(text: str) -> str:
-    """Defence in depth: no code path prints a token, and this makes sure none slips through. Query strings of
-    URLs go too: a signed CDN URL's query (X-Amz-Signature, X-Amz-Credential...) is a credential."""
-    from ._sources import known_secrets
+    """Defence in depth: no code path prints a token, and the one scrubber (_secrets) makes sure none slips
+    through, a signed URL's query (X-Amz-Signature, X-Amz-Credential...) included."""
+    from ._secrets import scrub
 
-    for token in known_secrets():
-        text = text.replace(token, "<redacted>")
-    return _URL_QUERY.sub(r"\1?<query hidden>", text)
+    return scrub(text)
 
 
 def _emit_json(obj: dict[str, Any]) -> None:

@@ -162,14 +162,16 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
 
     req = _request(args)  # raises ConfigError("no dino_root given") without --config/--dino-root
     root = req.dino_root
-    m = StateDir(root).read_manifest()
+    m, damage = StateDir(root).manifest_or_damage()
     check = check_official(m.repo_id, m.files) if m else None
     problems = [str(p) for p in find_problems(root, m)] if root.is_dir() else [f"{root} does not exist"]
     why = why_not(root, req.model, req.revision, m)
     if why is None and m is not None and m.source != req.source:
         why = f"it came from {m.source}, not {req.source} (a fetch with --source {req.source} reuses equal files)"
     lines = [f"dino_root:  {root}"]
-    if m is None:
+    if m is None and damage is not None:
+        lines.append(f"model:      unknown: the manifest is damaged ({damage}); a fetch writes a new one")
+    elif m is None:
         lines.append("model:      none recorded (no manifest: not fetched by this tool, or never fetched)")
     else:
         lines += [
@@ -196,4 +198,5 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
         "requested": {"repo_id": req.model, "revision": req.revision, "source": req.source}, "matches": why is None,
         "problems": problems, "source": m.source if m else None, "endpoint": m.endpoint if m else None,
         "official": m.official if m else None, "official_check": check.to_dict() if check else None,
+        "manifest_damage": damage,
     }

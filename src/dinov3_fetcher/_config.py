@@ -8,9 +8,10 @@ as given: it is validated here, once.
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,26 +47,25 @@ class FetchRequest:
 
 def load_pipeline_config(path: Path) -> dict[str, Any]:
     """Parse the pipeline config; raise ConfigError with the fix for each way it can be unusable."""
+    from ._userfile import CONFIG_LIMIT, Refused, parse_json, read_regular
+
     path = Path(path).expanduser()
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist", "pass the pipeline's config.json with --config PATH")
-    if path.is_dir():
-        raise ConfigError(f"config path {path} is a folder, not a file", "pass the config.json file itself")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}",
-                          "check the file's permissions and encoding") from None
+        raw = read_regular(path, CONFIG_LIMIT)
+    except Refused as exc:
+        if exc.missing:
+            raise ConfigError(f"config file {path} does not exist",
+                              "pass the pipeline's config.json with --config PATH") from None
+        if exc.reason.startswith("is a folder"):
+            raise ConfigError(f"config path {path} is a folder, not a file", "pass the config.json file itself") \
+                from None
+        raise ConfigError(f"config file {path} {exc.reason}",
+                          "pass the pipeline's config.json with --config PATH") from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"config file {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
-            "fix the JSON syntax",
-        ) from None
-    except RecursionError:
-        raise ConfigError(f"config file {path} is nested too deeply to be a pipeline config",
-                          "fix the JSON: a pipeline config is a few levels deep") from None
+        data = parse_json(raw)
+    except ValueError as exc:
+        raise ConfigError(f"config file {path} {exc}", "fix the JSON: a pipeline config is a small JSON object, "
+                          'e.g. {"train": {"dino_root": "dinov3"}}') from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} holds a JSON {type(data).__name__}, not an object",
                           'write it as {"train": {"dino_root": "dinov3"}}')
@@ -94,14 +94,31 @@ def _optional_str(train: dict[str, Any], key: str, path: Path) -> str | None:
 
 
 def resolve_dino_root(value: str | os.PathLike[str], base: Path) -> Path:
-    """Expand ``~``, resolve a relative path against ``base``, and refuse a path that is a file."""
+    """Expand ``~``, resolve a relative path against ``base``; ConfigError for a path that is a file or that no
+    folder can have (a NUL in it, a name over 255 bytes, longer than the system allows, a loop of links)."""
     if not str(value).strip():
         raise ConfigError("dino_root is empty", "pass a folder, e.g. --dino-root ./dinov3")
+    fix = "point train.dino_root (or --dino-root) at a folder"
+    if "\0" in str(value):
+        raise ConfigError(f"dino_root {str(value)!r} holds a NUL character, which no path can", fix)
     root = Path(value).expanduser()
     if not root.is_absolute():
         root = base / root
     root = Path(os.path.abspath(root))
-    if root.exists() and not root.is_dir():
+    shown = str(root) if len(str(root)) <= 120 else f"{str(root)[:100]}... ({len(os.fsencode(root))} bytes)"
+    if any(len(os.fsencode(part)) > 255 for part in root.parts):
+        raise ConfigError(f"dino_root {shown} has a name longer than 255 bytes, more than a file system allows", fix)
+    try:
+        st = root.stat()
+    except FileNotFoundError:
+        return root  # created by the fetch
+    except NotADirectoryError:
+        raise ConfigError(f"dino_root {shown} cannot be a folder: a folder on its path is a file", fix) from None
+    except OSError as exc:
+        why = {errno.ELOOP: "its path goes through a loop of symbolic links",
+               errno.ENAMETOOLONG: "its path is longer than the system allows"}.get(exc.errno or 0, exc.strerror)
+        raise ConfigError(f"dino_root {shown} cannot be used: {why}", fix) from None
+    if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"dino_root {root} is a file, not a folder",
                           "point train.dino_root (or --dino-root) at a folder")
     return root

@@ -11,6 +11,8 @@ import errno
 import shutil
 from pathlib import Path
 
+from ._secrets import scrub
+
 __all__ = [
     "AuthenticationError",
     "ConfigError",
@@ -34,8 +36,9 @@ class FetcherError(Exception):
     """Base of every error raised by dinov3-fetcher on purpose (``short``: its few words in the exit-code list).
 
     Attributes:
-        message: what went wrong, one line, no secrets.
-        hint: what to do about it, one line.
+        message: what went wrong, one line, no secrets (scrubbed here: a token or a signed URL's query that
+            reached it is hidden, so ``str(exc)`` is safe to log).
+        hint: what to do about it, one line, scrubbed alike.
         exit_code: the CLI's exit status for this class (see the README's table).
     """
 
@@ -43,8 +46,8 @@ class FetcherError(Exception):
     short = "error"
 
     def __init__(self, message: str, hint: str = "") -> None:
-        self.message = message
-        self.hint = hint
+        self.message = scrub(message)
+        self.hint = scrub(hint)
         super().__init__(self.one_line())
 
     def one_line(self) -> str:

@@ -31,7 +31,7 @@ from ._errors import (
 from ._layout import CONFIG, INDEX, OPTIONAL, PREPROCESSOR, SINGLE, is_standard_weight, weight_files
 from ._manifest import FileRecord, Manifest
 from ._progress import Progress, human_bytes
-from ._registry import DEFAULT_MODEL, OfficialCheck, check_official
+from ._registry import DEFAULT_MODEL, OfficialCheck, check_official, pins
 from ._safetensors import SafetensorsError, TensorInfo, read_header
 from ._state import SPACE_MARGIN, StateDir
 from ._validate import config_problem, find_problems, registry_mismatch, tensor_mismatch, why_not
@@ -145,6 +145,7 @@ def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None 
     (``_observe``)."""
     t0 = time.monotonic()
     progress = progress or Progress(quiet=True)
+    pins()  # a malformed DINOV3_FETCHER_REGISTRY is refused now, not after hours of download
     if not (update or repair) and (m := ready(req)):
         return _cached(req, m, t0)
     if env.is_offline():

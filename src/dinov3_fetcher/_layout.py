@@ -6,7 +6,6 @@ it names, for a repo listing, a folder on disk, and the head start alike.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -22,7 +21,6 @@ PREPROCESSOR = "preprocessor_config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 OPTIONAL = ("README.md", "LICENSE.md")  # fetched when the repo has them; never required
-MAX_JSON_BYTES = 64 * 1024 * 1024
 MAX_NAME_BYTES = 255  # what a file name may be on the filesystems dino_root lives on
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -47,15 +45,16 @@ def is_standard_weight(name: str) -> bool:
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
-    """Parse a small JSON object file; ValueError with the reason otherwise."""
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise ValueError(f"is larger than {MAX_JSON_BYTES} bytes")
+    """Parse a small JSON object file (a regular file, never waited on); ValueError with the reason otherwise
+    (its text completes "<the file> ...")."""
+    from ._userfile import JSON_LIMIT, Refused, parse_json, read_regular
+
     try:
-        data = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"is not valid JSON ({exc})") from None
-    except RecursionError:
-        raise ValueError("is not usable JSON (nested too deeply)") from None
+        data = parse_json(read_regular(path, JSON_LIMIT))
+    except Refused as exc:
+        if exc.missing:
+            raise FileNotFoundError(2, "No such file or directory", str(path)) from None
+        raise ValueError(exc.reason) from None
     if not isinstance(data, dict):
         raise ValueError("is not a JSON object")
     return data

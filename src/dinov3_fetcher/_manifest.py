@@ -46,6 +46,9 @@ class Manifest:
     damaged: list[str] = field(default_factory=list)
     # While a publish is under way (complete false): the files the manifest it replaces listed, still ours.
     previous: list[str] = field(default_factory=list)
+    # ModelScope: the newest commit of the site's listing (a revision the site takes, for --revision); "" on the
+    # Hub, whose ``commit`` is already one.
+    site_revision: str = ""
     format: int = MANIFEST_FORMAT
 
     def to_json(self) -> bytes:
@@ -55,27 +58,44 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
-        """Parse manifest.json; ValueError, KeyError or TypeError for anything else."""
-        data: Any = json.loads(raw)
+        """Parse manifest.json; ValueError (its text says what is wrong) for anything this tool did not write:
+        not JSON, another format, a field of the wrong type, a time that is not one."""
+        from ._userfile import parse_json
+
+        data: Any = parse_json(raw)
         if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-            raise ValueError("unknown manifest format")
-        files = {str(k): FileRecord(int(v["size"]), str(v["sha256"]), v.get("git_oid"))
-                 for k, v in data["files"].items()}
+            raise ValueError("it is not a manifest of this format")
+        files = data.get("files")
+        if not isinstance(files, dict):
+            raise ValueError("files is not an object")
+        records = {}
+        for name, rec in files.items():
+            if not isinstance(rec, dict) or not _count(rec.get("size")) or not isinstance(rec.get("sha256"), str) \
+                    or not isinstance(rec.get("git_oid"), str | None):
+                raise ValueError(f"the record of {name!r} is not a size and a sha256")
+            records[name] = FileRecord(rec["size"], rec["sha256"], rec.get("git_oid"))
+        for key in ("repo_id", "revision", "commit"):
+            if not isinstance(data.get(key), str):
+                raise ValueError(f"{key} is not a string")
+        for key in ("tool_version", "source", "endpoint", "site_revision"):
+            if not isinstance(data.get(key, ""), str):
+                raise ValueError(f"{key} is not a string")
         return cls(
-            repo_id=str(data["repo_id"]),
-            revision=str(data["revision"]),
-            commit=str(data["commit"]),
-            files=files,
-            tool_version=str(data.get("tool_version", "")),
-            source=str(data.get("source", "hf")),
-            endpoint=str(data.get("endpoint", "")),
+            repo_id=data["repo_id"],
+            revision=data["revision"],
+            commit=data["commit"],
+            files=records,
+            tool_version=data.get("tool_version", ""),
+            source=data.get("source", "hf"),
+            endpoint=data.get("endpoint", ""),
             official=data["official"] if isinstance(data.get("official"), bool) else None,
-            fetched_at=float(data.get("fetched_at", 0.0)),
-            complete=bool(data.get("complete", False)),
-            verified_at=data.get("verified_at"),
-            verified_deep_at=data.get("verified_deep_at"),
+            fetched_at=_time(data, "fetched_at", 0.0),
+            complete=data.get("complete") is True,
+            verified_at=_time(data, "verified_at", None),
+            verified_deep_at=_time(data, "verified_deep_at", None),
             damaged=_names(data.get("damaged")),
             previous=_names(data.get("previous")),
+            site_revision=data.get("site_revision", ""),
         )
 
     def matches(self, repo_id: str, revision: str, source: str | None = None) -> bool:
@@ -88,6 +108,23 @@ class Manifest:
         return self.commit == revision if is_commit(revision) else self.revision == revision
 
 
+
+
+_LAST_TIME = 253402300799.0  # 9999-12-31 23:59:59 UTC: the last second a date can show
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _time(data: dict[str, Any], key: str, default: float | None) -> Any:
+    """``data[key]`` as seconds since the epoch (``default`` when absent or null); ValueError for anything else."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= _LAST_TIME:
+        raise ValueError(f"{key} is not a time ({str(value)[:40]!r})")
+    return float(value)
 
 
 def _names(value: Any) -> list[str]:

@@ -56,9 +56,11 @@ class Progress:
     def message(self, text: str) -> None:
         """Print one line (clearing the bar first), unless quiet."""
         if not self.quiet:
+            from ._secrets import scrub
+
             with self._lock:
                 self._clear()
-                print(text, file=self.stream, flush=True)
+                print(scrub(text), file=self.stream, flush=True)
 
     def start_file(self, name: str, size: int, resumed: int) -> None:
         """A file starts, ``resumed`` of its bytes already on disk."""

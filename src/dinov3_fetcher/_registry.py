@@ -8,7 +8,6 @@ entries replace (or add) pins, read at call time: for tests, or for an organisat
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -132,13 +131,14 @@ def _bad(path: str, what: str) -> Exception:
 
 
 def _read_override(path: str) -> dict[str, Pin]:
+    from ._userfile import REGISTRY_LIMIT, Refused, parse_json, read_regular
+
     try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read(1 << 20))
-    except OSError as exc:
-        raise _bad(path, f"cannot read it ({exc.strerror})") from None
-    except ValueError:
-        raise _bad(path, "not JSON") from None
+        data = parse_json(read_regular(path, REGISTRY_LIMIT))
+    except Refused as exc:
+        raise _bad(path, f"the file {exc.reason}") from None
+    except ValueError as exc:
+        raise _bad(path, f"the file {exc}") from None
     if not isinstance(data, dict):
         raise _bad(path, "not a JSON object of repo ids")
     out: dict[str, Pin] = {}
@@ -204,8 +204,13 @@ def check_official(repo_id: str, files: Mapping[str, _Record]) -> OfficialCheck:
         if rec is not None and rec.sha256 == pin.sha256 and (pin.size is None or rec.size == pin.size):
             return OfficialCheck(True, pin.repo_id, rec.sha256, pin.sha256,
                                  f"identical to Meta's release, sha256 {pin.sha256[:8]}...")
-        got = f"sha256 {rec.sha256[:8]}... differs from the release's {pin.sha256[:8]}..." if rec is not None else \
-            f"it has no {pin.file} (the release has one, sha256 {pin.sha256[:8]}...)"
+        if rec is None:
+            got = f"it has no {pin.file} (the release has one, sha256 {pin.sha256[:8]}...)"
+        elif rec.sha256 != pin.sha256:
+            got = f"sha256 {rec.sha256[:8]}... differs from the release's {pin.sha256[:8]}..."
+        else:
+            got = (f"its {pin.file} has {rec.size} bytes, the release {pin.size} (its sha256 {pin.sha256[:8]}... "
+                   "matches: the pinned size is wrong)")
         return OfficialCheck(False, pin.repo_id, rec.sha256 if rec is not None else None, pin.sha256,
                              f"warning: these are NOT Meta's official weights of {pin.repo_id}: {got}")
     for other in table.values():  # a re-upload under another id may still be the release, byte for byte

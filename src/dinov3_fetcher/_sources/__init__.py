@@ -37,7 +37,7 @@ def get_source(name: str = "hf") -> Source:
 
 def known_secrets() -> list[str]:
     """Every token this process could send to any source (the Hub's and ModelScope's, from the environment and
-    the saved logins), to scrub from anything printed."""
+    the saved logins), for the scrubber (_secrets) to hide; never blocks, never raises."""
     from . import hf, modelscope
 
     found = hf.known_tokens() + modelscope.known_tokens()

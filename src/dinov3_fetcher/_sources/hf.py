@@ -21,6 +21,7 @@ from urllib.parse import quote, urlsplit
 from .. import _env as env
 from .._errors import (
     AuthenticationError,
+    ConfigError,
     FetcherError,
     HubResponseError,
     LocalEntryNotFoundError,
@@ -85,19 +86,32 @@ def token_file() -> Path:
 
 
 def known_tokens() -> list[str]:
-    """Every Hub token this process could send: HF_TOKEN, HUGGING_FACE_HUB_TOKEN and the stored one."""
+    """Every Hub token this process could send: HF_TOKEN, HUGGING_FACE_HUB_TOKEN and the stored one (read with
+    the one reader of user files: a FIFO or a device in its place is skipped, never waited on)."""
+    from .._userfile import TOKEN_LIMIT, read_regular
+
     found = [os.environ.get("HF_TOKEN") or "", os.environ.get("HUGGING_FACE_HUB_TOKEN") or ""]
-    with contextlib.suppress(OSError):
-        found.append(token_file().read_text(encoding="utf-8", errors="replace"))
+    with contextlib.suppress(Exception):
+        found.append(read_regular(token_file(), TOKEN_LIMIT).decode("utf-8", "replace"))
     return found
 
 
 def get_token() -> str | None:
     """HF_TOKEN, else the token stored by ``hf auth login``; None when there is none (huggingface_hub's rules).
 
-    Raises ConfigError for a malformed HF_ENDPOINT, which would otherwise break huggingface_hub's own import.
+    Raises ConfigError for a malformed HF_ENDPOINT, which would otherwise break huggingface_hub's own import, and
+    for a token file that is not a regular file (a FIFO there would make huggingface_hub's read wait forever).
     """
+    from .._userfile import TOKEN_LIMIT, Refused, read_regular
+
     endpoint()
+    if not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")):
+        try:
+            read_regular(token_file(), TOKEN_LIMIT)
+        except Refused as exc:
+            if not exc.missing:
+                raise ConfigError(f"the token file {exc.path} (where 'hf auth login' keeps the token) {exc.reason}",
+                                  "remove it and run 'hf auth login' again, or set HF_TOKEN") from None
     token: str | None = import_hub().get_token()
     return token
 

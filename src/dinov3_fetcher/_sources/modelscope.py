@@ -53,13 +53,12 @@ if TYPE_CHECKING:
     from .._manifest import Manifest
     from .._transfer import Transfer
 
-__all__ = ["DEFAULT_ENDPOINT", "ModelScopeSource", "endpoint", "known_tokens", "saved_token", "token"]
+__all__ = ["DEFAULT_ENDPOINT", "ModelScopeSource", "endpoint", "known_tokens", "saved_login", "saved_token", "token"]
 
 NAME = "modelscope"
 DEFAULT_ENDPOINT = "https://modelscope.cn"
 LISTING_LIMIT = 3000  # the site cuts a listing at this many entries, silently (REPO_FILES_TRUNCATION_LIMIT)
 _MAX_LISTING_BYTES = 64 << 20
-_MAX_COOKIE_FILE = 1 << 20
 _RETRY_AFTER_CAP = 60.0
 _TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")  # what a header and a cookie value can carry as is
 
@@ -129,15 +128,33 @@ def _cookies(obj: Any) -> list[dict[str, Any]]:
 
 
 def saved_token(path: Path | None = None) -> str | None:
-    """The ``m_session_id`` of the saved login, None if there is none, it expired, or the file is not a jar."""
+    """The ``m_session_id`` of the saved login, None if there is none, it expired, or the file is not a jar.
+
+    Raises ConfigError (exit 3) when something is at that name but cannot be read as a file (a FIFO, a device, a
+    folder, too large, no permission): a login that cannot be read would otherwise be silently dropped.
+    """
+    from .._userfile import Refused
+
     path = path or credentials_file()
     try:
-        with open(path, "rb") as f:
-            data = f.read(_MAX_COOKIE_FILE + 1)
-    except OSError:
-        return None
-    if len(data) > _MAX_COOKIE_FILE:
-        return None
+        return saved_login(path)
+    except Refused as exc:
+        raise ConfigError(f"ModelScope's saved login {path} {exc.reason}",
+                          "remove it and run 'modelscope login' again, or set MODELSCOPE_API_TOKEN (empty: "
+                          "anonymous); MODELSCOPE_HOME moves that folder") from None
+
+
+def saved_login(path: Path | None = None) -> str | None:
+    """``saved_token`` without the error: Refused (a ValueError) for a file that cannot be read as one (what the
+    scrubber needs: building a FetcherError scrubs, and must not come back here)."""
+    from .._userfile import COOKIES_LIMIT, Refused, read_regular
+
+    try:
+        data = read_regular(path or credentials_file(), COOKIES_LIMIT)
+    except Refused as exc:
+        if exc.missing:
+            return None
+        raise
     try:
         jar = _CookieUnpickler(io.BytesIO(data)).load()
     except Exception:  # a damaged or foreign file is no login, whatever the unpickler raised
@@ -168,8 +185,8 @@ def token() -> str | None:
 def known_tokens() -> list[str]:
     """Every ModelScope token this process could send: MODELSCOPE_API_TOKEN and the saved login."""
     found = [os.environ.get("MODELSCOPE_API_TOKEN") or ""]
-    with contextlib.suppress(Exception):  # no home folder is no login
-        found.append(saved_token() or "")
+    with contextlib.suppress(Exception):  # no home folder, or a login that is no regular file: no login
+        found.append(saved_login() or "")
     return found
 
 

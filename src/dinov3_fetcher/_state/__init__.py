@@ -80,10 +80,19 @@ class StateDir:
     # -- manifest ------------------------------------------------------------------------------------------
     def read_manifest(self) -> Manifest | None:
         """The manifest, or None when absent or unreadable (an unreadable one is treated as absent)."""
+        return self.manifest_or_damage()[0]
+
+    def manifest_or_damage(self) -> tuple[Manifest | None, str | None]:
+        """(the manifest, None); (None, why it cannot be read) for a damaged one; (None, None) when absent.
+        Never waits: a FIFO or a device in its place is damage too."""
+        from .._userfile import JSON_LIMIT, Refused, read_regular
+
         try:
-            return Manifest.from_json(self.manifest_path.read_bytes())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError):
-            return None
+            return Manifest.from_json(read_regular(self.manifest_path, JSON_LIMIT)), None
+        except Refused as exc:
+            return None, None if exc.missing else f"it {exc.reason}"
+        except ValueError as exc:
+            return None, f"it {exc}" if str(exc).startswith(("is ", "holds ")) else str(exc)
 
     def write_manifest(self, manifest: Manifest) -> None:
         """Replace manifest.json atomically."""
