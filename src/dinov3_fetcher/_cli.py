@@ -134,6 +134,7 @@ def _argv(argv: Sequence[str] | None) -> list[str]:
 def _scrub(text: str) -> str:
     """Defence in depth: no code path prints a token, and the one scrubber (_secrets) makes sure none slips
     through, a signed URL's query (X-Amz-Signature, X-Amz-Credential...) included."""
+    from . import _sources  # noqa: F401 - registers the sources' tokens with the scrubber
     from ._secrets import scrub
 
     return scrub(text)

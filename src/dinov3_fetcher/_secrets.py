@@ -1,8 +1,9 @@
 """The one secret scrubber, applied to every error as it is built (``FetcherError``) and to everything the CLI
 prints: no code path puts a credential in a message, and this makes sure none slips through.
 
-What it hides: every token this process could send (``_sources.known_secrets``: each source's, from the
-environment and the saved logins, which are read without ever waiting on a FIFO or a device); the query string
+What it hides: every token this process could send (each source registers where its tokens are, from the
+environment and the saved logins, which are read without ever waiting on a FIFO or a device: ``register``;
+this module imports nothing of the package, so that every error can scrub itself); the query string
 of any URL (a signed location's query is a credential: X-Amz-Signature, X-Amz-Credential, Signature,
 Expires...), also where the URL is broken up by a space; signed-URL parameters wherever they appear;
 ``user:password@`` in URLs; Bearer/Basic credentials.
@@ -10,10 +11,12 @@ Expires...), also where the URL is broken up by a space; signed-URL parameters w
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
+from collections.abc import Callable
 
-__all__ = ["scrub"]
+__all__ = ["register", "scrub"]
 
 _SIGNED = (r"x-amz-[a-z0-9-]+|x-goog-[a-z0-9-]+|x-oss-[a-z0-9-]+|signature|expires|ossaccesskeyid|key-pair-id|"
            r"policy|googleaccessid|security-token|access_token|token|sig|se|sp|sv|sr|st|skoid|sktid|skt|ske|sks|skv")
@@ -34,6 +37,22 @@ _RULES = (
 
 
 _INSIDE = threading.local()  # scrub() running in this thread: reading a login must not build an error that scrubs
+_PROVIDERS: list[Callable[[], list[str]]] = []
+
+
+def register(provider: Callable[[], list[str]]) -> None:
+    """Hide from now on every token ``provider()`` lists (a source's tokens: it registers when it is imported,
+    before any of its code can have read one). ``provider`` must never block; what it raises is ignored."""
+    if provider not in _PROVIDERS:
+        _PROVIDERS.append(provider)
+
+
+def _tokens() -> list[str]:
+    found: list[str] = []
+    for provider in list(_PROVIDERS):
+        with contextlib.suppress(Exception):
+            found += [t.strip() for t in provider() if len(t.strip()) >= 4]
+    return sorted(set(found), key=len, reverse=True)  # a token that holds another one goes first
 
 
 def scrub(text: str) -> str:
@@ -41,9 +60,7 @@ def scrub(text: str) -> str:
     if not getattr(_INSIDE, "active", False):
         _INSIDE.active = True
         try:
-            from ._sources import known_secrets
-
-            for token in known_secrets():
+            for token in _tokens():
                 text = text.replace(token, "<redacted>")
         finally:
             _INSIDE.active = False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .. import _secrets
 from .._errors import ConfigError
 
 if TYPE_CHECKING:
@@ -42,3 +43,6 @@ def known_secrets() -> list[str]:
 
     found = hf.known_tokens() + modelscope.known_tokens()
     return [t.strip() for t in found if len(t.strip()) >= 4]
+
+
+_secrets.register(known_secrets)  # every error and every output line hides them from now on
