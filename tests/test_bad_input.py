@@ -24,6 +24,7 @@ import pytest
 
 from checkpoints import GITATTRIBUTES, PREPROCESSOR_CONFIG, vit_config, vit_repo_files
 from conftest import TINY, checkpoint_tree
+from helpers import error_line
 from hub_server import HubServer
 
 MODEL = "model.safetensors"
@@ -242,6 +243,15 @@ def snapshot(top: Path, skip: Path) -> dict[str, tuple[int, str]]:
     return out
 
 
+
+
+@pytest.mark.parametrize("rev", ["bad rev", "../x", "x~1", "main/"])
+def test_a_malformed_revision_is_refused_before_any_request(hub: HubServer, tiny: dict[str, bytes], dino_root: Path,
+                                                            run_cli: Any, rev: str) -> None:
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY, f"--revision={rev}")
+    assert r.returncode == 3, r.stderr
+    assert "revision" in error_line(r.stderr)
+    assert not hub.requests
 
 
 # The first run covers every kind of case; a few variants of the same check run with -m slow.

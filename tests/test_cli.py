@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ import pytest
 
 from checkpoints import vit_repo_files
 from conftest import NOTGRANTED, TINY, checkpoint_tree
-from dinov3_fetcher import validate_dinov3
-from helpers import dead_pid, error_line, tree
+from dinov3_fetcher import fetch_dinov3, validate_dinov3
+from dinov3_fetcher._progress import human_bytes
+from helpers import dead_pid, error_line, plan, tree
 from hub_server import HubServer
 
 
@@ -126,6 +128,8 @@ def test_verify_quick_and_deep(hub: HubServer, tiny: dict[str, bytes], tmp_path:
     assert r.returncode == 13 and "FAIL model.safetensors" in r.stderr
     one = [line for line in r.stderr.splitlines() if line.startswith("dinov3-fetcher: error:")]
     assert len(one) == 1 and "deep" in one[0]
+    assert "model.safetensors" in one[0] and "sha256" in one[0]
+    assert "FileCheck(" not in one[0] and "name=" not in one[0]  # words, not a Python repr
 
     # a truncated file: the quick check catches it
     weights.write_bytes(bytes(raw[: len(raw) // 2]))
@@ -236,8 +240,14 @@ def test_progress_bar_only_when_asked_off_a_terminal(hub: HubServer, tiny: dict[
                                                      run_cli: Any):
     plain = run_cli("--dino-root", str(tmp_path / "a"), "--model", TINY)
     assert plain.returncode == 0 and "ETA" not in plain.stderr and "\r" not in plain.stderr  # stderr is a pipe
+    total = sum(f.size for f in plan(tmp_path / "b", TINY).files)
+    hub.faults.add(path_suffix="model.safetensors", host="cdn", throttle_bps=200_000)  # several bars
     bar = run_cli("--dino-root", str(tmp_path / "b"), "--model", TINY, "--progress")
+    hub.faults.clear()
     assert bar.returncode == 0 and "ETA" in bar.stderr and "100.0%" in bar.stderr
+    bars = re.findall(r"([\d.]+)% ([\d.]+ [KMGT]?B)/([\d.]+ [KMGT]?B)", bar.stderr)
+    assert {b[2] for b in bars} == {human_bytes(total)}, bars  # the total covers every byte it counts
+    assert bars[-1][:2] == ("100.0", human_bytes(total)), bars[-1]
     verbose = run_cli("--dino-root", str(tmp_path / "c"), "--model", TINY, "-v")
     per_file = [line for line in verbose.stderr.splitlines() if line.startswith("fetched ")]
     assert {line.split()[1] for line in per_file} == {"config.json", "preprocessor_config.json",
@@ -271,3 +281,23 @@ def test_a_fetch_writes_no_bytecode_where_the_user_said_not_to(hub: HubServer, t
     assert validate_dinov3(dino_root)
     after = pyc()
     assert {p for p in after if before.get(p) != after[p]} == set()
+
+
+def test_verify_of_a_missing_folder_says_so(tmp_path: Path, run_cli: Any):
+    r = run_cli("verify", "--dino-root", str(tmp_path / "nowhere"))
+    assert r.returncode == 13, r.stderr
+    line = error_line(r.stderr)
+    message = line.split(" -> ")[0]
+    assert "is not a folder" in message or "does not exist" in message
+    assert "manifest" not in message
+    assert "repair" not in line
+
+
+def test_offline_update_of_a_complete_checkpoint_says_why_it_cannot(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, run_cli: Any):
+    fetch_dinov3(dino_root, TINY)
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY, "--update", HF_HUB_OFFLINE="1")
+    assert r.returncode == 11, r.stderr
+    line = error_line(r.stderr)
+    assert "not a complete checkpoint" not in line
+    assert "--update" in line and "HF_HUB_OFFLINE" in line

@@ -1,11 +1,11 @@
-"""Issue 11, items 1-5 and 19: a fetch never destroys or misreports data.
+"""A fetch never destroys or misreports data:
 
-1. files in dino_root it did not put there are adopted (same bytes) or refused (exit 3), never replaced;
-2. altered bytes of the same size are remembered by ``verify --deep`` and repaired (``--repair``);
-3. another host's claim is judged by its heartbeat as this process watched it, never by file times;
-4. links in the state folder are never followed to delete or write outside dino_root;
-5. published files follow the umask;
-19. a failed first fetch leaves no empty state folders (nor an empty dino_root) behind.
+- files in dino_root it did not put there are adopted (same bytes) or refused (exit 3), never replaced;
+- altered bytes of the same size are remembered by ``verify --deep`` and repaired (``--repair``);
+- another host's claim is judged by its heartbeat as this process watched it, never by file times;
+- links in the state folder (its lock included) are never followed to delete or write outside dino_root;
+- published files follow the umask;
+- a failed first fetch leaves no empty state folders (nor an empty dino_root) behind.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,7 @@ from dinov3_fetcher import fetch_dinov3, validate_dinov3
 from dinov3_fetcher._errors import AuthenticationError, ConfigError, RepositoryNotFoundError
 from dinov3_fetcher._state import StateDir
 from dinov3_fetcher._verify import verify_dinov3
-from helpers import dead_pid, fetch, sha256, tree
+from helpers import dead_pid, error_line, fetch, sha256, tree
 from hub_server import HubServer
 
 FETCHED = ("config.json", "preprocessor_config.json", "model.safetensors", "README.md", "LICENSE.md")
@@ -136,9 +137,23 @@ def test_a_users_file_under_a_published_name_is_refused_untouched(hub: HubServer
     with pytest.raises(ConfigError) as info:
         fetch_dinov3(dino_root, TINY)
     assert info.value.exit_code == 3 and name in info.value.message and "dino_root" in info.value.hint
+    if manifest == "none":  # a folder the tool never used: not even a state folder is left in it
+        assert tree(dino_root) == before
     assert {k: v for k, v in tree(dino_root).items() if not k.startswith(".dinov3-fetcher/")} == \
         {k: v for k, v in before.items() if not k.startswith(".dinov3-fetcher/")}
     assert not [r for r in hub.file_gets() if r.path.endswith(".safetensors")]  # nothing big was downloaded
+
+
+def test_a_folder_under_the_weights_name_is_refused_before_any_download(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, run_cli: Any) -> None:
+    (dino_root / MODEL).mkdir(parents=True)
+    (dino_root / MODEL / "x").write_text("x")
+    for _ in range(2):
+        r = run_cli("--dino-root", str(dino_root), "--model", TINY)
+        assert r.returncode == 3, r.stderr
+        assert MODEL in error_line(r.stderr)
+    assert hub.bytes_served(MODEL) == 0, "the weights were downloaded before the folder was noticed"
+    assert (dino_root / MODEL / "x").read_text() == "x"
 
 
 @pytest.mark.parametrize("sharded", [False, True])
@@ -253,6 +268,43 @@ def test_a_state_folder_that_is_a_link_is_refused_and_nothing_outside_changes(
         fetch_dinov3(dino_root, TINY, update=True)
     assert info.value.exit_code == 3 and str(dino_root / link) in info.value.message
     assert tree(shared) == before
+
+
+# Either outcome is safe for a first fetch: it succeeds without following the link, or refuses (exit 3) naming it.
+@pytest.mark.parametrize("link", ["partial", "staged", "partial/<id>", "staged/<owner>"])
+def test_links_in_the_state_folder_of_a_first_fetch_are_never_followed(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, tmp_path: Path, run_cli: Any, link: str) -> None:
+    outside = shared_folder(tmp_path)
+    state = dino_root / ".dinov3-fetcher"
+    (state / "partial").mkdir(parents=True)
+    (state / "staged").mkdir()
+    if link in ("partial", "staged"):
+        (state / link).rmdir()
+        (state / link).symlink_to(outside, target_is_directory=True)
+    elif link == "partial/<id>":
+        (state / "partial" / sha256(tiny[MODEL])).symlink_to(outside, target_is_directory=True)
+    else:  # a staged folder named like a dead fetcher's on another host
+        (state / "staged" / "otherhost.1").symlink_to(outside, target_is_directory=True)
+    before = tree(outside)
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY)
+    assert tree(outside) == before, "a file outside dino_root was written, moved or deleted"
+    if r.returncode == 3:
+        assert ".dinov3-fetcher" in error_line(r.stderr)
+    else:
+        assert r.returncode == 0, r.stderr
+        assert (dino_root / MODEL).read_bytes() == tiny[MODEL]
+
+
+def test_a_lock_that_is_a_link_is_refused_and_its_target_untouched(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, tmp_path: Path, run_cli: Any) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a user's file\n")
+    (dino_root / ".dinov3-fetcher").mkdir(parents=True)
+    (dino_root / ".dinov3-fetcher" / "lock").symlink_to(victim)
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY)
+    assert victim.read_text() == "a user's file\n"
+    assert r.returncode == 3, r.stderr
+    assert "lock" in error_line(r.stderr)
 
 
 def planted(dino_root: Path, tmp_path: Path, case: str, files: dict[str, bytes]) -> Path:

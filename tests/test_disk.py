@@ -1,9 +1,11 @@
 """Disk space, on a real small filesystem: a tmpfs mounted by the test (needs root; skipped otherwise).
 
 - Free space is checked before downloading, counting the bytes still missing (not the whole size) after a
-  partial run, and a refusal says needed vs available.
+  partial run, and a refusal says needed vs available and the margin it keeps.
 - A disk that fills up during the download (another writer takes the space) gives the disk error (exit 9),
   keeps the partial data resumable, and leaves the checkpoint already in dino_root untouched.
+- No space or no inode for the state folder's small files (lock, staging) is the same disk error.
+- A dino_root on a read-only filesystem is a config error (exit 3) and its checkpoint stays as it was.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ import pytest
 
 from checkpoints import vit_repo_files
 from conftest import TINY, checkpoint_tree, cli_env
+from dinov3_fetcher import fetch_dinov3
+from dinov3_fetcher._progress import human_bytes
+from dinov3_fetcher._state import SPACE_MARGIN
+from helpers import error_line, tree
 from hub_server import HubServer
 
 MiB = 1 << 20
@@ -43,6 +49,17 @@ def fill(path: Path, limit: int | None = None) -> int:
     return n
 
 
+def fill_inodes(where: Path) -> int:
+    """Create empty files in ``where`` (created) until the filesystem has no inode left; returns how many."""
+    where.mkdir()
+    n = 0
+    while True:
+        try:
+            (where / str(n)).touch()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+            return n
+        n += 1
 
 
 def kept(dino_root: Path) -> int:
@@ -79,6 +96,7 @@ def test_space_is_checked_before_downloading_and_counts_only_missing_bytes(
     missing_mb = f"{(size - 30 * MiB) / 1e6:.1f} MB still to download"
     assert missing_mb in proc.stderr, proc.stderr  # the bytes still missing, not the whole size
     assert f"{free / 1e6:.1f} MB free" in proc.stderr, proc.stderr
+    assert "margin" in proc.stderr and human_bytes(SPACE_MARGIN) in proc.stderr, proc.stderr  # and what it keeps
     assert hub.bytes_served(MODEL) == 0  # refused before downloading
     assert kept(dino_root) == 30 * MiB
 
@@ -143,7 +161,7 @@ def test_disk_filling_up_mid_download_keeps_partial_and_previous_checkpoint(
 
 
 def test_a_receiver_whose_disk_is_full_when_a_file_opens_gets_a_disk_space_error(tmpfs: Callable[[str], Path]) -> None:
-    # Broadcast (issue 16): a receiving node's disk may fill between two files; opening the next one (its folder,
+    # Broadcast: a receiving node's disk may fill between two files; opening the next one (its folder,
     # its progress record) then fails with ENOSPC, which must be the DiskSpaceError every rank reports (exit 9),
     # with no file descriptor left open.
     from dinov3_fetcher._broadcast.ends import PartialSink
@@ -160,3 +178,44 @@ def test_a_receiver_whose_disk_is_full_when_a_file_opens_gets_a_disk_space_error
     with pytest.raises(DiskSpaceError):
         sink.write(spec, 0, memoryview(data))
     assert len(list(Path("/proc/self/fd").iterdir())) == fds
+
+
+@pytest.mark.parametrize("case", ["no-inode-for-the-lock", "no-inode-for-staging", "no-space-for-small-files"])
+def test_no_space_or_inode_for_the_state_folders_files_is_the_disk_error(
+        hub: HubServer, tiny: dict[str, bytes], tmpfs: Callable[..., Path], run_cli: Any, case: str) -> None:
+    disk = tmpfs("8m", 64 if "inode" in case else None)
+    dino_root = disk / "dinov3"
+    state = dino_root / ".dinov3-fetcher"
+    (state / "partial").mkdir(parents=True)
+    (state / "staged").mkdir()
+    if case != "no-inode-for-the-lock":
+        (state / "lock").touch()
+    if "inode" in case:
+        assert fill_inodes(disk / "ballast") > 0
+    else:
+        fill(disk / "ballast")
+    r = fetch(run_cli, dino_root)
+    assert r.returncode == 9, r.stderr
+    assert str(dino_root) in error_line(r.stderr)
+    assert not (dino_root / MODEL).exists()
+
+
+@pytest.mark.parametrize("case", ["--update", "model-switch"])
+def test_a_read_only_dino_root_is_a_config_error_and_its_checkpoint_stays(
+        hub: HubServer, tiny: dict[str, bytes], tmpfs: Callable[..., Path], run_cli: Any, case: str) -> None:
+    disk = tmpfs("32m")  # the tiny checkpoint plus the 16 MiB space margin
+    dino_root = disk / "dinov3"
+    fetch_dinov3(dino_root, TINY)
+    before = tree(dino_root)
+    r0 = subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True, text=True)
+    if r0.returncode:
+        pytest.skip(f"cannot remount read-only: {r0.stderr}")
+    if case == "--update":
+        hub.add_commit(TINY, {"README.md": b"# a new model card\n"})
+        r = fetch(run_cli, dino_root, "--update")
+    else:
+        hub.add_repo("tiny-org/other", vit_repo_files(seed=3))
+        r = run_cli("--dino-root", str(dino_root), "--model", "tiny-org/other")
+    assert tree(dino_root) == before
+    assert r.returncode == 3, r.stderr
+    assert "read-only" in error_line(r.stderr)

@@ -1,7 +1,8 @@
 """A misbehaving server, for real: the emulator cuts, resets, stalls, throttles, answers 429/5xx, ignores
-Range, drops Content-Length, chunks, corrupts bytes and redirects LFS downloads to another host. Every test
-runs the real CLI in a subprocess and asserts what a user would see: exit code, message, bytes on disk,
-and the requests and bytes the server saw.
+Range, drops Content-Length, chunks, corrupts bytes, redirects LFS downloads to another host or to nowhere,
+holds back or fails the metadata request and lists sizes its files do not have. Every test runs the real CLI
+in a subprocess and asserts what a user would see: exit code, message, bytes on disk, and the requests and
+bytes the server saw.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import itertools
 import json
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import pytest
 
 from checkpoints import vit_repo_files
 from conftest import TINY, checkpoint_tree
-from helpers import sha256
+from helpers import error_line, sha256
 from hub_server import HubServer, Request
 
 MiB = 1 << 20
@@ -317,3 +319,66 @@ def test_a_cut_during_the_restream_of_a_range_ignoring_mirror_is_retried(hub: Hu
     assert len(gets) == 3  # two cut restreams and the one that completed: no request storm
     assert all(g.status == 200 for g in gets)
     assert sum(g.body_bytes for g in gets) == 6 * MiB + 6 * MiB + size
+
+
+# -- the metadata request: held back, failing, lying about a size ----------------------------------------------
+
+
+def test_a_metadata_request_that_never_answers_is_bounded_by_the_timeout(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, run_cli: Any) -> None:
+    release = threading.Event()
+    hub.model_info_hook = lambda: release.wait(600)  # held back until the test ends
+    try:
+        r = run_cli("--dino-root", str(dino_root), "--model", TINY, DINOV3_FETCHER_TIMEOUT="1",
+                    DINOV3_FETCHER_RETRIES="1")
+    finally:
+        release.set()
+    assert r.returncode == 10, r.stderr
+    assert "127.0.0.1" in error_line(r.stderr)
+
+
+@pytest.mark.parametrize("fault", ["429-retry-after", "503", "connection-reset"])
+def test_a_failed_metadata_request_is_retried_like_the_bytes(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, run_cli: Any, fault: str) -> None:
+    answers: list[Any] = [{"429-retry-after": (429, {"Retry-After": "1"}), "503": (503, {}),
+                           "connection-reset": "reset"}[fault]]
+    hub.model_info_hook = lambda: answers.pop() if answers else None
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY)
+    assert r.returncode == 0, r.stderr
+    assert not answers
+    assert (dino_root / MODEL).read_bytes() == tiny[MODEL]
+
+
+def test_a_listing_bigger_than_the_file_is_an_integrity_error_every_time(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, run_cli: Any) -> None:
+    hub.listed_sizes[f"{TINY}/{MODEL}"] = len(tiny[MODEL]) + 1000
+    for _ in range(2):
+        r = run_cli("--dino-root", str(dino_root), "--model", TINY)
+        assert r.returncode == 8, r.stderr
+        assert MODEL in error_line(r.stderr)
+    assert not (dino_root / MODEL).exists()
+
+
+# -- redirects the client cannot follow, a Retry-After that is not a number -----------------------------------
+# A redirect the client cannot follow is an unsafe answer from the server: the IntegrityError family (exit 8).
+
+
+@pytest.mark.parametrize("location", ["ftp://127.0.0.2/lfs/x?X-Amz-Signature=s", "http://[::1/lfs/x",
+                                      "http://127.0.0.2:99999/lfs/x"])
+def test_a_redirect_to_a_bad_location_is_named_without_its_signature(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, run_cli: Any, location: str) -> None:
+    hub.redirect_location = lambda _: location
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY, DINOV3_FETCHER_RETRIES="1")
+    assert r.returncode == 8, r.stderr
+    line = error_line(r.stderr)
+    assert "redirect" in line and "X-Amz-Signature" not in line
+    assert not (dino_root / MODEL).exists()
+
+
+def test_a_retry_after_that_is_not_a_number_is_retried(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, run_cli: Any) -> None:
+    hub.faults.add(path_suffix=MODEL, host="cdn", times=1, status=503, retry_after="nan")
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY)
+    assert r.returncode == 0, r.stderr
+    cdn = [g.status for g in hub.file_gets(MODEL) if g.host == "cdn"]
+    assert cdn[:1] == [503] and 200 in cdn[1:], cdn  # the CDN's 503, then the retry (after the backoff)

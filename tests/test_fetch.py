@@ -154,6 +154,19 @@ def test_corrupt_bytes_are_refused_and_never_published(hub: HubServer, dino_root
     assert not list((dino_root / ".dinov3-fetcher" / "partial").iterdir())  # the bad bytes are gone
 
 
+def test_a_shard_name_too_long_for_a_staging_prefix_is_fetched(hub: HubServer, dino_root: Path):
+    files = shard_files(vit_repo_files(), 2)
+    long = "w" * 200 + "-00001-of-00002.safetensors"  # 227 bytes: a valid file name, not with a 65-byte prefix
+    files[long] = files.pop("model-00001-of-00002.safetensors")
+    index = json.loads(files["model.safetensors.index.json"])
+    index["weight_map"] = {k: long if v.startswith("model-00001") else v for k, v in index["weight_map"].items()}
+    files["model.safetensors.index.json"] = json.dumps(index).encode()
+    hub.add_repo(TINY, files)
+    fetch_dinov3(dino_root, TINY)
+    assert (dino_root / long).read_bytes() == files[long]
+    assert validate_dinov3(dino_root)
+
+
 def test_gated_repo_without_token(hub: HubServer, dino_root: Path):
     hub.add_repo(TINY, vit_repo_files(), gated=True)
     with pytest.raises(AuthenticationError) as info:

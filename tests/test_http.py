@@ -1,4 +1,5 @@
-"""The byte client's rules: who gets the token, proxies (port defaults, credentials), and HF_ENDPOINT checks."""
+"""The byte client's rules: who gets the token, proxies (port defaults, credentials), timeouts, and HF_ENDPOINT
+checks."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dinov3_fetcher import _env as env
 from dinov3_fetcher._errors import ConfigError
 from dinov3_fetcher._http import Auth, HttpPool
 from dinov3_fetcher._sources import hf
+from helpers import error_line
 from hub_server import HubServer
 
 TOKEN = "hf_secret_token_for_tests"
@@ -61,6 +63,22 @@ def test_env_number_falls_back(monkeypatch: pytest.MonkeyPatch, value: str) -> N
     assert env.number("X_NUM", 7.0) == 7.0
 
 
+@pytest.mark.parametrize("value", ["-1", "0"])
+def test_a_timeout_that_is_not_positive_is_a_config_error(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, run_cli: Any, value: str) -> None:
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY, DINOV3_FETCHER_TIMEOUT=value)
+    assert r.returncode == 3, r.stderr
+    assert "DINOV3_FETCHER_TIMEOUT" in error_line(r.stderr)
+    assert not hub.requests
+
+
+def test_hf_hub_download_timeout_with_a_fraction_is_accepted(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, run_cli: Any) -> None:
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY, HF_HUB_DOWNLOAD_TIMEOUT="1.5",
+                DINOV3_FETCHER_TIMEOUT=None)
+    assert r.returncode == 0, r.stderr
+
+
 # -- HF_ENDPOINT ---------------------------------------------------------------------------------------------
 
 BAD_ENDPOINTS = ["http://[::1", "ftp://x", "not a url", "https://", "http://host:notaport", "http://host:99999",
@@ -84,6 +102,16 @@ def test_malformed_endpoint_cli(value: str, dry_run: bool, tmp_path: Path, run_c
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "is not an http(s) URL" in lines[0], proc.stderr
     assert "hunter2" not in proc.stderr + proc.stdout
+
+
+def test_an_endpoint_with_credentials_is_refused_before_any_request(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, run_cli: Any) -> None:
+    url = hub.endpoint.replace("http://", "http://user:s3cretpw@")
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY, "--json", HF_ENDPOINT=url)
+    assert r.returncode == 3, r.stderr
+    assert "HF_ENDPOINT" in error_line(r.stderr)
+    assert "s3cretpw" not in r.stderr + r.stdout
+    assert not hub.requests
 
 
 # -- proxies -------------------------------------------------------------------------------------------------

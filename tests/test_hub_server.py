@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -38,7 +41,7 @@ from checkpoints import (
     vit_tensors,
     write_safetensors,
 )
-from conftest import point_hub_client
+from conftest import cli_env, point_hub_client
 from hub_server import Fault, HubServer
 
 REPO = "facebook/dinov3-test"
@@ -132,6 +135,32 @@ def test_checkpoints_are_valid_safetensors(tmp_path: Path) -> None:
     assert tensor_bytes(shard, name) == tensor_bytes(data, name)
     write_safetensors(tmp_path / "s.safetensors", vit_tensors())
     check_safetensors((tmp_path / "s.safetensors").read_bytes())
+
+
+# ---------- serve.py: the emulator run by hand ----------
+
+def test_serve_py_prints_the_export_line_and_its_repos_and_serves_them(tmp_path: Path, run_cli: Any) -> None:
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("serve.py"))], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        while not any("Ctrl-C" in ln for ln in lines):  # what it prints before it serves, the way to stop it last
+            line = proc.stdout.readline()
+            assert line, f"serve.py ended before saying how to stop it: {lines} {proc.communicate()}"
+            lines.append(line)
+        text = "".join(lines)
+        for name in ("tiny-org/dinov3-vit-tiny", "tiny-org/dinov3-vit-gated", "tiny-org/dinov3-convnext-sharded",
+                     GRANTED):
+            assert name in text, text
+        export = next(ln for ln in lines if ln.startswith("export HF_ENDPOINT=http://127.0.0.1:"))
+        r = run_cli("--dino-root", str(tmp_path / "d"), "--model", "tiny-org/dinov3-vit-gated",
+                    HF_ENDPOINT=export.strip().split("=", 1)[1], HF_TOKEN=GRANTED)
+        assert r.returncode == 0, r.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate()
+    assert proc.returncode == 0
 
 
 # ---------- the real client ----------

@@ -22,6 +22,7 @@ from conftest import TINY, cli_env, needs_load
 from dinov3_fetcher import _load as load
 from dinov3_fetcher import fetch_dinov3
 from dinov3_fetcher._errors import LoadError, VerificationError
+from helpers import error_line
 from hub_server import HubServer
 
 CONVNEXT = "tiny-org/dinov3-convnext-tiny"
@@ -86,9 +87,10 @@ def test_verify_load_without_torch_exits_14_with_the_hint(fetched: Path, tmp_pat
     proc = subprocess.run([sys.executable, "-m", "dinov3_fetcher", "verify", "--dino-root", str(fetched), "--load"],
                           env=cli_env(PYTHONPATH=str(blocker)), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 14, proc.stderr
-    assert "torch is not installed" in proc.stderr
-    assert "pip install 'dinov3-fetcher[load]'" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    line = error_line(proc.stderr)
+    assert "torch is not installed" in line
+    assert "pip install 'dinov3-fetcher[load]'" in line
+    assert "download.pytorch.org/whl/cpu" in line and "uv sync --extra load" not in line  # what works here
 
 
 # --- with the extra: real transformers ------------------------------------------------------------------------

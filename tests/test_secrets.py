@@ -104,6 +104,20 @@ def test_token_never_appears_in_output_or_files(hub: HubServer, gated: dict[str,
             assert files_containing(tmp_path, s) == []
 
 
+@pytest.mark.parametrize("flags", [[], ["--json"], ["--debug"]])
+def test_a_signed_cdn_url_is_named_by_its_host_never_printed_whole(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, run_cli: Any, flags: list[str]) -> None:
+    signed = f"{hub.endpoint}/{TINY}/resolve/main/{MODEL}?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=f00d"
+    hub.redirect_location = lambda _: signed  # a redirect loop through a signed URL: "too many redirects"
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY, *flags, DINOV3_FETCHER_RETRIES="1")
+    assert r.returncode == 10, r.stderr
+    out = r.stdout + r.stderr
+    assert "X-Amz-" not in out and "Signature" not in out
+    # one error line (with --debug, after the traceback)
+    (line,) = [ln for ln in r.stderr.splitlines() if ln.startswith("dinov3-fetcher: error:")]
+    assert "127.0.0.1" in line and " -> " in line
+
+
 @pytest.mark.parametrize("name", ["gated-not-granted", "token-rejected", "corrupt-bytes", "retries-exhausted",
                                   "hub-unreachable"])
 def test_token_never_appears_in_exception_messages_or_tracebacks(

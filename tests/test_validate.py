@@ -1,10 +1,11 @@
-"""validate and verify against hostile files on disk: nothing they hold makes them raise, and verify never
-overwrites a manifest that a fetch published while it was hashing."""
+"""validate and verify against hostile files on disk: nothing they hold makes them raise, a damaged manifest
+counts as no manifest, and verify never overwrites a manifest that a fetch published while it was hashing."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from dinov3_fetcher._progress import Progress
 from dinov3_fetcher._state import StateDir
 from dinov3_fetcher._validate import find_problems
 from dinov3_fetcher._verify import verify_dinov3
+from helpers import error_line
 from hub_server import HubServer
 
 DEEP = 200_000
@@ -127,3 +129,32 @@ def test_verify_records_only_when_the_lock_is_free(hub: HubServer, tiny: dict[st
     assert verify_dinov3(dino_root, deep=True).ok
     m = state.read_manifest()
     assert m is not None and m.verified_at is not None and m.verified_deep_at is not None
+
+
+@pytest.mark.parametrize(("command", "damage"), [("fetch", "files-null"), ("fetch", "files-list"),
+                                                ("fetch", "size-overflow"), ("info", "size-overflow"),
+                                                ("verify", "files-list")])
+def test_a_damaged_manifest_is_treated_as_absent(hub: HubServer, tiny: dict[str, bytes], dino_root: Path,
+                                                 run_cli: Any, damage: str, command: str) -> None:
+    fetch_dinov3(dino_root, TINY)
+    mpath = dino_root / ".dinov3-fetcher" / "manifest.json"
+    text = mpath.read_text()
+    if damage == "files-null":
+        text = json.dumps(json.loads(text) | {"files": None})
+    elif damage == "files-list":
+        text = json.dumps(json.loads(text) | {"files": []})
+    else:
+        text = re.sub(r'"size": \d+', '"size": 1e400', text, count=1)
+    mpath.write_text(text)
+    if command == "fetch":
+        r = run_cli("--dino-root", str(dino_root), "--model", TINY)
+        assert r.returncode == 0, r.stderr
+        assert run_cli("verify", "--dino-root", str(dino_root)).returncode == 0
+    elif command == "info":
+        r = run_cli("info", "--dino-root", str(dino_root), "--model", TINY, "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["repo_id"] is None
+    else:
+        r = run_cli("verify", "--dino-root", str(dino_root))
+        assert r.returncode == 13, r.stderr
+        assert "manifest" in error_line(r.stderr)
