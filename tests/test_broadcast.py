@@ -321,7 +321,7 @@ def test_pieces_stay_inside_chunk_windows() -> None:
 
 def test_partial_sink_records_what_it_wrote_in_the_fetchers_format(tmp_path: Path) -> None:
     from dinov3_fetcher._job import Job as _Job
-    from dinov3_fetcher._transfer import Target
+    from dinov3_fetcher._job import Target
 
     data = _blob(3 * MiB + 5, 7)
     spec = FileSpec("model.safetensors", len(data), hashlib.sha256(data).hexdigest())

@@ -303,27 +303,27 @@ def test_one_budget_for_the_whole_fetch_head_start_included(hub: HubServer, dino
 def test_round_trips_count_new_connections_and_redirects(hub: HubServer, tiny: dict[str, bytes]) -> None:
     # The round trip comes from times to first byte divided by what each answer cost: a new plain connection
     # is 2 (handshake + request), a kept-alive one 1, and a redirect's hops add up (Hub, then the CDN).
-    from dinov3_fetcher._http import HttpPool, round_trips
+    from dinov3_fetcher._http import HttpPool
 
     pool = HttpPool(10.0, "test")
     try:
         url = f"{hub.endpoint}/{TINY}/resolve/main/config.json"
-        final, conn, resp = pool.get(url, {})
-        resp.read()
-        pool.finish(final, conn, resp)
-        assert round_trips(resp) == 2  # a new connection
-        final, conn, resp = pool.get(url, {})
-        resp.read()
-        pool.finish(final, conn, resp)
-        assert round_trips(resp) == 1  # the same connection again
+        answer = pool.get(url, {})
+        answer.read()
+        pool.finish(answer)
+        assert answer.round_trips == 2  # a new connection
+        answer = pool.get(url, {})
+        answer.read()
+        pool.finish(answer)
+        assert answer.round_trips == 1  # the same connection again
         weights = f"{hub.endpoint}/{TINY}/resolve/main/model.safetensors"
-        final, conn, resp = pool.get(weights, {"Range": "bytes=0-0"})
-        resp.read()
-        pool.finish(final, conn, resp)
-        assert final != weights  # redirected to the CDN
-        assert round_trips(resp) == 1 + 2  # the Hub's 302 on the kept connection, then a new one to the CDN
+        answer = pool.get(weights, {"Range": "bytes=0-0"})
+        answer.read()
+        pool.finish(answer)
+        assert answer.url != weights  # redirected to the CDN
+        assert answer.round_trips == 1 + 2  # the Hub's 302 on the kept connection, then a new one to the CDN
         head = pool.head(weights)
-        assert head.status == 302 and round_trips(head) == 1
+        assert head.resp.status == 302 and head.round_trips == 1
     finally:
         pool.close()
 
@@ -331,7 +331,7 @@ def test_round_trips_count_new_connections_and_redirects(hub: HubServer, tiny: d
 def test_warmed_connections_carry_the_first_requests(hub: HubServer, tiny: dict[str, bytes]) -> None:
     # HttpPool.warm opens connections ahead (the head start's first requests find them open, their handshakes
     # overlapped with the Hub client's import); a request meanwhile waits for one rather than open another.
-    from dinov3_fetcher._http import HttpPool, round_trips
+    from dinov3_fetcher._http import HttpPool
 
     pool = HttpPool(10.0, "test")
     try:
@@ -339,8 +339,9 @@ def test_warmed_connections_carry_the_first_requests(hub: HubServer, tiny: dict[
         url = f"{hub.endpoint}/{TINY}/resolve/main/config.json"
         answers = []
         for _ in range(2):  # one after the other: each takes a warmed connection, none is opened anew
-            _final, conn, resp = pool.get(url, {})
-            answers.append((resp.read(), round_trips(resp), conn.sock.getsockname()[1]))
+            answer = pool.get(url, {})
+            assert answer.conn is not None and answer.conn.sock is not None
+            answers.append((answer.read(), answer.round_trips, answer.conn.sock.getsockname()[1]))
         assert [a[0] for a in answers] == [tiny["config.json"]] * 2
         assert [a[1] for a in answers] == [1, 1]  # already open when asked
         peers = {r.peer for r in hub.requests}

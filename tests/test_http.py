@@ -184,9 +184,9 @@ def test_plain_http_proxy_with_credentials(proxy: _Proxy, hub: HubServer, tiny: 
     pool = HttpPool(5, "ua", _bearer(hub.endpoint, GRANTED))
     try:
         for name in ("config.json", "model.safetensors"):  # the weights: a 302 from the hub to the CDN
-            url, conn, resp = pool.get(f"{hub.endpoint}/{TINY}/resolve/main/{name}", {})
-            assert resp.status == 200 and resp.read() == tiny[name]
-            pool.finish(url, conn, resp)
+            answer = pool.get(f"{hub.endpoint}/{TINY}/resolve/main/{name}", {})
+            assert answer.resp.status == 200 and answer.read() == tiny[name]
+            pool.finish(answer)
     finally:
         pool.close()
     gets = [(target, headers) for method, target, headers in proxy.seen if method == "GET"]

@@ -40,9 +40,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def fetch_all(pool: HttpPool, hub: HubServer, names: tuple[str, ...] = ("config.json", "model.safetensors")) -> None:
     try:
         for name in names:
-            url, conn, resp = pool.get(f"{hub.endpoint}/{REPO}/resolve/main/{name}", {})
-            assert resp.status == 200 and resp.read() == FILES[name]
-            pool.finish(url, conn, resp)
+            answer = pool.get(f"{hub.endpoint}/{REPO}/resolve/main/{name}", {})
+            assert answer.resp.status == 200 and answer.read() == FILES[name]
+            pool.finish(answer)
     finally:
         pool.close()
 
@@ -234,7 +234,7 @@ def test_sha_of_weights_through_tunnel_unchanged(tls_hub: TlsHub, monkeypatch: p
     hub = tls_hub.hub
     hub.add_repo(REPO, FILES)
     pool = HttpPool(5, "ua")
-    url, conn, resp = pool.get(f"{hub.endpoint}/{REPO}/resolve/main/model.safetensors", {})
-    assert hashlib.sha256(resp.read()).digest() == hashlib.sha256(FILES["model.safetensors"]).digest()
-    pool.finish(url, conn, resp)
+    answer = pool.get(f"{hub.endpoint}/{REPO}/resolve/main/model.safetensors", {})
+    assert hashlib.sha256(answer.read()).digest() == hashlib.sha256(FILES["model.safetensors"]).digest()
+    pool.finish(answer)
     pool.close()

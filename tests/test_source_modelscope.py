@@ -46,10 +46,10 @@ def fetch(src: ModelScopeSource, snap: Snapshot, name: str) -> tuple[int, bytes]
     """GET a file the way the transfer layer will: the source's scoped pool, redirects followed."""
     pool = src.pool()
     try:
-        url, conn, resp = pool.get(src.file_url(snap, name), {})
-        body = resp.read()
-        pool.finish(url, conn, resp)
-        return resp.status, body
+        answer = pool.get(src.file_url(snap, name), {})
+        body = answer.read()
+        pool.finish(answer)
+        return answer.resp.status, body
     finally:
         pool.close()
 
@@ -322,9 +322,10 @@ def test_malformed_endpoint_is_exit_3(monkeypatch: pytest.MonkeyPatch, value: st
 # ---------- with the transfer layer (the lead wires this into fetch; these pin what it must handle) ----------
 
 def _transfer_once(ms: ModelScopeServer, tmp_path: Path, token: str | None) -> tuple[bool, str]:
+    from dinov3_fetcher._job import Target
     from dinov3_fetcher._progress import Progress
     from dinov3_fetcher._state import StateDir
-    from dinov3_fetcher._transfer import Settings, Target, Transfer
+    from dinov3_fetcher._transfer import Settings, Transfer
 
     src = ModelScopeSource(ms.endpoint, token)
     repo = PRIVATE if token else REPO

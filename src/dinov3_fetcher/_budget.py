@@ -11,7 +11,7 @@ back. Where not even the first step paid (the link was full at the start), it ha
 holds. A decision that lowers the streams for good (a step not worth it, a halving as good as before) waits
 for ``CONFIRM`` windows that agree, so that one window made slow by the machine (a busy CPU, new streams late
 to start) cannot leave a far link at half its rate; one that adds streams, or gives back a halving that cost,
-needs one. The round trip comes from the requests' times to first byte (``_http.round_trips``). Only windows
+needs one. The round trip comes from the requests' times to first byte (``_http.Answer.round_trips``). Only windows
 in which every slot was wanted count (a file's tail, or the gap between files, says nothing about the link).
 ``DINOV3_FETCHER_CONNECTIONS`` set explicitly fixes the limit instead (no adapting).
 Why: BENCHMARKS.md (the links).
@@ -249,7 +249,7 @@ class Budget:
 
     def first_byte(self, seconds: float) -> None:
         """A request's time to its answer's headers per round trip it took (a new connection's handshake and
-        the redirects count: ``_http.round_trips``): the shortest is the round trip."""
+        the redirects count: ``_http.Answer.round_trips``): the shortest is the round trip."""
         with self._cond:
             if self.rtt is None or seconds < self.rtt:
                 self.rtt = seconds

@@ -233,19 +233,19 @@ def _offline_error(req: FetchRequest) -> LocalEntryNotFoundError:
 
 
 def _telling(run: Run, observer: FetchObserver) -> Callable[[str], Path]:
-    """``run.get``, telling ``observer`` of each file it verified."""
+    """``run.fetch_file``, telling ``observer`` of each file it verified."""
 
     def get(name: str) -> Path:
-        path = run.get(name)
+        path = run.fetch_file(name)
         observer.verified(name, path)
         return path
 
     return get
 
 
-def _get_all(run: Run, names: list[str], files_at_once: int, get: Callable[[str], Path]) -> None:
-    """``get`` (``run.get``) each weight file, ``files_at_once`` at a time, so that one file's sha256 tail overlaps
-    the next transfer. Files with the same content never run together (they share a partial folder). The first
+def _fetch_weights(run: Run, names: list[str], files_at_once: int, get: Callable[[str], Path]) -> None:
+    """``get`` (``run.fetch_file``) each weight file, ``files_at_once`` at a time, so that one file's sha256 tail
+    overlaps the next transfer. Files with the same content never run together (they share a partial folder). The first
     error stops the others and is raised; Ctrl-C stops all and keeps their progress."""
     assert run.transfer is not None
     transfer = run.transfer
@@ -356,7 +356,7 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
         if reason := config_problem(cfg) or registry_mismatch(req.model, cfg):
             raise NotDinov3Error(f"{req.model} is not a usable DINOv3 checkpoint: {reason}",
                                  "pick a DINOv3 repo ('dinov3-fetcher list' shows the official ones)")
-        run.get(PREPROCESSOR)
+        run.fetch_file(PREPROCESSOR)
         weights = weight_files(snap.files, lambda: run.json(INDEX))
         if weights is None:
             raise NotDinov3Error(f"{req.model} has no safetensors weights ({SINGLE} or {INDEX})",
@@ -367,17 +367,17 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
         progress.expect({p.name: p.size for p in planned})
         progress.done += sum(p.size for p in planned if p.reuse)  # += : head-start bytes are counted already
         order = [p.name for p in planned if p.name in weights]
-        get: Callable[[str], Path] = run.get
+        get: Callable[[str], Path] = run.fetch_file
         if observer is not None:  # before the weights' transfer
             observer.planned(FetchPlan(snap.commit, source.name, env.display_origin(source.endpoint),
                                        {**run.records, **{n: run.expected(n) for n in order}}, order,
                                        [p.name for p in planned if p.name not in weights], dict(run.paths),
                                        transfer.cancel))
             get = _telling(run, observer)
-        _get_all(run, order, FILES_AT_ONCE, get)
+        _fetch_weights(run, order, FILES_AT_ONCE, get)
         for p in planned:
             if p.name not in weights:
-                run.get(p.name)
+                run.fetch_file(p.name)
         tensors: dict[str, TensorInfo] = {}
         for name in weights:
             try:

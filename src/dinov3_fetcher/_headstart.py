@@ -19,7 +19,6 @@ huggingface_hub's reading of the error.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import shutil
 import threading
@@ -31,13 +30,14 @@ from urllib.parse import quote
 
 from ._errors import FetchInterrupted
 from ._hashing import git_blob_id
-from ._http import etag_value, redirect_target, seconds_per_trip
+from ._http import etag_value, redirect_target
 from ._ids import is_commit, is_sha256
+from ._job import Target
 from ._layout import CONFIG, INDEX, SINGLE, shards_from_index
 from ._manifest import Manifest
 from ._registry import variant_for
 from ._state import SPACE_MARGIN
-from ._transfer import FILES_AT_ONCE, Done, Target, Transfer
+from ._transfer import FILES_AT_ONCE, Downloaded, Transfer
 from ._validate import config_problem, registry_mismatch
 
 __all__ = ["HeadStart"]
@@ -47,10 +47,10 @@ MAX_JSON = 16 * 1024 * 1024  # config.json and the index are a few KB; a bigger 
 
 
 @dataclass
-class _Early:
+class _EarlyDownload:
     target: Target
     started: bool = False
-    result: Done | None = None
+    result: Downloaded | None = None
     error: Exception | None = None  # why it failed (its partial data is kept, unless the bytes were wrong)
     adopted: bool = False  # handed to the main path (under HeadStart.lock)
     released: bool = False  # given back unclaimed by stop() (under HeadStart.lock): never handed over
@@ -62,14 +62,12 @@ class HeadStart:
 
     def __init__(self, main: Transfer, old: Manifest | None, repo_id: str, revision: str, endpoint: str,
                  main_cancel: threading.Event) -> None:
-        # Its own Transfer (own cancel event, no early source) sharing the main one's pool, state and progress.
-        self.transfer = dataclasses.replace(main, cancel=threading.Event(), early=None, _locations={},
-                                            _per_request=set())
+        self.transfer = main.beside()  # its own cancel event; the main one's pool, state, progress and budget
         self.main_cancel = main_cancel  # the main path's: once set (Ctrl-C, an error), the head start stops too
         self.state, self.old, self.repo_id = main.state, old, repo_id
         self.base = f"{endpoint}/{repo_id}/resolve/"
         self.revision = revision
-        self.jobs: dict[str, _Early] = {}
+        self.jobs: dict[str, _EarlyDownload] = {}
         self.small: dict[str, bytes] = {}  # config.json and the index as read here, for take()
         self.taken: set[str] = set()  # names the main path asked for: never started here after that
         self.lock = threading.Lock()
@@ -104,7 +102,7 @@ class HeadStart:
                     if free < SPACE_MARGIN or self.transfer.cancel.is_set():
                         return  # the main path checks the space precisely, and says what is missing
                     identities.add(t.identity)
-                    self.jobs[t.name] = _Early(t)
+                    self.jobs[t.name] = _EarlyDownload(t)
                     spawn = self.running < FILES_AT_ONCE
                     if spawn:
                         self.running += 1
@@ -168,7 +166,7 @@ class HeadStart:
         rec = self.old.files.get(CONFIG) if self.old else None
         if rec is None:
             return self._small(url)
-        resp = self.transfer.pool.head(url)  # an intact file is never downloaded again
+        resp = self.transfer.pool.head(url).resp  # an intact file is never downloaded again
         commit = resp.getheader("X-Repo-Commit") or ""
         etag = etag_value(resp.getheader("ETag"))
         # A record from a source that lists no git ids (ModelScope) has none: the bytes on disk decide below.
@@ -184,11 +182,12 @@ class HeadStart:
 
     def _small(self, url: str) -> tuple[str, bytes] | None:
         """(commit, body) of a small file from the Hub, or None."""
-        final, conn, resp = self.transfer.pool.get(url, {})
+        answer = self.transfer.pool.get(url, {})
+        resp = answer.resp
         try:
-            body = resp.read(MAX_JSON + 1) if resp.status == 200 else b""
+            body = answer.read(MAX_JSON + 1) if resp.status == 200 else b""
         finally:
-            self.transfer.pool.finish(final, conn, resp)
+            self.transfer.pool.finish(answer)
         commit = resp.getheader("X-Repo-Commit") or ""
         if resp.status != 200 or len(body) > MAX_JSON or not is_commit(commit):
             return None
@@ -198,8 +197,9 @@ class HeadStart:
         """(commit, the weight file as the Hub's resolve answer at ``rev`` describes it: sha256 and size), or
         None. The target's URL names the commit, whatever ``rev`` was."""
         asked = self.base + rev + "/" + quote(name)
-        resp = self.transfer.pool.head(asked)
-        self.transfer.budget.first_byte(seconds_per_trip(resp))
+        answer = self.transfer.pool.head(asked)
+        self.transfer.budget.first_byte(answer.seconds_per_trip())
+        resp = answer.resp
         commit = resp.getheader("X-Repo-Commit") or (rev if is_commit(rev) else "")  # at a commit: that one
         sha = etag_value(resp.getheader("X-Linked-Etag") or resp.getheader("ETag"))
         size = resp.getheader("X-Linked-Size") or resp.getheader("Content-Length") or ""
@@ -210,9 +210,9 @@ class HeadStart:
         location = resp.getheader("Location")
         if resp.status in (301, 302, 303, 307, 308) and location:
             # The GETs go straight there (one round trip less); a location refused later (expired, signed
-            # per request) is re-resolved from then on: Transfer.forget_location.
+            # per request) is re-resolved from then on: Redirects.forget.
             with contextlib.suppress(Exception):
-                self.transfer.remember_location(target, redirect_target(asked, location))
+                self.transfer.redirects.remember(target.url, redirect_target(asked, location))
         return commit, target
 
     def _needed(self, t: Target) -> bool:
@@ -240,7 +240,7 @@ class HeadStart:
             finally:
                 job.finished.set()
 
-    def take(self, target: Target) -> Done | None:
+    def take(self, target: Target) -> Downloaded | None:
         """The early download of ``target`` once it is done, if it fetched exactly that content (same size and
         sha256 as huggingface_hub lists); None for the transfer to download it itself. config.json and the
         index, read here whole, are handed over when their git blob id is the one listed.
@@ -252,7 +252,7 @@ class HeadStart:
         with self.lock:
             body = self.small.get(target.name)
         if body is not None and not target.sha256 and target.git_oid and git_blob_id(body) == target.git_oid:
-            return self.transfer.store(target, body)
+            return self.transfer.store_body(target, body)
         with self.lock:
             self.taken.add(target.name)
             job = self.jobs.get(target.name)

@@ -6,7 +6,8 @@ that the token is sent to the endpoint's host only, never to a CDN or any other 
 
 Proxies and trusted CAs follow huggingface_hub's client exactly (``_net.py``): the metadata and the bytes
 take the same route and trust the same certificates. A certificate failure, or a proxy that cannot be reached,
-is raised as a NetworkError that says so (not retried: the next try would fail the same way).
+is raised as a NetworkError that says so (not retried: the next try would fail the same way); any other failure
+on the way is a ``RequestError``, which the caller may retry. An answer comes back as an ``Answer``.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NoReturn
 from urllib.parse import urljoin, urlsplit
 
 from ._env import display_origin
 from ._errors import HubResponseError
 from ._net import Proxy, network_error, proxy_for, ssl_context
 
-__all__ = ["Auth", "Connection", "HttpPool", "Response", "etag_value", "origin_key", "redirect_target", "round_trips",
-           "seconds_per_trip"]
+__all__ = ["Answer", "Auth", "Connection", "HttpPool", "Redirects", "RequestError", "Response", "etag_value",
+           "origin_key", "redirect_target"]
 
 Response = http.client.HTTPResponse
 Connection = http.client.HTTPConnection
@@ -38,6 +40,44 @@ class Auth:
 
     origin: str  # scheme://host[:port] of the endpoint
     headers: Mapping[str, str]
+
+
+class RequestError(Exception):
+    """A request that got no usable answer (refused, reset, timed out, a TLS or protocol error): another try may
+    get one. Its text is the cause's type and message, and where it happened when known."""
+
+    def __init__(self, cause: BaseException, where: str = "") -> None:
+        self.kind = type(cause).__name__
+        super().__init__(f"{self.kind}: {cause}" + (f" ({where})" if where else ""))
+
+
+@dataclass
+class Answer:
+    """An HTTP answer: its response (the body still to read, unless it came from ``HttpPool.head``), the URL
+    that gave it (after redirects), the connection it holds until ``HttpPool.finish``, and its timing.
+
+    ``round_trips`` is how many round trips it took at least: 1 on a kept-alive connection, 2 on a new one
+    (TCP's handshake), 3 over a new TLS connection (TLS 1.3's; older TLS takes more, so the time per round trip
+    derived from it errs long), summed over the redirects followed."""
+
+    url: str
+    resp: Response
+    conn: Connection | None  # None once given back to the pool (or closed)
+    round_trips: int
+    asked_at: float  # monotonic time the first request went out (once it had a connection)
+    remembered: bool = False  # it went to a location remembered from an earlier redirect (``Redirects``)
+
+    def seconds_per_trip(self) -> float:
+        """From the request (not the wait for a connection ``warm`` was opening) to the answer's headers, per
+        round trip it took: one round trip, at best."""
+        return (time.monotonic() - self.asked_at) / self.round_trips
+
+    def read(self, amt: int | None = None) -> bytes:
+        """Up to ``amt`` bytes of the body (all of it when None); RequestError if the connection fails."""
+        try:
+            return self.resp.read(amt)
+        except (OSError, http.client.HTTPException) as exc:
+            raise RequestError(exc) from exc
 
 
 @dataclass
@@ -159,65 +199,77 @@ class HttpPool:
             headers.update(self.auth.headers)
         return headers
 
-    def get(self, url: str, headers: dict[str, str]) -> tuple[str, Connection, Response]:
-        """GET ``url`` following redirects; returns the final URL, its connection and the response (unread).
+    def get(self, url: str, headers: dict[str, str]) -> Answer:
+        """GET ``url`` following redirects: the answer with its body unread (``finish`` it).
 
-        ``round_trips(resp)`` says how many round trips the answer took at least (redirects and new
-        connections included), so that its time to first byte can be read as a round trip."""
+        Raises RequestError (another try may work), NetworkError (a certificate or proxy failure), ConfigError
+        (a proxy setting our client cannot use) or HubResponseError (a redirect to a URL that is not http(s))."""
         trips, asked = 0, None
         for _ in range(10):
-            conn, resp = self._send("GET", url, headers)
-            trips += round_trips(resp)
-            asked = asked if asked is not None else resp.asked_at  # type: ignore[attr-defined]
+            conn, resp, n, at = self._send("GET", url, headers)
+            trips += n
+            asked = at if asked is None else asked
+            answer = Answer(url, resp, conn, trips, asked)
             if resp.status in _REDIRECTS and resp.getheader("Location"):
-                resp.read()
-                self.finish(url, conn, resp)
+                try:
+                    answer.read()
+                finally:
+                    self.finish(answer)
                 url = redirect_target(url, resp.getheader("Location") or "")
                 continue
-            resp.round_trips, resp.asked_at = trips, asked  # type: ignore[attr-defined]
-            return url, conn, resp
-        raise http.client.HTTPException(f"too many redirects for {url}")
+            return answer
+        raise RequestError(http.client.HTTPException(f"too many redirects for {url}"))
 
-    def head(self, url: str) -> Response:
-        """HEAD ``url`` without following a redirect (its headers are the answer), as huggingface_hub does."""
-        conn, resp = self._send("HEAD", url, {})
-        resp.read()
-        self.finish(url, conn, resp)
-        return resp
-
-    def _send(self, method: str, url: str, headers: dict[str, str]) -> tuple[Connection, Response]:
-        conn = self.acquire(url)
-        target = url if isinstance(conn, _ProxiedHTTPConnection) else _path(url)
+    def head(self, url: str) -> Answer:
+        """HEAD ``url`` without following a redirect (its headers are the answer), as huggingface_hub does; its
+        connection is back in the pool already. Raises what ``get`` raises."""
+        conn, resp, trips, asked = self._send("HEAD", url, {})
+        answer = Answer(url, resp, conn, trips, asked)
         try:
-            trips, asked = _trips(conn), time.monotonic()
-            conn.request(method, target, headers=self._request_headers(conn, url, headers))
-            return conn, _counted(conn.getresponse(), trips, asked)
+            answer.read()
+        finally:
+            self.finish(answer)
+        return answer
+
+    def _send(self, method: str, url: str, headers: dict[str, str]) -> tuple[Connection, Response, int, float]:
+        """The request on a pooled (or new) connection: the connection, the response, its round trips, when."""
+        conn = self.acquire(url)
+        try:
+            return conn, *self._exchange(conn, method, url, headers)
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-            # A kept-alive connection the server had closed: one fresh try.
-            conn.close()
+            conn.close()  # a kept-alive connection the server had closed: one fresh try
             conn = self._new(*self._origin(url))
-            try:
-                trips, asked = _trips(conn), time.monotonic()
-                conn.request(method, target, headers=self._request_headers(conn, url, headers))
-                return conn, _counted(conn.getresponse(), trips, asked)
-            except BaseException as exc:
-                conn.close()
-                self._explain(exc, conn, url)
-                raise
-        except BaseException as exc:
+        except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            self._explain(exc, conn, url)
+            self._fail(exc, conn, url)
+        except BaseException:
+            conn.close()
+            raise
+        try:
+            return conn, *self._exchange(conn, method, url, headers)
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            self._fail(exc, conn, url)
+        except BaseException:
+            conn.close()
             raise
 
-    def _explain(self, exc: BaseException, conn: Connection, url: str) -> None:
-        """Raise a NetworkError naming the real cause (certificate, proxy) or note which host failed."""
-        if not isinstance(exc, OSError | http.client.HTTPException):
-            return
-        via: Proxy | None = getattr(conn, "proxy", None)
+    def _exchange(self, conn: Connection, method: str, url: str,
+                  headers: dict[str, str]) -> tuple[Response, int, float]:
+        """Send the request on ``conn`` and read the answer's headers (the system calls and nothing else)."""
+        trips, asked = _trips(conn), time.monotonic()
+        target = url if isinstance(conn, _ProxiedHTTPConnection) else _path(url)
+        conn.request(method, target, headers=self._request_headers(conn, url, headers))
+        return conn.getresponse(), trips, asked
+
+    def _fail(self, exc: OSError | http.client.HTTPException, conn: Connection, url: str) -> NoReturn:
+        """Raise what a failed request means: a NetworkError naming the real cause (certificate, proxy), else a
+        RequestError that says which host (and proxy) it was."""
+        via = conn.proxy if isinstance(conn, _ProxiedHTTPConnection | _TunnelConnection) else None
         if (err := network_error(exc, url, via)) is not None:
             raise err from None
         where = f" through the proxy {via.display}" if via is not None else ""
-        exc.add_note(f"while connecting to {self.display_host(url)}{where}")
+        raise RequestError(exc, f"while connecting to {self.display_host(url)}{where}") from exc
 
     def _request_headers(self, conn: Connection, url: str, extra: dict[str, str]) -> dict[str, str]:
         headers = self.headers_for(url, extra)
@@ -225,12 +277,48 @@ class HttpPool:
             headers.update(conn.proxy_headers)
         return headers
 
-    def finish(self, url: str, conn: Connection, resp: Response) -> None:
-        """Return the connection to the pool if its response was read to the end, else close it."""
-        if resp.isclosed() and not resp.will_close:
-            self.release(url, conn)
+    def finish(self, answer: Answer) -> None:
+        """Give the answer's connection back to the pool if its body was read to the end, else close it (once)."""
+        conn, answer.conn = answer.conn, None
+        if conn is None:
+            return
+        if answer.resp.isclosed() and not answer.resp.will_close:
+            self.release(answer.url, conn)
         else:
             conn.close()
+
+
+class Redirects:
+    """Where each file's URL last redirected: its later requests go straight there (a round trip less), until a
+    location is refused (expired, or signed for one request or range); that file is then resolved afresh for
+    every request."""
+
+    def __init__(self) -> None:
+        self._locations: dict[str, str] = {}
+        self._per_request: set[str] = set()  # URLs whose locations serve one request only
+
+    def remember(self, url: str, location: str) -> None:
+        """Where ``url`` redirects (a HEAD's Location), unless it was refused before."""
+        if url not in self._per_request:
+            self._locations.setdefault(url, location)
+
+    def get(self, pool: HttpPool, url: str, headers: dict[str, str]) -> Answer:
+        """GET ``url``, or the location it last redirected to (``Answer.remembered``); raises what
+        ``HttpPool.get`` raises."""
+        asked = self._locations.get(url, url)
+        answer = pool.get(asked, headers)
+        answer.remembered = asked != url
+        if answer.url != asked and url not in self._per_request:
+            self._locations[url] = answer.url
+        return answer
+
+    def forget(self, url: str) -> bool:
+        """A remembered location of ``url`` was refused: resolve it afresh from now on, for every request. True
+        if there was one."""
+        if self._locations.pop(url, None) is None:
+            return False
+        self._per_request.add(url)
+        return True
 
 
 def redirect_target(url: str, location: str) -> str:
@@ -249,28 +337,10 @@ def redirect_target(url: str, location: str) -> str:
     return target
 
 
-def round_trips(resp: Response) -> int:
-    """The round trips a response of ``HttpPool`` took at least: 1 on a kept-alive connection, 2 on a new
-    one (TCP's handshake), 3 over a new TLS connection (TLS 1.3's handshake; older TLS takes more, so the time
-    per round trip derived from it errs long), summed over the redirects ``get`` followed."""
-    return int(getattr(resp, "round_trips", 1))
-
-
 def _trips(conn: Connection) -> int:
     if conn.sock is not None:
         return 1
     return 3 if isinstance(conn, http.client.HTTPSConnection) else 2
-
-
-def _counted(resp: Response, trips: int, asked: float) -> Response:
-    resp.round_trips, resp.asked_at = trips, asked  # type: ignore[attr-defined]
-    return resp
-
-
-def seconds_per_trip(resp: Response) -> float:
-    """The time from the request (once it had a connection: not the wait for one that ``warm`` was opening)
-    to now, the answer's headers, per round trip it took (``round_trips``): one round trip, at best."""
-    return (time.monotonic() - float(getattr(resp, "asked_at", time.monotonic()))) / round_trips(resp)
 
 
 def etag_value(header: str | None) -> str:

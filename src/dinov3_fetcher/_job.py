@@ -15,27 +15,56 @@ import http.client
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from ._errors import FetcherError, IntegrityError, NetworkError, disk_full
+from ._errors import IntegrityError, NetworkError, disk_full
 from ._hashing import WINDOW, git_blob_hasher, hash_range
-from ._http import Response, etag_value, seconds_per_trip
-from ._retry import TryAgain
+from ._http import Answer, HttpPool, Redirects, RequestError, Response, etag_value
+from ._retry import RetryPolicy, TryAgain
 from ._state import open_data, remaining, save_progress
 
 if TYPE_CHECKING:
-    from ._budget import Slot
-    from ._transfer import Target, Transfer
+    from ._budget import Budget, Slot
+    from ._progress import Progress
 
-__all__ = ["SAVE_EVERY", "WRITE_CHUNK", "Job"]
+__all__ = ["SAVE_EVERY", "WRITE_CHUNK", "FetchContext", "Job", "Target"]
 
 MiB = 1024 * 1024
 _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 SAVE_EVERY = 4 * MiB  # progress.json is rewritten after this many new bytes (all connections together)
 WRITE_CHUNK = 32 * 1024  # bytes per pwrite (see Job.write)
 STEAL_MIN = 1 * MiB  # the smallest half of a busy piece an idle stream takes over at a file's end
+
+
+@dataclass(frozen=True)
+class Target:
+    """A file to download: where, its size, and the hashes its bytes must have."""
+
+    name: str
+    url: str
+    size: int
+    identity: str  # content address used to name the partial folder
+    sha256: str | None = None  # expected sha256 (LFS files)
+    git_oid: str | None = None  # expected git blob sha1 (regular files)
+
+
+@dataclass(frozen=True)
+class FetchContext:
+    """What one file's download needs from the fetch it belongs to, shared by all its files' downloads."""
+
+    pool: HttpPool
+    redirects: Redirects  # where each file's URL redirects, remembered
+    budget: Budget  # the fetch's streams, and the size of a piece
+    progress: Progress
+    cancel: threading.Event  # set: every download stops at once
+    retry: RetryPolicy
+    min_split: int  # never split a file into pieces smaller than this
+    endpoint_var: str  # the variable that points at the source, named in error hints
+    raise_status: Callable[[int, dict[str, str], bytes, str], NoReturn]  # the source's reading of a failed answer
+    root: Path  # dino_root, named in the disk-full hint
 
 
 @dataclass
@@ -48,8 +77,8 @@ class _Segment:
 class Job:
     """One file's download: segments, workers, hasher, progress record."""
 
-    def __init__(self, transfer: Transfer, target: Target, folder: Path) -> None:
-        self.t, self.target, self.folder = transfer, target, folder
+    def __init__(self, fetch: FetchContext, target: Target, folder: Path) -> None:
+        self.fetch, self.target, self.folder = fetch, target, folder
         self.data_path = folder / "data"
         self.lock = threading.Condition()
         self.fetched = 0
@@ -62,7 +91,7 @@ class Job:
         self.save_lock = threading.Lock()
         self.write_lock = threading.Lock()  # see write()
         self.progress_fd: int | None = None  # progress.json, open for in-place rewrites
-        self.piece = 0  # with several connections: the size of the in-order pieces handed out (see take)
+        self.piece_size = 0  # with several connections: the size of the in-order pieces (see next_segment)
         self.hashed = 0  # [0, hashed) is on disk for good and hashed (hash_all): what a broadcast may send
         missing = remaining(folder, target.identity, target.size)
         self.resumed_from = target.size - sum(e - s for s, e in missing)
@@ -90,22 +119,27 @@ class Job:
         self.progress_fd = save_progress(self.folder, self.target.identity, self.target.size, ranges,
                                          self.progress_fd)
 
+    def on_disk(self) -> int:
+        """Bytes of the file already on disk."""
+        with self.lock:
+            return self.target.size - sum(s.end - s.pos for s in self.segments if s.pos < s.end)
+
     def frontier(self) -> int:
         """Every byte below this is on disk for good: the hasher may read it, nobody writes it again."""
         open_pos = [s.pos for s in self.segments if s.pos < s.end] + self.inflight
         return min(open_pos) if open_pos else self.target.size
 
     # -- work distribution --------------------------------------------------------------------------
-    def take(self) -> _Segment | None:
+    def next_segment(self) -> _Segment | None:
         """The next piece for a worker: the first idle range, or half of the largest busy one; None when done."""
         with self.lock:
-            if self.error is not None or self.t.cancel.is_set():
+            if self.error is not None or self.fetch.cancel.is_set():
                 return None
             self.segments = [s for s in self.segments if s.busy or s.pos < s.end]
             idle = [s for s in self.segments if not s.busy and s.pos < s.end]
             if idle:
                 seg = min(idle, key=lambda s: s.pos)
-                piece = self.t.budget.piece(self.piece, 4 * self.piece) if self.piece else 0
+                piece = self.fetch.budget.piece(self.piece_size, 4 * self.piece_size) if self.piece_size else 0
                 if piece and seg.end - seg.pos >= piece * 3 // 2 and not self.whole_file:
                     # Hand the file out front to back, one piece at a time: the written prefix (which the
                     # hasher follows) then grows at the speed of all connections, not of the first one, so
@@ -131,9 +165,9 @@ class Job:
             return seg
 
     def has_work(self) -> bool:
-        """Would ``take`` hand out a piece now (without taking it)?"""
+        """Would ``next_segment`` hand out a piece now (without taking it)?"""
         with self.lock:
-            if self.error is not None or self.t.cancel.is_set():
+            if self.error is not None or self.fetch.cancel.is_set():
                 return False
             if any(not s.busy and s.pos < s.end for s in self.segments):
                 return True
@@ -142,15 +176,15 @@ class Job:
 
     def steal_min(self) -> int:
         """A busy piece is split in two when each half is at least this (see Budget.steal)."""
-        return self.t.budget.steal(STEAL_MIN, self.t.settings.min_split)
+        return self.fetch.budget.steal(STEAL_MIN, self.fetch.min_split)
 
     def worker(self) -> None:
         """A stream's loop: a slot of the fetch's budget, then pieces over it until there is none (or the budget
         shrank); the first error stops the job."""
         try:
-            while (slot := self.t.budget.acquire(lambda: not self.has_work())) is not None:
+            while (slot := self.fetch.budget.acquire(lambda: not self.has_work())) is not None:
                 try:
-                    while not slot.shed() and (seg := self.take()) is not None:
+                    while not slot.shed() and (seg := self.next_segment()) is not None:
                         try:
                             self.fetch_segment(seg, slot)
                         finally:
@@ -168,10 +202,9 @@ class Job:
     def fetch_segment(self, seg: _Segment, slot: Slot) -> None:
         """Fetch one piece, retrying with backoff while attempts in a row make no progress; stops early (the
         rest of the piece left to a later stream) when the budget sheds this stream."""
-        policy = self.t.settings.retry
-        tries = policy.tries()
+        tries = self.fetch.retry.tries()
         while seg.pos < seg.end:
-            if self.t.cancel.is_set() or self.error is not None or slot.shedding:
+            if self.fetch.cancel.is_set() or self.error is not None or slot.shedding:
                 return
             start = seg.pos
             try:
@@ -182,10 +215,10 @@ class Job:
             except TryAgain as r:
                 if not tries.failed(wait=r.wait, progressed=seg.pos > start):
                     raise NetworkError(
-                        f"downloading {self.target.name} from {self.t.pool.display_host(self.target.url)} failed "
+                        f"downloading {self.target.name} from {self.fetch.pool.display_host(self.target.url)} failed "
                         f"{tries.failures} times in a row ({r})",
-                        f"check the link to {self.t.endpoint_var}, then run the same command again: it resumes "
-                        f"from the {seg_done(self)} bytes already on disk",
+                        f"check the link to {self.fetch.endpoint_var}, then run the same command again: it resumes "
+                        f"from the {self.on_disk()} bytes already on disk",
                     ) from None
 
     def stream(self, seg: _Segment, slot: Slot) -> None:
@@ -194,34 +227,31 @@ class Job:
         whole = (seg.pos == 0 and seg.end == size) or self.no_ranges
         headers = {} if whole else {"Range": f"bytes={seg.pos}-{seg.end - 1}"}
         try:
-            url, conn, resp = self.t.open(self.target, headers)
-            self.t.budget.first_byte(seconds_per_trip(resp))
-        except (TimeoutError, OSError, http.client.HTTPException) as exc:  # refused, DNS, TLS, no headers
-            if isinstance(exc, FetcherError):
-                raise
-            where = "".join(f" ({n})" for n in getattr(exc, "__notes__", ()))
-            raise TryAgain(f"{type(exc).__name__}: {exc}{where}") from None
+            answer = self.fetch.redirects.get(self.fetch.pool, self.target.url, headers)
+        except RequestError as exc:  # refused, DNS, TLS, no headers
+            raise TryAgain(str(exc)) from None
         try:
-            self.check_response(resp, seg, headers, url)
+            self.fetch.budget.first_byte(answer.seconds_per_trip())
+            self.check_response(answer, seg, headers)
+            resp = answer.resp
             offset = seg.pos if _ranged(resp) else 0
             if not _ranged(resp) and headers and not self.become_whole_file(seg):
                 return
             self.copy(resp, seg, slot, offset)
-        except (TimeoutError, OSError, http.client.HTTPException) as exc:
-            if isinstance(exc, FetcherError):  # our own errors are final (some are OSErrors too)
-                raise
-            raise TryAgain(f"{type(exc).__name__}: {exc}") from None
+        except RequestError as exc:  # the connection failed while the body was read
+            raise TryAgain(str(exc)) from None
         finally:
-            self.t.pool.finish(url, conn, resp)
+            self.fetch.pool.finish(answer)
 
-    def check_response(self, resp: Response, seg: _Segment, headers: dict[str, str], url: str) -> None:
+    def check_response(self, answer: Answer, seg: _Segment, headers: dict[str, str]) -> None:
         """Raise what a non-200/206 answer means: a retry (429, 5xx, an expired signed URL) or the source's error."""
+        resp = answer.resp
         if resp.status in (200, 206):
             etag = etag_value(resp.getheader("ETag"))
             want = self.target.sha256
             # Only the endpoint's own answer says its ETag is the sha256; a redirect target's is opaque (the Xet
             # bridge sends its Xet hash there): the sha256 computed from the bytes decides.
-            if want and len(etag) == 64 and etag != want and url == self.target.url:
+            if want and len(etag) == 64 and etag != want and answer.url == self.target.url:
                 self.fail_integrity(f"the server sent a different file (ETag {etag[:12]}..., expected {want[:12]}...)")
             if _ranged(resp):  # a 206, or a 200 that still says which range it is (ModelScope's storage)
                 cr = resp.getheader("Content-Range") or ""
@@ -231,13 +261,12 @@ class Job:
             elif resp.status == 200 and not resp.chunked:
                 self.check_total(resp.getheader("Content-Length") or "")
             return
-        body = resp.read(64 * 1024) if resp.status < 500 else b""
+        body = answer.read(64 * 1024) if resp.status < 500 else b""
         if resp.status == 416:
             self.check_total((resp.getheader("Content-Range") or "").rpartition("/")[2])
         # A remembered location refused: stale (expired, or signed for another range), whichever stream is the
         # first to say so; every stream that used it retries through a fresh resolve, none concludes "no ranges".
-        stale = bool(getattr(resp, "remembered_location", False))
-        if resp.status in (403, 416) and (self.t.forget_location(self.target) or stale):
+        if resp.status in (403, 416) and (self.fetch.redirects.forget(self.target.url) or answer.remembered):
             raise TryAgain(f"HTTP {resp.status} from a signed URL used again (expired, or bound to another range)", 0)
         if resp.status in (403, 416) and headers:
             # A fresh location refuses this range (a CDN that takes no ranged requests): one connection streams
@@ -247,8 +276,8 @@ class Job:
                 raise TryAgain(f"HTTP {resp.status} for a ranged request: the whole file on one connection", 0)
             raise TryAgain("another connection restreams the whole file", 0)
         if resp.status in _RETRYABLE_STATUS:
-            raise TryAgain(f"HTTP {resp.status}", self.t.settings.retry.retry_after(resp.getheader("Retry-After")))
-        self.t.raise_status(resp.status, dict(resp.getheaders()), body, self.target.url)
+            raise TryAgain(f"HTTP {resp.status}", self.fetch.retry.retry_after(resp.getheader("Retry-After")))
+        self.fetch.raise_status(resp.status, dict(resp.getheaders()), body, self.target.url)
 
     def check_total(self, total: str) -> None:
         """The server's size of the whole file (from Content-Range or a full answer's Content-Length) must be the
@@ -279,23 +308,28 @@ class Job:
 
     def copy(self, resp: Response, seg: _Segment, slot: Slot, offset: int) -> None:
         """Read the body into the slot's buffer and write what belongs to the piece, recording progress; stop
-        (the connection is closed, the rest of the piece stays to fetch) when the budget sheds this stream."""
+        (the connection is closed, the rest of the piece stays to fetch) when the budget sheds this stream.
+        RequestError when the connection fails."""
         buf = slot.buf
         mv = memoryview(buf)
+        budget, cancel, progress = self.fetch.budget, self.fetch.cancel, self.fetch.progress
         while True:
             with self.lock:
-                want = min(len(buf), self.t.budget.read_size(), seg.end - offset)
+                want = min(len(buf), budget.read_size(), seg.end - offset)
             if want <= 0:
-                if offset == self.target.size and resp.read(1):
+                if offset == self.target.size and _read(resp, 1):
                     self.fail_integrity(f"the server sent more than the {self.target.size} bytes the listing gives")
                 return
-            if self.t.cancel.is_set() or self.error is not None or slot.shed():
+            if cancel.is_set() or self.error is not None or slot.shed():
                 return
-            n = resp.readinto(mv[:want])
+            try:
+                n = resp.readinto(mv[:want])
+            except (OSError, http.client.HTTPException) as exc:
+                raise RequestError(exc) from None
             if not n:
                 raise TryAgain(f"connection closed at byte {offset} of {self.target.size}")
             with self.lock:
-                if self.t.cancel.is_set() or self.error is not None:
+                if cancel.is_set() or self.error is not None:
                     return  # stopped while this read was under way: the folder may be someone else's by now
                 # Write only [seg.pos, seg.end): a whole-file restream reads past what is on disk, and a
                 # piece split off (or dropped by a whole-file switch) while this read was under way is
@@ -317,8 +351,8 @@ class Job:
                     seg.pos = hi
                 due = self.unsaved >= SAVE_EVERY or time.monotonic() - self.saved_at >= 1.0
                 self.lock.notify_all()
-            self.t.progress.advance(max(hi - lo, 0))
-            self.t.budget.add(n)
+            progress.advance(max(hi - lo, 0))
+            budget.add(n)
             if due:
                 self.save(wait=False)
 
@@ -336,12 +370,12 @@ class Job:
     def disk_full(self, exc: OSError) -> OSError:
         """ENOSPC/EDQUOT as our DiskSpaceError (exit 9, partial kept); any other OSError as it is."""
         return disk_full(exc, self.folder, f"writing {self.target.name}",
-                         f"free space in {self.t.state.root} and run again: the download resumes")
+                         f"free space in {self.fetch.root} and run again: the download resumes")
 
     def fail_integrity(self, why: str) -> NoReturn:
         """Raise IntegrityError: the bytes are not the listed file (the partial is discarded)."""
-        raise IntegrityError(f"{self.target.name}: {why}; the file was discarded",
-                             f"run again to re-download it; if it repeats, {self.t.endpoint_var} serves corrupt data")
+        raise IntegrityError(f"{self.target.name}: {why}; the file was discarded", "run again to re-download it; "
+                             f"if it repeats, {self.fetch.endpoint_var} serves corrupt data")
 
     # -- verification -------------------------------------------------------------------------------
     def hash_all(self) -> str:
@@ -353,9 +387,9 @@ class Job:
         pos = 0
         while pos < size:
             with self.lock:
-                while (limit := self.frontier()) <= pos and self.error is None and not self.t.cancel.is_set():
+                while (limit := self.frontier()) <= pos and self.error is None and not self.fetch.cancel.is_set():
                     self.lock.wait(0.5)
-                if self.error is not None or self.t.cancel.is_set():
+                if self.error is not None or self.fetch.cancel.is_set():
                     return ""
             reached = hash_range(self.fd, pos, min(limit, pos + WINDOW), hashers)
             if reached == pos:  # the data file is shorter than its progress record: it cannot be trusted
@@ -373,10 +407,12 @@ class Job:
 
 
 
-def seg_done(job: Job) -> int:
-    """Bytes of the job's file already on disk."""
-    with job.lock:
-        return job.target.size - sum(s.end - s.pos for s in job.segments if s.pos < s.end)
+def _read(resp: Response, amt: int) -> bytes:
+    """Up to ``amt`` bytes of the body; RequestError if the connection fails."""
+    try:
+        return resp.read(amt)
+    except (OSError, http.client.HTTPException) as exc:
+        raise RequestError(exc) from None
 
 
 def _ranged(resp: Response) -> bool:

@@ -63,7 +63,7 @@ class Run:
         self.adopted: dict[str, str] = {}  # files found in dino_root, not ours, but the listed bytes: name -> sha256
         self.fetched = 0
         self.resumed = 0
-        self.lock = threading.Lock()  # get() runs in several threads (see _fetch._get_all)
+        self.lock = threading.Lock()  # fetch_file() runs in several threads (see _fetch._fetch_weights)
 
     def remote(self, name: str) -> RemoteFile:
         """The listed file ``name``; NotDinov3Error for a missing config, HubResponseError otherwise."""
@@ -141,9 +141,9 @@ class Run:
         rec = self.record(rf) if self.reusable(rf) is not None and name not in self.adopted else None
         return rec or FileRecord(rf.size, self.adopted.get(name) or rf.sha256 or "", rf.git_oid)
 
-    def get(self, name: str) -> Path:
+    def fetch_file(self, name: str) -> Path:
         """The verified file ``name``: reused from disk, or downloaded (resuming a partial) and staged."""
-        from ._transfer import Target
+        from ._job import Target
 
         rf = self.remote(name)
         check_filename(name)
@@ -158,7 +158,7 @@ class Run:
                         None if rf.sha256 else rf.git_oid)
         done = self.transfer.download(target)
         dest = self.state.staged_path(rf.identity, name)
-        self.transfer.finish(done, dest)
+        self.transfer.stage(done, dest)
         with self.lock:
             self.fetched += done.fetched
             self.resumed += done.resumed_from
@@ -217,7 +217,7 @@ class Run:
 
     def json(self, name: str) -> dict[str, Any]:
         """A JSON file of the repo (verified against the listing), parsed; a broken one is the source's fault."""
-        path = self.get(name)
+        path = self.fetch_file(name)
         try:
             return read_json_object(path)
         except ValueError as exc:

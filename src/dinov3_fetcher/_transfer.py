@@ -17,14 +17,14 @@ from . import _env as env
 from ._budget import Budget
 from ._errors import FetchInterrupted, IntegrityError
 from ._hashing import git_blob_id
-from ._http import Connection, HttpPool, Response
-from ._job import Job
+from ._http import HttpPool, Redirects
+from ._job import FetchContext, Job, Target
 from ._observe import FetchObserver
 from ._progress import Progress
 from ._retry import RetryPolicy
 from ._state import StateDir, owner_tag, write_new
 
-__all__ = ["FILES_AT_ONCE", "Settings", "Target", "Transfer"]
+__all__ = ["FILES_AT_ONCE", "Downloaded", "Settings", "Transfer"]
 
 MiB = 1024 * 1024
 FILES_AT_ONCE = 3  # weight files downloaded together: a file's tail (and its sha256 tail) overlaps the others
@@ -50,74 +50,44 @@ class Settings:
 
 
 @dataclass(frozen=True)
-class Target:
-    """A file to download: where, its size, and the hashes its bytes must have."""
-    name: str
-    url: str
-    size: int
-    identity: str  # content address used to name the partial folder
-    sha256: str | None = None  # expected sha256 (LFS files)
-    git_oid: str | None = None  # expected git blob sha1 (regular files)
-
-
-@dataclass
-class Done:
+class Downloaded:
     """A verified download, still in its partial folder."""
+
     path: Path  # the verified data file, still inside the claimed partial folder
     sha256: str
     fetched: int  # bytes received over the network for this file
     resumed_from: int  # bytes already on disk when this run started
 
 
-@dataclass
 class Transfer:
     """Downloads files into dino_root's partial folders; one instance per fetch.
 
     ``early``, when set, is asked first for each file: a source of bytes that may already hold the verified
     download (the head start, see _headstart); it answers None when it does not, and the transfer runs.
-    ``budget`` caps the streams of all its files together; the head start's Transfer shares the main one's.
+    ``budget`` caps the streams of all its files together (``beside`` shares it); ``observer`` is told of each
+    download as it starts (see _observe).
     """
 
-    settings: Settings
-    pool: HttpPool
-    state: StateDir
-    progress: Progress
-    raise_status: Callable[[int, dict[str, str], bytes, str], NoReturn]
-    cancel: threading.Event = field(default_factory=threading.Event)
-    early: Callable[[Target], Done | None] | None = None
-    endpoint_var: str = "HF_ENDPOINT"  # the variable that points at the source, named in error hints
-    _locations: dict[str, str] = field(default_factory=dict)
-    _per_request: set[str] = field(default_factory=set)  # files whose signed locations serve one request only
-    budget: Budget = None  # type: ignore[assignment]  # None: one from the settings (see __post_init__)
-    observer: FetchObserver | None = None  # told of each download as it starts (see _observe)
+    def __init__(self, settings: Settings, pool: HttpPool, state: StateDir, progress: Progress,
+                 raise_status: Callable[[int, dict[str, str], bytes, str], NoReturn], *,
+                 endpoint_var: str = "HF_ENDPOINT", budget: Budget | None = None,
+                 observer: FetchObserver | None = None) -> None:
+        self.settings, self.pool, self.state, self.progress = settings, pool, state, progress
+        self.raise_status, self.endpoint_var, self.observer = raise_status, endpoint_var, observer
+        self.budget = budget or Budget.for_connections(settings.connections, settings.block)
+        self.cancel = threading.Event()
+        self.redirects = Redirects()
+        self.early: Callable[[Target], Downloaded | None] | None = None
+        self.context = FetchContext(pool, self.redirects, self.budget, progress, self.cancel, settings.retry,
+                                    settings.min_split, endpoint_var, raise_status, state.root)
 
-    def __post_init__(self) -> None:
-        if self.budget is None:
-            self.budget = Budget.for_connections(self.settings.connections, self.settings.block)
+    def beside(self) -> Transfer:
+        """A Transfer for downloads that run beside this one's (the head start's): the same pool, state folder,
+        progress, stream budget and observer; its own cancel event and remembered redirects, no early source."""
+        return Transfer(self.settings, self.pool, self.state, self.progress, self.raise_status,
+                        endpoint_var=self.endpoint_var, budget=self.budget, observer=self.observer)
 
-    def remember_location(self, target: Target, location: str) -> None:
-        """Where ``target``'s URL redirects (a HEAD's Location): used until it is refused (``forget_location``)."""
-        if target.url not in self._per_request:
-            self._locations.setdefault(target.url, location)
-
-    def open(self, target: Target, headers: dict[str, str]) -> tuple[str, Connection, Response]:
-        """GET the target's URL (or the location it last redirected to, until one was refused) with ``headers``."""
-        url = self._locations.get(target.url, target.url)
-        final, conn, resp = self.pool.get(url, headers)
-        resp.remembered_location = url != target.url  # type: ignore[attr-defined]  # a 403 there: stale
-        if final != url and target.url not in self._per_request:
-            self._locations[target.url] = final
-        return final, conn, resp
-
-    def forget_location(self, target: Target) -> bool:
-        """A remembered redirect target was refused (expired, or signed for another range): re-resolve from now
-        on, for every request of this file. True if there was one."""
-        if self._locations.pop(target.url, None) is None:
-            return False
-        self._per_request.add(target.url)
-        return True
-
-    def store(self, target: Target, body: bytes) -> Done:
+    def store_body(self, target: Target, body: bytes) -> Downloaded:
         """A small file already read whole (by the head start) as a verified download, like ``download``'s."""
         sha = hashlib.sha256(body).hexdigest()
         if len(body) != target.size or (target.sha256 and sha != target.sha256) or (
@@ -132,9 +102,9 @@ class Transfer:
         self.progress.start_file(target.name, target.size, 0)
         self.progress.advance(len(body))
         self.progress.end_file(target.name)
-        return Done(folder / "data", sha, len(body), 0)
+        return Downloaded(folder / "data", sha, len(body), 0)
 
-    def download(self, target: Target) -> Done:
+    def download(self, target: Target) -> Downloaded:
         """Fetch ``target`` (resuming what is on disk) and verify it.
 
         Raises:
@@ -143,11 +113,11 @@ class Transfer:
             DiskSpaceError: the disk filled up (the partial data is kept).
             FetchInterrupted: Ctrl-C / SIGTERM (the partial data is kept).
         """
-        if self.early is not None and (done := self.early(target)) is not None:
-            return done
+        if self.early is not None and (early := self.early(target)) is not None:
+            return early
         folder = self.state.claim(target.identity, target.size)
         try:
-            job = Job(self, target, folder)
+            job = Job(self.context, target, folder)
         except BaseException:
             self.state.release(folder, target.identity)  # EACCES, EMFILE...: the folder stays resumable, unowned
             raise
@@ -157,7 +127,7 @@ class Transfer:
                 self.observer.started(target.name, target.size, target.sha256, job)
             self.progress.start_file(target.name, target.size, job.resumed_from)
             n_workers = min(self.budget.cap, max(1, target.size // self.settings.min_split))
-            job.piece = self.settings.min_split if n_workers > 1 else 0
+            job.piece_size = self.settings.min_split if n_workers > 1 else 0
             workers = [threading.Thread(target=job.worker, daemon=True, name=f"fetch-{i}") for i in range(n_workers)]
             if job.segments:
                 for w in workers:
@@ -183,7 +153,7 @@ class Transfer:
             if self.cancel.is_set():
                 raise FetchInterrupted("interrupted", "run the same command again: it resumes")
             self.progress.end_file(target.name)
-            return Done(job.data_path, digest, job.fetched, job.resumed_from)
+            return Downloaded(job.data_path, digest, job.fetched, job.resumed_from)
         except IntegrityError:
             keep = False
             raise
@@ -202,8 +172,8 @@ class Transfer:
             if job.progress_fd is not None and not orphans:
                 os.close(job.progress_fd)
 
-    def finish(self, done: Done, dest: Path) -> None:
-        """Move a verified file to ``dest`` and drop its (now empty) partial folder."""
+    def stage(self, done: Downloaded, dest: Path) -> None:
+        """Move a verified download to ``dest`` (its staged path) and drop its (now empty) partial folder."""
         if dest.parent == self.state.staged / owner_tag():
             self.state.own_staged()  # a real folder, never a planted link
         else:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import http.client
 import io
 import json
 import os
@@ -41,7 +40,7 @@ from .._errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from .._http import Auth, HttpPool, origin_key
+from .._http import Auth, HttpPool, RequestError, origin_key
 from .._ids import is_repo_id, is_sha256
 from .._retry import RetryPolicy, TryAgain
 from .._version import __version__
@@ -300,13 +299,14 @@ class ModelScopeSource:
 
     def _get_once(self, pool: HttpPool, url: str, repo_id: str) -> bytes:
         try:
-            final, conn, resp = pool.get(url, {"Accept": "application/json"})
+            answer = pool.get(url, {"Accept": "application/json"})
             try:
-                body = resp.read(_MAX_LISTING_BYTES + 1)
+                body = answer.read(_MAX_LISTING_BYTES + 1)
             finally:
-                pool.finish(final, conn, resp)
-        except (OSError, http.client.HTTPException) as exc:
-            raise TryAgain(type(exc).__name__) from None
+                pool.finish(answer)
+        except RequestError as exc:
+            raise TryAgain(exc.kind) from None
+        resp = answer.resp
         if resp.status == 429 or resp.status >= 500:
             raise TryAgain(f"HTTP {resp.status}", self.retry.retry_after(resp.getheader("Retry-After")))
         if resp.status in (401, 403):

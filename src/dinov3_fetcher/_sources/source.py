@@ -16,8 +16,9 @@ if TYPE_CHECKING:
     import threading
 
     from .._http import Auth
+    from .._job import Target
     from .._manifest import Manifest
-    from .._transfer import Done, Target, Transfer
+    from .._transfer import Downloaded, Transfer
 
 __all__ = ["EarlyBytes", "RemoteFile", "Snapshot", "Source"]
 
@@ -52,7 +53,7 @@ class EarlyBytes(Protocol):
 
     def start(self) -> None: ...
 
-    def take(self, target: Target) -> Done | None: ...
+    def take(self, target: Target) -> Downloaded | None: ...
 
     def stop(self) -> None: ...
 
