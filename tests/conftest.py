@@ -7,6 +7,7 @@
 - ``ms``: a ModelScopeServer (tests/modelscope_server.py), empty, with MODELSCOPE_ENDPOINT pointing at it (a test
   module that wants repos on it overrides ``ms`` with a fixture of the same name that adds them).
 - ``run_cli``: run ``python -m dinov3_fetcher`` as a real subprocess with the sandboxed environment.
+- ``watch_clock``: the clock by which this process judges other hosts' heartbeats, in the test's hands.
 """
 
 from __future__ import annotations
@@ -159,6 +160,36 @@ def start(dino_root: Path, *args: str, **env: str) -> subprocess.Popen[str]:
     """``python -m dinov3_fetcher --dino-root DINO_ROOT --model TINY ARGS`` in the background (env: overrides)."""
     cmd = [sys.executable, "-m", "dinov3_fetcher", "--dino-root", str(dino_root), "--model", TINY, *args]
     return subprocess.Popen(cmd, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+class WatchClock:
+    """The clock by which this process judges another host's heartbeat (``_state.owners``), driven by the test:
+    it stands still until the watcher sleeps; each sleep moves it on by the seconds asked, after running
+    ``each_sleep`` (what the other host does meanwhile: beat, or not). The product's own staleness table applies,
+    without waiting its seconds."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps = 0
+        self.each_sleep: Callable[[], None] = lambda: None
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        self.each_sleep()
+        self.now += seconds
+
+
+@pytest.fixture
+def watch_clock(monkeypatch: pytest.MonkeyPatch) -> WatchClock:
+    from dinov3_fetcher._state import owners
+
+    clock = WatchClock()
+    monkeypatch.setattr(owners._BEATS, "clock", clock.monotonic)
+    monkeypatch.setattr(owners._BEATS, "sleep", clock.sleep)
+    return clock
 
 
 @pytest.fixture

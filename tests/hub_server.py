@@ -765,6 +765,8 @@ class HubServer:
             self.requests.clear()
 
     def close(self) -> None:
+        self.gate.set()  # a body the test held back ends with the server
+        self.resume.set()
         for s in self._servers:
             s.shutdown()
             s.server_close()

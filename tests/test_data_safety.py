@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import stat
@@ -22,10 +23,10 @@ from typing import Any
 import pytest
 
 from checkpoints import shard_files, vit_repo_files
-from conftest import TINY, cli_env, start
+from conftest import TINY, WatchClock, cli_env, start
 from dinov3_fetcher import fetch_dinov3, validate_dinov3
 from dinov3_fetcher._errors import AuthenticationError, ConfigError, RepositoryNotFoundError
-from dinov3_fetcher._state import StateDir
+from dinov3_fetcher._state import STALE_AFTER, StateDir
 from dinov3_fetcher._verify import verify_dinov3
 from helpers import dead_pid, error_line, fetch, sha256, tree
 from hub_server import HubServer
@@ -379,28 +380,29 @@ def test_another_hosts_live_claim_is_never_taken(hub: HubServer, big: dict[str, 
                                                  case: str) -> None:
     """Host A stalls mid-download (a slow mirror, a long retry): without a progress record yet, or with one whose
     time looks ancient to host B (clock skew). B must not take A's folder: both succeed with the right bytes."""
-    stall_after = MiB if case == "no-progress-record-yet" else 6 * MiB  # past the first record (4 MiB)
-    hub.faults.add(path_suffix=MODEL, host="cdn", times=1, stall_after=stall_after, stall_seconds=6)
-    a = start(dino_root, "--json", DINOV3_FETCHER_NO_LOCK="1", DINOV3_FETCHER_HOSTNAME="host-a")
+    pause_at = MiB if case == "no-progress-record-yet" else 6 * MiB  # past the first record (4 MiB)
+    hub.faults.add(path_suffix=MODEL, host="cdn", times=1, pause_at=pause_at)  # A's body waits for hub.resume
+    a = start(dino_root, "--json", DINOV3_FETCHER_NO_LOCK="1", DINOV3_FETCHER_HOSTNAME="host-a",
+              DINOV3_FETCHER_TIMEOUT="600")  # A waits for the paused body (its heartbeat goes on)
     try:
-        while hub.bytes_served(MODEL) < stall_after or not host_claims(dino_root, big, "host-a"):
+        while not hub.paused.is_set() or not host_claims(dino_root, big, "host-a"):
             assert a.poll() is None, a.communicate()
             time.sleep(0.02)
         (claim,) = host_claims(dino_root, big, "host-a")
         if case == "clock-skew":
-            while not (claim / "progress.json").exists():
-                time.sleep(0.02)
+            assert (claim / "progress.json").exists()
             old = time.time() - 3600  # as host B's clock sees it
             os.utime(claim / "progress.json", (old, old))
             os.utime(claim, (old, old))
-        b = start(dino_root, "--json", DINOV3_FETCHER_NO_LOCK="1", DINOV3_FETCHER_HOSTNAME="host-b",
-                  DINOV3_FETCHER_STALE_AFTER="3")
-        out_b, err_b = b.communicate(timeout=120)
+        b = start(dino_root, "--json", DINOV3_FETCHER_NO_LOCK="1", DINOV3_FETCHER_HOSTNAME="host-b")
+        out_b, err_b = b.communicate()
         assert b.returncode == 0, err_b
-        assert claim.is_dir() or a.poll() is not None  # B finished; A's folder is still A's (unless A is done)
+        assert claim.is_dir() and a.poll() is None  # B finished while A's folder is still A's
         assert json.loads(out_b)["bytes_resumed"] == 0  # B took none of A's bytes
-        _, err_a = a.communicate(timeout=120)
+        hub.resume.set()
+        _, err_a = a.communicate()
     finally:
+        hub.resume.set()
         if a.poll() is None:
             a.kill()
             a.communicate()
@@ -410,7 +412,7 @@ def test_another_hosts_live_claim_is_never_taken(hub: HubServer, big: dict[str, 
 
 
 def test_an_abandoned_claim_of_another_host_is_copied_after_watching_it(hub: HubServer, big: dict[str, bytes],
-                                                                        dino_root: Path,
+                                                                        dino_root: Path, watch_clock: WatchClock,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A claim of host A whose heartbeat this process watched stay still is adopted, by copying its done ranges
     into a folder of our own: A's data file (which A could still hold open) is never written, never published."""
@@ -431,8 +433,8 @@ def test_an_abandoned_claim_of_another_host_is_copied_after_watching_it(hub: Hub
     held = os.open(claim / "data", os.O_RDONLY)  # the inode A would still write through
     before = os.pread(held, len(big[MODEL]), 0)
     hub.clear()
-    monkeypatch.setenv("DINOV3_FETCHER_STALE_AFTER", "0.5")
     result = fetch(dino_root, TINY)
+    assert watch_clock.now >= STALE_AFTER["partial"]  # adopted only once watched still for as long as that
     try:
         assert os.pread(held, len(big[MODEL]) + 1, 0) == before  # not one byte written into A's file
         assert os.fstat(held).st_ino != (dino_root / MODEL).stat().st_ino  # nor A's file published
@@ -459,12 +461,9 @@ def test_a_deep_verify_that_passes_again_clears_the_damage_mark(hub: HubServer, 
 
 @pytest.mark.parametrize("alive", [True, False])
 def test_another_hosts_staged_file_is_judged_by_its_heartbeat_not_its_file_times(
-        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, monkeypatch: pytest.MonkeyPatch,
-        alive: bool) -> None:
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, watch_clock: WatchClock, alive: bool) -> None:
     """Host A staged the weights and is about to publish them (alive: its heartbeat moves) or died (it does not).
     File times say "a day old" either way (clock skew): only the heartbeat, as watched here, decides."""
-    import threading
-
     folder = dino_root / ".dinov3-fetcher" / "staged" / "host-a.4242"
     folder.mkdir(parents=True)
     staged = folder / f"{sha256(tiny[MODEL])}.{MODEL}"
@@ -473,29 +472,17 @@ def test_another_hosts_staged_file_is_judged_by_its_heartbeat_not_its_file_times
     old = time.time() - 2 * 86400
     for p in (staged, folder / "heartbeat", folder):
         os.utime(p, (old, old))
-    stop = threading.Event()
-
-    def beat() -> None:  # host A's heartbeat thread
-        n = 1
-        while not stop.wait(0.2):
-            n += 1
-            (folder / "heartbeat").write_bytes(f"4242 {n}\n".encode())
-
-    beater = threading.Thread(target=beat)
-    if alive:
-        beater.start()
-    monkeypatch.setenv("DINOV3_FETCHER_STALE_AFTER", "1")
-    try:
-        result = fetch(dino_root, TINY)
-    finally:
-        stop.set()
-        if alive:
-            beater.join()
+    if alive:  # host A's heartbeat thread beats while this process watches
+        beats = itertools.count(2)
+        watch_clock.each_sleep = lambda: (folder / "heartbeat").write_bytes(f"4242 {next(beats)}\n".encode())
+    result = fetch(dino_root, TINY)
     assert (dino_root / MODEL).read_bytes() == tiny[MODEL]
     if alive:  # A's file stays A's to publish; we downloaded our own
         assert staged.read_bytes() == tiny[MODEL] and hub.bytes_served(MODEL) == len(tiny[MODEL])
-    else:  # watched still for 1 s: adopted, nothing downloaded
+        assert watch_clock.sleeps > 0 and watch_clock.now < STALE_AFTER["staged"]
+    else:  # watched still for as long as the staleness table says: adopted, nothing downloaded
         assert not staged.exists() and hub.bytes_served(MODEL) == 0 and result.bytes_fetched < len(tiny[MODEL])
+        assert watch_clock.now >= STALE_AFTER["staged"]
 
 
 def test_verify_never_writes_through_a_linked_state_folder(hub: HubServer, tiny: dict[str, bytes],

@@ -91,10 +91,8 @@ def test_resume_after_sigkill_of_the_cli(ms: ModelScopeServer, tmp_path: Path, d
            "--source", "modelscope", "-q"]
     env = cli_env(DINOV3_FETCHER_CONNECTIONS="4")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    t0 = time.monotonic()
     while ms.bytes_served(MODEL, "storage") < size // 2:
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() - t0 < 60
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
@@ -358,10 +356,8 @@ def test_a_download_killed_on_the_hub_resumes_from_modelscope(ms: ModelScopeServ
     cmd = [sys.executable, "-m", "dinov3_fetcher", "--dino-root", str(dino_root), "--model", TINY, "-q"]
     env = cli_env(DINOV3_FETCHER_CONNECTIONS="4")
     proc = subprocess.Popen([*cmd, "--source", "hf"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    t0 = time.monotonic()
     while hub.bytes_served(MODEL) < size // 2:
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() - t0 < 60
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()

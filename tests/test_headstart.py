@@ -27,9 +27,9 @@ def _partials(dino_root: Path) -> list[str]:
     return sorted(p.name for p in partial.iterdir()) if partial.is_dir() else []
 
 
-def _wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred() and time.monotonic() < deadline:
+def _wait_for(pred: Callable[[], bool]) -> None:
+    """Until ``pred()`` holds (a test whose event never comes ends at the pytest timeout)."""
+    while not pred():
         time.sleep(0.01)
 
 
@@ -42,7 +42,7 @@ def _cdn_seen(hub: HubServer, name: str) -> bool:
 
 
 def _hold_listing_until(hub: HubServer, *names: str) -> list[bool]:
-    """Hold model_info back until the CDN has been asked for each file (at most 10 s); what it saw, per call."""
+    """Hold model_info back until the CDN has been asked for each file; what it saw, per call."""
     seen: list[bool] = []
 
     def hook() -> None:
@@ -184,19 +184,19 @@ def test_ctrl_c_during_a_sharded_head_start_exits_promptly_and_resumes(hub: HubS
     files = shard_files(vit_repo_files(hidden=256, intermediate=1024, layers=4), 3)  # 3 x ~4.5 MB
     hub.add_repo(TINY, files)
     shards = sorted(n for n in files if n.startswith("model-"))
-    hub.faults.add(path_suffix=".safetensors", host="cdn", throttle_bps=MiB)  # ~4 s per shard
-    proc = start(dino_root)
-    # 4 MiB: with three shards at once, each has had a whole 1 MiB read (the unit a stream writes and records)
+    hub.faults.add(path_suffix=".safetensors", host="cdn", pause_at=2 * MiB)  # every shard's body waits there
+    proc = start(dino_root, DINOV3_FETCHER_TIMEOUT="600")  # no read gives up on its own
+    # 4 MiB: with the shards at once, each has had a whole 1 MiB read (the unit a stream writes and records)
     _wait_for(lambda: sum(hub.bytes_served(n) for n in shards) >= 4 * MiB or proc.poll() is not None)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
-    t0 = time.monotonic()
-    _, err = proc.communicate(timeout=30)
-    assert time.monotonic() - t0 < 3.5, f"Ctrl-C took {time.monotonic() - t0:.1f} s"
+    _, err = proc.communicate()  # it exits while the server still holds every body: it waits for no read
+    assert not hub.resume.is_set()
     assert proc.returncode == 130 and "resumes" in err and "Traceback" not in err, err
     served = {n: hub.bytes_served(n) for n in shards}
     assert sum(served.values()) < sum(len(files[n]) for n in shards)  # it stopped: not everything was sent
 
+    hub.resume.set()
     hub.faults.clear()
     hub.clear()
     fetch_dinov3(dino_root, TINY)

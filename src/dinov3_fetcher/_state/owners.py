@@ -6,6 +6,7 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .. import _env as env
@@ -66,14 +67,20 @@ def owner_gone(tag: str, folder: Path, kind: str) -> bool:
 
 
 class _Heartbeats:
-    """This process's heartbeats (the folders it owns) and what it saw of other hosts' (the folders it watches)."""
+    """This process's heartbeats (the folders it owns) and what it saw of other hosts' (the folders it watches).
 
-    def __init__(self) -> None:
+    The watcher's side reads ``clock`` and waits with ``sleep`` (time.monotonic and time.sleep): a test that
+    drives both judges a heartbeat stale without waiting the seconds that takes."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.lock = threading.Lock()
         self.owned: set[Path] = set()
         self.count = 0
         self.thread: threading.Thread | None = None
         self.seen: dict[Path, tuple[bytes | None, float, bool]] = {}  # folder -> (beat, since, it changed)
+        self.clock = clock
+        self.sleep = sleep
 
     # -- the owner's side ----------------------------------------------------------------------------------
     def own(self, folder: Path) -> None:
@@ -113,7 +120,7 @@ class _Heartbeats:
             beat = None
         except OSError:
             beat = None
-        now = time.monotonic()
+        now = self.clock()
         with self.lock:
             prev = self.seen.get(folder)
             if prev is None or prev[0] != beat:
@@ -125,11 +132,11 @@ class _Heartbeats:
 
     def watch(self, folders: list[Path], kind: str) -> None:
         """Watch other hosts' folders until each has a verdict (at most stale_after(kind) plus one beat)."""
-        deadline = time.monotonic() + stale_after(kind) + HEARTBEAT_EVERY
-        while folders and time.monotonic() < deadline:
+        deadline = self.clock() + stale_after(kind) + HEARTBEAT_EVERY
+        while folders and self.clock() < deadline:
             folders = [f for f in folders if self.verdict(f, kind) == "watching"]
             if folders:
-                time.sleep(min(0.2, HEARTBEAT_EVERY / 4))
+                self.sleep(min(0.2, HEARTBEAT_EVERY / 4))
 
 
 def _beat(folder: Path, count: int) -> None:
