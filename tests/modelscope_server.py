@@ -26,7 +26,8 @@ against: the URL path for the listing (``.../repo/files``) and the storage host 
 file on both hosts. ``host`` is "api" or "storage". Status rules also apply to the listing (its key ends with
 ``repo/files``) and to the API's 302.
 Quirks: ``range_as_200=True`` answers an honoured Range with 200 + Content-Range (modelscope_hub issue 50);
-``linked_etag=True`` adds ``X-Linked-ETag: <sha256>`` to storage answers.
+``linked_etag=True`` adds ``X-Linked-ETag: <sha256>`` to storage answers; ``label_whole_body=True`` labels a
+whole-file 200 (a Range ignored) with ``Content-Range: bytes 0-(N-1)/N``.
 Log: ``requests`` (``hub_server.Request`` with ``host`` "api"/"storage" and lower-cased headers),
 ``bytes_served(path_suffix, host)``, ``file_gets(...)``, ``listing_gets(repo_id)``.
 """
@@ -265,6 +266,8 @@ class _MsHandler(_Handler):
             self.send_header(k, v)
         if rng:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{blob.size}")
+        elif self.ms.label_whole_body and not head:
+            self.send_header("Content-Range", f"bytes 0-{blob.size - 1}/{blob.size}")
         if fault.chunked and not head:
             self.send_header("Transfer-Encoding", "chunked")
         elif fault.no_content_length and not head:
@@ -304,6 +307,7 @@ class ModelScopeServer:
         self.deny_status_token = 403
         self.range_as_200 = False
         self.linked_etag = False
+        self.label_whole_body = False
         self.listing_limit = 3000  # REPO_FILES_TRUNCATION_LIMIT: the real site cuts the listing there
         self.entry_overrides: dict[str, dict[str, Any]] = {}  # path -> listing fields to replace (hostile site)
         self.listing_hook: Any = lambda handler: None  # runs before each listing answer is built

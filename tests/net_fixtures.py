@@ -113,9 +113,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 # ---------- proxy.py ----------
 
 class ForwardProxy:
-    """A real forward proxy (proxy.py) on 127.0.0.1 in a subprocess; ``url`` is ``http://127.0.0.1:PORT``."""
+    """A real forward proxy (proxy.py) on 127.0.0.1 in a subprocess; ``url`` is ``http://127.0.0.1:PORT``.
+    ``basic_auth="user:password"``: it answers 407 to a request without those credentials."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, basic_auth: str | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.record_file = directory / "proxy-records.jsonl"
         self.record_file.touch()
@@ -124,6 +125,7 @@ class ForwardProxy:
         cmd = [sys.executable, "-m", "proxy", "--hostname", "127.0.0.1", "--port", "0",
                "--port-file", str(port_file), "--num-acceptors", "1", "--num-workers", "1", "--threaded",
                "--plugins", "proxy_plugin.Recorder", "--log-level", "INFO", "--log-file", str(self.log)]
+        cmd += ["--basic-auth", basic_auth] if basic_auth else []
         env = _clean_env(PROXY_RECORD_FILE=str(self.record_file),
                          PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,

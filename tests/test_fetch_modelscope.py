@@ -192,6 +192,35 @@ def test_storage_answering_a_range_with_200_and_content_range_resumes_without_re
     assert_published(dino_root, FILES)
 
 
+def test_storage_ignoring_range_but_labelling_the_whole_body_is_taken_whole(
+        run_cli: Any, ms: ModelScopeServer, dino_root: Path) -> None:
+    """A 200 whose Content-Range covers every byte is the whole file, as an unlabelled 200 is: the resume
+    completes (it restreams past the bytes on disk) instead of failing on every rerun."""
+    ms.label_whole_body = True
+    size = len(FILES[MODEL])
+    ms.faults.add(path_suffix=MODEL, host="storage", cut_after=size // 3, times=1)
+    ms.faults.add(path_suffix=MODEL, host="storage", ignore_range=True)
+    r = ms_fetch(run_cli, dino_root, "-q", DINOV3_FETCHER_CONNECTIONS="1", DINOV3_FETCHER_RETRIES="0")
+    assert r.returncode == 10, r.stderr  # the cut: the partial is kept
+    r = ms_fetch(run_cli, dino_root, "-q", DINOV3_FETCHER_CONNECTIONS="1", DINOV3_FETCHER_RETRIES="0")
+    assert r.returncode == 0, r.stderr
+    gets = ms.file_gets(MODEL, "storage")
+    assert gets[-1].range == f"bytes={size // 3}-{size - 1}" and gets[-1].status == 200
+    assert_published(dino_root, FILES)
+
+
+def test_storage_refusing_the_signed_link_of_a_public_repo_is_a_network_error_naming_it(
+        run_cli: Any, ms: ModelScopeServer, dino_root: Path) -> None:
+    ms.faults.add(path_suffix=MODEL, host="storage", status=403)
+    r = ms_fetch(run_cli, dino_root, "--json")
+    assert r.returncode == 10, r.stderr
+    error = json.loads(r.stdout)["error"]
+    storage = ms.storage_endpoint.removeprefix("http://")
+    assert error["type"] == "NetworkError"
+    assert error["message"].startswith(f"the storage host {storage} refused {MODEL} (HTTP 403"), error
+    assert "private or gated" not in r.stderr and "MODELSCOPE_API_TOKEN" not in r.stderr
+
+
 def test_git_stored_file_ignoring_range_is_restreamed_and_verified(run_cli: Any, ms: ModelScopeServer,
                                                                    dino_root: Path) -> None:
     name = "config.json"

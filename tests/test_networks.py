@@ -5,8 +5,10 @@ huggingface_hub, real proxy.py / olah subprocesses."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from huggingface_hub.utils import close_session
@@ -16,6 +18,7 @@ from conftest import GRANTED, TINY, checkpoint_tree
 from dinov3_fetcher._errors import NetworkError
 from helpers import fetch
 from hub_server import HubServer
+from modelscope_server import ModelScopeServer
 from net_fixtures import ForwardProxy, Olah, TlsHub
 
 FILES = vit_repo_files()
@@ -93,6 +96,35 @@ def test_fetch_through_proxy_py_over_tls_keeps_the_token_in_the_tunnel(
     assert all("authorization" not in r.headers for r in hub.requests if r.host == "cdn")
 
 
+@pytest.mark.parametrize("source", ["hf", "modelscope"])
+def test_a_plain_http_proxy_refusing_with_407_is_named_as_the_proxy(hub: HubServer, ms: ModelScopeServer,
+                                                                     tmp_path: Path, dino_root: Path, run_cli: Any,
+                                                                     source: str) -> None:
+    """Over plain HTTP the proxy's 407 comes back as an answer to the request itself (no CONNECT): it is the
+    proxy's refusal, named with the proxy's address and variable, not the source's answer (huggingface_hub's
+    client asks the Hub's listing, ours ModelScope's)."""
+    from net_fixtures import ForwardProxy
+
+    hub.add_repo(TINY, FILES)
+    ms.add_repo(TINY, FILES)
+    proxy = ForwardProxy(tmp_path / "proxy", basic_auth="alice:secret")
+    try:
+        r = run_cli("--dino-root", str(dino_root), "--model", TINY, "--source", source, NO_PROXY=None,
+                    HTTP_PROXY=proxy.url)
+        assert r.returncode == 10, r.stderr
+        assert f"the proxy 127.0.0.1:{proxy.port} (HTTP_PROXY) refused to carry the request" in r.stderr, r.stderr
+        assert "407" in r.stderr and " answered HTTP 407" not in r.stderr
+        assert hub.requests == [] and ms.requests == []  # nothing reached the source
+        authed = proxy.url.replace("http://", "http://alice:secret@")
+        r = run_cli("--dino-root", str(dino_root), "--model", TINY, "--source", source, NO_PROXY=None,
+                    HTTP_PROXY=authed)
+        assert r.returncode == 0, r.stderr
+        assert_fetched(dino_root)
+        assert "secret" not in r.stderr
+    finally:
+        proxy.close()
+
+
 # ---------- the Xet bridge ----------
 
 @pytest.fixture
@@ -150,6 +182,28 @@ def test_xet_bridge_refusing_ranges_falls_back_to_one_connection(xet_hub: HubSer
     xet_hub.faults.add(cut_after=50_000, path_suffix="model.safetensors", host="cdn", times=1)
     fetch(dino_root, TINY)
     assert_fetched(dino_root)
+
+
+@pytest.mark.parametrize("storage", ["xet-bridge-expired", "cdn-refusing"])
+def test_storage_refusing_the_signed_link_is_a_network_error_naming_it(hub: HubServer, dino_root: Path,
+                                                                      run_cli: Any, storage: str) -> None:
+    """The token never goes to the storage host, so its 403 is the storage's refusal (an expired signature, a
+    firewall in front of it): exit 10 naming that host, not an access problem of the token."""
+    hub.add_repo(TINY, FILES, gated=True, xet=storage.startswith("xet"))
+    hub.grant(TINY, GRANTED)
+    if storage.startswith("xet"):
+        hub.xet_bridge.expire_after = 0  # every signature is refused from its first use
+    else:
+        hub.faults.add(path_suffix="model.safetensors", host="cdn", status=403)
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY, "--json", HF_TOKEN=GRANTED)
+    assert r.returncode == 10, r.stderr
+    error = json.loads(r.stdout)["error"]
+    cdn = hub.cdn_endpoint.removeprefix("http://")
+    assert error["type"] == "NetworkError"
+    assert error["message"].startswith(f"the storage host {cdn} refused model.safetensors (HTTP 403"), error
+    assert "Request has expired" in error["message"] if storage.startswith("xet") else True
+    assert "the token is not the cause" in error["hint"] and "token may read" not in r.stderr
+    assert not (dino_root / "model.safetensors").exists()
 
 
 # ---------- olah ----------

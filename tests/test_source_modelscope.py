@@ -22,6 +22,7 @@ from dinov3_fetcher._errors import (
     RevisionNotFoundError,
 )
 from dinov3_fetcher._http import Auth
+from dinov3_fetcher._net import refusal
 from dinov3_fetcher._retry import RetryPolicy
 from dinov3_fetcher._sources import modelscope as msrc
 from dinov3_fetcher._sources.modelscope import ModelScopeSource, pinned_id
@@ -168,13 +169,17 @@ def test_raise_for_status_of_file_answers(ms: ModelScopeServer) -> None:
     storage_url = f"{ms.storage_endpoint}/lfs/{'a' * 64}/model.safetensors?Signature=x"
     cases: list[tuple[int, str, type[Exception]]] = [
         (401, api_url, AuthenticationError), (403, api_url, AuthenticationError), (404, api_url, HubResponseError),
-        (403, storage_url, NetworkError), (404, storage_url, HubResponseError), (503, api_url, NetworkError),
-        (429, storage_url, NetworkError), (400, api_url, NetworkError),
+        (503, api_url, NetworkError), (429, api_url, NetworkError), (400, api_url, NetworkError),
     ]
     for status, url, cls in cases:
         with pytest.raises(cls) as err:
             src.raise_for_status(status, {}, b"", url, PRIVATE, "master")
         assert type(err.value) is cls, (status, url)
+    for status in (401, 403):  # the storage host's refusal is read before the source's (_net.refusal)
+        refused = refusal(status, storage_url, api_url, b"<Error><Code>AccessDenied</Code></Error>", "m.bin")
+        assert isinstance(refused, NetworkError) and "AccessDenied" in refused.message
+        assert refused.message.startswith(f"the storage host {ms.storage_endpoint.removeprefix('http://')} refused")
+    assert refusal(403, api_url, api_url) is None and refusal(404, storage_url, api_url) is None
     with pytest.raises(AuthenticationError) as auth_err:
         src.raise_for_status(401, {}, b"", api_url, PRIVATE, "master")
     assert "MODELSCOPE_API_TOKEN" in auth_err.value.hint

@@ -23,10 +23,10 @@ from urllib.parse import urljoin, urlsplit
 
 from ._env import display_origin
 from ._errors import HubResponseError
-from ._net import Proxy, network_error, proxy_for, ssl_context
+from ._net import Proxy, network_error, origin_key, proxy_for, ssl_context
 
 __all__ = ["Answer", "Auth", "Connection", "HttpPool", "Redirects", "RequestError", "Response", "etag_value",
-           "origin_key", "redirect_target"]
+           "redirect_target"]
 
 Response = http.client.HTTPResponse
 Connection = http.client.HTTPConnection
@@ -364,10 +364,3 @@ class _TunnelConnection(http.client.HTTPSConnection):
 def _path(url: str) -> str:
     parts = urlsplit(url)
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-
-
-def origin_key(url: str) -> tuple[str, str | None, int | None]:
-    """(scheme, host, port) with the scheme's default port filled in: what decides who gets the token."""
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    return scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(scheme)

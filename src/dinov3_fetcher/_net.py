@@ -39,7 +39,8 @@ from urllib.parse import unquote, urlsplit
 
 from ._errors import ConfigError, NetworkError
 
-__all__ = ["Proxy", "certificate_error", "network_error", "proxy_for", "ssl_context", "tls_error_hint"]
+__all__ = ["Proxy", "certificate_error", "network_error", "origin_key", "proxy_for", "refusal", "ssl_context",
+           "tls_error_hint"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443, "ftp": 21}
 # httpcore2._ssl.CA_FILE_CANDIDATES (truststore's Linux fallbacks)
@@ -351,6 +352,51 @@ def network_error(exc: BaseException, url: str, via: Proxy | None = None) -> Net
         return NetworkError(f"cannot reach the proxy {proxy.display} (on the way to {where}): {type(exc).__name__}",
                             f"check that the proxy runs and that {proxy.variable} is right, or unset it")
     return None
+
+
+def refusal(status: int, url: str, asked: str, body: bytes = b"", name: str = "") -> NetworkError | None:
+    """The NetworkError for an answer to ``url`` that refuses a request for a reason that is not the endpoint's,
+    or None. ``asked``: the endpoint's URL the request began at (redirects led to ``url``); ``name``: the file.
+
+    - 407 from a plain-HTTP proxy: the proxy refused to carry the request (named with its address and variable).
+    - 401/403 from a host other than the endpoint (the storage a download was redirected to: a signed CDN URL,
+      the Xet bridge, ModelScope's OSS): the storage host refused the signed link (expired, a clock far off, a
+      firewall in front of it). The token is not the cause: it never goes there.
+    Asked before a source reads a status, which is about the endpoint's own answers.
+    """
+    where = urlsplit(url).netloc.rpartition("@")[2] or url
+    if status == 407:
+        proxy = proxy_for(url)
+        if proxy is not None:
+            return NetworkError(f"the proxy {proxy.display} refused to carry the request to {where} "
+                                "(HTTP 407 Proxy Authentication Required)",
+                                f"put the proxy's user name and password in {proxy.variable} "
+                                "(http://user:password@host:port), or leave the host out of it with NO_PROXY")
+    if status in (401, 403) and origin_key(url) != origin_key(asked):
+        why = _reason(body)
+        return NetworkError(
+            f"the storage host {where} refused {name or 'a download'} (HTTP {status}{f': {why}' if why else ''}), "
+            f"a signed link {urlsplit(asked).netloc.rpartition('@')[2]} redirected to",
+            f"the token is not the cause (it never goes there): let {where} through your proxy or firewall and check "
+            "this machine's clock (signed links expire), then run again: it resumes")
+    return None
+
+
+def origin_key(url: str) -> tuple[str, str | None, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in: what decides who gets the token."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _reason(body: bytes) -> str:
+    """A storage host's short reason from its error body (S3/OSS XML ``<Message>``, JSON ``error``/``message``,
+    or a short text), printable, at most 80 characters; "" when there is none."""
+    text = body[:4096].decode("utf-8", "replace")
+    m = re.search(r"<Message>([^<]{1,200})</Message>", text) or re.search(r"<Code>([^<]{1,100})</Code>", text) or \
+        re.search(r'"(?:error|message|Message)"\s*:\s*"([^"]{1,200})"', text)
+    found = m.group(1) if m else (text if len(text) <= 80 and "<" not in text else "")
+    return " ".join("".join(c for c in found if c.isprintable()).split())[:80]
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

@@ -308,6 +308,11 @@ def map_error(exc: BaseException, repo_id: str, revision: str) -> FetcherError:
     if isinstance(exc, hf_errors.RemoteEntryNotFoundError):
         return HubResponseError(f"{repo_id}@{revision} lists a file that {ep} cannot serve",
                                 "retry later; if it persists the repo or mirror is inconsistent")
+    if isinstance(exc, hf_errors.HfHubHTTPError) and status == 407:
+        from .._net import refusal
+
+        if (refused := refusal(407, endpoint(), endpoint())) is not None:  # a plain-HTTP proxy's answer
+            return refused
     if isinstance(exc, hf_errors.HfHubHTTPError) and status == 401:
         return AuthenticationError(
             f"{ep} rejected the token (401 invalid credentials)",

@@ -40,8 +40,9 @@ from .._errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from .._http import Auth, HttpPool, RequestError, origin_key
+from .._http import Auth, HttpPool, RequestError
 from .._ids import is_repo_id, is_sha256
+from .._net import refusal
 from .._retry import RetryPolicy, TryAgain
 from .._version import __version__
 from .source import RemoteFile, Snapshot
@@ -262,14 +263,7 @@ class ModelScopeSource:
                          repo_id: str, revision: str) -> NoReturn:
         ep = self._site
         name = _file_name(url)
-        if origin_key(url) != origin_key(self.endpoint):  # the storage host a download was redirected to
-            if status in (401, 403):
-                raise NetworkError(f"the storage host refused {name} (HTTP {status}; its signed URL expired?)",
-                                   "retry; the next run resumes where this one stopped")
-            if status == 404:
-                raise HubResponseError(f"{ep} redirected {name} of {repo_id} to an object that does not exist",
-                                       "retry later; if it persists the copy on the site is broken")
-        elif status in (401, 403):
+        if status in (401, 403):
             raise self._denied(status, repo_id)
         elif status == 404:
             raise HubResponseError(f"{repo_id}@{revision} lists {name} but {ep} cannot serve it (404)",
@@ -309,6 +303,8 @@ class ModelScopeSource:
         resp = answer.resp
         if resp.status == 429 or resp.status >= 500:
             raise TryAgain(f"HTTP {resp.status}", self.retry.retry_after(resp.getheader("Retry-After")))
+        if (refused := refusal(resp.status, answer.url, url, body)) is not None:  # a proxy's 407
+            raise refused
         if resp.status in (401, 403):
             raise self._denied(resp.status, repo_id)
         if resp.status == 404:
