@@ -26,7 +26,7 @@ from ._errors import HubResponseError
 from ._net import Proxy, network_error, origin_key, proxy_for, ssl_context
 
 __all__ = ["Answer", "Auth", "Connection", "HttpPool", "Redirects", "RequestError", "Response", "etag_value",
-           "redirect_target"]
+           "is_part", "redirect_target"]
 
 Response = http.client.HTTPResponse
 Connection = http.client.HTTPConnection
@@ -341,6 +341,15 @@ def _trips(conn: Connection) -> int:
     if conn.sock is not None:
         return 1
     return 3 if isinstance(conn, http.client.HTTPSConnection) else 2
+
+
+def is_part(resp: Response, size: int) -> bool:
+    """Is this answer a part of the file (206, or 200 with a Content-Range: ModelScope's storage), not all of it?
+    A Content-Range that covers every byte is the whole body, labelled or not (storage that ignores Range)."""
+    cr = (resp.getheader("Content-Range") or "").strip()
+    if cr == f"bytes 0-{size - 1}/{size}":
+        return False
+    return resp.status == 206 or (resp.status == 200 and cr.startswith("bytes "))
 
 
 def etag_value(header: str | None) -> str:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from ._errors import IntegrityError, NetworkError, disk_full
 from ._hashing import WINDOW, git_blob_hasher, hash_range
-from ._http import Answer, HttpPool, Redirects, RequestError, Response, etag_value
+from ._http import Answer, HttpPool, Redirects, RequestError, Response, etag_value, is_part
 from ._net import refusal
 from ._retry import RetryPolicy, TryAgain
 from ._state import open_data, remaining, save_progress
@@ -235,7 +235,7 @@ class Job:
             self.fetch.budget.first_byte(answer.seconds_per_trip())
             self.check_response(answer, seg, headers)
             resp = answer.resp
-            ranged = _ranged(resp, self.target.size)
+            ranged = is_part(resp, self.target.size)
             offset = seg.pos if ranged else 0
             if not ranged and headers and not self.become_whole_file(seg):
                 return
@@ -255,7 +255,7 @@ class Job:
             # bridge sends its Xet hash there): the sha256 computed from the bytes decides.
             if want and len(etag) == 64 and etag != want and answer.url == self.target.url:
                 self.fail_integrity(f"the server sent a different file (ETag {etag[:12]}..., expected {want[:12]}...)")
-            if _ranged(resp, self.target.size):  # a 206, or a 200 that says which range it is (ModelScope's storage)
+            if is_part(resp, self.target.size):  # a 206, or a 200 that says which range it is (ModelScope's storage)
                 cr = resp.getheader("Content-Range") or ""
                 self.check_total(cr.rpartition("/")[2])
                 if not cr.startswith(f"bytes {seg.pos}-"):
@@ -410,19 +410,9 @@ class Job:
         return digest
 
 
-
 def _read(resp: Response, amt: int) -> bytes:
     """Up to ``amt`` bytes of the body; RequestError if the connection fails."""
     try:
         return resp.read(amt)
     except (OSError, http.client.HTTPException) as exc:
         raise RequestError(exc) from None
-
-
-def _ranged(resp: Response, size: int) -> bool:
-    """Did the server answer the requested range (206, or 200 with a Content-Range), not the whole file? An
-    answer whose Content-Range covers every byte is the whole body, labelled or not (storage that ignores Range)."""
-    cr = (resp.getheader("Content-Range") or "").strip()
-    if cr == f"bytes 0-{size - 1}/{size}":
-        return False
-    return resp.status == 206 or (resp.status == 200 and cr.startswith("bytes "))
