@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,39 @@ def test_tls_hub_untrusted_says_certificate(tls_hub: TlsHub, dino_root: Path) ->
     assert "certificate" in e.value.message and "SSL_CERT_FILE" in e.value.hint  # needs hub.py -> _net.network_error
 
 
+@pytest.mark.parametrize("kind", ["missing", "not-pem", "fifo"])
+def test_an_unusable_ssl_cert_file_is_named_and_an_http_endpoint_is_not_concerned(
+        tls_hub: TlsHub, hub: HubServer, tmp_path: Path, run_cli: Any, kind: str) -> None:
+    bundle = tmp_path / "bundle.pem"
+    if kind == "not-pem":
+        bundle.write_text("not a certificate\n")
+    elif kind == "fifo":
+        os.mkfifo(bundle)
+    tls_hub.hub.add_repo(TINY, FILES)
+    r = run_cli("--dino-root", str(tmp_path / "a"), "--model", TINY, HF_ENDPOINT=tls_hub.hub.endpoint,
+                SSL_CERT_FILE=str(bundle), timeout=60)
+    assert r.returncode == 3, r.stderr
+    why = {"missing": "does not exist", "not-pem": "holds no CA certificate in PEM form",
+           "fifo": "is a FIFO (named pipe), not a regular file"}[kind]
+    assert r.stderr.startswith(f"dinov3-fetcher: error: SSL_CERT_FILE={bundle} {why}"), r.stderr
+    assert tls_hub.hub.requests == []
+    hub.add_repo(TINY, FILES)  # the same variable does not concern a plain-http endpoint at all
+    r = run_cli("--dino-root", str(tmp_path / "b"), "--model", TINY, HF_ENDPOINT=hub.endpoint,
+                SSL_CERT_FILE=str(bundle), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert_fetched(tmp_path / "b")
+
+
 # ---------- a forward proxy ----------
+
+def test_a_socks_proxy_that_no_proxy_exempts_the_endpoint_from_is_not_looked_at(
+        hub: HubServer, dino_root: Path, run_cli: Any) -> None:
+    hub.add_repo(TINY, FILES)
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY, ALL_PROXY="socks5://127.0.0.1:9",
+                NO_PROXY="127.0.0.1,127.0.0.2")
+    assert r.returncode == 0, r.stderr
+    assert_fetched(dino_root)
+
 
 def test_fetch_through_proxy_py(hub: HubServer, forward_proxy: ForwardProxy, dino_root: Path,
                                 monkeypatch: pytest.MonkeyPatch) -> None:

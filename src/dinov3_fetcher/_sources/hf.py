@@ -176,12 +176,15 @@ class HfSource:
         Raises:
             AuthenticationError, RepositoryNotFoundError, RevisionNotFoundError, NetworkError, HubResponseError.
         """
-        from .._net import proxy_for
+        from .._net import proxy_for, ssl_context
 
-        import_hub()
+        hub = import_hub()
         from huggingface_hub import HfApi
 
         proxy_for(self.endpoint)  # a proxy setting our downloads cannot use: ConfigError (exit 3) before any request
+        if urlsplit(self.endpoint).scheme == "https":
+            ssl_context()  # an unusable SSL_CERT_FILE / SSL_CERT_DIR: ConfigError naming it (an http:// one never asks)
+        _client_that_starts(hub)
         api = HfApi(endpoint=self.endpoint, token=self.token or False, library_name="dinov3-fetcher",
                     library_version=__version__)
         tries = self.retry.tries()
@@ -226,6 +229,22 @@ class HfSource:
 
 
 _FAITHFUL = "check that HF_ENDPOINT points at a Hugging Face Hub or a faithful mirror"
+
+
+def _client_that_starts(hub: ModuleType) -> None:
+    """huggingface_hub's own client when it can start here; otherwise (an unusable SSL_CERT_FILE, a socks5://
+    proxy variable without socksio: every request of the process would fail, also to an endpoint neither
+    concerns) one built from the same network policy, which leaves each problem to the request it concerns
+    (``_net.hub_client``). huggingface_hub keeps it for the process, as it keeps its own."""
+    from .._net import ca_problem, hub_client
+
+    if ca_problem(os.environ.get("SSL_CERT_FILE") or None, os.environ.get("SSL_CERT_DIR") or None) is None:
+        try:
+            hub.get_session()
+            return
+        except Exception:  # whatever its client's construction raised
+            pass
+    hub.set_client_factory(hub_client)  # (its read of a FIFO as SSL_CERT_FILE would never end: not even tried)
 
 
 def _retryable(exc: BaseException) -> bool:
