@@ -21,7 +21,8 @@ import pytest
 
 from conftest import cli_env
 from dinov3_fetcher._broadcast.ends import PartialSink
-from dinov3_fetcher._broadcast.wire import BROKEN, FileSpec, missing_pieces
+from dinov3_fetcher._broadcast.relay import POOL, overlap, pieces
+from dinov3_fetcher._broadcast.wire import BROKEN, FileSpec
 from helpers import wait_all
 from net_fixtures import free_port
 
@@ -31,7 +32,7 @@ needs_torch = pytest.mark.skipif(
 )
 
 MiB = 1024 * 1024
-CHUNK = 1 * MiB  # small pieces, so that a few MB make several windows
+PIECE = 1 * MiB  # small pieces, so that a few MB make several
 # Under torchrun (an agent per node, as in a job) and as plain processes with the environment torchrun sets
 # (the same workers, without the agents' three torch imports: ~3x faster on a loaded 2-core machine).
 LAUNCHERS = pytest.mark.parametrize("torchrun", [pytest.param(True, marks=pytest.mark.slow, id="torchrun"),
@@ -53,7 +54,8 @@ out_dir, cfg = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
 node = int(os.environ["GROUP_RANK"])
 dist.init_process_group("gloo", timeout=dt.timedelta(seconds=60))
 rank = dist.get_rank()
-group, members = leaders_group(dist, dist.group.WORLD, int(os.environ["LOCAL_RANK"]), timeout=cfg["timeout"])
+members = list(range(dist.get_world_size()))  # one rank per node: each leads its node
+group = leaders_group(dist, members, timeout=cfg["timeout"])
 files = [FileSpec(*f) for f in cfg["files"]]
 result = {"rank": rank, "node": node, "members": members}
 t0 = time.monotonic()
@@ -87,13 +89,16 @@ try:
                 if cfg.get("kill_at") is not None and read["bytes"] >= cfg["kill_at"]:
                     os.kill(os.getpid(), signal.SIGKILL)
                 super().readinto(name, offset, buf)
+                if name == cfg.get("flip") and not read.get("flipped"):  # a bit flips in rank 0's memory after
+                    buf[0] ^= 0xFF  # the read, in the first piece of that file: it enters the chain corrupt
+                    read["flipped"] = offset
                 read["bytes"] += len(buf)
                 if name == grow and grown[name] < files[[f.name for f in files].index(name)].size:
                     read["while_growing"] += len(buf)
                     seen_growing.set()
 
         source = Probe({f.name: src / f.name for f in files}, ready=lambda name: grown[name])
-        report = send(files, source, group, meta={"commit": "c0ffee"}, chunk=cfg["chunk"])
+        report = send(files, source, group, meta={"commit": "c0ffee"}, piece=cfg["piece"])
         result["read"] = read
     else:
         sink = PartialSink(Path(cfg["nodes"][str(node)]["partial"]), Path(cfg["nodes"][str(node)]["final"]))
@@ -144,7 +149,8 @@ try:
             sink = Null()
         report = receive(sink, group, progress=sys.stderr)
     result.update(ok=True, meta=report.meta,
-                  nodes={str(r): {"role": s.role, "bytes": s.bytes, "files": s.files} for r, s in report.nodes.items()})
+                  nodes={str(r): {"role": s.role, "bytes": s.bytes, "files": s.files, "sent": s.sent}
+                         for r, s in report.nodes.items()})
     code = 0
 except FetcherError as exc:
     result.update(ok=False, type=type(exc).__name__, message=exc.message, hint=exc.hint)
@@ -174,7 +180,7 @@ class Job:
         for name, data in files.items():
             (src / ("full" if name == grow else ".") / name).write_bytes(data)
         self.cfg: dict[str, Any] = {
-            "files": [_spec(n, d) for n, d in files.items()], "src": str(src), "grow": grow, "chunk": CHUNK,
+            "files": [_spec(n, d) for n, d in files.items()], "src": str(src), "grow": grow, "piece": PIECE,
             "timeout": 60,
             "nodes": {str(n): {"partial": str(tmp / f"node{n}" / "partial"), "final": str(tmp / f"node{n}" / "final")}
                       for n in range(1, nodes)},
@@ -186,6 +192,17 @@ class Job:
 
     def partial(self, node: int, name: str) -> Path:
         return Path(self.cfg["nodes"][str(node)]["partial"]) / hashlib.sha256(self.files[name]).hexdigest()
+
+    def left(self, node: int) -> int:
+        """The bytes ``node`` still misses: none of a published file, the recorded rest of a partial one."""
+        out = 0
+        for name, data in self.files.items():
+            record = self.partial(node, name) / "progress.json"
+            if record.exists():
+                out += sum(e - s for s, e in json.loads(record.read_text())["remaining"])
+            elif not self.final(node, name).exists():
+                out += len(data)
+        return out
 
     def run(self, timeout: float = 90, torchrun: bool = False,
             **overrides: Any) -> tuple[list[subprocess.CompletedProcess[str]], dict[int, dict[str, Any]]]:
@@ -258,14 +275,17 @@ def test_cold_partial_warm_and_a_file_sent_while_it_grows(tmp_path: Path, torchr
     assert (nodes["1"]["role"], nodes["1"]["bytes"]) == ("receiver", total)
     assert nodes["2"]["bytes"] == node2_needs and nodes["2"]["files"] == {b: node2_needs}  # only what it missed
     assert (nodes["3"]["role"], nodes["3"]["bytes"]) == ("warm", 0)  # took no part in the transfer
-    assert nodes["0"]["bytes"] == total + node2_needs
-    assert results[0]["read"]["bytes"] == total  # a window the two receivers miss is read once, sent twice
+    # a chain: rank 0 -> node 1 (misses most) -> node 2; each link carries what the rest of the chain misses, once
+    assert nodes["0"]["bytes"] == nodes["0"]["sent"] == total
+    assert nodes["1"]["sent"] == node2_needs and nodes["2"]["sent"] == nodes["3"]["sent"] == 0
+    assert results[0]["read"]["bytes"] == total  # each piece is read once
     assert results[0]["read"]["while_growing"] > 0  # file b was sent while it was still being written
     for node in (1, 2, 3):
         for name, data in files.items():
             assert job.final(node, name).read_bytes() == data
     assert not job.partial(2, b).exists() and not job.partial(1, a).exists()
     assert "rank 1 received 11.5 MB of 11.5 MB from rank 0" in procs[1].stderr  # the progress line
+    assert "from rank 1" in procs[2].stderr
     assert "received" not in procs[3].stderr
 
 
@@ -273,28 +293,49 @@ def test_cold_partial_warm_and_a_file_sent_while_it_grows(tmp_path: Path, torchr
 @LAUNCHERS
 def test_sender_killed_midway_one_error_everywhere_then_the_rerun_resumes(tmp_path: Path, torchrun: bool) -> None:
     files = _files()
-    a, b = files
     job = Job(tmp_path, files)
-    procs, results = job.run(torchrun=torchrun, kill_at=3 * MiB)
+    procs, results = job.run(torchrun=torchrun, kill_at=(POOL + 2) * PIECE)  # two pieces past rank 0's buffers
     assert procs[0].returncode != 0
     assert sorted(results) == [1, 2], _stderr(procs)  # rank 0 was killed, the others answered
     assert {(r["type"], r["message"]) for r in results.values()} == {("NetworkError", BROKEN)}
-    left = {}
-    for node in (1, 2):
-        record = json.loads((job.partial(node, a) / "progress.json").read_text())
-        left[node] = sum(e - s for s, e in record["remaining"])
-        assert 0 < left[node] < len(files[a])  # what arrived before the kill is recorded
+    left = {node: job.left(node) for node in (1, 2)}
+    total = sum(len(d) for d in files.values())
+    assert all(0 < n <= total - 2 * PIECE for n in left.values()), left  # what arrived before the kill is recorded
+    assert not any(job.final(node, name).exists() for node in (1, 2) for name in files)
 
     procs, results = job.run(torchrun=torchrun)
     assert all(p.returncode == 0 for p in procs), _stderr(procs)
     nodes = results[0]["nodes"]
     for node in (1, 2):
-        assert nodes[str(node)]["bytes"] == left[node] + len(files[b])  # only the rest
+        assert sum(nodes[str(node)]["files"].values()) == left[node]  # only the rest
         for name, data in files.items():
             assert job.final(node, name).read_bytes() == data
 
 
 @needs_torch
+def test_a_corrupt_piece_entering_the_chain_is_published_nowhere_and_the_rerun_completes(tmp_path: Path) -> None:
+    files = _files()
+    a, b = files
+    job = Job(tmp_path, files)
+    procs, results = job.run(flip=b)  # rank 0 -> node 1 -> node 2: both get the bad piece of b
+    assert sorted(results) == [0, 1, 2], _stderr(procs)
+    assert all(p.returncode != 0 for p in procs), _stderr(procs)
+    assert {r["type"] for r in results.values()} == {"IntegrityError"}
+    assert len({(r["message"], r["hint"]) for r in results.values()}) == 1  # node 1's, the lowest failing rank
+    assert b in results[0]["message"] and "sha256" in results[0]["message"]
+    for node in (1, 2):
+        assert job.final(node, a).read_bytes() == files[a]
+        assert not job.final(node, b).exists() and not job.partial(node, b).exists()  # discarded
+    procs, results = job.run()
+    assert all(r["ok"] for r in results.values()), _stderr(procs)
+    nodes = results[0]["nodes"]
+    assert nodes["1"]["files"] == nodes["2"]["files"] == {b: len(files[b])}
+    for node in (1, 2):
+        assert job.final(node, b).read_bytes() == files[b]
+
+
+@needs_torch
+@pytest.mark.slow
 def test_a_corrupt_piece_on_one_node_is_caught_there_and_raised_everywhere(tmp_path: Path) -> None:
     files = _files()
     a, b = files
@@ -313,10 +354,15 @@ def test_a_corrupt_piece_on_one_node_is_caught_there_and_raised_everywhere(tmp_p
 # -- without torch -----------------------------------------------------------------------------------------
 
 
-def test_pieces_stay_inside_chunk_windows() -> None:
-    assert missing_pieces([(0, 10)], 4) == [(0, 4), (4, 8), (8, 10)]
-    assert missing_pieces([(3, 9), (13, 14)], 4) == [(3, 4), (4, 8), (8, 9), (13, 14)]
-    assert missing_pieces([], 4) == []
+def test_pieces_stay_inside_their_windows_and_go_as_far_down_the_chain_as_they_are_needed() -> None:
+    assert list(pieces([[(0, 10)]], 4)) == [(0, 4, 0), (4, 8, 0), (8, 10, 0)]
+    # the first member misses everything, the second [3, 9) and [13, 14), the third nothing of this file
+    assert list(pieces([[(0, 16)], [(3, 9), (13, 14)], []], 4)) == [
+        (0, 3, 0), (3, 4, 1), (4, 8, 1), (8, 9, 1), (9, 12, 0), (12, 13, 0), (13, 14, 1), (14, 16, 0)]
+    assert list(pieces([[(2, 3)], [(6, 7)]], 4)) == [(2, 3, 0), (6, 7, 1)]  # the first member passes [6, 7) on
+    assert list(pieces([[], []], 4)) == []
+    assert overlap([(3, 9), (13, 14)], 0, 16) == [(3, 9), (13, 14)]
+    assert overlap([(3, 9), (13, 14)], 4, 8) == [(4, 8)] and overlap([(3, 9)], 9, 12) == []
 
 
 def test_partial_sink_records_what_it_wrote_in_the_fetchers_format(tmp_path: Path) -> None:
@@ -348,14 +394,22 @@ def test_partial_sink_records_what_it_wrote_in_the_fetchers_format(tmp_path: Pat
 
 @needs_torch
 @pytest.mark.slow
-def test_a_receiver_killed_midway_the_sender_and_the_others_raise_one_error(tmp_path: Path) -> None:
+def test_a_relay_killed_midway_every_other_member_raises_one_error_and_the_rerun_resumes(tmp_path: Path) -> None:
     files = _files()
-    job = Job(tmp_path, files)
-    procs, results = job.run(corrupt_node=2, kill_receiver=True)
-    assert sorted(results) == [0, 1], _stderr(procs)  # node 2 died at its first write
+    job = Job(tmp_path, files, nodes=4)  # the chain: rank 0 -> node 1 -> node 2 -> node 3
+    procs, results = job.run(corrupt_node=2, kill_receiver=True)  # node 2 dies at its first write
+    assert sorted(results) == [0, 1, 3], _stderr(procs)
     assert {(r["type"], r["message"]) for r in results.values()} == {("NetworkError", BROKEN)}
-    for name, data in files.items():  # node 1 got everything (and keeps it) before the error was known
-        assert job.final(1, name).read_bytes() == data
+    total = sum(len(d) for d in files.values())
+    left = {node: job.left(node) for node in (1, 2, 3)}
+    assert left[2] > 0 and left[1] < total  # the head got pieces, and recorded them
+    procs, results = job.run()
+    assert all(r["ok"] for r in results.values()), _stderr(procs)
+    nodes = results[0]["nodes"]
+    for node in (1, 2, 3):
+        assert sum(nodes[str(node)]["files"].values()) == left[node]  # only the rest
+        for name, data in files.items():
+            assert job.final(node, name).read_bytes() == data
 
 
 @needs_torch

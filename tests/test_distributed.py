@@ -20,8 +20,8 @@ import pytest
 from checkpoints import vit_repo_files
 from conftest import TINY, cli_env
 from dinov3_fetcher._distributed import fetch_once
-from dinov3_fetcher._errors import AuthenticationError, DiskSpaceError
-from dinov3_fetcher._ranks import outcome, rebuild
+from dinov3_fetcher._errors import AuthenticationError, ConfigError, DiskSpaceError
+from dinov3_fetcher._ranks import Call, agree, leaders, outcome, rebuild
 from helpers import wait_all
 from hub_server import HubServer
 
@@ -152,6 +152,32 @@ def test_errors_cross_ranks_with_their_type_message_and_details() -> None:
 
     local = rebuild(outcome(Local("x"), 3) or {})
     assert type(local) is RuntimeError and "rank 3" in str(local) and "Local: x" in str(local)
+
+
+def test_each_node_has_one_leader_and_rank_0_leads_its_own() -> None:
+    def calls(*layout: tuple[str, int | None]) -> list[Call]:
+        return [Call(r, node, local, ("m", "main", "hf", "", False)) for r, (node, local) in enumerate(layout)]
+
+    torchrun = calls(("node 0", 0), ("node 0", 1), ("node 1", 0), ("node 1", 1))
+    assert leaders(torchrun, shared_fs=False) == [0, 2] and leaders(torchrun, shared_fs=True) == [0]
+    # another launcher: rank 0 is node a's local rank 1, node b's local rank 0 is its higher rank
+    other = calls(("a", 1), ("a", 0), ("b", 1), ("b", 0))
+    assert leaders(other, shared_fs=False) == [0, 3]
+    assert leaders(calls(("a", None), ("b", None), ("a", None), ("b", None)), shared_fs=False) == [0, 1]
+
+
+def test_the_first_exchange_fails_every_rank_alike_on_the_lowest_failing_or_disagreeing_rank() -> None:
+    asks = ("facebook/dinov3-vits16-pretrain-lvd1689m", "main", "hf", "broadcast", False)
+    same = [Call(r, f"node {r}", 0, asks) for r in range(3)]
+    assert agree(same) is None
+    other = (asks[0], "v2", *asks[2:])
+    early = outcome(ConfigError("dino_root is a file", "point it at a folder"), 2)
+    failure = agree([same[0], Call(1, "node 1", 0, other), Call(2, "node 2", 0, None, early)])
+    assert failure is not None
+    back = rebuild(failure)
+    assert type(back) is ConfigError and back.hint.startswith("pass the same model")
+    assert "rank 1" in back.message and "@v2" in back.message and "@main" in back.message
+    assert agree([same[0], same[1], Call(2, "node 2", 0, None, early)]) == early
 
 
 @needs_torch

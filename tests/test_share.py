@@ -49,11 +49,12 @@ from pathlib import Path
 cfg = json.loads(Path(sys.argv[2]).read_text())
 out_dir = sys.argv[1]
 node, rank = int(os.environ["GROUP_RANK"]), int(os.environ["RANK"])
+cfg.update(cfg.get("node", {}).get(str(node), {}))  # what one node does differently
 root = cfg["root"].replace("{node}", str(node))
 
 import dinov3_fetcher._broadcast.job as share
 
-share.CHUNK = cfg["chunk"]  # small pieces: a few windows even for a tiny checkpoint
+share.PIECE = cfg["piece"]  # small pieces: several even for a tiny checkpoint
 if rank == 0 and cfg.get("kill_at") is not None:  # the fault: rank 0 dies (SIGKILL) in the middle of the weights
     from dinov3_fetcher._broadcast import ends as bf
 
@@ -78,6 +79,18 @@ if rank == 0 and cfg.get("interrupt_at") is not None:  # the fault: Ctrl-C on ra
 
     bf.FileSource.readinto = readinto_
 
+if cfg.get("die_at") is not None and os.environ["LOCAL_RANK"] == "0":  # the fault: this node's leader dies
+    from dinov3_fetcher._broadcast import node as receiving  # (SIGKILL) once it has written that far
+
+    write = receiving.StateSink.write
+
+    def write_(self, spec, offset, data):
+        if spec.name == "model.safetensors" and offset >= cfg["die_at"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        write(self, spec, offset, data)
+
+    receiving.StateSink.write = write_
+
 import torch.distributed as dist
 
 from dinov3_fetcher._distributed import fetch_once
@@ -95,7 +108,8 @@ try:
             out = teacher.model(pixel_values=teacher.preprocess(torch.zeros(224, 224, 3, dtype=torch.uint8)))
         result = {"ok": True, "path": root, "shape": list(out.last_hidden_state.shape)}
     else:
-        res = fetch_once(root, cfg["model"], share="broadcast", details=True)
+        res = fetch_once(root, cfg["model"], share=cfg.get("share", "broadcast"), timeout=cfg.get("timeout", 120),
+                         details=True)
         result = {"ok": True, **res.to_dict()}
     dist.barrier()  # the ranks are still in step
     code = 0
@@ -112,9 +126,9 @@ sys.exit(code)
 class Job:
     """``nodes`` "nodes" of ``nproc`` ranks on this host, node N's dino_root being tmp/node<N>/dinov3."""
 
-    def __init__(self, tmp: Path, nodes: int = 3, nproc: int = 1, chunk: int = 256 * KiB) -> None:
+    def __init__(self, tmp: Path, nodes: int = 3, nproc: int = 1, piece: int = 256 * KiB) -> None:
         self.tmp, self.nodes, self.nproc, self.runs = tmp, nodes, nproc, 0
-        self.cfg: dict[str, Any] = {"root": str(tmp / "node{node}" / "dinov3"), "model": MODEL, "chunk": chunk}
+        self.cfg: dict[str, Any] = {"root": str(tmp / "node{node}" / "dinov3"), "model": MODEL, "piece": piece}
 
     def root(self, node: int) -> Path:
         return self.tmp / f"node{node}" / "dinov3"
@@ -161,6 +175,10 @@ def model(hub: HubServer) -> dict[str, bytes]:
     return files
 
 
+def _listings(hub: HubServer) -> list[Any]:
+    return [r for r in hub.requests if r.path.startswith("/api/models/")]
+
+
 def _manifest(root: Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((root / ".dinov3-fetcher" / "manifest.json").read_text())
     return data
@@ -174,7 +192,42 @@ def _same_checkpoint(job: Job, node: int, files: dict[str, bytes]) -> None:
 
 
 @needs_torch
-def test_three_nodes_the_hub_serves_the_weights_once_and_a_warm_node_is_skipped(
+def test_four_nodes_relay_the_checkpoint_along_a_chain_each_link_carrying_it_once(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path, nodes=4)
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    assert sorted(results) == [0, 1, 2, 3] and all(r["ok"] for r in results.values()), results
+    assert hub.bytes_served(WEIGHTS) == len(model[WEIGHTS])  # one download for the whole job
+    assert len(hub.file_gets("/config.json")) == 1 and len(_listings(hub)) == 1
+    assert all(r["path"] == str(job.root(r["node"])) for r in results.values())  # each node's own dino_root
+    for node in range(4):
+        _same_checkpoint(job, node, model)
+    total = sum(len(model[n]) for n in _manifest(job.root(0))["files"])
+    nodes = results[0]["nodes"]
+    assert all(r["nodes"] == nodes for r in results.values())  # every rank learns every node's stats
+    # rank 0 -> node 1 -> node 2 -> node 3: rank 0 sends the checkpoint once, each relay passes it on once, the
+    # last node sends nothing; every node takes all of it for itself
+    assert [nodes[r]["sent"] for r in "0123"] == [total, total, total, 0]
+    assert [nodes[r]["role"] for r in "0123"] == ["sender", "receiver", "receiver", "receiver"]
+    assert all(nodes[r]["bytes"] == sum(nodes[r]["files"].values()) == total for r in "123")
+    assert "from rank 0" in procs[1].stderr and "from rank 2" in procs[3].stderr  # the progress lines
+
+    # node 2 lost its disk; nodes 1 and 3 are warm: outside the chain, node 2 takes everything from rank 0
+    shutil.rmtree(job.root(2))
+    hub.clear()
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    nodes = results[0]["nodes"]
+    assert [(nodes[r]["role"], nodes[r]["bytes"], nodes[r]["sent"]) for r in "0123"] == [
+        ("sender", total, total), ("warm", 0, 0), ("receiver", total, 0), ("warm", 0, 0)]
+    assert hub.bytes_served(WEIGHTS) == 0 and not _listings(hub)  # rank 0 was warm
+    _same_checkpoint(job, 2, model)
+
+
+@needs_torch
+@pytest.mark.slow
+def test_three_nodes_under_torchrun_the_hub_serves_the_weights_once_and_a_warm_node_is_skipped(
         hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
     job = Job(tmp_path, nproc=2)
     procs, results = job.run(torchrun=True)
@@ -199,7 +252,7 @@ def test_three_nodes_the_hub_serves_the_weights_once_and_a_warm_node_is_skipped(
     assert all(r["nodes"] == nodes for r in results.values())  # every rank learns every node's stats
     assert set(nodes) == {"0", "2", "4"}  # the leaders: rank 0 and local rank 0 of nodes 1 and 2
     assert [nodes[r]["role"] for r in ("0", "2", "4")] == ["sender", "receiver", "receiver"]
-    assert nodes["2"]["bytes"] == nodes["4"]["bytes"] == total and nodes["0"]["bytes"] == 2 * total
+    assert nodes["2"]["bytes"] == nodes["4"]["bytes"] == total and nodes["0"]["bytes"] == total
     assert "received" in procs[1].stderr and "from rank 0" in procs[1].stderr  # the progress line (node 1)
     assert "received" not in procs[0].stderr
 
@@ -233,6 +286,13 @@ def _while_paused(job: Job, hub: HubServer, until: Callable[[], bool], **overrid
         hub.resume.set()
     runner.join(180)
     return out[0], held
+
+
+def _left(root: Path, sha: str) -> int:
+    """Bytes of the weights a node's partial folder (claimed or released) still misses, as recorded."""
+    records = list((root / ".dinov3-fetcher" / "partial").glob(f"{sha}*/progress.json"))
+    assert len(records) == 1, records
+    return sum(e - s for s, e in json.loads(records[0].read_text())["remaining"])
 
 
 def _received(root: Path, sha: str) -> int:
@@ -411,16 +471,16 @@ def _fill(where: Path, leave: int) -> Path:
 
 
 @needs_torch
-def test_a_node_whose_disk_fills_up_mid_transfer_fails_every_rank_alike_and_the_rerun_resumes(
+def test_a_relay_whose_disk_fills_up_keeps_relaying_every_rank_raises_its_error_and_the_rerun_resumes(
         hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
-    job = Job(tmp_path)
+    job = Job(tmp_path)  # the chain: rank 0 -> node 1 -> node 2
     size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
     hub.faults.add(pause_at=2 * 1024 * KiB, path_suffix=WEIGHTS, times=1)
-    with mounted_tmpfs(tmp_path / "node2", "24m") as disk:  # room for the checkpoint and the 16 MiB margin: accepted
+    with mounted_tmpfs(tmp_path / "node1", "24m") as disk:  # room for the checkpoint and the 16 MiB margin: accepted
         filler = disk / "filler"
 
-        def then_full() -> bool:  # node 2 got its first MiB, then its disk fills up: room for a progress record
-            if _received(job.root(2), sha) < 1024 * KiB:
+        def then_full() -> bool:  # node 1 got its first MiB, then its disk fills up: room for a progress record
+            if _received(job.root(1), sha) < 1024 * KiB:
                 return False
             _fill(disk, 64 * KiB)
             return True
@@ -435,17 +495,55 @@ def test_a_node_whose_disk_fills_up_mid_transfer_fails_every_rank_alike_and_the_
         assert (job.root(0) / WEIGHTS).exists()  # rank 0's own fetch succeeded; the receivers publish nothing
         for node in (1, 2):
             assert not (job.root(node) / WEIGHTS).exists()
-        record = json.loads((job.root(2) / ".dinov3-fetcher" / "partial" / sha / "progress.json").read_text())
-        left = sum(e - s for s, e in record["remaining"])
-        assert 0 < left <= size - 1024 * KiB  # what node 2 wrote before the disk filled is recorded
+        # node 1 went on passing the weights on: node 2 holds them, verified (staged for the rerun)
+        assert list(job.root(2).glob(f".dinov3-fetcher/staged/*/{sha}.{WEIGHTS}"))
+        left = _left(job.root(1), sha)
+        assert 0 < left <= size - 1024 * KiB  # what node 1 wrote before the disk filled is recorded
 
-        filler.unlink()  # space again: the rerun completes, node 2 receives only the rest
+        filler.unlink()  # space again: the rerun completes, node 1 receives only the rest, node 2 nothing of it
         procs, results = job.run()
-    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+        assert all(p.returncode == 0 for p in procs), _stderr(procs)
+        for node in (1, 2):
+            _same_checkpoint(job, node, model)
     nodes = results[0]["nodes"]
     later = {n: len(model[n]) for n in ("README.md", "LICENSE.md")}  # sent after the weights: not in the first run
-    assert nodes["1"]["files"] == later and nodes["2"]["files"] == {WEIGHTS: left, **later}
+    assert nodes["2"]["files"] == later and nodes["1"]["files"] == {WEIGHTS: left, **later}
     assert hub.bytes_served(WEIGHTS) == size
+
+
+@needs_torch
+def test_a_relay_killed_mid_transfer_ends_the_job_at_once_on_every_rank_and_the_rerun_completes(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path)  # the chain: rank 0 -> node 1 -> node 2
+    size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
+    pause = 2 * 1024 * KiB
+    hub.faults.add(pause_at=pause, path_suffix=WEIGHTS, times=1)
+    served: list[int] = []
+
+    def ended() -> bool:  # every rank but the dead one answered, while the Hub still holds back the rest
+        if len(list(tmp_path.glob(f"run{job.runs}/rank*.json"))) < 2:
+            return False
+        served.append(hub.bytes_served(WEIGHTS))
+        return True
+
+    # node 1 dies once it has written a MiB of the weights: rank 0 and node 2 see a reset; rank 0 stops sending
+    # and its own download (a 27 GB file would not be finished first); node 2, behind it, does not hang
+    (procs, results), _ = _while_paused(job, hub, ended, node={"1": {"die_at": 1024 * KiB}})
+    assert served == [pause], _stderr(procs)  # the job ended while rank 0's download was held back
+    assert sorted(results) == [0, 2] and procs[1].returncode == -9, _stderr(procs)
+    assert {(r["type"], r["message"]) for r in results.values()} == {("NetworkError", BROKEN)}
+    for node in (1, 2):
+        assert not (job.root(node) / WEIGHTS).exists()
+    left = _left(job.root(2), sha)
+    assert left < size  # node 2 got the start of the weights through node 1 before it died, and recorded it
+
+    hub.clear()
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    assert results[0]["nodes"]["2"]["files"][WEIGHTS] == left  # only the rest
+    for node in range(3):
+        _same_checkpoint(job, node, model)
+    assert hub.bytes_served(WEIGHTS) == size - pause  # rank 0 resumed its own partial
 
 
 @needs_torch
@@ -476,16 +574,15 @@ def test_nodes_whose_local_rank_0_is_not_their_lowest_rank(hub: HubServer, model
                                                             tmp_path: Path, rank_0: str) -> None:
     # A launcher other than torchrun (which numbers each node's ranks from its local rank 0) may do this: on
     # nodes 1 and 2 the local rank 0 is the higher global rank (3 and 5), so the leaders are 0, 3 and 5. When
-    # global rank 0 is not node 0's local rank 0 either, that one (rank 1) joins the leaders too: it waits on
-    # node 0's lock while rank 0 fetches there, then finds the checkpoint (warm).
+    # global rank 0 is not node 0's local rank 0 either, rank 0 still leads its node: node 0's local rank 0
+    # (rank 1) only waits for the outcome, it does not also receive into the dino_root rank 0 fetches into.
     job = Job(tmp_path, nproc=2)
     rank_0_leads = rank_0 == "a local rank 0"
     procs, results = job.run(rank_of=lambda node, lr: 2 * node + (lr if node == 0 and rank_0_leads else 1 - lr))
     assert all(p.returncode == 0 for p in procs), _stderr(procs)
     assert sorted(results) == list(range(6)) and all(r["ok"] for r in results.values()), results
     nodes = results[0]["nodes"]
-    roles = {"0": "sender", "3": "receiver", "5": "receiver", **({} if rank_0_leads else {"1": "warm"})}
-    assert {r: s["role"] for r, s in nodes.items()} == roles
+    assert {r: s["role"] for r, s in nodes.items()} == {"0": "sender", "3": "receiver", "5": "receiver"}
     assert all(r["path"] == str(job.root(r["node"])) for r in results.values())
     assert hub.bytes_served(WEIGHTS) == len(model[WEIGHTS])
     for node in (0, 1, 2):
@@ -493,6 +590,7 @@ def test_nodes_whose_local_rank_0_is_not_their_lowest_rank(hub: HubServer, model
 
 
 @needs_torch
+@pytest.mark.slow
 def test_sender_killed_midway_every_rank_one_error_then_the_rerun_receives_only_the_rest(
         hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
     job = Job(tmp_path)
@@ -600,6 +698,38 @@ def test_the_bridge_loads_a_teacher_each_node_received(hub: HubServer, model: di
     for node in (1, 2):
         assert _manifest(job.root(node))["endpoint"].startswith("broadcast: ")
         _same_checkpoint(job, node, model)
+
+
+@needs_torch
+@pytest.mark.parametrize("share", ["broadcast", pytest.param(None, marks=pytest.mark.slow)])
+def test_a_node_asking_for_another_checkpoint_fails_every_rank_before_anything_is_fetched(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path, share: str | None) -> None:
+    hub.add_repo(MODEL + "-other", model)
+    job = Job(tmp_path, nodes=2)
+    procs, results = job.run(share=share, node={"1": {"model": MODEL + "-other"}})
+    assert sorted(results) == [0, 1], _stderr(procs)
+    assert [p.returncode for p in procs] == [3, 3]  # ConfigError's exit code, on every rank
+    assert {r["type"] for r in results.values()} == {"ConfigError"}
+    assert len({(r["message"], r["hint"]) for r in results.values()}) == 1
+    message = results[0]["message"]
+    assert "rank 1" in message and MODEL + "-other" in message and "rank 0" in message
+    assert hub.requests == []  # checked in the first exchange: rank 0 asked the Hub nothing
+    assert not job.root(1).exists() and not job.root(0).exists()  # nothing published (nor created) anywhere
+
+
+@needs_torch
+@pytest.mark.parametrize("share", [None, pytest.param("broadcast", marks=pytest.mark.slow)])
+def test_a_node_failing_before_the_first_exchange_fails_every_rank_at_once(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path, share: str | None) -> None:
+    job = Job(tmp_path, nodes=2)
+    job.root(1).parent.mkdir()
+    job.root(1).write_text("not a folder")  # node 1's dino_root is a file: make_request refuses it
+    procs, results = job.run(share=share, timeout=60)  # were rank 0 left waiting, it would fail after 60 s
+    assert sorted(results) == [0, 1], _stderr(procs)
+    assert [p.returncode for p in procs] == [3, 3]
+    assert {r["type"] for r in results.values()} == {"ConfigError"}, results  # not torch's DistStoreError
+    assert len({(r["message"], r["hint"]) for r in results.values()}) == 1 and str(job.root(1)) in results[0]["message"]
+    assert hub.requests == [] and not job.root(0).exists()
 
 
 def test_share_arguments_are_checked_before_anything_runs(tmp_path: Path) -> None:

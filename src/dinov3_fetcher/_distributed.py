@@ -1,11 +1,13 @@
 """Fetch once per training job: ``fetch_once`` inside torch.distributed (torchrun), a plain fetch outside it.
 
-Local rank 0 of each node fetches (``shared_fs=True``: global rank 0 only, for a dino_root every node sees);
-the other ranks wait, then check that dino_root holds the checkpoint. Every rank returns the same path or
-raises the same error: the outcome of each step is exchanged with ``all_gather_object`` on a gloo group of
-our own (so it works whatever the job's backend is, NCCL included, needs no GPU, and waits as long as a big
-download takes: ``timeout``), and every rank reaches every collective whatever happens, so a failed fetch
-cannot leave the others stuck at a barrier.
+One rank per node fetches (``shared_fs=True``: global rank 0 only, for a dino_root every node sees; see
+``_ranks.leaders``); the other ranks wait, then check that dino_root holds the checkpoint. Every rank returns
+the same path or raises the same error: the outcome of each step is exchanged with ``all_gather_object`` on a
+gloo group of our own (so it works whatever the job's backend is, NCCL included, needs no GPU, and waits as long
+as a big download takes: ``timeout``), and every rank reaches every collective whatever happens, so a failed
+fetch cannot leave the others stuck at a barrier. The first exchange, before anything is fetched, holds every
+rank's call: a rank that failed before it (its dino_root is a file...) or that asks for another checkpoint
+than rank 0 fails the job on every rank at once.
 
     torch.distributed.init_process_group("nccl")
     path = fetch_once(cfg.dino_root, "facebook/dinov3-vitl16-pretrain-lvd1689m")
@@ -15,13 +17,26 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Literal, overload
 
 from . import _errors as errors
-from ._config import make_request
-from ._ranks import JobResult, check_fetched, destroy, first_failure, gloo_group, local_rank, outcome, rebuild
+from ._config import FetchRequest, make_request
+from ._ranks import (
+    Call,
+    JobResult,
+    agree,
+    check_fetched,
+    collective,
+    destroy,
+    first_failure,
+    gloo_group,
+    leaders,
+    outcome,
+    rebuild,
+)
 from ._registry import DEFAULT_MODEL
 
 __all__ = ["DEFAULT_TIMEOUT", "any_rank", "fetch_once"]
@@ -30,7 +45,10 @@ DEFAULT_TIMEOUT = 6 * 3600.0  # seconds the other ranks wait for the fetching ra
 
 
 def _dist() -> ModuleType | None:
-    """torch.distributed if torch is installed and a default process group is initialised, else None."""
+    """torch.distributed if a default process group is initialised, else None (without importing torch when
+    nothing imported it: then no group can be initialised)."""
+    if "torch.distributed" not in sys.modules:
+        return None
     try:
         dist = importlib.import_module("torch.distributed")
     except ImportError:
@@ -96,48 +114,58 @@ def fetch_once(
     """
     from ._fetch import fetch
 
-    if share not in (None, "broadcast"):
-        raise errors.ConfigError(f"share={share!r} is not a way to share the teacher between nodes",
-                                 "use share=None (one fetch per node, or per job with shared_fs) or 'broadcast'")
-    if share == "broadcast" and shared_fs:
-        raise errors.ConfigError("share='broadcast' is for nodes with their own disks; shared_fs=True says "
-                                 "dino_root is one folder every node sees", "pass one of them, not both")
-    req = make_request(dino_root, model_name, revision, source)
+    req: FetchRequest | None = None
+    mine: BaseException | None = None
+    try:
+        if share not in (None, "broadcast"):
+            raise errors.ConfigError(f"share={share!r} is not a way to share the teacher between nodes",
+                                     "use share=None (one fetch per node, or per job with shared_fs) or 'broadcast'")
+        if share == "broadcast" and shared_fs:
+            raise errors.ConfigError("share='broadcast' is for nodes with their own disks; shared_fs=True says "
+                                     "dino_root is one folder every node sees", "pass one of them, not both")
+        req = make_request(dino_root, model_name, revision, source)
+    except Exception as exc:  # inside a job, every rank learns it in the first exchange (none waits for this one)
+        mine = exc
     dist = _dist()
-    if dist is None or share == "broadcast":
-        if dist is not None:
-            from ._broadcast.job import fetch_broadcast
-
-            return fetch_broadcast(dist, req, update=update, timeout=timeout, details=details)
+    if dist is None:
+        if mine is not None:
+            raise mine
+        assert req is not None
         res = fetch(req, update=update)
         return JobResult(res.path, res.commit) if details else res.path
     rank = dist.get_rank()
-    group = gloo_group(dist, timeout)
+    group = gloo_group(dist, timeout)  # every rank creates it, and takes part in the first exchange, whatever failed
     try:
-        lrank = local_rank(dist, group)
-        leader = rank == 0 if shared_fs else lrank == 0
-        mine: BaseException | None = None
-        path = req.dino_root
-        if leader:
-            try:
-                path = fetch(req, update=update).path
-            except BaseException as exc:  # every rank must reach the collective below, whatever happened
-                mine = exc
-        failure = first_failure(dist, group, outcome(mine, rank))
-        if failure is None and not leader:
-            try:
-                check_fetched(req, "rank 0" if shared_fs else "local rank 0")
-            except BaseException as exc:
-                mine = exc
-            failure = first_failure(dist, group, outcome(mine, rank))
-        elif failure is None:
-            failure = first_failure(dist, group, None)
+        asks = (req.model, req.revision, req.source, share or "", shared_fs) if req is not None else None
+        calls: list[Call | None] = [None] * dist.get_world_size()
+        collective(dist.all_gather_object, calls, Call.here(rank, asks, outcome(mine, rank)), group)
+        failure = agree([c for c in calls if c is not None])
+        if failure is None:
+            assert req is not None
+            chosen = leaders([c for c in calls if c is not None], shared_fs)
+            if share == "broadcast":
+                from ._broadcast.job import fetch_broadcast
+
+                return fetch_broadcast(dist, group, req, chosen, update=update, timeout=timeout, details=details)
+            path = req.dino_root
+            if rank in chosen:
+                try:
+                    path = fetch(req, update=update).path
+                except BaseException as exc:  # every rank must reach the collective below, whatever happened
+                    mine = exc
+            failure = collective(first_failure, dist, group, outcome(mine, rank))
+            if failure is None and rank not in chosen:
+                try:
+                    check_fetched(req, "rank 0" if shared_fs else "this node's first rank")
+                except BaseException as exc:
+                    mine = exc
+                failure = collective(first_failure, dist, group, outcome(mine, rank))
+            elif failure is None:
+                failure = collective(first_failure, dist, group, None)
     finally:
         destroy(dist, group)
     if failure is None:
-        if details:
-            return JobResult(path)
-        return path
+        return JobResult(path) if details else path
     if mine is not None and failure["rank"] == rank:
         raise mine
     raise rebuild(failure)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import importlib
 import os
 import pickle
 import socket
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -19,8 +21,8 @@ from . import _errors as errors
 from ._config import FetchRequest
 from ._errors import FetcherError, VerificationError
 
-__all__ = ["JobResult", "NodeStats", "check_fetched", "destroy", "first_failure", "gloo_group", "local_rank",
-           "outcome", "rebuild"]
+__all__ = ["STOPPED", "Call", "JobResult", "NodeStats", "agree", "check_fetched", "collective", "destroy",
+           "first_failure", "gloo_group", "is_transport", "leaders", "outcome", "rebuild"]
 
 
 @dataclass
@@ -28,18 +30,19 @@ class NodeStats:
     """One node's part in a broadcast (its leader's): by global rank."""
 
     rank: int
-    role: str  # "sender", "receiver" or "warm" (a receiver that missed nothing)
-    bytes: int = 0  # sent (sender: all receivers together) or received over the group
+    role: str  # "sender", "receiver" or "warm" (a receiver that missed nothing: outside the chain)
+    bytes: int = 0  # the sender: what it sent; a receiver: what it received (its own pieces and those it relayed)
     seconds: float = 0.0  # from the start of send/receive to the end of the data step
-    files: dict[str, int] = field(default_factory=dict)  # bytes per file
+    files: dict[str, int] = field(default_factory=dict)  # bytes per file: sent (the sender), or taken for itself
+    sent: int = 0  # what it sent to the next node of the chain (the sender: to the first)
 
 
 @dataclass
 class JobResult:
     """What ``fetch_once(..., details=True)`` returns on every rank: the path, the commit the job's nodes hold,
     and (``share="broadcast"``) the bytes and seconds of every node's leader, by global rank. A node's
-    ``role`` is ``sender`` (rank 0: ``bytes`` is what it sent to all the others together), ``receiver`` or
-    ``warm`` (held the checkpoint, received nothing)."""
+    ``role`` is ``sender`` (rank 0), ``receiver`` (a link of the chain: ``bytes`` it received, ``files`` what
+    it took for itself, ``sent`` what it passed on) or ``warm`` (held the checkpoint, received nothing)."""
 
     path: Path
     commit: str = ""
@@ -95,6 +98,20 @@ def first_failure(dist: ModuleType, group: Any, mine: dict[str, Any] | None) -> 
     return next((o for o in outcomes if o is not None), None)
 
 
+STOPPED = ("a rank of the job stopped while the others waited for the teacher (killed, out of memory, or its "
+           "node failed)", "run the job again: what was fetched is kept")
+
+
+def collective(fn: Callable[..., Any], *args: Any, stopped: tuple[str, str] = STOPPED) -> Any:
+    """``fn(*args)``, a collective: a rank that died (a reset, a timeout) is one NetworkError on every rank."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        if is_transport(exc):
+            raise errors.NetworkError(*stopped) from None
+        raise
+
+
 def gloo_group(dist: ModuleType, timeout: float) -> Any:
     return dist.new_group(backend="gloo", timeout=dt.timedelta(seconds=timeout))
 
@@ -104,15 +121,67 @@ def destroy(dist: ModuleType, group: Any) -> None:
         dist.destroy_process_group(group)
 
 
-def local_rank(dist: ModuleType, group: Any) -> int:
-    """LOCAL_RANK as torchrun sets it; without it, this rank's index among the ranks on the same host."""
-    value = os.environ.get("LOCAL_RANK")
-    if value is not None and value.strip().isdigit():
-        return int(value)
-    hosts: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname(), group=group)
-    me = dist.get_rank()
-    return sum(1 for r, h in enumerate(hosts) if h == hosts[me] and r < me)
+@dataclass(frozen=True)
+class Call:
+    """What one rank asked of ``fetch_once`` and where it runs: every rank's, in the job's first exchange."""
+
+    rank: int
+    node: str  # the node it runs on: torchrun's GROUP_RANK, else the host name
+    local_rank: int | None  # LOCAL_RANK, when the launcher sets it
+    asks: tuple[str, str, str, str, bool] | None  # model, revision, source, share, shared_fs; None: it failed
+    error: dict[str, Any] | None = None  # what it raised before the exchange (``outcome``)
+
+    @classmethod
+    def here(cls, rank: int, asks: tuple[str, str, str, str, bool] | None,
+             error: dict[str, Any] | None) -> Call:
+        node = os.environ.get("GROUP_RANK", "").strip()
+        value = os.environ.get("LOCAL_RANK", "").strip()
+        return cls(rank, f"node {node}" if node.isdigit() else socket.gethostname(),
+                   int(value) if value.isdigit() else None, asks, error)
+
+
+def agree(calls: list[Call]) -> dict[str, Any] | None:
+    """The first exchange's failure, the same on every rank: the lowest rank that failed before it, or whose call
+    differs from rank 0's (every rank of a job must fetch the same checkpoint the same way); None if all agree."""
+    want = calls[0].asks
+    for call in calls:
+        if call.error is not None:
+            return call.error
+        if call.asks != want and want is not None and call.asks is not None:
+            return outcome(errors.ConfigError(
+                f"rank {call.rank} called fetch_once for {_asks(call.asks)}, rank 0 for {_asks(want)}: every rank "
+                f"of a job fetches the same checkpoint the same way",
+                "pass the same model, revision, source, share and shared_fs on every rank (e.g. from the "
+                "job's one config)"), call.rank)
+    return None
+
+
+def _asks(asks: tuple[str, str, str, str, bool]) -> str:
+    model, revision, source, share, shared_fs = asks
+    return f"{model}@{revision} from {source} (share={share or None!r}, shared_fs={shared_fs})"
+
+
+def leaders(calls: list[Call], shared_fs: bool) -> list[int]:
+    """The rank that fetches (or receives) for each node, ascending: global rank 0 for its own node (a second one
+    there would wait on the node's lock while rank 0 fetches into the same dino_root), else the node's local rank
+    0, else its lowest rank. ``shared_fs``: rank 0 alone."""
+    if shared_fs:
+        return [0]
+    out = {calls[0].node: 0}
+    for call in calls:
+        if call.node not in out or (call.local_rank == 0 and calls[out[call.node]].local_rank != 0
+                                    and out[call.node] != 0):
+            out[call.node] = call.rank
+    return sorted(out.values())
+
+
+def is_transport(exc: BaseException) -> bool:
+    """An error of the process group itself (a peer gone, a timeout), not of our source or sink."""
+    dist_error = getattr(importlib.import_module("torch.distributed"), "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(
+        w in str(exc).lower() for w in ("gloo", "connection", "timed out", "timeout", "peer", "socket"))
 
 
 def check_fetched(req: FetchRequest, leader_rank: str) -> None:

@@ -115,7 +115,7 @@ class Feed(FileSource):
             self.cond.notify_all()
 
     # -- the sender's side (its thread) ------------------------------------------------------------------
-    def serve(self, group: Any, chunk: int) -> tuple[Report | None, BaseException | None]:
+    def serve(self, group: Any, piece: int) -> tuple[Report | None, BaseException | None]:
         """``send``, as soon as the list is known; then, if the list said ``more``, a second ``send`` of the
         files the fetch got after the weights (its README and LICENSE: their sha256 is known once they are
         fetched, and the Hub's head start keeps every stream of the budget on the weights until then). A
@@ -140,9 +140,9 @@ class Feed(FileSource):
             mine = exc
         report: Report | None = None
         try:
-            report = send(files, self, group, meta=meta, chunk=chunk, finish=self.finish if planned else None)
+            report = send(files, self, group, meta=meta, piece=piece, finish=self.finish if planned else None)
             if meta.get("more"):  # the verdict was success on every member: every receiver takes the rest
-                report = merge(report, self._rest(group, chunk))
+                report = merge(report, self._rest(group, piece))
         except BaseException as exc:
             mine = mine or exc
         finally:
@@ -159,9 +159,12 @@ class Feed(FileSource):
         self.specs = {n: FileSpec(n, r.size, r.sha256) for n, r in sorted(m.files.items())}
         return list(self.specs.values()), _meta(m.commit, m.source, m.endpoint, m.files)
 
-    def finish(self) -> None:
+    def finish(self, stopped: bool) -> None:
         """After the data step: wait for rank 0's fetch; its error, or a manifest that does not hold the files
-        sent, fails the job on every rank (the receivers publish nothing)."""
+        sent, fails the job on every rank (the receivers publish nothing). ``stopped``: the job fails whatever
+        the fetch does (a member is gone, or refused): the fetch is cancelled (its partial stays resumable)."""
+        if stopped and self.plan is not None:
+            self.plan.cancel.set()
         with self.cond:
             while not self.ended:
                 self.cond.wait()
@@ -177,14 +180,14 @@ class Feed(FileSource):
                                     "run the job again")
         self.manifest = m
 
-    def _rest(self, group: Any, chunk: int) -> Report:
+    def _rest(self, group: Any, piece: int) -> Report:
         """The second ``send``: the manifest's files the first one did not list, with the manifest's records."""
         m = self.manifest
         rest = sorted(n for n in m.files if n not in self.specs)
         source = FileSource({n: self.req.dino_root / n for n in rest})
         try:
             return send([FileSpec(n, m.files[n].size, m.files[n].sha256) for n in rest], source, group,
-                        meta=_meta(m.commit, m.source, m.endpoint, m.files), chunk=chunk)
+                        meta=_meta(m.commit, m.source, m.endpoint, m.files), piece=piece)
         finally:
             source.close()
 
@@ -243,11 +246,12 @@ def merge(first: Report, then: Report) -> Report:
             nodes[r] = a or b  # type: ignore[assignment]
             continue
         role = "receiver" if "receiver" in (a.role, b.role) else a.role
-        nodes[r] = NodeStats(r, role, a.bytes + b.bytes, a.seconds + b.seconds, {**a.files, **b.files})
+        nodes[r] = NodeStats(r, role, a.bytes + b.bytes, a.seconds + b.seconds, {**a.files, **b.files},
+                             a.sent + b.sent)
     return Report(first.files + then.files, then.meta, nodes, first.rank)
 
 
-def serve(req: FetchRequest, update: bool, group: Any, chunk: int) -> tuple[Report | None, BaseException | None]:
+def serve(req: FetchRequest, update: bool, group: Any, piece: int) -> tuple[Report | None, BaseException | None]:
     """Rank 0: its fetch in this thread, the sending in another; returns (report, its error or the fetch's)."""
     feed = Feed(req)
     out: list[tuple[Report | None, BaseException | None]] = []
@@ -255,7 +259,7 @@ def serve(req: FetchRequest, update: bool, group: Any, chunk: int) -> tuple[Repo
 
     def send_all() -> None:
         try:
-            out.append(feed.serve(group, chunk))
+            out.append(feed.serve(group, piece))
         except BaseException as exc:  # the interrupt it was told of (a KeyboardInterrupt) ends it too
             out.append((None, exc))
         finally:
@@ -268,7 +272,7 @@ def serve(req: FetchRequest, update: bool, group: Any, chunk: int) -> tuple[Repo
         while not sent.wait(0.2):
             pass
     except BaseException as exc:  # Ctrl-C (SIGTERM) while the sending runs: the sending thread aborts with it at
-        # its next chunk, so that the receivers learn it and every rank raises one error
+        # its next piece, so that the receivers learn it and every rank raises one error
         stop = exc if isinstance(exc, FetcherError) else FetchInterrupted("interrupted", "run the same command "
                                                                           "again: it resumes")
         with feed.cond:

@@ -6,19 +6,18 @@ import contextlib
 import queue
 import threading
 import time
-from types import ModuleType
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from .._errors import NetworkError
 from .._progress import human_bytes
 from .._ranks import NodeStats, outcome
 from .ends import Sink
+from .relay import Forward, Piece, Pool, relay
 from .wire import (
     ABORT,
     BROKEN,
     BROKEN_HINT,
-    CHUNK,
-    DATA,
     DROP,
     END,
     Broken,
@@ -36,12 +35,14 @@ __all__ = ["receive"]
 
 
 def receive(sink: Sink, group: Any, *, src: int = 0, progress: TextIO | None = None) -> Report:
-    """A receiver's side (local rank 0 of a node other than the sender's). A collective with ``send``.
+    """A receiver's side (the leader of a node other than the sender's). A collective with ``send``.
 
-    Learns the file list and ``meta`` from the sender, announces ``sink.missing`` for each file, writes what
-    it receives into ``sink`` and calls ``sink.complete`` for each file it missed something of, then
-    ``sink.close``. A progress line goes to ``progress`` (e.g. sys.stderr) every 2 seconds. Returns the Report
-    (files, meta, bytes and seconds of every member), or raises the same error as every member.
+    Learns the file list and ``meta`` from the sender, announces ``sink.missing`` for each file, learns the
+    chain; if it is a member, receives pieces from the member before it (the sender, for the first), writes the
+    parts it misses into ``sink`` (``sink.complete`` for each file once all its missing bytes are written) and
+    passes pieces on to the member after it; then ``sink.close``. A progress line goes to ``progress`` (e.g.
+    sys.stderr) every 2 seconds. Returns the Report (files, meta, bytes and seconds of every member), or raises
+    the same error as every member.
     """
     torch, dist = torch_modules()
     rank = dist.get_rank()
@@ -49,6 +50,15 @@ def receive(sink: Sink, group: Any, *, src: int = 0, progress: TextIO | None = N
     wire = Wire(torch, dist, group)
     stats = NodeStats(rank, "receiver")
     mine: BaseException | None = None
+    told: list[bool] = []
+
+    def tell(broken: bool) -> None:  # this member's outcome, once: early when its next member is found gone
+        if not told:
+            told.append(True)
+            stats.seconds = time.monotonic() - t0
+            for w in wire.isend_obj({"error": outcome(mine, rank), "broken": broken, "stats": stats}, src):
+                guard(w.wait)
+
     try:
         header = wire.recv_obj(src)
         files = [FileSpec(n, int(s), str(h)) for n, s, h in header["files"]]
@@ -60,17 +70,21 @@ def receive(sink: Sink, group: Any, *, src: int = 0, progress: TextIO | None = N
             mine = exc
         for w in wire.isend_obj({"error": outcome(mine, rank), "missing": missing}, src):
             guard(w.wait)
-        if mine is None and any(missing):
-            mine = _take(wire, src, sink, files, missing, stats, progress, int(header.get("chunk", CHUNK)))
+        chain: list[int] = wire.recv_obj(src)["chain"]
+        broken = False
+        if rank in chain:
+            at = chain.index(rank)
+            prev = chain[at - 1] if at else src
+            after = chain[at + 1] if at + 1 < len(chain) else None
+            mine, broken = _take(wire, prev, after, at, sink, files, missing, stats, progress, int(header["piece"]),
+                                 lambda: tell(True))
         elif mine is None:
             stats.role = "warm"
         try:
             sink.close()
         except Exception as exc:
             mine = mine or exc
-        stats.seconds = time.monotonic() - t0
-        for w in wire.isend_obj({"error": outcome(mine, rank), "stats": stats}, src):
-            guard(w.wait)
+        tell(broken)
         decided = wire.recv_obj(src)
     except Broken:
         with contextlib.suppress(Exception):
@@ -80,76 +94,68 @@ def receive(sink: Sink, group: Any, *, src: int = 0, progress: TextIO | None = N
 
 
 class _Writer:
-    """The receiver's disk side in a thread: writes (and hashes, in the sink) one piece while the next one
-    arrives. Two buffers: one being received into, one being written from."""
+    """The member's disk side in a thread: writes (and hashes, in the sink) the parts of the pieces this node
+    misses while the next pieces arrive. After an error it writes nothing more (the pieces still go on along the
+    chain, and the error is reported at the end)."""
 
-    def __init__(self, torch: ModuleType, sink: Sink, files: list[FileSpec], left: list[int], size: int) -> None:
-        self.torch, self.sink, self.files, self.left = torch, sink, files, left
+    def __init__(self, sink: Sink, files: list[FileSpec], left: list[int], pool: Pool) -> None:
+        self.sink, self.files, self.left, self.pool = sink, files, left, pool
         self.error: BaseException | None = None
-        self.free: queue.Queue[bytearray] = queue.Queue()
-        for _ in range(2):
-            self.free.put(bytearray(size))
-        self.work: queue.Queue[tuple[int, int, int, bytearray] | None] = queue.Queue()
+        self.work: queue.Queue[tuple[int, int, Piece, list[Range]] | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="dinov3-broadcast-writer", daemon=True)
         self.thread.start()
 
+    def put(self, idx: int, offset: int, piece: Piece, parts: list[Range]) -> None:
+        self.pool.hold(piece)
+        self.work.put((idx, offset, piece, parts))
+
     def _run(self) -> None:
         while (item := self.work.get()) is not None:
-            idx, offset, n, buf = item
+            idx, offset, piece, parts = item
             try:
                 if self.error is None:
                     spec = self.files[idx]
-                    self.sink.write(spec, offset, memoryview(buf)[:n])
-                    self.left[idx] -= n
+                    for s, e in parts:
+                        self.sink.write(spec, s, piece.view[s - offset:e - offset])
+                        self.left[idx] -= e - s
                     if self.left[idx] == 0:
                         self.sink.complete(spec)
-            except BaseException as exc:  # reported at the end; the receiver drains what is still sent
+            except BaseException as exc:  # reported at the end
                 self.error = exc
             finally:
-                self.free.put(buf)
-
-    def buffer(self, n: int) -> bytearray:
-        buf = self.free.get()
-        return buf if len(buf) >= n else bytearray(n)  # the sender's chunk is larger than ours
+                self.pool.release(piece)
 
     def stop(self) -> None:
         self.work.put(None)
         self.thread.join()
 
 
-def _take(wire: Wire, src: int, sink: Sink, files: list[FileSpec], missing: list[list[Range]], stats: NodeStats,
-          progress: TextIO | None, chunk: int) -> BaseException | None:
-    """Step 3 on a receiver: headers and pieces until the sender's end (or abort). Returns the sink's error."""
-    torch, dist = wire.torch, wire.dist
+def _take(wire: Wire, prev: int, after: int | None, at: int, sink: Sink, files: list[FileSpec],
+          missing: list[list[Range]], stats: NodeStats, progress: TextIO | None, size: int,
+          on_broken: Callable[[], None]) -> tuple[BaseException | None, bool]:
+    """Step 3 on a member of the chain. Returns the sink's error, and whether a neighbour was gone."""
     left = [sum(e - s for s, e in m) for m in missing]
-    line = Line(progress, stats.rank, src, sum(left))
-    writer = _Writer(torch, sink, files, left, min(chunk, max(left)))
-    head = torch.zeros(4, dtype=torch.int64)
+    line = Line(progress, stats.rank, prev, sum(left))
+    pool = Pool(wire.torch, size)
+    forward = Forward(wire, after, pool, stats) if after is not None else None
+    writer = _Writer(sink, files, left, pool)
+    taken = [0]
+
+    def take(idx: int, offset: int, piece: Piece, parts: list[Range]) -> None:
+        n = sum(e - s for s, e in parts)
+        stats.files[files[idx].name] = stats.files.get(files[idx].name, 0) + n
+        taken[0] += n
+        line.show(taken[0])
+        writer.put(idx, offset, piece, parts)
+
     try:
-        while True:
-            guard(dist.recv, head, src=src, group=wire.group)
-            kind, idx, offset, n = (int(v) for v in head.tolist())
-            if kind != DATA:
-                break
-            buf = writer.buffer(n)
-            try:
-                guard(dist.recv, torch.frombuffer(buf, dtype=torch.uint8)[:n], src=src, group=wire.group)
-            except BaseException:
-                writer.free.put(buf)
-                raise
-            stats.bytes += n
-            stats.files[files[idx].name] = stats.files.get(files[idx].name, 0) + n
-            line.show(stats.bytes)
-            if writer.error is not None:
-                writer.free.put(buf)  # drain: the sender goes on, the error is reported at the end
-            else:
-                writer.work.put((idx, offset, n, buf))
+        kind, idx, broken = relay(wire, prev, forward, at, missing, pool, stats, take, on_broken)
     finally:
-        writer.stop()  # what was received is written (and recorded by sink.close) even when the sender died
-    line.show(stats.bytes, final=True, end="done" if kind == END else "stopped (the sender failed)")
+        writer.stop()  # what was received is written (and recorded by sink.close) even when a neighbour died
+    line.show(taken[0], final=True, end="done" if kind == END else "stopped")
     if kind == ABORT and idx == DROP and (drop := getattr(sink, "drop", None)) is not None:
         drop()  # rank 0's copy failed its sha256: what this node holds of unfinished files may be as wrong
-    return writer.error
+    return writer.error, broken
 
 
 class Line:

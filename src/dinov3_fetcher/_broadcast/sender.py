@@ -1,7 +1,9 @@
-"""The sender's side of the broadcast (global rank 0): see the package's docstring for the protocol."""
+"""Rank 0's side of the broadcast (see the package's docstring for the protocol): the file list, the chain, the
+pieces to the chain's first member, and the one verdict."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -9,40 +11,37 @@ from typing import Any
 from .._errors import IntegrityError
 from .._ranks import NodeStats, outcome
 from .ends import Source
+from .relay import Forward, Pool, pieces
 from .wire import (
     ABORT,
-    CHUNK,
     DATA,
     DROP,
     END,
+    PIECE,
     POLL,
     Broken,
     FileSpec,
     Range,
     Report,
     Wire,
-    isend,
-    missing_pieces,
     send_obj,
     torch_modules,
     verdict,
-    wait_all,
 )
 
 __all__ = ["send"]
 
 
 def send(files: Sequence[FileSpec], source: Source, group: Any, *, meta: dict[str, Any] | None = None,
-         chunk: int = CHUNK, finish: Callable[[], None] | None = None) -> Report:
+         piece: int = PIECE, finish: Callable[[bool], None] | None = None) -> Report:
     """The sender's side (global rank 0 of the job, a member of ``group``). A collective with ``receive``.
 
-    Streams every receiver the ranges it announced, in file order, waiting for ``source.ready`` to pass each
-    piece. ``finish``, if given, runs after the data step (e.g. waits for the download that ``source``
-    follows): what it raises is the sender's error. Returns the Report (the bytes and seconds of every
-    member), or raises on every member the error of the lowest failing rank (``source`` failing, a
-    receiver's disk or sha256), or ``NetworkError(BROKEN)`` if a member died. A relay for many nodes would
-    keep this loop and the headers: the sender sends each piece to the first receiver of a chain that needs
-    it, and each receiver forwards it to the next.
+    Sends every piece some member misses once, to the first member of the chain, waiting for ``source.ready`` to
+    pass each piece. ``finish(stopped)``, if given, runs after the data step (e.g. waits for the download that
+    ``source`` follows; ``stopped``: the job fails whatever the source does, so it may stop at once): what it
+    raises is the sender's error, unless ``stopped``. Returns the Report (the bytes and seconds of every
+    member), or raises on every member the error of the lowest failing rank (``source`` failing, a member's
+    disk or sha256), or ``NetworkError(BROKEN)`` if a member died.
     """
     torch, dist = torch_modules()
     rank = dist.get_rank()
@@ -51,10 +50,10 @@ def send(files: Sequence[FileSpec], source: Source, group: Any, *, meta: dict[st
     wire = Wire(torch, dist, group)
     peers = [r for r in dist.get_process_group_ranks(group) if r != rank]
     dead: set[int] = set()
-    header = {"files": [(f.name, f.size, f.sha256) for f in files], "meta": dict(meta or {}), "chunk": chunk}
-    send_obj(wire, header, peers, dead)
+    send_obj(wire, {"files": [(f.name, f.size, f.sha256) for f in files], "meta": dict(meta or {}),
+                    "piece": piece}, peers, dead)
     announced: dict[int, dict[str, Any]] = {}
-    for r in peers:  # step 2: what each receiver misses
+    for r in peers:  # step 2: what each member misses
         if r in dead:
             continue
         try:
@@ -63,76 +62,105 @@ def send(files: Sequence[FileSpec], source: Source, group: Any, *, meta: dict[st
             dead.add(r)
     stats = NodeStats(rank, "sender")
     report = Report(files, dict(meta or {}), {rank: stats}, rank)
-    refused = dead or any(a["error"] is not None for a in announced.values())
-    active = sorted(r for r, a in announced.items() if a["error"] is None and any(a["missing"]))
+    refused = bool(dead) or any(a["error"] is not None for a in announced.values())
+    wants = {r: a["missing"] for r, a in announced.items() if a["error"] is None and any(a["missing"])}
+    # a member that could not say what it misses: nobody takes anything, everybody learns why
+    chain = [] if refused else sorted(wants, key=lambda r: (-sum(e - s for m in wants[r] for s, e in m), r))
+    send_obj(wire, {"chain": chain}, peers, dead)
+    inbox = Inbox(wire, [r for r in peers if r not in dead])
     mine: BaseException | None = None
-    if refused:  # a receiver could not say what it misses: nobody takes anything, everybody learns why
-        wait_all([w for r in active for w in isend(wire, wire.head(ABORT), r, dead)], dead)
-    elif active:
-        mine = _stream(wire, files, source, {r: announced[r]["missing"] for r in active}, chunk, stats, dead)
+    stopped = refused
+    if chain:
+        mine, stopped = _stream(wire, files, source, [wants[r] for r in chain], chain[0], piece, stats, inbox)
     if finish is not None:
         try:
-            finish()
+            finish(stopped)
         except BaseException as exc:
-            mine = mine or exc
+            if not stopped:  # else it is what the stop did (the download cancelled), not a cause
+                mine = mine or exc
     stats.seconds = time.monotonic() - t0
-    # step 4: gather every outcome, decide, tell everyone (all through the sender: a dead sender is seen at once)
-    outcomes: dict[int, dict[str, Any]] = {}
-    for r in peers:
-        if r in dead:
-            continue
-        try:
-            outcomes[r] = wire.recv_obj(r)
-        except Broken:
-            dead.add(r)
+    # step 4: every outcome, one decision, told to everyone (all through the sender: a dead sender is seen at once)
+    outcomes = inbox.wait()
+    dead |= inbox.dead
     errors = [(rank, outcome(mine, rank))] + [(r, a["error"]) for r, a in sorted(announced.items())]
     errors += [(r, o["error"]) for r, o in sorted(outcomes.items())]
     failure = min(((r, e) for r, e in errors if e is not None), key=lambda x: x[0], default=(None, None))[1]
-    if dead:
+    if dead or any(o["broken"] for o in outcomes.values()):
         failure = {"broken": True}
-    nodes = {rank: stats, **{r: o["stats"] for r, o in outcomes.items()}}
-    decided = {"failure": failure, "nodes": nodes}
+    decided = {"failure": failure, "nodes": {rank: stats, **{r: o["stats"] for r, o in outcomes.items()}}}
     send_obj(wire, decided, peers, dead)
     return verdict(decided, report, mine)
 
 
+class Inbox:
+    """Each member's outcome, received from the end of step 2 on in a thread per member, so that the sender
+    learns at once, while it still streams, that a member is gone or found its neighbour gone."""
+
+    def __init__(self, wire: Wire, peers: list[int]) -> None:
+        self.wire = wire
+        self.lock = threading.Lock()
+        self.outcomes: dict[int, dict[str, Any]] = {}
+        self.dead: set[int] = set()
+        self.threads = [threading.Thread(target=self._receive, args=(r,), name=f"dinov3-broadcast-outcome-{r}",
+                                         daemon=True) for r in peers]
+        for t in self.threads:
+            t.start()
+
+    def _receive(self, r: int) -> None:
+        try:
+            got = self.wire.recv_obj(r)
+        except Broken:
+            with self.lock:
+                self.dead.add(r)
+            return
+        with self.lock:
+            self.outcomes[r] = got
+
+    def stopping(self) -> bool:
+        """Is a member gone, or did one find its neighbour gone? The chain is broken: stop sending."""
+        with self.lock:
+            return bool(self.dead) or any(o["broken"] for o in self.outcomes.values())
+
+    def wait(self) -> dict[int, dict[str, Any]]:
+        for t in self.threads:
+            t.join()
+        return dict(self.outcomes)
 
 
-def _stream(wire: Wire, files: list[FileSpec], source: Source, wants: dict[int, list[list[Range]]], chunk: int,
-            stats: NodeStats, dead: set[int]) -> BaseException | None:
-    """Step 3 on the sender. Returns the source's error (every receiver got an abort header), or None."""
-    torch = wire.torch
-    size = min(chunk, max((f.size for f in files), default=1)) or 1
-    bufs = [bytearray(size) for _ in range(2)]
-    views = [memoryview(b) for b in bufs]
-    tensors = [torch.frombuffer(b, dtype=torch.uint8) for b in bufs]
-    pending: list[tuple[int, Any]] = []  # the sends of the previous window: its buffer is busy until they end
-    which, kind, mine, drop = 0, END, None, -1
+class _Stop(Exception):
+    """The chain is broken: the sender stops."""
+
+
+def _stream(wire: Wire, files: list[FileSpec], source: Source, wants: list[list[list[Range]]], first: int,
+            size: int, stats: NodeStats, inbox: Inbox) -> tuple[BaseException | None, bool]:
+    """Step 3 on the sender: every piece once, to ``first``. Returns the source's error (the chain got an abort
+    header) or None, and whether the chain broke (a member gone)."""
+    pool = Pool(wire.torch, size)
+    forward = Forward(wire, first, pool, stats)
+    kind, drop, mine, broke = END, -1, None, False
     try:
         for idx, spec in enumerate(files):
-            pieces = {r: missing_pieces(m[idx], chunk) for r, m in wants.items()}
-            for w in sorted({s // chunk for ps in pieces.values() for s, _ in ps}):
-                part = {r: [p for p in ps if p[0] // chunk == w] for r, ps in pieces.items() if r not in dead}
-                spans = [p for ps in part.values() for p in ps]
-                if not spans:
-                    continue
-                lo, hi = min(p[0] for p in spans), max(p[1] for p in spans)
-                while source.ready(spec.name) < hi:
+            for s, e, last in pieces([w[idx] for w in wants], size):
+                while source.ready(spec.name) < e:
+                    if inbox.stopping():
+                        raise _Stop
                     time.sleep(POLL)
-                source.readinto(spec.name, lo, views[which][:hi - lo])
-                works: list[tuple[int, Any]] = []
-                for r, ps in part.items():
-                    for s, e in ps:
-                        works += isend(wire, wire.head(DATA, idx, s, e - s), r, dead)
-                        works += isend(wire, tensors[which][s - lo:e - lo], r, dead)
-                        stats.bytes += e - s
-                        stats.files[spec.name] = stats.files.get(spec.name, 0) + e - s
-                wait_all(pending, dead)
-                pending, which = works, 1 - which
-    except BaseException as exc:  # the source failed (or Ctrl-C): every receiver stops at its next header
+                if forward.broken or inbox.stopping():
+                    raise _Stop
+                piece = pool.take(forward)
+                try:
+                    source.readinto(spec.name, s, piece.view[:e - s])
+                    forward.send(DATA, idx, s, e - s, last, piece)
+                finally:
+                    pool.release(piece)
+                stats.files[spec.name] = stats.files.get(spec.name, 0) + e - s
+    except _Stop:
+        kind, broke = ABORT, True
+    except BaseException as exc:  # the source failed (or Ctrl-C): every member stops at its next header
         mine, kind = exc, ABORT
-        if isinstance(exc, IntegrityError):  # the source's bytes were wrong: the receivers drop what they hold
+        if isinstance(exc, IntegrityError):  # the source's bytes were wrong: the members drop what they hold
             drop = DROP
-    wait_all(pending, dead)
-    wait_all([w for r in wants for w in isend(wire, wire.head(kind, drop), r, dead)], dead)
-    return mine
+    forward.send(kind, drop)
+    forward.close()
+    stats.bytes = stats.sent
+    return mine, broke or forward.broken

@@ -12,11 +12,11 @@ from types import ModuleType
 from typing import Any
 
 from .._errors import NetworkError
-from .._ranks import NodeStats, rebuild
+from .._ranks import NodeStats, is_transport, rebuild
 
 MiB = 1024 * 1024
-CHUNK = 32 * MiB  # largest piece; also the alignment of the sender's read windows
-DATA, END, ABORT = 0, 1, 2
+PIECE = 2 * MiB  # the largest piece: small, so that each hop of the chain adds little (2 MiB at 25 MB/s: 0.08 s)
+DATA, END, ABORT = 0, 1, 2  # a header's kind: a piece follows; the data step is over; it stopped (a failure)
 DROP = -2  # an abort header's file index when the source's bytes were wrong (IntegrityError)
 POLL = 0.05  # seconds between two looks at the source's ready frontier
 BROKEN = ("the broadcast of the teacher's files broke off: a rank of the transfer group stopped "
@@ -25,9 +25,10 @@ BROKEN_HINT = "run the job again: every node resumes from the bytes it already w
 
 Range = tuple[int, int]
 
-__all__ = ["ABORT", "BROKEN", "BROKEN_HINT", "CHUNK", "DATA", "DROP", "END", "POLL", "Broken", "FileSpec", "NodeStats",
-           "Range", "Report", "Wire", "check_ranges", "guard", "is_transport", "isend", "leaders_group",
-           "missing_pieces", "send_obj", "torch_modules", "verdict", "wait_all"]
+__all__ = ["ABORT", "BROKEN", "BROKEN_HINT", "DATA", "DROP", "END", "PIECE", "POLL", "Broken", "FileSpec", "Range",
+           "Report", "Wire", "check_ranges", "guard", "leaders_group", "send_obj", "torch_modules",
+           "verdict", "wait_all"]
+
 
 @dataclass(frozen=True)
 class FileSpec:
@@ -52,26 +53,10 @@ def torch_modules() -> tuple[ModuleType, ModuleType]:
     return importlib.import_module("torch"), importlib.import_module("torch.distributed")
 
 
-def leaders_group(dist: ModuleType, group: Any, local_rank: int, timeout: float) -> tuple[Any, list[int]]:
-    """The transfer group: global rank 0 and local rank 0 of every node, on gloo. A collective on ``group``
-    (every rank calls it, as ``new_group`` wants); returns (group, its global ranks), the group being
-    ``GroupMember.NON_GROUP_MEMBER`` on the other ranks."""
-    ranks: list[int | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(ranks, local_rank, group=group)
-    members = [r for r, lr in enumerate(ranks) if r == 0 or lr == 0]
-    sub = dist.new_group(ranks=members, backend="gloo", timeout=dt.timedelta(seconds=timeout))
-    return sub, members
-
-
-def missing_pieces(ranges: Iterable[Range], chunk: int) -> list[Range]:
-    """Ranges cut at every multiple of ``chunk``: each piece lies inside one chunk-aligned window."""
-    out: list[Range] = []
-    for s, e in ranges:
-        while s < e:
-            stop = min(e, (s // chunk + 1) * chunk)
-            out.append((s, stop))
-            s = stop
-    return out
+def leaders_group(dist: ModuleType, members: list[int], timeout: float) -> Any:
+    """The transfer group of ``members`` (global rank 0 and each other node's leader), on gloo. Every rank of the
+    job calls it, as ``new_group`` wants; the other ranks get ``GroupMember.NON_GROUP_MEMBER``."""
+    return dist.new_group(ranks=members, backend="gloo", timeout=dt.timedelta(seconds=timeout))
 
 
 def check_ranges(spec: FileSpec, ranges: Sequence[Range]) -> list[Range]:
@@ -97,15 +82,6 @@ def guard(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise
 
 
-def is_transport(exc: BaseException) -> bool:
-    """An error of the process group itself (a peer gone, a timeout), not of our source or sink."""
-    dist_error = getattr(importlib.import_module("torch.distributed"), "DistError", None)
-    if dist_error is not None and isinstance(exc, dist_error):
-        return True
-    return isinstance(exc, RuntimeError) and any(
-        w in str(exc).lower() for w in ("gloo", "connection", "timed out", "timeout", "peer", "socket"))
-
-
 class Wire:
     """Point-to-point messages with one peer role on ``group``: small objects (pickled) and headers."""
 
@@ -116,7 +92,8 @@ class Wire:
         raw = bytearray(pickle.dumps(obj))
         size = self.torch.tensor([len(raw)], dtype=self.torch.int64)
         payload = self.torch.frombuffer(raw, dtype=self.torch.uint8)
-        return [self.dist.isend(size, dst=dst, group=self.group), self.dist.isend(payload, dst=dst, group=self.group)]
+        return [guard(self.dist.isend, size, dst=dst, group=self.group),
+                guard(self.dist.isend, payload, dst=dst, group=self.group)]
 
     def recv_obj(self, src: int) -> Any:
         size = self.torch.zeros(1, dtype=self.torch.int64)
@@ -125,21 +102,10 @@ class Wire:
         guard(self.dist.recv, self.torch.frombuffer(raw, dtype=self.torch.uint8), src=src, group=self.group)
         return pickle.loads(bytes(raw))  # peers of one job only: the same trust as torch's all_gather_object
 
-    def head(self, kind: int, idx: int = -1, offset: int = 0, n: int = 0) -> Any:
-        return self.torch.tensor([kind, idx, offset, n], dtype=self.torch.int64)
-
-
-def isend(wire: Wire, tensor: Any, r: int, dead: set[int]) -> list[tuple[int, Any]]:
-    """Post a send to ``r`` unless it is dead; a send that fails at once marks it dead."""
-    if r in dead:
-        return []
-    try:
-        return [(r, wire.dist.isend(tensor, dst=r, group=wire.group))]
-    except Exception as exc:
-        if not is_transport(exc):
-            raise
-        dead.add(r)
-        return []
+    def head(self, kind: int, idx: int = -1, offset: int = 0, n: int = 0, last: int = -1) -> Any:
+        """A header: its kind, and for a piece the file's index, the offset, the length and the position in the
+        chain of the last member that needs it (an abort's index: DROP or -1)."""
+        return self.torch.tensor([kind, idx, offset, n, last], dtype=self.torch.int64)
 
 
 def send_obj(wire: Wire, obj: Any, peers: Iterable[int], dead: set[int]) -> None:
@@ -149,9 +115,7 @@ def send_obj(wire: Wire, obj: Any, peers: Iterable[int], dead: set[int]) -> None
             continue
         try:
             works += [(r, w) for w in wire.isend_obj(obj, r)]
-        except Exception as exc:
-            if not is_transport(exc):
-                raise
+        except Broken:
             dead.add(r)
     wait_all(works, dead)
 
@@ -167,14 +131,15 @@ def wait_all(works: Iterable[tuple[int, Any]], dead: set[int]) -> None:
             dead.add(r)
 
 
-def verdict(verdict: dict[str, Any], report: Report, mine: BaseException | None) -> Report:
-    failure = verdict["failure"]
+def verdict(decided: dict[str, Any], report: Report, mine: BaseException | None) -> Report:
+    """The sender's decision, on a member: the Report, or the one error every member raises."""
+    failure = decided["failure"]
     if failure is not None:
         if failure.get("broken"):
             raise NetworkError(BROKEN, BROKEN_HINT)
         if mine is not None and failure["rank"] == report.rank:
             raise mine
         raise rebuild(failure)
-    report.nodes = dict(verdict["nodes"])
+    report.nodes = dict(decided["nodes"])
     return report
 
