@@ -75,6 +75,10 @@ if rank == 0 and cfg.get("interrupt_at") is not None:  # the fault: Ctrl-C on ra
         if name == "model.safetensors" and offset >= cfg["interrupt_at"] and not sent:
             sent.append(offset)
             os.kill(os.getpid(), signal.SIGINT)  # to the main thread, wherever it is (here: waiting on the sending)
+            for _ in range(1000):  # this piece goes out once the main thread has taken the Ctrl-C (self: the Feed)
+                if self.error is not None:
+                    break
+                time.sleep(0.01)
         read_(self, name, offset, buf)
 
     bf.FileSource.readinto = readinto_
