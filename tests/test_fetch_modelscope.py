@@ -79,6 +79,37 @@ def test_warm_run_makes_no_request(run_cli: Any, ms: ModelScopeServer, dino_root
     assert checkpoint_tree(dino_root) == before
 
 
+def test_a_fetch_pinned_to_a_commit_is_warm_with_zero_requests_online_and_offline(
+        run_cli: Any, ms: ModelScopeServer, dino_root: Path) -> None:
+    commit = ms.repos[TINY].branches["master"]
+    assert ms_fetch(run_cli, dino_root, "-q", "--revision", commit).returncode == 0
+    ms.clear()
+    for offline in (None, "1"):
+        r = ms_fetch(run_cli, dino_root, "--revision", commit, HF_HUB_OFFLINE=offline)
+        assert r.returncode == 0, r.stderr
+        assert "no request made" in r.stderr
+    assert ms.requests == []
+    info = json.loads(run_cli("info", "--dino-root", str(dino_root), "--source", "modelscope", "--model", TINY,
+                              "--revision", commit, "--json").stdout)
+    assert info["matches"] is True and info["site_revision"] == commit
+
+
+def test_info_shows_the_sites_revision_to_pin_and_says_what_the_digest_is(run_cli: Any, ms: ModelScopeServer,
+                                                                          dino_root: Path, tmp_path: Path) -> None:
+    newest = ms.add_commit(TINY, {"README.md": b"# a newer card\n"})  # the newest commit changed one file only
+    assert ms_fetch(run_cli, dino_root, "-q").returncode == 0
+    info = json.loads(run_cli("info", "--dino-root", str(dino_root), "--json").stdout)
+    assert info["site_revision"] == newest and info["commit"] != newest
+    text = run_cli("info", "--dino-root", str(dino_root)).stdout
+    assert f"revision:   master (modelscope commit {newest}, what --revision takes; listing digest " \
+           f"{info['commit']}: this tool's id of the file list, not a revision of the site)" in text, text
+    other = tmp_path / "pinned"  # what info offers to pin is a revision the site takes, with the same files
+    r = ms_fetch(run_cli, other, "-q", "--revision", newest)
+    assert r.returncode == 0, r.stderr
+    assert checkpoint_tree(other) | {".dinov3-fetcher/manifest.json": ""} == \
+        checkpoint_tree(dino_root) | {".dinov3-fetcher/manifest.json": ""}
+
+
 # ---------------------------------------------------------------- resume after SIGKILL
 
 def test_resume_after_sigkill_of_the_cli(ms: ModelScopeServer, tmp_path: Path, dino_root: Path) -> None:

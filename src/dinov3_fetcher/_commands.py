@@ -15,6 +15,7 @@ from typing import Any
 
 from ._config import FetchRequest, resolve_request
 from ._errors import VerificationError
+from ._manifest import Manifest
 from ._progress import Progress, human_bytes
 from ._registry import check_official
 from ._state import StateDir
@@ -156,6 +157,15 @@ def _when(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if ts else "never"
 
 
+def _pinned(m: Manifest) -> str:
+    """What the revision resolved to, as a user can pin it (a source whose pinned id is a digest of its listing,
+    as ModelScope's, records the site's own revision beside it)."""
+    if not m.site_revision:
+        return f"commit {m.commit}"
+    return (f"{m.source} commit {m.site_revision}, what --revision takes; listing digest {m.commit}: this tool's "
+            "id of the file list, not a revision of the site")
+
+
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     """info: what dino_root holds and whether it is the requested checkpoint."""
     from ._validate import find_problems, why_not
@@ -176,7 +186,7 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     else:
         lines += [
             f"model:      {m.repo_id}",
-            f"revision:   {m.revision} (commit {m.commit})",
+            f"revision:   {m.revision} ({_pinned(m)})",
             f"fetched:    {_when(m.fetched_at)} by dinov3-fetcher {m.tool_version} from {m.source}"
             + (f" ({m.endpoint})" if m.endpoint else ""),
             f"verified:   quick {_when(m.verified_at)}, deep {_when(m.verified_deep_at)}",
@@ -191,7 +201,8 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     _out(args, "\n".join(lines))
     return {
         "path": str(root), "repo_id": m.repo_id if m else None, "revision": m.revision if m else None,
-        "commit": m.commit if m else None, "fetched_at": m.fetched_at if m else None,
+        "commit": m.commit if m else None, "site_revision": (m.site_revision or None) if m else None,
+        "fetched_at": m.fetched_at if m else None,
         "verified_at": m.verified_at if m else None, "verified_deep_at": m.verified_deep_at if m else None,
         "tool_version": m.tool_version if m else None,
         "files": {n: {"size": r.size, "sha256": r.sha256} for n, r in sorted(m.files.items())} if m else {},

@@ -394,7 +394,8 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
         pool.close()
     check = _official(req, run.records, published=False)  # before anything is published
     manifest = Manifest(req.model, req.revision, snap.commit, run.records, __version__, source=source.name,
-                        endpoint=env.display_origin(source.endpoint), official=check.official)
+                        endpoint=env.display_origin(source.endpoint), official=check.official,
+                        site_revision=snap.site_revision)
     if old is not None and old.complete and old.commit == snap.commit and old.files == run.records \
             and not old.damaged and not repair:
         # --update found nothing new: the files are the ones verified before, so their checks still hold.

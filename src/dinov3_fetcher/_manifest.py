@@ -99,13 +99,15 @@ class Manifest:
         )
 
     def matches(self, repo_id: str, revision: str, source: str | None = None) -> bool:
-        """Is this the checkpoint asked for? A commit must equal the resolved one; a name the requested one;
-        and, when ``source`` is given, it came from that source (a revision name means nothing on another)."""
+        """Is this the checkpoint asked for? A commit must equal the resolved one (or the commit that was asked
+        for: a commit's files never change, and ModelScope's pinned id is a digest of its listing, not a commit); a
+        name the requested one; and, when ``source`` is given, it came from that source (a revision name means
+        nothing on another)."""
         if not self.complete or self.repo_id.lower() != repo_id.lower():
             return False
         if source is not None and self.source != source:
             return False
-        return self.commit == revision if is_commit(revision) else self.revision == revision
+        return revision in (self.commit, self.revision) if is_commit(revision) else self.revision == revision
 
 
 

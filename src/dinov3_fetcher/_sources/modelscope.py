@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import pickle
 import re
@@ -41,9 +40,10 @@ from .._errors import (
     RevisionNotFoundError,
 )
 from .._http import Auth, HttpPool, RequestError
-from .._ids import is_repo_id, is_sha256
+from .._ids import is_commit, is_repo_id, is_sha256
 from .._net import refusal
 from .._retry import RetryPolicy, TryAgain
+from .._userfile import parse_json
 from .._version import __version__
 from .source import RemoteFile, Snapshot
 
@@ -256,8 +256,9 @@ class ModelScopeSource:
         url = (f"{self.endpoint}/api/v1/models/{quote(repo_id, safe='/')}/repo/files"
                f"?Revision={quote_plus(revision)}&Recursive=True")
         body = self._get_listing(url, repo_id, revision)
-        files = self._parse_listing(body, repo_id, revision)
-        return Snapshot(NAME, self.endpoint, repo_id, revision, pinned_id(files), files)
+        files, newest = self._parse_listing(body, repo_id, revision)
+        return Snapshot(NAME, self.endpoint, repo_id, revision, pinned_id(files), files,
+                        site_revision=revision if is_commit(revision) else newest)
 
     def raise_for_status(self, status: int, headers: Mapping[str, str], body: bytes, url: str,
                          repo_id: str, revision: str) -> NoReturn:
@@ -334,11 +335,12 @@ class ModelScopeSource:
         return HubResponseError(f"{self._site} answered {what} for {repo_id}",
                                 "check that MODELSCOPE_ENDPOINT points at ModelScope or a faithful mirror")
 
-    def _parse_listing(self, body: bytes, repo_id: str, revision: str) -> dict[str, RemoteFile]:
+    def _parse_listing(self, body: bytes, repo_id: str, revision: str) -> tuple[dict[str, RemoteFile], str]:
+        """The files, and the newest commit among their ``Revision``s ("" when the entries name none)."""
         try:
-            doc = json.loads(body)
-        except ValueError:
-            raise self._malformed(repo_id, "a listing that is not JSON") from None
+            doc = parse_json(body)
+        except ValueError as exc:
+            raise self._malformed(repo_id, f"a listing that {exc}") from None
         data = doc.get("Data") if isinstance(doc, dict) else None
         if data is not None and not isinstance(data, dict):
             raise self._malformed(repo_id, "a listing without Data.Files")
@@ -352,11 +354,15 @@ class ModelScopeSource:
         if len(entries) >= LISTING_LIMIT:
             raise self._malformed(repo_id, f"a listing cut at {LISTING_LIMIT} entries")
         files: dict[str, RemoteFile] = {}
+        newest: tuple[int, str] = (-1, "")
         for e in entries:
             if not isinstance(e, dict):
                 raise self._malformed(repo_id, "a listing entry that is not an object")
             if e.get("Type", "blob") == "tree":
                 continue
+            rev, when = e.get("Revision"), e.get("CommittedDate")
+            if isinstance(rev, str) and is_commit(rev) and isinstance(when, int) and not isinstance(when, bool):
+                newest = max(newest, (when, rev))
             path, size, sha = e.get("Path"), e.get("Size"), e.get("Sha256")
             if not isinstance(path, str) or not path:
                 raise self._malformed(repo_id, "a listing entry without a Path")
@@ -370,7 +376,7 @@ class ModelScopeSource:
         if not files:
             raise RevisionNotFoundError(f"revision {revision!r} of {repo_id} holds no files",
                                         "pass a branch, tag or commit that holds the checkpoint")
-        return files
+        return files, newest[1]
 
 
 def pinned_id(files: Mapping[str, RemoteFile]) -> str:

@@ -46,6 +46,9 @@ class Snapshot:
     revision: str  # as requested
     commit: str  # the pinned id the revision resolved to (40 hex on the Hub)
     files: Mapping[str, RemoteFile]
+    # A revision the site itself takes for this state, where ``commit`` is not one (ModelScope: the commit asked
+    # for, else the newest commit among the listed files); "" when ``commit`` is one, or none is known.
+    site_revision: str = ""
 
 
 class EarlyBytes(Protocol):
