@@ -1,4 +1,5 @@
-"""The declared public API (issue 10): what the package exports, lazily, and that internals stay internal."""
+"""The package's shape: the declared public API (exported lazily), internals that stay internal, and an import
+graph without circles in which no module-private name crosses from one module to another."""
 
 from __future__ import annotations
 
@@ -56,32 +57,31 @@ def test_every_module_but_the_package_root_and_the_seeds_path_is_private() -> No
     assert public == ["fetch.py"]
 
 
-def test_no_module_is_over_the_size_a_reader_takes_in_at_once() -> None:
-    sizes = {p.relative_to(SRC).as_posix(): len(p.read_text().splitlines()) for p in SRC.rglob("*.py")}
-    assert {name: n for name, n in sizes.items() if n > 420} == {}
+OURS = ("dinov3_fetcher", "dinov3_bridge")
 
 
 def _module_name(path: Path) -> str:
-    parts = ["dinov3_fetcher", *path.relative_to(SRC).with_suffix("").parts]
+    parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def _imports() -> dict[str, list[tuple[str, str]]]:
-    """Every import statement of every module (in functions and under TYPE_CHECKING too), as (module, name)
-    pairs: ``from .a import b`` is (dinov3_fetcher.a, b), or (dinov3_fetcher.a.b, "") when b is a module."""
-    modules = {_module_name(p): p for p in SRC.rglob("*.py")}
+    """Every import statement of every module under src/ (in functions and under TYPE_CHECKING too), as (module,
+    name) pairs: ``from .a import b`` is (pkg.a, b), or (pkg.a.b, "") when b is a module; ``from . import
+    __version__`` in a module of the package is (the package, "__version__")."""
+    modules = {_module_name(p): p for p in SRC.parent.rglob("*.py")}
     out: dict[str, list[tuple[str, str]]] = {}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         found: list[tuple[str, str]] = []
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
-                found += [(a.name, "") for a in node.names if a.name.startswith("dinov3_fetcher")]
+                found += [(a.name, "") for a in node.names if a.name.split(".")[0] in OURS]
             elif isinstance(node, ast.ImportFrom):
                 base = package.split(".")
                 base = base[:len(base) - node.level + 1] if node.level else []
                 target = ".".join(base + ([node.module] if node.module else []))
-                if not target.startswith("dinov3_fetcher"):
+                if target.split(".")[0] not in OURS:
                     continue
                 for a in node.names:
                     sub = f"{target}.{a.name}"
@@ -120,22 +120,21 @@ def _circles(graph: dict[str, set[str]]) -> list[set[str]]:
     return out
 
 
-# The broadcast and the distributed layer: outside every import circle, and no module-private name crosses a
-# module boundary into or out of them.
-OWN = ("dinov3_fetcher._broadcast", "dinov3_fetcher._distributed", "dinov3_fetcher._ranks",
-       "dinov3_fetcher._observe", "dinov3_fetcher._version")
+def test_the_import_graph_sees_every_module_and_imports_in_functions_and_under_type_checking() -> None:
+    imports = _imports()
+    assert set(imports) == {_module_name(p) for p in SRC.parent.rglob("*.py")}
+    fetch = {t for t, _ in imports["dinov3_fetcher._fetch"]}
+    assert "dinov3_fetcher._plan" in fetch  # imported inside a function
+    assert "dinov3_fetcher._observe" in fetch  # imported under TYPE_CHECKING
+    assert ("dinov3_fetcher", "load_teacher") in imports["dinov3_bridge.model"]
 
 
-def _own(module: str) -> bool:
-    return module == "dinov3_fetcher" or any(module == o or module.startswith(o + ".") for o in OWN)
-
-
-def test_the_broadcast_the_distributed_layer_and_the_package_root_are_in_no_import_circle() -> None:
+def test_no_module_is_in_an_import_circle() -> None:
     graph = {m: {t for t, _ in found if t != m} for m, found in _imports().items()}
-    assert [sorted(g) for g in _circles(graph) if any(_own(m) for m in g)] == []
+    assert [sorted(g) for g in _circles(graph)] == []
 
 
-def test_no_module_private_name_crosses_into_or_out_of_the_broadcast_and_the_distributed_layer() -> None:
+def test_no_module_private_name_is_imported_from_another_module() -> None:
     crossing = [(m, t, n) for m, found in _imports().items() for t, n in found
-                if n.startswith("_") and n != "__version__" and t != m and (_own(m) or _own(t))]
+                if n.startswith("_") and not n.startswith("__") and t != m]
     assert crossing == []

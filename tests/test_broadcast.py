@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -366,8 +366,15 @@ def test_pieces_stay_inside_their_windows_and_go_as_far_down_the_chain_as_they_a
 
 
 def test_partial_sink_records_what_it_wrote_in_the_fetchers_format(tmp_path: Path) -> None:
+    from dinov3_fetcher._http import HttpPool
     from dinov3_fetcher._job import Job as _Job
     from dinov3_fetcher._job import Target
+    from dinov3_fetcher._progress import Progress
+    from dinov3_fetcher._state import StateDir
+    from dinov3_fetcher._transfer import Settings, Transfer
+
+    def refuse(status: int, headers: dict[str, str], body: bytes, url: str) -> NoReturn:
+        raise AssertionError("no request is made")
 
     data = _blob(3 * MiB + 5, 7)
     spec = FileSpec("model.safetensors", len(data), hashlib.sha256(data).hexdigest())
@@ -379,7 +386,8 @@ def test_partial_sink_records_what_it_wrote_in_the_fetchers_format(tmp_path: Pat
     folder = tmp_path / "partial" / spec.sha256
     assert sink.missing(spec) == [(MiB, 2 * MiB)]
     # the fetcher's own transfer code reads the record as a resumable partial of the same bytes
-    job = _Job(None, Target(spec.name, "http://unused", spec.size, spec.sha256, spec.sha256), folder)  # type: ignore[arg-type]
+    transfer = Transfer(Settings(), HttpPool(5, "test"), StateDir(tmp_path), Progress(quiet=True), refuse)
+    job = _Job(transfer.context, Target(spec.name, "http://unused", spec.size, spec.sha256, spec.sha256), folder)
     os.close(job.fd)
     assert job.resumed_from == len(data) - MiB
     assert [(s.pos, s.end) for s in job.segments] == [(MiB, 2 * MiB)]

@@ -11,6 +11,7 @@ import errno
 import shutil
 from pathlib import Path
 
+from ._progress import human_bytes
 from ._secrets import scrub
 
 __all__ = [
@@ -125,12 +126,29 @@ class DiskSpaceError(FetcherError, OSError):
 
 
 def disk_full(exc: OSError, folder: Path, doing: str, hint: str) -> OSError:
-    """ENOSPC/EDQUOT met while ``doing`` (e.g. "writing model.safetensors") as a DiskSpaceError with the free
-    space of ``folder``'s filesystem (its parent's while it does not exist); any other OSError as it is."""
+    """ENOSPC/EDQUOT met while ``doing`` (e.g. "writing model.safetensors") as a DiskSpaceError, the one message
+    of a disk that filled up, with the free space of ``folder``'s filesystem (of its nearest existing parent);
+    any other OSError as it is."""
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
         return exc
-    free = shutil.disk_usage(folder if folder.is_dir() else folder.parent).free
-    return DiskSpaceError(f"the disk filled up while {doing} ({free} bytes free)", hint, free=free)
+    existing = folder
+    while not existing.is_dir() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    return DiskSpaceError(f"the disk filled up while {doing} ({human_bytes(free)} free)", hint, free=free)
+
+
+def disk_error(exc: OSError, root: Path, doing: str = "", hint: str = "") -> OSError | ConfigError:
+    """What an OSError from dino_root's filesystem means for the user: no space or no inodes (DiskSpaceError,
+    exit 9), a folder that cannot be written (ConfigError, exit 3); any other OSError as it is. ``doing``
+    defaults to writing the file the error names; ``hint`` to freeing space in ``root``."""
+    where = f"{exc.filename}" if exc.filename else str(root)
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "it is on a read-only filesystem" if exc.errno == errno.EROFS else exc.strerror
+        return ConfigError(f"cannot write in {root}: {why} ({where})",
+                           "make dino_root writable, or point train.dino_root (--dino-root) at a writable folder")
+    return disk_full(exc, root, doing or f"writing {where}", hint or f"free space (or files: inodes may be used "
+                     f"up) in {root}, or point dino_root at a bigger disk; the next run resumes")
 
 
 class NetworkError(FetcherError, ConnectionError):

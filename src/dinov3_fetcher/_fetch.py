@@ -6,9 +6,7 @@ headers and returns: no request, and no hub client is even imported.
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -19,9 +17,6 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 from . import _env as env
 from ._config import FetchRequest, make_request
 from ._errors import (
-    ConfigError,
-    DiskSpaceError,
-    FetcherError,
     FetchInterrupted,
     HubResponseError,
     IntegrityError,
@@ -33,13 +28,13 @@ from ._manifest import FileRecord, Manifest
 from ._progress import Progress, human_bytes
 from ._registry import DEFAULT_MODEL, OfficialCheck, check_official, pins
 from ._safetensors import SafetensorsError, TensorInfo, read_header
-from ._state import SPACE_MARGIN, StateDir
+from ._state import StateDir, on_disk
 from ._validate import config_problem, find_problems, registry_mismatch, tensor_mismatch, why_not
 from ._version import __version__
 
 if TYPE_CHECKING:
     from ._observe import FetchObserver
-    from ._plan import PlannedFile, Run
+    from ._plan import Run
     from ._sources.source import EarlyBytes, Source
 
 __all__ = ["FetchResult", "fetch", "fetch_dinov3", "ready"]
@@ -160,7 +155,7 @@ def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None 
     created = state.missing_folders()  # what this fetch creates: removed again if it fails and they stay empty
     try:
         state.ensure()
-        with state.locked(timeout, progress, disabled=env.lock_disabled()):
+        with state.locked(timeout, progress):
             old = state.read_manifest()  # once under the lock
             if not (update or repair) and (m := ready(req, old)):
                 return _cached(req, m, t0)
@@ -169,36 +164,11 @@ def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None 
         state.remove_if_empty(created)
         raise FetchInterrupted("interrupted; the partial download is kept in " + str(state.partial),
                                "run the same command again: it resumes where it stopped") from None
-    except OSError as exc:
-        state.remove_if_empty(created)
-        raise _disk_error(exc, state) from None
     except BaseException:
         state.remove_if_empty(created)
         raise
     result.seconds = time.monotonic() - t0
     return result
-
-
-def _disk_error(exc: OSError, state: StateDir) -> Exception:
-    """What an OSError from dino_root's filesystem means for the user: no space or no inodes (exit 9), or a
-    folder that cannot be written (exit 3). Our own errors, and any other OSError, pass unchanged."""
-    if isinstance(exc, FetcherError):
-        return exc
-    where = f"{exc.filename}" if exc.filename else str(state.root)
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        existing = state.root
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        free = shutil.disk_usage(existing).free
-        return DiskSpaceError(f"no space left on the disk of {state.root} while writing {where} "
-                              f"({human_bytes(free)} free; inodes may be used up)",
-                              "free space (or files) there, or point dino_root at a bigger disk; "
-                              "the next run resumes", free=free)
-    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        why = "it is on a read-only filesystem" if exc.errno == errno.EROFS else exc.strerror
-        return ConfigError(f"cannot write in {state.root}: {why} ({where})",
-                           "make dino_root writable, or point train.dino_root (--dino-root) at a writable folder")
-    return exc
 
 
 def _cached(req: FetchRequest, m: Manifest, t0: float) -> FetchResult:
@@ -288,16 +258,6 @@ def _fetch_weights(run: Run, names: list[str], files_at_once: int, get: Callable
         raise next((e for e in errors if not isinstance(e, FetchInterrupted)), errors[0])
 
 
-def _check_space(state: StateDir, planned: list[PlannedFile]) -> None:
-    needed = sum(p.size - p.present for p in planned)
-    free = shutil.disk_usage(state.path).free
-    if needed + SPACE_MARGIN > free:
-        raise DiskSpaceError(
-            f"not enough disk space in {state.root}: {human_bytes(needed)} still to download plus a "
-            f"{human_bytes(SPACE_MARGIN)} margin, {human_bytes(free)} free",
-            "free some space or point dino_root at a bigger disk", needed=needed, free=free)
-
-
 def _unrecorded(root: Path, old: Manifest | None) -> bool:
     """Is there a file under a name a fetch publishes (or a standard weight name) that no manifest records?"""
     ours = set(old.files) | set(old.previous) if old else set()
@@ -363,7 +323,7 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
                                  "pick a repo with safetensors weights")
         run.check_foreign(publishing + [n for n in weights if n not in publishing])  # an index's other shards
         planned = run.plan(weights)
-        _check_space(state, planned)
+        state.check_space(sum(p.size - p.present for p in planned))
         progress.expect({p.name: p.size for p in planned})
         progress.done += sum(p.size for p in planned if p.reuse)  # += : head-start bytes are counted already
         order = [p.name for p in planned if p.name in weights]
@@ -379,11 +339,12 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
             if p.name not in weights:
                 run.fetch_file(p.name)
         tensors: dict[str, TensorInfo] = {}
-        for name in weights:
-            try:
-                tensors.update(read_header(run.paths[name]))
-            except SafetensorsError as exc:
-                raise HubResponseError(f"{req.model}: {exc}", "the repo's weights are broken; report it") from None
+        with on_disk(state.root):
+            for name in weights:
+                try:
+                    tensors.update(read_header(run.paths[name]))
+                except SafetensorsError as exc:  # its bytes (an OSError goes to on_disk)
+                    raise HubResponseError(f"{req.model}: {exc}", "the repo's weights are broken; report it") from None
         if reason := tensor_mismatch(cfg, tensors):
             raise NotDinov3Error(f"{req.model}'s weights disagree with its config: {reason}",
                                  "the repo is inconsistent; pick another revision or repo")

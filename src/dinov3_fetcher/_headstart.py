@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,7 +35,7 @@ from ._job import Target
 from ._layout import CONFIG, INDEX, SINGLE, shards_from_index
 from ._manifest import Manifest
 from ._registry import variant_for
-from ._state import SPACE_MARGIN
+from ._state import fits
 from ._transfer import FILES_AT_ONCE, Downloaded, Transfer
 from ._validate import config_problem, registry_mismatch
 
@@ -92,14 +91,14 @@ class HeadStart:
     def _plan(self) -> None:
         """Start each weight file as soon as its resolve answer is in (a shard need not wait for the others)."""
         try:
-            free = shutil.disk_usage(self.state.partial).free
+            free, needed = self.state.free_space(), 0
             identities: set[str] = set()
             for t in self._targets():
                 with self.lock:
                     if t.identity in identities:  # same bytes as another file: they would share a partial folder
                         continue
-                    free -= t.size
-                    if free < SPACE_MARGIN or self.transfer.cancel.is_set():
+                    needed += t.size
+                    if not fits(needed, free) or self.transfer.cancel.is_set():
                         return  # the main path checks the space precisely, and says what is missing
                     identities.add(t.identity)
                     self.jobs[t.name] = _EarlyDownload(t)

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from ._errors import IntegrityError, NetworkError, disk_full
+from ._errors import ConfigError, IntegrityError, NetworkError, disk_error
 from ._hashing import WINDOW, git_blob_hasher, hash_range
 from ._http import Answer, HttpPool, Redirects, RequestError, Response, etag_value, is_part
 from ._net import refusal
 from ._retry import RetryPolicy, TryAgain
-from ._state import open_data, remaining, save_progress
+from ._state import on_disk, open_data, remaining, save_progress
 
 if TYPE_CHECKING:
     from ._budget import Budget, Slot
@@ -97,7 +97,8 @@ class Job:
         missing = remaining(folder, target.identity, target.size)
         self.resumed_from = target.size - sum(e - s for s, e in missing)
         self.segments: list[_Segment] = [_Segment(s, e) for s, e in missing]
-        self.fd = open_data(folder)
+        with on_disk(fetch.root):
+            self.fd = open_data(folder)
 
     def save(self, wait: bool = True) -> None:
         """Record the missing ranges in progress.json: the first time atomically (temp + rename), then by
@@ -109,7 +110,7 @@ class Job:
         try:
             self._save()
         except OSError as exc:
-            raise self.disk_full(exc) from None
+            raise self.disk_error(exc) from None
         finally:
             self.save_lock.release()
 
@@ -368,13 +369,14 @@ class Job:
                 try:
                     written = os.pwrite(self.fd, data[:WRITE_CHUNK], offset)
                 except OSError as exc:
-                    raise self.disk_full(exc) from None
+                    raise self.disk_error(exc) from None
                 data, offset = data[written:], offset + written
 
-    def disk_full(self, exc: OSError) -> OSError:
-        """ENOSPC/EDQUOT as our DiskSpaceError (exit 9, partial kept); any other OSError as it is."""
-        return disk_full(exc, self.folder, f"writing {self.target.name}",
-                         f"free space in {self.fetch.root} and run again: the download resumes")
+    def disk_error(self, exc: OSError) -> OSError | ConfigError:
+        """What an OSError of this file's writes means (``_errors.disk_error``): a full disk is exit 9 and the
+        partial is kept."""
+        return disk_error(exc, self.fetch.root, f"writing {self.target.name}",
+                          f"free space in {self.fetch.root} and run again: the download resumes")
 
     def fail_integrity(self, why: str) -> NoReturn:
         """Raise IntegrityError: the bytes are not the listed file (the partial is discarded)."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import threading
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from ._layout import (
     weight_files,
 )
 from ._manifest import FileRecord, Manifest
-from ._state import StateDir, record_for
+from ._state import StateDir, on_disk, record_for
 
 if TYPE_CHECKING:
     from ._config import FetchRequest
@@ -88,7 +87,8 @@ class Run:
         put there with exactly the listed bytes is reused once ``check_foreign`` adopted it.
         """
         if rf.name not in self.reuse_cache:
-            self.reuse_cache[rf.name] = self._reusable(rf)
+            with on_disk(self.state.root):
+                self.reuse_cache[rf.name] = self._reusable(rf)
         return self.reuse_cache[rf.name]
 
     def record(self, rf: RemoteFile) -> FileRecord | None:
@@ -150,8 +150,10 @@ class Run:
         if (p := self.reusable(rf)) is not None:
             self.paths[name] = p
             rec = self.record(rf) if name not in self.adopted else None
-            self.records[name] = rec or FileRecord(rf.size, self.adopted.get(name) or rf.sha256 or sha256_file(p),
-                                                   rf.git_oid)
+            if rec is None:
+                with on_disk(self.state.root):
+                    rec = FileRecord(rf.size, self.adopted.get(name) or rf.sha256 or sha256_file(p), rf.git_oid)
+            self.records[name] = rec
             return p
         assert self.transfer is not None, "a dry run never downloads"
         target = Target(name, self.source.file_url(self.snap, name), rf.size, rf.identity, rf.sha256,
@@ -184,18 +186,19 @@ class Run:
             if m is not None:
                 ours |= set(m.files) | set(m.previous)
         conflicts = []
-        for name in names:
-            p = root / name
-            if name in ours or name in self.adopted or not os.path.lexists(p):
-                continue
-            if (digest := self._same_bytes(p, self.snap.files.get(name))) is not None:
-                self.adopted[name] = digest
-                self.reuse_cache.pop(name, None)
-            else:
-                conflicts.append(name)
-        if self.old is None and current is None:  # nothing proves that a standard weight name is ours
-            conflicts += sorted(p.name for p in root.iterdir() if is_standard_weight(p.name)
-                                and p.name not in names and p.name not in conflicts)
+        with on_disk(root):
+            for name in names:
+                p = root / name
+                if name in ours or name in self.adopted or not os.path.lexists(p):
+                    continue
+                if (digest := self._same_bytes(p, self.snap.files.get(name))) is not None:
+                    self.adopted[name] = digest
+                    self.reuse_cache.pop(name, None)
+                else:
+                    conflicts.append(name)
+            if self.old is None and current is None:  # nothing proves that a standard weight name is ours
+                conflicts += sorted(p.name for p in root.iterdir() if is_standard_weight(p.name)
+                                    and p.name not in names and p.name not in conflicts)
         if conflicts:
             raise ConfigError(
                 f"{root} holds files this tool did not put there and would replace or remove: "
@@ -218,12 +221,13 @@ class Run:
     def json(self, name: str) -> dict[str, Any]:
         """A JSON file of the repo (verified against the listing), parsed; a broken one is the source's fault."""
         path = self.fetch_file(name)
-        try:
-            return read_json_object(path)
-        except ValueError as exc:
-            raise HubResponseError(f"{self.snap.repo_id}'s {name} {exc}",
-                                   "the repo (or the endpoint's copy of it) is broken; pick another revision or "
-                                   "report it to the repo's owner") from None
+        with on_disk(self.state.root):
+            try:
+                return read_json_object(path)
+            except ValueError as exc:  # its bytes (an OSError goes to on_disk)
+                raise HubResponseError(f"{self.snap.repo_id}'s {name} {exc}",
+                                       "the repo (or the endpoint's copy of it) is broken; pick another revision "
+                                       "or report it to the repo's owner") from None
 
     def plan(self, names: list[str]) -> list[PlannedFile]:
         """``names`` and the optional files the repo has, each with what is already on disk."""
@@ -285,13 +289,10 @@ def dry_run(req: FetchRequest) -> DryRun:
     weights = weight_files(snap.files) or []
     index = [INDEX] if INDEX in snap.files and SINGLE not in snap.files else []
     names = [n for n in (CONFIG, PREPROCESSOR) if n in snap.files] + index + weights
-    existing = req.dino_root
-    while not existing.exists():
-        existing = existing.parent
     from ._manifest import FileRecord
     from ._registry import check_official
 
     listed = {n: FileRecord(f.size, f.sha256) for n, f in snap.files.items() if f.sha256}
     check = check_official(req.model, listed)  # what the listing says the weights are, before any byte moves
     return DryRun(req.dino_root, req.model, req.revision, snap.commit, run.plan(names),
-                  shutil.disk_usage(existing).free, source.name, check.official, check.message)
+                  state.free_space(), source.name, check.official, check.message)

@@ -22,7 +22,7 @@ from ._job import FetchContext, Job, Target
 from ._observe import FetchObserver
 from ._progress import Progress
 from ._retry import RetryPolicy
-from ._state import StateDir, owner_tag, write_new
+from ._state import StateDir, on_disk, owner_tag, write_new
 
 __all__ = ["FILES_AT_ONCE", "Downloaded", "Settings", "Transfer"]
 
@@ -95,7 +95,8 @@ class Transfer:
             raise IntegrityError(f"{target.name}: the early copy differs from the listing", "run again")
         folder = self.state.claim(target.identity, target.size)
         try:
-            write_new(folder / "data", body)
+            with on_disk(self.state.root):
+                write_new(folder / "data", body)
         except BaseException:
             self.state.release(folder, target.identity)  # never left claimed (and heartbeating) by a failed write
             raise
@@ -176,9 +177,9 @@ class Transfer:
         """Move a verified download to ``dest`` (its staged path) and drop its (now empty) partial folder."""
         if dest.parent == self.state.staged / owner_tag():
             self.state.own_staged()  # a real folder, never a planted link
-        else:
+        with on_disk(self.state.root):
             dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(done.path, dest)
+            os.replace(done.path, dest)
         self.state.discard(done.path.parent)
 
 

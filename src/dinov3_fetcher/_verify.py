@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._env import lock_disabled
 from ._hashing import sha256_file
 from ._manifest import Manifest
 from ._progress import Progress
@@ -53,18 +52,8 @@ def _record_verified(state: StateDir, checked: Manifest, deep: bool, damaged: li
     Best effort: a read-only dino_root, a fetcher holding the lock, or a manifest that is no longer the one
     that was checked (a fetch published in between) all mean: record nothing, and never overwrite.
     """
-    from filelock import FileLock, Timeout
-
-    if state.path.is_symlink() or state.lock_path.is_symlink():  # never written through a link (a fetch refuses it)
-        return
-    lock = FileLock(state.lock_path)
-    if not lock_disabled():
-        try:
-            lock.acquire(timeout=0)
-        except (Timeout, OSError):
-            return
-    try:
-        current = state.read_manifest()
+    with state.locked_if_free() as locked:
+        current = state.read_manifest() if locked else None
         if current is None or _identity(current) != _identity(checked):
             return
         if damaged:
@@ -76,9 +65,6 @@ def _record_verified(state: StateDir, checked: Manifest, deep: bool, damaged: li
                 current.verified_deep_at, current.damaged = now, []
         with contextlib.suppress(OSError):  # a read-only dino_root can still be verified
             state.write_manifest(current)
-    finally:
-        if lock.is_locked:
-            lock.release()
 
 
 def _identity(m: Manifest) -> tuple[object, ...]:

@@ -29,25 +29,27 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .._errors import ConfigError, LockTimeoutError
+from .. import _env as env
+from .._errors import ConfigError, DiskSpaceError, LockTimeoutError, disk_error
 from .._manifest import FileRecord, Manifest
-from .._progress import Progress
+from .._progress import Progress, human_bytes
 from .files import (
-    _copy_partial,
-    _missing,
-    _own_entries,
     atomic_write_bytes,
+    copy_partial,
     encode_progress,
+    missing_bytes,
     open_data,
+    own_entries,
     read_progress,
     remaining,
     save_progress,
     write_new,
 )
 from .owners import (
-    _BEATS,
     HEARTBEAT_EVERY,
+    HEARTBEATS,
     PROGRESS_PAGE,
     STALE_AFTER,
     host,
@@ -57,13 +59,32 @@ from .owners import (
     stale_after,
 )
 
+if TYPE_CHECKING:
+    from filelock import FileLock
+
 __all__ = ["HEARTBEAT_EVERY", "PROGRESS_PAGE", "SPACE_MARGIN", "STALE_AFTER", "StateDir", "atomic_write_bytes",
-           "encode_progress", "host", "open_data", "other_host", "owner_gone", "owner_tag", "read_progress",
-           "record_for", "remaining", "save_progress", "stale_after", "write_new"]
+           "encode_progress", "fits", "host", "on_disk", "open_data", "other_host", "owner_gone", "owner_tag",
+           "read_progress", "record_for", "remaining", "save_progress", "stale_after", "write_new"]
 
 STATE_DIRNAME = ".dinov3-fetcher"
 _TRASH = re.compile(r"\.trash\d+$")  # a claim being removed (see claim): never resumed, always deleted
 SPACE_MARGIN = 16 * 1024 * 1024  # free space left over after a download, on top of what it needs
+
+
+def fits(needed: int, free: int) -> bool:
+    """Do ``needed`` more bytes fit in ``free`` with ``SPACE_MARGIN`` to spare?"""
+    return needed + SPACE_MARGIN <= free
+
+
+@contextlib.contextmanager
+def on_disk(root: Path) -> Iterator[None]:
+    """Around system calls on dino_root's filesystem, and nothing else (nothing inside raises a FetcherError):
+    an OSError they raise becomes what it means for the user (``_errors.disk_error``: no space, a folder that
+    cannot be written)."""
+    try:
+        yield
+    except OSError as exc:
+        raise disk_error(exc, root) from None
 
 
 class StateDir:
@@ -110,8 +131,27 @@ class StateDir:
                 raise ConfigError(
                     f"{p} is a symbolic link (to {p.readlink()}): the fetcher deletes and writes files in it, "
                     "and never outside dino_root", f"remove the link (rm {p}); the fetcher recreates the folder")
-        for p in (self.partial, self.staged):
-            p.mkdir(parents=True, exist_ok=True)
+        with on_disk(self.root):
+            for p in (self.partial, self.staged):
+                p.mkdir(parents=True, exist_ok=True)
+
+    def free_space(self) -> int:
+        """Bytes free on dino_root's filesystem (that of its nearest existing parent while it does not exist)."""
+        existing = self.path
+        while not existing.is_dir() and existing != existing.parent:
+            existing = existing.parent
+        with on_disk(self.root):
+            return shutil.disk_usage(existing).free
+
+    def check_space(self, needed: int, on: str = "") -> None:
+        """DiskSpaceError unless ``needed`` more bytes fit on dino_root's disk (``fits``); ``on``: where the
+        message says the disk is (e.g. " on node-3")."""
+        free = self.free_space()
+        if not fits(needed, free):
+            raise DiskSpaceError(
+                f"not enough disk space in {self.root}{on}: {human_bytes(needed)} still to download plus a "
+                f"{human_bytes(SPACE_MARGIN)} margin, {human_bytes(free)} free",
+                "free some space or point dino_root at a bigger disk", needed=needed, free=free)
 
     def missing_folders(self) -> list[Path]:
         """The folders ``ensure`` would create (dino_root and its missing parents included), deepest first."""
@@ -147,31 +187,55 @@ class StateDir:
 
     # -- the lock ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def locked(self, timeout: float, progress: Progress, disabled: bool = False) -> Iterator[None]:
-        """Hold dino_root's lock; LockTimeoutError after ``timeout`` seconds of waiting for another fetcher."""
-        if disabled:
+    def locked(self, timeout: float, progress: Progress, disabled: bool | None = None) -> Iterator[None]:
+        """Hold dino_root's lock; LockTimeoutError after ``timeout`` seconds of waiting for another fetcher.
+        ``disabled`` (default: DINOV3_FETCHER_NO_LOCK): run without it."""
+        if env.lock_disabled() if disabled is None else disabled:
             yield
             return
-        from filelock import FileLock, Timeout
+        from filelock import FileLock
 
         if self.lock_path.is_symlink():  # the lock file is opened for writing: never through a link
             raise ConfigError(f"{self.lock_path} is a symbolic link", "remove it; the next fetch creates the lock file")
         lock = FileLock(self.lock_path)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
+        with on_disk(self.root):
+            got = _take(lock, 0)
+        if not got:
             progress.message(f"waiting for another fetcher to finish with {self.root} (up to {timeout:.0f} s)")
-            try:
-                lock.acquire(timeout=timeout, poll_interval=0.2)
-            except Timeout:
+            with on_disk(self.root):
+                got = _take(lock, timeout)
+            if not got:
                 raise LockTimeoutError(
                     f"another fetcher held the lock on {self.root} for more than {timeout:.0f} s",
                     "wait for it, raise --lock-timeout (DINOV3_FETCHER_LOCK_TIMEOUT), or stop it; "
-                    "a killed fetcher's lock is released by the OS") from None
+                    "a killed fetcher's lock is released by the OS")
         try:
             yield
         finally:
             lock.release()
+
+    @contextlib.contextmanager
+    def locked_if_free(self) -> Iterator[bool]:
+        """Hold dino_root's lock if no other fetcher does, without waiting: True; False when it is held or cannot
+        be taken (a link, a folder that cannot be written). True at once when the lock is disabled."""
+        if self.path.is_symlink() or self.lock_path.is_symlink():  # never written through a link
+            yield False
+            return
+        if env.lock_disabled():
+            yield True
+            return
+        from filelock import FileLock
+
+        lock = FileLock(self.lock_path)
+        try:
+            got = _take(lock, 0)
+        except OSError:
+            got = False
+        try:
+            yield got
+        finally:
+            if got:
+                lock.release()
 
     # -- partial downloads ---------------------------------------------------------------------------------
     def _abandoned(self, folder: Path, identity: str) -> bool:
@@ -185,7 +249,7 @@ class StateDir:
 
     def partial_bytes(self, identity: str, size: int) -> int:
         """Bytes of this content already on disk in the best resumable partial folder (what a claim would take)."""
-        return max([size - _missing(p, identity, size) for p in self.resumable(identity)] + [0])
+        return max([size - missing_bytes(p, identity, size) for p in self.resumable(identity)] + [0])
 
     def claim(self, identity: str, size: int) -> Path:
         """Take the best resumable partial folder for this content, or start an empty one; ours beats from now on.
@@ -194,42 +258,43 @@ class StateDir:
         process watched go silent is copied (its done ranges) into a fresh folder of ours, then removed: its
         owner may be alive after all and still hold its data file open.
         """
-        mine = self.partial / f"{identity}.{owner_tag()}"
-        if mine.is_symlink():  # planted: never written through
-            mine.unlink()
-        if mine.is_dir():
-            _BEATS.own(mine)
-            return _own_entries(mine)
-        others = [p for p in self.partial.glob(f"{identity}.*")
-                  if p.is_dir() and not p.is_symlink() and other_host(p.name[len(identity) + 1:])]
-        _BEATS.watch(others, "partial")  # a verdict on each other host's claim of this content (seconds at most)
-        adopted = False
-        for c in sorted(self.resumable(identity), key=lambda p: _missing(p, identity, size)):
-            try:
-                if not adopted and c in others:
-                    adopted = _copy_partial(c, mine, identity, size)
-                elif not adopted:
-                    os.rename(c, mine)
-                    adopted = True
-                if c.exists() and c != mine:
-                    trash = c.with_name(f"{c.name}.trash{os.getpid()}")
-                    os.rename(c, trash)
-                    shutil.rmtree(trash, ignore_errors=True)
-            except OSError:
-                continue
-        mine.mkdir(parents=True, exist_ok=True)
-        _BEATS.own(mine)
-        return _own_entries(mine)
+        with on_disk(self.root):
+            mine = self.partial / f"{identity}.{owner_tag()}"
+            if mine.is_symlink():  # planted: never written through
+                mine.unlink()
+            if mine.is_dir():
+                HEARTBEATS.own(mine)
+                return own_entries(mine)
+            others = [p for p in self.partial.glob(f"{identity}.*")
+                      if p.is_dir() and not p.is_symlink() and other_host(p.name[len(identity) + 1:])]
+            HEARTBEATS.watch(others, "partial")  # a verdict on each other host's claim of it (seconds at most)
+            adopted = False
+            for c in sorted(self.resumable(identity), key=lambda p: missing_bytes(p, identity, size)):
+                try:
+                    if not adopted and c in others:
+                        adopted = copy_partial(c, mine, identity, size)
+                    elif not adopted:
+                        os.rename(c, mine)
+                        adopted = True
+                    if c.exists() and c != mine:
+                        trash = c.with_name(f"{c.name}.trash{os.getpid()}")
+                        os.rename(c, trash)
+                        shutil.rmtree(trash, ignore_errors=True)
+                except OSError:
+                    continue
+            mine.mkdir(parents=True, exist_ok=True)
+            HEARTBEATS.own(mine)
+            return own_entries(mine)
 
     def release(self, folder: Path, identity: str) -> None:
         """Hand a partial folder back under its public name so that any later run may resume it."""
-        _BEATS.disown(folder)
+        HEARTBEATS.disown(folder)
         with contextlib.suppress(OSError):
             os.rename(folder, self.partial / identity)
 
     def discard(self, folder: Path) -> None:
         """Remove a claimed partial folder of ours (its file was verified and moved, or its bytes were wrong)."""
-        _BEATS.disown(folder)
+        HEARTBEATS.disown(folder)
         shutil.rmtree(folder, ignore_errors=True)
 
     # -- staged files --------------------------------------------------------------------------------------
@@ -252,24 +317,28 @@ class StateDir:
                     or other.stat().st_size != size:
                 continue
             if adopt and other_host(other.parent.name):
-                _BEATS.watch([other.parent], "staged")
+                HEARTBEATS.watch([other.parent], "staged")
             if not owner_gone(other.parent.name, other.parent, "staged"):
                 continue
             if not adopt:
                 return other
             with contextlib.suppress(OSError):
-                self.own_staged()
+                self._own_staged()
                 os.rename(other, own)
                 return own
         return None
 
     def own_staged(self) -> Path:
         """This process's staged folder, a real folder (a link planted under its name is removed, not followed)."""
+        with on_disk(self.root):
+            return self._own_staged()
+
+    def _own_staged(self) -> Path:
         own = self.staged / owner_tag()
         if own.is_symlink():
             own.unlink()
         own.mkdir(parents=True, exist_ok=True)
-        _BEATS.own(own)
+        HEARTBEATS.own(own)
         return own
 
     def any_staged(self, identity: str, name: str) -> bool:
@@ -290,39 +359,43 @@ class StateDir:
         manifest.complete = False
         manifest.damaged = []
         manifest.previous = sorted((set(old.files) | set(old.previous)) - set(paths)) if old else []
-        self.write_manifest(manifest)
-        for name, src in paths.items():
-            if src != self.root / name:
-                os.replace(src, self.root / name)
+        with on_disk(self.root):
+            self.write_manifest(manifest)
+            for name, src in paths.items():
+                if src != self.root / name:
+                    os.replace(src, self.root / name)
         stale = set(old.files) | set(old.previous) if old else set()
         if old is not None and not old.complete:
-            stale |= {p.name for p in self.root.iterdir() if is_standard_weight(p.name)}
+            with on_disk(self.root):
+                stale |= {p.name for p in self.root.iterdir() if is_standard_weight(p.name)}
         for name in stale - set(paths):
             with contextlib.suppress(OSError, ValueError):
                 (self.root / check_filename(name)).unlink()
         manifest.complete = True
         manifest.previous = []
-        self.write_manifest(manifest)
+        with on_disk(self.root):
+            self.write_manifest(manifest)
 
     def drop_stale(self) -> None:
         """After a successful fetch: partial downloads nobody owns (changed files, other models), our staged
         folder, and those of gone fetchers. Never another live fetcher's files."""
-        for p in self.partial.iterdir():
-            identity = p.name.split(".", 1)[0]
-            if p.is_symlink() or not p.is_dir():  # not ours: only the link (or stray file) goes
-                p.unlink(missing_ok=True)
-            elif p.name == identity or self._abandoned(p, identity) or _TRASH.search(p.name):
-                shutil.rmtree(p, ignore_errors=True)  # (a trash folder: a SIGKILL stopped its removal in claim)
-            elif p.name.endswith(".copy") and not other_host(tag := p.name[len(identity) + 1:-len(".copy")]) \
-                    and owner_gone(tag, p, "partial"):
-                shutil.rmtree(p, ignore_errors=True)  # a copy (see claim) whose maker here died before finishing it
-        mine = self.staged / owner_tag()
-        for p in self.staged.iterdir() if self.staged.is_dir() else ():
-            if p.is_symlink() or not p.is_dir():
-                p.unlink(missing_ok=True)
-            elif p == mine or owner_gone(p.name, p, "staged"):
-                _BEATS.disown(p)
-                shutil.rmtree(p, ignore_errors=True)
+        with on_disk(self.root):
+            for p in self.partial.iterdir():
+                identity = p.name.split(".", 1)[0]
+                if p.is_symlink() or not p.is_dir():  # not ours: only the link (or stray file) goes
+                    p.unlink(missing_ok=True)
+                elif p.name == identity or self._abandoned(p, identity) or _TRASH.search(p.name):
+                    shutil.rmtree(p, ignore_errors=True)  # (a trash folder: a SIGKILL stopped its removal in claim)
+                elif p.name.endswith(".copy") and not other_host(tag := p.name[len(identity) + 1:-len(".copy")]) \
+                        and owner_gone(tag, p, "partial"):
+                    shutil.rmtree(p, ignore_errors=True)  # a copy (see claim) whose maker here died before finishing it
+            mine = self.staged / owner_tag()
+            for p in self.staged.iterdir() if self.staged.is_dir() else ():
+                if p.is_symlink() or not p.is_dir():
+                    p.unlink(missing_ok=True)
+                elif p == mine or owner_gone(p.name, p, "staged"):
+                    HEARTBEATS.disown(p)
+                    shutil.rmtree(p, ignore_errors=True)
 
 
 def record_for(old: Manifest | None, name: str, size: int, sha256: str | None,
@@ -339,3 +412,15 @@ def record_for(old: Manifest | None, name: str, size: int, sha256: str | None,
     if sha256:
         return rec if rec.sha256 == sha256 else None
     return rec if git_oid is not None and rec.git_oid == git_oid else None
+
+
+def _take(lock: FileLock, timeout: float) -> bool:
+    """Acquire ``lock`` within ``timeout`` seconds: False when another holder kept it; OSError when the lock file
+    cannot be opened."""
+    from filelock import Timeout
+
+    try:
+        lock.acquire(timeout=timeout, poll_interval=0.2)
+    except Timeout:
+        return False
+    return True

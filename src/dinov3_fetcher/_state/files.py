@@ -60,7 +60,7 @@ def read_progress(folder: Path, identity: str, size: int) -> list[tuple[int, int
         return None
 
 
-def _copy_partial(src: Path, dst: Path, identity: str, size: int) -> bool:
+def copy_partial(src: Path, dst: Path, identity: str, size: int) -> bool:
     """Copy another host's partial download (the ranges its record calls done) into a fresh folder ``dst``;
     False if it cannot be resumed. Its record is read before its data: what it calls done is on disk."""
     ranges = read_progress(src, identity, size)
@@ -81,7 +81,7 @@ def _copy_partial(src: Path, dst: Path, identity: str, size: int) -> bool:
     return True
 
 
-def _own_entries(folder: Path) -> Path:
+def own_entries(folder: Path) -> Path:
     """A claimed partial folder whose files are ours: a link planted in it is removed (never written
     through), and with a linked data file its progress record is dropped too (it no longer describes it)."""
     if (folder / "heartbeat").is_symlink():
@@ -111,7 +111,8 @@ def remaining(folder: Path, identity: str, size: int) -> list[tuple[int, int]]:
     return ranges if ranges is not None else ([(0, size)] if size else [])
 
 
-def _missing(folder: Path, identity: str, size: int) -> int:
+def missing_bytes(folder: Path, identity: str, size: int) -> int:
+    """Bytes of the file a partial folder still misses."""
     return sum(e - s for s, e in remaining(folder, identity, size))
 
 

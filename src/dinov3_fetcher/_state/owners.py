@@ -63,7 +63,7 @@ def owner_gone(tag: str, folder: Path, kind: str) -> bool:
         return False
     if name == host():
         return not _pid_alive(int(pid))
-    return _BEATS.verdict(folder, kind) == "gone"
+    return HEARTBEATS.verdict(folder, kind) == "gone"
 
 
 class _Heartbeats:
@@ -150,4 +150,4 @@ def _beat(folder: Path, count: int) -> None:
             os.close(fd)
 
 
-_BEATS = _Heartbeats()
+HEARTBEATS = _Heartbeats()
