@@ -35,6 +35,8 @@ instead, and ``"reset"`` closes the connection with a TCP RST (a metadata reques
 chunk is counted only once it passes), to freeze what the server has sent at a known count.
 ``hub.redirect_location`` (a callable, None by default) rewrites the Location of the hub's 302 to the CDN
 (a redirect to another scheme, a malformed URL).
+A mirror: ``hub.drop_blobs`` makes model_info ignore ``?blobs=true`` (as olah does), ``hub.tree_loop`` makes every
+tree page's ``Link: rel="next"`` point at itself.
 A hostile Hub: ``hub.listed_sizes["repo/file"] = n`` makes model_info claim size n for that file; file
 names (``../x``, ``/abs``, ``a\\b``) and file contents (index.json, safetensors headers) are whatever
 ``add_repo`` is given.
@@ -416,7 +418,7 @@ class _Handler(BaseHTTPRequestHandler):
         if (repo := self._repo(repo_id)) is None or (c := self._commit(repo, rev)) is None:
             return
         sha, files = c
-        blobs = self.query.get("blobs", [""])[0].lower() == "true"
+        blobs = self.query.get("blobs", [""])[0].lower() == "true" and not self.hub.drop_blobs
         siblings = []
         for p, b in sorted(files.items()):
             s: dict[str, Any] = {"rfilename": p}
@@ -462,7 +464,10 @@ class _Handler(BaseHTTPRequestHandler):
         start = int(self.query.get("cursor", ["0"])[0])
         page = self.hub.page_size
         headers = {}
-        if start + page < len(entries):
+        if self.hub.tree_loop:  # a mirror whose next page is the page itself
+            same = urlencode({k: v[0] for k, v in self.query.items()})
+            headers["Link"] = f'<{self.hub.endpoint}{self.url_path}?{same}>; rel="next"'
+        elif start + page < len(entries):
             q = {k: v[0] for k, v in self.query.items()} | {"cursor": str(start + page)}
             headers["Link"] = f'<{self.hub.endpoint}{self.url_path}?{urlencode(q)}>; rel="next"'
         self._json(entries[start : start + page], headers)
@@ -688,6 +693,8 @@ class HubServer:
         self.lfs_blobs: dict[str, _Blob] = {}
         self.valid_tokens: set[str] = {"hf_valid_granted", "hf_valid_notgranted"}
         self.page_size = 50
+        self.drop_blobs = False  # model_info ignores ?blobs=true (as olah does): no sizes, the tree API has them
+        self.tree_loop = False  # the tree API's Link rel="next" points at the page it is on (a broken mirror)
         self.listed_sizes: dict[str, int] = {}  # "repo_id/path" -> size claimed by model_info (hostile Hub)
         self.model_info_hook: Callable[[], Any] | None = None  # runs before each model_info answer is built
         self.redirect_location: Callable[[str], str] | None = None  # rewrites the Location of LFS redirects

@@ -239,6 +239,26 @@ def test_storage_refusing_the_signed_link_is_a_network_error_naming_it(hub: HubS
     assert not (dino_root / "model.safetensors").exists()
 
 
+# ---------- mirrors ----------
+
+def test_a_mirror_whose_tree_pagination_points_back_ends_naming_it(hub: HubServer, dino_root: Path,
+                                                                   run_cli: Any) -> None:
+    """A mirror without sizes in model_info (as olah) is read from its tree API; one whose next page is the page
+    itself ends at once, exit 8, naming the mirror (it would otherwise be asked for pages forever)."""
+    hub.add_repo(TINY, FILES)
+    hub.drop_blobs = True
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY, "-q")
+    assert r.returncode == 0, r.stderr  # the tree's sizes and hashes
+    hub.tree_loop = True
+    hub.clear()
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY, "--update", timeout=120)
+    assert r.returncode == 8, r.stderr
+    assert f"{hub.endpoint} (HF_ENDPOINT): its tree listing of {TINY} gives " in r.stderr, r.stderr
+    assert "its pagination loops" in r.stderr
+    assert len([q for q in hub.requests if "/tree/" in q.path]) == 2  # the page, and the same page again
+    assert_fetched(dino_root)  # the checkpoint there stays
+
+
 # ---------- olah ----------
 
 @pytest.mark.slow  # olah takes 10-15 s to start

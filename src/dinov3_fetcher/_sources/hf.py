@@ -48,6 +48,7 @@ __all__ = ["DEFAULT_ENDPOINT", "HfSource", "display_endpoint", "endpoint", "impo
            "raise_for_file_status", "user_agent"]
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+TREE_LIMIT = 10_000  # entries of a mirror's tree listing (a checkpoint repo has a few dozen): more means it loops
 
 
 def endpoint() -> str:
@@ -217,10 +218,21 @@ class HfSource:
         import_hub()
         from huggingface_hub.hf_api import RepoFile
 
+        seen: set[str] = set()
+        tree, loops = [], ""
         try:
-            tree = [e for e in api.list_repo_tree(repo_id, revision=commit, recursive=True) if isinstance(e, RepoFile)]
+            for e in api.list_repo_tree(repo_id, revision=commit, recursive=True):  # pages, as the Link headers say
+                if e.path in seen or len(seen) >= TREE_LIMIT:  # a page that points back, or that never ends
+                    loops = f"gives {e.path!r} twice" if e.path in seen else f"did not end after {TREE_LIMIT} entries"
+                    break
+                seen.add(e.path)
+                if isinstance(e, RepoFile):
+                    tree.append(e)
         except Exception as exc:
             raise_mapped(exc, repo_id, revision)
+        if loops:
+            raise HubResponseError(f"{display_endpoint(self.endpoint)} (HF_ENDPOINT): its tree listing of {repo_id} "
+                                   f"{loops}: its pagination loops", _FAITHFUL)
         return [(e.path, e.size, e.blob_id, e.lfs.sha256 if e.lfs else None) for e in tree]
 
     def raise_for_status(self, status: int, headers: Mapping[str, str], body: bytes, url: str,
