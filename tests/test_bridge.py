@@ -199,6 +199,41 @@ def test_any_multiple_of_the_patch_size_and_a_clear_error_otherwise(vit_root: Pa
 
 
 @needs_load
+def test_raw_images_and_an_empty_batch_are_refused_with_the_fix(vit_root: Path) -> None:
+    import torch
+
+    from dinov3_bridge.model import DinoV3Teacher
+
+    teacher = DinoV3Teacher(DinoV3Config(root=vit_root), "cpu")
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError) as info:  # preprocess forgotten: 0..255 values would give wrong features
+        teacher(images)
+    assert "pixel_values are uint8" in str(info.value) and "teacher.preprocess(images)" in str(info.value)
+    out = teacher(teacher.preprocess(images))  # the fix it names works
+    assert out.patch_tokens.shape == (2, 196, 32)
+    with pytest.raises(ValueError, match="a batch of 0"):
+        teacher(torch.zeros(0, 3, 224, 224))
+    with pytest.raises(ValueError, match="a batch of 0"):
+        teacher.preprocess(torch.zeros(0, 224, 224, 3, dtype=torch.uint8))
+
+
+@needs_load
+def test_preprocess_takes_a_flipped_view_as_opencvs_bgr_to_rgb_gives_it(vit_root: Path) -> None:
+    import numpy as np
+    import torch
+
+    from dinov3_bridge.model import DinoV3Teacher
+
+    teacher = DinoV3Teacher(DinoV3Config(root=vit_root), "cpu")
+    bgr = np.random.default_rng(4).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    rgb_view = bgr[..., ::-1]  # a negative stride, no copy
+    assert rgb_view.strides[-1] < 0
+    got = teacher.preprocess(rgb_view)
+    assert torch.equal(got, teacher.preprocess(np.ascontiguousarray(rgb_view)))
+    assert torch.equal(teacher.preprocess([rgb_view, rgb_view[::-1]])[:1], got)
+
+
+@needs_load
 def test_frozen_and_eval_even_inside_a_training_parent(vit_root: Path) -> None:
     import torch
 

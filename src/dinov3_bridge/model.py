@@ -286,6 +286,11 @@ class DinoV3Teacher(torch.nn.Module):  # type: ignore[misc,unused-ignore]
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}: "
                              "use teacher.preprocess(images)")
+        if not pixel_values.is_floating_point():  # raw images (0..255): the features would be of wrong values
+            raise ValueError(f"pixel_values are {str(pixel_values.dtype).removeprefix('torch.')}, not normalized "
+                             "floats: call teacher.preprocess(images) first (it rescales and normalizes them)")
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values hold no image (a batch of 0): skip the call for an empty batch")
         h, w = int(pixel_values.shape[2]), int(pixel_values.shape[3])
         p = self.patch_size
         if h % p or w % p or h == 0 or w == 0:
@@ -328,6 +333,10 @@ class DinoV3Teacher(torch.nn.Module):  # type: ignore[misc,unused-ignore]
         ``layers``: block indices (0-based, negative from the end; default ``cfg.layers``) whose outputs are
         returned in ``.layers`` split like the last layer; with ``cfg.layer_norm`` (default) they go through
         the final LayerNorm, so ``layers=[-1]`` equals the last layer. No gradients, no host synchronisation.
+
+        Raises ValueError, naming the fix: a shape other than (B, 3, H, W), H or W not a multiple of the patch
+        size, integer pixels (uint8 images not yet through ``teacher.preprocess``), or an empty batch (B = 0:
+        there is nothing to compute; skip the call).
         """
         gh, gw = self._check_pixels(pixel_values)
         wanted = self._layer_indices(layers if layers is not None else (self.cfg.layers or ()))

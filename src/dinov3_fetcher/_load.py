@@ -98,7 +98,8 @@ class Preprocess:
     rescaled to [0, 1] (what torchvision's ``ToTensor`` gives). Returns an (N, 3, H, W) tensor of ``dtype``
     on ``device``; the work happens on that device. Resizing is bilinear with antialiasing (as PIL and
     torchvision do), not followed by rounding to uint8, so values can differ from transformers' processor by
-    well under one grey level.
+    well under one grey level. An array may be any view, a flipped one too (OpenCV's ``bgr[..., ::-1]``); an
+    empty batch (or list) raises ValueError.
     """
 
     def __init__(self, config: dict[str, Any] | None = None, device: Any = "cpu", dtype: Any = None) -> None:
@@ -159,7 +160,10 @@ class Preprocess:
             w, h = rgb.size
             return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(h, w, 3)
         if hasattr(image, "__array__"):
-            return torch.as_tensor(image.__array__())
+            array = image.__array__()
+            if any(step < 0 for step in getattr(array, "strides", ())):  # a flipped view (OpenCV's BGR -> RGB)
+                array = array.copy()
+            return torch.as_tensor(array)
         raise TypeError(f"cannot preprocess a {type(image).__name__}: pass a tensor, an array or a PIL image")
 
     def _nchw(self, x: Any) -> Any:
@@ -169,6 +173,8 @@ class Preprocess:
             x = x[None]
         if x.dim() != 4:
             raise ValueError(f"expected an image (HxWxC or CxHxW) or a batch of them, got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("no images to preprocess (a batch of 0)")
         if x.shape[1] not in (1, 3) and x.shape[3] in (1, 3):
             x = x.permute(0, 3, 1, 2)
         if x.shape[1] == 1:
