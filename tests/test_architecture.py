@@ -16,7 +16,7 @@ PUBLIC = {"fetch_dinov3", "validate_dinov3", "FetchResult", "load_teacher", "fet
           "FetcherError", "ConfigError", "AuthenticationError", "RepositoryNotFoundError", "RevisionNotFoundError",
           "NotDinov3Error", "IntegrityError", "HubResponseError", "DiskSpaceError", "NetworkError",
           "LocalEntryNotFoundError", "LockTimeoutError", "VerificationError", "LoadError", "FetchInterrupted",
-          "__version__"}
+          "read_pipeline_config", "weights_size", "__version__"}
 
 
 def test_the_public_api_is_exactly_the_declared_names_and_each_resolves() -> None:
@@ -138,3 +138,10 @@ def test_no_module_private_name_is_imported_from_another_module() -> None:
     crossing = [(m, t, n) for m, found in _imports().items() for t, n in found
                 if n.startswith("_") and not n.startswith("__") and t != m]
     assert crossing == []
+
+
+def test_the_bridge_is_built_on_the_public_api_only() -> None:
+    used = {(t, n) for m, found in _imports().items() if m.startswith("dinov3_bridge") for t, n in found
+            if t.startswith("dinov3_fetcher")}
+    assert used and {t for t, _ in used} == {"dinov3_fetcher"}, used
+    assert {n for _, n in used} <= set(dinov3_fetcher.__all__)

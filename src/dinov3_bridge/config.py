@@ -97,14 +97,13 @@ class DinoV3Config:
         """From the pipeline's config.json, read exactly as ``dinov3-fetcher --config`` reads it (the fetcher's
         own resolution, its ConfigError included): ``train.dino_root`` against the file's folder, and
         ``train.dino_model`` / ``dino_revision`` / ``dino_source`` where present."""
-        from dinov3_fetcher._config import load_pipeline_config, resolve_request
+        from dinov3_fetcher import read_pipeline_config
 
-        req = resolve_request(path)
-        train = load_pipeline_config(Path(os.path.abspath(Path(path).expanduser())))["train"]
-        kwargs: dict[str, Any] = {"root": req.dino_root, "source": req.source}
-        if train.get("dino_model") is not None:
-            kwargs["model_name"] = req.model
-        if train.get("dino_revision") is not None:
-            kwargs["revision"] = req.revision
+        asked = read_pipeline_config(path)
+        kwargs: dict[str, Any] = {"root": asked["dino_root"], "source": asked["source"]}
+        if asked["model"] is not None:
+            kwargs["model_name"] = asked["model"]
+        if asked["revision"] is not None:
+            kwargs["revision"] = asked["revision"]
         kwargs.update(overrides)
         return cls(**kwargs)

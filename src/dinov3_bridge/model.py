@@ -29,12 +29,9 @@ fix. Sharding a 7B teacher over several GPUs is not done here: load it yourself 
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 try:
@@ -44,8 +41,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the install
         f"dinov3_bridge.model needs torch ({_exc}): install the [load] extra: pip install 'dinov3-fetcher[load]'"
     ) from None
 
-from dinov3_fetcher import load_teacher
-from dinov3_fetcher._load import Preprocess
+from dinov3_fetcher import load_teacher, weights_size
 
 from .config import DinoV3Config
 
@@ -61,18 +57,6 @@ __all__ = [
 
 HEADROOM = 1.10  # weights x 1.10 must fit in free GPU memory: CUDA context, allocator slack, small batches
 CONVNEXT_STRIDE = 32  # 4 (stem) x 2 x 2 x 2 (downsampling between the 4 stages)
-_DEFAULT_MODEL = "facebook/dinov3-vitl16-pretrain-lvd1689m"
-# Parameters (millions) of the official checkpoints (DINOV3.md), to refuse before a download when the
-# checkpoint is not on disk yet.
-_OFFICIAL_PARAMS_M = {
-    "dinov3-vits16-pretrain-lvd1689m": 21.60, "dinov3-vits16plus-pretrain-lvd1689m": 28.69,
-    "dinov3-vitb16-pretrain-lvd1689m": 85.66, "dinov3-vitl16-pretrain-lvd1689m": 303.13,
-    "dinov3-vitl16-pretrain-sat493m": 303.13, "dinov3-vith16plus-pretrain-lvd1689m": 840.59,
-    "dinov3-vit7b16-pretrain-lvd1689m": 6716.0, "dinov3-vit7b16-pretrain-sat493m": 6716.0,
-    "dinov3-convnext-tiny-pretrain-lvd1689m": 27.8, "dinov3-convnext-small-pretrain-lvd1689m": 49.5,
-    "dinov3-convnext-base-pretrain-lvd1689m": 87.6, "dinov3-convnext-large-pretrain-lvd1689m": 196.2,
-}
-_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 class TeacherMemoryError(RuntimeError):
@@ -113,50 +97,19 @@ def _dtype_size(dtype_name: str | None, default: int) -> int:
     return int(torch.empty((), dtype=getattr(torch, dtype_name)).element_size())
 
 
-def _header_numels(path: Path) -> list[tuple[str, int]]:
-    """(safetensors dtype, element count) of every tensor in a file, from its header only."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100 * 2**20:
-            raise ValueError(f"{path}: safetensors header of {n} bytes")
-        header = json.loads(f.read(n))
-    out = []
-    for name, spec in header.items():
-        if name == "__metadata__":
-            continue
-        numel = 1
-        for d in spec["shape"]:
-            numel *= int(d)
-        out.append((str(spec["dtype"]), numel))
-    return out
-
-
 def estimate_weight_bytes(root: str | os.PathLike[str], model_name: str | None = None,
                           dtype_name: str | None = None) -> int | None:
     """Bytes the weights take on the device in ``dtype_name`` (None: as stored).
 
     From the safetensors headers in ``root`` (``model.safetensors``, or the shards its index names) when they
     are there; otherwise from the parameter count of the official checkpoint ``model_name`` names (the
-    default ViT-L/16 when None) in float32; None when neither is known.
+    default ViT-L/16 when None) in float32; None when neither is known (``dinov3_fetcher.weights_size``).
     """
-    base = Path(root)
-    files: list[Path] = []
-    index = base / "model.safetensors.index.json"
-    try:
-        if (base / "model.safetensors").is_file():
-            files = [base / "model.safetensors"]
-        elif index.is_file():
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = [base / name for name in sorted(set(weight_map.values()))]
-        if files:
-            return sum(numel * _dtype_size(dtype_name, _ST_BYTES.get(dt, 4))
-                       for f in files for dt, numel in _header_numels(f))
-    except (OSError, ValueError, KeyError, TypeError, struct.error):
-        pass  # incomplete or damaged: the fetch (or the load) says what is wrong
-    name = (model_name or _DEFAULT_MODEL).rsplit("/", 1)[-1]
-    if name in _OFFICIAL_PARAMS_M and (model_name is None or model_name.startswith("facebook/")):
-        return int(_OFFICIAL_PARAMS_M[name] * 1e6) * _dtype_size(dtype_name, 4)
-    return None
+    size = weights_size(root, model_name)
+    if size is None:
+        return None
+    parameters, stored = size
+    return stored if dtype_name is None else parameters * _dtype_size(dtype_name, 4)
 
 
 def check_device_memory(needed: int, free: int, *, device: str = "cuda", dtype_name: str | None = None,
@@ -225,7 +178,7 @@ class DinoV3Teacher(torch.nn.Module):  # type: ignore[misc,unused-ignore]
                                          fetch=cfg.fetch, dtype=dtype, shared_fs=cfg.shared_fs,
                                          share=cfg.share, source=cfg.source)
         self.model = model
-        self._preprocess: Preprocess = preprocess
+        self._preprocess = preprocess
         self.root = root
         mc = model.config
         self.is_convnext = getattr(mc, "model_type", "") == "dinov3_convnext"
@@ -277,7 +230,7 @@ class DinoV3Teacher(torch.nn.Module):  # type: ignore[misc,unused-ignore]
         uint8 or float (already in [0, 1]) images as HxWxC / CxHxW tensors or arrays, PIL images, batches or
         lists; resized (bilinear, antialiased) to ``preprocessor_config.json``'s size (224x224 for the
         official checkpoints), rescaled by 1/255, normalized with its mean/std (see
-        ``dinov3_fetcher._load.Preprocess``).
+        ``dinov3_fetcher.load_teacher``).
         """
         out: torch.Tensor = self._preprocess(images)
         return out.to(device=self.device, dtype=self.dtype)

@@ -34,10 +34,13 @@ __all__ = [
     "fetch_dinov3",
     "fetch_once",
     "load_teacher",
+    "read_pipeline_config",
     "validate_dinov3",
+    "weights_size",
 ]
 
 if TYPE_CHECKING:
+    from ._config import read_pipeline_config
     from ._distributed import fetch_once
     from ._errors import (
         AuthenticationError,
@@ -57,14 +60,15 @@ if TYPE_CHECKING:
         VerificationError,
     )
     from ._fetch import FetchResult, fetch_dinov3
-    from ._load import load_teacher
+    from ._load import load_teacher, weights_size
     from ._registry import DEFAULT_MODEL
     from ._validate import validate_dinov3
     from ._version import __version__
 
 _WHERE = {
     "fetch_dinov3": "_fetch", "FetchResult": "_fetch", "validate_dinov3": "_validate",
-    "load_teacher": "_load", "fetch_once": "_distributed", "DEFAULT_MODEL": "_registry", "__version__": "_version",
+    "load_teacher": "_load", "weights_size": "_load", "fetch_once": "_distributed", "DEFAULT_MODEL": "_registry",
+    "read_pipeline_config": "_config", "__version__": "_version",
 }
 
 

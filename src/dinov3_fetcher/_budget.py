@@ -184,11 +184,6 @@ class Budget:
         return cls(Rule(start=connections, cap=connections, fixed=True), block)
 
     @property
-    def _win_full(self) -> bool:
-        """A window is under way: it opened with every slot wanted, and ends (uncounted) when one is not."""
-        return self._win_start is not None
-
-    @property
     def limit(self) -> int:
         return self.rule.limit
 

@@ -23,7 +23,7 @@ from ._registry import DEFAULT_MODEL
 from ._sources import SOURCES
 
 __all__ = ["DEFAULT_REVISION", "FetchRequest", "check_repo_id", "load_pipeline_config", "make_request",
-           "resolve_request"]
+           "read_pipeline_config", "resolve_request"]
 
 DEFAULT_REVISION = "main"
 DEFAULT_REVISIONS = {"hf": "main", "modelscope": "master"}  # each hub's default branch
@@ -183,6 +183,30 @@ def resolve_request(
     if config_path is not None:
         cfg_path = Path(os.path.abspath(Path(config_path).expanduser()))
         train = _train_section(load_pipeline_config(cfg_path), cfg_path)
+    return _resolve(cfg_path, train, dino_root, model, revision, source, require_official)
+
+
+def read_pipeline_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a pipeline's config.json asks the fetcher for, read exactly as ``dinov3-fetcher --config PATH`` reads
+    it: ``dino_root`` (an absolute path, a relative one resolved against the file's folder), ``source``
+    (train.dino_source, else DINOV3_FETCHER_SOURCE, else ``"hf"``), and ``model`` and ``revision``
+    (train.dino_model and train.dino_revision; None where the config names none).
+
+    Raises:
+        ConfigError: the file, its ``train`` section or one of these keys is unusable.
+    """
+    cfg_path = Path(os.path.abspath(Path(path).expanduser()))
+    train = _train_section(load_pipeline_config(cfg_path), cfg_path)
+    req = _resolve(cfg_path, train)
+    return {"dino_root": req.dino_root, "source": req.source,
+            "model": req.model if train.get("dino_model") is not None else None,
+            "revision": req.revision if train.get("dino_revision") is not None else None}
+
+
+def _resolve(cfg_path: Path | None, train: dict[str, Any], dino_root: str | os.PathLike[str] | None = None,
+             model: str | None = None, revision: str | None = None, source: str | None = None,
+             require_official: bool | None = None) -> FetchRequest:
+    """The request of the flags and a config's parsed ``train`` section (``resolve_request``)."""
     base = cfg_path.parent if cfg_path is not None else Path.cwd()
 
     if dino_root is not None:

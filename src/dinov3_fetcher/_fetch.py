@@ -23,7 +23,7 @@ from ._errors import (
     LocalEntryNotFoundError,
     NotDinov3Error,
 )
-from ._layout import CONFIG, INDEX, OPTIONAL, PREPROCESSOR, SINGLE, is_standard_weight, weight_files
+from ._layout import CONFIG, INDEX, PREPROCESSOR, SINGLE, files_to_publish, may_publish, optional_files, weight_files
 from ._manifest import FileRecord, Manifest
 from ._progress import Progress, human_bytes
 from ._registry import DEFAULT_MODEL, OfficialCheck, check_official, pins
@@ -261,9 +261,8 @@ def _fetch_weights(run: Run, names: list[str], files_at_once: int, get: Callable
 def _unrecorded(root: Path, old: Manifest | None) -> bool:
     """Is there a file under a name a fetch publishes (or a standard weight name) that no manifest records?"""
     ours = set(old.files) | set(old.previous) if old else set()
-    names = {CONFIG, PREPROCESSOR, SINGLE, INDEX, *OPTIONAL}
     try:
-        return any((p.name in names or is_standard_weight(p.name)) and p.name not in ours for p in root.iterdir())
+        return any(may_publish(p.name) and p.name not in ours for p in root.iterdir())
     except OSError:
         return False
 
@@ -307,10 +306,7 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
         transfer.early = early.take if early is not None else None
         snap = source.snapshot(req.model, req.revision)
         run = Run(state, source, snap, old, transfer, repair=repair)
-        listed = weight_files(snap.files) or []
-        if INDEX in snap.files and SINGLE not in snap.files:
-            listed.append(INDEX)
-        publishing = [CONFIG, PREPROCESSOR, *listed, *(n for n in OPTIONAL if n in snap.files)]
+        publishing = files_to_publish(snap.files, weight_files(snap.files) or [])  # shards by their listed names
         run.check_foreign(publishing)  # before any download
         cfg = run.json(CONFIG)
         if reason := config_problem(cfg) or registry_mismatch(req.model, cfg):
@@ -321,8 +317,8 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
         if weights is None:
             raise NotDinov3Error(f"{req.model} has no safetensors weights ({SINGLE} or {INDEX})",
                                  "pick a repo with safetensors weights")
-        run.check_foreign(publishing + [n for n in weights if n not in publishing])  # an index's other shards
-        planned = run.plan(weights)
+        run.check_foreign(publishing + [n for n in weights if n not in publishing])  # the index's other shards
+        planned = run.plan(weights + optional_files(snap.files))
         state.check_space(sum(p.size - p.present for p in planned))
         progress.expect({p.name: p.size for p in planned})
         progress.done += sum(p.size for p in planned if p.reuse)  # += : head-start bytes are counted already

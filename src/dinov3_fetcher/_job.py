@@ -5,7 +5,7 @@ fetch's stream budget (_budget: how many streams run, and how long a piece is); 
 recorded after every ``SAVE_EVERY`` bytes written (and at least once a second), so a SIGKILL costs at most
 that plus one block per connection. A thread follows the contiguous written prefix with sha256 (and the git
 blob sha1 for small files), so verification ends moments after the last byte. Why each number is what it
-is: BENCHMARKS.md ("Why the transfer looks like this").
+is: BENCHMARKS.md ("Why the transfer looks as it does").
 """
 
 from __future__ import annotations

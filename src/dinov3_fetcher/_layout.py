@@ -13,7 +13,8 @@ from typing import Any
 
 from ._errors import HubResponseError
 
-__all__ = ["CONFIG", "INDEX", "OPTIONAL", "PREPROCESSOR", "SINGLE", "check_filename", "is_standard_weight",
+__all__ = ["CONFIG", "INDEX", "OPTIONAL", "PREPROCESSOR", "SINGLE", "check_filename", "files_to_publish",
+           "is_standard_weight", "may_publish", "optional_files",
            "read_json_object", "shards_from_index", "weight_files"]
 
 CONFIG = "config.json"
@@ -42,6 +43,23 @@ def check_filename(name: object) -> str:
 def is_standard_weight(name: str) -> bool:
     """Is ``name`` a weight file name transformers loads by itself (single file, index or shard)?"""
     return bool(_STANDARD_WEIGHTS.fullmatch(name))
+
+
+def optional_files(listing: Collection[str]) -> list[str]:
+    """The optional files (``OPTIONAL``) a repo whose files are ``listing`` has."""
+    return [n for n in OPTIONAL if n in listing]
+
+
+def files_to_publish(listing: Collection[str], weights: list[str]) -> list[str]:
+    """What a fetch publishes from a repo whose files are ``listing``: config.json, preprocessor_config.json, the
+    index when the ``weights`` are its shards, the weights, and the optional files the repo has."""
+    index = [INDEX] if INDEX in listing and SINGLE not in listing else []
+    return [CONFIG, PREPROCESSOR, *index, *weights, *optional_files(listing)]
+
+
+def may_publish(name: str) -> bool:
+    """Is ``name`` a file a fetch may publish (or a weight name transformers loads by itself)?"""
+    return name in (CONFIG, PREPROCESSOR, *OPTIONAL) or is_standard_weight(name)
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import re
 import time
@@ -26,9 +27,11 @@ from typing import Any
 
 from ._config import DEFAULT_REVISION
 from ._errors import LoadError, VerificationError
-from ._layout import PREPROCESSOR, read_json_object
+from ._layout import INDEX, PREPROCESSOR, SINGLE, read_json_object, weight_files
+from ._registry import DEFAULT_MODEL, variant_for
+from ._safetensors import read_header
 
-__all__ = ["MIN_TRANSFORMERS", "Preprocess", "check_load", "load_teacher", "require_load_extra"]
+__all__ = ["MIN_TRANSFORMERS", "Preprocess", "check_load", "load_teacher", "require_load_extra", "weights_size"]
 
 MIN_TRANSFORMERS = (4, 56)
 INSTALL_HINT = ("install torch first, the CPU wheel unless you have a GPU: pip install torch --index-url "
@@ -377,3 +380,24 @@ def load_teacher(
     model = _load_model(root, dev, dtype)
     return model, Preprocess.from_dir(root, dev, dtype)
 
+
+def weights_size(dino_root: str | os.PathLike[str], model_name: str | None = None) -> tuple[int, int] | None:
+    """The teacher's weights as (parameters, bytes as stored), to size a device before loading: from the
+    safetensors headers in ``dino_root`` when its weights are there and whole, else from the parameter count of
+    the official checkpoint ``model_name`` names (the default model when None) in float32; None when neither is
+    known. Reads headers only, and never raises for a missing or damaged folder.
+    """
+    root = Path(dino_root)
+    try:
+        names = {n for n in (SINGLE, INDEX) if (root / n).is_file()}
+        weights = weight_files(names, lambda: read_json_object(root / INDEX))
+        if weights:
+            tensors = [t for name in weights for t in read_header(root / name).values()]
+            return sum(math.prod(t.shape) for t in tensors), sum(t.end - t.begin for t in tensors)
+    except (OSError, ValueError):
+        pass  # incomplete or damaged: the fetch (or the load) says what is wrong
+    variant = variant_for(model_name or DEFAULT_MODEL)
+    if variant is None:
+        return None
+    parameters = int(variant.params_m * 1e6)
+    return parameters, 4 * parameters

@@ -16,11 +16,9 @@ from ._errors import ConfigError, HubResponseError, LocalEntryNotFoundError, Not
 from ._hashing import git_blob_id, sha256_file
 from ._layout import (
     CONFIG,
-    INDEX,
-    OPTIONAL,
     PREPROCESSOR,
-    SINGLE,
     check_filename,
+    files_to_publish,
     is_standard_weight,
     read_json_object,
     weight_files,
@@ -169,8 +167,8 @@ class Run:
         return dest
 
     def check_foreign(self, names: Collection[str]) -> None:
-        """Refuse to replace or delete a file this tool did not put in dino_root (issue 11: ``dino_root: "."``
-        next to the pipeline's own config.json and README.md).
+        """Refuse to replace or delete a file this tool did not put in dino_root (e.g. ``dino_root: "."`` next to
+        the pipeline's own config.json and README.md).
 
         ``names`` are the files the fetch would publish. One of them that is in dino_root but recorded by no
         manifest of ours is adopted if its bytes are exactly the listed file (size and sha256, or git blob id),
@@ -230,9 +228,9 @@ class Run:
                                        "or report it to the repo's owner") from None
 
     def plan(self, names: list[str]) -> list[PlannedFile]:
-        """``names`` and the optional files the repo has, each with what is already on disk."""
+        """Each of ``names`` with what of it is already on disk."""
         out = []
-        for name in names + [n for n in OPTIONAL if n in self.snap.files]:
+        for name in names:
             rf = self.remote(name)
             reuse = self.reusable(rf) is not None
             present = rf.size if reuse else min(self.state.partial_bytes(rf.identity, rf.size), rf.size)
@@ -286,10 +284,7 @@ def dry_run(req: FetchRequest) -> DryRun:
     snap = source.snapshot(req.model, req.revision)
     state = StateDir(req.dino_root)
     run = Run(state, source, snap, state.read_manifest())
-    weights = weight_files(snap.files) or []
-    index = [INDEX] if INDEX in snap.files and SINGLE not in snap.files else []
-    names = [n for n in (CONFIG, PREPROCESSOR) if n in snap.files] + index + weights
-    from ._manifest import FileRecord
+    names = [n for n in files_to_publish(snap.files, weight_files(snap.files) or []) if n in snap.files]
     from ._registry import check_official
 
     listed = {n: FileRecord(f.size, f.sha256) for n, f in snap.files.items() if f.sha256}
