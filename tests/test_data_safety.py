@@ -496,3 +496,48 @@ def test_verify_never_writes_through_a_linked_state_folder(hub: HubServer, tiny:
     report = verify_dinov3(dino_root, deep=True)
     assert report.ok
     assert {p.name: p.read_bytes() for p in shared.iterdir() if p.is_file()} == before
+
+
+def _left_by(folder: Path, files: dict[str, int], beat: bytes = b"4242 17\n") -> Path:
+    """A partial or staged folder as a fetcher of another host left it when it was killed: its files and a
+    heartbeat that nobody beats any more."""
+    folder.mkdir(parents=True)
+    for name, size in files.items():
+        (folder / name).write_bytes(b"\0" * size)
+    (folder / "heartbeat").write_bytes(beat)
+    return folder
+
+
+def test_other_hosts_abandoned_leftovers_are_shown_then_removed_by_a_fetch_of_another_model(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, run_cli: Any) -> None:
+    state = dino_root / ".dinov3-fetcher"
+    partial = _left_by(state / "partial" / f"{'a' * 64}.hostB.4242", {"data": 3 * MiB, "progress.json": 4096})
+    staged = _left_by(state / "staged" / "hostB.4243", {f"{'b' * 64}.model.safetensors": 2 * MiB})
+    info = json.loads(run_cli("info", "--dino-root", str(dino_root), "--json").stdout)["leftovers"]
+    assert info["count"] == 2 and info["bytes"] == 5 * MiB + 4096 + 2 * len(b"4242 17\n")
+    assert set(info["folders"]) == {f"partial/{partial.name}", f"staged/{staged.name}"}
+    text = run_cli("info", "--dino-root", str(dino_root)).stdout
+    assert "left over:  2 partial or staged download folder(s) of other fetchers, 5.2 MB" in text, text
+    # Another model, on this host: it watches their heartbeats from its start and removes those that stayed
+    # still for the staleness time (DINOV3_FETCHER_STALE_AFTER, the documented setting, made 0 here).
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY, "-q", DINOV3_FETCHER_STALE_AFTER="0")
+    assert r.returncode == 0, r.stderr
+    assert not partial.exists() and not staged.exists()
+    assert (dino_root / MODEL).read_bytes() == tiny[MODEL]
+    assert "left over:  nothing" in run_cli("info", "--dino-root", str(dino_root)).stdout
+
+
+def test_a_live_fetcher_of_another_host_keeps_its_folders_through_a_fetch_of_another_model(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, run_cli: Any) -> None:
+    claim = _left_by(dino_root / ".dinov3-fetcher" / "partial" / f"{'c' * 64}.hostC.77", {"data": MiB})
+    beats = ("import pathlib, sys, time\nbeat = pathlib.Path(sys.argv[1])\nfor n in range(10**9):\n"
+             "    beat.write_bytes(f'77 {n:>20}\\n'.encode())\n    time.sleep(0.1)\n")
+    owner = subprocess.Popen([sys.executable, "-c", beats, str(claim / "heartbeat")])  # host C's heartbeat thread
+    try:
+        r = run_cli("--dino-root", str(dino_root), "--model", TINY, "-q")  # the default staleness time
+        assert r.returncode == 0, r.stderr
+        assert (claim / "data").stat().st_size == MiB  # its beat changed while watched: alive, kept
+    finally:
+        owner.kill()
+        owner.wait()
+    assert (dino_root / MODEL).read_bytes() == tiny[MODEL]

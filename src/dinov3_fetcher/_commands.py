@@ -7,7 +7,9 @@ for messages; with --json only the returned dict is printed (by cli.py), as one 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -196,6 +198,11 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
             *(f"  {n:<40} {human_bytes(r.size):>10}  sha256 {r.sha256[:16]}..." for n, r in sorted(m.files.items())),
             f"total:      {human_bytes(sum(r.size for r in m.files.values()))}",
         ]
+    left = _leftovers(StateDir(root))
+    lines.append("left over:  " + (f"{len(left)} partial or staged download folder(s) of other fetchers, "
+                                   f"{human_bytes(sum(left.values()))} (a fetch removes each once its owner is gone: "
+                                   "a dead process here, or a heartbeat that stopped on another host)" if left else
+                                   "nothing"))
     lines.append(f"requested:  {req.model}@{req.revision} from {req.source} -> " + ("matches, valid" if why is None else
                                                                   f"does NOT match: {why}"))
     _out(args, "\n".join(lines))
@@ -209,5 +216,18 @@ def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
         "requested": {"repo_id": req.model, "revision": req.revision, "source": req.source}, "matches": why is None,
         "problems": problems, "source": m.source if m else None, "endpoint": m.endpoint if m else None,
         "official": m.official if m else None, "official_check": check.to_dict() if check else None,
-        "manifest_damage": damage,
+        "manifest_damage": damage, "leftovers": {"count": len(left), "bytes": sum(left.values()), "folders": left},
     }
+
+
+def _leftovers(state: StateDir) -> dict[str, int]:
+    """The state folder's partial and staged folders (no fetcher of this process runs): path -> bytes."""
+    out = {}
+    for kind, folder in state.leftovers():
+        total = 0
+        for base, _, names in os.walk(folder):  # links are not followed
+            for name in names:
+                with contextlib.suppress(OSError):
+                    total += (Path(base) / name).lstat().st_size
+        out[f"{kind}/{folder.name}"] = total
+    return out

@@ -159,6 +159,7 @@ def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None 
             old = state.read_manifest()  # once under the lock
             if not (update or repair) and (m := ready(req, old)):
                 return _cached(req, m, t0)
+            state.watch_leftovers()  # other hosts' leftovers: judged by their heartbeats when this fetch ends
             result = _fetch_locked(state, req, old, progress, repair=repair, observer=observer)
     except KeyboardInterrupt:
         state.remove_if_empty(created)

@@ -376,9 +376,33 @@ class StateDir:
         with on_disk(self.root):
             self.write_manifest(manifest)
 
+    def leftovers(self) -> list[tuple[str, Path]]:
+        """Every partial and staged folder that is not ours, as (kind, folder): what a fetch cleans up once their
+        owners are gone, and what ``info`` counts until then."""
+        mine = owner_tag()
+        out: list[tuple[str, Path]] = []
+        for kind, top in (("partial", self.partial), ("staged", self.staged)):
+            with contextlib.suppress(OSError):
+                out += [(kind, p) for p in sorted(top.iterdir()) if p.is_dir() and not p.is_symlink()
+                        and not p.name.endswith(f".{mine}") and p.name != mine]
+        return out
+
+    def watch_leftovers(self) -> None:
+        """Start watching the heartbeats of other hosts' partial and staged folders (whatever model they are
+        of): a fetch does it as it begins, so that ``drop_stale`` at its end can tell those whose owner is gone
+        without waiting the staleness time then (only what is left of it, for folders first seen late)."""
+        for kind, folder in self.leftovers():
+            if other_host(folder.name if kind == "staged" else folder.name.partition(".")[2]):
+                HEARTBEATS.verdict(folder, kind)
+
     def drop_stale(self) -> None:
         """After a successful fetch: partial downloads nobody owns (changed files, other models), our staged
-        folder, and those of gone fetchers. Never another live fetcher's files."""
+        folder, and those of gone fetchers, on this host (a dead pid) or another (a heartbeat that stayed
+        unchanged for the staleness time: other hosts' folders are watched until each has its verdict, which
+        ``watch_leftovers`` began). Never another live fetcher's files."""
+        for kind in ("partial", "staged"):
+            HEARTBEATS.watch([f for k, f in self.leftovers() if k == kind and
+                              other_host(f.name if kind == "staged" else f.name.partition(".")[2])], kind)
         with on_disk(self.root):
             for p in self.partial.iterdir():
                 identity = p.name.split(".", 1)[0]
