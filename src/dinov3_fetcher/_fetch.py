@@ -259,7 +259,7 @@ def _fetch_weights(run: Run, names: list[str], files_at_once: int, get: Callable
         raise next((e for e in errors if not isinstance(e, FetchInterrupted)), errors[0])
 
 
-def _unrecorded(root: Path, old: Manifest | None) -> bool:
+def _holds_unrecorded_files(root: Path, old: Manifest | None) -> bool:
     """Is there a file under a name a fetch publishes (or a standard weight name) that no manifest records?"""
     ours = set(old.files) | set(old.previous) if old else set()
     try:
@@ -278,7 +278,7 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
 
     settings = Settings.from_env()
     pool = HttpPool(settings.timeout, "")
-    head_start = not _unrecorded(state.root, old)
+    head_start = not _holds_unrecorded_files(state.root, old)
     if req.source == "hf" and head_start:
         # The head start's first requests (config.json and both layouts; one layout on an update) will find
         # these open: their handshakes overlap the Hub client's import below (~0.15 s).
@@ -309,12 +309,12 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
         run = Run(state, source, snap, old, transfer, repair=repair)
         publishing = files_to_publish(snap.files, weight_files(snap.files) or [])  # shards by their listed names
         run.check_foreign(publishing)  # before any download
-        cfg = run.json(CONFIG)
+        cfg = run.fetch_json(CONFIG)
         if reason := config_problem(cfg) or registry_mismatch(req.model, cfg):
             raise NotDinov3Error(f"{req.model} is not a usable DINOv3 checkpoint: {reason}",
                                  "pick a DINOv3 repo ('dinov3-fetcher list' shows the official ones)")
         run.fetch_file(PREPROCESSOR)
-        weights = weight_files(snap.files, lambda: run.json(INDEX))
+        weights = weight_files(snap.files, lambda: run.fetch_json(INDEX))
         if weights is None:
             raise NotDinov3Error(f"{req.model} has no safetensors weights ({SINGLE} or {INDEX})",
                                  "pick a repo with safetensors weights")

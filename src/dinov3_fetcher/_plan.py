@@ -216,7 +216,7 @@ class Run:
             return digest
         return None
 
-    def json(self, name: str) -> dict[str, Any]:
+    def fetch_json(self, name: str) -> dict[str, Any]:
         """A JSON file of the repo (verified against the listing), parsed; a broken one is the source's fault."""
         path = self.fetch_file(name)
         with on_disk(self.state.root):

@@ -8,16 +8,7 @@
 
 A fetcher owns a partial folder by renaming it to ``<content>.<host>.<pid>`` (a claim) and stages into
 ``staged/<host>.<pid>/``, so two fetchers never write into the same file even where the lock silently
-fails. A claim or staged folder whose owner is gone is adopted by the next fetcher (``STALE_AFTER``).
-
-Whose owner is gone: on this host, a dead pid. On another host (a shared filesystem whose clocks and locks
-cannot be trusted), never a file time: each owner rewrites a counter in its folders' ``heartbeat`` file every
-``HEARTBEAT_EVERY`` seconds from a thread of its own (whatever its downloads do), and another host calls a
-folder abandoned only once it has itself watched that counter stay unchanged for ``STALE_AFTER`` seconds of
-its own monotonic clock. Adopting another host's claim copies its done ranges into a fresh folder of our own
-(the other one is then removed): its owner may still hold its data file open, and must never write into a
-file that we publish. ``DINOV3_FETCHER_HOSTNAME`` overrides the host name in these tags (tests simulate a
-second host with it); ``DINOV3_FETCHER_STALE_AFTER`` overrides the watch time.
+fails. A claim or staged folder whose owner is gone (``owners``) is adopted by the next fetcher.
 """
 
 from __future__ import annotations
@@ -38,33 +29,27 @@ from .._progress import Progress, human_bytes
 from .files import (
     atomic_write_bytes,
     copy_partial,
-    encode_progress,
     missing_bytes,
     open_data,
     own_entries,
-    read_progress,
     remaining,
     save_progress,
     write_new,
 )
 from .owners import (
-    HEARTBEAT_EVERY,
     HEARTBEATS,
-    PROGRESS_PAGE,
     STALE_AFTER,
     host,
     other_host,
     owner_gone,
     owner_tag,
-    stale_after,
 )
 
 if TYPE_CHECKING:
     from filelock import FileLock
 
-__all__ = ["HEARTBEAT_EVERY", "PROGRESS_PAGE", "SPACE_MARGIN", "STALE_AFTER", "StateDir", "atomic_write_bytes",
-           "encode_progress", "fits", "host", "on_disk", "open_data", "other_host", "owner_gone", "owner_tag",
-           "read_progress", "record_for", "remaining", "save_progress", "stale_after", "write_new"]
+__all__ = ["SPACE_MARGIN", "STALE_AFTER", "StateDir", "fits", "host", "on_disk", "open_data", "owner_tag",
+           "record_for", "remaining", "save_progress", "write_new"]
 
 STATE_DIRNAME = ".dinov3-fetcher"
 _TRASH = re.compile(r"\.trash\d+$")  # a claim being removed (see claim): never resumed, always deleted
@@ -199,11 +184,11 @@ class StateDir:
             raise ConfigError(f"{self.lock_path} is a symbolic link", "remove it; the next fetch creates the lock file")
         lock = FileLock(self.lock_path)
         with on_disk(self.root):
-            got = _take(lock, 0)
+            got = _acquire(lock, 0)
         if not got:
             progress.message(f"waiting for another fetcher to finish with {self.root} (up to {timeout:.0f} s)")
             with on_disk(self.root):
-                got = _take(lock, timeout)
+                got = _acquire(lock, timeout)
             if not got:
                 raise LockTimeoutError(
                     f"another fetcher held the lock on {self.root} for more than {timeout:.0f} s",
@@ -228,7 +213,7 @@ class StateDir:
 
         lock = FileLock(self.lock_path)
         try:
-            got = _take(lock, 0)
+            got = _acquire(lock, 0)
         except OSError:
             got = False
         try:
@@ -438,7 +423,7 @@ def record_for(old: Manifest | None, name: str, size: int, sha256: str | None,
     return rec if git_oid is not None and rec.git_oid == git_oid else None
 
 
-def _take(lock: FileLock, timeout: float) -> bool:
+def _acquire(lock: FileLock, timeout: float) -> bool:
     """Acquire ``lock`` within ``timeout`` seconds: False when another holder kept it; OSError when the lock file
     cannot be opened."""
     from filelock import Timeout

@@ -1,4 +1,14 @@
-"""Who owns a claim or staged folder, and when its owner counts as gone (see the package docstring)."""
+"""Who owns a claim or staged folder, and when its owner counts as gone.
+
+Whose owner is gone: on this host, a dead pid. On another host (a shared filesystem whose clocks and locks
+cannot be trusted), never a file time: each owner rewrites a counter in its folders' ``heartbeat`` file every
+``HEARTBEAT_EVERY`` seconds from a thread of its own (whatever its downloads do), and another host calls a
+folder abandoned only once it has itself watched that counter stay unchanged for ``STALE_AFTER`` seconds of
+its own monotonic clock. Adopting another host's claim copies its done ranges into a fresh folder of our own
+(the other one is then removed): its owner may still hold its data file open, and must never write into a
+file that we publish. ``DINOV3_FETCHER_HOSTNAME`` overrides the host name in these tags (tests simulate a
+second host with it); ``DINOV3_FETCHER_STALE_AFTER`` overrides the watch time.
+"""
 
 from __future__ import annotations
 
