@@ -1,7 +1,10 @@
-"""A link shaped by the kernel: the tools run in a network namespace joined to the servers by a veth pair.
+"""Links shaped by the kernel: tools run in network namespaces joined to the servers by veth pairs.
 
     with KernelLink(100e6, queue=0.150) as k:      # needs root, `ip` and `tc` (iproute2)
         subprocess.run(k.wrap(["curl", f"http://{k.host}:8080/x"]))
+
+    with Fabric(8, 25e6) as f:                      # 8 "nodes" on a bridge, each sending at most 25 MB/s
+        subprocess.Popen(f.wrap(3, ["python", "worker.py"]))   # node 3 reaches f.host and f.ip(0..7)
 
 What the kernel does here, and what stays the emulator's (bench/link.py):
 
@@ -17,19 +20,35 @@ What the kernel does here, and what stays the emulator's (bench/link.py):
 
 The namespace and the veth pair are named after this process and removed on ``close`` (also after a failed
 start), so two benches never share one.
+
+``Fabric`` is a cluster instead: N namespaces ("nodes") on a bridge, each node's *egress* shaped by a tbf on its
+own end of its veth (what the node sends, to the other nodes and to the servers on the bridge), so N nodes
+each sending at most B meet the same limits as on a real network, with real kernel TCP between them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
+from pathlib import Path
 
-__all__ = ["KernelLink", "kernel_link_available"]
+__all__ = ["Fabric", "KernelLink", "clean_all", "kernel_link_available"]
 
 
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+def _ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+def _shape(dev: str, rate: float, queue: float, ns: str | None = None) -> None:
+    """A tbf of ``rate`` bytes/s with a ``queue``-second buffer on ``dev``'s egress (in namespace ``ns``)."""
+    burst = max(64 * 1024, int(rate * 0.002))  # 64 KiB at least (a GSO packet), else 2 ms at the rate
+    where = ["ip", "netns", "exec", ns] if ns else []
+    subprocess.run([*where, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{int(rate * 8)}bit",
+                    "burst", str(burst), "latency", f"{queue * 1000:g}ms"], check=True, capture_output=True,
+                   text=True)
 
 
 def kernel_link_available() -> str | None:
@@ -68,11 +87,7 @@ class KernelLink:
             _ip("-n", self.ns, "link", "set", self.ns_if, "up")
             _ip("-n", self.ns, "link", "set", "lo", "up")
             if rate is not None:
-                # burst: 64 KiB at least (a GSO packet), else 2 ms at the rate; latency: the queue's length
-                burst = max(64 * 1024, int(rate * 0.002))
-                subprocess.run(["tc", "qdisc", "add", "dev", self.host_if, "root", "tbf", "rate",
-                                f"{int(rate * 8)}bit", "burst", str(burst), "latency", f"{queue * 1000:g}ms"],
-                               check=True, capture_output=True, text=True)
+                _shape(self.host_if, rate, queue)
         except BaseException:
             self.close()
             raise
@@ -101,3 +116,95 @@ class KernelLink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Fabric:
+    """``nodes`` namespaces on a bridge: node i is namespace ``dv3f-node<i>-<pid>`` with ``eth0`` at ``ip(i)``,
+    its egress shaped to ``rate`` bytes/s; the bridge, in this namespace, is at ``host`` (servers listen there).
+    ``close`` kills every process left in the namespaces (a launcher's children too) and removes them."""
+
+    def __init__(self, nodes: int, rate: float, queue: float = 0.150) -> None:
+        why = kernel_link_available()
+        if why is not None:
+            raise RuntimeError(f"fabric: {why}")
+        pid = os.getpid()
+        self.nodes, self.tag = nodes, f"{pid % 100000}"
+        self.bridge = f"dv3f{self.tag}br"
+        self.net = f"10.214.{1 + pid % 250}"
+        self.host = f"{self.net}.1"
+        try:
+            _ip("link", "add", self.bridge, "type", "bridge")
+            _ip("addr", "add", f"{self.host}/24", "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
+            for i in range(nodes):
+                ns, peer = self.ns(i), f"dv3f{self.tag}p{i}"
+                _ip("netns", "add", ns)
+                _ip("link", "add", self.veth(i), "type", "veth", "peer", "name", peer)
+                _ip("link", "set", peer, "netns", ns)
+                _ip("-n", ns, "link", "set", peer, "name", "eth0")
+                _ip("link", "set", self.veth(i), "master", self.bridge, "up")
+                _ip("-n", ns, "addr", "add", f"{self.ip(i)}/24", "dev", "eth0")
+                _ip("-n", ns, "link", "set", "eth0", "up")
+                _ip("-n", ns, "link", "set", "lo", "up")
+                _shape("eth0", rate, queue, ns)
+        except BaseException:
+            self.close()
+            raise
+
+    def ns(self, i: int) -> str:
+        return f"dv3f-node{i}-{os.getpid()}"
+
+    def ip(self, i: int) -> str:
+        return f"{self.net}.{10 + i}"
+
+    def veth(self, i: int) -> str:
+        return f"dv3f{self.tag}v{i}"  # the bridge's end; the node's end is eth0 in its namespace
+
+    def wrap(self, i: int, argv: list[str], hostname: str | None = None) -> list[str]:
+        """``argv`` run in node ``i``'s namespace, with ``hostname`` as its host name (a UTS namespace of its
+        own) when given."""
+        named = ["unshare", "-u", "sh", "-c", f'hostname {hostname} && exec "$@"', "sh"] if hostname else []
+        return ["ip", "netns", "exec", self.ns(i), *named, *argv]
+
+    def sent(self) -> list[int]:
+        """The bytes each node has sent so far: what the bridge's end of its veth received."""
+        return [int(Path(f"/sys/class/net/{self.veth(i)}/statistics/rx_bytes").read_text())
+                for i in range(self.nodes)]
+
+    def close(self) -> None:
+        for i in range(self.nodes):
+            clean_namespace(self.ns(i))
+            subprocess.run(["ip", "link", "del", self.veth(i)], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+
+    def __enter__(self) -> Fabric:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def clean_namespace(ns: str) -> None:
+    """Kill every process in namespace ``ns``, then remove it (nothing happens if it does not exist)."""
+    with contextlib.suppress(subprocess.CalledProcessError):
+        for pid in _ip("netns", "pids", ns).split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+    subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def clean_all() -> list[str]:
+    """Remove what killed benches left: each ``dv3f-`` namespace whose bench process is gone (its processes are
+    killed; its veth pairs go with it), then each bench bridge left without a port."""
+    gone = []
+    for line in _ip("netns", "list").splitlines():
+        name = line.split()[0] if line.split() else ""
+        owner = name.rpartition("-")[2]
+        if name.startswith("dv3f-") and owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            clean_namespace(name)
+            gone.append(name)
+    for bridge in Path("/sys/class/net").glob("dv3f*br"):
+        if not any((bridge / "brif").iterdir()):
+            subprocess.run(["ip", "link", "del", bridge.name], capture_output=True)
+            gone.append(bridge.name)
+    return gone

@@ -39,6 +39,18 @@ def link_series(results: dict[str, Any]) -> tuple[list[str], dict[str, list[Stat
     return groups, series
 
 
+def _save(fig: Any, ax: Any, out: Path) -> Path:
+    """The legend, then the figure into ``out`` (a PNG)."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def draw_links(results: dict[str, Any], out: Path) -> Path:
     """Draw the links figure from ``results`` (bench/run.py's JSON) into ``out`` (a PNG)."""
     import matplotlib
@@ -66,12 +78,35 @@ def draw_links(results: dict[str, Any], out: Path) -> Path:
     ax.set_title(f"{results.get('checkpoint', '')} {size / 1e9:.2f} GB checkpoint, "
                  f"{results.get('rounds', '?')} rounds, "
                  f"{versions.get('cpus', '?')} CPUs, {results.get('when', '')}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, out)
+
+
+def draw_nodes(runs: list[dict[str, Any]], out: Path) -> Path:
+    """The multi-node figure from bench/share.py's JSON (one or more runs, e.g. before and after): the job's
+    seconds against the number of nodes, and the ideal S / B (one transfer at the nodes' rate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), dpi=120)
+    for run in runs:
+        rows = run["rows"]
+        ax.plot([r["nodes"] for r in rows], [r["seconds"] for r in rows], marker="o", label=run["label"])
+        for r in rows:
+            ax.annotate(f"{r['seconds']:.1f}", (r["nodes"], r["seconds"]), fontsize=7, xytext=(0, 4),
+                        textcoords="offset points", ha="center")
+    first = runs[0]
+    ideal = first["size"] / first["rate"]
+    ax.axhline(ideal, color="gray", linestyle="--", linewidth=1, label=f"S / B = {ideal:.1f} s")
+    ax.set_xlabel("nodes")
+    ax.set_ylabel("job seconds (the longest fetch_once)")
+    ax.set_xticks(sorted({r["nodes"] for run in runs for r in run["rows"]}))
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{first['size'] / 1e6:.0f} MB to N nodes, each sending at most {first['rate'] * 8 / 1e6:.0f} Mbit/s",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    return _save(fig, ax, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,9 @@ class Checkpoint:
 
 
 CHECKPOINTS = {
+    # ViT-B/16, 343 MB, single file (the multi-node bench's workload)
+    "vitb16": Checkpoint("vitb16", "facebook/dinov3-vitb16-pretrain-lvd1689m", "bench-org/dinov3-vitb16-sharded",
+                         768, 3072, 12, 12, kinds=("single",)),
     # ViT-L/16, 1.21 GB; the shards under the satellite id (same architecture, so the registry check passes)
     "vitl16": Checkpoint("vitl16", "facebook/dinov3-vitl16-pretrain-lvd1689m",
                          "facebook/dinov3-vitl16-pretrain-sat493m", 1024, 4096, 24, 16),

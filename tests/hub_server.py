@@ -65,6 +65,7 @@ import re
 import socket
 import ssl
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -683,9 +684,16 @@ class _Server(ThreadingHTTPServer):
                 return
         super().finish_request(request, client_address)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionResetError):
+            return  # a client that exited with a kept-alive connection open: nothing to report
+        super().handle_error(request, client_address)
+
 
 class HubServer:
-    def __init__(self, *, xet: bool = False, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, *, xet: bool = False, tls: ssl.SSLContext | None = None,
+                 hosts: tuple[str, str] = ("127.0.0.1", "127.0.0.2")) -> None:
+        """``hosts``: where the Hub and its CDN listen (the same address is fine: they differ by port)."""
         self._lock = threading.Lock()
         self.requests: list[Request] = []
         self.faults = Faults()
@@ -709,10 +717,10 @@ class HubServer:
         self.signatures: dict[str, _Signed] = {}
         self._signed_count = 0
         self.tls_failures = 0  # TLS handshakes that failed (a client that did not trust the certificate)
-        self._servers = [_Server("127.0.0.1", self, "hub", tls), _Server("127.0.0.2", self, "cdn", tls)]
+        self._servers = [_Server(hosts[0], self, "hub", tls), _Server(hosts[1], self, "cdn", tls)]
         scheme = "https" if tls is not None else "http"
-        self.endpoint = f"{scheme}://127.0.0.1:{self._servers[0].server_address[1]}"
-        self.cdn_endpoint = f"{scheme}://127.0.0.2:{self._servers[1].server_address[1]}"
+        self.endpoint = f"{scheme}://{hosts[0]}:{self._servers[0].server_address[1]}"
+        self.cdn_endpoint = f"{scheme}://{hosts[1]}:{self._servers[1].server_address[1]}"
         for s in self._servers:
             threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
