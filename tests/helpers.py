@@ -1,17 +1,24 @@
-"""Small shortcuts the tests share: a fetch with its detailed result, the dry run by arguments, waiting for a
-group of processes (the torchrun "nodes") with one deadline, digests and trees of what is on disk, the CLI's one
-error line, and a pid that no process has."""
+"""Small shortcuts the tests share: a fetch with its detailed result, the dry run by arguments, the CLI in this
+process (where a subprocess would only pay the imports again), waiting for a group of processes (the torchrun
+"nodes") with one deadline, digests and trees of what is on disk, the CLI's one error line, and a pid that no
+process has."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import json
 import os
+import signal
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from dinov3_fetcher import FetchResult, fetch_dinov3
+from dinov3_fetcher import FetchResult, _cli, fetch_dinov3
 from dinov3_fetcher._config import make_request
 from dinov3_fetcher._plan import DryRun, dry_run
 
@@ -22,6 +29,35 @@ def fetch(dino_root: str | os.PathLike[str], model: str, **kwargs: Any) -> Fetch
 
 def plan(dino_root: str | os.PathLike[str], model: str, revision: str | None = None) -> DryRun:
     return dry_run(make_request(dino_root, model, revision))
+
+
+class _MainThread(io.StringIO):
+    """A stream that keeps what the main thread (the command) writes and passes the emulator's threads' writes
+    (their tracebacks of connections the client closed) on to ``other``."""
+
+    def __init__(self, other: Any) -> None:
+        super().__init__()
+        self.other = other
+
+    def write(self, text: str) -> int:
+        if threading.current_thread() is threading.main_thread():
+            return super().write(text)
+        return int(self.other.write(text))
+
+    def isatty(self) -> bool:
+        return False
+
+
+def run_cli_here(args: list[str]) -> tuple[int, str, str]:
+    """``dinov3-fetcher ARGS`` in this process: exit code, stdout, stderr."""
+    out, err = _MainThread(sys.stdout), _MainThread(sys.stderr)
+    sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = _cli.main(args)
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    return code, out.getvalue(), err.getvalue()
 
 
 def wait_all(procs: list[subprocess.Popen[str]], timeout: float) -> list[subprocess.CompletedProcess[str]]:
@@ -38,6 +74,31 @@ def wait_all(procs: list[subprocess.Popen[str]], timeout: float) -> list[subproc
                 p.kill()
                 p.wait()
     return done
+
+
+def partial_progress(dino_root: Path) -> dict[str, int]:
+    """The partial downloads in dino_root: folder name -> bytes on disk as its progress record says (a record
+    caught while the fetcher rewrites it counts as none)."""
+    out = {}
+    for pj in (dino_root / ".dinov3-fetcher" / "partial").glob("*/progress.json"):
+        try:
+            data = json.loads(pj.read_bytes())
+        except (OSError, ValueError):
+            continue
+        out[pj.parent.name] = data["size"] - sum(e - s for s, e in data["remaining"])
+    return out
+
+
+def socket_queues(port: int) -> int:
+    """Bytes queued in the kernel (send + receive queues) on every TCP socket with ``port`` at either end."""
+    total = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, queues = fields[1], fields[2], fields[4]
+        if int(local.split(":")[1], 16) == port or int(remote.split(":")[1], 16) == port:
+            tx, rx = queues.split(":")
+            total += int(tx, 16) + int(rx, 16)
+    return total
 
 
 def sha256(data: bytes) -> str:

@@ -28,7 +28,7 @@ from conftest import TINY, checkpoint_tree, cli_env
 from dinov3_fetcher import fetch_dinov3
 from dinov3_fetcher._progress import human_bytes
 from dinov3_fetcher._state import SPACE_MARGIN
-from helpers import error_line, tree
+from helpers import error_line, partial_progress, tree
 from hub_server import HubServer
 
 MiB = 1 << 20
@@ -63,11 +63,7 @@ def fill_inodes(where: Path) -> int:
 
 
 def kept(dino_root: Path) -> int:
-    total = 0
-    for pj in (dino_root / ".dinov3-fetcher" / "partial").glob("*/progress.json"):
-        data = json.loads(pj.read_bytes())
-        total += data["size"] - sum(e - s for s, e in data["remaining"])
-    return total
+    return sum(partial_progress(dino_root).values())
 
 
 def fetch(run_cli: Any, dino_root: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

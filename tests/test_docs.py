@@ -23,9 +23,7 @@ import itertools
 import json
 import re
 import shlex
-import signal
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import pytest
 
 from dinov3_fetcher import _cli
 from dinov3_fetcher._errors import EXIT_CODES
+from helpers import run_cli_here
 from hub_server import HubServer
 from serve import add_demo_repos
 
@@ -548,35 +547,6 @@ def demo_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
         add_demo_repos(hub)
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
         yield hub
-
-
-class _MainThread(io.StringIO):
-    """A stream that keeps what the main thread (the command) writes and passes the emulator's threads' writes
-    (their tracebacks of connections the client closed) on to ``other``."""
-
-    def __init__(self, other: Any) -> None:
-        super().__init__()
-        self.other = other
-
-    def write(self, text: str) -> int:
-        if threading.current_thread() is threading.main_thread():
-            return super().write(text)
-        return int(self.other.write(text))
-
-    def isatty(self) -> bool:
-        return False
-
-
-def run_cli_here(args: list[str]) -> tuple[int, str, str]:
-    """``dinov3-fetcher ARGS`` in this process: exit code, stdout, stderr."""
-    out, err = _MainThread(sys.stdout), _MainThread(sys.stderr)
-    sigterm = signal.getsignal(signal.SIGTERM)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = _cli.main(args)
-    finally:
-        signal.signal(signal.SIGTERM, sigterm)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.mark.parametrize("block", sessions(), ids=str)

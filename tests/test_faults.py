@@ -20,7 +20,7 @@ import pytest
 
 from checkpoints import vit_repo_files
 from conftest import TINY, checkpoint_tree
-from helpers import error_line, sha256
+from helpers import error_line, partial_progress, sha256
 from hub_server import HubServer, Request
 
 MiB = 1 << 20
@@ -30,15 +30,6 @@ MODEL = "model.safetensors"
 def small_files(seed: int = 0) -> dict[str, bytes]:
     """A ~12.6 MB ViT checkpoint: big enough for several 1 MiB blocks, small enough for one connection."""
     return vit_repo_files(seed=seed, hidden=256, intermediate=1024, layers=4)
-
-
-def partial_progress(dino_root: Path) -> dict[str, int]:
-    """Partial downloads kept in dino_root: folder name -> bytes already on disk (per progress.json)."""
-    out = {}
-    for pj in (dino_root / ".dinov3-fetcher" / "partial").glob("*/progress.json"):
-        data = json.loads(pj.read_bytes())
-        out[pj.parent.name] = data["size"] - sum(e - s for s, e in data["remaining"])
-    return out
 
 
 def model_gets(hub: HubServer) -> list[Request]:

@@ -16,6 +16,7 @@ from checkpoints import shard_files, vit_repo_files
 from conftest import GRANTED, TINY, start
 from dinov3_fetcher import fetch_dinov3, validate_dinov3
 from dinov3_fetcher._errors import AuthenticationError, NotDinov3Error
+from helpers import socket_queues
 from hub_server import HubServer
 
 MODEL = "model.safetensors"
@@ -184,10 +185,15 @@ def test_ctrl_c_during_a_sharded_head_start_exits_promptly_and_resumes(hub: HubS
     files = shard_files(vit_repo_files(hidden=256, intermediate=1024, layers=4), 3)  # 3 x ~4.5 MB
     hub.add_repo(TINY, files)
     shards = sorted(n for n in files if n.startswith("model-"))
-    hub.faults.add(path_suffix=".safetensors", host="cdn", pause_at=2 * MiB)  # every shard's body waits there
+    hub.faults.add(path_suffix=".safetensors", host="cdn", pause_at=3 * MiB)  # every shard's body waits there
     proc = start(dino_root, DINOV3_FETCHER_TIMEOUT="600")  # no read gives up on its own
-    # 4 MiB: with the shards at once, each has had a whole 1 MiB read (the unit a stream writes and records)
-    _wait_for(lambda: sum(hub.bytes_served(n) for n in shards) >= 4 * MiB or proc.poll() is not None)
+    port = int(hub.cdn_endpoint.rsplit(":", 1)[1])
+
+    def all_paused_and_read() -> bool:  # each stream read its 3 MiB, so wrote its first 1 MiB reads
+        gets = [r for r in hub.file_gets(".safetensors") if r.host == "cdn"]
+        return len(gets) >= 2 and all(r.body_bytes == 3 * MiB for r in gets) and not socket_queues(port)
+
+    _wait_for(lambda: all_paused_and_read() or proc.poll() is not None)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate()  # it exits while the server still holds every body: it waits for no read

@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -330,10 +331,10 @@ def test_fault_corrupt_at(hub: HubServer) -> None:
 
 def test_fault_stall(hub: HubServer) -> None:
     hub.faults.add(stall_after=100, stall_seconds=0.5)
+    t = time.monotonic()
     r = get(blob_url(hub))
     assert r.read(100) == BLOB[:100] and r.read() == BLOB[100:]
-    (rec,) = hub.file_gets("blob.bin")
-    assert rec.done is not None and rec.done - rec.t >= 0.5  # the body took the stall, at least
+    assert time.monotonic() - t >= 0.49  # the body took the stall, at least
 
 
 def test_fault_pause_at_holds_the_body_until_resumed(hub: HubServer) -> None:
@@ -367,9 +368,9 @@ def test_fault_no_content_length_and_chunked(hub: HubServer) -> None:
 
 def test_fault_throttle(hub: HubServer) -> None:
     hub.faults.add(throttle_bps=len(BLOB) * 2)  # ~0.5 s for the whole blob
+    t = time.monotonic()
     assert get(blob_url(hub)).read() == BLOB
-    (rec,) = hub.file_gets("blob.bin")
-    assert rec.done is not None and rec.done - rec.t >= 0.45  # no faster than the rate allows
+    assert time.monotonic() - t >= 0.49  # no faster than the rate allows
 
 
 def test_client_retries_through_a_cut(hub: HubServer, tmp_path: Path) -> None:

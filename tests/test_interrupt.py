@@ -27,6 +27,7 @@ from conftest import TINY, cli_env, start
 from dinov3_fetcher import _job, validate_dinov3
 from dinov3_fetcher import _transfer as transfer
 from dinov3_fetcher._budget import READ_AHEAD
+from helpers import socket_queues
 from hub_server import HubServer
 
 MiB = 1 << 20
@@ -44,25 +45,13 @@ def kill_bound(connections: int | None) -> int:
     return SAVE_EVERY + in_flight + transfer.Settings.block
 
 
-def _socket_queues(port: int) -> int:
-    """Bytes queued in the kernel (send + receive queues) on every TCP socket with ``port`` at either end."""
-    total = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, remote, queues = fields[1], fields[2], fields[4]
-        if int(local.split(":")[1], 16) == port or int(remote.split(":")[1], 16) == port:
-            tx, rx = queues.split(":")
-            total += int(tx, 16) + int(rx, 16)
-    return total
-
-
 def freeze(hub: HubServer, proc: subprocess.Popen[str]) -> None:
     """Stop the server sending (``hub.gate``) and wait until the fetcher has read every byte the kernel holds for
     it. What the server counts as sent is then what the fetcher received: a kill right after costs what the
     design bounds (``kill_bound``), whatever the machine's load, instead of what sat in socket buffers."""
     hub.gate.clear()
     port = int(hub.cdn_endpoint.rsplit(":", 1)[1])
-    while _socket_queues(port) and proc.poll() is None:  # a fetcher that stopped reading ends at the timeout
+    while socket_queues(port) and proc.poll() is None:  # a fetcher that stopped reading ends at the timeout
         time.sleep(0.005)
 
 
@@ -299,7 +288,7 @@ def test_sigint_during_a_stalled_read_does_not_wait_for_the_read_timeout(hub: Hu
     hub.faults.add(path_suffix=MODEL, host="cdn", pause_at=2 * MiB)  # the body stops there until hub.resume
     proc = start(dino_root, DINOV3_FETCHER_TIMEOUT="600")  # longer than the test may run
     port = int(hub.cdn_endpoint.rsplit(":", 1)[1])
-    while not hub.paused.is_set() or _socket_queues(port):  # it has read every byte sent: blocked in a read now
+    while not hub.paused.is_set() or socket_queues(port):  # it has read every byte sent: blocked in a read now
         time.sleep(0.005)
         assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)

@@ -22,7 +22,7 @@ from conftest import TINY, cli_env, needs_load
 from dinov3_fetcher import _load as load
 from dinov3_fetcher import fetch_dinov3
 from dinov3_fetcher._errors import LoadError, VerificationError
-from helpers import error_line
+from helpers import error_line, run_cli_here
 from hub_server import HubServer
 
 CONVNEXT = "tiny-org/dinov3-convnext-tiny"
@@ -118,16 +118,16 @@ def test_check_load_tiny_convnext(hub: HubServer, dino_root: Path) -> None:
 
 @needs_load
 def test_verify_load_through_the_cli(fetched: Path, run_cli: Any) -> None:
-    proc = run_cli("verify", "--dino-root", str(fetched), "--load", "--json")
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
-    assert out["ok"] is True
-    assert out["load"]["model_class"] == "DINOv3ViTModel"
-    assert out["load"]["output_shape"] == [1, VIT_TOKENS, 32]
     human = run_cli("verify", "--dino-root", str(fetched), "--load")
     assert human.returncode == 0, human.stderr
     assert "load: model_class DINOv3ViTModel" in human.stderr
     assert f"output_shape [1, {VIT_TOKENS}, 32]" in human.stderr
+    code, stdout, _ = run_cli_here(["verify", "--dino-root", str(fetched), "--load", "--json"])  # the same, as JSON
+    assert code == 0
+    out = json.loads(stdout)
+    assert out["ok"] is True
+    assert out["load"]["model_class"] == "DINOv3ViTModel"
+    assert out["load"]["output_shape"] == [1, VIT_TOKENS, 32]
 
 
 @needs_load
@@ -142,10 +142,10 @@ def test_load_teacher_with_a_fractional_hub_timeout(fetched: Path) -> None:
 
 
 @needs_load
-def test_verify_load_unknown_device_exits_14(fetched: Path, run_cli: Any) -> None:
-    proc = run_cli("verify", "--dino-root", str(fetched), "--load", "--device", "tpu-please")
-    assert proc.returncode == 14, proc.stderr
-    assert "unknown device" in proc.stderr
+def test_verify_load_unknown_device_exits_14(fetched: Path) -> None:
+    code, _, stderr = run_cli_here(["verify", "--dino-root", str(fetched), "--load", "--device", "tpu-please"])
+    assert code == 14, stderr
+    assert "unknown device" in error_line(stderr)
 
 
 @needs_load
