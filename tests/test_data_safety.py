@@ -13,6 +13,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -541,3 +543,68 @@ def test_a_live_fetcher_of_another_host_keeps_its_folders_through_a_fetch_of_ano
         owner.kill()
         owner.wait()
     assert (dino_root / MODEL).read_bytes() == tiny[MODEL]
+
+
+def _syscalls(trace: Path) -> list[tuple[str, str, str]]:
+    """strace's record as (call, path, second path) in order: ("open", path, ""), ("fsync", path the descriptor
+    was opened on, ""), ("rename", source, destination). One process: its threads share the descriptors."""
+    pending: dict[str, str] = {}
+    fds: dict[str, str] = {}
+    out: list[tuple[str, str, str]] = []
+    for raw in trace.read_text().splitlines():
+        pid, _, line = raw.partition(" ")
+        if line.endswith("<unfinished ...>"):
+            pending[pid] = line.removesuffix("<unfinished ...>")
+            continue
+        if line.startswith("<... ") and pid in pending:
+            line = pending.pop(pid) + line.partition("resumed>")[2]
+        call, _, rest = line.partition("(")
+        paths = re.findall(r'"((?:[^"\\]|\\.)*)"', rest)
+        result = rest.rpartition("= ")[2].split()[0] if "= " in rest else ""
+        if call in ("open", "openat") and result.isdigit() and paths:
+            fds[result] = paths[-1]
+            out.append(("open", paths[-1], ""))
+        elif call in ("fsync", "fdatasync") and result == "0":
+            out.append(("fsync", fds.get(rest.partition(")")[0].strip(), "?"), ""))
+        elif call.startswith("rename") and result == "0" and len(paths) == 2:
+            out.append(("rename", paths[0], paths[1]))
+    return out
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (apt-get install strace)")
+@pytest.mark.parametrize("sharded", [False, True])
+def test_publishing_syncs_every_file_and_folder_before_the_manifest_that_says_complete(
+        hub: HubServer, dino_root: Path, tmp_path: Path, sharded: bool) -> None:
+    """Crash consistency, by the order of the system calls of a real CLI run (strace): after a power loss the
+    manifest can only say 'complete' over bytes and names that reached the disk before it."""
+    files = vit_repo_files()
+    hub.add_repo(TINY, shard_files(files, 2) if sharded else files)
+    trace = tmp_path / "trace"
+    calls_traced = "trace=open,openat,fsync,fdatasync,rename,renameat,renameat2"
+    cli = [sys.executable, "-m", "dinov3_fetcher", "--dino-root", str(dino_root), "--model", TINY, "-q"]
+    proc = subprocess.run(["strace", "-f", "-qq", "-s", "4096", "-o", str(trace), "-e", calls_traced, *cli],
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    calls = _syscalls(trace)
+    state, manifest = str(dino_root / ".dinov3-fetcher"), str(dino_root / ".dinov3-fetcher" / "manifest.json")
+    names = sorted(p.name for p in dino_root.iterdir() if p.is_file())
+    assert len(names) >= (6 if sharded else 5)
+    moves = {dst: (i, src) for i, (call, src, dst) in enumerate(calls) if call == "rename"}
+    writes = [i for i, (call, _, dst) in enumerate(calls) if call == "rename" and dst == manifest]
+    assert len(writes) == 2  # the manifest that says incomplete, then the one that says complete
+    incomplete, complete = writes
+    fsyncs = [(i, path) for i, (call, path, _) in enumerate(calls) if call == "fsync"]
+
+    def synced(path: str, after: int, before: int) -> bool:
+        return any(after < i < before and p == path for i, p in fsyncs)
+
+    first_move = min(moves[str(dino_root / n)][0] for n in names)
+    last_move = max(moves[str(dino_root / n)][0] for n in names)
+    assert incomplete < first_move and synced(state, incomplete, first_move)  # 'incomplete' on the disk first
+    for n in names:
+        at, src = moves[str(dino_root / n)]
+        assert synced(src, 0, at), n  # the bytes before the name
+        assert synced(str(Path(src).parent), at, complete), n  # the staged folder it left
+    assert synced(str(dino_root), last_move, complete)  # the published names
+    assert synced(moves[manifest][1], incomplete, complete)  # the complete manifest's own bytes
+    assert synced(state, complete, len(calls))  # and its name

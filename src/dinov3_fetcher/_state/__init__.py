@@ -34,6 +34,8 @@ from .files import (
     own_entries,
     remaining,
     save_progress,
+    sync_dir,
+    sync_file,
     write_new,
 )
 from .owners import (
@@ -101,8 +103,9 @@ class StateDir:
             return None, f"it {exc}" if str(exc).startswith(("is ", "holds ")) else str(exc)
 
     def write_manifest(self, manifest: Manifest) -> None:
-        """Replace manifest.json atomically."""
+        """Replace manifest.json atomically and durably: its bytes, then its name (the state folder) on the disk."""
         atomic_write_bytes(self.manifest_path, manifest.to_json())
+        sync_dir(self.path)
 
     def ensure(self) -> None:
         """Create the partial and staged folders.
@@ -338,6 +341,12 @@ class StateDir:
         the incomplete one of a publish that stopped half-way). After such a stop, also the standard weight
         names transformers would load in place of ours; without any manifest, nothing (a user's file under
         a name we publish was refused or adopted before: ``Run.check_foreign``).
+
+        Crash-consistent (a power loss, not only a killed process): the incomplete manifest is on the disk
+        before a file moves; every file's bytes are before its name is published; the folders' entries (the
+        published names, the staged folders they left, the removed files) are before the manifest that says
+        complete, which is itself synced with its folder. Synced as the disk is: a disk that loses what it
+        acknowledged (a write cache without power-loss protection) is beyond any of this.
         """
         from .._layout import check_filename, is_standard_weight
 
@@ -346,6 +355,8 @@ class StateDir:
         manifest.previous = sorted((set(old.files) | set(old.previous)) - set(paths)) if old else []
         with on_disk(self.root):
             self.write_manifest(manifest)
+            for src in paths.values():
+                sync_file(src)
             for name, src in paths.items():
                 if src != self.root / name:
                     os.replace(src, self.root / name)
@@ -359,6 +370,8 @@ class StateDir:
         manifest.complete = True
         manifest.previous = []
         with on_disk(self.root):
+            for folder in {self.root, *(src.parent for src in paths.values())}:
+                sync_dir(folder)
             self.write_manifest(manifest)
 
     def leftovers(self) -> list[tuple[str, Path]]:
