@@ -97,20 +97,25 @@ def fetch_once(
     Call it on every rank, after ``torch.distributed.init_process_group`` (any backend) and before the
     teacher is loaded. Without torch, or without an initialised process group, it is ``fetch_dinov3``.
 
-    - ``shared_fs=False`` (default): local rank 0 of each node fetches into that node's dino_root.
+    - ``shared_fs=False`` (default): one rank per node fetches into that node's dino_root: its local rank 0
+      (on global rank 0's node, rank 0 itself).
     - ``shared_fs=True``: global rank 0 fetches; dino_root must be on a filesystem all nodes see.
     - The other ranks wait (up to ``timeout`` seconds), then check dino_root holds the checkpoint, offline.
 
     Every rank returns the same path, or raises the same error: if a fetching rank fails (gated repo, no
     space, network...), every rank raises that error (same type, message and hint); if a waiting rank finds
     dino_root incomplete, every rank raises that VerificationError. The lowest failing rank's error wins.
+    Before anything is fetched, every rank's call is exchanged: a rank that failed to start (its dino_root is
+    a file...) fails every rank with its error, and a rank that asks for another model, revision or source
+    than rank 0, or another ``share`` or ``shared_fs``, fails every rank with a ConfigError.
 
     ``share="broadcast"`` (nodes with their own disks, no shared filesystem): global rank 0 alone fetches from
-    the source; local rank 0 of every other node receives the bytes from it over a gloo group (the job's
-    fabric), verifies each file's sha256 and publishes them in its own dino_root (see ``_broadcast``). Warm nodes
-    receive nothing; a node holding a partial receives only what it misses. The receiving nodes print a
-    progress line on stderr. ``details=True`` returns a ``JobResult`` (path, commit, and with a broadcast the
-    bytes and seconds of every node) instead of the path.
+    the source; one rank of every other node receives the bytes over a gloo group (the job's fabric), relayed
+    along a chain of the nodes so that no link carries them more than once, verifies each file's sha256 and
+    publishes them in its own dino_root (see ``_broadcast``). Warm nodes receive nothing; a node holding a
+    partial receives only what it misses. The receiving nodes print a progress line on stderr.
+    ``details=True`` returns a ``JobResult`` (path, commit, and with a broadcast the bytes and seconds of every
+    node) instead of the path.
     """
     from ._fetch import fetch
 
@@ -156,7 +161,7 @@ def fetch_once(
             failure = collective(first_failure, dist, group, outcome(mine, rank))
             if failure is None and rank not in chosen:
                 try:
-                    check_fetched(req, "rank 0" if shared_fs else "this node's first rank")
+                    check_fetched(req, "rank 0" if shared_fs else "this node's fetching rank")
                 except BaseException as exc:
                     mine = exc
                 failure = collective(first_failure, dist, group, outcome(mine, rank))
