@@ -529,6 +529,19 @@ def test_other_hosts_abandoned_leftovers_are_shown_then_removed_by_a_fetch_of_an
     assert "left over:  nothing" in run_cli("info", "--dino-root", str(dino_root)).stdout
 
 
+def test_a_fetch_never_waits_for_the_verdict_on_another_hosts_leftovers(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, run_cli: Any) -> None:
+    """Leftovers not yet proven abandoned when a fetch ends stay for a later fetch: the fetch returns at once
+    (with an hour's staleness time, a fetch that waited for the verdict would not end within the run's timeout)."""
+    partial = _left_by(dino_root / ".dinov3-fetcher" / "partial" / f"{'d' * 64}.hostB.4242", {"data": MiB})
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY, "-q", DINOV3_FETCHER_STALE_AFTER="3600")
+    assert r.returncode == 0, r.stderr
+    assert (dino_root / MODEL).read_bytes() == tiny[MODEL]
+    assert (partial / "data").stat().st_size == MiB
+    info = json.loads(run_cli("info", "--dino-root", str(dino_root), "--json").stdout)["leftovers"]
+    assert list(info["folders"]) == [f"partial/{partial.name}"]
+
+
 def test_a_live_fetcher_of_another_host_keeps_its_folders_through_a_fetch_of_another_model(
         hub: HubServer, tiny: dict[str, bytes], dino_root: Path, run_cli: Any) -> None:
     claim = _left_by(dino_root / ".dinov3-fetcher" / "partial" / f"{'c' * 64}.hostC.77", {"data": MiB})

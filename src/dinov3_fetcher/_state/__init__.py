@@ -396,11 +396,8 @@ class StateDir:
     def drop_stale(self) -> None:
         """After a successful fetch: partial downloads nobody owns (changed files, other models), our staged
         folder, and those of gone fetchers, on this host (a dead pid) or another (a heartbeat that stayed
-        unchanged for the staleness time: other hosts' folders are watched until each has its verdict, which
-        ``watch_leftovers`` began). Never another live fetcher's files."""
-        for kind in ("partial", "staged"):
-            HEARTBEATS.watch([f for k, f in self.leftovers() if k == kind and
-                              other_host(f.name if kind == "staged" else f.name.partition(".")[2])], kind)
+        unchanged for the staleness time since ``watch_leftovers`` first saw it). Never waits: another host's
+        folder not yet proven abandoned is left for a later fetch. Never another live fetcher's files."""
         with on_disk(self.root):
             for p in self.partial.iterdir():
                 identity = p.name.split(".", 1)[0]
