@@ -187,8 +187,8 @@ def watch_clock(monkeypatch: pytest.MonkeyPatch) -> WatchClock:
     from dinov3_fetcher._state import owners
 
     clock = WatchClock()
-    monkeypatch.setattr(owners.HEARTBEATS, "clock", clock.monotonic)
-    monkeypatch.setattr(owners.HEARTBEATS, "sleep", clock.sleep)
+    monkeypatch.setattr(owners._BEATS, "clock", clock.monotonic)
+    monkeypatch.setattr(owners._BEATS, "sleep", clock.sleep)
     return clock
 
 
@@ -200,6 +200,16 @@ def run_cli() -> Any:
                               capture_output=True, text=True, timeout=timeout, input=input)
 
     return run
+
+
+# The tests that run jobs of many processes (torchrun "nodes", torch imports) go first: under pytest-xdist the many
+# short tests then fill both workers to the end, instead of one long job running alone at the end.
+_FIRST = ("test_share.py", "test_broadcast.py", "test_distributed.py", "test_load.py", "test_bridge.py",
+          "test_interrupt.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: _FIRST.index(item.path.name) if item.path.name in _FIRST else len(_FIRST))
 
 
 from net_fixtures import forward_proxy, olah, tls_hub  # noqa: E402, F401  (fixtures: TLS hub, proxy.py, olah)

@@ -13,8 +13,9 @@ import pytest
 from checkpoints import vit_repo_files
 from conftest import NOTGRANTED, TINY, checkpoint_tree
 from dinov3_fetcher import fetch_dinov3, validate_dinov3
+from dinov3_fetcher._errors import NetworkError
 from dinov3_fetcher._progress import human_bytes
-from helpers import dead_pid, error_line, plan, tree
+from helpers import dead_pid, error_line, plan, run_cli_here, tree
 from hub_server import HubServer
 
 
@@ -60,7 +61,8 @@ def test_python_dash_m_and_quiet(hub: HubServer, tiny: dict[str, bytes], tmp_pat
     ],
 )
 def test_errors_are_one_line_with_the_documented_exit_code(
-    hub: HubServer, tmp_path: Path, run_cli: Any, setup: str, args: list[str], code: int, fragment: str
+    hub: HubServer, tmp_path: Path, run_cli: Any, monkeypatch: pytest.MonkeyPatch, setup: str, args: list[str],
+    code: int, fragment: str
 ):
     env: dict[str, str | None] = {}
     files = vit_repo_files()
@@ -88,10 +90,13 @@ def test_errors_are_one_line_with_the_documented_exit_code(
     line = error_line(r.stderr)
     assert fragment in line
     assert r.stdout == ""
-    js = run_cli(*args, "--json", cwd=tmp_path, **env)
-    data = json.loads(js.stdout)
-    assert data["ok"] is False and data["error"]["exit_code"] == code and data["error"]["hint"]
-    assert js.stdout.count("\n{") == 0  # exactly one object
+    monkeypatch.chdir(tmp_path)  # the same error as JSON (the same process would only pay the imports again)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v) if v is not None else monkeypatch.delenv(k, raising=False)
+    js_code, stdout, _ = run_cli_here([*args, "--json"])
+    data = json.loads(stdout)
+    assert js_code == code and data["ok"] is False and data["error"]["exit_code"] == code and data["error"]["hint"]
+    assert stdout.count("\n{") == 0  # exactly one object
 
 
 def test_debug_shows_the_traceback(hub: HubServer, tmp_path: Path, run_cli: Any):
@@ -111,7 +116,7 @@ def test_list(run_cli: Any):
 
 def test_verify_quick_and_deep(hub: HubServer, tiny: dict[str, bytes], tmp_path: Path, run_cli: Any):
     root = tmp_path / "d"
-    assert run_cli("--dino-root", str(root), "--model", TINY, "-q").returncode == 0
+    fetch_dinov3(root, TINY)
     r = run_cli("verify", "--dino-root", str(root))
     assert r.returncode == 0 and "passed quick" in r.stdout and "ok   model.safetensors" in r.stderr
     r = run_cli("verify", "--dino-root", str(root), "--deep", "--json")
@@ -165,7 +170,8 @@ def test_dry_run_writes_nothing(hub: HubServer, tiny: dict[str, bytes], tmp_path
     assert not hub.file_gets()
 
 
-def test_dry_run_writes_nothing_into_an_existing_dino_root(hub: HubServer, tmp_path: Path, run_cli: Any):
+def test_dry_run_writes_nothing_into_an_existing_dino_root(hub: HubServer, tmp_path: Path, run_cli: Any,
+                                                           monkeypatch: pytest.MonkeyPatch):
     """A dead fetcher's staged file is not adopted and a SIGKILLed claim is counted, not moved."""
     from dinov3_fetcher._state import host
 
@@ -174,13 +180,14 @@ def test_dry_run_writes_nothing_into_an_existing_dino_root(hub: HubServer, tmp_p
     root = tmp_path / "d"
     v1 = vit_repo_files(hidden=256, intermediate=1024, layers=4, seed=1)  # ~ 13 MB
     hub.add_repo(TINY, v1)
-    assert run_cli("--dino-root", str(root), "--model", TINY, "-q").returncode == 0
+    fetch_dinov3(root, TINY)
     v2 = vit_repo_files(hidden=256, intermediate=1024, layers=4, seed=2)
     readme = b"# new card\n"
     commit = hub.add_commit(TINY, {"model.safetensors": v2["model.safetensors"], "README.md": readme})
     hub.faults.add(cut_after=4_000_000, path_suffix="model.safetensors", host="cdn", times=1)
-    r = run_cli("--dino-root", str(root), "--model", TINY, "--update", "-q", DINOV3_FETCHER_RETRIES="0")
-    assert r.returncode == 10, r.stderr
+    monkeypatch.setenv("DINOV3_FETCHER_RETRIES", "0")
+    with pytest.raises(NetworkError):  # an update cut short: a partial download is left
+        fetch_dinov3(root, TINY, update=True)
     state = root / ".dinov3-fetcher"
     (released,) = list((state / "partial").iterdir())
     progress = json.loads((released / "progress.json").read_bytes())
@@ -206,7 +213,7 @@ def test_dry_run_writes_nothing_into_an_existing_dino_root(hub: HubServer, tmp_p
 
 def test_update_with_nothing_new_says_so(hub: HubServer, tiny: dict[str, bytes], tmp_path: Path, run_cli: Any):
     root = tmp_path / "d"
-    assert run_cli("--dino-root", str(root), "--model", TINY, "-q").returncode == 0
+    fetch_dinov3(root, TINY)
     hub.clear()
     r = run_cli("--dino-root", str(root), "--model", TINY, "--update")
     assert r.returncode == 0, r.stderr

@@ -96,9 +96,9 @@ def test_a_branch_that_moves_under_the_head_start_gives_the_new_commit(hub: HubS
     hub.add_repo(TINY, old)
     moved: list[str] = []
 
-    def move() -> None:  # once the head start has resolved the old weights, main moves on
+    def move() -> None:  # once the head start has asked the CDN for the old weights, main moves on
         if not moved:
-            _wait_for(lambda: _head_seen(hub, MODEL))
+            _wait_for(lambda: _cdn_seen(hub, MODEL))
             moved.append(hub.add_commit(TINY, {MODEL: new[MODEL]}))
 
     hub.model_info_hook = move
@@ -121,9 +121,9 @@ def test_a_branch_that_moves_with_the_same_weights_downloads_them_once(hub: HubS
     hub.add_repo(TINY, files)
     moved: list[str] = []
 
-    def move() -> None:
+    def move() -> None:  # once the head start has asked the CDN for the weights, main moves on
         if not moved:
-            _wait_for(lambda: _head_seen(hub, MODEL))
+            _wait_for(lambda: _cdn_seen(hub, MODEL))
             moved.append(hub.add_commit(TINY, {"README.md": b"# a new model card\n"}))
 
     hub.model_info_hook = move
