@@ -569,6 +569,7 @@ def _syscalls(trace: Path) -> list[tuple[str, str, str]]:
     out: list[tuple[str, str, str]] = []
     for raw in trace.read_text().splitlines():
         pid, _, line = raw.partition(" ")
+        line = line.lstrip()  # strace pads a pid shorter than 5 digits: "6197  openat(...)"
         if line.endswith("<unfinished ...>"):
             pending[pid] = line.removesuffix("<unfinished ...>")
             continue

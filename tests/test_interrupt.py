@@ -261,7 +261,8 @@ def test_sigint_exits_130_saying_it_resumes_and_the_next_run_does(hub: HubServer
     hub.faults.add(path_suffix=MODEL, host="cdn", throttle_bps=4 * MiB)
     hub.faults.add(path_suffix=MODEL, host="cdn", pause_at=8 * MiB)  # the download cannot end before the Ctrl-C
     proc = start(dino_root)
-    while hub.bytes_served(MODEL) < 4 * MiB:
+    identity = hashlib.sha256(files[MODEL]).hexdigest()
+    while not partial_state(dino_root, identity)[1]:  # a progress record: the download is the fetch's own
         time.sleep(0.005)
         assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
@@ -285,18 +286,20 @@ def test_sigint_exits_130_saying_it_resumes_and_the_next_run_does(hub: HubServer
 def test_sigint_during_a_stalled_read_does_not_wait_for_the_read_timeout(hub: HubServer, dino_root: Path) -> None:
     files = vit_repo_files(hidden=256, intermediate=1024, layers=4)
     hub.add_repo(TINY, files)
-    hub.faults.add(path_suffix=MODEL, host="cdn", pause_at=2 * MiB)  # the body stops there until hub.resume
+    hub.faults.add(path_suffix=MODEL, host="cdn", pause_at=6 * MiB)  # the body stops there until hub.resume
     proc = start(dino_root, DINOV3_FETCHER_TIMEOUT="600")  # longer than the test may run
-    port = int(hub.cdn_endpoint.rsplit(":", 1)[1])
-    while not hub.paused.is_set() or socket_queues(port):  # it has read every byte sent: blocked in a read now
+    port, identity = int(hub.cdn_endpoint.rsplit(":", 1)[1]), hashlib.sha256(files[MODEL]).hexdigest()
+    # a progress record (at 4 MiB): the download is the fetch's own, past the head start; then every byte sent
+    # was read: it is blocked in a read now
+    while not (partial_state(dino_root, identity)[1] and hub.paused.is_set()) or socket_queues(port):
         time.sleep(0.005)
         assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate()  # it exits while the read it was in would still wait (the body is held)
     assert not hub.resume.is_set()
     assert proc.returncode == 130 and "resumes" in err, err
-    _, kept = partial_state(dino_root, hashlib.sha256(files[MODEL]).hexdigest())
-    assert kept >= MiB  # what arrived before the stall is kept for the next run
+    _, kept = partial_state(dino_root, identity)
+    assert kept >= 4 * MiB  # what arrived before the stall is kept for the next run
 
 
 # -- the file changes on the server between runs --------------------------------------------------------------
