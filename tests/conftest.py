@@ -187,8 +187,8 @@ def watch_clock(monkeypatch: pytest.MonkeyPatch) -> WatchClock:
     from dinov3_fetcher._state import owners
 
     clock = WatchClock()
-    monkeypatch.setattr(owners._BEATS, "clock", clock.monotonic)
-    monkeypatch.setattr(owners._BEATS, "sleep", clock.sleep)
+    monkeypatch.setattr(owners.HEARTBEATS, "clock", clock.monotonic)
+    monkeypatch.setattr(owners.HEARTBEATS, "sleep", clock.sleep)
     return clock
 
 
