@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -23,6 +24,7 @@ from conftest import cli_env
 from dinov3_fetcher._broadcast.ends import PartialSink
 from dinov3_fetcher._broadcast.relay import POOL, overlap, pieces
 from dinov3_fetcher._broadcast.wire import BROKEN, FileSpec
+from dinov3_fetcher._errors import ConfigError, DiskSpaceError
 from helpers import wait_all
 from net_fixtures import free_port
 
@@ -398,6 +400,35 @@ def test_partial_sink_records_what_it_wrote_in_the_fetchers_format(tmp_path: Pat
     sink.close()
     assert (tmp_path / "final" / spec.name).read_bytes() == data and not folder.exists()
     assert sink.missing(spec) == []
+
+
+def test_a_receivers_disk_errors_say_what_to_do_and_its_own_errors_pass_unchanged(
+        tmp_path: Path, tmpfs: Callable[..., Path]) -> None:
+    data = _blob(2 * MiB, 3)
+    spec = FileSpec("model.safetensors", len(data), hashlib.sha256(data).hexdigest())
+    small = tmpfs("1m")  # room for the folder and its record, not for the bytes
+    with pytest.raises(DiskSpaceError) as full:
+        PartialSink(small / "partial", small / "final").write(spec, 0, memoryview(data))
+    assert full.value.message.startswith("the disk filled up while receiving model.safetensors (")
+    assert "the transfer resumes" in full.value.hint
+
+    read_only = tmpfs("4m")
+    r = subprocess.run(["mount", "-o", "remount,ro", str(read_only)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot remount read-only: {r.stderr}")
+    with pytest.raises(ConfigError) as refused:
+        PartialSink(read_only / "partial", read_only / "final").write(spec, 0, memoryview(data))
+    assert "read-only filesystem" in refused.value.message
+
+    class Claiming(PartialSink):  # a sink whose own code refuses the file (the fetcher's: its space check)
+        def missing(self, spec: FileSpec) -> list[tuple[int, int]]:
+            raise DiskSpaceError("not enough disk space in dino_root: 2.1 MB still to download", "free some space",
+                                 needed=len(data), free=0)
+
+    with pytest.raises(DiskSpaceError) as own:
+        Claiming(tmp_path / "partial", tmp_path / "final").write(spec, 0, memoryview(data))
+    assert (own.value.message, own.value.needed) == ("not enough disk space in dino_root: 2.1 MB still to download",
+                                                     len(data))
 
 
 @needs_torch

@@ -8,11 +8,11 @@ import contextlib
 import hashlib
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
-from .._errors import IntegrityError, disk_full
+from .._errors import IntegrityError, disk_error
 from .._state import open_data, remaining, save_progress
 from .wire import FileSpec, MiB, Range, check_ranges
 
@@ -109,25 +109,39 @@ class PartialSink:
         f = self._open.get(spec.name)
         if f is None:
             folder = self._folder(spec)
-            folder.mkdir(parents=True, exist_ok=True)
-            f = self._open[spec.name] = OpenFile(spec, folder, self.missing(spec))
+            with self.receiving(spec):
+                folder.mkdir(parents=True, exist_ok=True)
+            f = self._open[spec.name] = self._start(spec, folder, self.missing(spec))
         return f
 
-    def write(self, spec: FileSpec, offset: int, data: memoryview) -> None:
+    def _start(self, spec: FileSpec, folder: Path, ranges: list[Range]) -> OpenFile:
+        """A file's partial folder opened for writing: its data file and progress record (the disk may be
+        full)."""
+        with self.receiving(spec):
+            return OpenFile(spec, folder, ranges)
+
+    @contextlib.contextmanager
+    def receiving(self, spec: FileSpec) -> Iterator[None]:
+        """Around the system calls that write ``spec``, and nothing else (a FetcherError raised in a sink's own
+        code passes unchanged): an OSError becomes what it means for the user (``_errors.disk_error``: the disk
+        filled up while receiving it, a folder that cannot be written)."""
         try:
-            f = self._file(spec)  # opening a file writes its folder and progress record: the disk may be full
+            yield
+        except OSError as exc:
+            raise disk_error(exc, self.final_root, f"receiving {spec.name}",
+                             "free space in dino_root and run the job again: the transfer resumes") from None
+
+    def write(self, spec: FileSpec, offset: int, data: memoryview) -> None:
+        f = self._file(spec)
+        with self.receiving(spec):
             f.write(offset, data)
             if f.unsaved >= self.save_every:
                 f.save()
-        except OSError as exc:
-            raise _disk_error(exc, spec, self._folder(spec)) from None
 
     def complete(self, spec: FileSpec) -> None:
-        try:
-            f = self._file(spec)
+        f = self._file(spec)
+        with self.receiving(spec):
             digest = f.digest()
-        except OSError as exc:
-            raise _disk_error(exc, spec, self._folder(spec)) from None
         f.close()
         del self._open[spec.name]
         if digest != spec.sha256:
@@ -165,8 +179,9 @@ class PartialSink:
         errors = []
         for f in self._open.values():
             try:
-                f.save()
-            except OSError as exc:
+                with self.receiving(f.spec):
+                    f.save()
+            except Exception as exc:  # the others are still recorded
                 errors.append(exc)
             f.close()
         self._open.clear()
@@ -180,11 +195,6 @@ def same_size(path: Path, size: int) -> bool:
         return path.stat().st_size == size
     except OSError:
         return False
-
-
-def _disk_error(exc: OSError, spec: FileSpec, folder: Path) -> OSError:
-    return disk_full(exc, folder, f"receiving {spec.name}",
-                     "free space in dino_root and run the job again: the transfer resumes")
 
 
 class OpenFile:

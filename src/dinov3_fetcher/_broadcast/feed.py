@@ -25,7 +25,7 @@ waits for rank 0's whole fetch (tensor checks, publish) before the verdict of ``
 that fails after its last byte still fails the job everywhere.
 
 Files go out in list order: the small ones (ready at once), then the weights in the order the fetch
-downloads them (``_fetch._get_all`` takes them in that order, ``FILES_AT_ONCE`` together). The sender waits
+downloads them (``_fetch._fetch_weights`` takes them in that order, ``FILES_AT_ONCE`` together). The sender waits
 only on the file the download is furthest along; its backlog when the download ends is at most what the
 other files in flight got meanwhile, which the link between nodes (faster than the Hub's) clears quickly.
 

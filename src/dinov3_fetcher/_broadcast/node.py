@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 from pathlib import Path
 
 from .. import _env as env
 from .._config import FetchRequest
-from .._errors import DiskSpaceError, VerificationError
+from .._errors import VerificationError
 from .._manifest import FileRecord, Manifest
-from .._progress import Progress, human_bytes
-from .._state import SPACE_MARGIN, StateDir, remaining, write_new
+from .._progress import Progress
+from .._state import StateDir, on_disk, remaining, write_new
 from .._version import __version__
 from .ends import OpenFile, PartialSink, same_size
 from .wire import FileSpec, Range, Report
@@ -71,26 +70,22 @@ class StateSink(PartialSink):
         if spec.size == 0:
             self.state.own_staged()  # a real folder of ours, with its heartbeat (a planted link is removed)
             path = self.state.staged_path(spec.sha256, spec.name)
-            write_new(path, b"")
+            with on_disk(self.state.root):
+                write_new(path, b"")
             self.paths[spec.name] = path
             return []
         folder = self.state.claim(spec.sha256, spec.size)
         ranges = remaining(folder, spec.sha256, spec.size)
         self._claims[spec.name] = (spec, folder, ranges)
         self._needed += sum(e - s for s, e in ranges)
-        free = shutil.disk_usage(self.state.path).free
-        if self._needed + SPACE_MARGIN > free:
-            raise DiskSpaceError(
-                f"not enough disk space in {self.state.root} on {socket.gethostname()}: {human_bytes(self._needed)} "
-                f"to receive plus a {human_bytes(SPACE_MARGIN)} margin, {human_bytes(free)} free",
-                "free some space or point dino_root at a bigger disk", needed=self._needed, free=free)
+        self.state.check_space(self._needed, on=self.where)
         return ranges
 
     def _file(self, spec: FileSpec) -> OpenFile:
         f = self._open.get(spec.name)
         if f is None:  # the ranges the claim announced (missing() has already run for this file)
             _, folder, ranges = self._claims[spec.name]
-            f = self._open[spec.name] = OpenFile(spec, folder, ranges)
+            f = self._open[spec.name] = self._start(spec, folder, ranges)
         return f
 
     def _place(self, spec: FileSpec, folder: Path) -> None:
@@ -98,7 +93,8 @@ class StateSink(PartialSink):
         del self._claims[spec.name]
         self.state.own_staged()
         dest = self.state.staged_path(spec.sha256, spec.name)
-        os.replace(folder / "data", dest)
+        with on_disk(self.state.root):
+            os.replace(folder / "data", dest)
         self.state.discard(folder)
         self.paths[spec.name] = dest
 
