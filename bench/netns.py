@@ -23,7 +23,13 @@ start), so two benches never share one.
 
 ``Fabric`` is a cluster instead: N namespaces ("nodes") on a bridge, each node's *egress* shaped by a tbf on its
 own end of its veth (what the node sends, to the other nodes and to the servers on the bridge), so N nodes
-each sending at most B meet the same limits as on a real network, with real kernel TCP between them.
+each sending at most B meet the same limits as on a real network, with real kernel TCP between them. Its tbf's
+bucket holds a whole GSO packet (``GSO_BUCKET``), so the packets cross the bridge as a real NIC's offloads
+deliver them (cut into frames on the wire by the sender's NIC, merged again by the receiver's), not cut into
+1500-byte frames by the kernel in software: cut, they cost each emulated node 1.2-2.2 CPU-seconds more per
+343 MB in its own process (its receiving thread woke every frame or two) and the machine 1.5-2 more in softirq
+(8 nodes: about 44 CPU-seconds instead of 12, more than 2 cores have in the job's time). ``KernelLink`` keeps
+the 64 KiB bucket its figures in BENCHMARKS.md were measured with.
 """
 
 from __future__ import annotations
@@ -42,9 +48,15 @@ def _ip(*args: str) -> str:
     return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
 
 
-def _shape(dev: str, rate: float, queue: float, ns: str | None = None) -> None:
-    """A tbf of ``rate`` bytes/s with a ``queue``-second buffer on ``dev``'s egress (in namespace ``ns``)."""
-    burst = max(64 * 1024, int(rate * 0.002))  # 64 KiB at least (a GSO packet), else 2 ms at the rate
+# The smallest tbf bucket that passes a GSO packet whole: tbf weighs a 64 KiB packet with the headers of each of its
+# ~45 frames (~68 KiB), and cuts one larger than its bucket into frames, in software, before it queues them.
+GSO_BUCKET = 128 * 1024
+
+
+def _shape(dev: str, rate: float, queue: float, ns: str | None = None, bucket: int = 64 * 1024) -> None:
+    """A tbf of ``rate`` bytes/s with a ``queue``-second buffer on ``dev``'s egress (in namespace ``ns``), its
+    bucket ``bucket`` bytes at least, else 2 ms at the rate."""
+    burst = max(bucket, int(rate * 0.002))
     where = ["ip", "netns", "exec", ns] if ns else []
     subprocess.run([*where, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", f"{int(rate * 8)}bit",
                     "burst", str(burst), "latency", f"{queue * 1000:g}ms"], check=True, capture_output=True,
@@ -146,7 +158,7 @@ class Fabric:
                 _ip("-n", ns, "addr", "add", f"{self.ip(i)}/24", "dev", "eth0")
                 _ip("-n", ns, "link", "set", "eth0", "up")
                 _ip("-n", ns, "link", "set", "lo", "up")
-                _shape("eth0", rate, queue, ns)
+                _shape("eth0", rate, queue, ns, GSO_BUCKET)
         except BaseException:
             self.close()
             raise

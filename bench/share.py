@@ -14,10 +14,13 @@ The worker uses only the public API, ``fetch_once(root, model, share="broadcast"
 bench measures any version: ``--src`` puts another checkout's ``src`` first on the workers' PYTHONPATH (a ``git
 worktree`` of an older commit), for a before/after table and figure (``--compare`` the other run's ``--json``).
 
-Prints per N: the job's seconds (the longest ``fetch_once`` call, every rank starting after a barrier), the
-ratio to the first N, the bytes the Hub served and each node's sent bytes from its interface counters, in units
-of the checkpoint's size S. The namespaces and the processes in them are removed at the end, on an error and on
-Ctrl-C; ``--clean`` removes what a killed run left.
+Prints per N: the job's seconds (the longest ``fetch_once`` call, every rank starting after a barrier: what a job
+waits for in ``fetch_once``; the workers' start, torch's import, about 0.9 CPU-seconds per process here, twice per
+node under torchrun with its agent, and ``init_process_group`` come before it, their exit after it), the ratio
+to the first N, the bytes the Hub served and each node's sent bytes from its interface counters, in units of the
+checkpoint's size S, and the CPU-seconds each node's worker spent in ``fetch_once`` (all its threads; the
+kernel's softirq work for the emulated network is the machine's, not any worker's). The namespaces and the
+processes in them are removed at the end, on an error and on Ctrl-C; ``--clean`` removes what a killed run left.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from plot import draw_nodes
 from servers import CHECKPOINTS, HubServer, make_repo, repo_files
 
 WORKER = """\
-import json, os, socket, sys, time
+import json, os, resource, socket, sys, time
 
 import torch.distributed as dist
 
@@ -53,13 +56,20 @@ out, root, model = sys.argv[1:4]
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 dist.barrier()  # every rank starts together: the job's seconds are the longest call
-t0 = time.monotonic()
+
+
+def cpu():  # this process's CPU-seconds, all its threads
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+t0, c0 = time.monotonic(), cpu()
 try:
     res = fetch_once(root, model, share="broadcast", details=True)
     result = {"ok": True, **res.to_dict()}
 except FetcherError as exc:
     result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-result.update(rank=rank, host=socket.gethostname(), seconds=time.monotonic() - t0)
+result.update(rank=rank, host=socket.gethostname(), seconds=time.monotonic() - t0, cpu=cpu() - c0)
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump(result, f)
 dist.destroy_process_group()
@@ -121,6 +131,7 @@ def run_job(fabric: Fabric, work: Path, model: str, endpoint: str, args: argpars
         raise SystemExit(f"N={n}: the job failed or did not end in {args.timeout:.0f} s: "
                          f"{[r for r in results if not r.get('ok')]}\n{tails}")
     return {"nodes": n, "seconds": max(r["seconds"] for r in results), "sent": sent,
+            "cpu": [r.get("cpu") for r in sorted(results, key=lambda r: r["rank"])],
             "hosts": sorted({r["host"] for r in results})}
 
 
@@ -170,16 +181,18 @@ def main() -> None:
                 row = run_job(fabric, Path(tmp), ckpt.repo, hub.endpoint, args)
                 row["hub"] = hub.bytes_served()
             rows.append(row)
-            print(f"N={n}: {row['seconds']:.1f} s (hosts {', '.join(row['hosts'])}); "
+            print(f"N={n}: {row['seconds']:.1f} s (hosts {', '.join(row['hosts'])}); CPU-seconds in fetch_once, "
+                  f"rank 0 first: {', '.join(f'{c:.2f}' for c in row['cpu'])}; "
                   f"load average {os.getloadavg()[0]:.1f}", flush=True)
     except KeyboardInterrupt:
         raise SystemExit("interrupted: the namespaces and their processes are removed") from None
     first = rows[0]
     print(f"\n| nodes | job s | vs N={first['nodes']} | Hub served (S) | most one node sent (S) | "
-          f"each node sent, rank 0 first (S) |\n|---|---|---|---|---|---|")
+          f"each node sent, rank 0 first (S) | CPU s per node in fetch_once, most |\n|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['nodes']} | {r['seconds']:.1f} | {r['seconds'] / first['seconds']:.2f}x | {r['hub'] / size:.2f} | "
-              f"{max(r['sent']) / size:.2f} | {', '.join(f'{b / size:.2f}' for b in r['sent'])} |")
+              f"{max(r['sent']) / size:.2f} | {', '.join(f'{b / size:.2f}' for b in r['sent'])} | "
+              f"{max(r['cpu']):.2f} |")
     run = {"label": label, "checkpoint": ckpt.name, "layers": ckpt.layers, "size": size, "rate": rate,
            "launcher": args.launcher, "rows": rows}
     if args.json:
