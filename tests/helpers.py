@@ -101,6 +101,17 @@ def socket_queues(port: int) -> int:
     return total
 
 
+def freeze(gate: threading.Event, endpoint: str, proc: subprocess.Popen[Any]) -> None:
+    """Stop the server sending (clear its ``gate``) and wait until the fetcher has read every byte the kernel
+    holds for it on ``endpoint`` (the host that serves the bytes). What the server counts as sent is then what
+    the fetcher received: a kill right after costs what the design bounds, whatever the machine's load, instead
+    of what sat in socket buffers. The caller sets the gate again."""
+    gate.clear()
+    port = int(endpoint.rsplit(":", 1)[1])
+    while socket_queues(port) and proc.poll() is None:  # a fetcher that stopped reading ends at the timeout
+        time.sleep(0.005)
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -23,7 +23,7 @@ import pytest
 from checkpoints import big_vit_repo_dir, vit_repo_files
 from conftest import TINY, checkpoint_tree, cli_env
 from dinov3_fetcher import _job
-from helpers import sha256
+from helpers import freeze, partial_progress, sha256
 from hub_server import HubServer
 from modelscope_server import ModelScopeServer
 
@@ -125,8 +125,10 @@ def test_resume_after_sigkill_of_the_cli(ms: ModelScopeServer, tmp_path: Path, d
     while ms.bytes_served(MODEL, "storage") < size // 2:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.005)
+    freeze(ms.gate, ms.storage_endpoint, proc)  # what was sent was received: the kill costs what the design bounds
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
+    ms.gate.set()
     assert proc.returncode == -signal.SIGKILL
     first = ms.bytes_served(MODEL, "storage")
     assert not (dino_root / MODEL).exists()
@@ -416,8 +418,8 @@ def test_a_download_killed_on_the_hub_resumes_from_modelscope(ms: ModelScopeServ
     cmd = [sys.executable, "-m", "dinov3_fetcher", "--dino-root", str(dino_root), "--model", TINY, "-q"]
     env = cli_env(DINOV3_FETCHER_CONNECTIONS="4")
     proc = subprocess.Popen([*cmd, "--source", "hf"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    while hub.bytes_served(MODEL) < size // 2:
-        assert proc.poll() is None, proc.communicate()
+    while sum(partial_progress(dino_root).values()) < size // 2:  # recorded: past the head start (not kept unless
+        assert proc.poll() is None, proc.communicate()           # the listing confirmed it)
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()

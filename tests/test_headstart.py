@@ -20,6 +20,7 @@ from helpers import socket_queues
 from hub_server import HubServer
 
 MODEL = "model.safetensors"
+PREPROCESSOR = "preprocessor_config.json"
 MiB = 1 << 20
 
 
@@ -186,14 +187,18 @@ def test_ctrl_c_during_a_sharded_head_start_exits_promptly_and_resumes(hub: HubS
     hub.add_repo(TINY, files)
     shards = sorted(n for n in files if n.startswith("model-"))
     hub.faults.add(path_suffix=".safetensors", host="cdn", pause_at=3 * MiB)  # every shard's body waits there
+    # the fetch's first request after the listing: held, so the Ctrl-C lands after the listing confirmed the
+    # head start (before that, by design, nothing the head start fetched is kept)
+    hub.faults.add(path_suffix=PREPROCESSOR, pause_at=100)
     proc = start(dino_root, DINOV3_FETCHER_TIMEOUT="600")  # no read gives up on its own
     port = int(hub.cdn_endpoint.rsplit(":", 1)[1])
 
-    def all_paused_and_read() -> bool:  # each stream read its 3 MiB, so wrote its first 1 MiB reads
+    def listed_paused_and_read() -> bool:  # each stream read its 3 MiB, so wrote its first 1 MiB reads
         gets = [r for r in hub.file_gets(".safetensors") if r.host == "cdn"]
-        return len(gets) >= 2 and all(r.body_bytes == 3 * MiB for r in gets) and not socket_queues(port)
+        return (len(gets) >= 2 and all(r.body_bytes == 3 * MiB for r in gets) and not socket_queues(port)
+                and [r.body_bytes for r in hub.file_gets(PREPROCESSOR)] == [100])
 
-    _wait_for(lambda: all_paused_and_read() or proc.poll() is not None)
+    _wait_for(lambda: listed_paused_and_read() or proc.poll() is not None)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate()  # it exits while the server still holds every body: it waits for no read

@@ -27,7 +27,7 @@ from conftest import TINY, cli_env, start
 from dinov3_fetcher import _job, validate_dinov3
 from dinov3_fetcher import _transfer as transfer
 from dinov3_fetcher._budget import READ_AHEAD
-from helpers import socket_queues
+from helpers import freeze, socket_queues
 from hub_server import HubServer
 
 MiB = 1 << 20
@@ -43,16 +43,6 @@ def kill_bound(connections: int | None) -> int:
     buffers."""
     in_flight = READ_AHEAD if connections is None else connections * transfer.Settings.block
     return SAVE_EVERY + in_flight + transfer.Settings.block
-
-
-def freeze(hub: HubServer, proc: subprocess.Popen[str]) -> None:
-    """Stop the server sending (``hub.gate``) and wait until the fetcher has read every byte the kernel holds for
-    it. What the server counts as sent is then what the fetcher received: a kill right after costs what the
-    design bounds (``kill_bound``), whatever the machine's load, instead of what sat in socket buffers."""
-    hub.gate.clear()
-    port = int(hub.cdn_endpoint.rsplit(":", 1)[1])
-    while socket_queues(port) and proc.poll() is None:  # a fetcher that stopped reading ends at the timeout
-        time.sleep(0.005)
 
 
 def sha256_file(path: Path) -> str:
@@ -137,7 +127,7 @@ def kill_and_restart(hub: HubServer, dino_root: Path, source: Path, expected: di
         while proc.poll() is None and not trigger(hub.bytes_served(MODEL)):
             time.sleep(0.002)
         if proc.poll() is None and frozen:
-            freeze(hub, proc)
+            freeze(hub.gate, hub.cdn_endpoint, proc)
         try:
             if proc.poll() is not None:  # it finished before the kill point
                 assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""
