@@ -26,6 +26,10 @@ from dinov3_bridge.config import DinoV3Config
 from dinov3_fetcher import VerificationError, fetch_dinov3
 from hub_server import HubServer
 
+# torch and transformers are imported into the test process here: under pytest-xdist one worker runs this module
+# and the other that does the same (test_load.py, test_bridge.py), so only one worker pays that import.
+pytestmark = pytest.mark.xdist_group("torch-in-process")
+
 VIT = "tiny-org/dinov3-vit-finite"
 CONVNEXT = "tiny-org/dinov3-convnext-finite"
 ROOT = Path(__file__).resolve().parents[1]

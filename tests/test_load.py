@@ -25,6 +25,10 @@ from dinov3_fetcher._errors import LoadError, VerificationError
 from helpers import error_line, run_cli_here
 from hub_server import HubServer
 
+# torch and transformers are imported into the test process here: under pytest-xdist one worker runs this module
+# and the other that does the same (test_load.py, test_bridge.py), so only one worker pays that import.
+pytestmark = pytest.mark.xdist_group("torch-in-process")
+
 CONVNEXT = "tiny-org/dinov3-convnext-tiny"
 VIT_TOKENS = 1 + 4 + 196  # CLS + 4 registers + (224/16)^2 patches
 
