@@ -1,8 +1,8 @@
 """A local ModelScope emulator for tests (stdlib only), good enough for modelscope_hub 0.5.1.
 
 Two ThreadingHTTPServers (HTTP/1.1, keep-alive): the API on 127.0.0.1 and a "storage" host (the OSS/CDN that
-LFS downloads are redirected to) on 127.0.0.3, which serves ``/lfs/{sha256}/{name}?Expires=..&Signature=..``.
-See /work/shared/MODELSCOPE.md for the protocol.
+LFS downloads are redirected to) on 127.0.0.3, which serves ``/lfs/{sha256}/{name}?Expires=..&Signature=..``,
+as the real client (modelscope_hub 0.5.1) expects them (tests/test_modelscope_server.py checks it).
 
     with ModelScopeServer() as ms:
         ms.add_repo("facebook/x", {"config.json": b"{}", "model.safetensors": Path(...)}, private=True)

@@ -1,4 +1,4 @@
-"""Real network components for tests (issue 12): a TLS Hub with a throwaway CA, a forward proxy, olah.
+"""Real network components for tests: a TLS Hub with a throwaway CA, a forward proxy, olah.
 
 Imported by conftest.py, so the fixtures are available everywhere:
 

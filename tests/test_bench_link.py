@@ -1,4 +1,4 @@
-"""The bench's link emulation (bench/link.py) and its exit status (issue 14; issue 11 item 23).
+"""The bench's link emulation (bench/link.py) and its exit status.
 
 Counts only: what the proxies carried and saw, never how long it took (bench/link.py --selftest reports
 the timing figures)."""

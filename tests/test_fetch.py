@@ -452,7 +452,7 @@ def test_publish_removes_only_our_files_and_conflicting_weight_names(hub: HubSer
     assert not (dino_root / "model.safetensors").exists()  # listed in the old manifest
 
     # No manifest: a standard weight file would be loaded instead of ours, but nothing proves it is ours to
-    # remove: the fetch refuses (issue 11, item 1) and touches nothing; the user moves them, and it goes on.
+    # remove: the fetch refuses and touches nothing; the user moves them, and it goes on.
     from dinov3_fetcher._errors import ConfigError
 
     bare = dino_root.parent / "bare"

@@ -324,7 +324,7 @@ def test_new_commit_between_runs_discards_the_partial_instead_of_splicing(hub: H
 
 def test_file_changed_under_the_same_listing_is_refused_not_spliced(hub: HubServer, dino_root: Path) -> None:
     """A mirror whose bytes changed while its listing did not. The CDN's ETag is opaque (the Xet bridge sends its
-    Xet hash there, issue 12), so the sha256 of the bytes decides: the spliced file is refused and discarded."""
+    Xet hash there), so the sha256 of the bytes decides: the spliced file is refused and discarded."""
     v1 = vit_repo_files(seed=1, hidden=256, intermediate=1024, layers=4)
     v2 = vit_repo_files(seed=2, hidden=256, intermediate=1024, layers=4)
     hub.add_repo(TINY, v1)

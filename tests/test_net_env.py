@@ -115,7 +115,7 @@ def test_olah_in_front_of_the_hub(hub: HubServer, olah: Olah, tmp_path: Path) ->
         with urllib.request.urlopen(f"{olah.endpoint}{path}", timeout=60) as r:
             return json.loads(r.read())
 
-    # the revision API loses ?blobs=true: siblings carry only rfilename (the fact issue 12 is about)
+    # the revision API loses ?blobs=true: siblings carry only rfilename (what the fetcher must cope with)
     info = api(f"/api/models/{REPO}/revision/main?blobs=true")
     assert isinstance(info, dict) and info["sha"] == hub.repos[REPO].refs["main"]
     assert info["siblings"] and all(set(s) == {"rfilename"} for s in info["siblings"])

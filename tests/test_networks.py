@@ -1,4 +1,4 @@
-"""The fetcher end to end behind every network a user sits behind (issue 12): a TLS Hub with a private CA, a
+"""The fetcher end to end behind every network a user sits behind: a TLS Hub with a private CA, a
 forward proxy, the Hub's Xet bridge, an olah mirror. In process (``dinov3_fetcher.fetch.fetch``), real
 huggingface_hub, real proxy.py / olah subprocesses."""
 
