@@ -33,6 +33,7 @@ from ._validate import config_problem, find_problems, registry_mismatch, tensor_
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from ._http import HttpPool
     from ._observe import FetchObserver
     from ._plan import Run
     from ._sources.source import EarlyBytes, Source
@@ -152,6 +153,7 @@ def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None 
         raise _offline_error(req)
     state = StateDir(req.dino_root)
     timeout = lock_timeout if lock_timeout is not None else env.lock_timeout()
+    pool = _warmed_pool(req)
     created = state.missing_folders()  # what this fetch creates: removed again if it fails and they stay empty
     try:
         state.ensure()
@@ -160,7 +162,7 @@ def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None 
             if not (update or repair) and (m := ready(req, old)):
                 return _cached(req, m, t0)
             state.watch_leftovers()  # other hosts' leftovers: judged by their heartbeats when this fetch ends
-            result = _fetch_locked(state, req, old, progress, repair=repair, observer=observer)
+            result = _fetch_locked(state, req, old, progress, pool, repair=repair, observer=observer)
     except KeyboardInterrupt:
         state.remove_if_empty(created)
         raise FetchInterrupted("interrupted; the partial download is kept in " + str(state.partial),
@@ -168,8 +170,26 @@ def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None 
     except BaseException:
         state.remove_if_empty(created)
         raise
+    finally:
+        pool.close()
     result.seconds = time.monotonic() - t0
     return result
+
+
+def _warmed_pool(req: FetchRequest) -> HttpPool:
+    """The fetch's connection pool; for the Hub, with connections to the endpoint opening already (before the
+    lock and the Hub client's import), so that the head start's first requests find them open: a request on a
+    connection opened a round trip earlier costs one round trip instead of two (three over TLS). A fetch that
+    then finds the checkpoint complete (another fetcher had the lock) closes them unused: no request is made."""
+    from ._http import HttpPool
+    from ._transfer import Settings
+
+    pool = HttpPool(Settings.from_env().timeout, "")
+    if req.source == "hf":
+        from ._sources.hf import endpoint
+
+        pool.warm(endpoint(), 3)  # config.json and both layouts, asked at once (see _headstart)
+    return pool
 
 
 def _cached(req: FetchRequest, m: Manifest, t0: float) -> FetchResult:
@@ -214,35 +234,39 @@ def _telling(run: Run, observer: FetchObserver) -> Callable[[str], Path]:
     return get
 
 
-def _fetch_weights(run: Run, names: list[str], files_at_once: int, get: Callable[[str], Path]) -> None:
+def _fetch_weights(run: Run, names: list[str], files_at_once: int, get: Callable[[str], Path],
+                   beside: list[str] | None = None) -> None:
     """``get`` (``run.fetch_file``) each weight file, ``files_at_once`` at a time, so that one file's sha256 tail
-    overlaps the next transfer. Files with the same content never run together (they share a partial folder). The first
-    error stops the others and is raised; Ctrl-C stops all and keeps their progress."""
+    overlaps the next transfer; meanwhile one more thread fetches the small files ``beside`` (README, LICENSE)
+    with ``run.fetch_file``, so that their round trips overlap the weights instead of following them (on a far
+    link each is a round trip at the end of the fetch). Files with the same content never run together (they share
+    a partial folder). The first error stops the others and is raised; Ctrl-C stops all and keeps their progress."""
     assert run.transfer is not None
     transfer = run.transfer
     identities = [run.remote(n).identity for n in names]
-    if len(names) < 2 or len(set(identities)) < len(identities):
-        for name in names:
-            get(name)
-        return
+    at_once = 1 if len(names) < 2 or len(set(identities)) < len(identities) else files_at_once
     todo, lock = list(names), threading.Lock()
     errors: list[BaseException] = []
 
-    def worker() -> None:
+    def worker(queue: list[str], fetch: Callable[[str], Path]) -> None:
         while True:
             with lock:
-                if errors or not todo:
+                if errors or not queue:
                     return
-                name = todo.pop(0)
+                name = queue.pop(0)
             try:
-                get(name)
+                fetch(name)
             except BaseException as exc:
                 with lock:
                     errors.append(exc)
                 transfer.cancel.set()
                 return
 
-    threads = [threading.Thread(target=worker, daemon=True, name=f"file-{i}") for i in range(files_at_once)]
+    threads = [threading.Thread(target=worker, args=(todo, get), daemon=True, name=f"file-{i}")
+               for i in range(at_once)]
+    if beside:
+        threads.append(threading.Thread(target=worker, args=(list(beside), run.fetch_file), daemon=True,
+                                       name="file-small"))
     for t in threads:
         t.start()
     try:
@@ -268,30 +292,18 @@ def _holds_unrecorded_files(root: Path, old: Manifest | None) -> bool:
         return False
 
 
-def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, progress: Progress, *,
-                  repair: bool = False, observer: FetchObserver | None = None) -> FetchResult:
-    from ._http import HttpPool
+def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, progress: Progress, pool: HttpPool,
+                  *, repair: bool = False, observer: FetchObserver | None = None) -> FetchResult:
     from ._observe import FetchPlan
     from ._plan import Run
     from ._sources import get_source
     from ._transfer import FILES_AT_ONCE, Settings, Transfer
 
     settings = Settings.from_env()
-    pool = HttpPool(settings.timeout, "")
     head_start = not _holds_unrecorded_files(state.root, old)
-    if req.source == "hf" and head_start:
-        # The head start's first requests (config.json and both layouts; one layout on an update) will find
-        # these open: their handshakes overlap the Hub client's import below (~0.15 s).
-        from ._sources.hf import endpoint
-
-        pool.warm(endpoint(), 3 if old is None else 2)
-    try:
-        source: Source = get_source(req.source)
-        pool.user_agent = source.user_agent()
-        pool.set_auth(source.auth())
-    except BaseException:
-        pool.close()
-        raise
+    source: Source = get_source(req.source)
+    pool.user_agent = source.user_agent()
+    pool.set_auth(source.auth())
 
     def raise_status(status: int, headers: dict[str, str], body: bytes, url: str) -> Any:
         source.raise_for_status(status, headers, body, url, req.model, req.revision)
@@ -331,10 +343,7 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
                                        [p.name for p in planned if p.name not in weights], dict(run.paths),
                                        transfer.cancel))
             get = _telling(run, observer)
-        _fetch_weights(run, order, FILES_AT_ONCE, get)
-        for p in planned:
-            if p.name not in weights:
-                run.fetch_file(p.name)
+        _fetch_weights(run, order, FILES_AT_ONCE, get, beside=[p.name for p in planned if p.name not in weights])
         tensors: dict[str, TensorInfo] = {}
         with on_disk(state.root):
             for name in weights:
