@@ -16,6 +16,8 @@ from dinov3_fetcher._budget import (
     CONFIRM,
     LONG_RTT,
     LONG_START,
+    PIECE_RTTS,
+    PIECE_SPREAD,
     READ_AHEAD,
     SETTLE_RTTS,
     START,
@@ -175,6 +177,21 @@ def test_a_long_round_trip_starts_with_more_streams_a_fixed_limit_never() -> Non
     measured.sample(50 * MB)  # a window was judged already: the start is history
     measured.start_long()
     assert measured.limit == 2 * START
+
+
+def test_pieces_of_streams_started_together_do_not_end_together() -> None:
+    # far: 6.25 MB/s per stream, 150 ms: a piece is ~30 round trips (28 MB). Sixteen streams that took their
+    # pieces at once would all idle the same round trip before the next; spread sizes spread those gaps.
+    b = Budget(Rule(), block=16)
+    assert b.piece(16 * MB, 64 * MB) == 16 * MB  # nothing measured yet: the smallest
+    b.rtt, b.stream_rate = 0.15, 6.25 * MB
+    sizes = [b.piece(1 * MB, 256 * MB) for _ in range(16)]
+    nominal = 6.25 * MB * 0.15 * PIECE_RTTS
+    assert all((1 - PIECE_SPREAD) * nominal - 1 <= x <= (1 + PIECE_SPREAD) * nominal + 1 for x in sizes)
+    ends = sorted(x / (6.25 * MB) for x in sizes)  # when each piece ends, in seconds
+    assert min(later - earlier for earlier, later in zip(ends, ends[1:], strict=False)) > 0.05  # no two together
+    assert abs(sum(sizes) / len(sizes) / nominal - 1) < 0.05  # the same size on average
+    assert all(b.piece(16 * MB, 20 * MB) in range(16 * MB, 20 * MB + 1) for _ in range(8))  # still within bounds
 
 
 class Clock:

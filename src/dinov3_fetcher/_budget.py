@@ -37,6 +37,7 @@ MIN_WINDOW = 0.25  # seconds: the shortest measurement window
 WINDOW_RTTS = 4  # ... else this many round trips (the shortest time to first byte seen)
 SETTLE_RTTS = 2  # after a change, round trips before the next window starts (a new connection's handshake)
 PIECE_RTTS = 30  # a piece lasts this many round trips at one stream's rate: the gap between pieces ~3%
+PIECE_SPREAD = 0.25  # ... give or take this much, so that streams started together do not all idle at once
 READ_AHEAD = 8 * 1024 * 1024  # all streams' reads under way together: a SIGKILL loses at most this (+ progress)
 STEAL_RTTS = 8  # at a file's end an idle stream takes half of a busy piece down to this many round trips
 
@@ -172,6 +173,7 @@ class Budget:
     _win_start: float | None = None
     _win_bytes: int = 0
     _settle_until: float = 0.0
+    _pieces: int = 0  # pieces sized so far (see piece)
 
     def __post_init__(self) -> None:
         self.limits.append(self.rule.limit)
@@ -251,8 +253,16 @@ class Budget:
 
     def piece(self, smallest: int, largest: int) -> int:
         """The size of a piece: ``PIECE_RTTS`` round trips at one stream's rate, so that the round trip a
-        stream idles between two pieces is a small part of each; within [smallest, largest]."""
-        return self._rtts(PIECE_RTTS, smallest, largest, unknown=smallest)
+        stream idles between two pieces is a small part of each; within [smallest, largest].
+
+        Spread by up to ``PIECE_SPREAD`` either way (a low-discrepancy sequence: deterministic, evenly spread):
+        streams that started together (a step of the limit) would otherwise end their pieces together and all
+        idle the same round trip before the next, which a far link saw as its rate falling by half for a
+        quarter of a second every few seconds (BENCHMARKS.md)."""
+        with self._cond:
+            self._pieces += 1
+            spread = 1 + PIECE_SPREAD * (2 * ((self._pieces * 0.6180339887498949) % 1.0) - 1)
+        return self._rtts(PIECE_RTTS * spread, smallest, largest, unknown=smallest)
 
     def steal(self, smallest: int, largest: int) -> int:
         """The smallest piece worth splitting off a busy one at a file's end (the victim's connection is
@@ -260,7 +270,7 @@ class Budget:
         stream, within [smallest, largest]. Smaller ends let the last bytes come over many streams."""
         return self._rtts(STEAL_RTTS, smallest, largest, unknown=largest)
 
-    def _rtts(self, n: int, smallest: int, largest: int, unknown: int) -> int:
+    def _rtts(self, n: float, smallest: int, largest: int, unknown: int) -> int:
         """``n`` round trips' worth of one stream's bytes, within [smallest, largest]; ``unknown`` before the
         first measurement."""
         with self._cond:
