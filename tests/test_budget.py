@@ -3,6 +3,7 @@ budget for a whole fetch, head start included, counted at the emulator. No wall-
 
 from __future__ import annotations
 
+import itertools
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -189,7 +190,7 @@ def test_pieces_of_streams_started_together_do_not_end_together() -> None:
     nominal = 6.25 * MB * 0.15 * PIECE_RTTS
     assert all((1 - PIECE_SPREAD) * nominal - 1 <= x <= (1 + PIECE_SPREAD) * nominal + 1 for x in sizes)
     ends = sorted(x / (6.25 * MB) for x in sizes)  # when each piece ends, in seconds
-    assert min(later - earlier for earlier, later in zip(ends, ends[1:], strict=False)) > 0.05  # no two together
+    assert min(later - earlier for earlier, later in itertools.pairwise(ends)) > 0.05  # no two together
     assert abs(sum(sizes) / len(sizes) / nominal - 1) < 0.05  # the same size on average
     assert all(b.piece(16 * MB, 20 * MB) in range(16 * MB, 20 * MB + 1) for _ in range(8))  # still within bounds
 
@@ -209,6 +210,11 @@ def test_budget_decides_once_per_full_window_and_waits_for_new_streams() -> None
     window, settle = WINDOW_RTTS * 0.0625, SETTLE_RTTS * 0.0625
     slots = [b.acquire(lambda: False) for _ in range(4)]
     assert all(s is not None for s in slots) and b.active == 4
+    b.add(1)  # the first bytes: the first streams get SETTLE_RTTS round trips to flow, as a step's new ones do
+    clock.now += settle - 0.01
+    b.add(100 * MB)
+    assert b._win_start is None  # still settling: not measured
+    clock.now += 0.01
     b.add(1)  # opens a window (every slot in use)
     clock.now += window - 0.125
     b.add(MB)
@@ -261,6 +267,10 @@ def test_reads_under_way_stay_within_the_read_ahead_however_many_streams() -> No
         assert limit * b.read_size() <= max(READ_AHEAD, limit * 64 * 1024)
     b.rule.limit = 4
     assert b.read_size() == 1024 * 1024  # few streams (localhost): full 1 MiB reads, as measured
+    # the buffers are as big as a read may be when they are made: 32 streams hold READ_AHEAD, not 32 blocks
+    b = Budget(Rule(start=32, cap=32, fixed=True), block=1024 * 1024)
+    slots = [b.acquire(lambda: False) for _ in range(32)]
+    assert sum(len(s.buf) for s in slots if s is not None) == READ_AHEAD
 
 
 def test_a_waiting_worker_gets_the_released_slot() -> None:

@@ -174,6 +174,7 @@ class Budget:
     _win_bytes: int = 0
     _settle_until: float = 0.0
     _pieces: int = 0  # pieces sized so far (see piece)
+    _flowing: bool = False  # the first bytes arrived (see add)
 
     def __post_init__(self) -> None:
         self.limits.append(self.rule.limit)
@@ -210,7 +211,9 @@ class Budget:
                             self.limits.append(self.rule.limit)
                     if self.active < self.rule.limit:
                         self.active += 1
-                        buf = self._free.pop() if self._free else bytearray(self.block)
+                        # as big as one read may be now: READ_AHEAD over all slots, not a block each (the
+                        # resident set of 32 streams stays ~8 MiB of buffers, not 32)
+                        buf = self._free.pop() if self._free else bytearray(min(self.block, self.read_size()))
                         break
                     self._cond.wait(0.1)
         finally:
@@ -226,7 +229,8 @@ class Budget:
             if slot.shedding:
                 self.shedding -= 1
                 slot.shedding = False
-            self._free.append(slot.buf)
+            if len(slot.buf) >= min(self.block, self.read_size()):  # one made for more streams is too small now
+                self._free.append(slot.buf)
             del self._free[self.rule.limit:]
             self._demand()
             self._cond.notify_all()
@@ -285,6 +289,8 @@ class Budget:
         with self._cond:
             if self.rule.done and self.stream_rate is not None:
                 return
+            if not self._flowing:  # the first streams start as a step's new ones do: let them all flow first
+                self._flowing, self._settle_until = True, now + SETTLE_RTTS * (self.rtt or 0.0)
             if now < self._settle_until:
                 return
             if self._win_start is None:
