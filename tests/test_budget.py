@@ -180,6 +180,36 @@ def test_a_long_round_trip_starts_with_more_streams_a_fixed_limit_never() -> Non
     assert measured.limit == 2 * START
 
 
+def test_pieces_follow_the_rate_per_stream_after_the_rule_settles() -> None:
+    # far: 16 -> 32 (no gain, twice) -> back to 16. The last windows of the rule ran 32 streams at 3.1 MB/s each;
+    # from then on 16 run at 6.25 MB/s each, and a piece of 30 round trips is twice what the last rule window said.
+    clock = Clock()
+    rule = Rule()
+    rule.start_long()  # a far link: 16 from the start
+    b = Budget(rule, block=16, clock=clock)
+    b.first_byte(0.05)
+    slots = [b.acquire(lambda: False) for _ in range(16)]
+    b.waiting = 16  # as if 16 more workers waited: 32 are wanted
+
+    def window(rate: float) -> None:
+        clock.now += 1.0  # past any settling
+        b.add(1)  # opens a window
+        clock.now += 1.0
+        b.add(int(rate))  # ... which ends: this rate
+
+    b.add(1)  # the first bytes
+    window(100 * MB)  # 16 streams: the baseline, then a step to 32
+    assert b.limit == 32
+    b.active, b.waiting = 32, 0
+    window(100 * MB)
+    window(100 * MB)  # no gain, twice: back to 16, and the rule is done
+    assert b.limit == 16 and b.rule.done and b.stream_rate == pytest.approx(100 * MB / 32)
+    b.active = 16
+    window(100 * MB)
+    assert b.stream_rate == pytest.approx(100 * MB / 16)  # measured again at 16 streams
+    assert b.limits == [16, 32, 16] and all(s is not None for s in slots)
+
+
 def test_pieces_of_streams_started_together_do_not_end_together() -> None:
     # far: 6.25 MB/s per stream, 150 ms: a piece is ~30 round trips (28 MB). Sixteen streams that took their
     # pieces at once would all idle the same round trip before the next; spread sizes spread those gaps.

@@ -284,11 +284,11 @@ class Budget:
         return int(min(largest, max(smallest, rate * rtt * n)))
 
     def add(self, n: int) -> None:
-        """``n`` bytes arrived on some stream: the measurement windows, and the rule's decision after each."""
+        """``n`` bytes arrived on some stream: the measurement windows, and the rule's decision after each. Once
+        the rule has settled, the windows go on for the rate per stream, which sizes the pieces (the last window
+        of the rule may have had twice the streams that run now)."""
         now = self.clock()
         with self._cond:
-            if self.rule.done and self.stream_rate is not None:
-                return
             if not self._flowing:  # the first streams start as a step's new ones do: let them all flow first
                 self._flowing, self._settle_until = True, now + SETTLE_RTTS * (self.rtt or 0.0)
             if now < self._settle_until:
