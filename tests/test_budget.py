@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -325,6 +327,48 @@ def test_settings_fixed_only_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
     b = Budget.for_connections(3, 16)
     assert b.rule.fixed and b.limit == 3 and b.cap == 3
     assert not Budget.for_connections(None, 16).rule.fixed
+
+
+def test_a_shed_stream_ends_after_its_piece_so_no_byte_is_served_twice(hub: HubServer, tmp_path: Path) -> None:
+    # 4 streams, then the limit falls to 2 while they are all mid-piece. A stream shed in the middle of an answer
+    # closes its connection with the rest of that answer already sent (socket buffers, in flight): served twice
+    # once another stream asks for it. Shed after its piece instead, every byte is served once.
+    import hashlib
+
+    from dinov3_fetcher._http import HttpPool
+    from dinov3_fetcher._job import Target
+    from dinov3_fetcher._progress import Progress
+    from dinov3_fetcher._state import StateDir
+    from dinov3_fetcher._transfer import Transfer
+
+    data = bytes(range(256)) * (8 * 4096)  # 8 MiB: 8 pieces of 1 MiB
+    hub.add_repo(TINY, {"config.json": b"{}", "model.safetensors": data})
+    hub.faults.add(host="cdn", throttle_bps=4 * 1024 * 1024)  # slow enough for the four to be mid-piece
+    budget = Budget(Rule(start=4, cap=4, fixed=True), block=64 * 1024)
+    state = StateDir(tmp_path / "root")
+    state.ensure()
+
+    def refuse(status: int, headers: dict[str, str], body: bytes, url: str) -> NoReturn:
+        raise AssertionError(f"HTTP {status} from {url}")
+
+    transfer = Transfer(replace(Settings(), min_split=1024 * 1024), HttpPool(10, "test"), state,
+                        Progress(quiet=True), refuse, budget=budget)
+    sha = hashlib.sha256(data).hexdigest()
+    target = Target("model.safetensors", f"{hub.endpoint}/{TINY}/resolve/main/model.safetensors", len(data), sha, sha)
+    got: list[object] = []
+    t = threading.Thread(target=lambda: got.append(transfer.download(target)))
+    t.start()
+    while budget.active < 4 or hub.bytes_served("model.safetensors") < 1024 * 1024:
+        assert t.is_alive()
+        time.sleep(0.01)
+    with budget._cond:
+        budget.rule.limit = 2
+    t.join(60)
+    transfer.pool.close()
+    assert got and got[0].path.read_bytes() == data  # type: ignore[attr-defined]
+    assert hub.bytes_served("model.safetensors") == len(data)  # each byte served once
+    gets = hub.file_gets("model.safetensors")
+    assert len([r for r in gets if r.host == "cdn"]) == 8  # one answer per piece: none was cut and asked again
 
 
 def _max_concurrent_bodies(hub: HubServer) -> int:

@@ -140,15 +140,16 @@ class Rule:
 
 @dataclass
 class Slot:
-    """A stream's right to run, with its read buffer; ``shed`` asks it to stop (the limit went down)."""
+    """A stream's right to run, with its read buffer; ``shed`` asks it to stop after its piece (the limit went
+    down)."""
 
     budget: Budget
     buf: bytearray
     shedding: bool = False
 
     def shed(self) -> bool:
-        """True when this stream should end now (more streams run than the limit): the caller stops its
-        request where it is and gives the slot back."""
+        """True when this stream should end now (more streams run than the limit): asked between pieces, the
+        caller takes no other piece and gives the slot back."""
         return self.shedding or self.budget.shed(self)
 
     def release(self) -> None:
@@ -294,7 +295,9 @@ class Budget:
             if now < self._settle_until:
                 return
             if self._win_start is None:
-                if self.active + self.waiting >= self.rule.limit:  # a window opens only while all are wanted
+                # a window opens only while every slot is wanted, and no stream above a lowered limit still
+                # finishes its piece (the window would count it)
+                if self.active + self.waiting >= self.rule.limit >= self.active:
                     self._win_start, self._win_bytes = now, 0
                 return
             self._win_bytes += n

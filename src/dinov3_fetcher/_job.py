@@ -202,11 +202,13 @@ class Job:
                 self.lock.notify_all()
 
     def fetch_segment(self, seg: _Segment, slot: Slot) -> None:
-        """Fetch one piece, retrying with backoff while attempts in a row make no progress; stops early (the
-        rest of the piece left to a later stream) when the budget sheds this stream."""
+        """Fetch one piece, retrying with backoff while attempts in a row make no progress. A stream the budget
+        sheds ends after its piece (``worker``), not in the middle of it: the bytes the server had already sent
+        on a connection closed mid-answer (its socket buffers, what was in flight: megabytes each on a fast
+        link) would be served twice."""
         tries = self.fetch.retry.tries()
         while seg.pos < seg.end:
-            if self.fetch.cancel.is_set() or self.error is not None or slot.shedding:
+            if self.fetch.cancel.is_set() or self.error is not None:
                 return
             start = seg.pos
             try:
@@ -312,8 +314,7 @@ class Job:
             return True
 
     def copy(self, resp: Response, seg: _Segment, slot: Slot, offset: int) -> None:
-        """Read the body into the slot's buffer and write what belongs to the piece, recording progress; stop
-        (the connection is closed, the rest of the piece stays to fetch) when the budget sheds this stream.
+        """Read the body into the slot's buffer and write what belongs to the piece, recording progress.
         RequestError when the connection fails."""
         buf = slot.buf
         mv = memoryview(buf)
@@ -325,7 +326,7 @@ class Job:
                 if offset == self.target.size and _read(resp, 1):
                     self.fail_integrity(f"the server sent more than the {self.target.size} bytes the listing gives")
                 return
-            if cancel.is_set() or self.error is not None or slot.shed():
+            if cancel.is_set() or self.error is not None:
                 return
             try:
                 n = resp.readinto(mv[:want])
