@@ -142,6 +142,12 @@ class Job:
             if idle:
                 seg = min(idle, key=lambda s: s.pos)
                 piece = self.fetch.budget.piece(self.piece_size, 4 * self.piece_size) if self.piece_size else 0
+                left, streams = sum(s.end - s.pos for s in idle), 1 + sum(s.busy for s in self.segments)
+                if piece and left < piece * streams:
+                    # The file's end: what is left goes out in equal shares, so that its streams end about
+                    # together instead of the last pieces splitting busy ones (a split closes the busy stream's
+                    # connection, and what the server had sent past the split is served twice).
+                    piece = max(self.steal_min(), -(-left // streams))
                 if piece and seg.end - seg.pos >= piece * 3 // 2 and not self.whole_file:
                     # Hand the file out front to back, one piece at a time: the written prefix (which the
                     # hasher follows) then grows at the speed of all connections, not of the first one, so
