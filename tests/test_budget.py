@@ -319,6 +319,39 @@ def test_a_waiting_worker_gets_the_released_slot() -> None:
     assert got and got[0] is not None and got[0].buf is first.buf  # type: ignore[attr-defined]
 
 
+def test_a_free_slot_goes_to_the_file_that_asked_first() -> None:
+    # Two files in flight: the earlier one's workers get the streams first, so the files end one after another
+    # (the next one already streaming) instead of together with the link idle while the next ones start.
+    b = Budget(Rule(start=1, cap=1, fixed=True), block=16)
+    first, second = b.ticket(), b.ticket()
+    held = b.acquire(lambda: False, second)
+    assert held is not None
+    order: list[str] = []
+
+    def stream(name: str, ticket: int) -> None:
+        slot = b.acquire(lambda: False, ticket)
+        assert slot is not None
+        order.append(name)
+        slot.release()
+
+    later = threading.Thread(target=stream, args=("second", second))
+    later.start()
+    while b.waiting < 1:
+        time.sleep(0.01)
+    earlier = threading.Thread(target=stream, args=("first", first))
+    earlier.start()
+    while b.waiting < 2:
+        time.sleep(0.01)
+    held.release()
+    earlier.join(5)
+    later.join(5)
+    assert order == ["first", "second"]
+    # a file whose workers give up (no work left) does not hold the line
+    gone = b.ticket()
+    assert b.acquire(lambda: True, gone) is None
+    assert b.acquire(lambda: False, second) is not None
+
+
 def test_settings_fixed_only_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DINOV3_FETCHER_CONNECTIONS", raising=False)
     assert Settings.from_env().connections is None

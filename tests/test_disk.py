@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from checkpoints import vit_repo_files
+from checkpoints import shard_files, vit_repo_files
 from conftest import TINY, checkpoint_tree, cli_env
 from dinov3_fetcher import fetch_dinov3
 from dinov3_fetcher._progress import human_bytes
@@ -115,6 +115,26 @@ def test_space_is_checked_before_downloading_and_counts_only_missing_bytes(
     assert "free some space" in proc.stderr
     assert hub.bytes_served(MODEL) == 0
     assert checkpoint_tree(dino_root) == before
+
+
+def test_shards_that_do_not_all_fit_are_refused_before_the_first_weight_byte(
+        hub: HubServer, tmpfs: Callable[[str], Path], run_cli: Any) -> None:
+    # Four shards of ~19 MB on a 56 MiB disk: the first two would fit, all four do not. The head start learns the
+    # shards one HEAD at a time; it must not start any of them before it knows they all fit (a 7B is 6 x 4.5 GB:
+    # two shards written before the refusal would be 9 GB for nothing).
+    disk = tmpfs("56m")
+    dino_root = disk / "dinov3"
+    files = shard_files(vit_repo_files(seed=3, hidden=512, intermediate=2048, layers=5), 4)
+    shards = sorted(n for n in files if n.endswith(".safetensors"))
+    total = sum(len(files[n]) for n in shards)
+    assert len(shards) == 4 and total > 56 * MiB - 16 * MiB > 2 * max(len(files[n]) for n in shards)
+    hub.add_repo(TINY, files)
+    proc = fetch(run_cli, dino_root)
+    assert proc.returncode == 9, proc.stderr
+    needed = total + len(files["README.md"]) + len(files["LICENSE.md"])
+    assert "not enough disk space" in proc.stderr and f"{needed / 1e6:.1f} MB still to download" in proc.stderr
+    assert hub.bytes_served(".safetensors") == 0  # not one byte of a shard was asked for
+    assert not list((dino_root / ".dinov3-fetcher" / "partial").glob("*/data"))
 
 
 def test_disk_filling_up_mid_download_keeps_partial_and_previous_checkpoint(

@@ -175,6 +175,8 @@ class Budget:
     _win_bytes: int = 0
     _settle_until: float = 0.0
     _pieces: int = 0  # pieces sized so far (see piece)
+    _tickets: int = 0  # files that asked for streams so far (see ticket)
+    _queue: dict[int, int] = field(default_factory=dict)  # ticket -> workers of that file waiting for a slot
     _flowing: bool = False  # the first bytes arrived (see add)
 
     def __post_init__(self) -> None:
@@ -195,11 +197,23 @@ class Budget:
     def cap(self) -> int:
         return self.rule.cap
 
-    def acquire(self, give_up: Callable[[], bool]) -> Slot | None:
-        """A slot once fewer streams than the limit run; None as soon as ``give_up()`` says so (asked outside
-        the budget's lock: it may take the caller's own locks)."""
+    def ticket(self) -> int:
+        """A file's place in line: a free slot goes to the waiting worker of the file that asked first."""
+        with self._cond:
+            self._tickets += 1
+            return self._tickets
+
+    def acquire(self, give_up: Callable[[], bool], ticket: int = 0) -> Slot | None:
+        """A slot once fewer streams than the limit run and no worker of an earlier file (``ticket``) waits for
+        one; None as soon as ``give_up()`` says so (asked outside the budget's lock: it may take the caller's
+        own locks).
+
+        Earlier files first: files in flight together then end one after another, each while the next ones
+        already stream, instead of all at once with the link idle while the next ones start (and each file's
+        sha256 tail overlaps the others' transfer)."""
         with self._cond:
             self.waiting += 1
+            self._queue[ticket] = self._queue.get(ticket, 0) + 1
         buf: bytearray | None = None
         try:
             while True:
@@ -210,7 +224,7 @@ class Budget:
                         self.rule.start_long()  # before the first window: nothing measured yet
                         if self.rule.limit != self.limits[-1]:
                             self.limits.append(self.rule.limit)
-                    if self.active < self.rule.limit:
+                    if self.active < self.rule.limit and ticket <= min(self._queue):
                         self.active += 1
                         # as big as one read may be now: READ_AHEAD over all slots, not a block each (the
                         # resident set of 32 streams stays ~8 MiB of buffers, not 32)
@@ -220,6 +234,10 @@ class Budget:
         finally:
             with self._cond:
                 self.waiting -= 1
+                self._queue[ticket] -= 1
+                if not self._queue[ticket]:
+                    del self._queue[ticket]
+                    self._cond.notify_all()  # the next file's workers may be first in line now
                 self._demand()
         return Slot(self, buf)
 

@@ -4,9 +4,9 @@ On a cold fetch, huggingface_hub's ``model_info`` and then config.json, preproce
 index each cost a round trip, and until they answered, the weights (all but a few KB of the bytes) could
 not start. ``HeadStart`` learns what the weights will be from the Hub's ``resolve`` answers, the way
 huggingface_hub's own ``hf_hub_download`` does (config.json with its ``X-Repo-Commit``, each weight file's
-``X-Linked-Etag`` and ``X-Linked-Size``), asking config.json, the single file and the index at once, and
-starts each file's transfer as soon as it is known, in the background, beside ``model_info`` (and beside
-the ``HfApi`` import: see ``HfSource.early``).
+``X-Linked-Etag`` and ``X-Linked-Size``), asking config.json, the single file and the index at once (then the
+shards' HEADs at once), and starts the files' transfer as soon as they are known and fit on the disk, in the
+background, beside ``model_info`` (and beside the ``HfApi`` import: see ``HfSource.early``).
 
 Nothing it learns is trusted. ``fetch`` adopts an early download only when huggingface_hub's listing gives
 the same size and sha256, and the bytes were checked against that sha256 as always; otherwise the early
@@ -89,18 +89,22 @@ class HeadStart:
 
     # -- what to fetch ----------------------------------------------------------------------------------
     def _plan(self) -> None:
-        """Start each weight file as soon as its resolve answer is in (a shard need not wait for the others)."""
+        """Start the weight files once their resolve answers are in (the shards' HEADs at once), if they all fit
+        on the disk: a checkpoint that does not fit is refused by the main path before its first byte, rather
+        than after the head start filled the disk with the shards that did (a 7B shard is 4.5 GB)."""
         try:
-            free, needed = self.state.free_space(), 0
-            identities: set[str] = set()
+            targets, identities = [], set()
             for t in self._targets():
-                with self.lock:
-                    if t.identity in identities:  # same bytes as another file: they would share a partial folder
-                        continue
-                    needed += t.size
-                    if not fits(needed, free) or self.transfer.cancel.is_set():
-                        return  # the main path checks the space precisely, and says what is missing
+                if t.identity not in identities:  # same bytes as another file: they would share a partial folder
                     identities.add(t.identity)
+                    targets.append(t)
+            needed = sum(t.size - min(t.size, self.state.partial_bytes(t.identity, t.size)) for t in targets)
+            if not fits(needed, self.state.free_space()):
+                return  # the main path checks the space precisely, and says what is missing
+            for t in targets:
+                with self.lock:
+                    if self.transfer.cancel.is_set():
+                        return
                     self.jobs[t.name] = _EarlyDownload(t)
                     spawn = self.running < FILES_AT_ONCE
                     if spawn:
@@ -150,12 +154,13 @@ class HeadStart:
         return self._lfs(rev, SINGLE) if layout == SINGLE else self._small(self.base + rev + "/" + INDEX)
 
     def _shards(self, commit: str, index: object) -> Iterator[Target]:
-        """The shards' HEADs a few at a time, each shard yielded (in order) once its answer is in."""
+        """The shards' HEADs a few at a time (at once for a DINOv3's 6), each shard yielded in order; those
+        before the first that does not answer as expected (the main path fetches the rest)."""
         names = shards_from_index(index if isinstance(index, dict) else {})
         with ThreadPoolExecutor(min(HEADS_AT_ONCE, max(1, len(names)))) as ex:
             for found in ex.map(lambda n: self._lfs(commit, n), names):
                 if found is None or found[0] != commit:
-                    return  # the shards before it go on; the main path fetches the rest
+                    return
                 if self._needed(found[1]):
                     yield found[1]
 

@@ -38,6 +38,7 @@ _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 SAVE_EVERY = 4 * MiB  # progress.json is rewritten after this many new bytes (all connections together)
 WRITE_CHUNK = 32 * 1024  # bytes per pwrite (see Job.write)
 STEAL_MIN = 1 * MiB  # the smallest half of a busy piece an idle stream takes over at a file's end
+SYNC_EVERY = 64 * MiB  # hashed bytes between two writebacks of a file while it downloads (see hash_all)
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class Job:
         self.progress_fd: int | None = None  # progress.json, open for in-place rewrites
         self.piece_size = 0  # with several connections: the size of the in-order pieces (see next_segment)
         self.hashed = 0  # [0, hashed) is on disk for good and hashed (hash_all): what a broadcast may send
+        self.ticket = fetch.budget.ticket()  # its place in line for the fetch's streams (Budget.acquire)
         missing = remaining(folder, target.identity, target.size)
         self.resumed_from = target.size - sum(e - s for s, e in missing)
         self.segments: list[_Segment] = [_Segment(s, e) for s, e in missing]
@@ -142,12 +144,14 @@ class Job:
             if idle:
                 seg = min(idle, key=lambda s: s.pos)
                 piece = self.fetch.budget.piece(self.piece_size, 4 * self.piece_size) if self.piece_size else 0
-                left, streams = sum(s.end - s.pos for s in idle), 1 + sum(s.busy for s in self.segments)
-                if piece and left < piece * streams:
-                    # The file's end: what is left goes out in equal shares, so that its streams end about
-                    # together instead of the last pieces splitting busy ones (a split closes the busy stream's
-                    # connection, and what the server had sent past the split is served twice).
-                    piece = max(self.steal_min(), -(-left // streams))
+                under_way = [s.end - s.pos for s in self.segments if s.busy]
+                share = -(-(sum(s.end - s.pos for s in idle) + sum(under_way)) // (1 + len(under_way)))
+                if piece and share < piece:
+                    # The file's end: a piece no bigger than each of its streams' share of all that is left
+                    # (handed out or not), so that they end about together instead of the last pieces splitting
+                    # busy ones (a split closes the busy stream's connection, and what the server had sent past
+                    # the split is served twice).
+                    piece = max(self.steal_min(), share)
                 if piece and seg.end - seg.pos >= piece * 3 // 2 and not self.whole_file:
                     # Hand the file out front to back, one piece at a time: the written prefix (which the
                     # hasher follows) then grows at the speed of all connections, not of the first one, so
@@ -190,7 +194,7 @@ class Job:
         """A stream's loop: a slot of the fetch's budget, then pieces over it until there is none (or the budget
         shrank); the first error stops the job."""
         try:
-            while (slot := self.fetch.budget.acquire(lambda: not self.has_work())) is not None:
+            while (slot := self.fetch.budget.acquire(lambda: not self.has_work(), self.ticket)) is not None:
                 try:
                     while not slot.shed() and (seg := self.next_segment()) is not None:
                         try:
@@ -398,25 +402,71 @@ class Job:
         git = git_blob_hasher(size) if self.target.git_oid else None
         hashers = [sha] if git is None else [sha, git]
         pos = 0
-        while pos < size:
-            with self.lock:
-                while (limit := self.frontier()) <= pos and self.error is None and not self.fetch.cancel.is_set():
-                    self.lock.wait(0.5)
-                if self.error is not None or self.fetch.cancel.is_set():
-                    return ""
-            reached = hash_range(self.fd, pos, min(limit, pos + WINDOW), hashers)
-            if reached == pos:  # the data file is shorter than its progress record: it cannot be trusted
-                self.fail_integrity(f"the partial data ends at byte {pos}, before what its progress record says")
-            pos = self.hashed = reached
+        flusher = _Flusher(self.fd)
+        try:
+            while pos < size:
+                with self.lock:
+                    while (limit := self.frontier()) <= pos and self.error is None and not self.fetch.cancel.is_set():
+                        self.lock.wait(0.5)
+                    if self.error is not None or self.fetch.cancel.is_set():
+                        return ""
+                reached = hash_range(self.fd, pos, min(limit, pos + WINDOW), hashers)
+                if reached == pos:  # the data file is shorter than its progress record: it cannot be trusted
+                    self.fail_integrity(f"the partial data ends at byte {pos}, before what its progress record says")
+                pos = self.hashed = reached
+                flusher.behind(pos)
+        finally:
+            flusher.join()
         digest = sha.hexdigest()
         if self.target.sha256 and digest != self.target.sha256:
             self.fail_integrity(f"sha256 {digest[:12]}... does not match the listing's {self.target.sha256[:12]}...")
         if git is not None and git.hexdigest() != self.target.git_oid:
             self.fail_integrity(f"git blob id {git.hexdigest()[:12]}... does not match the listing's "
                                 f"{(self.target.git_oid or '')[:12]}...")
-        if os.fstat(self.fd).st_size != size:
-            os.ftruncate(self.fd, size)
+        try:
+            if os.fstat(self.fd).st_size != size:
+                os.ftruncate(self.fd, size)
+            flusher.finish()
+        except OSError as exc:
+            raise self.disk_error(exc) from None
         return digest
+
+
+class _Flusher:
+    """Writes a file's verified prefix back to the disk while the rest still arrives (``fdatasync`` in a thread of
+    its own, every ``SYNC_EVERY`` bytes), so that the sync a publish makes before it names the file (crash
+    consistency) finds little left to write: on 1.2 GB that sync took 0.34-0.40 s after the last byte."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.synced = 0  # bytes below this were written back (by the last sync that ended)
+        self.thread: threading.Thread | None = None
+        self.error: OSError | None = None
+
+    def behind(self, pos: int) -> None:
+        """``pos`` bytes are hashed: write them back in the background, unless a writeback runs or little is new."""
+        if pos - self.synced < SYNC_EVERY or (self.thread is not None and self.thread.is_alive()):
+            return
+        self.thread = threading.Thread(target=self._sync, args=(pos,), daemon=True, name="writeback")
+        self.thread.start()
+
+    def _sync(self, pos: int) -> None:
+        try:
+            os.fdatasync(self.fd)
+            self.synced = pos
+        except OSError as exc:  # reported by finish (a full disk can first show here, at writeback)
+            self.error = exc
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
+    def finish(self) -> None:
+        """The whole file is verified: what is not written back yet, now; OSError if a writeback failed."""
+        self.join()
+        if self.error is not None:
+            raise self.error
+        os.fdatasync(self.fd)
 
 
 def _read(resp: Response, amt: int) -> bytes:
