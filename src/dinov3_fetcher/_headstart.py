@@ -68,6 +68,7 @@ class HeadStart:
         self.revision = revision
         self.jobs: dict[str, _EarlyDownload] = {}
         self.small: dict[str, bytes] = {}  # config.json and the index as read here, for take()
+        self.announced = 0  # the weights' total size as the index gives it, before the shards' HEADs answer
         self.taken: set[str] = set()  # names the main path asked for: never started here after that
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
@@ -89,30 +90,39 @@ class HeadStart:
 
     # -- what to fetch ----------------------------------------------------------------------------------
     def _plan(self) -> None:
-        """Start the weight files once their resolve answers are in (the shards' HEADs at once), if they all fit
-        on the disk: a checkpoint that does not fit is refused by the main path before its first byte, rather
-        than after the head start filled the disk with the shards that did (a 7B shard is 4.5 GB)."""
+        """Start each weight file as soon as its resolve answer is in (a shard need not wait for the others), once
+        all of them are known to fit on the disk: a checkpoint that does not fit is refused by the main path
+        before its first byte, not after the head start filled the disk with the shards that did (a 7B shard is
+        4.5 GB). For shards, the index's total size says so before their HEADs answer; where it does not (the
+        disk is tight, a partial download may make the difference), every HEAD is awaited and counted exactly."""
         try:
-            targets, identities = [], set()
+            free, needed, known = self.state.free_space(), 0, []
+            identities: set[str] = set()
             for t in self._targets():
-                if t.identity not in identities:  # same bytes as another file: they would share a partial folder
-                    identities.add(t.identity)
-                    targets.append(t)
-            needed = sum(t.size - min(t.size, self.state.partial_bytes(t.identity, t.size)) for t in targets)
-            if not fits(needed, self.state.free_space()):
-                return  # the main path checks the space precisely, and says what is missing
-            for t in targets:
-                with self.lock:
-                    if self.transfer.cancel.is_set():
-                        return
-                    self.jobs[t.name] = _EarlyDownload(t)
-                    spawn = self.running < FILES_AT_ONCE
-                    if spawn:
-                        self.running += 1
-                if spawn:
-                    self._spawn(self._worker, f"head-start-{t.name}")
+                if t.identity in identities:  # same bytes as another file: they would share a partial folder
+                    continue
+                identities.add(t.identity)
+                needed += t.size - min(t.size, self.state.partial_bytes(t.identity, t.size))
+                known.append(t)
+                if fits(max(needed, self.announced), free):
+                    while known:
+                        self._start(known.pop(0))
+            if known and fits(needed, free):  # the exact count of every file fits after all
+                for t in known:
+                    self._start(t)
         except Exception:  # no (more) head start: the main path meets the same problem and reports it
             return
+
+    def _start(self, t: Target) -> None:
+        with self.lock:
+            if self.transfer.cancel.is_set():
+                return
+            self.jobs[t.name] = _EarlyDownload(t)
+            spawn = self.running < FILES_AT_ONCE
+            if spawn:
+                self.running += 1
+        if spawn:
+            self._spawn(self._worker, f"head-start-{t.name}")
 
     def _targets(self) -> Iterator[Target]:
         """The weight files to start, each as soon as it is known. config.json and the first answer of both
@@ -146,7 +156,12 @@ class HeadStart:
                         yield found[1]
                     return
                 self.small[INDEX] = found[1]
-                yield from self._shards(commit, json.loads(found[1]))
+                index = json.loads(found[1])
+                meta = index.get("metadata") if isinstance(index, dict) else None
+                total = meta.get("total_size") if isinstance(meta, dict) else None
+                # the tensors' bytes: the shards' headers add a few KB each, within fits()'s margin
+                self.announced = total if isinstance(total, int) and total > 0 else 1 << 62
+                yield from self._shards(commit, index)
                 return
 
     def _layout(self, layout: str, rev: str) -> tuple[str, Target | bytes] | None:
