@@ -39,7 +39,7 @@ SETTLE_RTTS = 2  # after a change, round trips before the next window starts (a 
 PIECE_RTTS = 30  # a piece lasts this many round trips at one stream's rate: the gap between pieces ~3%
 PIECE_SPREAD = 0.25  # ... give or take this much, so that streams started together do not all idle at once
 READ_AHEAD = 8 * 1024 * 1024  # all streams' reads under way together: a SIGKILL loses at most this (+ progress)
-STEAL_RTTS = 8  # at a file's end an idle stream takes half of a busy piece down to this many round trips
+STEAL_RTTS = 4  # at a file's end an idle stream takes half of a busy piece down to this many round trips
 
 
 @dataclass
