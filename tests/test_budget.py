@@ -404,6 +404,22 @@ def test_a_shed_stream_ends_after_its_piece_so_no_byte_is_served_twice(hub: HubS
     assert len([r for r in gets if r.host == "cdn"]) == 8  # one answer per piece: none was cut and asked again
 
 
+def test_small_files_do_not_wait_for_the_weights_streams(hub: HubServer, dino_root: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # One stream, held by the weights from piece to piece: the preprocessor config, README and LICENSE (a few
+    # hundred bytes each) are short requests beside it, asked while the weights still stream, not after them.
+    files = vit_repo_files(hidden=256, intermediate=1024, layers=8)  # ~25 MB of weights
+    hub.add_repo(TINY, files)
+    hub.faults.add(host="cdn", path_suffix="model.safetensors", throttle_bps=16 * 1024 * 1024)
+    monkeypatch.setenv("DINOV3_FETCHER_CONNECTIONS", "1")
+    fetch(dino_root, TINY)
+    assert (dino_root / "model.safetensors").read_bytes() == files["model.safetensors"]
+    weights_done = max(r.done or 0.0 for r in hub.file_gets("model.safetensors"))
+    for name in ("preprocessor_config.json", "README.md", "LICENSE.md"):
+        (asked,) = [r for r in hub.requests if r.path.endswith("/" + name)]
+        assert asked.t < weights_done, name
+
+
 def _max_concurrent_bodies(hub: HubServer) -> int:
     """The most weight-file answers the server was sending at once (from each GET's arrival and its last byte)."""
     events = []

@@ -146,14 +146,16 @@ class Slot:
     budget: Budget
     buf: bytearray
     shedding: bool = False
+    counted: bool = True  # one of the budget's streams (not a short request beside them: Budget.aside)
 
     def shed(self) -> bool:
         """True when this stream should end now (more streams run than the limit): asked between pieces, the
         caller takes no other piece and gives the slot back."""
-        return self.shedding or self.budget.shed(self)
+        return self.counted and (self.shedding or self.budget.shed(self))
 
     def release(self) -> None:
-        self.budget.release(self)
+        if self.counted:
+            self.budget.release(self)
 
 
 @dataclass
@@ -240,6 +242,11 @@ class Budget:
                     self._cond.notify_all()  # the next file's workers may be first in line now
                 self._demand()
         return Slot(self, buf)
+
+    def aside(self, size: int) -> Slot:
+        """A slot beside the limit for a file of one read (a few KB of config): one short request, which would
+        otherwise wait for a stream of the weights to end (they keep theirs from piece to piece)."""
+        return Slot(self, bytearray(max(1, min(size, self.block))), counted=False)
 
     def release(self, slot: Slot) -> None:
         """The stream ended: its slot (and buffer) go to the next waiting worker."""

@@ -192,24 +192,33 @@ class Job:
 
     def worker(self) -> None:
         """A stream's loop: a slot of the fetch's budget, then pieces over it until there is none (or the budget
-        shrank); the first error stops the job."""
+        shrank); the first error stops the job. A file of one read (config, preprocessor, index, README) is one
+        short request beside the streams: it takes no slot, or it would wait for the weights' streams to end."""
+        budget = self.fetch.budget
         try:
-            while (slot := self.fetch.budget.acquire(lambda: not self.has_work(), self.ticket)) is not None:
-                try:
-                    while not slot.shed() and (seg := self.next_segment()) is not None:
-                        try:
-                            self.fetch_segment(seg, slot)
-                        finally:
-                            with self.lock:
-                                seg.busy = False
-                                self.lock.notify_all()
-                finally:
-                    slot.release()
+            if self.target.size <= budget.block:
+                self._pieces(budget.aside(self.target.size))
+                return
+            while (slot := budget.acquire(lambda: not self.has_work(), self.ticket)) is not None:
+                self._pieces(slot)
         except BaseException as exc:
             with self.lock:
                 if self.error is None:
                     self.error = exc
                 self.lock.notify_all()
+
+    def _pieces(self, slot: Slot) -> None:
+        """Pieces over ``slot`` until there is none, or the budget sheds it; then the slot goes back."""
+        try:
+            while not slot.shed() and (seg := self.next_segment()) is not None:
+                try:
+                    self.fetch_segment(seg, slot)
+                finally:
+                    with self.lock:
+                        seg.busy = False
+                        self.lock.notify_all()
+        finally:
+            slot.release()
 
     def fetch_segment(self, seg: _Segment, slot: Slot) -> None:
         """Fetch one piece, retrying with backoff while attempts in a row make no progress. A stream the budget

@@ -164,6 +164,8 @@ class Transfer:
         finally:
             if not orphans:
                 os.close(job.fd)
+            if keep and sys.exc_info()[0] is not None and not orphans and job.on_disk() == 0:
+                keep = False  # stopped before its first byte: nothing to resume, no folder left behind
             if keep:
                 job.save()
                 if sys.exc_info()[0] is not None:
