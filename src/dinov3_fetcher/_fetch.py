@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 __all__ = ["FetchResult", "fetch", "fetch_dinov3", "ready"]
 
+_SMALL_GRACE = 5.0  # seconds a small file under way may take to end when a weight file failed (see _fetch_weights)
+
 
 @dataclass
 class FetchResult:
@@ -247,6 +249,7 @@ def _fetch_weights(run: Run, names: list[str], files_at_once: int, get: Callable
     at_once = 1 if len(names) < 2 or len(set(identities)) < len(identities) else files_at_once
     todo, lock = list(names), threading.Lock()
     errors: list[BaseException] = []
+    failed = threading.Event()
 
     def worker(queue: list[str], fetch: Callable[[str], Path]) -> None:
         while True:
@@ -259,26 +262,33 @@ def _fetch_weights(run: Run, names: list[str], files_at_once: int, get: Callable
             except BaseException as exc:
                 with lock:
                     errors.append(exc)
-                transfer.cancel.set()
+                failed.set()
                 return
 
     threads = [threading.Thread(target=worker, args=(todo, get), daemon=True, name=f"file-{i}")
                for i in range(at_once)]
-    if beside:
-        threads.append(threading.Thread(target=worker, args=(list(beside), run.fetch_file), daemon=True,
-                                       name="file-small"))
-    for t in threads:
-        t.start()
+    small = threading.Thread(target=worker, args=(list(beside or []), run.fetch_file), daemon=True,
+                             name="file-small")
     try:
-        for t in threads:
-            while t.is_alive():
-                t.join(0.2)
+        for t in [*threads, small]:
+            t.start()
+        while any(t.is_alive() for t in threads) or small.is_alive():
+            if failed.wait(0.2):
+                # The first error stops the others; a small file under way ends first (a request or two), so
+                # that it is staged whole rather than left half-written beside the weights' partial data.
+                small.join(_SMALL_GRACE)
+                break
     except KeyboardInterrupt:
         transfer.cancel.set()
-        for t in threads:
+        for t in [*threads, small]:
             while t.is_alive():
                 t.join(0.2)
         raise
+    if errors:
+        transfer.cancel.set()
+    for t in [*threads, small]:
+        while t.is_alive():
+            t.join(0.2)
     if errors:  # the cause, not the FetchInterrupted that the cancel gave the other download
         raise next((e for e in errors if not isinstance(e, FetchInterrupted)), errors[0])
 
