@@ -281,9 +281,10 @@ class Budget:
             if self.rtt is None or seconds < self.rtt:
                 self.rtt = seconds
 
-    def piece(self, smallest: int, largest: int) -> int:
-        """The size of a piece: ``PIECE_RTTS`` round trips at one stream's rate, so that the round trip a
-        stream idles between two pieces is a small part of each; within [smallest, largest].
+    def piece(self, smallest: int, largest: int, rtts_times: int = 1) -> int:
+        """The size of a piece: ``PIECE_RTTS`` round trips at one stream's rate (``rtts_times`` as many where a
+        request costs more than its round trip), so that the round trip a stream idles between two pieces is a
+        small part of each; within [smallest, largest].
 
         Spread by up to ``PIECE_SPREAD`` either way (a low-discrepancy sequence: deterministic, evenly spread):
         streams that started together (a step of the limit) would otherwise end their pieces together and all
@@ -292,7 +293,7 @@ class Budget:
         with self._cond:
             self._pieces += 1
             spread = 1 + PIECE_SPREAD * (2 * ((self._pieces * 0.6180339887498949) % 1.0) - 1)
-        return self._rtts(PIECE_RTTS * spread, smallest, largest, unknown=smallest)
+        return self._rtts(PIECE_RTTS * rtts_times * spread, smallest, largest, unknown=smallest)
 
     def steal(self, smallest: int, largest: int) -> int:
         """The smallest piece worth splitting off a busy one at a file's end (the victim's connection is

@@ -312,6 +312,11 @@ class Redirects:
             self._locations[url] = answer.url
         return answer
 
+    def per_request(self, url: str) -> bool:
+        """Is every request of ``url`` resolved afresh (its locations were refused when used again)? Each such
+        request is one more ``resolve`` that the Hub counts against the address's rate limit."""
+        return url in self._per_request
+
     def forget(self, url: str) -> bool:
         """A remembered location of ``url`` was refused: resolve it afresh from now on, for every request. True
         if there was one."""

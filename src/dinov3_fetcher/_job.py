@@ -38,6 +38,7 @@ _RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 SAVE_EVERY = 4 * MiB  # progress.json is rewritten after this many new bytes (all connections together)
 WRITE_CHUNK = 32 * 1024  # bytes per pwrite (see Job.write)
 STEAL_MIN = 1 * MiB  # the smallest half of a busy piece an idle stream takes over at a file's end
+RESOLVED_PIECES = 8  # where every request is a resolve (see next_segment): pieces this many times the usual
 SYNC_EVERY = 64 * MiB  # hashed bytes between two writebacks of a file while it downloads (see hash_all)
 
 
@@ -143,7 +144,7 @@ class Job:
             idle = [s for s in self.segments if not s.busy and s.pos < s.end]
             if idle:
                 seg = min(idle, key=lambda s: s.pos)
-                piece = self.fetch.budget.piece(self.piece_size, 4 * self.piece_size) if self.piece_size else 0
+                piece = self.piece() if self.piece_size else 0
                 under_way = [s.end - s.pos for s in self.segments if s.busy]
                 share = -(-(sum(s.end - s.pos for s in idle) + sum(under_way)) // (1 + len(under_way)))
                 if piece and share < piece:
@@ -186,8 +187,22 @@ class Job:
             least = self.steal_min()
             return not self.whole_file and any(s.busy and s.end - s.pos >= 2 * least for s in self.segments)
 
+    def piece(self) -> int:
+        """The size of the next piece (``Budget.piece``). Where every request of the file is resolved afresh
+        (signatures bound to one request or one range: the Xet bridge), each piece is a ``resolve`` the Hub
+        counts against the address's rate limit (3,000 per 5 minutes anonymous, 5,000 with an account): pieces
+        ``RESOLVED_PIECES`` times longer, so that 8 nodes fetching a 7B at once behind one address stay within
+        the limit (BENCHMARKS.md)."""
+        if self.fetch.redirects.per_request(self.target.url):
+            n = RESOLVED_PIECES
+            return self.fetch.budget.piece(n * self.piece_size, 2 * n * self.piece_size, rtts_times=n)
+        return self.fetch.budget.piece(self.piece_size, 4 * self.piece_size)
+
     def steal_min(self) -> int:
-        """A busy piece is split in two when each half is at least this (see Budget.steal)."""
+        """A busy piece is split in two when each half is at least this (see Budget.steal); where every request
+        is a resolve, the smallest piece the file is cut into."""
+        if self.fetch.redirects.per_request(self.target.url):
+            return self.fetch.min_split
         return self.fetch.budget.steal(STEAL_MIN, self.fetch.min_split)
 
     def worker(self) -> None:
