@@ -184,9 +184,8 @@ def _warmed_pool(req: FetchRequest) -> HttpPool:
     connection opened a round trip earlier costs one round trip instead of two (three over TLS). A fetch that
     then finds the checkpoint complete (another fetcher had the lock) closes them unused: no request is made."""
     from ._http import HttpPool
-    from ._transfer import Settings
 
-    pool = HttpPool(Settings.from_env().timeout, "")
+    pool = HttpPool(env.timeout(), "")
     if req.source == "hf":
         from ._sources.hf import endpoint
 
