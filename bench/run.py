@@ -260,9 +260,9 @@ class Bench:
         def ours_extents() -> dict[str, list[tuple[int, int]]]:
             """Each weight file's byte ranges on disk: a staged (complete) file whole, a partial one's extents."""
             state, out = ours / ".dinov3-fetcher", {}
-            for p in (state / "staged").rglob("*"):
-                if p.is_file() and p.name in names:
-                    out[p.name] = [(0, p.stat().st_size)]
+            for p in (state / "staged").rglob("*"):  # staged as <identity>.<name>
+                if p.is_file() and (name := p.name.partition(".")[2]) in names:
+                    out[name] = [(0, p.stat().st_size)]
             for p in (state / "partial").glob("*/data"):
                 if (name := by_sha.get(p.parent.name.split(".")[0])) in names:
                     out[name] = _extents(p)
@@ -487,6 +487,8 @@ class Bench:
             self.record(key + " resolves/GiB", tool, f["resolves_per_gib"])
             if hub_link is not None and cdn_link is not None:
                 f.update(_link_counts(p.t0, hub_link.snapshot(), cdn_link.snapshot()))
+                f["served_beyond"] = f["cdn_bytes"] - weight_bytes  # bytes the link carried twice, or never used
+                self.record(key + " waste", tool, f["served_beyond"] / MiB)
                 f["timeline"] = _timeline(p.t0, p.seconds, cdn_link)
                 if f.get("first_weight_byte") is not None:
                     self.record(key + " first byte", tool, f["first_weight_byte"])
@@ -601,6 +603,7 @@ def _link_counts(t0: float, hub_conns: list[ConnStats], cdn_conns: list[ConnStat
         live += e
         peak = max(peak, live)
     return {"cdn_connections": len(cdn), "cdn_gets": sum(sum(m == "GET" for _, m, _ in c.requests) for c in cdn),
+            "cdn_bytes": sum(c.down_bytes for c in gets),  # answers' headers and bodies, cut ones included
             "cdn_heads": sum(sum(m == "HEAD" for _, m, _ in c.requests) for c in cdn),
             "max_open_cdn_connections": peak, "hub_connections": sum(bool(c.requests) for c in hub_conns),
             "cdn_rerequests": sum(len(c.gaps) for c in cdn),
@@ -723,7 +726,7 @@ def link_label(prof: str, kernel: bool) -> str:
     return f"{prof}+tbf" if kernel else prof
 
 
-_LINK_SUFFIXES = (" rss", " first byte", " cpu", " resolves/GiB", " streams")
+_LINK_SUFFIXES = (" rss", " first byte", " cpu", " resolves/GiB", " streams", " waste")
 
 
 def link_report(b: Bench) -> str:
@@ -740,8 +743,8 @@ def link_report(b: Bench) -> str:
            "|---" * (len(tools) + 3 + (BEFORE in tools)) + "|"]
     fb = ["| link, checkpoint | " + " | ".join(tools) + " |", "|---" * (len(tools) + 1) + "|"]
     cnt = ["| link, checkpoint | tool | streams settled at (CDN connections moving bytes, mid-run median) | "
-           "TCP connections to the CDN | max open at once | GETs on the CDN | resolves: all (per GiB), of weight "
-           "files | peak RSS | CPU s (user + sys) |", "|---" * 9 + "|"]
+           "TCP connections to the CDN | max open at once | GETs on the CDN | served beyond the files | "
+           "resolves: all (per GiB), of weight files | peak RSS | CPU s (user + sys) |", "|---" * 10 + "|"]
 
     def cell(xs: list[float] | None, unit: str = "s") -> str:
         if not xs:
@@ -776,6 +779,7 @@ def link_report(b: Bench) -> str:
             res = t.get(key + " resolves/GiB", {}).get(tool) or [0.0]
             cnt.append(f"| {prof}, {kind} | {tool} | {streams} | {f.get('cdn_connections', '-')} | "
                        f"{f.get('max_open_cdn_connections', '-')} | {f.get('cdn_gets', '-')} | "
+                       f"{_fmt(t.get(key + ' waste', {}).get(tool), 'MiB')} | "
                        f"{f['resolves']} ({max(res):.1f}), {f['weight_resolves']} | "
                        f"{_fmt(t.get(key + ' rss', {}).get(tool), 'MB')} | "
                        f"{_fmt(t.get(key + ' cpu', {}).get(tool), 's')} |")
