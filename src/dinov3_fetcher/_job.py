@@ -39,7 +39,7 @@ SAVE_EVERY = 4 * MiB  # progress.json is rewritten after this many new bytes (al
 WRITE_CHUNK = 32 * 1024  # bytes per pwrite (see Job.write)
 STEAL_MIN = 1 * MiB  # the smallest half of a busy piece an idle stream takes over at a file's end
 RESOLVED_PIECES = 8  # where every request is a resolve (see next_segment): pieces this many times the usual
-SYNC_EVERY = 64 * MiB  # hashed bytes between two writebacks of a file while it downloads (see hash_all)
+SYNC_EVERY = 16 * MiB  # hashed bytes between two writebacks of a file while it downloads (see hash_all)
 
 
 @dataclass(frozen=True)
