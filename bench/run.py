@@ -835,7 +835,7 @@ def exit_status(rows: list[dict[str, Any]], strict: bool) -> int:
               "--strict makes it one)"), file=sys.stderr)
     return 1 if missed and strict else 0
 
-def versions(cdn: str, as_installed: bool = False) -> dict[str, str]:
+def versions(cdn: str, as_installed: bool = False, before: str | None = None) -> dict[str, str]:
     def first(argv: list[str]) -> str:
         try:
             p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
@@ -851,38 +851,48 @@ def versions(cdn: str, as_installed: bool = False) -> dict[str, str]:
         "cpus": str(os.cpu_count()), "machine": f"{platform.system()} {platform.release()} {platform.machine()}",
         "python": platform.python_version(), "dinov3-fetcher": __version__,
         "huggingface_hub": huggingface_hub.__version__, "curl": first(["curl", "--version"]).split(" (")[0],
-        "openssl": first(["openssl", "version"]), "cdn": cdn, "bytecode": ensure_bytecode(as_installed),
+        "openssl": first(["openssl", "version"]), "cdn": cdn, "bytecode": ensure_bytecode(as_installed, before),
     }
     if cdn == "nginx":
         out["nginx"] = first([find_nginx() or "nginx", "-v"])
     return out
 
 
-def ensure_bytecode(as_installed: bool = False) -> str:
+def ensure_bytecode(as_installed: bool = False, before: str | None = None) -> str:
     """Byte-compile the venv and this project once, as `pip install` does, if nothing has (``as_installed``:
-    leave the venv as the install made it, and say what it holds).
+    leave them as the install made them, and say what they hold). ``before``: another build's executable
+    (--before), whose project sources are compiled alike, so that the two are timed in the same state.
 
-    uv does not compile at install, and with PYTHONDONTWRITEBYTECODE=1 (this machine, many training images)
-    Python never caches bytecode either: every run of this tool and of `hf` would compile huggingface_hub
-    from source (~0.25 s), which is an installation artefact, not what either tool costs.
+    uv compiles the venv at install (pyproject's ``compile-bytecode``) but not a project installed editable (its
+    own sources, as `uv run` in a clone installs it), and with PYTHONDONTWRITEBYTECODE=1 (this machine, many
+    training images) Python never caches bytecode either: every run would compile them from source (~0.25 s
+    for huggingface_hub, ~0.05 s for this tool's modules), an installation artefact, not what a tool costs.
     """
     import importlib.util
 
     import huggingface_hub.hf_api
 
+    import dinov3_fetcher
+
     env = ", PYTHONDONTWRITEBYTECODE=1" if os.environ.get("PYTHONDONTWRITEBYTECODE") else ""
+    ours = Path(importlib.util.cache_from_source(dinov3_fetcher.__file__))
     pyc = Path(importlib.util.cache_from_source(huggingface_hub.hf_api.__file__))
-    if pyc.is_file():
-        return "compiled" + env
-    if as_installed:
-        return "none (as installed)" + env
+    state = (f"venv {'compiled' if pyc.is_file() else 'not compiled'}, "
+             f"this tool {'compiled' if ours.is_file() else 'not compiled'}")
+    if as_installed or (pyc.is_file() and ours.is_file() and before is None):
+        return state + (" (as installed)" if as_installed else "") + env
     site = Path(huggingface_hub.__file__).resolve().parent.parent
+    trees = [str(site), str(Path(dinov3_fetcher.__file__).resolve().parent)]
+    if before is not None:  # the other build's project sources (a checkout's src/, or its site-packages)
+        found = subprocess.run([before, "--version"], capture_output=True)  # it runs: its venv exists
+        other = Path(before).resolve().parent.parent  # .venv
+        trees += [str(p) for p in (other.parent / "src",) if p.is_dir() and found.returncode == 0]
     # Not check=True: a few packages ship files that do not compile (test data); compileall then exits 1.
-    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", str(site), str(BENCH.parent / "src")],
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *trees],
                    capture_output=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": ""})
-    if not pyc.is_file():
-        raise SystemExit(f"bench: could not byte-compile {site}")
-    return "compiled by the bench (python -m compileall, as pip install does)" + env
+    if not pyc.is_file() or not ours.is_file():
+        raise SystemExit(f"bench: could not byte-compile {site} and this tool's sources")
+    return f"{state}, then compiled by the bench (python -m compileall, as pip install does)" + env
 
 
 def main() -> int:
@@ -1013,7 +1023,7 @@ def main() -> int:
                     while True:
                         time.sleep(3600)
             return 0
-        info = versions(cdn, args.as_installed)
+        info = versions(cdn, args.as_installed, args.before)
         info["load average at start"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
         if args.xet != "off":
             info["xet bridge"] = args.xet + (f", expire after {args.xet_expire_after} uses"
