@@ -286,10 +286,11 @@ class LinkProxy:
                 _sleep_until(start)
                 if st.first_down is None:
                     st.first_down = time.monotonic()
+                # counted before they leave: a client that has read them all (and returned) finds them counted
+                st.down_bytes += n
                 left = n
                 while left:
                     left -= os.splice(r, client.fileno(), left)
-                st.down_bytes += n
                 st.last_down = time.monotonic()
                 if self.window:
                     k = int((time.monotonic() - self.t0) / self.window)
