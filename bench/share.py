@@ -11,8 +11,8 @@ emulator listens on the bridge; rank 0 downloads from it, the other nodes receiv
 node starts cold.
 
 The worker uses only the public API, ``fetch_once(root, model, share="broadcast", details=True)``, so the same
-bench measures any version: ``--src`` puts another checkout's ``src`` first on the workers' PYTHONPATH (a ``git
-worktree`` of an older commit), for a before/after table and figure (``--compare`` the other run's ``--json``).
+bench measures any version: ``--src`` puts the ``src`` of another checkout (an older commit, say) first on the
+workers' PYTHONPATH, for a before/after table and figure (``--compare`` the other run's ``--json``).
 
 Prints per N: the job's seconds (the longest ``fetch_once`` call, every rank starting after a barrier: what a job
 waits for in ``fetch_once``; the workers' start, torch's import, about 0.9 CPU-seconds per process here, twice per

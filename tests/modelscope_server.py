@@ -25,7 +25,7 @@ against: the URL path for the listing (``.../repo/files``) and the storage host 
 ``.../repo/{FilePath}`` for file GETs on the API host, so ``path_suffix="model.safetensors"`` matches the
 file on both hosts. ``host`` is "api" or "storage". Status rules also apply to the listing (its key ends with
 ``repo/files``) and to the API's 302.
-Quirks: ``range_as_200=True`` answers an honoured Range with 200 + Content-Range (modelscope_hub issue 50);
+Quirks: ``range_as_200=True`` answers an honoured Range with 200 + Content-Range (as some ModelScope storage answers);
 ``linked_etag=True`` adds ``X-Linked-ETag: <sha256>`` to storage answers; ``label_whole_body=True`` labels a
 whole-file 200 (a Range ignored) with ``Content-Range: bytes 0-(N-1)/N``.
 Log: ``requests`` (``hub_server.Request`` with ``host`` "api"/"storage" and lower-cased headers),

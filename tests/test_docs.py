@@ -491,6 +491,45 @@ def test_links_and_paths_exist(page: Path) -> None:
     assert missing == []
 
 
+# -- words that do not ship --------------------------------------------------------------------------------------
+
+SHIPPED = ["src", "README.md", "docs", "BENCHMARKS.md", "ARCHITECTURE.md", "DEVELOPERS.md", "CHANGELOG.md", "bench",
+           "tests", ".ci", "pyproject.toml"]
+# Tracker numbers, the development's own places and story: what ships speaks of the product only.
+NOT_SHIPPED = re.compile(r"\b[Ii]ssues? #?[0-9]+\b|\bitem [0-9]+\b|\b(?:this|previous|earlier) session\b|"
+                         r"\bworktree\b|\bwt-[a-z]+\b|/" r"work/|\breview fix\b")
+
+
+def _shipped_text() -> Iterator[tuple[Path, str]]:
+    for name in SHIPPED:
+        top = ROOT / name
+        for path in sorted(top.rglob("*")) if top.is_dir() else [top]:
+            if not path.is_file() or "__pycache__" in path.parts:
+                continue
+            data = path.read_bytes()
+            if b"\0" not in data:
+                yield path, data.decode("utf-8", "replace")
+
+
+def test_shipped_files_name_no_tracker_branch_or_machine() -> None:
+    hits, read = [], 0
+    for path, text in _shipped_text():
+        read += 1
+        for n, line in enumerate(text.splitlines(), 1):
+            if NOT_SHIPPED.search(line):
+                hits.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert hits == []
+    assert read >= 100  # the walk found the tree
+
+
+def test_the_shipped_words_check_can_fail() -> None:
+    # each example is split in two literals, so that this file does not hold the words it checks for
+    for line in ["see issue" " 21", "Issue" " #7", "item" " 12 of the list", "as this" " session found",
+                 "a git work" "tree", "on wt" "-core", "under /" "work/main", "a review" " fix"]:
+        assert NOT_SHIPPED.search(line), line
+    assert not NOT_SHIPPED.search("a checkout of an older commit; the issuer; items 3")
+
+
 # -- the quickstart ----------------------------------------------------------------------------------------------
 
 def test_the_quickstart_is_two_commands_and_ci_runs_the_test_one() -> None:

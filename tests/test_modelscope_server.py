@@ -80,7 +80,7 @@ def _partial(tmp_path: Path, name: str, data: bytes, n: int) -> Path:
 
 @pytest.mark.parametrize("range_as_200", [False, True])
 def test_resume_of_a_partial_from_storage(ms: ModelScopeServer, tmp_path: Path, range_as_200: bool) -> None:
-    ms.range_as_200 = range_as_200  # modelscope_hub issue 50: 200 + Content-Range for an honoured Range
+    ms.range_as_200 = range_as_200  # 200 + Content-Range for an honoured Range, as some ModelScope storage answers
     n = len(WEIGHTS) // 3
     _partial(tmp_path, "model.safetensors", WEIGHTS, n)
     path = api().download_file(REPO, "model", "model.safetensors", local_dir=tmp_path / "one",

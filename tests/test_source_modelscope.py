@@ -324,7 +324,7 @@ def test_malformed_endpoint_is_exit_3(monkeypatch: pytest.MonkeyPatch, value: st
     assert "pw" not in str(err.value)
 
 
-# ---------- with the transfer layer (the lead wires this into fetch; these pin what it must handle) ----------
+# ---------- with the transfer layer (what a fetch from ModelScope must handle) ----------
 
 def _transfer_once(ms: ModelScopeServer, tmp_path: Path, token: str | None) -> tuple[bool, str]:
     from dinov3_fetcher._job import Target
