@@ -24,13 +24,13 @@ they hold of unfinished files, and every rank raises rank 0's error (the lowest 
 waits for rank 0's whole fetch (tensor checks, publish) before the verdict of ``send``'s step 4, so a fetch
 that fails after its last byte still fails the job everywhere.
 
-Files go out in list order: the small ones (ready at once), then the weights in the order the fetch
-downloads them (``_fetch._fetch_weights`` takes them in that order, ``FILES_AT_ONCE`` together). The sender waits
-only on the file the download is furthest along; its backlog when the download ends is at most what the
+Files go out in list order: the small ones (ready at once), then the weights in the order the fetch downloads
+them (``_fetch._fetch_weights`` takes them in that order, ``_transfer.FILES_AT_ONCE`` at a time). The sender
+waits only on the file the download is furthest along; its backlog when the download ends is at most what the
 other files in flight got meanwhile, which the link between nodes (faster than the Hub's) clears quickly.
 
 No plan (rank 0 warm, its fetch failed before planning, a weight listed without sha256): ``send`` starts once
-the fetch has ended, with the files of the manifest it published (or an empty list and its error), as before.
+the fetch has ended, with the files of the manifest it published (or an empty list and its error).
 """
 
 from __future__ import annotations
