@@ -167,12 +167,13 @@ def test_one_fast_window_does_not_take_streams_from_a_full_link() -> None:
 
 def test_a_long_round_trip_starts_with_more_streams_a_fixed_limit_never() -> None:
     far = Budget(Rule(), block=16)
+    assert far.limit == START
     far.first_byte(LONG_RTT * 1.5)  # the first answers (the HEADs) took long: a far link
     slots = [far.acquire(lambda: False) for _ in range(LONG_START)]
-    assert all(s is not None for s in slots) and far.limit == LONG_START and far.limits == [START, LONG_START]
+    assert all(s is not None for s in slots) and far.limit == LONG_START and far.active == LONG_START
     near = Budget(Rule(), block=16)
     near.first_byte(LONG_RTT / 3)
-    assert near.acquire(lambda: False) is not None and near.limit == START and near.limits == [START]
+    assert near.acquire(lambda: False) is not None and near.limit == START
     fixed = Budget.for_connections(3, 16)
     fixed.first_byte(LONG_RTT * 3)
     assert fixed.acquire(lambda: False) is not None and fixed.limit == 3
@@ -200,6 +201,7 @@ def test_pieces_follow_the_rate_per_stream_after_the_rule_settles() -> None:
         b.add(int(rate))  # ... which ends: this rate
 
     b.add(1)  # the first bytes
+    assert b.limit == 16
     window(100 * MB)  # 16 streams: the baseline, then a step to 32
     assert b.limit == 32
     b.active, b.waiting = 32, 0
@@ -209,7 +211,7 @@ def test_pieces_follow_the_rate_per_stream_after_the_rule_settles() -> None:
     b.active = 16
     window(100 * MB)
     assert b.stream_rate == pytest.approx(100 * MB / 16)  # measured again at 16 streams
-    assert b.limits == [16, 32, 16] and all(s is not None for s in slots)
+    assert b.limit == 16 and all(s is not None for s in slots)
 
 
 def test_pieces_of_streams_started_together_do_not_end_together() -> None:
@@ -255,7 +257,7 @@ def test_budget_decides_once_per_full_window_and_waits_for_new_streams() -> None
     b.waiting = 4  # as if four more workers waited for a slot: 8 streams are wanted, so the step can go to 8
     b.add(MB)
     b.waiting = 0
-    assert b.limit == 8 and b.limits == [4, 8]
+    assert b.limit == 8
     # the new streams need round trips to flow: bytes until the settling ends are not measured
     clock.now += settle - 0.125
     b.add(100 * MB)
@@ -265,7 +267,7 @@ def test_budget_decides_once_per_full_window_and_waits_for_new_streams() -> None
     b.add(1)
     clock.now += window
     b.add(100 * MB)
-    assert b.limits == [4, 8] and b._win_start is None
+    assert b.limit == 8 and b._win_start is None  # no decision
     more = [b.acquire(lambda: False) for _ in range(4)]
     b.add(1)  # all 8 wanted: a window opens
     assert b._win_start is not None
@@ -274,7 +276,7 @@ def test_budget_decides_once_per_full_window_and_waits_for_new_streams() -> None
     assert b._win_start is None
     clock.now += window
     b.add(100 * MB)
-    assert b.limits == [4, 8]
+    assert b.limit == 8
 
 
 def test_budget_sheds_streams_above_a_lowered_limit() -> None:

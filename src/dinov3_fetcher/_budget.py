@@ -170,7 +170,6 @@ class Budget:
     shedding: int = 0
     rtt: float | None = None  # the shortest time to first byte seen: one round trip, at best
     stream_rate: float | None = None  # the last window's rate per stream
-    limits: list[int] = field(default_factory=list)  # each limit the rule chose, in order (for the bench)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _free: list[bytearray] = field(default_factory=list)
     _win_start: float | None = None
@@ -180,9 +179,6 @@ class Budget:
     _tickets: int = 0  # files that asked for streams so far (see ticket)
     _queue: dict[int, int] = field(default_factory=dict)  # ticket -> workers of that file waiting for a slot
     _flowing: bool = False  # the first bytes arrived (see add)
-
-    def __post_init__(self) -> None:
-        self.limits.append(self.rule.limit)
 
     @classmethod
     def for_connections(cls, connections: int | None, block: int) -> Budget:
@@ -224,8 +220,6 @@ class Budget:
                 with self._cond:
                     if self.rule.base is None and self.rtt is not None and self.rtt >= LONG_RTT:
                         self.rule.start_long()  # before the first window: nothing measured yet
-                        if self.rule.limit != self.limits[-1]:
-                            self.limits.append(self.rule.limit)
                     if self.active < self.rule.limit and ticket <= min(self._queue):
                         self.active += 1
                         # as big as one read may be now: READ_AHEAD over all slots, not a block each (the
@@ -336,7 +330,6 @@ class Budget:
             old = self.rule.limit
             new = self.rule.sample(rate, self.active + self.waiting)
             if new != old:
-                self.limits.append(new)
                 self._settle_until = now + SETTLE_RTTS * (self.rtt or 0.0)
                 self._cond.notify_all()
 
