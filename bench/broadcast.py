@@ -36,8 +36,8 @@ def main() -> None:
         for piece in (int(c) for c in args.pieces.split(",")):
             with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
                 job = tb.Job(Path(tmp), files, nodes=receivers + 1)
-                procs, results = job.run(timeout=600, torchrun=args.torchrun, piece=piece * tb.MiB,
-                                        null_sink=args.null_sink)
+                procs, results = job.run(torchrun=args.torchrun, piece=piece * tb.MiB,
+                                         null_sink=args.null_sink)
                 if not all(r.get("ok") for r in results.values()) or len(results) != receivers + 1:
                     print("failed", results, [p.stderr[-2000:] for p in procs])
                     continue

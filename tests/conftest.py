@@ -212,4 +212,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: _FIRST.index(item.path.name) if item.path.name in _FIRST else len(_FIRST))
 
 
+def pytest_sessionfinish() -> None:
+    """End the fork server of the forked ranks (``launch``), if this process started one: its time counts here."""
+    if (launch := sys.modules.get("launch")) is not None:
+        launch.shutdown()
+
+
 from net_fixtures import forward_proxy, olah, tls_hub  # noqa: E402, F401  (fixtures: TLS hub, proxy.py, olah)

@@ -1,9 +1,10 @@
-"""The broadcast protocol: one sender streams files to the other nodes over a gloo group, under a real torchrun.
+"""The broadcast protocol: one sender streams files to the other nodes over a gloo group.
 
-Three or four torchrun agents on this host stand for as many nodes (one rank each, ``--nnodes 3 --node-rank
-N``), each with its own folders: node 0 sends from its source folder, the others receive into their own partial
-and final folders. Faults are injected in the worker script (a sink wrapper, a source wrapper that SIGKILLs its
-own process), never in the module. The torchrun tests are skipped when torch is not installed.
+Three or four "nodes" on this host (one rank each), each with its own folders: node 0 sends from its source
+folder, the others receive into their own partial and final folders. The ranks run under real torchrun (an agent
+per node, ``--nnodes 3 --node-rank N``) or forked with the environment torchrun gives its workers
+(``launch.forked``). Faults are injected in the worker script (a sink wrapper, a source wrapper that SIGKILLs its
+own process), never in the module. The tests of many processes are skipped when torch is not installed.
 """
 
 from __future__ import annotations
@@ -13,20 +14,18 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
 
-from conftest import cli_env
+import launch
 from dinov3_fetcher._broadcast.ends import PartialSink
 from dinov3_fetcher._broadcast.relay import POOL, overlap, pieces
 from dinov3_fetcher._broadcast.wire import BROKEN, FileSpec
 from dinov3_fetcher._errors import ConfigError, DiskSpaceError
 from helpers import wait_all
-from net_fixtures import free_port
 
 needs_torch = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None,
@@ -35,10 +34,10 @@ needs_torch = pytest.mark.skipif(
 
 MiB = 1024 * 1024
 PIECE = 1 * MiB  # small pieces, so that a few MB make several
-# Under torchrun (an agent per node, as in a job) and as plain processes with the environment torchrun sets
-# (the same workers, without the agents' three torch imports: ~3x faster on a loaded 2-core machine).
+# Under torchrun (an agent per node, as in a job) and forked with the environment torchrun sets (the same
+# workers, without a torch import per process: launch.forked).
 LAUNCHERS = pytest.mark.parametrize("torchrun", [pytest.param(True, marks=pytest.mark.slow, id="torchrun"),
-                                                 pytest.param(False, id="env")])
+                                                 pytest.param(False, id="forked")])
 
 WORKER = r"""
 import datetime as dt, json, os, signal, sys, threading, time
@@ -206,8 +205,9 @@ class Job:
                 out += len(data)
         return out
 
-    def run(self, timeout: float = 90, torchrun: bool = False,
+    def run(self, torchrun: bool = False,
             **overrides: Any) -> tuple[list[subprocess.CompletedProcess[str]], dict[int, dict[str, Any]]]:
+        """One run of the job, until every process ended: under torchrun, or forked."""
         self.runs += 1
         out = self.tmp / f"run{self.runs}"
         out.mkdir()
@@ -215,21 +215,12 @@ class Job:
         cfg_path.write_text(json.dumps({**self.cfg, **overrides}))
         worker = self.tmp / "worker.py"
         worker.write_text(WORKER)
-        env = cli_env(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        port = free_port()
+        args = [str(out), str(cfg_path)]
         if torchrun:
-            procs = [subprocess.Popen(
-                [sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nodes}", f"--node-rank={n}",
-                 "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
-                 str(worker), str(out), str(cfg_path)],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(self.nodes)]
-        else:  # the environment torchrun gives its workers, without the agents (three fewer torch imports)
-            procs = [subprocess.Popen(
-                [sys.executable, str(worker), str(out), str(cfg_path)],
-                env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(self.nodes),
-                     "RANK": str(n), "GROUP_RANK": str(n), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"},
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(self.nodes)]
-        done = wait_all(procs, timeout)
+            procs: list[Any] = launch.torchrun(worker, args, nodes=self.nodes)
+        else:
+            procs = launch.forked(worker, args, out, nodes=self.nodes)
+        done = wait_all(procs)
         results = {int(f.stem[4:]): json.loads(f.read_text()) for f in out.glob("rank*.json")}
         return done, results
 

@@ -1,10 +1,10 @@
 """fetch_once(..., share="broadcast") with several "nodes" on this host (each its own dino_root), against the
 Hub emulator: rank 0 downloads once, the other nodes' leaders receive its bytes over gloo.
 
-Each worker writes what it got (path, commit, nodes' stats, or the error) to rank<N>.json. The main test runs
-under real ``torchrun --nnodes 3 --node-rank N``; the others give the workers the environment torchrun gives
-them, without the agents (three fewer torch imports per run on a loaded machine), as tests/test_broadcast.py
-does. Skipped, with the reason, when torch is not installed.
+Each worker writes what it got (path, commit, nodes' stats, or the error) to rank<N>.json. One test runs under
+real ``torchrun --nnodes 3 --node-rank N`` (an agent per node); the others fork the ranks with the environment
+torchrun gives its workers (``launch.forked``: separate processes, gloo over TCP, real signals, without a torch
+import per process), as tests/test_broadcast.py does. Skipped, with the reason, when torch is not installed.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import importlib.util
 import json
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -24,15 +23,16 @@ from typing import Any
 
 import pytest
 
+import launch
 from checkpoints import shard_files, vit_repo_files
-from conftest import cli_env, mounted_tmpfs
+from conftest import mounted_tmpfs
 from dinov3_fetcher import fetch_dinov3
 from dinov3_fetcher._broadcast.wire import BROKEN
 from dinov3_fetcher._distributed import fetch_once
 from dinov3_fetcher._errors import ConfigError
 from helpers import wait_all
 from hub_server import HubServer
-from net_fixtures import free_port
+from launch import job_env
 
 needs_torch = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None,
@@ -75,9 +75,7 @@ if rank == 0 and cfg.get("interrupt_at") is not None:  # the fault: Ctrl-C on ra
         if name == "model.safetensors" and offset >= cfg["interrupt_at"] and not sent:
             sent.append(offset)
             os.kill(os.getpid(), signal.SIGINT)  # to the main thread, wherever it is (here: waiting on the sending)
-            for _ in range(1000):  # this piece goes out once the main thread has taken the Ctrl-C (self: the Feed)
-                if self.error is not None:
-                    break
+            while self.error is None:  # this piece goes out once the main thread has taken the Ctrl-C (self: the Feed)
                 time.sleep(0.01)
         read_(self, name, offset, buf)
 
@@ -132,15 +130,17 @@ class Job:
 
     def __init__(self, tmp: Path, nodes: int = 3, nproc: int = 1, piece: int = 256 * KiB) -> None:
         self.tmp, self.nodes, self.nproc, self.runs = tmp, nodes, nproc, 0
+        self.procs: list[Any] = []  # the processes of the latest run
         self.cfg: dict[str, Any] = {"root": str(tmp / "node{node}" / "dinov3"), "model": MODEL, "piece": piece}
 
     def root(self, node: int) -> Path:
         return self.tmp / f"node{node}" / "dinov3"
 
-    def run(self, *, torchrun: bool = False, timeout: float = 120, env: dict[str, str] | None = None,
+    def run(self, *, torchrun: bool = False, env: dict[str, str] | None = None,
             rank_of: Callable[[int, int], int] | None = None,
             **overrides: Any) -> tuple[list[subprocess.CompletedProcess[str]], dict[int, dict[str, Any]]]:
-        """One run of the job; ``rank_of(node, local_rank)`` numbers the ranks (not under torchrun)."""
+        """One run of the job, until every process ended; ``rank_of(node, local_rank)`` numbers the ranks (not
+        under torchrun)."""
         self.runs += 1
         out = self.tmp / f"run{self.runs}"
         out.mkdir()
@@ -148,21 +148,13 @@ class Job:
         cfg.write_text(json.dumps({**self.cfg, **overrides}))
         worker = self.tmp / "worker.py"
         worker.write_text(WORKER)
-        env = cli_env(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
-        port, world = free_port(), self.nodes * self.nproc
+        args, job = [str(out), str(cfg)], job_env(**(env or {}))
         if torchrun:
-            cmds = [([sys.executable, "-m", "torch.distributed.run", f"--nnodes={self.nodes}", f"--node-rank={n}",
-                      f"--nproc-per-node={self.nproc}", "--master-addr=127.0.0.1", f"--master-port={port}",
-                      str(worker), str(out), str(cfg)], env) for n in range(self.nodes)]
+            self.procs = launch.torchrun(worker, args, nodes=self.nodes, nproc=self.nproc, env=job)
         else:
-            cmds = [([sys.executable, str(worker), str(out), str(cfg)],
-                     {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-                      "RANK": str(rank_of(n, lr) if rank_of else n * self.nproc + lr), "GROUP_RANK": str(n),
-                      "LOCAL_RANK": str(lr), "LOCAL_WORLD_SIZE": str(self.nproc)})
-                    for n in range(self.nodes) for lr in range(self.nproc)]
-        procs = [subprocess.Popen(c, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for c, e in cmds]
-        done = wait_all(procs, timeout)
+            self.procs = launch.forked(worker, args, out, nodes=self.nodes, nproc=self.nproc, env=job,
+                                       rank_of=rank_of)
+        done = wait_all(self.procs)
         results = {int(f.stem[4:]): json.loads(f.read_text()) for f in out.glob("rank*.json")}
         return done, results
 
@@ -272,23 +264,29 @@ def test_three_nodes_under_torchrun_the_hub_serves_the_weights_once_and_a_warm_n
 
 
 def _while_paused(job: Job, hub: HubServer, until: Callable[[], bool], **overrides: Any) -> tuple[Any, bool]:
-    """Run the job while the Hub holds back a body at a fault's ``pause_at``: wait (up to 90 s) for ``until``
-    to hold, let the body go on, and return the job's (processes, results) and whether ``until`` held while
-    the Hub held the rest back. Rank 0 waits for the Hub as long as it takes (its read timeout: 300 s)."""
+    """Run the job while the Hub holds back a body at a fault's ``pause_at``: wait for ``until`` to hold (or
+    the job to end), let the body go on, and return the job's (processes, results) and whether ``until`` held
+    while the Hub held the rest back. Rank 0 waits for the Hub as long as it takes (its read timeout: 300 s);
+    a job that never gets there ends at pytest's timeout, its processes killed."""
     out: list[Any] = []
     env = {"DINOV3_FETCHER_TIMEOUT": "300", **overrides.pop("env", {})}
     runner = threading.Thread(target=lambda: out.append(job.run(env=env, **overrides)), daemon=True)
     runner.start()
     held = False
     try:
-        assert hub.paused.wait(90)
-        deadline = time.monotonic() + 90
-        while not (held := until()) and time.monotonic() < deadline:
+        while not hub.paused.wait(0.05) and runner.is_alive():
+            pass
+        while not (held := until()) and runner.is_alive():
             time.sleep(0.05)
-        held = held and not out
+        held = held and runner.is_alive()
+    except BaseException:
+        for p in job.procs:
+            p.kill()
+        raise
     finally:
         hub.resume.set()
-    runner.join(180)
+    runner.join()
+    assert out, "the job's run failed"
     return out[0], held
 
 
@@ -695,7 +693,7 @@ def test_rank_0_refused_by_the_hub_every_rank_raises_its_error_and_no_node_write
 def test_the_bridge_loads_a_teacher_each_node_received(hub: HubServer, model: dict[str, bytes],
                                                       tmp_path: Path) -> None:
     job = Job(tmp_path)
-    procs, results = job.run(teacher=True, timeout=240)
+    procs, results = job.run(teacher=True)
     assert all(p.returncode == 0 for p in procs), _stderr(procs)
     assert sorted(results) == [0, 1, 2] and len({tuple(r["shape"]) for r in results.values()}) == 1, results
     assert hub.bytes_served(WEIGHTS) == len(model[WEIGHTS])
@@ -728,7 +726,7 @@ def test_a_node_failing_before_the_first_exchange_fails_every_rank_at_once(
     job = Job(tmp_path, nodes=2)
     job.root(1).parent.mkdir()
     job.root(1).write_text("not a folder")  # node 1's dino_root is a file: make_request refuses it
-    procs, results = job.run(share=share, timeout=60)  # were rank 0 left waiting, it would fail after 60 s
+    procs, results = job.run(share=share)  # were rank 0 left waiting, it would fail at fetch_once's timeout
     assert sorted(results) == [0, 1], _stderr(procs)
     assert [p.returncode for p in procs] == [3, 3]
     assert {r["type"] for r in results.values()} == {"ConfigError"}, results  # not torch's DistStoreError

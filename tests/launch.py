@@ -1,0 +1,181 @@
+"""The ranks of a torch.distributed job on this host, its "nodes" told apart as torchrun tells them: under real
+``torchrun`` (an agent per node, which starts the node's workers), or forked (``forked``).
+
+Forked ranks are real, separate processes with gloo over TCP, signals and files of their own, run from their
+worker script as ``python worker.py ARGS`` runs it, with the environment torchrun gives its workers; they are
+forked by a server (``fork_server.py``, one per test process) that imported torch and the fetcher once, so a
+rank starts in milliseconds of CPU instead of the second a torch import costs. Fault injection in the worker
+script (patching a class before the job runs) works the same.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from conftest import cli_env
+from net_fixtures import free_port
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """The sandboxed environment (``cli_env``) of a job's processes: gloo on the loopback, one thread for torch."""
+    return cli_env(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+
+
+def torchrun(worker: Path, args: Sequence[str], *, nodes: int = 1, nproc: int = 1,
+             env: dict[str, str] | None = None) -> list[subprocess.Popen[str]]:
+    """``torchrun`` for each of ``nodes`` nodes (``--standalone`` for one), ``nproc`` workers each, running
+    ``worker ARGS``; the agents' processes, node 0 first."""
+    if nodes == 1:
+        where = [["--standalone"]]
+    else:
+        port = free_port()
+        where = [[f"--nnodes={nodes}", f"--node-rank={n}", "--master-addr=127.0.0.1", f"--master-port={port}"]
+                 for n in range(nodes)]
+    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *w, f"--nproc-per-node={nproc}",
+                              str(worker), *args], env=env or job_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for w in where]
+
+
+def forked(worker: Path, args: Sequence[str], logs: Path, *, nodes: int = 1, nproc: int = 1,
+           env: dict[str, str] | None = None, rank_of: Callable[[int, int], int] | None = None) -> list[Forked]:
+    """Every rank of ``nodes`` x ``nproc`` forked, running ``worker ARGS`` with the environment torchrun gives
+    its workers (node N: ``GROUP_RANK`` N and the host name ``nodeN``); ``rank_of(node, local_rank)`` numbers
+    the ranks (torchrun's order by default). Their stdout and stderr go to files in ``logs``. The ranks, in
+    the order of (node, local rank)."""
+    base = env or job_env()
+    port, world = free_port(), nodes * nproc
+    out = []
+    for n in range(nodes):
+        for lr in range(nproc):
+            rank = rank_of(n, lr) if rank_of else n * nproc + lr
+            rank_env = {**base, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+                        "RANK": str(rank), "LOCAL_RANK": str(lr), "LOCAL_WORLD_SIZE": str(nproc),
+                        "GROUP_RANK": str(n), "GROUP_WORLD_SIZE": str(nodes), "ROLE_RANK": str(rank),
+                        "ROLE_WORLD_SIZE": str(world), "DINOV3_FETCHER_HOSTNAME": f"node{n}"}
+            out.append(_server().start([str(worker), *args], rank_env, logs / f"node{n}.{lr}"))
+    return out
+
+
+class Forked:
+    """A forked rank, as much of ``subprocess.Popen`` as the tests use (its output is text, read at the end)."""
+
+    def __init__(self, server: _Server, args: list[str], logs: Path) -> None:
+        self.server, self.args, self.logs = server, args, logs
+        self.rid = -1  # the server's number for it
+        self.pid = 0
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        with self.server.cond:
+            if not self.server.cond.wait_for(lambda: self.returncode is not None or self.server.gone, timeout):
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        if self.returncode is None:
+            raise RuntimeError(f"the fork server ended: {self.server.log()}")
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return (Path(f"{self.logs}.out").read_text(errors="replace"),
+                Path(f"{self.logs}.err").read_text(errors="replace"))
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            self.server.signal(self, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+class _Server:
+    """One fork server for this process; its answers read in a thread."""
+
+    def __init__(self) -> None:
+        self.errors: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115  (closed by shutdown)
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fork_server.py"))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
+                                     env=job_env(), start_new_session=True)
+        self.cond = threading.Condition()
+        self.ids = itertools.count()
+        self.asked: dict[int, Forked] = {}  # by request id, until its pid is known
+        self.live: dict[int, Forked] = {}  # by pid, until it ends
+        self.gone = False
+        threading.Thread(target=self._read, name="fork-server-answers", daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            msg = json.loads(line)
+            with self.cond:
+                if "id" in msg:  # in order: a pid's end comes before its reuse by a later rank
+                    forked = self.asked.pop(msg["id"])
+                    forked.pid = msg["pid"]
+                    self.live[forked.pid] = forked
+                else:
+                    self.live.pop(msg["pid"]).returncode = msg["returncode"]
+                self.cond.notify_all()
+        with self.cond:
+            self.gone = True
+            self.cond.notify_all()
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(msg).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def start(self, argv: list[str], env: dict[str, str], logs: Path) -> Forked:
+        forked = Forked(self, argv, logs)
+        with self.cond:
+            if self.gone:
+                raise RuntimeError(f"the fork server ended: {self.log()}")
+            forked.rid = next(self.ids)
+            self.asked[forked.rid] = forked
+            self._send({"id": forked.rid, "argv": argv, "env": env, "cwd": str(Path.cwd()), "stdout": f"{logs}.out",
+                        "stderr": f"{logs}.err"})
+            self.cond.wait_for(lambda: forked.pid or self.gone)
+        if not forked.pid:
+            raise RuntimeError(f"the fork server ended: {self.log()}")
+        return forked
+
+    def signal(self, forked: Forked, sig: int) -> None:
+        with self.cond:  # through the server's pidfd of this very process (never a later one with its pid)
+            if forked.returncode is None and not self.gone:
+                self._send({"signal": int(sig), "id": forked.rid})
+
+    def log(self) -> str:
+        self.errors.seek(0)
+        return self.errors.read().decode(errors="replace")[-3000:]
+
+
+_lock = threading.Lock()
+_servers: list[_Server] = []
+
+
+def _server() -> _Server:
+    with _lock:
+        if not _servers or _servers[0].gone:
+            _servers[:] = [_Server()]
+        return _servers[0]
+
+
+def shutdown() -> None:
+    """End this process's fork server (its ranks still running are killed) and wait for it, so that its CPU time
+    and its ranks' count in this process's (``RUSAGE_CHILDREN``, ``time``)."""
+    with _lock:
+        for server in _servers:
+            assert server.proc.stdin is not None
+            server.proc.stdin.close()
+            server.proc.wait()
+            server.errors.close()
+        _servers.clear()
