@@ -75,6 +75,54 @@ def test_weights_flow_while_the_listing_is_held_back(hub: HubServer, dino_root: 
     assert validate_dinov3(dino_root) and _partials(dino_root) == []
 
 
+def test_the_config_the_head_start_asked_for_is_awaited_not_asked_again(hub: HubServer, dino_root: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from dinov3_fetcher._headstart import HeadStart
+
+    files = vit_repo_files(hidden=128, intermediate=512, layers=2)
+    hub.add_repo(TINY, files)
+    # the head start's config.json: its answer held after the first byte, and the listing held until then, so
+    # the main path needs config.json while that answer is still on its way
+    hub.faults.add(path_suffix="/config.json", times=1, pause_at=1)
+
+    def listing() -> None:
+        hub.paused.wait()
+
+    hub.model_info_hook = listing
+
+    class AnswersWhenAwaited(threading.Event):
+        """The head start's "config.json is in": the Hub lets the held answer go once the main path waits for it."""
+
+        def wait(self, timeout: float | None = None) -> bool:
+            hub.resume.set()
+            return super().wait(timeout)
+
+    init = HeadStart.__init__
+
+    def init_(self: HeadStart, *args: object, **kwargs: object) -> None:
+        init(self, *args, **kwargs)
+        self.config_known = AnswersWhenAwaited()
+
+    monkeypatch.setattr(HeadStart, "__init__", init_)
+    fetch_dinov3(dino_root, TINY)
+    assert len(hub.file_gets("/config.json")) == 1  # the head start's, whole
+    assert hub.resume.is_set()  # the main path waited for it
+    assert (dino_root / "config.json").read_bytes() == files["config.json"]
+    assert validate_dinov3(dino_root)
+
+
+def test_a_config_the_head_start_failed_to_get_is_asked_again_by_the_main_path(hub: HubServer,
+                                                                              dino_root: Path) -> None:
+    files = vit_repo_files(hidden=128, intermediate=512, layers=2)
+    hub.add_repo(TINY, files)
+    hub.faults.add(path_suffix="/config.json", times=1, status=500)  # the head start's request
+    fetch_dinov3(dino_root, TINY)
+    assert [r.status for r in hub.file_gets("/config.json")] == [500, 200]  # the main path's, once that one failed
+    assert (dino_root / "config.json").read_bytes() == files["config.json"]
+
+
 def test_sharded_weights_get_a_head_start_too(hub: HubServer, dino_root: Path) -> None:
     files = shard_files(vit_repo_files(hidden=128, intermediate=512, layers=4), 3)
     hub.add_repo(TINY, files)

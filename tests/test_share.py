@@ -80,6 +80,20 @@ if rank == 0 and cfg.get("interrupt_at") is not None:  # the fault: Ctrl-C on ra
         read_(self, name, offset, buf)
 
     bf.FileSource.readinto = readinto_
+if rank == 0 and cfg.get("interrupt_after_send"):  # the fault: Ctrl-C on rank 0 once every node's verdict was a
+    from dinov3_fetcher._broadcast import feed  # success (after the last piece), before the job's own outcome
+
+    serve = feed.Feed.serve
+
+    def serve_(self, group, piece):
+        out = serve(self, group, piece)
+        os.kill(os.getpid(), signal.SIGINT)  # to the main thread, waiting for this sending to end
+        with self.cond:
+            while self.error is None:  # it took the Ctrl-C
+                self.cond.wait()
+        return out
+
+    feed.Feed.serve = serve_
 
 if cfg.get("die_at") is not None and os.environ["LOCAL_RANK"] == "0":  # the fault: this node's leader dies
     from dinov3_fetcher._broadcast import node as receiving  # (SIGKILL) once it has written that far
@@ -621,21 +635,26 @@ def test_sender_killed_midway_every_rank_one_error_then_the_rerun_receives_only_
 
 
 @needs_torch
-def test_ctrl_c_on_rank_0_while_it_sends_gives_every_rank_one_error_and_the_rerun_completes(
-        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+@pytest.mark.parametrize("when", ["while it sends", "after its last piece"])
+def test_ctrl_c_on_rank_0_gives_every_rank_one_error_nothing_published_and_the_rerun_completes(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path, when: str) -> None:
     job = Job(tmp_path)
     fetch_dinov3(job.root(0), MODEL)  # rank 0 warm: its fetch ends at once and the Ctrl-C lands while it sends
     size = len(model[WEIGHTS])
-    procs, results = job.run(interrupt_at=size // 2)
+    fault = {"interrupt_at": size // 2} if when == "while it sends" else {"interrupt_after_send": True}
+    procs, results = job.run(**fault)
     assert sorted(results) == [0, 1, 2], "\n".join(p.stderr[-2500:] for p in procs)  # no raw KeyboardInterrupt
     assert {r["type"] for r in results.values()} == {"FetchInterrupted"}, results
     assert len({r["message"] for r in results.values()}) == 1
     for node in (1, 2):
         assert not (job.root(node) / WEIGHTS).exists()
+        assert not (job.root(node) / ".dinov3-fetcher" / "manifest.json").exists()
     procs, results = job.run()
     assert all(p.returncode == 0 for p in procs), _stderr(procs)
     for node in (0, 1, 2):
         _same_checkpoint(job, node, model)
+    if when == "after its last piece":  # every file arrived and was verified: kept staged, nothing sent again
+        assert all(results[0]["nodes"][r]["bytes"] == 0 for r in "12"), results[0]["nodes"]
 
 
 @needs_torch

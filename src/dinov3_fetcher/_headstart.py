@@ -68,6 +68,9 @@ class HeadStart:
         self.revision = revision
         self.jobs: dict[str, _EarlyDownload] = {}
         self.small: dict[str, bytes] = {}  # config.json and the index as read here, for take()
+        # Set once this head start's answer for config.json is in (or none will come): the main path, which needs
+        # config.json next to plan, waits for the request already made instead of making it a second time.
+        self.config_known = threading.Event()
         self.announced = 0  # the weights' total size as the index gives it, before the shards' HEADs answer
         self.taken: set[str] = set()  # names the main path asked for: never started here after that
         self.lock = threading.Lock()
@@ -112,6 +115,8 @@ class HeadStart:
                     self._start(t)
         except Exception:  # no (more) head start: the main path meets the same problem and reports it
             return
+        finally:
+            self.config_known.set()  # (when config.json was never asked)
 
     def _start(self, t: Target) -> None:
         with self.lock:
@@ -134,7 +139,7 @@ class HeadStart:
         if self.old is not None and (INDEX in self.old.files) != (order[0] == INDEX):
             order = order[::-1]  # the layout on disk first: an update usually keeps it
         with ThreadPoolExecutor(3) as ex:
-            cfg_answer = ex.submit(self._config)
+            cfg_answer = ex.submit(self._known_config)
             # Cold, both layouts are asked at once (one 404 more, one round trip less); an update asks the
             # layout it has, and the other only if that one is gone.
             first = {order[0]: ex.submit(self._layout, order[0], rev)}
@@ -143,7 +148,6 @@ class HeadStart:
             if (answer := cfg_answer.result()) is None:
                 return
             commit, body = answer
-            self.small[CONFIG] = body
             cfg = json.loads(body)
             if not isinstance(cfg, dict) or config_problem(cfg) or registry_mismatch(self.repo_id, cfg):
                 return  # not a DINOv3 checkpoint: nothing big is fetched before the main path refuses it
@@ -178,6 +182,17 @@ class HeadStart:
                     return
                 if self._needed(found[1]):
                     yield found[1]
+
+    def _known_config(self) -> tuple[str, bytes] | None:
+        """``_config``, its body kept for take() and ``config_known`` set as soon as it is in."""
+        try:
+            answer = self._config()
+            if answer is not None:
+                with self.lock:
+                    self.small[CONFIG] = answer[1]
+            return answer
+        finally:
+            self.config_known.set()
 
     def _config(self) -> tuple[str, bytes] | None:
         """(commit, config.json) at the revision; the copy on disk when the Hub's git blob id says it is intact."""
@@ -268,6 +283,9 @@ class HeadStart:
         the very download the main path would make, with the same settings. Only a download stopped by
         ``stop`` is left to the main path, which resumes it.
         """
+        if target.name == CONFIG and self.threads:  # asked at the start: its answer comes sooner than a new one's
+            while not self.config_known.wait(0.2) and not self.main_cancel.is_set():
+                pass
         with self.lock:
             body = self.small.get(target.name)
         if body is not None and not target.sha256 and target.git_oid and git_blob_id(body) == target.git_oid:

@@ -267,8 +267,8 @@ def serve(req: FetchRequest, update: bool, group: Any, piece: int) -> tuple[Repo
 
     sender = threading.Thread(target=send_all, name="dinov3-broadcast-send", daemon=True)
     sender.start()
-    feed.fetch(update)
     try:
+        feed.fetch(update)  # (it keeps its own error; a Ctrl-C right after it is taken below)
         while not sent.wait(0.2):
             pass
     except BaseException as exc:  # Ctrl-C (SIGTERM) while the sending runs: the sending thread aborts with it at

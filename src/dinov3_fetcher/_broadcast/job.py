@@ -6,16 +6,18 @@ transfer group of the leaders (``leaders_group``). Global rank 0 fetches from th
 does (``_fetch.fetch``) and sends every file of the manifest it publishes (``feed``, ``sender``; the list holds
 every file's size and sha256, the small non-LFS files included, so the receivers never ask the source anything).
 Every other leader receives into its own dino_root (``receiver`` into a ``node.StateSink``): under the node's
-lock, into claimed partial folders, hashed while the bytes arrive, staged once the sha256 matches, then
-published together with a manifest whose ``endpoint`` names rank 0's host and the original source. A warm node
+lock, into claimed partial folders, hashed while the bytes arrive, staged once the sha256 matches. A warm node
 announces nothing and takes no part in the data step; a node holding a partial (or a staged file, or the same
 file published under an older manifest) announces only what it misses. Then an exchange on the job's group:
-the same path everywhere, or the lowest failing rank's error everywhere.
+the transfer's outcome on every rank, rank 0's whole fetch included. Only when every rank succeeded do the
+receivers publish (together, with a manifest whose ``endpoint`` names rank 0's host and the original source),
+and a last exchange gives the same path everywhere, or the lowest failing rank's error everywhere; a failure
+(a Ctrl-C on rank 0 after its last piece too) leaves every node's verified files staged for the next run.
 
 Rank 0 sends while it downloads (``feed``): the file list as soon as its fetch has planned (config and
 preprocessor fetched, the weights' sha256 listed), each weight file up to the prefix its download has written
 and hashed, then (meta ``more``) a second round with what the fetch got after the weights (README, LICENSE).
-Every receiver checks each file's sha256 itself, and publishes only when rank 0's whole fetch succeeded.
+Every receiver checks each file's sha256 itself, and publishes only when the whole job's transfer succeeded.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from .wire import BROKEN, BROKEN_HINT, PIECE, Report, leaders_group
 __all__ = ["PIECE", "fetch_broadcast"]
 
 
-def _receiver(req: FetchRequest, update: bool, group: Any) -> tuple[Report | None, BaseException | None]:
+def _receiver(req: FetchRequest, update: bool, group: Any) -> tuple[StateSink, Report | None, BaseException | None]:
+    """Receive every round rank 0 sends into this node's dino_root (staged, verified); not published yet."""
     sink = StateSink(req, update)
     report: Report | None = None
     mine: BaseException | None = None
@@ -43,13 +46,9 @@ def _receiver(req: FetchRequest, update: bool, group: Any) -> tuple[Report | Non
         report = receive(sink, group, progress=sys.stderr)
         if report.meta.get("more"):  # rank 0 sends what it fetched after the weights (see feed)
             report = merge(report, receive(sink, group, progress=sys.stderr))
-        if not report.meta.get("failed"):
-            sink.publish(report)
     except BaseException as exc:
         mine = exc
-    finally:
-        sink.unlock()
-    return report, mine
+    return sink, report, mine
 
 
 def fetch_broadcast(dist: ModuleType, group: Any, req: FetchRequest, members: list[int], *, update: bool,
@@ -59,28 +58,39 @@ def fetch_broadcast(dist: ModuleType, group: Any, req: FetchRequest, members: li
     rank = dist.get_rank()
     report: Report | None = None
     mine: BaseException | None = None
+    sink: StateSink | None = None
     broken = (BROKEN, BROKEN_HINT)
     bgroup = collective(leaders_group, dist, members, timeout, stopped=broken)
     try:
         if rank == 0:
             report, mine = serve(req, update, bgroup, PIECE)
         elif rank in members:
-            report, mine = _receiver(req, update, bgroup)
+            sink, report, mine = _receiver(req, update, bgroup)
+        # the transfer's outcome on every rank, rank 0's whole fetch included (a Ctrl-C on it after its last
+        # piece too): the receivers publish only when it is a success
         failure = collective(first_failure, dist, group, outcome(mine, rank), stopped=broken)
-        if failure is None and rank not in members:
-            try:
-                check_fetched(req, "this node's leader (receiving from rank 0)")
-            except BaseException as exc:
-                mine = exc
+        if failure is None:
+            if sink is not None and report is not None:
+                try:
+                    sink.publish(report)
+                except BaseException as exc:
+                    mine = exc
             failure = collective(first_failure, dist, group, outcome(mine, rank), stopped=broken)
-        elif failure is None:
-            failure = collective(first_failure, dist, group, None, stopped=broken)
+        if failure is None and len(members) < dist.get_world_size():  # the ranks that waited for their leader
+            if rank not in members:
+                try:
+                    check_fetched(req, "this node's leader (receiving from rank 0)")
+                except BaseException as exc:
+                    mine = exc
+            failure = collective(first_failure, dist, group, outcome(mine, rank), stopped=broken)
         shared: list[Any] = [None]
         if failure is None:  # every rank learns every node's bytes and seconds, and the commit
             if rank == 0 and report is not None:
                 shared = [(report.meta.get("commit", ""), report.nodes)]
             collective(dist.broadcast_object_list, shared, 0, group, stopped=broken)
     finally:
+        if sink is not None:
+            sink.unlock()
         if rank in members:
             destroy(dist, bgroup)
     if failure is not None:
