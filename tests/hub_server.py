@@ -36,7 +36,8 @@ chunk is counted only once it passes), to freeze what the server has sent at a k
 ``hub.redirect_location`` (a callable, None by default) rewrites the Location of the hub's 302 to the CDN
 (a redirect to another scheme, a malformed URL).
 A mirror: ``hub.drop_blobs`` makes model_info ignore ``?blobs=true`` (as olah does), ``hub.tree_loop`` makes every
-tree page's ``Link: rel="next"`` point at itself.
+tree page's ``Link: rel="next"`` point at itself; ``hub.tree_pages`` (a callable) answers each tree page as a broken
+mirror would (empty pages, cursors that repeat, pages without end, a next page on another host).
 A hostile Hub: ``hub.listed_sizes["repo/file"] = n`` makes model_info claim size n for that file; file
 names (``../x``, ``/abs``, ``a\\b``) and file contents (index.json, safetensors headers) are whatever
 ``add_repo`` is given.
@@ -465,6 +466,14 @@ class _Handler(BaseHTTPRequestHandler):
         start = int(self.query.get("cursor", ["0"])[0])
         page = self.hub.page_size
         headers = {}
+        if self.hub.tree_pages is not None:  # a broken mirror's pagination: the page and its next link it chooses
+            shown, after = self.hub.tree_pages(start, entries[start : start + page])
+            if after is not None:
+                q = {k: v[0] for k, v in self.query.items()} | {"cursor": str(after)}
+                link = after if isinstance(after, str) and "://" in after else \
+                    f"{self.hub.endpoint}{self.url_path}?{urlencode(q)}"
+                headers["Link"] = f'<{link}>; rel="next"'
+            return self._json(shown, headers)
         if self.hub.tree_loop:  # a mirror whose next page is the page itself
             same = urlencode({k: v[0] for k, v in self.query.items()})
             headers["Link"] = f'<{self.hub.endpoint}{self.url_path}?{same}>; rel="next"'
@@ -703,6 +712,10 @@ class HubServer:
         self.page_size = 50
         self.drop_blobs = False  # model_info ignores ?blobs=true (as olah does): no sizes, the tree API has them
         self.tree_loop = False  # the tree API's Link rel="next" points at the page it is on (a broken mirror)
+        # A broken mirror's tree pagination: (cursor, the page's entries) -> (the entries it answers, the next
+        # cursor, or an absolute URL, or None for the last page).
+        self.tree_pages: Callable[[int, list[dict[str, Any]]],
+                                  tuple[list[dict[str, Any]], int | str | None]] | None = None
         self.listed_sizes: dict[str, int] = {}  # "repo_id/path" -> size claimed by model_info (hostile Hub)
         self.model_info_hook: Callable[[], Any] | None = None  # runs before each model_info answer is built
         self.redirect_location: Callable[[str], str] | None = None  # rewrites the Location of LFS redirects

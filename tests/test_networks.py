@@ -277,10 +277,53 @@ def test_a_mirror_whose_tree_pagination_points_back_ends_naming_it(hub: HubServe
     hub.clear()
     r = run_cli("--dino-root", str(dino_root), "--model", TINY, "--update", timeout=120)
     assert r.returncode == 8, r.stderr
-    assert f"{hub.endpoint} (HF_ENDPOINT): its tree listing of {TINY} gives " in r.stderr, r.stderr
+    assert f"{hub.endpoint} (HF_ENDPOINT): its tree listing of {TINY} points its next page back " in r.stderr, \
+        r.stderr
     assert "its pagination loops" in r.stderr
-    assert len([q for q in hub.requests if "/tree/" in q.path]) == 2  # the page, and the same page again
+    assert len([q for q in hub.requests if "/tree/" in q.path]) == 1  # the page, never asked again
     assert_fetched(dino_root)  # the checkpoint there stays
+
+
+def _empty_pages_forever(cursor: int, page: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int | str | None]:
+    return [], cursor + 1  # each page empty, each pointing at a new cursor
+
+
+def _cursors_that_repeat(cursor: int, page: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int | str | None]:
+    return [], 2 if cursor == 1 else 1  # 0 -> 1 -> 2 -> 1 -> ...: empty pages, a cursor asked again
+
+
+def _entries_without_end(cursor: int, page: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int | str | None]:
+    return [{"type": "file", "path": f"shard-{cursor}.bin", "size": 1, "oid": "0" * 40}], cursor + 1
+
+
+def _next_page_elsewhere(cursor: int, page: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int | str | None]:
+    return page, "http://127.0.0.1:9/api/models/elsewhere/tree/main?cursor=1"  # the token would go with it
+
+
+@pytest.mark.parametrize(("pages", "says", "asked"), [
+    (_empty_pages_forever, "did not end after 100 pages (0 entries)", 100),
+    (_cursors_that_repeat, "points its next page back at a page it gave (3 asked)", 3),
+    (_entries_without_end, "did not end after 100 pages (100 entries)", 100),
+    (_next_page_elsewhere, "sends its next page to another host (http://127.0.0.1:9)", 1),
+])
+def test_a_mirror_whose_tree_pagination_never_ends_is_bounded_by_pages_and_named(
+        hub: HubServer, dino_root: Path, run_cli: Any, pages: Any, says: str, asked: int) -> None:
+    """Whatever a mirror's tree pages hold (nothing, a cursor seen before, new entries forever, a next page on
+    another host), the listing stops after a bounded number of requests: exit 8, one line naming the mirror and
+    what to do, the checkpoint already in dino_root kept."""
+    hub.add_repo(TINY, FILES)
+    hub.drop_blobs = True
+    assert run_cli("--dino-root", str(dino_root), "--model", TINY, "-q").returncode == 0
+    hub.tree_pages = pages
+    hub.clear()
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY, "--update", timeout=120)
+    assert r.returncode == 8, r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"dinov3-fetcher: error: {hub.endpoint} (HF_ENDPOINT): its tree listing of {TINY} "
+                           f"{says}: its pagination loops or never ends"), line
+    assert "-> set HF_ENDPOINT to a mirror that works" in line
+    assert len([q for q in hub.requests if "/tree/" in q.path]) == asked
+    assert_fetched(dino_root)
 
 
 # ---------- olah ----------

@@ -8,15 +8,17 @@ huggingface_hub is imported only when a request is about to be made: a warm run 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, NoReturn
-from urllib.parse import quote, urlsplit
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from urllib.parse import quote, urljoin, urlsplit
 
 from .. import _env as env
 from .._errors import (
@@ -38,8 +40,6 @@ from .source import RemoteFile, Snapshot
 if TYPE_CHECKING:
     import threading
 
-    from huggingface_hub import HfApi
-
     from .._headstart import HeadStart
     from .._manifest import Manifest
     from .._transfer import Transfer
@@ -48,7 +48,9 @@ __all__ = ["DEFAULT_ENDPOINT", "HfSource", "display_endpoint", "endpoint", "impo
            "raise_for_file_status", "user_agent"]
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+_T = TypeVar("_T")
 TREE_LIMIT = 10_000  # entries of a mirror's tree listing (a checkpoint repo has a few dozen): more means it loops
+TREE_PAGES = 100  # pages of it (the Hub gives 1,000 entries a page, a mirror tens): more means it never ends
 
 
 def endpoint() -> str:
@@ -188,21 +190,15 @@ class HfSource:
         _client_that_starts(hub)
         api = HfApi(endpoint=self.endpoint, token=self.token or False, library_name="dinov3-fetcher",
                     library_version=__version__)
-        tries = self.retry.tries()
-        while True:
-            try:
-                info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=self.timeout)
-                break
-            except Exception as exc:
-                if not _retryable(exc) or not tries.failed(wait=self.retry.retry_after(_retry_after(exc))):
-                    raise_mapped(exc, repo_id, revision)
+        info = self._asked(lambda: api.model_info(repo_id, revision=revision, files_metadata=True,
+                                                  timeout=self.timeout), repo_id, revision)
         commit = info.sha or ""
         siblings = [(s.rfilename, s.size, s.blob_id, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []]
         if not is_commit(commit):
             raise HubResponseError(f"{display_endpoint(self.endpoint)} answered a malformed commit for "
                                    f"{repo_id}@{revision}", _FAITHFUL)
         if any(size is None or blob_id is None for _, size, blob_id, _ in siblings):
-            siblings = self._tree(api, repo_id, revision, commit)
+            siblings = self._tree(hub, repo_id, revision, commit)
         files: dict[str, RemoteFile] = {}
         for name, size, blob_id, sha256 in siblings:
             if size is None or blob_id is None or not isinstance(size, int) or size < 0:
@@ -212,27 +208,69 @@ class HfSource:
             files[name] = RemoteFile(name, size, sha256, blob_id)
         return Snapshot(self.name, self.endpoint, repo_id, revision, commit, files)
 
-    def _tree(self, api: HfApi, repo_id: str, revision: str, commit: str) -> list[tuple[str, Any, Any, Any]]:
-        """The files with sizes and ids from the tree API, for a mirror whose model_info lacks them: olah drops
-        ``?blobs=true`` but keeps the tree's sizes, blob ids and LFS sha256s (huggingface_hub reads the same)."""
-        import_hub()
-        from huggingface_hub.hf_api import RepoFile
+    def _asked(self, request: Callable[[], _T], repo_id: str, revision: str) -> _T:
+        """``request()``, tried again as the retry policy says while it fails in a way another try can fix;
+        otherwise (or once the retries ran out) the error that says what its failure means."""
+        tries = self.retry.tries()
+        while True:
+            try:
+                return request()
+            except Exception as exc:
+                if not _retryable(exc) or not tries.failed(wait=self.retry.retry_after(_retry_after(exc))):
+                    raise_mapped(exc, repo_id, revision)
 
+    def _tree(self, hub: ModuleType, repo_id: str, revision: str, commit: str) -> list[tuple[str, Any, Any, Any]]:
+        """The files with sizes and ids from the tree API, for a mirror whose model_info lacks them: olah drops
+        ``?blobs=true`` but keeps the tree's sizes, blob ids and LFS sha256s (huggingface_hub reads the same).
+
+        Its pages are followed here, one request each (huggingface_hub's ``list_repo_tree`` would follow them
+        without end, empty pages unseen): at most ``TREE_PAGES`` pages and ``TREE_LIMIT`` entries, never a page
+        asked twice, never to another host (the token goes with each page). A mirror that breaks one of these
+        rules: HubResponseError naming it, before anything is downloaded."""
+        from huggingface_hub import hf_raise_for_status
+        from huggingface_hub.hf_api import RepoFile
+        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+
+        from .._net import origin_key
+
+        url: str | None = f"{self.endpoint}/api/models/{repo_id}/tree/{quote(commit, safe='')}?recursive=true"
+        headers = build_hf_headers(token=self.token or False, library_name="dinov3-fetcher",
+                                   library_version=__version__)
+        session = hub.get_session()
+        asked: set[str] = set()
         seen: set[str] = set()
-        tree, loops = [], ""
-        try:
-            for e in api.list_repo_tree(repo_id, revision=commit, recursive=True):  # pages, as the Link headers say
-                if e.path in seen or len(seen) >= TREE_LIMIT:  # a page that points back, or that never ends
-                    loops = f"gives {e.path!r} twice" if e.path in seen else f"did not end after {TREE_LIMIT} entries"
-                    break
-                seen.add(e.path)
-                if isinstance(e, RepoFile):
-                    tree.append(e)
-        except Exception as exc:
-            raise_mapped(exc, repo_id, revision)
-        if loops:
+        tree: list[Any] = []
+        entry: Any = RepoFile  # (its constructor is untyped)
+        broken = ""
+        while url is not None and not broken:
+            if len(asked) >= TREE_PAGES:
+                broken = f"did not end after {TREE_PAGES} pages ({len(seen)} entries)"
+                break
+            asked.add(url)
+            page = self._asked(functools.partial(_tree_page, session, url, headers, self.timeout,
+                                                 hf_raise_for_status), repo_id, revision)
+            try:
+                for info in page.entries:
+                    path = info["path"]
+                    if path in seen or len(seen) >= TREE_LIMIT:
+                        broken = f"gives {path!r} twice" if path in seen else f"did not end after {TREE_LIMIT} entries"
+                        break
+                    seen.add(path)
+                    if info["type"] == "file":
+                        tree.append(entry(**info))
+            except Exception as exc:  # not a list of entries as the Hub's: an answer we cannot read
+                raise_mapped(exc, repo_id, revision)
+            url = urljoin(url, page.next) if page.next is not None else None
+            if url is not None and url in asked:
+                broken = f"points its next page back at a page it gave ({len(asked)} asked)"
+            elif url is not None and origin_key(url) != origin_key(self.endpoint):
+                broken = f"sends its next page to another host ({env.display_origin(url)})"
+        if broken:
             raise HubResponseError(f"{display_endpoint(self.endpoint)} (HF_ENDPOINT): its tree listing of {repo_id} "
-                                   f"{loops}: its pagination loops", _FAITHFUL)
+                                   f"{broken}: its pagination loops or never ends, so the mirror cannot say which "
+                                   "files the checkpoint has",
+                                   "set HF_ENDPOINT to a mirror that works (or unset it for https://huggingface.co) "
+                                   "and run again; what dino_root holds is kept")
         return [(e.path, e.size, e.blob_id, e.lfs.sha256 if e.lfs else None) for e in tree]
 
     def raise_for_status(self, status: int, headers: Mapping[str, str], body: bytes, url: str,
@@ -257,6 +295,26 @@ def _client_that_starts(hub: ModuleType) -> None:
         except Exception:  # whatever its client's construction raised
             pass
     hub.set_client_factory(hub_client)  # (its read of a FIFO as SSL_CERT_FILE would never end: not even tried)
+
+
+@dataclass(frozen=True)
+class _TreePage:
+    """One page of a tree listing: its entries (as the JSON gave them) and the URL of the next page, if any."""
+
+    entries: list[Any]
+    next: str | None
+
+
+def _tree_page(session: Any, url: str, headers: dict[str, str], timeout: float,
+               raise_for_status: Callable[[Any], None]) -> _TreePage:
+    """GET one page of a tree listing through huggingface_hub's client; huggingface_hub's error for a failed
+    answer (401, 404...), ValueError for a body that is not a JSON list."""
+    r = session.get(url, headers=headers, timeout=timeout)
+    raise_for_status(r)
+    entries = r.json()
+    if not isinstance(entries, list):
+        raise ValueError("a tree page that is not a list")
+    return _TreePage(entries, r.links.get("next", {}).get("url"))
 
 
 def _retryable(exc: BaseException) -> bool:
