@@ -10,7 +10,6 @@ import argparse
 import json
 import signal
 import sys
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -64,8 +63,10 @@ def _sub_epilog(*examples: str) -> str:
     return "examples:\n" + "".join(f"  {e}\n" for e in examples)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every command, with examples and the exit codes in each --help."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser of every command, with examples and the exit codes in each --help. ``only``: that
+    command's parser alone (what parsing its arguments needs; the others cost a millisecond before a fetch's
+    first connection)."""
     epilog = _EPILOG.format(exit_codes=exit_code_summary())
     parser = _Parser(prog=PROG, description="Fetch a DINOv3 teacher checkpoint from the Hugging Face Hub into "
                      "dino_root, resumable and verified byte for byte. Without a command: fetch.",
@@ -73,6 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{fetch,list,verify,info}", parser_class=_Parser)
 
+    if only in (None, "fetch"):
+        _fetch_parser(sub, epilog)
+    if only in (None, "list"):
+        _list_parser(sub)
+    if only in (None, "verify"):
+        _verify_parser(sub)
+    if only in (None, "info"):
+        _info_parser(sub)
+    return parser
+
+
+def _fetch_parser(sub: Any, epilog: str) -> None:
     f = sub.add_parser("fetch", help="fetch the checkpoint (the default command)", epilog=epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _where(f)
@@ -95,11 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--progress", action="store_true", help="draw the progress bar even when stderr is not a terminal")
     _common(f)
 
+
+def _list_parser(sub: Any) -> None:
     ls = sub.add_parser("list", help="the official DINOv3 checkpoints", epilog=_sub_epilog(
         "dinov3-fetcher list", "dinov3-fetcher list --json | jq -r '.variants[].repo_id'"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(ls)
 
+
+def _verify_parser(sub: Any) -> None:
     v = sub.add_parser("verify", help="check dino_root offline (quick; --deep re-hashes every file)",
                        epilog=_sub_epilog("dinov3-fetcher verify --config config.json",
                                           "dinov3-fetcher verify --dino-root ./dinov3 --deep",
@@ -112,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="cpu", help="device for --load (default cpu)")
     _common(v)
 
+
+def _info_parser(sub: Any) -> None:
     i = sub.add_parser("info", help="what dino_root holds and whether it matches the config",
                        epilog=_sub_epilog("dinov3-fetcher info --config config.json",
                                           "dinov3-fetcher info --dino-root ./dinov3 --json"),
@@ -121,7 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--revision", metavar="REV", help="the revision to compare against")
     _source(i)
     _common(i)
-    return parser
 
 
 def _argv(argv: Sequence[str] | None) -> list[str]:
@@ -150,7 +168,8 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dinov3-fetcher`` console script; returns the exit code."""
-    args = build_parser().parse_args(_argv(argv))
+    words = _argv(argv)
+    args = build_parser(words[0] if words[0] in COMMANDS else None).parse_args(words)
     if threading_is_main():
         signal.signal(signal.SIGTERM, _on_sigterm)
     from . import _commands as commands
@@ -180,6 +199,8 @@ def threading_is_main() -> bool:
 
 def _fail(args: argparse.Namespace, kind: str, message: str, hint: str, code: int, exc: BaseException) -> int:
     if getattr(args, "debug", False):
+        import traceback  # only for --debug
+
         sys.stderr.write(_scrub("".join(traceback.format_exception(exc))))
     if args.json:
         _emit_json({"ok": False, "error": {"type": kind, "message": message, "hint": hint, "exit_code": code}})

@@ -48,10 +48,11 @@ def _root_only(args: argparse.Namespace) -> Path:
 def cmd_fetch(args: argparse.Namespace) -> dict[str, Any]:
     """fetch (or --dry-run): the checkpoint's path on stdout, one summary line on stderr."""
     from ._fetch import fetch
-    from ._plan import dry_run
 
     req = _request(args)
     if args.dry_run:
+        from ._plan import dry_run
+
         dry = dry_run(req)
         rows = [f"{f.name:<40} {human_bytes(f.size):>10}  " +
                 ("present" if f.reuse else f"{human_bytes(f.present)} partial" if f.present else "to download")

@@ -13,7 +13,6 @@ on the way is a ``RequestError``, which the caller may retry. An answer comes ba
 from __future__ import annotations
 
 import http.client
-import ssl
 import threading
 import time
 from collections.abc import Mapping
@@ -89,7 +88,6 @@ class HttpPool:
     auth: Auth | None = None  # the credential headers, sent only to auth.origin's scheme, host and port
     _idle: dict[tuple[str, str], list[Connection]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _ssl: ssl.SSLContext | None = None
     _auth_key: tuple[str, str | None, int | None] | None = None
     _proxies: dict[tuple[str, str], Proxy | None] = field(default_factory=dict)
     _warming: dict[tuple[str, str], int] = field(default_factory=dict)  # connections being opened by warm()
@@ -143,15 +141,14 @@ class HttpPool:
             self._proxies[scheme, netloc] = proxy_for(f"{scheme}://{netloc}/")  # ConfigError: one we cannot speak
         proxy = self._proxies[scheme, netloc]
         if scheme == "https":
-            if self._ssl is None:
-                self._ssl = ssl_context()
             if proxy:
-                tunnel = _TunnelConnection(proxy.host, proxy.port, timeout=self.timeout, context=self._ssl)
+                tunnel = _TunnelConnection(proxy.host, proxy.port, timeout=self.timeout)
                 tunnel.proxy = proxy
                 target = urlsplit(f"https://{netloc}")
-                tunnel.set_tunnel(target.hostname or netloc, target.port or 443, headers=proxy.headers)
+                tunnel.tls_host = target.hostname or netloc
+                tunnel.set_tunnel(tunnel.tls_host, target.port or 443, headers=proxy.headers)
                 return tunnel
-            return http.client.HTTPSConnection(netloc, timeout=self.timeout, context=self._ssl)
+            return _TLSConnection(netloc, timeout=self.timeout)
         if proxy:
             plain = _ProxiedHTTPConnection(proxy.host, proxy.port, timeout=self.timeout)
             plain.proxy = proxy
@@ -345,7 +342,7 @@ def redirect_target(url: str, location: str) -> str:
 def _trips(conn: Connection) -> int:
     if conn.sock is not None:
         return 1
-    return 3 if isinstance(conn, http.client.HTTPSConnection) else 2
+    return 3 if isinstance(conn, _TLSConnection) else 2
 
 
 def is_part(resp: Response, size: int) -> bool:
@@ -369,7 +366,24 @@ class _ProxiedHTTPConnection(http.client.HTTPConnection):
     proxy_headers: dict[str, str] = {}  # noqa: RUF012 - replaced per connection, never mutated
 
 
-class _TunnelConnection(http.client.HTTPSConnection):
+class _TLSConnection(http.client.HTTPConnection):
+    """HTTPS (http.client's HTTPSConnection, but for when its context is made): the TLS context (``ssl_context``,
+    huggingface_hub's client's: CA certificates loaded) is taken once the TCP connection is open, not before, so
+    that building the first one (tens of milliseconds) overlaps the TCP handshake's round trip instead of
+    delaying the connection."""
+
+    default_port = http.client.HTTPS_PORT
+
+    def __init__(self, host: str, port: int | None = None, *, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self.tls_host = self.host  # the name the certificate must carry (a tunnel's target, through a proxy)
+
+    def connect(self) -> None:
+        super().connect()  # TCP (and a proxy's CONNECT tunnel)
+        self.sock = ssl_context().wrap_socket(self.sock, server_hostname=self.tls_host)
+
+
+class _TunnelConnection(_TLSConnection):
     """HTTPS through a proxy's CONNECT tunnel: the proxy sees the target's host:port, then only TLS."""
 
     proxy: Proxy | None = None

@@ -22,17 +22,18 @@ _SIGNED = (r"x-amz-[a-z0-9-]+|x-goog-[a-z0-9-]+|x-oss-[a-z0-9-]+|signature|expir
            r"policy|googleaccessid|security-token|access_token|token|sig|se|sp|sv|sr|st|skoid|sktid|skt|ske|sks|skv")
 _STOP = r"\s'\"<>"  # what ends a URL (or a query) in a message, a repr or JSON
 _TAIL = rf"[^{_STOP}]*?(?=[).,;\]]*(?:[{_STOP}]|$))"  # the rest of a query, less the punctuation closing a phrase
+# Compiled at their first use (re's cache keeps them), not at import: every command imports this module.
 _RULES = (
     # user:password@ in a URL
-    (re.compile(rf"(?i)\b([a-z][a-z0-9+.-]*://)[^/{_STOP}@]*@"), r"\1***@"),
+    (rf"(?i)\b([a-z][a-z0-9+.-]*://)[^/{_STOP}@]*@", r"\1***@"),
     # the query string of an http(s) URL
-    (re.compile(rf"(?i)(\bhttps?://[^?#{_STOP}]+)\?{_TAIL}"), r"\1?<query hidden>"),
+    (rf"(?i)(\bhttps?://[^?#{_STOP}]+)\?{_TAIL}", r"\1?<query hidden>"),
     # a query string wherever it is (a URL cut by a space, a bare path) once it carries a signed parameter
-    (re.compile(rf"(?i)\?(?=(?:[^{_STOP}]*[&?])?(?:{_SIGNED})=){_TAIL}"), "?<query hidden>"),
+    (rf"(?i)\?(?=(?:[^{_STOP}]*[&?])?(?:{_SIGNED})=){_TAIL}", "?<query hidden>"),
     # any signed parameter left (a query with spaces in it, a header dump)
-    (re.compile(rf"(?i)(?<![a-z0-9_-])({_SIGNED})=[^&#;{_STOP}]*"), r"\1=<hidden>"),
-    (re.compile(r"(?i)\b(bearer|basic)\s+[a-z0-9._~+/=-]{4,}"), r"\1 <redacted>"),
-    (re.compile(rf"(?i)\b(m_session_id=)[^;&{_STOP}]+"), r"\1<redacted>"),
+    (rf"(?i)(?<![a-z0-9_-])({_SIGNED})=[^&#;{_STOP}]*", r"\1=<hidden>"),
+    (r"(?i)\b(bearer|basic)\s+[a-z0-9._~+/=-]{4,}", r"\1 <redacted>"),
+    (rf"(?i)\b(m_session_id=)[^;&{_STOP}]+", r"\1<redacted>"),
 )
 
 
@@ -65,5 +66,5 @@ def scrub(text: str) -> str:
         finally:
             _INSIDE.active = False
     for pattern, replacement in _RULES:
-        text = pattern.sub(replacement, text)
+        text = re.sub(pattern, replacement, text)
     return text
