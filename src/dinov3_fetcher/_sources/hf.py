@@ -33,9 +33,7 @@ from .._errors import (
 )
 from .._http import Auth
 from .._ids import is_commit, is_sha256
-from .._retry import RetryPolicy
 from .._version import __version__
-from .source import RemoteFile, Snapshot
 
 if TYPE_CHECKING:
     import threading
@@ -43,6 +41,7 @@ if TYPE_CHECKING:
     from .._headstart import HeadStart
     from .._manifest import Manifest
     from .._transfer import Transfer
+    from .source import Snapshot
 
 __all__ = ["DEFAULT_ENDPOINT", "HfSource", "display_endpoint", "endpoint", "import_hub", "known_tokens",
            "raise_for_file_status", "user_agent"]
@@ -146,6 +145,8 @@ class HfSource:
         self.endpoint = endpoint()
         self.token = get_token()
         self.timeout = env.timeout()  # the same timeout and retries as the bytes
+        from .._retry import RetryPolicy  # here: a fetch imports this module for endpoint() before it connects
+
         self.retry = RetryPolicy.from_env()
 
     def user_agent(self) -> str:
@@ -199,6 +200,8 @@ class HfSource:
                                    f"{repo_id}@{revision}", _FAITHFUL)
         if any(size is None or blob_id is None for _, size, blob_id, _ in siblings):
             siblings = self._tree(hub, repo_id, revision, commit)
+        from .source import RemoteFile, Snapshot  # here: see __init__
+
         files: dict[str, RemoteFile] = {}
         for name, size, blob_id, sha256 in siblings:
             if size is None or blob_id is None or not isinstance(size, int) or size < 0:
