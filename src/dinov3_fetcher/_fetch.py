@@ -23,13 +23,10 @@ from ._errors import (
     LocalEntryNotFoundError,
     NotDinov3Error,
 )
-from ._layout import CONFIG, INDEX, PREPROCESSOR, SINGLE, files_to_publish, may_publish, optional_files, weight_files
 from ._manifest import FileRecord, Manifest
 from ._progress import Progress, human_bytes
 from ._registry import DEFAULT_MODEL, OfficialCheck, check_official, pins
-from ._safetensors import SafetensorsError, TensorInfo, read_header
 from ._state import StateDir, on_disk
-from ._validate import config_problem, find_problems, registry_mismatch, tensor_mismatch, why_not
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -78,6 +75,10 @@ def ready(req: FetchRequest, manifest: Manifest | None = None) -> Manifest | Non
     manifest = manifest or StateDir(req.dino_root).read_manifest()
     if manifest is None or not manifest.matches(req.model, req.revision, req.source):
         return None
+    # The checks (and the listing's, in _fetch_locked) are imported where used: a cold fetch opens its first
+    # connection before it needs them.
+    from ._validate import find_problems
+
     return manifest if not find_problems(req.dino_root, manifest) else None
 
 
@@ -215,6 +216,8 @@ def _official(req: FetchRequest, files: dict[str, FileRecord], *, published: boo
 
 
 def _offline_error(req: FetchRequest) -> LocalEntryNotFoundError:
+    from ._validate import why_not
+
     why = why_not(req.dino_root, req.model, req.revision) or "it was changed while this fetch looked at it"
     partial = StateDir(req.dino_root).partial
     kept = sum(f.stat().st_size for f in partial.glob("*/data")) if partial.is_dir() else 0
@@ -294,6 +297,8 @@ def _fetch_weights(run: Run, names: list[str], files_at_once: int, get: Callable
 
 def _holds_unrecorded_files(root: Path, old: Manifest | None) -> bool:
     """Is there a file under a name a fetch publishes (or a standard weight name) that no manifest records?"""
+    from ._layout import may_publish
+
     ours = set(old.files) | set(old.previous) if old else set()
     try:
         return any(may_publish(p.name) and p.name not in ours for p in root.iterdir())
@@ -303,10 +308,13 @@ def _holds_unrecorded_files(root: Path, old: Manifest | None) -> bool:
 
 def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, progress: Progress, pool: HttpPool,
                   *, repair: bool = False, observer: FetchObserver | None = None) -> FetchResult:
+    from ._layout import CONFIG, INDEX, PREPROCESSOR, SINGLE, files_to_publish, optional_files, weight_files
     from ._observe import FetchPlan
     from ._plan import Run
+    from ._safetensors import SafetensorsError, TensorInfo, read_header
     from ._sources import get_source
     from ._transfer import FILES_AT_ONCE, Settings, Transfer
+    from ._validate import config_problem, registry_mismatch, tensor_mismatch
 
     settings = Settings.from_env()
     head_start = not _holds_unrecorded_files(state.root, old)
