@@ -3,6 +3,7 @@ budget for a whole fetch, head start included, counted at the emulator. No wall-
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
 import time
@@ -28,7 +29,11 @@ from dinov3_fetcher._budget import (
     Budget,
     Rule,
 )
-from dinov3_fetcher._transfer import Settings
+from dinov3_fetcher._http import HttpPool
+from dinov3_fetcher._job import Target
+from dinov3_fetcher._progress import Progress
+from dinov3_fetcher._state import StateDir
+from dinov3_fetcher._transfer import Downloaded, Settings, Transfer
 from helpers import fetch
 from hub_server import HubServer
 
@@ -364,35 +369,35 @@ def test_settings_fixed_only_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not Budget.for_connections(None, 16).rule.fixed
 
 
-def test_a_shed_stream_ends_after_its_piece_so_no_byte_is_served_twice(hub: HubServer, tmp_path: Path) -> None:
-    # 4 streams, then the limit falls to 2 while they are all mid-piece. A stream shed in the middle of an answer
-    # closes its connection with the rest of that answer already sent (socket buffers, in flight): served twice
-    # once another stream asks for it. Shed after its piece instead, every byte is served once.
-    import hashlib
-
-    from dinov3_fetcher._http import HttpPool
-    from dinov3_fetcher._job import Target
-    from dinov3_fetcher._progress import Progress
-    from dinov3_fetcher._state import StateDir
-    from dinov3_fetcher._transfer import Transfer
-
-    data = bytes(range(256)) * (8 * 4096)  # 8 MiB: 8 pieces of 1 MiB
+def _download(hub: HubServer, tmp_path: Path, budget: Budget, data: bytes,
+              min_split: int) -> tuple[Transfer, threading.Thread, list[Downloaded]]:
+    """``data`` as TINY's model.safetensors, downloaded over ``budget`` in a thread (started; ``got`` holds its
+    result once it ends)."""
     hub.add_repo(TINY, {"config.json": b"{}", "model.safetensors": data})
-    hub.faults.add(host="cdn", throttle_bps=4 * 1024 * 1024)  # slow enough for the four to be mid-piece
-    budget = Budget(Rule(start=4, cap=4, fixed=True), block=64 * 1024)
     state = StateDir(tmp_path / "root")
     state.ensure()
 
     def refuse(status: int, headers: dict[str, str], body: bytes, url: str) -> NoReturn:
         raise AssertionError(f"HTTP {status} from {url}")
 
-    transfer = Transfer(replace(Settings(), min_split=1024 * 1024), HttpPool(10, "test"), state,
+    transfer = Transfer(replace(Settings(), min_split=min_split), HttpPool(10, "test"), state,
                         Progress(quiet=True), refuse, budget=budget)
     sha = hashlib.sha256(data).hexdigest()
     target = Target("model.safetensors", f"{hub.endpoint}/{TINY}/resolve/main/model.safetensors", len(data), sha, sha)
-    got: list[object] = []
+    got: list[Downloaded] = []
     t = threading.Thread(target=lambda: got.append(transfer.download(target)))
     t.start()
+    return transfer, t, got
+
+
+def test_a_shed_stream_ends_after_its_piece_so_no_byte_is_served_twice(hub: HubServer, tmp_path: Path) -> None:
+    # 4 streams, then the limit falls to 2 while they are all mid-piece. A stream shed in the middle of an answer
+    # closes its connection with the rest of that answer already sent (socket buffers, in flight): served twice
+    # once another stream asks for it. Shed after its piece instead, every byte is served once.
+    data = bytes(range(256)) * (8 * 4096)  # 8 MiB: 8 pieces of 1 MiB
+    hub.faults.add(host="cdn", throttle_bps=4 * 1024 * 1024)  # slow enough for the four to be mid-piece
+    budget = Budget(Rule(start=4, cap=4, fixed=True), block=64 * 1024)
+    transfer, t, got = _download(hub, tmp_path, budget, data, min_split=1024 * 1024)
     while budget.active < 4 or hub.bytes_served("model.safetensors") < 1024 * 1024:
         assert t.is_alive()
         time.sleep(0.01)
@@ -400,10 +405,73 @@ def test_a_shed_stream_ends_after_its_piece_so_no_byte_is_served_twice(hub: HubS
         budget.rule.limit = 2
     t.join(60)
     transfer.pool.close()
-    assert got and got[0].path.read_bytes() == data  # type: ignore[attr-defined]
+    assert got and got[0].path.read_bytes() == data
     assert hub.bytes_served("model.safetensors") == len(data)  # each byte served once
     gets = hub.file_gets("model.safetensors")
     assert len([r for r in gets if r.host == "cdn"]) == 8  # one answer per piece: none was cut and asked again
+
+
+def test_a_busy_piece_is_not_split_where_its_bytes_wait_for_the_reader(hub: HubServer, tmp_path: Path) -> None:
+    # Two streams, two pieces of 8 MiB over localhost; the second piece's answer is held 4 MiB in, so the first
+    # stream ends its piece and is idle beside a busy one with 4 MiB left, halves worth a steal at this link's
+    # rate and round trip. But the streams found megabytes waiting in their sockets after their reads (this
+    # process, not the link, sets their pace, as on localhost or a LAN): a second connection brings nothing sooner,
+    # and a split would close the busy one with the rest of its answer already sent (the socket buffers), served
+    # twice. Left whole, every byte is served once. (The budget's quantities are set, and its clock stands
+    # still so that no window replaces them: the decision does not depend on how fast this machine is.)
+    mib = 1024 * 1024
+    data = bytes(range(256)) * (16 * 4096)  # 16 MiB
+    hub.faults.add(path_suffix="model.safetensors", host="cdn", pause_at=12 * mib)  # the answer that holds it
+    budget = Budget(Rule(start=2, cap=2, fixed=True), block=64 * 1024, clock=lambda: 0.0)
+    budget.rtt, budget.stream_rate = 1e-4, 1e8  # a fast link's: a steal is worth 1 MiB (STEAL_MIN)
+    budget.backlog = 4 * mib  # the most a stream found waiting in its socket after a read
+    transfer, t, got = _download(hub, tmp_path, budget, data, min_split=8 * mib)
+
+    def idle_beside_the_held_piece_or_split() -> bool:
+        gets = hub.file_gets("model.safetensors")
+        first = [r for r in gets if r.host == "cdn" and r.range == f"bytes=0-{8 * mib - 1}" and r.done]
+        # the held stream keeps its slot; the other gave its back (it found nothing to take), or took a split
+        return (hub.paused.is_set() and bool(first) and budget.active == 1) or len(gets) > 4
+
+    try:
+        while not idle_beside_the_held_piece_or_split():
+            assert t.is_alive()
+            time.sleep(0.01)
+    finally:
+        hub.resume.set()
+    t.join(60)
+    transfer.pool.close()
+    assert got and got[0].path.read_bytes() == data
+    cdn = [r.range for r in hub.file_gets("model.safetensors") if r.host == "cdn"]
+    assert sorted(r or "" for r in cdn) == [f"bytes=0-{8 * mib - 1}", f"bytes={8 * mib}-{16 * mib - 1}"]
+    assert hub.bytes_served("model.safetensors") == len(data)  # each byte served once
+
+
+def test_a_split_costs_what_the_server_may_have_sent_ahead_and_none_where_bytes_wait_for_the_reader() -> None:
+    clock = Clock()
+    b = Budget(Rule(start=2, cap=2, fixed=True), block=1024 * 1024, clock=clock)
+    assert b.split_cost() == 0  # nothing measured: the steal's own size decides
+    b.first_byte(0.15)
+    b.stream_rate = 8 * MB  # far: 1.2 MB on the wire per stream
+    slots = [b.acquire(lambda: False) for _ in range(2)]
+    assert all(s is not None for s in slots)
+    b.add(1, queued=64 * 1024)  # paced by the link: less than a read waits after a read
+    # what waits, a round trip of the stream's bytes on the wire, and as much in the server's send buffer
+    assert b.split_cost() == 64 * 1024 + 2 * int(8 * MB * 0.15)
+    b.add(1, queued=int(8 * MB * 0.15) + 1)  # more than a round trip's bytes (and than a read) wait: not the link
+    assert b.split_cost() is None
+    clock.now += SETTLE_RTTS * 0.15
+    b.add(1)  # a window opens
+    clock.now += WINDOW_RTTS * 0.15 + 0.01
+    b.add(8 * MB)  # ... and ends: what waited during it still counts
+    assert b.split_cost() is None and b.backlog == int(8 * MB * 0.15) + 1
+    b.add(1)
+    clock.now += WINDOW_RTTS * 0.15 + 0.01
+    b.add(8 * MB)  # a whole window in which the reads kept up: the link sets the pace again
+    assert b.backlog == 0 and b.split_cost() == 2 * int(b.stream_rate * 0.15)
+    b.rtt, b.stream_rate = 1e-4, 200 * MB  # localhost: 20 KB on the wire; a read takes up to 1 MiB
+    b.add(1, queued=1024 * 1024 + 1)
+    assert b.split_cost() is None
 
 
 def test_small_files_do_not_wait_for_the_weights_streams(hub: HubServer, dino_root: Path,

@@ -166,8 +166,7 @@ class Job:
                 return seg
             if self.whole_file:
                 return None
-            least = self.steal_min()
-            busy = [s for s in self.segments if s.busy and s.end - s.pos >= 2 * least]
+            busy = self.splittable()
             if not busy:
                 return None
             victim = max(busy, key=lambda s: s.end - s.pos)
@@ -184,8 +183,21 @@ class Job:
                 return False
             if any(not s.busy and s.pos < s.end for s in self.segments):
                 return True
-            least = self.steal_min()
-            return not self.whole_file and any(s.busy and s.end - s.pos >= 2 * least for s in self.segments)
+            return not self.whole_file and bool(self.splittable())
+
+    def splittable(self) -> list[_Segment]:
+        """The busy pieces an idle stream may take the second half of (under the lock): where a split can save
+        time (``Budget.split_cost``), halves worth a steal (``steal_min``) that reach beyond what the busy
+        stream's server may already have sent past its reads. The busy stream reads on up to the split and
+        closes its connection there, and what was sent beyond is served twice: on a link where a piece lasts
+        tens of milliseconds and the socket buffers hold megabytes, a split of a 16 MiB piece saved nothing and
+        served most of its second half twice; on a far link (8 MB/s per connection, 150 ms) a split still
+        shares out seconds of one stream, so that the streams end together."""
+        cost = self.fetch.budget.split_cost()
+        if cost is None:
+            return []
+        least = max(self.steal_min(), cost)
+        return [s for s in self.segments if s.busy and (s.end - s.pos) // 2 >= least]
 
     def piece(self) -> int:
         """The size of the next piece (``Budget.piece``). Where every request of the file is resolved afresh
@@ -276,7 +288,7 @@ class Job:
             offset = seg.pos if ranged else 0
             if not ranged and headers and not self.become_whole_file(seg):
                 return
-            self.copy(resp, seg, slot, offset)
+            self.copy(answer, seg, slot, offset)
         except RequestError as exc:  # the connection failed while the body was read
             raise TryAgain(str(exc)) from None
         finally:
@@ -347,9 +359,10 @@ class Job:
             self.lock.notify_all()
             return True
 
-    def copy(self, resp: Response, seg: _Segment, slot: Slot, offset: int) -> None:
-        """Read the body into the slot's buffer and write what belongs to the piece, recording progress.
-        RequestError when the connection fails."""
+    def copy(self, answer: Answer, seg: _Segment, slot: Slot, offset: int) -> None:
+        """Read the body into the slot's buffer and write what belongs to the piece, recording progress (and what
+        the connection's socket holds: ``splittable``). RequestError when the connection fails."""
+        resp = answer.resp
         buf = slot.buf
         mv = memoryview(buf)
         budget, cancel, progress = self.fetch.budget, self.fetch.cancel, self.fetch.progress
@@ -392,7 +405,7 @@ class Job:
                 due = self.unsaved >= SAVE_EVERY or time.monotonic() - self.saved_at >= 1.0
                 self.lock.notify_all()
             progress.advance(max(hi - lo, 0))
-            budget.add(n)
+            budget.add(n, answer.receive_queue())
             if due:
                 self.save(wait=False)
 
