@@ -23,6 +23,7 @@ from urllib.parse import urljoin, urlsplit
 from ._env import display_origin
 from ._errors import HubResponseError
 from ._net import Proxy, network_error, origin_key, proxy_for, ssl_context
+from ._secrets import without_url_secrets
 
 __all__ = ["Answer", "Auth", "Connection", "HttpPool", "Redirects", "RequestError", "Response", "etag_value",
            "is_part", "redirect_target"]
@@ -43,11 +44,14 @@ class Auth:
 
 class RequestError(Exception):
     """A request that got no usable answer (refused, reset, timed out, a TLS or protocol error): another try may
-    get one. Its text is the cause's type and message, and where it happened when known."""
+    get one. Its text is the cause's type and message, and where it happened when known; never a credential:
+    the query, fragment and user:password of ``url`` (the request's), and any other query in the cause's text,
+    are cut out of it (``_secrets.without_url_secrets``: http.client's InvalidURL quotes the whole request)."""
 
-    def __init__(self, cause: BaseException, where: str = "") -> None:
+    def __init__(self, cause: BaseException, where: str = "", *, url: str = "") -> None:
         self.kind = type(cause).__name__
-        super().__init__(f"{self.kind}: {cause}" + (f" ({where})" if where else ""))
+        text = f"{self.kind}: {cause}" + (f" ({where})" if where else "")
+        super().__init__(without_url_secrets(text, *([url, _path(url)] if url else [])))
 
 
 @dataclass
@@ -91,7 +95,8 @@ class Answer:
         try:
             return self.resp.read(amt)
         except (OSError, http.client.HTTPException) as exc:
-            raise RequestError(exc) from exc
+            failure = exc
+        raise RequestError(failure, url=self.url)  # out of the handler: nothing chained to it
 
 
 @dataclass
@@ -230,7 +235,8 @@ class HttpPool:
                 url = redirect_target(url, resp.getheader("Location") or "")
                 continue
             return answer
-        raise RequestError(http.client.HTTPException(f"too many redirects for {url}"))
+        raise RequestError(http.client.HTTPException(f"too many redirects (the last to {self.display_host(url)})"),
+                           url=url)
 
     def head(self, url: str) -> Answer:
         """HEAD ``url`` without following a redirect (its headers are the answer), as huggingface_hub does; its
@@ -246,25 +252,19 @@ class HttpPool:
     def _send(self, method: str, url: str, headers: dict[str, str]) -> tuple[Connection, Response, int, float]:
         """The request on a pooled (or new) connection: the connection, the response, its round trips, when."""
         conn = self.acquire(url)
-        try:
-            return conn, *self._exchange(conn, method, url, headers)
-        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-            conn.close()  # a kept-alive connection the server had closed: one fresh try
-            conn = self._new(*self._origin(url))
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            self._fail(exc, conn, url)
-        except BaseException:
-            conn.close()
-            raise
-        try:
-            return conn, *self._exchange(conn, method, url, headers)
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
-            self._fail(exc, conn, url)
-        except BaseException:
-            conn.close()
-            raise
+        for last in (False, True):
+            try:
+                return conn, *self._exchange(conn, method, url, headers)
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                failure = exc
+            except BaseException:
+                conn.close()
+                raise
+            if last or not isinstance(failure, http.client.RemoteDisconnected | BrokenPipeError | ConnectionResetError):
+                self._fail(failure, conn, url)  # raised out of the handler: nothing chained to it quotes the request
+            conn = self._new(*self._origin(url))  # a kept-alive connection the server had closed: one fresh try
+        raise AssertionError("unreachable")
 
     def _exchange(self, conn: Connection, method: str, url: str,
                   headers: dict[str, str]) -> tuple[Response, int, float]:
@@ -281,7 +281,7 @@ class HttpPool:
         if (err := network_error(exc, url, via)) is not None:
             raise err from None
         where = f" through the proxy {via.display}" if via is not None else ""
-        raise RequestError(exc, f"while connecting to {self.display_host(url)}{where}") from exc
+        raise RequestError(exc, f"while connecting to {self.display_host(url)}{where}", url=url)
 
     def _request_headers(self, conn: Connection, url: str, extra: dict[str, str]) -> dict[str, str]:
         headers = self.headers_for(url, extra)

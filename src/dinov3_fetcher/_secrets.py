@@ -7,6 +7,10 @@ this module imports nothing of the package, so that every error can scrub itself
 of any URL (a signed location's query is a credential: X-Amz-Signature, X-Amz-Credential, Signature,
 Expires...), also where the URL is broken up by a space; signed-URL parameters wherever they appear;
 ``user:password@`` in URLs; Bearer/Basic credentials.
+
+The HTTP layer does not rely on it: the text of each of its errors is built with ``without_url_secrets``, which
+cuts out the query, fragment and user:password of the URL it was for, whatever the parameters are called; this
+scrubber is the second line.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import re
 import threading
 from collections.abc import Callable
 
-__all__ = ["register", "scrub"]
+__all__ = ["register", "scrub", "without_url_secrets"]
 
 _SIGNED = (r"x-amz-[a-z0-9-]+|x-goog-[a-z0-9-]+|x-oss-[a-z0-9-]+|signature|expires|ossaccesskeyid|key-pair-id|"
            r"policy|googleaccessid|security-token|access_token|token|sig|se|sp|sv|sr|st|skoid|sktid|skt|ske|sks|skv")
@@ -68,3 +72,29 @@ def scrub(text: str) -> str:
     for pattern, replacement in _RULES:
         text = re.sub(pattern, replacement, text)
     return text
+
+
+_ANY_QUERY = rf"\?(?!<query hidden>)[^{_STOP}]+"  # (compiled at first use, as _RULES)
+
+
+def without_url_secrets(text: str, *urls: str) -> str:
+    """``text`` (an error's, from the HTTP layer) with every part of ``urls`` that can carry a credential cut out,
+    whatever its parameters are called: the query and the fragment (``?<query hidden>``) and user:password
+    (``***``), in each form a message shows them (as sent, as a repr escapes them, percent-encoded or decoded);
+    then whatever follows a ``?`` anywhere else in it, up to a space or a quote. Not a list of parameter names:
+    a signing scheme never seen before is cut out as well."""
+    from urllib.parse import quote, unquote
+
+    cuts: list[tuple[str, str]] = []
+    for url in urls:  # split by hand: urlsplit drops tabs and line breaks, which a message may show escaped
+        head, _, fragment = url.partition("#")
+        head, _, query = head.partition("?")
+        userinfo = head.partition("://")[2].partition("/")[0].rpartition("@")[0]
+        cuts += [("?" + query, "?<query hidden>"), ("#" + fragment, "#<hidden>"), (userinfo, "***"),
+                 (userinfo.partition(":")[2], "***")]
+    forms = sorted({(form, hidden) for secret, hidden in cuts if len(secret) > 1
+                    for form in (secret, repr(secret)[1:-1], unquote(secret), quote(secret, safe="?#=&/:@"))},
+                   key=lambda c: len(c[0]), reverse=True)  # a longer form that holds a shorter one goes first
+    for form, hidden in forms:
+        text = text.replace(form, hidden)
+    return re.sub(_ANY_QUERY, "?<query hidden>", text)

@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .._errors import ConfigError, NetworkError
+from .._secrets import without_url_secrets
 from .proxies import Proxy, proxy_for, proxy_rules
 
 __all__ = [
@@ -158,8 +159,7 @@ def network_error(exc: BaseException, url: str, via: Proxy | None = None) -> Net
     For huggingface_hub's errors too (httpx2.ConnectError / ProxyError wrap the ssl or socket error), so the
     metadata path can report the same. ``via``: the proxy used, if known (else looked up for ``url``).
     A proxy variable our client cannot use (https://, socks5://) gives its ConfigError."""
-    parts = urlsplit(url)
-    where = parts.netloc or url
+    where = urlsplit(url).netloc.rpartition("@")[2] or "the server"
     if (cert := certificate_error(exc, where)) is not None:
         return cert
     try:
@@ -169,7 +169,7 @@ def network_error(exc: BaseException, url: str, via: Proxy | None = None) -> Net
     if proxy is None:
         return None
     chain = _chain(exc)
-    text = " ".join(str(e) for e in chain)
+    text = without_url_secrets(" ".join(str(e) for e in chain), url)
     names = {type(e).__name__ for e in chain}
     if "ProxyError" in names or "Tunnel connection failed" in text:
         return NetworkError(f"the proxy {proxy.display} refused to carry the request to {where} ({text[:200]})",
@@ -192,7 +192,7 @@ def refusal(status: int, url: str, asked: str, body: bytes = b"", name: str = ""
       firewall in front of it). The token is not the cause: it never goes there.
     Asked before a source reads a status, which is about the endpoint's own answers.
     """
-    where = urlsplit(url).netloc.rpartition("@")[2] or url
+    where = urlsplit(url).netloc.rpartition("@")[2] or "the server"
     if status == 407:
         proxy = proxy_for(url)
         if proxy is not None:
