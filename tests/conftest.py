@@ -202,6 +202,18 @@ def run_cli() -> Any:
     return run
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Byte-compile this project's sources once, as an install does (``uv sync`` installs them editable, which
+    compiles nothing): with PYTHONDONTWRITEBYTECODE=1 each of the suite's hundreds of CLI processes would
+    compile them again. What the processes run is the same."""
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: its controller has done it
+        return
+    import compileall
+
+    for package in ("dinov3_fetcher", "dinov3_bridge"):
+        compileall.compile_dir(Path(__file__).resolve().parent.parent / "src" / package, quiet=1)
+
+
 # The tests that run jobs of many processes (torchrun "nodes", torch imports) go first: under pytest-xdist the many
 # short tests then fill both workers to the end, instead of one long job running alone at the end.
 _FIRST = ("test_share.py", "test_broadcast.py", "test_distributed.py", "test_load.py", "test_bridge.py",
