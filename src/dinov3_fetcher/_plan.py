@@ -5,21 +5,19 @@ partial one is, and where each file is once verified. Also the dry run, which pl
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._errors import ConfigError, HubResponseError, LocalEntryNotFoundError, NotDinov3Error
+from ._errors import HubResponseError, LocalEntryNotFoundError, NotDinov3Error
 from ._hashing import git_blob_id, sha256_file
 from ._layout import (
     CONFIG,
     PREPROCESSOR,
     check_filename,
     files_to_publish,
-    is_standard_weight,
     read_json_object,
     weight_files,
 )
@@ -167,54 +165,20 @@ class Run:
         return dest
 
     def check_foreign(self, names: Collection[str]) -> None:
-        """Refuse to replace or delete a file this tool did not put in dino_root (e.g. ``dino_root: "."`` next to
-        the pipeline's own config.json and README.md).
-
-        ``names`` are the files the fetch would publish. One of them that is in dino_root but recorded by no
-        manifest of ours is adopted if its bytes are exactly the listed file (size and sha256, or git blob id),
-        else it is a conflict; so is, without any manifest, a standard weight name the publish would remove.
+        """Refuse to replace or delete a file this tool did not put in dino_root (``StateDir.check_foreign``):
+        ``names`` are the files the fetch would publish; one in dino_root that no manifest of ours records is
+        adopted if its bytes are exactly the listed file, else refused.
 
         Raises:
             ConfigError: the conflicting files, and what to do.
         """
-        root = self.state.root
-        current = self.state.read_manifest()  # another fetcher (no working lock) may have published meanwhile
-        ours: set[str] = set()
-        for m in (self.old, current):
-            if m is not None:
-                ours |= set(m.files) | set(m.previous)
-        conflicts = []
-        with on_disk(root):
-            for name in names:
-                p = root / name
-                if name in ours or name in self.adopted or not os.path.lexists(p):
-                    continue
-                if (digest := self._same_bytes(p, self.snap.files.get(name))) is not None:
-                    self.adopted[name] = digest
-                    self.reuse_cache.pop(name, None)
-                else:
-                    conflicts.append(name)
-            if self.old is None and current is None:  # nothing proves that a standard weight name is ours
-                conflicts += sorted(p.name for p in root.iterdir() if is_standard_weight(p.name)
-                                    and p.name not in names and p.name not in conflicts)
-        if conflicts:
-            raise ConfigError(
-                f"{root} holds files this tool did not put there and would replace or remove: "
-                f"{', '.join(sorted(conflicts))}",
-                "point train.dino_root (--dino-root) at a folder of its own (e.g. \"dinov3\"), or move those "
-                "files out of it")
-
-    @staticmethod
-    def _same_bytes(path: Path, rf: RemoteFile | None) -> str | None:
-        """The sha256 of ``path`` if it is a regular file with exactly the listed bytes, else None."""
-        if rf is None or path.is_symlink() or not path.is_file() or path.stat().st_size != rf.size:
-            return None
-        digest = sha256_file(path)
-        if rf.sha256:
-            return digest if digest == rf.sha256 else None
-        if rf.git_oid and git_blob_id(path.read_bytes()) == rf.git_oid:
-            return digest
-        return None
+        listed = {n: FileRecord(rf.size, rf.sha256 or "", rf.git_oid) for n in names
+                  if (rf := self.snap.files.get(n)) is not None}
+        before = set(self.adopted)
+        # the current manifest too: another fetcher (no working lock) may have published meanwhile
+        self.state.check_foreign(names, listed, (self.old, self.state.read_manifest()), self.adopted)
+        for name in set(self.adopted) - before:
+            self.reuse_cache.pop(name, None)
 
     def fetch_json(self, name: str) -> dict[str, Any]:
         """A JSON file of the repo (verified against the listing), parsed; a broken one is the source's fault."""

@@ -18,7 +18,7 @@ import hashlib
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from filelock import FileLock
 
 __all__ = ["SPACE_MARGIN", "STALE_AFTER", "StateDir", "fits", "host", "on_disk", "open_data", "owner_tag",
-           "record_for", "remaining", "save_progress", "write_new"]
+           "record_for", "remaining", "same_bytes", "save_progress", "write_new"]
 
 STATE_DIRNAME = ".dinov3-fetcher"
 _TRASH = re.compile(r"\.trash\d+$")  # a claim being removed (see claim): never resumed, always deleted
@@ -374,6 +374,49 @@ class StateDir:
                 sync_dir(folder)
             self.write_manifest(manifest)
 
+    def check_foreign(self, names: Collection[str], listed: Mapping[str, FileRecord],
+                      manifests: Iterable[Manifest | None], adopted: dict[str, str]) -> None:
+        """Refuse to replace or delete a file this tool did not put in dino_root (e.g. ``dino_root: "."`` next to
+        the pipeline's own config.json and README.md), whoever is about to publish: a fetch, or a node receiving
+        the broadcast.
+
+        ``names`` are the files the publish would write, ``listed`` what each should hold (size, and sha256 or
+        git blob id; sha256 "" when only the git id is known), ``manifests`` ours (the one read under the lock,
+        the current one). A name in dino_root that no manifest records is adopted (into ``adopted``: name ->
+        sha256) if its bytes are exactly the listed file, else it is a conflict; so is, without any manifest, a
+        standard weight name the publish would remove.
+
+        Raises:
+            ConfigError: the conflicting files, and what to do.
+        """
+        from .._layout import is_standard_weight
+
+        ours: set[str] = set()
+        known = False
+        for m in manifests:
+            if m is not None:
+                known = True
+                ours |= set(m.files) | set(m.previous)
+        conflicts = []
+        with on_disk(self.root):
+            for name in names:
+                p = self.root / name
+                if name in ours or name in adopted or not os.path.lexists(p):
+                    continue
+                if (digest := same_bytes(p, listed.get(name))) is not None:
+                    adopted[name] = digest
+                else:
+                    conflicts.append(name)
+            if not known:  # nothing proves that a standard weight name is ours
+                conflicts += sorted(p.name for p in self.root.iterdir() if is_standard_weight(p.name)
+                                    and p.name not in names and p.name not in conflicts)
+        if conflicts:
+            raise ConfigError(
+                f"{self.root} holds files this tool did not put there and would replace or remove: "
+                f"{', '.join(sorted(conflicts))}",
+                "point train.dino_root (--dino-root) at a folder of its own (e.g. \"dinov3\"), or move those "
+                "files out of it")
+
     def leftovers(self) -> list[tuple[str, Path]]:
         """Every partial and staged folder that is not ours, as (kind, folder): what a fetch cleans up once their
         owners are gone, and what ``info`` counts until then."""
@@ -415,6 +458,21 @@ class StateDir:
                 elif p == mine or owner_gone(p.name, p, "staged"):
                     HEARTBEATS.disown(p)
                     shutil.rmtree(p, ignore_errors=True)
+
+
+def same_bytes(path: Path, rec: FileRecord | None) -> str | None:
+    """The sha256 of ``path`` if it is a regular file with exactly the bytes ``rec`` lists (its size, and its
+    sha256 or else its git blob id), else None."""
+    from .._hashing import git_blob_id, sha256_file
+
+    if rec is None or path.is_symlink() or not path.is_file() or path.stat().st_size != rec.size:
+        return None
+    digest = sha256_file(path)
+    if rec.sha256:
+        return digest if digest == rec.sha256 else None
+    if rec.git_oid and git_blob_id(path.read_bytes()) == rec.git_oid:
+        return digest
+    return None
 
 
 def record_for(old: Manifest | None, name: str, size: int, sha256: str | None,
