@@ -48,11 +48,13 @@ rank = dist.get_rank()
 t0 = time.monotonic()
 try:
     result = {"ok": True}
-    if mode == "teacher":
+    if mode.startswith("teacher"):
         import torch
         from dinov3_fetcher import load_teacher
 
-        teacher, preprocess = load_teacher(root, model_name=model or None, shared_fs=shared == "1")
+        # "teacher-cuda-on-1": rank 1 asks for a device this CPU-only torch cannot give, before anything is fetched
+        device = "cuda" if mode == "teacher-cuda-on-1" and rank == 1 else "cpu"
+        teacher, preprocess = load_teacher(root, device, model_name=model or None, shared_fs=shared == "1")
         with torch.no_grad():
             out = teacher(pixel_values=preprocess(torch.zeros(224, 224, 3, dtype=torch.uint8)))
         result["shape"] = list(out.last_hidden_state.shape)
@@ -148,7 +150,7 @@ def test_errors_cross_ranks_with_their_type_message_and_details() -> None:
 
 def test_each_node_has_one_leader_and_rank_0_leads_its_own() -> None:
     def calls(*layout: tuple[str, int | None]) -> list[Call]:
-        return [Call(r, node, local, ("m", "main", "hf", "", False)) for r, (node, local) in enumerate(layout)]
+        return [Call(r, node, local, ("m", "main", "hf", "", False, False)) for r, (node, local) in enumerate(layout)]
 
     torchrun = calls(("node 0", 0), ("node 0", 1), ("node 1", 0), ("node 1", 1))
     assert leaders(torchrun, shared_fs=False) == [0, 2] and leaders(torchrun, shared_fs=True) == [0]
@@ -159,7 +161,7 @@ def test_each_node_has_one_leader_and_rank_0_leads_its_own() -> None:
 
 
 def test_the_first_exchange_fails_every_rank_alike_on_the_lowest_failing_or_disagreeing_rank() -> None:
-    asks = ("facebook/dinov3-vits16-pretrain-lvd1689m", "main", "hf", "broadcast", False)
+    asks = ("facebook/dinov3-vits16-pretrain-lvd1689m", "main", "hf", "broadcast", False, False)
     same = [Call(r, f"node {r}", 0, asks) for r in range(3)]
     assert agree(same) is None
     other = (asks[0], "v2", *asks[2:])
@@ -210,6 +212,19 @@ def test_load_teacher_in_torchrun_fetches_once(hub: HubServer, tiny: dict[str, b
     procs, results = _job(tmp_path, str(dino_root), "", torchrun=True, mode="teacher")
     assert procs[0].returncode == 0, procs[0].stderr[-3000:]
     assert len(results) == 2 and hub.requests == []
+
+
+@needs_torch
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+@pytest.mark.timeout(120)  # a rank left waiting for rank 1 would wait out the exchange's 600 s
+def test_a_rank_that_cannot_load_fails_every_rank_before_anything_is_fetched(hub: HubServer, tiny: dict[str, bytes],
+                                                                             tmp_path: Path, dino_root: Path) -> None:
+    procs, results = _job(tmp_path, str(dino_root), TINY, nproc=3, mode="teacher-cuda-on-1")
+    assert [r["rank"] for r in results] == [0, 1, 2], [p.stderr[-2000:] for p in procs]
+    assert {r["type"] for r in results} == {"LoadError"}
+    assert len({(r["message"], r["hint"]) for r in results}) == 1 and "cuda" in results[0]["message"]
+    assert all(p.returncode == procs[1].returncode != 0 for p in procs)
+    assert hub.requests == [] and not dino_root.exists()  # the job stopped before its fetch
 
 
 def test_without_a_process_group_it_is_a_plain_fetch(hub: HubServer, tiny: dict[str, bytes],

@@ -33,6 +33,7 @@ from dinov3_fetcher._errors import ConfigError
 from helpers import wait_all
 from hub_server import HubServer
 from launch import job_env
+from modelscope_server import ModelScopeServer
 
 needs_torch = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None,
@@ -107,6 +108,20 @@ if cfg.get("die_at") is not None and os.environ["LOCAL_RANK"] == "0":  # the fau
 
     receiving.StateSink.write = write_
 
+if cfg.get("ctrl_c_at") is not None and os.environ["LOCAL_RANK"] == "0":  # the fault: Ctrl-C on this node's leader
+    from dinov3_fetcher._broadcast import node as receiving  # once it has written that far (its writer's thread
+    # sends it; Python raises it in the main thread)
+
+    write_at, pressed = receiving.StateSink.write, []
+
+    def ctrl_c(self, spec, offset, data):
+        if spec.name == "model.safetensors" and offset >= cfg["ctrl_c_at"] and not pressed:
+            pressed.append(offset)
+            os.kill(os.getpid(), signal.SIGINT)
+        write_at(self, spec, offset, data)
+
+    receiving.StateSink.write = ctrl_c
+
 import torch.distributed as dist
 
 from dinov3_fetcher._distributed import fetch_once
@@ -125,7 +140,7 @@ try:
         result = {"ok": True, "path": root, "shape": list(out.last_hidden_state.shape)}
     else:
         res = fetch_once(root, cfg["model"], share=cfg.get("share", "broadcast"), timeout=cfg.get("timeout", 120),
-                         details=True)
+                         update=cfg.get("update", False), source=cfg.get("source"), details=True)
         result = {"ok": True, **res.to_dict()}
     dist.barrier()  # the ranks are still in step
     code = 0
@@ -751,6 +766,132 @@ def test_a_node_failing_before_the_first_exchange_fails_every_rank_at_once(
     assert {r["type"] for r in results.values()} == {"ConfigError"}, results  # not torch's DistStoreError
     assert len({(r["message"], r["hint"]) for r in results.values()}) == 1 and str(job.root(1)) in results[0]["message"]
     assert hub.requests == [] and not job.root(0).exists()
+
+
+@needs_torch
+def test_a_node_passing_another_update_fails_every_rank_before_anything_is_fetched(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path, nodes=2)
+    procs, results = job.run(node={"1": {"update": True}})  # node 1 would check for a newer commit, rank 0 not
+    assert sorted(results) == [0, 1], _stderr(procs)
+    assert [p.returncode for p in procs] == [3, 3]
+    assert {r["type"] for r in results.values()} == {"ConfigError"}
+    assert len({(r["message"], r["hint"]) for r in results.values()}) == 1
+    assert "update=True" in results[0]["message"] and "update=False" in results[0]["message"]
+    assert hub.requests == [] and not job.root(0).exists() and not job.root(1).exists()
+
+
+@needs_torch
+def test_a_warm_node_at_an_older_commit_receives_what_changed_and_holds_rank_0s_commit(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path, nodes=2)
+    fetch_dinov3(job.root(1), MODEL)  # node 1 fetched the model earlier; its branch has moved on since
+    older = _manifest(job.root(1))["commit"]
+    new = vit_repo_files(seed=7, hidden=128, intermediate=512, layers=4)
+    assert new[WEIGHTS] != model[WEIGHTS]
+    commit = hub.add_commit(MODEL, {WEIGHTS: new[WEIGHTS]})
+    hub.clear()
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    assert {r["commit"] for r in results.values()} == {commit} and commit != older  # what every rank is told...
+    for node in (0, 1):  # ...is what every node holds
+        assert _manifest(job.root(node))["commit"] == commit
+        assert (job.root(node) / WEIGHTS).read_bytes() == new[WEIGHTS]
+    assert results[0]["nodes"]["1"]["files"] == {WEIGHTS: len(new[WEIGHTS])}  # only the file that changed
+    assert hub.bytes_served(WEIGHTS) == len(new[WEIGHTS])  # rank 0's download, once
+
+
+@needs_torch
+def test_a_users_files_on_a_receiving_node_are_refused_there_before_any_byte_moves(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path, nodes=2)
+    own = {"config.json": b'{"my": "pipeline config"}\n', "README.md": b"my own notes\n"}
+    job.root(1).mkdir(parents=True)
+    for name, data in own.items():  # node 1's dino_root is the pipeline's own folder
+        (job.root(1) / name).write_bytes(data)
+    (job.root(1) / "LICENSE.md").write_bytes(model["LICENSE.md"])  # exactly the listed bytes: adopted
+    procs, results = job.run()
+    assert sorted(results) == [0, 1], _stderr(procs)
+    assert [p.returncode for p in procs] == [3, 3]  # as a plain fetch into that folder: ConfigError
+    assert {r["type"] for r in results.values()} == {"ConfigError"}
+    assert len({(r["message"], r["hint"]) for r in results.values()}) == 1
+    message = results[0]["message"]
+    assert "config.json" in message and "README.md" in message and "LICENSE.md" not in message
+    assert all((job.root(1) / n).read_bytes() == data for n, data in own.items())  # untouched
+    assert not (job.root(1) / WEIGHTS).exists() and not list(job.root(1).glob(".dinov3-fetcher/partial/*/data"))
+    assert not (job.root(1) / ".dinov3-fetcher" / "manifest.json").exists()
+
+    for name in own:  # the user moves their files out of the way: the rerun completes
+        (job.root(1) / name).unlink()
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    _same_checkpoint(job, 1, model)
+    assert (job.root(1) / "LICENSE.md").read_bytes() == model["LICENSE.md"]
+    assert "LICENSE.md" not in results[0]["nodes"]["1"]["files"] and "README.md" in results[0]["nodes"]["1"]["files"]
+
+
+@needs_torch
+def test_ctrl_c_on_a_receiver_gives_every_rank_its_error_and_the_rerun_completes(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path)  # the chain: rank 0 -> node 1 -> node 2
+    fetch_dinov3(job.root(0), MODEL)  # rank 0 sends from its disk
+    sha = hashlib.sha256(model[WEIGHTS]).hexdigest()
+    # A receiver that left rank 0 waiting would end the job at fetch_once's timeout, with a NetworkError.
+    procs, results = job.run(timeout=30, node={"1": {"ctrl_c_at": 512 * KiB}})
+    assert sorted(results) == [0, 1, 2], _stderr(procs)
+    assert {r["type"] for r in results.values()} == {"FetchInterrupted"}, results
+    assert len({(r["message"], r["hint"]) for r in results.values()}) == 1
+    assert [p.returncode for p in procs] == [130, 130, 130]
+    left = {}
+    for node in (1, 2):  # nothing published; what each node verified or wrote is kept for the rerun
+        assert not (job.root(node) / WEIGHTS).exists()
+        assert not (job.root(node) / ".dinov3-fetcher" / "manifest.json").exists()
+        staged = list(job.root(node).glob(f".dinov3-fetcher/staged/*/{sha}.{WEIGHTS}"))
+        recorded = list(job.root(node).glob(f".dinov3-fetcher/partial/{sha}*/progress.json"))
+        left[node] = 0 if staged else _left(job.root(node), sha) if recorded else len(model[WEIGHTS])
+    assert left[1] <= len(model[WEIGHTS]) - 512 * KiB  # node 1 kept what it wrote before it was interrupted
+
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    for node in (1, 2):
+        assert results[0]["nodes"][str(node)]["files"].get(WEIGHTS, 0) == left[node]  # only the rest
+        _same_checkpoint(job, node, model)
+    assert hub.bytes_served(WEIGHTS) == len(model[WEIGHTS])  # rank 0's one download, before the job
+
+
+@needs_torch
+def test_nodes_sharing_one_dino_root_each_get_the_checkpoint_rank_0_fetched_into_it(
+        hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
+    job = Job(tmp_path)
+    shared = tmp_path / "shared" / "dinov3"  # every node's dino_root is this one folder
+    # A receiver waiting for another's lock would hold the job until the lock timeout (LockTimeoutError).
+    for _ in ("cold", "warm"):
+        procs, results = job.run(root=str(shared), env={"DINOV3_FETCHER_LOCK_TIMEOUT": "20"})
+        assert all(p.returncode == 0 for p in procs), _stderr(procs)
+        assert sorted(results) == [0, 1, 2] and all(r["path"] == str(shared) for r in results.values()), results
+        nodes = results[0]["nodes"]
+        assert [(nodes[r]["role"], nodes[r]["bytes"]) for r in "12"] == [("warm", 0), ("warm", 0)]
+        assert hub.bytes_served(WEIGHTS) == len(model[WEIGHTS])  # rank 0's download, once for both runs
+        assert (shared / WEIGHTS).read_bytes() == model[WEIGHTS] and _manifest(shared)["complete"]
+        assert _manifest(shared)["source"] == "hf" and not _manifest(shared)["endpoint"].startswith("broadcast")
+
+
+@needs_torch
+def test_nodes_receiving_from_modelscope_record_what_rank_0_records(ms: ModelScopeServer, tmp_path: Path) -> None:
+    files = vit_repo_files(hidden=128, intermediate=512, layers=4)
+    ms.add_repo(MODEL, files)
+    registry = tmp_path / "registry.json"  # the weights pinned as an official release's
+    registry.write_text(json.dumps({MODEL: {"sha256": hashlib.sha256(files[WEIGHTS]).hexdigest(),
+                                            "size": len(files[WEIGHTS])}}))
+    job = Job(tmp_path, nodes=2)
+    procs, results = job.run(source="modelscope", env={"DINOV3_FETCHER_REGISTRY": str(registry)})
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    sent, received = _manifest(job.root(0)), _manifest(job.root(1))
+    assert sent["source"] == "modelscope" and sent["site_revision"] and sent["official"] is True
+    keys = ("commit", "site_revision", "official", "source")
+    assert {k: received[k] for k in keys} == {k: sent[k] for k in keys}
+    assert {r["commit"] for r in results.values()} == {sent["commit"]}
+    assert received["endpoint"].startswith("broadcast: rank 0 on ")
 
 
 def test_share_arguments_are_checked_before_anything_runs(tmp_path: Path) -> None:

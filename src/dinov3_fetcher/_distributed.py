@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 from . import _errors as errors
 from ._config import FetchRequest, make_request
@@ -58,18 +58,30 @@ def _dist() -> ModuleType | None:
     return dist
 
 
-def any_rank(flag: bool, timeout: float = 600.0) -> bool:
-    """True if ``flag`` is true on any rank (a collective: call it on every rank); ``flag`` outside a job."""
+def any_rank(flag: bool, timeout: float = 600.0, error: BaseException | None = None) -> bool:
+    """True if ``flag`` is true on any rank (a collective: call it on every rank); ``flag`` outside a job.
+
+    ``error``: what this rank raised before it (a device it cannot use...), so that no rank is left waiting at
+    the collective it will not reach: every rank raises the lowest failing rank's error instead (outside a
+    job, this rank raises it)."""
     dist = _dist()
     if dist is None:
+        if error is not None:
+            raise error
         return flag
-    group = gloo_group(dist, timeout)
+    rank = dist.get_rank()
+    group = collective(gloo_group, dist, timeout)
     try:
-        flags: list[bool | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(flags, bool(flag), group=group)
+        flags: list[tuple[bool, dict[str, Any] | None] | None] = [None] * dist.get_world_size()
+        collective(dist.all_gather_object, flags, (bool(flag), outcome(error, rank)), group)
     finally:
         destroy(dist, group)
-    return any(flags)
+    failure = next((f[1] for f in flags if f is not None and f[1] is not None), None)
+    if failure is not None:
+        if error is not None and failure["rank"] == rank:
+            raise error
+        raise rebuild(failure)
+    return any(f is not None and f[0] for f in flags)
 
 
 @overload
@@ -107,7 +119,7 @@ def fetch_once(
     dino_root incomplete, every rank raises that VerificationError. The lowest failing rank's error wins.
     Before anything is fetched, every rank's call is exchanged: a rank that failed to start (its dino_root is
     a file...) fails every rank with its error, and a rank that asks for another model, revision or source
-    than rank 0, or another ``share`` or ``shared_fs``, fails every rank with a ConfigError.
+    than rank 0, or another ``share``, ``shared_fs`` or ``update``, fails every rank with a ConfigError.
 
     ``share="broadcast"`` (nodes with their own disks, no shared filesystem): global rank 0 alone fetches from
     the source; one rank of every other node receives the bytes over a gloo group (the job's fabric), relayed
@@ -141,7 +153,7 @@ def fetch_once(
     rank = dist.get_rank()
     group = gloo_group(dist, timeout)  # every rank creates it, and takes part in the first exchange, whatever failed
     try:
-        asks = (req.model, req.revision, req.source, share or "", shared_fs) if req is not None else None
+        asks = (req.model, req.revision, req.source, share or "", shared_fs, update) if req is not None else None
         calls: list[Call | None] = [None] * dist.get_world_size()
         collective(dist.all_gather_object, calls, Call.here(rank, asks, outcome(mine, rank)), group)
         failure = agree([c for c in calls if c is not None])

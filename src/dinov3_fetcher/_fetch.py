@@ -357,8 +357,8 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
         if observer is not None:  # before the weights' transfer
             observer.planned(FetchPlan(snap.commit, source.name, env.display_origin(source.endpoint),
                                        {**run.records, **{n: run.expected(n) for n in order}}, order,
-                                       [p.name for p in planned if p.name not in weights], dict(run.paths),
-                                       transfer.cancel))
+                                       {p.name: run.expected(p.name) for p in planned if p.name not in weights},
+                                       dict(run.paths), transfer.cancel, snap.site_revision))
             get = _telling(run, observer)
         _fetch_weights(run, order, FILES_AT_ONCE, get, beside=[p.name for p in planned if p.name not in weights])
         tensors: dict[str, TensorInfo] = {}

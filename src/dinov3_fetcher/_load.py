@@ -313,7 +313,10 @@ def check_load(dino_root: str | os.PathLike[str], device: str = "cpu") -> dict[s
 
 
 def _resolve_for_loading(root: Path, model_name: str | None, revision: str | None, fetch: bool,
-                         shared_fs: bool, share: str | None = None, source: str | None = None) -> Path:
+                         shared_fs: bool, share: str | None = None, source: str | None = None,
+                         early: BaseException | None = None) -> Path:
+    """The checkpoint to load, fetched if asked (inside a job, a collective of every rank: ``early``, what this
+    rank raised before, is raised on every rank at its first exchange, so that none waits for this one)."""
     from ._state import StateDir
     from ._validate import why_not
 
@@ -325,12 +328,14 @@ def _resolve_for_loading(root: Path, model_name: str | None, revision: str | Non
         # No model asked for and a complete checkpoint there: load it as it is. Decided together by all ranks
         # of a torch.distributed job (a collective), so that none skips the fetch_once the others enter.
         as_is = model_name is None and why_not(root, None, "") is None
-        if not any_rank(not as_is):
+        if not any_rank(not as_is, error=early):
             return root
         if model_name is None and manifest is not None:
             model_name, revision, source = manifest.repo_id, manifest.revision, source or manifest.source
         return fetch_once(root, model_name or DEFAULT_MODEL, revision=revision, shared_fs=shared_fs,
                           share=share, source=source)
+    if early is not None:
+        raise early
     if (why := why_not(root, model_name, revision or DEFAULT_REVISION, manifest)) is not None:
         hint = ("pass fetch=True to fetch the requested model, or model_name=None to load it" if model_name and
                 manifest is not None and manifest.complete else
@@ -373,10 +378,14 @@ def load_teacher(
         VerificationError: fetch=False and dino_root is not (the requested) complete checkpoint.
         and, when it fetches, the errors of ``fetch_dinov3``.
     """
-    torch, _ = require_load_extra()  # before any download: say what is missing first
-    dev = _device(torch, device)
+    early: LoadError | None = None
+    try:  # before any download: say what is missing first (on every rank of a job: see _resolve_for_loading)
+        torch, _ = require_load_extra()
+        dev = _device(torch, device)
+    except LoadError as exc:
+        early = exc
     root = Path(os.path.abspath(Path(dino_root).expanduser()))
-    root = _resolve_for_loading(root, model_name, revision, fetch, shared_fs, share, source)
+    root = _resolve_for_loading(root, model_name, revision, fetch, shared_fs, share, source, early)
     model = _load_model(root, dev, dtype)
     return model, Preprocess.from_dir(root, dev, dtype)
 

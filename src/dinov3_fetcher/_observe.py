@@ -36,9 +36,11 @@ class FetchPlan:
     records: dict[str, FileRecord]  # every file fetched so far and every weight; a weight's sha256 is "" when
     # only its bytes will tell (a listing without sha256)
     weights: list[str]  # in the order the fetch downloads them
-    later: list[str]  # the optional files (README, LICENSE): fetched beside the weights, verified when it returns
+    later: dict[str, FileRecord]  # the optional files (README, LICENSE) as listed (sha256 "" when the listing
+    # gives only the git id): fetched beside the weights, verified when it returns
     held: dict[str, Path]  # the files verified on disk already (config, preprocessor, index)
     cancel: threading.Event  # set: every download stops at once and the fetch raises FetchInterrupted
+    site_revision: str = ""  # as the manifest records it (ModelScope: the newest commit of its listing)
 
 
 class Download(Protocol):

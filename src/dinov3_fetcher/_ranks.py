@@ -39,10 +39,13 @@ class NodeStats:
 
 @dataclass
 class JobResult:
-    """What ``fetch_once(..., details=True)`` returns on every rank: the path, the commit the job's nodes hold,
-    and (``share="broadcast"``) the bytes and seconds of every node's leader, by global rank. A node's
-    ``role`` is ``sender`` (rank 0), ``receiver`` (a link of the chain: ``bytes`` it received, ``files`` what
-    it took for itself, ``sent`` what it passed on) or ``warm`` (held the checkpoint, received nothing)."""
+    """What ``fetch_once(..., details=True)`` returns on every rank: the path; the commit (``share="broadcast"``:
+    the one rank 0 fetched, which every node holds once the job succeeded, a node at an older commit having
+    received the files that changed; outside a job: the fetch's; "" when each node, or rank 0 on a shared
+    filesystem, fetched on its own); and (``share="broadcast"``) the bytes and seconds of every node's leader,
+    by global rank. A node's ``role`` is ``sender`` (rank 0), ``receiver`` (a link of the chain: ``bytes`` it
+    received, ``files`` what it took for itself, ``sent`` what it passed on) or ``warm`` (received nothing: it
+    held the checkpoint at rank 0's commit, or shares its dino_root with a node that fetched or received it)."""
 
     path: Path
     commit: str = ""
@@ -128,11 +131,12 @@ class Call:
     rank: int
     node: str  # the node it runs on: torchrun's GROUP_RANK, else the host name
     local_rank: int | None  # LOCAL_RANK, when the launcher sets it
-    asks: tuple[str, str, str, str, bool] | None  # model, revision, source, share, shared_fs; None: it failed
+    asks: tuple[str, str, str, str, bool, bool] | None  # model, revision, source, share, shared_fs, update; None:
+    # it failed
     error: dict[str, Any] | None = None  # what it raised before the exchange (``outcome``)
 
     @classmethod
-    def here(cls, rank: int, asks: tuple[str, str, str, str, bool] | None,
+    def here(cls, rank: int, asks: tuple[str, str, str, str, bool, bool] | None,
              error: dict[str, Any] | None) -> Call:
         node = os.environ.get("GROUP_RANK", "").strip()
         value = os.environ.get("LOCAL_RANK", "").strip()
@@ -151,14 +155,14 @@ def agree(calls: list[Call]) -> dict[str, Any] | None:
             return outcome(errors.ConfigError(
                 f"rank {call.rank} called fetch_once for {_asks(call.asks)}, rank 0 for {_asks(want)}: every rank "
                 f"of a job fetches the same checkpoint the same way",
-                "pass the same model, revision, source, share and shared_fs on every rank (e.g. from the "
-                "job's one config)"), call.rank)
+                "pass the same model, revision, source, share, shared_fs and update on every rank (e.g. "
+                "from the job's one config)"), call.rank)
     return None
 
 
-def _asks(asks: tuple[str, str, str, str, bool]) -> str:
-    model, revision, source, share, shared_fs = asks
-    return f"{model}@{revision} from {source} (share={share or None!r}, shared_fs={shared_fs})"
+def _asks(asks: tuple[str, str, str, str, bool, bool]) -> str:
+    model, revision, source, share, shared_fs, update = asks
+    return f"{model}@{revision} from {source} (share={share or None!r}, shared_fs={shared_fs}, update={update})"
 
 
 def leaders(calls: list[Call], shared_fs: bool) -> list[int]:

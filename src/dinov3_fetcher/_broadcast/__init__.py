@@ -29,7 +29,8 @@ down the chain, the one before it stops passing pieces on but keeps receiving, a
 (``receiver``), as does the dead member's own control connection (``sender.Inbox``). The sender then stops: an
 abort goes down the chain, rank 0's own download is cancelled (it resumes on the next run), and every surviving
 member raises the same ``NetworkError`` (``BROKEN``). A node that vanishes without a reset is seen only after
-the group's timeout.
+the group's timeout. A member that is interrupted (Ctrl-C) tells the sender at once (``receiver.Stop``) and keeps
+relaying until the sender's abort reaches it; every member raises its ``FetchInterrupted``.
 
 NCCL (GPU tensors) is not used here; see docs/multi-node.md for how the data step would ride on it.
 """

@@ -82,9 +82,9 @@ class PartialSink:
     """A receiver's copy: per file a folder ``data`` + ``progress.json`` (the missing byte ranges), in the
     format of transfer.py's partial folders (identity = sha256, one padded page), then publish on a match.
 
-    - ``folder(spec)``: the partial folder of a file (default ``partial_root/<sha256>``); the fetcher would
-      pass its claim here.
-    - ``have(spec)``: does this node already hold the file (default: ``final_root/name`` has its size)?
+    - ``folder(spec)``: the partial folder of a file (default ``partial_root/<sha256>``); the fetcher passes
+      its claim here.
+    - ``missing``: nothing of a file ``final_root/name`` holds at its size, else what the partial folder lacks.
     - ``complete`` hashes the file (following the received prefix while it arrives, the rest from disk),
       raises IntegrityError on a mismatch (the folder is deleted, as transfer.py does), else moves ``data``
       to ``final_root/name``.
@@ -92,16 +92,14 @@ class PartialSink:
     """
 
     def __init__(self, partial_root: Path, final_root: Path, *, folder: Callable[[FileSpec], Path] | None = None,
-                 have: Callable[[FileSpec], bool] | None = None, save_every: int = 64 * MiB) -> None:
+                 save_every: int = 64 * MiB) -> None:
         self.partial_root, self.final_root = partial_root, final_root
         self._folder = folder or (lambda spec: self.partial_root / spec.sha256)
-        self._have = have
         self.save_every = save_every
         self._open: dict[str, OpenFile] = {}
-        self.published: list[str] = []
 
     def missing(self, spec: FileSpec) -> list[Range]:
-        if self._have(spec) if self._have else same_size(self.final_root / spec.name, spec.size):
+        if same_size(self.final_root / spec.name, spec.size):
             return []
         return check_ranges(spec, remaining(self._folder(spec), spec.sha256, spec.size))
 
@@ -167,7 +165,6 @@ class PartialSink:
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(folder / "data", dest)
         shutil.rmtree(folder, ignore_errors=True)
-        self.published.append(spec.name)
 
     def _discard(self, folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)

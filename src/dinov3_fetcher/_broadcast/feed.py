@@ -42,14 +42,15 @@ from pathlib import Path
 from typing import Any
 
 from .._config import FetchRequest
-from .._errors import FetcherError, FetchInterrupted, VerificationError
+from .._errors import FetcherError, VerificationError
 from .._manifest import FileRecord, Manifest
 from .._observe import Download, FetchPlan
 from .._ranks import NodeStats
+from .._registry import check_official
 from .._state import StateDir
 from .ends import FileSource
 from .sender import send
-from .wire import FileSpec, Report
+from .wire import FileSpec, Report, interrupted
 
 __all__ = ["Feed", "merge", "serve"]
 
@@ -106,7 +107,9 @@ class Feed(FileSource):
         if any(not records[n].sha256 for n in plan.weights):  # a weight listed without its sha256 (a mirror):
             return  # sent once the fetch is done
         order = sorted(n for n in records if n not in plan.weights) + plan.weights
-        meta = {**_meta(plan.commit, plan.source, plan.endpoint, records), "more": bool(plan.later)}
+        official = check_official(self.req.model, records).official  # as the manifest will say (the same records)
+        meta = {**_meta(plan.commit, plan.source, plan.endpoint, records, plan.site_revision, official),
+                "more": bool(plan.later), "later": _records(plan.later)}
         with self.cond:
             self.plan = plan
             self.verified_paths.update(plan.held)
@@ -157,7 +160,7 @@ class Feed(FileSource):
                                     "run the job again")
         self.paths = {n: self.req.dino_root / n for n in m.files}
         self.specs = {n: FileSpec(n, r.size, r.sha256) for n, r in sorted(m.files.items())}
-        return list(self.specs.values()), _meta(m.commit, m.source, m.endpoint, m.files)
+        return list(self.specs.values()), _manifest_meta(m)
 
     def finish(self, stopped: bool) -> None:
         """After the data step: wait for rank 0's fetch; its error, or a manifest that does not hold the files
@@ -187,7 +190,7 @@ class Feed(FileSource):
         source = FileSource({n: self.req.dino_root / n for n in rest})
         try:
             return send([FileSpec(n, m.files[n].size, m.files[n].sha256) for n in rest], source, group,
-                        meta=_meta(m.commit, m.source, m.endpoint, m.files), piece=piece)
+                        meta=_manifest_meta(m), piece=piece)
         finally:
             source.close()
 
@@ -231,9 +234,21 @@ class Feed(FileSource):
         self._fds.clear()
 
 
-def _meta(commit: str, source: str, endpoint: str, records: dict[str, FileRecord]) -> dict[str, Any]:
+def _meta(commit: str, source: str, endpoint: str, records: dict[str, FileRecord], site_revision: str,
+          official: bool | None) -> dict[str, Any]:
+    """What the receivers' manifests say besides their files, as rank 0's says it: ``records`` are the files
+    of this round; ``later`` (the first round of a fetch) the optional files a second round may send, as
+    listed, so that each node checks every name it will publish before any byte moves."""
     return {"commit": commit, "host": socket.gethostname(), "source": source, "endpoint": endpoint,
-            "records": {n: (r.size, r.sha256, r.git_oid) for n, r in records.items()}}
+            "site_revision": site_revision, "official": official, "records": _records(records), "later": {}}
+
+
+def _manifest_meta(m: Manifest) -> dict[str, Any]:
+    return _meta(m.commit, m.source, m.endpoint, m.files, m.site_revision, m.official)
+
+
+def _records(records: dict[str, FileRecord]) -> dict[str, tuple[int, str, str | None]]:
+    return {n: (r.size, r.sha256, r.git_oid) for n, r in records.items()}
 
 
 def merge(first: Report, then: Report) -> Report:
@@ -273,8 +288,7 @@ def serve(req: FetchRequest, update: bool, group: Any, piece: int) -> tuple[Repo
             pass
     except BaseException as exc:  # Ctrl-C (SIGTERM) while the sending runs: the sending thread aborts with it at
         # its next piece, so that the receivers learn it and every rank raises one error
-        stop = exc if isinstance(exc, FetcherError) else FetchInterrupted("interrupted", "run the same command "
-                                                                          "again: it resumes")
+        stop = exc if isinstance(exc, FetcherError) else interrupted()
         with feed.cond:
             feed.error = feed.error or stop
             feed.cond.notify_all()

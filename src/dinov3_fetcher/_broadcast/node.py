@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from .. import _env as env
 from .._config import FetchRequest
@@ -24,33 +25,53 @@ __all__ = ["StateSink"]
 class StateSink(PartialSink):
     """A receiving node's dino_root as a ``Sink``: claimed partial folders, verified, staged, then published.
 
-    The node's lock is taken at the first ``missing`` (so that a lock timeout is reported like any other
-    error of the transfer) and held until ``unlock``, after ``publish``."""
+    ``expect`` (told each round's file list, before ``missing``) takes the node's lock if no other fetcher holds
+    it (a lock timeout, or a wait, would stall the whole job at its second step), and holds it until ``unlock``,
+    after ``publish``. Another fetcher holding it (on a dino_root several nodes share: rank 0's fetch, or another
+    node's receiver) makes this node wait for the end of the broadcast, receiving nothing (``deferred``), and
+    ``settle`` then checks what that fetcher left."""
 
     def __init__(self, req: FetchRequest, update: bool) -> None:
         self.req, self.update = req, update
         self.state = StateDir(req.dino_root)
         self._stack = contextlib.ExitStack()
         self._entered = False
-        self.warm = False
+        self.warm = False  # holds the checkpoint at rank 0's commit: takes no part
+        self.deferred = False  # another fetcher held the lock: takes no part, checked by ``settle``
+        self.commit = ""  # rank 0's
         self.old: Manifest | None = None
+        self.adopted: dict[str, str] = {}  # files the user put there with exactly the listed bytes: name -> sha256
         self.paths: dict[str, Path] = {}  # verified files: published (held) or staged
         self._claims: dict[str, tuple[FileSpec, Path, list[Range]]] = {}
         self._needed = 0
         super().__init__(self.state.partial, self.state.root, folder=lambda spec: self._claims[spec.name][1])
         self.where = f" on {socket.gethostname()}"
 
-    def _enter(self) -> None:
-        if self._entered:
-            return
+    def expect(self, files: list[FileSpec], meta: dict[str, Any]) -> None:
+        """A round's file list and meta, before ``missing``. At the first: the lock (if free), the manifest, and
+        whether the node is warm (the checkpoint asked for, at rank 0's commit: a node on an older commit
+        takes the files that changed). Then, not warm: every name the node would publish, this round's and
+        those a later round may send, checked against files the user put there, before any byte moves
+        (``StateDir.check_foreign``: refused, or adopted when they are exactly the listed bytes)."""
         from .._fetch import ready
 
-        self._entered = True
-        self.state.ensure()
-        self._stack.enter_context(self.state.locked(env.lock_timeout(), Progress(quiet=True),
-                                                    disabled=env.lock_disabled()))
-        self.old = self.state.read_manifest()
-        self.warm = not self.update and ready(self.req, self.old) is not None
+        if not self._entered:
+            self._entered = True
+            self.commit = str(meta["commit"])
+            self.state.ensure()
+            if not self._stack.enter_context(self.state.locked_if_free()):
+                self.deferred = True
+                return
+            self.old = self.state.read_manifest()
+            self.warm = (not self.update and self.old is not None and self.old.commit == self.commit
+                         and ready(self.req, self.old) is not None)
+            if self.warm:
+                self.unlock()  # nothing to write here: another node sharing this dino_root may take the lock
+        if self.warm or self.deferred:
+            return
+        listed = {n: FileRecord(int(s), str(h), g) for n, (s, h, g) in {**meta.get("later", {}),
+                                                                         **meta["records"]}.items()}
+        self.state.check_foreign(list(listed), listed, (self.old,), self.adopted)
 
     def _held(self, spec: FileSpec) -> bool:
         rec = self.old.files.get(spec.name) if self.old is not None and self.old.complete else None
@@ -58,10 +79,9 @@ class StateSink(PartialSink):
                 and same_size(self.state.root / spec.name, spec.size))
 
     def missing(self, spec: FileSpec) -> list[Range]:
-        self._enter()
-        if self.warm:
+        if self.warm or self.deferred:
             return []
-        if self._held(spec):
+        if self._held(spec) or self.adopted.get(spec.name) == spec.sha256:
             self.paths[spec.name] = self.state.root / spec.name
             return []
         if (staged := self.state.find_staged(spec.sha256, spec.name, spec.size, adopt=True)) is not None:
@@ -113,7 +133,7 @@ class StateSink(PartialSink):
         node, nor when dino_root already holds exactly these files at this commit)."""
         from .._validate import why_not
 
-        if self.warm:
+        if self.warm or self.deferred:
             return
         meta = report.meta
         records = {n: FileRecord(int(s), str(h), g) for n, (s, h, g) in meta["records"].items()}
@@ -129,13 +149,32 @@ class StateSink(PartialSink):
             # The source is rank 0's (the checkpoint is that source's, so later runs asking it are warm); the
             # endpoint says it came by broadcast from rank 0.
             manifest = Manifest(self.req.model, self.req.revision, meta["commit"], records, __version__,
-                                source=str(meta["source"]), endpoint=f"broadcast: {endpoint}")
+                                source=str(meta["source"]), endpoint=f"broadcast: {endpoint}",
+                                official=meta.get("official"), site_revision=str(meta.get("site_revision", "")))
             self.state.publish(manifest, dict(self.paths), old)
             self.state.drop_stale()
         if (why := why_not(self.req.dino_root, self.req.model, self.req.revision)) is not None:
             raise VerificationError(f"after the broadcast, {self.req.dino_root} on {socket.gethostname()} is not a "
                                     f"complete checkpoint of {self.req.model}@{self.req.revision}: {why}",
                                     "run the job again")
+
+    def settle(self) -> None:
+        """After every node published: a deferred node waits for the lock (its holder's publish), then checks that
+        dino_root holds the checkpoint at rank 0's commit (VerificationError if not)."""
+        from .._validate import why_not
+
+        if not self.deferred:
+            return
+        with self.state.locked(env.lock_timeout(), Progress(quiet=True), disabled=env.lock_disabled()):
+            why = why_not(self.req.dino_root, self.req.model, self.req.revision)
+            m = self.state.read_manifest()
+            if why is None and m is not None and m.commit != self.commit:
+                why = f"it holds commit {m.commit[:12]}, rank 0 sent {self.commit[:12]}"
+        if why is not None:
+            raise VerificationError(f"another fetcher held the lock on {self.req.dino_root} on "
+                                    f"{socket.gethostname()} while rank 0 sent the teacher, and left it not a "
+                                    f"complete checkpoint of {self.req.model}@{self.req.revision}: {why}",
+                                    "run the job again once that fetcher has ended")
 
     def unlock(self) -> None:
         self._stack.close()

@@ -31,18 +31,48 @@ from .wire import (
     verdict,
 )
 
-__all__ = ["receive"]
+__all__ = ["Stop", "receive"]
 
 
-def receive(sink: Sink, group: Any, *, src: int = 0, progress: TextIO | None = None) -> Report:
+class Stop:
+    """An interrupt of a receiver (its Ctrl-C), set from another thread than the one running ``receive`` (the
+    caller's main thread, where Python raises KeyboardInterrupt). Before this member has announced what it
+    misses, it announces the interrupt as its error; after, the sender is told at once (it stops the chain at
+    its next piece, and every member raises this member's error); after its outcome went out, the caller
+    takes it to the job's next exchange."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+        self._tell: Callable[[BaseException], None] | None = None
+
+    def set(self, error: BaseException) -> None:
+        with self.lock:
+            self.error = self.error or error
+            error, tell = self.error, self._tell
+        if tell is not None:
+            with contextlib.suppress(Exception):  # the sender is gone: ``receive`` sees it too
+                tell(error)
+
+    def arm(self, tell: Callable[[BaseException], None] | None) -> BaseException | None:
+        """From now on ``set`` calls ``tell`` (None: nothing more); returns the interrupt already set, if any."""
+        with self.lock:
+            self._tell = tell
+            return self.error
+
+
+def receive(sink: Sink, group: Any, *, src: int = 0, progress: TextIO | None = None,
+            listed: Callable[[list[FileSpec], dict[str, Any]], None] | None = None,
+            stop: Stop | None = None) -> Report:
     """A receiver's side (the leader of a node other than the sender's). A collective with ``send``.
 
-    Learns the file list and ``meta`` from the sender, announces ``sink.missing`` for each file, learns the
-    chain; if it is a member, receives pieces from the member before it (the sender, for the first), writes the
-    parts it misses into ``sink`` (``sink.complete`` for each file once all its missing bytes are written) and
-    passes pieces on to the member after it; then ``sink.close``. A progress line goes to ``progress`` (e.g.
-    sys.stderr) every 2 seconds. Returns the Report (files, meta, bytes and seconds of every member), or raises
-    the same error as every member.
+    Learns the file list and ``meta`` from the sender (told to ``listed``, before any ``sink.missing``),
+    announces ``sink.missing`` for each file, learns the chain; if it is a member, receives pieces from the
+    member before it (the sender, for the first), writes the parts it misses into ``sink`` (``sink.complete``
+    for each file once all its missing bytes are written) and passes pieces on to the member after it; then
+    ``sink.close``. A progress line goes to ``progress`` (e.g. sys.stderr) every 2 seconds. ``stop``: this
+    member's interrupt, set from another thread (see ``Stop``). Returns the Report (files, meta, bytes and
+    seconds of every member), or raises the same error as every member.
     """
     torch, dist = torch_modules()
     rank = dist.get_rank()
@@ -50,14 +80,17 @@ def receive(sink: Sink, group: Any, *, src: int = 0, progress: TextIO | None = N
     wire = Wire(torch, dist, group)
     stats = NodeStats(rank, "receiver")
     mine: BaseException | None = None
-    told: list[bool] = []
+    told: list[BaseException | None] = []  # the error this member told the sender, once told
+    telling = threading.Lock()
 
-    def tell(broken: bool) -> None:  # this member's outcome, once: early when its next member is found gone
-        if not told:
-            told.append(True)
-            stats.seconds = time.monotonic() - t0
-            for w in wire.isend_obj({"error": outcome(mine, rank), "broken": broken, "stats": stats}, src):
-                guard(w.wait)
+    def tell(broken: bool, error: BaseException | None) -> None:
+        """This member's outcome, once: early when its next member is found gone, or when it is interrupted."""
+        with telling:
+            if not told:
+                told.append(error)
+                stats.seconds = time.monotonic() - t0
+                for w in wire.isend_obj({"error": outcome(error, rank), "broken": broken, "stats": stats}, src):
+                    guard(w.wait)
 
     try:
         header = wire.recv_obj(src)
@@ -65,11 +98,18 @@ def receive(sink: Sink, group: Any, *, src: int = 0, progress: TextIO | None = N
         report = Report(files, dict(header["meta"]), {rank: stats}, rank)
         missing: list[list[Range]] = [[] for _ in files]
         try:
+            if listed is not None:
+                listed(files, dict(header["meta"]))
             missing = [check_ranges(f, sink.missing(f)) for f in files]
         except Exception as exc:
             mine = exc
+        if stop is not None and stop.error is not None:
+            mine = stop.error  # interrupted before it said what it misses: nobody sends anything
+            missing = [[] for _ in files]
         for w in wire.isend_obj({"error": outcome(mine, rank), "missing": missing}, src):
             guard(w.wait)
+        if stop is not None and (interrupted := stop.arm(lambda error: tell(False, error))) is not None:
+            tell(False, interrupted)
         chain: list[int] = wire.recv_obj(src)["chain"]
         broken = False
         if rank in chain:
@@ -77,16 +117,23 @@ def receive(sink: Sink, group: Any, *, src: int = 0, progress: TextIO | None = N
             prev = chain[at - 1] if at else src
             after = chain[at + 1] if at + 1 < len(chain) else None
             mine, broken = _take(wire, prev, after, at, sink, files, missing, stats, progress, int(header["piece"]),
-                                 lambda: tell(True))
+                                 lambda: tell(True, None))
         elif mine is None:
             stats.role = "warm"
         try:
             sink.close()
         except Exception as exc:
             mine = mine or exc
-        tell(broken)
+        if stop is not None:
+            stop.arm(None)
+            mine = stop.error or mine
+        tell(broken, mine)
+        if told[0] is not None:  # what the sender was told, if it was told early: every member raises it
+            mine = told[0]
         decided = wire.recv_obj(src)
     except Broken:
+        if stop is not None:
+            stop.arm(None)
         with contextlib.suppress(Exception):
             sink.close()
         raise NetworkError(BROKEN, BROKEN_HINT) from None

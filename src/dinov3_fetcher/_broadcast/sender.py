@@ -117,9 +117,10 @@ class Inbox:
             self.outcomes[r] = got
 
     def stopping(self) -> bool:
-        """Is a member gone, or did one find its neighbour gone? The chain is broken: stop sending."""
+        """Is a member gone, did one find its neighbour gone, or did one fail before the end of the data step
+        (interrupted)? The job fails: stop sending."""
         with self.lock:
-            return bool(self.dead) or any(o["broken"] for o in self.outcomes.values())
+            return bool(self.dead) or any(o["broken"] or o["error"] is not None for o in self.outcomes.values())
 
     def wait(self) -> dict[int, dict[str, Any]]:
         for t in self.threads:
