@@ -159,6 +159,11 @@ CASES: list[Case] = [
     Case("dino-root-over-path-max", lambda c: c.config({"train": {"dino_root": "/".join(["d" * 250] * 20)}}), 3,
          "its path is longer than the system allows"),
     Case("dino-root-unwritable", _readonly_root, 3, "cannot write in"),
+    Case("dino-root-under-proc", lambda c: c.config({"train": {"dino_root": "/proc/self/dinov3"}}), 3,
+         "cannot use /proc/self/dinov3 as dino_root: a folder on its path does not exist and cannot be created "
+         "there"),
+    Case("dino-root-in-a-file-of-proc", lambda c: c.config({"train": {"dino_root": "/proc/self/environ/dinov3"}}), 3,
+         "a folder on its path is a file"),
     Case("dino-model-not-a-string", lambda c: c.config({"train": {"dino_root": "work/dinov3", "dino_model": 7}}),
          3, "train.dino_model"),
     Case("unknown-keys-tolerated", lambda c: c.config({"train": {"dino_root": "work/dinov3", "epochs": 3,
@@ -295,6 +300,23 @@ def test_bad_input(case: Case, evil_hub: HubServer, good_checkpoint: Path, tmp_p
         assert set(after) - set(inside_before) <= {".dinov3-fetcher/manifest.json"}
     else:
         assert after == inside_before
+
+
+def test_a_dino_root_whose_downloads_reach_path_max_is_a_config_error_naming_the_path(
+        hub: HubServer, tiny: dict[str, bytes], tmp_path: Path, run_cli: Any) -> None:
+    """A dino_root a few bytes short of PATH_MAX (4096) can be created, the files a fetch writes under it cannot:
+    exit 3, one line naming the errno, the path and the fix (never exit 1); a second try says the same."""
+    room = 4000 - len(str(tmp_path)) - 1
+    root = tmp_path / "/".join(["d" * 250] * (room // 251) + ["d" * (room % 251 - 1)])
+    for _ in range(2):
+        proc = run_cli("--dino-root", str(root), "--model", TINY, "--json")
+        assert proc.returncode == 3, proc.stderr
+        (line,) = proc.stderr.splitlines()
+        assert line.startswith(f"dinov3-fetcher: error: cannot use {root} as dino_root: its path (or a name in it) "
+                               "is longer than the system allows (ENAMETOOLONG on "), line
+        assert line.endswith("-> point train.dino_root (or --dino-root) at a folder on a local or network disk, "
+                             "e.g. ./dinov3")
+        assert json.loads(proc.stdout)["error"]["exit_code"] == 3
 
 
 def test_a_gigabyte_passed_as_the_config_is_refused_from_its_size(tmp_path: Path) -> None:

@@ -235,3 +235,41 @@ def test_a_read_only_dino_root_is_a_config_error_and_its_checkpoint_stays(
     assert tree(dino_root) == before
     assert r.returncode == 3, r.stderr
     assert "read-only" in error_line(r.stderr)
+
+
+def test_every_errno_of_dino_roots_filesystem_is_a_documented_exit_code_naming_the_path() -> None:
+    """Whatever errno dino_root's filesystem raises (a stale NFS handle, an I/O error, a name it refuses...), the
+    error is one line with a documented exit code that names the path and what to do; never a bare OSError
+    (exit 1, "unexpected error")."""
+    from dinov3_fetcher._errors import ConfigError, DiskSpaceError, FetcherError, disk_error
+
+    root = Path("/mnt/shared/dinov3")
+    for code in sorted(errno.errorcode):
+        where = f"{root}/.dinov3-fetcher/partial/0123abcd.host.42"
+        err = disk_error(OSError(code, os.strerror(code), where), root, "writing model.safetensors")
+        assert isinstance(err, FetcherError) and err.exit_code in (3, 9), (errno.errorcode[code], err)
+        assert str(root) in str(err) and "\n" not in str(err) and err.hint, (errno.errorcode[code], err)
+    for code in (errno.EIO, errno.ESTALE, errno.EREMOTEIO, errno.ENXIO):
+        err = disk_error(OSError(code, os.strerror(code), str(root / MODEL)), root, "writing model.safetensors")
+        assert isinstance(err, DiskSpaceError) and err.errno == code and err.exit_code == 9
+        assert err.message.startswith(f"the filesystem of {root} failed while writing model.safetensors: ")
+        assert f"({errno.errorcode[code]} on {root / MODEL})" in err.message
+    for code in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EINVAL):
+        err = disk_error(OSError(code, os.strerror(code), str(root)), root)
+        assert isinstance(err, ConfigError) and f"cannot use {root} as dino_root: " in err.message
+
+
+def test_a_file_where_the_state_folder_needs_a_folder_is_named_with_the_fix(
+        hub: HubServer, tiny: dict[str, bytes], tmpfs: Callable[..., Path], run_cli: Any) -> None:
+    """On a real filesystem: ``.dinov3-fetcher/staged`` is a file (EEXIST when the fetch makes the folder): exit 3,
+    one line naming it and saying to remove it; after that the fetch works."""
+    dino_root = tmpfs("32m") / "dinov3"
+    (dino_root / ".dinov3-fetcher").mkdir(parents=True)
+    (dino_root / ".dinov3-fetcher" / "staged").write_text("not a folder")
+    r = fetch(run_cli, dino_root)
+    assert r.returncode == 3, r.stderr
+    line = error_line(r.stderr)
+    assert f"(EEXIST on {dino_root}/.dinov3-fetcher/staged) -> remove {dino_root}/.dinov3-fetcher/staged" in line
+    assert len(r.stderr.strip().splitlines()) == 1
+    (dino_root / ".dinov3-fetcher" / "staged").unlink()
+    assert fetch(run_cli, dino_root).returncode == 0

@@ -113,7 +113,8 @@ class HubResponseError(IntegrityError):
 
 
 class DiskSpaceError(FetcherError, OSError):
-    """Not enough free space in dino_root's filesystem (checked before downloading, or hit while writing)."""
+    """Not enough free space in dino_root's filesystem (checked before downloading, or hit while writing), or that
+    filesystem failed (an I/O error, a stale NFS handle: ``errno`` is then the filesystem's own)."""
 
     exit_code = 9
     short = "disk"
@@ -134,21 +135,62 @@ def disk_full(exc: OSError, folder: Path, doing: str, hint: str) -> OSError:
     existing = folder
     while not existing.is_dir() and existing != existing.parent:
         existing = existing.parent
-    free = shutil.disk_usage(existing).free
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        free = 0
     return DiskSpaceError(f"the disk filled up while {doing} ({human_bytes(free)} free)", hint, free=free)
 
 
+# Why a path cannot be a folder of dino_root, by errno: the path is wrong for it (exit 3, fix the path).
+_NOT_A_FOLDER = {
+    errno.ENOENT: "a folder on its path does not exist and cannot be created there (a folder of /proc or /sys, "
+                  "or one removed while the fetch ran)",
+    errno.ENOTDIR: "a folder on its path is a file",
+    errno.ELOOP: "its path goes through a loop of symbolic links",
+    errno.ENAMETOOLONG: "its path (or a name in it) is longer than the system allows",
+    errno.EINVAL: "its filesystem refuses the name (a character or a length it does not allow)",
+    errno.EISDIR: "a name the fetch writes a file under is a folder",
+    errno.EEXIST: "a name the fetch creates a folder under is taken by a file",
+    errno.EXDEV: "it spans two filesystems where the fetch moves files",
+    errno.EMLINK: "its folder holds as many entries as its filesystem allows",
+    errno.ENOTEMPTY: "a folder the fetch replaces there is not empty",
+    errno.ENOTSUP: "its filesystem does not support what the fetch does there",
+}
+
+
 def disk_error(exc: OSError, root: Path, doing: str = "", hint: str = "") -> OSError | ConfigError:
-    """What an OSError from dino_root's filesystem means for the user: no space or no inodes (DiskSpaceError,
-    exit 9), a folder that cannot be written (ConfigError, exit 3); any other OSError as it is. ``doing``
-    defaults to writing the file the error names; ``hint`` to freeing space in ``root``."""
+    """What an OSError from dino_root's filesystem means for the user, whatever its errno: no space or no inodes
+    (DiskSpaceError, exit 9); a folder that cannot be written or a path no folder can have (ConfigError, exit 3,
+    naming the path); any other failure of the filesystem itself (EIO, ESTALE on NFS...: DiskSpaceError, exit 9,
+    which keeps the OSError's errno). ``doing`` defaults to writing the file the error names; ``hint`` to freeing
+    space in ``root``."""
+    if isinstance(exc, FetcherError):
+        return exc
     where = f"{exc.filename}" if exc.filename else str(root)
-    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        why = "it is on a read-only filesystem" if exc.errno == errno.EROFS else exc.strerror
+    code = exc.errno or 0
+    name = errno.errorcode.get(code, f"errno {code}")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        why = "it is on a read-only filesystem" if code == errno.EROFS else exc.strerror
         return ConfigError(f"cannot write in {root}: {why} ({where})",
                            "make dino_root writable, or point train.dino_root (--dino-root) at a writable folder")
-    return disk_full(exc, root, doing or f"writing {where}", hint or f"free space (or files: inodes may be used "
+    if code in (errno.EEXIST, errno.EISDIR, errno.ENOTEMPTY) and exc.filename:
+        return ConfigError(f"cannot use {root} as dino_root: {_NOT_A_FOLDER[code]} ({name} on {where})",
+                           f"remove {where} (the fetch makes it itself) and run again")
+    if code in _NOT_A_FOLDER:
+        return ConfigError(f"cannot use {root} as dino_root: {_NOT_A_FOLDER[code]} ({name} on {where})",
+                           "point train.dino_root (or --dino-root) at a folder on a local or network disk, "
+                           "e.g. ./dinov3")
+    full = disk_full(exc, root, doing or f"writing {where}", hint or f"free space (or files: inodes may be used "
                      f"up) in {root}, or point dino_root at a bigger disk; the next run resumes")
+    if isinstance(full, DiskSpaceError):
+        return full
+    failed = DiskSpaceError(f"the filesystem of {root} failed{f' while {doing}' if doing else ''}: "
+                            f"{exc.strerror or type(exc).__name__} ({name} on {where})",
+                            "check the disk or the network filesystem (dmesg; an NFS server that restarted, a "
+                            "mount gone stale), then run again: it resumes")
+    failed.errno = exc.errno
+    return failed
 
 
 class NetworkError(FetcherError, ConnectionError):

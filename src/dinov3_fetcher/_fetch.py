@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 from . import _env as env
 from ._config import FetchRequest, make_request
 from ._errors import (
+    FetcherError,
     FetchInterrupted,
     HubResponseError,
     IntegrityError,
     LocalEntryNotFoundError,
     NotDinov3Error,
+    disk_error,
 )
 from ._manifest import FileRecord, Manifest
 from ._progress import Progress, human_bytes
@@ -126,7 +128,8 @@ def fetch_dinov3(
         LocalEntryNotFoundError: HF_HUB_OFFLINE=1 and the checkpoint is not complete on disk.
         IntegrityError: a file's bytes did not match the listed size or hash (it was discarded), or
             ``require_official`` and the weights are not Meta's release (nothing was published).
-        DiskSpaceError: not enough free space (an OSError); partial data is kept.
+        DiskSpaceError: not enough free space, or dino_root's filesystem failed (an OSError); partial data is
+            kept.
         NetworkError: the endpoint could not be reached or kept failing; partial data is kept.
         LockTimeoutError: another fetcher held dino_root for longer than the lock timeout.
         FetchInterrupted: Ctrl-C; partial data is kept.
@@ -141,7 +144,20 @@ def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None 
           observer: FetchObserver | None = None) -> FetchResult:
     """The fetch of an already validated request, with a detailed result. Raises what fetch_dinov3 raises.
     ``observer`` is told the plan, each weight's download as it starts and each weight once verified
-    (``_observe``)."""
+    (``_observe``). A failure of dino_root's filesystem that no step named is still what it means for the user
+    (``_errors.disk_error``: exit 3 or 9, naming the path), never a bare OSError."""
+    try:
+        return _fetch(req, update=update, progress=progress, lock_timeout=lock_timeout, repair=repair,
+                      observer=observer)
+    except OSError as exc:
+        if isinstance(exc, FetcherError) or not exc.filename or \
+                not os.path.abspath(os.fsdecode(exc.filename)).startswith(str(req.dino_root)):
+            raise
+        raise disk_error(exc, req.dino_root) from exc
+
+
+def _fetch(req: FetchRequest, *, update: bool, progress: Progress | None, lock_timeout: float | None,
+           repair: bool, observer: FetchObserver | None) -> FetchResult:
     t0 = time.monotonic()
     progress = progress or Progress(quiet=True)
     pins()  # a malformed DINOV3_FETCHER_REGISTRY is refused now, not after hours of download
