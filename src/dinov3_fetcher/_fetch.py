@@ -268,20 +268,27 @@ def _fetch_weights(run: Run, names: list[str], files_at_once: int, get: Callable
     todo, lock = list(names), threading.Lock()
     errors: list[BaseException] = []
     failed = threading.Event()
+    ended = threading.Event()  # a worker ended: the wait below wakes at once (not at its next poll)
+    running = [at_once + 1]
 
     def worker(queue: list[str], fetch: Callable[[str], Path]) -> None:
-        while True:
-            with lock:
-                if errors or not queue:
-                    return
-                name = queue.pop(0)
-            try:
-                fetch(name)
-            except BaseException as exc:
+        try:
+            while True:
                 with lock:
-                    errors.append(exc)
-                failed.set()
-                return
+                    if errors or not queue:
+                        return
+                    name = queue.pop(0)
+                try:
+                    fetch(name)
+                except BaseException as exc:
+                    with lock:
+                        errors.append(exc)
+                    failed.set()
+                    return
+        finally:
+            with lock:
+                running[0] -= 1
+            ended.set()
 
     threads = [threading.Thread(target=worker, args=(todo, get), daemon=True, name=f"file-{i}")
                for i in range(at_once)]
@@ -290,12 +297,18 @@ def _fetch_weights(run: Run, names: list[str], files_at_once: int, get: Callable
     try:
         for t in [*threads, small]:
             t.start()
-        while any(t.is_alive() for t in threads) or small.is_alive():
-            if failed.wait(0.2):
-                # The first error stops the others; a small file under way ends first (a request or two), so
-                # that it is staged whole rather than left half-written beside the weights' partial data.
-                small.join(_SMALL_GRACE)
-                break
+        while True:
+            ended.clear()
+            with lock:
+                if not running[0]:
+                    break
+            if not failed.is_set():
+                ended.wait(0.2)
+                continue
+            # The first error stops the others; a small file under way ends first (a request or two), so
+            # that it is staged whole rather than left half-written beside the weights' partial data.
+            small.join(_SMALL_GRACE)
+            break
     except KeyboardInterrupt:
         transfer.cancel.set()
         for t in [*threads, small]:
