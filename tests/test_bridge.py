@@ -221,6 +221,32 @@ def test_raw_images_and_an_empty_batch_are_refused_with_the_fix(vit_root: Path) 
 
 
 @needs_load
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+def test_float_images_that_were_not_normalized_are_refused_with_the_fix(vit_root: Path, dtype: str) -> None:
+    """0..255 floats (preprocess forgotten, or only a cast) give features of wrong values: refused like uint8;
+    normalized pixels pass, up to the edges of any DINOv3 normalization (SAT-493M's reaches 4.92)."""
+    import torch
+
+    from dinov3_bridge.model import DinoV3Teacher, pixel_limit
+
+    teacher = DinoV3Teacher(DinoV3Config(root=vit_root), "cpu")
+    images = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    raw = images.to(getattr(torch, dtype))
+    for wrong in (raw, raw - 127.5, raw.sub(0.485 * 255).div(0.229)):  # raw, centred only, normalized unrescaled
+        with pytest.raises(ValueError) as info:
+            teacher(wrong)
+        assert "not normalized images" in str(info.value) and "teacher.preprocess(images)" in str(info.value)
+        assert "+/-2.64" in str(info.value) and "beyond 10 is refused" in str(info.value)
+    assert pixel_limit(MEAN, STD) == 10.0
+    assert pixel_limit((0.430, 0.411, 0.296), (0.213, 0.156, 0.143)) == 10.0  # SAT-493M's reaches 4.92
+    out = teacher(teacher.preprocess(images))  # the fix it names works
+    assert out.patch_tokens.shape == (2, 196, 32)
+    edge = torch.full((1, 3, 224, 224), 4.92)  # the farthest SAT-493M's normalization goes, and beyond by 2x
+    assert teacher(edge).patch_tokens.shape == (1, 196, 32)
+    assert teacher(-2 * edge).patch_tokens.shape == (1, 196, 32)
+
+
+@needs_load
 def test_preprocess_takes_a_flipped_view_as_opencvs_bgr_to_rgb_gives_it(vit_root: Path) -> None:
     import numpy as np
     import torch

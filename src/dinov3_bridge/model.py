@@ -147,6 +147,22 @@ def _resolve_dtype(cfg: DinoV3Config) -> torch.dtype | None:
     return dtype
 
 
+PIXEL_MARGIN = 2.0  # how far beyond the normalized range a value must lie to be refused (a factor)
+PIXEL_FLOOR = 10.0  # refused beyond this at least: ImageNet's mean/std give |x| <= 2.64, SAT-493M's <= 4.92
+
+
+def pixel_reach(mean: Sequence[float], std: Sequence[float]) -> float:
+    """The farthest from 0 a [0, 1] image gets once normalized with ``mean``/``std`` (ImageNet's: 2.64)."""
+    return max(max(abs(-m / s), abs((1 - m) / s)) for m, s in zip(mean, std, strict=True))
+
+
+def pixel_limit(mean: Sequence[float], std: Sequence[float]) -> float:
+    """The largest |value| ``forward`` takes: ``PIXEL_MARGIN`` times ``pixel_reach``, and at least ``PIXEL_FLOOR``
+    (10: ImageNet's normalization reaches 2.64, SAT-493M's 4.92). Raw 0..255 floats, normalized or not, lie far
+    beyond it."""
+    return max(PIXEL_FLOOR, PIXEL_MARGIN * pixel_reach(mean, std))
+
+
 class DinoV3Teacher(torch.nn.Module):  # type: ignore[misc,unused-ignore]
     """The DINOv3 teacher: frozen, always in eval mode, on ``device``, in ``cfg.dtype``.
 
@@ -194,6 +210,9 @@ class DinoV3Teacher(torch.nn.Module):  # type: ignore[misc,unused-ignore]
             self.num_register_tokens = int(getattr(mc, "num_register_tokens", 0))
             self.num_layers = int(mc.num_hidden_layers)
         self.image_size = preprocess.output_size(self.patch_size * 14, self.patch_size * 14)
+        self._pixel_reach = pixel_reach(preprocess.image_mean, preprocess.image_std)
+        self._pixel_limit = pixel_limit(preprocess.image_mean, preprocess.image_std)
+        self._range_seen: set[torch.device] = set()  # accelerators whose first batch passed the range check
         self.requires_grad_(False)
         super().train(False)
 
@@ -244,6 +263,7 @@ class DinoV3Teacher(torch.nn.Module):  # type: ignore[misc,unused-ignore]
                              "floats: call teacher.preprocess(images) first (it rescales and normalizes them)")
         if pixel_values.shape[0] == 0:
             raise ValueError("pixel_values hold no image (a batch of 0): skip the call for an empty batch")
+        self._check_range(pixel_values)
         h, w = int(pixel_values.shape[2]), int(pixel_values.shape[3])
         p = self.patch_size
         if h % p or w % p or h == 0 or w == 0:
@@ -253,6 +273,23 @@ class DinoV3Teacher(torch.nn.Module):  # type: ignore[misc,unused-ignore]
                              f"{' (ConvNeXt stride)' if self.is_convnext else ''}; resize or crop to {down} "
                              f"or pad to {up}")
         return h // p, w // p
+
+    def _check_range(self, pixel_values: torch.Tensor) -> None:
+        """ValueError for float pixels no normalization gives (0..255 floats, say: ``preprocess`` forgotten). Every
+        batch on the CPU (one pass over memory the forward reads anyway); on an accelerator, the first batch
+        of each device only, so that later calls never wait for the device (reading the peak is a
+        synchronisation)."""
+        device = pixel_values.device
+        if device.type != "cpu" and device in self._range_seen:
+            return
+        peak = float(pixel_values.detach().abs().amax())  # (NaN compares False: the forward gives NaN back)
+        if peak > self._pixel_limit:
+            raise ValueError(f"pixel_values reach {peak:.4g}: not normalized images (they stay within "
+                             f"+/-{self._pixel_reach:.2f} under this teacher's mean/std; beyond {self._pixel_limit:g} "
+                             "is refused): call teacher.preprocess(images) first (it rescales 0..255 or 0..1 images "
+                             "and normalizes them)")
+        if device.type != "cpu":
+            self._range_seen.add(device)
 
     # --- forward ---------------------------------------------------------------------------------------------
 
@@ -285,11 +322,14 @@ class DinoV3Teacher(torch.nn.Module):  # type: ignore[misc,unused-ignore]
 
         ``layers``: block indices (0-based, negative from the end; default ``cfg.layers``) whose outputs are
         returned in ``.layers`` split like the last layer; with ``cfg.layer_norm`` (default) they go through
-        the final LayerNorm, so ``layers=[-1]`` equals the last layer. No gradients, no host synchronisation.
+        the final LayerNorm, so ``layers=[-1]`` equals the last layer. No gradients, no host synchronisation
+        (after the first batch on an accelerator).
 
         Raises ValueError, naming the fix: a shape other than (B, 3, H, W), H or W not a multiple of the patch
-        size, integer pixels (uint8 images not yet through ``teacher.preprocess``), or an empty batch (B = 0:
-        there is nothing to compute; skip the call).
+        size, integer pixels (uint8 images not yet through ``teacher.preprocess``), float pixels beyond
+        ``pixel_limit`` (0..255 floats, not normalized: checked on every CPU batch, and on the first batch of
+        each accelerator only, the one host synchronisation), or an empty batch (B = 0: there is nothing to
+        compute; skip the call).
         """
         gh, gw = self._check_pixels(pixel_values)
         wanted = self._layer_indices(layers if layers is not None else (self.cfg.layers or ()))
