@@ -563,6 +563,56 @@ def test_a_live_fetcher_of_another_host_keeps_its_folders_through_a_fetch_of_ano
     assert (dino_root / MODEL).read_bytes() == tiny[MODEL]
 
 
+def test_warm_fetches_remove_a_killed_fetchers_leftovers_once_proven_abandoned_without_a_request(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, watch_clock: WatchClock) -> None:
+    """A fetch of another model was killed on host B (its partial download and staged folder stay, their
+    heartbeat still) and one on this host (a dead pid); then a model already on disk is fetched again and again,
+    warm each time: this host's leftovers go at once, host B's once its heartbeat was watched unchanged for the
+    staleness time (across the warm fetches: each takes no time, the clock moves between them); a beat seen
+    meanwhile restarts the watch. No request is ever made, the checkpoint stays as it was."""
+    from dinov3_fetcher._state.owners import host
+
+    fetch(dino_root, TINY)
+    before = tree(dino_root)
+    state = dino_root / ".dinov3-fetcher"
+    partial = _left_by(state / "partial" / f"{'e' * 64}.hostB.4242", {"data": 3 * MiB, "progress.json": 4096})
+    staged = _left_by(state / "staged" / "hostB.4243", {f"{'f' * 64}.model.safetensors": 2 * MiB})
+    here = _left_by(state / "partial" / f"{'9' * 64}.{host()}.{dead_pid()}", {"data": MiB})
+    hub.clear()
+    stale = STALE_AFTER["partial"]
+    assert fetch(dino_root, TINY).cached  # watching from now on
+    assert not here.exists() and partial.exists() and staged.exists()
+    watch_clock.now += stale / 2
+    (staged / "heartbeat").write_bytes(b"4243 18\n")  # host B's publish beat once more: alive, watched anew
+    assert fetch(dino_root, TINY).cached
+    watch_clock.now += stale / 2
+    assert fetch(dino_root, TINY).cached  # the partial download's beat was still for the staleness time
+    assert not partial.exists() and staged.exists()
+    watch_clock.now += stale
+    assert fetch(dino_root, TINY).cached
+    assert not staged.exists()
+    assert hub.requests == [] and watch_clock.sleeps == 0  # no request, no wait
+    assert tree(dino_root) == before
+
+
+@pytest.mark.parametrize("stale_after", ["0", "3600"])
+def test_short_warm_runs_of_this_host_together_watch_another_hosts_leftovers(
+        hub: HubServer, tiny: dict[str, bytes], dino_root: Path, run_cli: Any, stale_after: str) -> None:
+    """Each warm run takes milliseconds, far less than the staleness time: the watch goes on from one run (one
+    process) to the next through the note each leaves, so runs of a few milliseconds remove host B's leftovers
+    once they were watched still for DINOV3_FETCHER_STALE_AFTER seconds in all (0 here: at the second run; an
+    hour: not yet), with no request."""
+    assert run_cli("--dino-root", str(dino_root), "--model", TINY, "-q").returncode == 0
+    partial = _left_by(dino_root / ".dinov3-fetcher" / "partial" / f"{'e' * 64}.hostB.4242", {"data": MiB})
+    hub.clear()
+    for run in (1, 2):
+        r = run_cli("--dino-root", str(dino_root), "--model", TINY, "--json", DINOV3_FETCHER_STALE_AFTER=stale_after)
+        assert r.returncode == 0 and json.loads(r.stdout)["cached"], r.stderr
+        assert partial.exists() == (run == 1 or stale_after == "3600")  # the first run only starts the watch
+    assert hub.requests == []
+    assert (dino_root / MODEL).read_bytes() == tiny[MODEL]
+
+
 def _syscalls(trace: Path) -> list[tuple[str, str, str]]:
     """strace's record as (call, path, second path) in order: ("open", path, ""), ("fsync", path the descriptor
     was opened on, ""), ("rename", source, destination). One process: its threads share the descriptors."""

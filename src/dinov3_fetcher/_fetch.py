@@ -162,6 +162,7 @@ def _fetch(req: FetchRequest, *, update: bool, progress: Progress | None, lock_t
     progress = progress or Progress(quiet=True)
     pins()  # a malformed DINOV3_FETCHER_REGISTRY is refused now, not after hours of download
     if not (update or repair) and (m := ready(req)):
+        StateDir(req.dino_root).drop_abandoned()  # what killed fetchers left, once proven gone: no request, no wait
         return _cached(req, m, t0)
     if env.is_offline():
         if update and (m := ready(req)):

@@ -438,26 +438,54 @@ class StateDir:
 
     def drop_stale(self) -> None:
         """After a successful fetch: partial downloads nobody owns (changed files, other models), our staged
-        folder, and those of gone fetchers, on this host (a dead pid) or another (a heartbeat that stayed
-        unchanged for the staleness time since ``watch_leftovers`` first saw it). Never waits: another host's
-        folder not yet proven abandoned is left for a later fetch. Never another live fetcher's files."""
+        folder, and what gone fetchers left (``drop_abandoned``). Never waits: another host's folder not yet
+        proven abandoned is left for a later fetch. Never another live fetcher's files."""
         with on_disk(self.root):
             for p in self.partial.iterdir():
                 identity = p.name.split(".", 1)[0]
                 if p.is_symlink() or not p.is_dir():  # not ours: only the link (or stray file) goes
                     p.unlink(missing_ok=True)
-                elif p.name == identity or self._abandoned(p, identity) or _TRASH.search(p.name):
-                    shutil.rmtree(p, ignore_errors=True)  # (a trash folder: a SIGKILL stopped its removal in claim)
-                elif p.name.endswith(".copy") and not other_host(tag := p.name[len(identity) + 1:-len(".copy")]) \
-                        and owner_gone(tag, p, "partial"):
-                    shutil.rmtree(p, ignore_errors=True)  # a copy (see claim) whose maker here died before finishing it
+                elif p.name == identity or self._left_by_gone("partial", p):
+                    shutil.rmtree(p, ignore_errors=True)
             mine = self.staged / owner_tag()
             for p in self.staged.iterdir() if self.staged.is_dir() else ():
                 if p.is_symlink() or not p.is_dir():
                     p.unlink(missing_ok=True)
-                elif p == mine or owner_gone(p.name, p, "staged"):
+                elif p == mine or self._left_by_gone("staged", p):
                     HEARTBEATS.disown(p)
                     shutil.rmtree(p, ignore_errors=True)
+
+    def drop_abandoned(self) -> None:
+        """A warm fetch's share of the cleanup (it found its checkpoint complete): remove what killed fetchers
+        left, whatever model it was of, once their owners are provably gone: a dead process of this host, or
+        another host's heartbeat watched still for the staleness time (by this host's fetches together, warm
+        ones included: ``owners``). Costs two folder listings when nothing is left over; never waits, never
+        asks the network, never touches a live fetcher's folders or a resumable download nobody owns; skipped
+        while another fetcher holds the lock (it cleans up as it ends) or where the lock cannot be taken."""
+        found = self.leftovers()
+        if not found:
+            return
+        try:
+            with self.locked_if_free() as free:
+                for kind, p in found if free else ():
+                    if self._left_by_gone(kind, p):
+                        shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            return  # a warm fetch stays a success: a later fetch cleans up
+
+    def _left_by_gone(self, kind: str, p: Path) -> bool:
+        """Is ``p``, a partial or staged folder not ours, what a fetcher now gone left? Its claim or staged folder
+        (``owner_gone``), a copy (see claim) whose maker on this host died before finishing it, a trash folder (a
+        SIGKILL stopped its removal in claim)."""
+        if kind == "staged":
+            return owner_gone(p.name, p, "staged")
+        identity = p.name.split(".", 1)[0]
+        if _TRASH.search(p.name):
+            return True
+        if p.name.endswith(".copy"):
+            tag = p.name[len(identity) + 1:-len(".copy")]
+            return not other_host(tag) and owner_gone(tag, p, "partial")
+        return p.name != identity and self._abandoned(p, identity)
 
 
 def same_bytes(path: Path, rec: FileRecord | None) -> str | None:

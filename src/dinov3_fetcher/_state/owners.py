@@ -8,11 +8,17 @@ its own monotonic clock. Adopting another host's claim copies its done ranges in
 (the other one is then removed): its owner may still hold its data file open, and must never write into a
 file that we publish. ``DINOV3_FETCHER_HOSTNAME`` overrides the host name in these tags (tests simulate a
 second host with it); ``DINOV3_FETCHER_STALE_AFTER`` overrides the watch time.
+
+The watch goes on across this host's processes: each notes what it saw first (the beat, and when by the host's
+monotonic clock, which all its processes share until it reboots) in ``watched.<host>.json`` of the state folder,
+so that many short fetches (warm runs that take milliseconds) together watch as long as one long one would. A
+note is trusted only on the boot that wrote it; a beat that changed since means the owner is alive.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import time
@@ -76,6 +82,49 @@ def owner_gone(tag: str, folder: Path, kind: str) -> bool:
     return HEARTBEATS.verdict(folder, kind) == "gone"
 
 
+def _boot_id() -> str | None:
+    """This boot of this host (Linux's boot id): monotonic times noted on another boot mean nothing here."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+class _Notebook:
+    """What this host's processes saw first of other hosts' heartbeats in one state folder: folder (``kind/name``)
+    -> (beat, monotonic time first seen). Read once per process, written (atomically, never synced: a lost note
+    only restarts a watch) when a folder is seen for the first time."""
+
+    def __init__(self, state: Path, boot: str) -> None:
+        self.path = state / f"watched.{host()}.json"
+        self.boot = boot
+        self.notes: dict[str, tuple[bytes | None, float]] = {}
+        from .._userfile import read_regular
+
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError, IndexError):
+            raw = json.loads(read_regular(self.path, 1 << 20))  # (a FIFO planted there is never waited on)
+            if raw.get("boot") == boot:
+                self.notes = {str(k): (bytes.fromhex(v[0]) if v[0] is not None else None, float(v[1]))
+                              for k, v in raw["seen"].items()}
+
+    def write(self) -> None:
+        state = self.path.parent
+        self.notes = {k: v for k, v in self.notes.items() if (state / k).is_dir()}  # forget removed folders
+        data = json.dumps({"boot": self.boot, "seen": {k: [b.hex() if b is not None else None, t]
+                                                      for k, (b, t) in sorted(self.notes.items())}})
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}")
+        with contextlib.suppress(OSError):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                         0o666)
+            try:
+                os.write(fd, data.encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
 class _Heartbeats:
     """This process's heartbeats (the folders it owns) and what it saw of other hosts' (the folders it watches).
 
@@ -91,6 +140,7 @@ class _Heartbeats:
         self.seen: dict[Path, tuple[bytes | None, float, bool]] = {}  # folder -> (beat, since, it changed)
         self.clock = clock
         self.sleep = sleep
+        self.books: dict[Path, _Notebook | None] = {}  # state folder -> its notebook (None: not kept)
 
     # -- the owner's side ----------------------------------------------------------------------------------
     def own(self, folder: Path) -> None:
@@ -133,12 +183,28 @@ class _Heartbeats:
         now = self.clock()
         with self.lock:
             prev = self.seen.get(folder)
+            book = self._book(folder.parent.parent) if prev is None else None
+            key = f"{folder.parent.name}/{folder.name}"
+            if book is not None and (noted := book.notes.get(key)) is not None and noted[1] <= now:
+                prev = (noted[0], noted[1], False)  # seen by an earlier process of this host, on this boot
             if prev is None or prev[0] != beat:
                 self.seen[folder] = (beat, now, prev is not None)
+                if book is not None:
+                    book.notes[key] = (beat, now)
+                    book.write()
                 return "alive" if prev is not None else "watching"
+            self.seen[folder] = prev
             if now - prev[1] >= stale_after(kind):
                 return "gone"
             return "alive" if prev[2] else "watching"
+
+    def _book(self, state: Path) -> _Notebook | None:
+        """The notebook of ``state`` (read once per process); None where notes cannot be trusted: no boot id,
+        or a clock other than the host's monotonic one (a test drives its own)."""
+        if state not in self.books:
+            boot = _boot_id() if self.clock is time.monotonic else None
+            self.books[state] = _Notebook(state, boot) if boot is not None else None
+        return self.books[state]
 
     def watch(self, folders: list[Path], kind: str) -> None:
         """Watch other hosts' folders until each has a verdict (at most stale_after(kind) plus one beat)."""
@@ -149,13 +215,26 @@ class _Heartbeats:
                 self.sleep(min(0.2, HEARTBEAT_EVERY / 4))
 
 
+_LIFE: tuple[int, str] = (0, "")  # (pid, a token drawn once by that process)
+
+
+def _life() -> str:
+    """A token of this process's life, drawn at its first beat (again in a forked child): its beats never equal
+    those of an earlier process that had the same pid and host (a container's fetcher is often pid 7 each run),
+    which a watcher's note of a beat it saw long ago could take for a still heartbeat."""
+    global _LIFE
+    if _LIFE[0] != os.getpid():
+        _LIFE = (os.getpid(), os.urandom(6).hex())
+    return _LIFE[1]
+
+
 def _beat(folder: Path, count: int) -> None:
     """Write the counter into ``folder/heartbeat`` (in place: a fixed-width page, never through a link)."""
     with contextlib.suppress(OSError):
         fd = os.open(folder / "heartbeat", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
                      0o666)
         try:
-            os.pwrite(fd, f"{os.getpid()} {count:>20}\n".encode(), 0)
+            os.pwrite(fd, f"{os.getpid()} {_life()} {count:>20}\n".encode(), 0)
         finally:
             os.close(fd)
 
