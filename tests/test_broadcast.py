@@ -86,6 +86,18 @@ try:
         read = {"bytes": 0, "while_growing": 0}
 
         class Probe(FileSource):
+            def ready(self, name):
+                fails = cfg.get("source_fails")  # the fault: the file "hold" waits for its last piece (its download's
+                if fails and name == fails["hold"]:  # sha256), and meanwhile the download of file "file" fails its
+                    size = files[[f.name for f in files].index(name)].size  # sha256
+                    if read["bytes"] >= (size - 1) // cfg["piece"] * cfg["piece"]:  # all but the last piece went out
+                        from dinov3_fetcher._errors import IntegrityError
+
+                        raise IntegrityError(fails["file"] + ": sha256 differs from the listing", "run again",
+                                             file=fails["file"])
+                    return size - 1
+                return super().ready(name)
+
             def readinto(self, name, offset, buf):
                 if cfg.get("kill_at") is not None and read["bytes"] >= cfg["kill_at"]:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -308,6 +320,29 @@ def test_sender_killed_midway_one_error_everywhere_then_the_rerun_resumes(tmp_pa
         assert sum(nodes[str(node)]["files"].values()) == left[node]  # only the rest
         for name, data in files.items():
             assert job.final(node, name).read_bytes() == data
+
+
+@needs_torch
+def test_rank_0s_file_failing_its_sha256_is_dropped_on_every_node_and_only_that_file(tmp_path: Path) -> None:
+    files = _files()
+    a, b = files
+    job = Job(tmp_path, files)
+    # rank 0 has sent all of a but its last piece (its sha256 pending) when its copy of b fails its sha256
+    procs, results = job.run(source_fails={"hold": a, "file": b})
+    assert sorted(results) == [0, 1, 2], _stderr(procs)
+    assert {(r["type"], r["message"]) for r in results.values()} == {("IntegrityError", results[0]["message"])}
+    assert b in results[0]["message"]
+    tail = len(files[a]) - (len(files[a]) - 1) // PIECE * PIECE
+    for node in (1, 2):  # what a node holds of b is dropped; what it holds of a is sound, and kept
+        assert not job.partial(node, b).exists()
+        assert json.loads((job.partial(node, a) / "progress.json").read_text())["remaining"] == [
+            [len(files[a]) - tail, len(files[a])]]
+
+    procs, results = job.run()
+    assert all(p.returncode == 0 for p in procs), _stderr(procs)
+    for node in (1, 2):  # the rerun sends only a's last piece, and b
+        assert results[0]["nodes"][str(node)]["files"] == {a: tail, b: len(files[b])}
+        assert all(job.final(node, n).read_bytes() == d for n, d in files.items())
 
 
 @needs_torch

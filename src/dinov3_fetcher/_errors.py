@@ -102,10 +102,16 @@ class NotDinov3Error(FetcherError, ValueError):
 
 
 class IntegrityError(FetcherError, ValueError):
-    """Bytes that do not match the Hub's size or hash. The bad file was discarded, never published."""
+    """Bytes that do not match the Hub's size or hash. The bad file was discarded, never published.
+
+    ``file`` is the name of the file whose bytes were wrong, when it is one file's (None otherwise)."""
 
     exit_code = 8
     short = "integrity"
+
+    def __init__(self, message: str, hint: str = "", *, file: str | None = None) -> None:
+        self.file = file
+        super().__init__(message, hint)
 
 
 class HubResponseError(IntegrityError):

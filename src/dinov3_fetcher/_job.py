@@ -429,7 +429,7 @@ class Job:
     def fail_integrity(self, why: str) -> NoReturn:
         """Raise IntegrityError: the bytes are not the listed file (the partial is discarded)."""
         raise IntegrityError(f"{self.target.name}: {why}; the file was discarded", "run again to re-download it; "
-                             f"if it repeats, {self.fetch.endpoint_var} serves corrupt data")
+                             f"if it repeats, {self.fetch.endpoint_var} serves corrupt data", file=self.target.name)
 
     # -- verification -------------------------------------------------------------------------------
     def hash_all(self) -> str:

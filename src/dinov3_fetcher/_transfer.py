@@ -92,7 +92,8 @@ class Transfer:
         sha = hashlib.sha256(body).hexdigest()
         if len(body) != target.size or (target.sha256 and sha != target.sha256) or (
                 target.git_oid and git_blob_id(body) != target.git_oid):
-            raise IntegrityError(f"{target.name}: the early copy differs from the listing", "run again")
+            raise IntegrityError(f"{target.name}: the early copy differs from the listing", "run again",
+                                 file=target.name)
         folder = self.state.claim(target.identity, target.size)
         try:
             with on_disk(self.state.root):

@@ -23,7 +23,8 @@ sender is seen by every receiver at once and a dead receiver by the sender; the 
 A receiver whose sink fails (disk full) or whose file fails its sha256 keeps relaying (writing nothing more), so
 the others still get their copy and the error reaches every rank. What a sink wrote stays recorded
 (``Sink.close``), so the next run resumes it, unless the sender's own source failed its sha256
-(``IntegrityError``): its abort header then says ``DROP`` and each sink drops its unfinished files. A member
+(``IntegrityError``): its abort header then says ``DROP`` and which file, and each sink drops what it holds of
+that file (of every unfinished file, when the error names none). A member
 that dies (a killed process, a lost node) is seen by its neighbours as a reset: the one after it passes an abort
 down the chain, the one before it stops passing pieces on but keeps receiving, and both tell the sender at once
 (``receiver``), as does the dead member's own control connection (``sender.Inbox``). The sender then stops: an

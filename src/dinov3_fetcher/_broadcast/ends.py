@@ -45,8 +45,9 @@ class Sink(Protocol):
     def close(self) -> None:
         """Record what was written, whatever happened before: the next run resumes from it."""
 
-    # Optional: ``drop()``, called when the sender's source failed its sha256 (the abort says so): forget
-    # every file not completed, its bytes may be as wrong as the source's (``PartialSink.drop``).
+    # Optional: ``drop(name)``, called when the sender's source failed its sha256 (the abort says so): forget
+    # that file (every file not completed when ``name`` is None), its bytes may be as wrong as the source's
+    # (``PartialSink.drop``).
 
 
 class FileSource:
@@ -149,12 +150,13 @@ class PartialSink:
                                  "run again to receive it again; if it repeats, a node's disk or memory is bad")
         self._place(spec, f.folder)
 
-    def drop(self) -> None:
-        """The sender's bytes were wrong (its sha256 failed mid-way): discard every file not completed."""
-        for f in self._open.values():
+    def drop(self, name: str | None = None) -> None:
+        """The sender's bytes of ``name`` were wrong (its sha256 failed mid-way): discard what this node holds of
+        it, if it is not completed; ``name`` None: of every file not completed."""
+        for f in [f for n, f in self._open.items() if name is None or n == name]:
             f.close()
             self._discard(f.folder)
-        self._open.clear()
+            del self._open[f.spec.name]
 
     # -- where the files go: a subclass (the fetcher's own sink, ``node.StateSink``) overrides these -----------
     where = ""  # words naming this node in messages

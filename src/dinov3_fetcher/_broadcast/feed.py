@@ -19,8 +19,8 @@ waits until that sha256 matched (``verified``): no receiver completes a file bef
 prefix already on disk (a resumed download) counts as soon as the job has hashed it; a file rank 0 holds
 already (reused, staged) is ready whole. Every receiver checks each file's sha256 itself as well
 (``ends.PartialSink.complete``, against the listed sha256). A file whose sha256 fails on rank 0 is published
-nowhere: rank 0's IntegrityError aborts the stream with a drop (see the package's docstring), the receivers discard what
-they hold of unfinished files, and every rank raises rank 0's error (the lowest failing rank). ``finish``
+nowhere: rank 0's IntegrityError aborts the stream with a drop of that file (see the package's docstring), the
+receivers discard what they hold of it, and every rank raises rank 0's error (the lowest failing rank). ``finish``
 waits for rank 0's whole fetch (tensor checks, publish) before the verdict of ``send``'s step 4, so a fetch
 that fails after its last byte still fails the job everywhere.
 

@@ -196,12 +196,13 @@ def _take(wire: Wire, prev: int, after: int | None, at: int, sink: Sink, files: 
         writer.put(idx, offset, piece, parts)
 
     try:
-        kind, idx, broken = relay(wire, prev, forward, at, missing, pool, stats, take, on_broken)
+        kind, idx, bad, broken = relay(wire, prev, forward, at, missing, pool, stats, take, on_broken)
     finally:
         writer.stop()  # what was received is written (and recorded by sink.close) even when a neighbour died
     line.show(taken[0], final=True, end="done" if kind == END else "stopped")
     if kind == ABORT and idx == DROP and (drop := getattr(sink, "drop", None)) is not None:
-        drop()  # rank 0's copy failed its sha256: what this node holds of unfinished files may be as wrong
+        drop(files[bad].name if 0 <= bad < len(files) else None)  # rank 0's copy of that file failed its sha256:
+        # what this node holds of it may be as wrong (of every unfinished file, when rank 0 did not say which)
     return writer.error, broken
 
 

@@ -160,16 +160,16 @@ def overlap(ranges: Sequence[Range], start: int, end: int) -> list[Range]:
 
 def relay(wire: Wire, prev: int, forward: Forward | None, position: int, missing: list[list[Range]],
           pool: Pool, stats: NodeStats, take: Callable[[int, int, Piece, list[Range]], None],
-          on_broken: Callable[[], None]) -> tuple[int, int, bool]:
+          on_broken: Callable[[], None]) -> tuple[int, int, int, bool]:
     """A chain member's data step: headers and pieces from ``prev`` until an end or an abort. Each piece's part
     this member misses goes to ``take(idx, offset, piece, parts)`` (which holds the piece until it has written
     it); the piece goes on to ``forward`` if a later member needs it. ``on_broken`` is called as soon as the next
     member is found gone, while pieces still come. The end or abort is passed on (an abort when ``prev`` was
-    gone). Returns the last header's kind and file index, and whether a neighbour was gone."""
+    gone). Returns the last header's kind, file index and offset, and whether a neighbour was gone."""
     dist, group = wire.dist, wire.group
     head = wire.head(DATA)
     told, gone = False, False
-    kind, idx = DATA, -1
+    kind, idx, offset = DATA, -1, 0
     while True:
         try:
             guard(dist.recv, head, src=prev, group=group)
@@ -196,8 +196,8 @@ def relay(wire: Wire, prev: int, forward: Forward | None, position: int, missing
             told = True
             on_broken()
     if gone:
-        kind, idx = ABORT, -1
+        kind, idx, offset = ABORT, -1, 0
     if forward is not None:
-        forward.send(kind, idx)
+        forward.send(kind, idx, offset)
         forward.close()
-    return kind, idx, gone or (forward is not None and forward.broken)
+    return kind, idx, offset, gone or (forward is not None and forward.broken)

@@ -138,7 +138,7 @@ def _stream(wire: Wire, files: list[FileSpec], source: Source, wants: list[list[
     header) or None, and whether the chain broke (a member gone)."""
     pool = Pool(wire.torch, size)
     forward = Forward(wire, first, pool, stats)
-    kind, drop, mine, broke = END, -1, None, False
+    kind, drop, bad, mine, broke = END, -1, -1, None, False
     try:
         for idx, spec in enumerate(files):
             for s, e, last in pieces([w[idx] for w in wants], size):
@@ -159,9 +159,10 @@ def _stream(wire: Wire, files: list[FileSpec], source: Source, wants: list[list[
         kind, broke = ABORT, True
     except BaseException as exc:  # the source failed (or Ctrl-C): every member stops at its next header
         mine, kind = exc, ABORT
-        if isinstance(exc, IntegrityError):  # the source's bytes were wrong: the members drop what they hold
-            drop = DROP
-    forward.send(kind, drop)
+        if isinstance(exc, IntegrityError):  # the source's bytes were wrong: the members drop what they hold of
+            drop = DROP  # that file (of every unfinished one, if the error does not say which)
+            bad = next((i for i, f in enumerate(files) if f.name == exc.file), -1)
+    forward.send(kind, drop, bad)
     forward.close()
     stats.bytes = stats.sent
     return mine, broke or forward.broken

@@ -17,7 +17,8 @@ from .._ranks import NodeStats, is_transport, rebuild
 MiB = 1024 * 1024
 PIECE = 2 * MiB  # the largest piece: small, so that each hop of the chain adds little (2 MiB at 25 MB/s: 0.08 s)
 DATA, END, ABORT = 0, 1, 2  # a header's kind: a piece follows; the data step is over; it stopped (a failure)
-DROP = -2  # an abort header's file index when the source's bytes were wrong (IntegrityError)
+DROP = -2  # an abort header's file index when the source's bytes were wrong (IntegrityError); its offset is
+# then the index of the file whose bytes were (-1: any unfinished file's may be)
 POLL = 0.05  # seconds between two looks at the source's ready frontier
 BROKEN = ("the broadcast of the teacher's files broke off: a rank of the transfer group stopped "
           "(killed, out of memory, or its node failed)")
@@ -109,7 +110,8 @@ class Wire:
 
     def head(self, kind: int, idx: int = -1, offset: int = 0, n: int = 0, last: int = -1) -> Any:
         """A header: its kind, and for a piece the file's index, the offset, the length and the position in the
-        chain of the last member that needs it (an abort's index: DROP or -1)."""
+        chain of the last member that needs it (an abort's index: DROP or -1; a drop's offset: the wrong file's
+        index, or -1)."""
         return self.torch.tensor([kind, idx, offset, n, last], dtype=self.torch.int64)
 
 
