@@ -831,32 +831,43 @@ def test_a_users_files_on_a_receiving_node_are_refused_there_before_any_byte_mov
 
 
 @needs_torch
-def test_ctrl_c_on_a_receiver_gives_every_rank_its_error_and_the_rerun_completes(
+def test_ctrl_c_on_a_receiver_ends_the_job_at_once_with_its_error_on_every_rank_and_the_rerun_completes(
         hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
     job = Job(tmp_path)  # the chain: rank 0 -> node 1 -> node 2
-    fetch_dinov3(job.root(0), MODEL)  # rank 0 sends from its disk
-    sha = hashlib.sha256(model[WEIGHTS]).hexdigest()
-    # A receiver that left rank 0 waiting would end the job at fetch_once's timeout, with a NetworkError.
-    procs, results = job.run(timeout=30, node={"1": {"ctrl_c_at": 512 * KiB}})
+    size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
+    pause = 2 * 1024 * KiB
+    hub.faults.add(pause_at=pause, path_suffix=WEIGHTS, times=1)
+    served: list[int] = []
+
+    def ended() -> bool:  # every rank answered, while the Hub still holds back the rest of rank 0's download
+        if len(list(tmp_path.glob(f"run{job.runs}/rank*.json"))) < 3:
+            return False
+        served.append(hub.bytes_served(WEIGHTS))
+        return True
+
+    # Ctrl-C on node 1 once it has written 512 KiB of the weights: rank 0 hears of it at once and stops sending
+    # and downloading (a rank 0 that learnt it only at the end of its download would wait for the Hub for good)
+    (procs, results), _ = _while_paused(job, hub, ended, node={"1": {"ctrl_c_at": 512 * KiB}})
+    assert served == [pause], _stderr(procs)
     assert sorted(results) == [0, 1, 2], _stderr(procs)
     assert {r["type"] for r in results.values()} == {"FetchInterrupted"}, results
     assert len({(r["message"], r["hint"]) for r in results.values()}) == 1
     assert [p.returncode for p in procs] == [130, 130, 130]
     left = {}
-    for node in (1, 2):  # nothing published; what each node verified or wrote is kept for the rerun
+    for node in (1, 2):  # nothing published; what each node wrote is recorded for the rerun
         assert not (job.root(node) / WEIGHTS).exists()
         assert not (job.root(node) / ".dinov3-fetcher" / "manifest.json").exists()
-        staged = list(job.root(node).glob(f".dinov3-fetcher/staged/*/{sha}.{WEIGHTS}"))
         recorded = list(job.root(node).glob(f".dinov3-fetcher/partial/{sha}*/progress.json"))
-        left[node] = 0 if staged else _left(job.root(node), sha) if recorded else len(model[WEIGHTS])
-    assert left[1] <= len(model[WEIGHTS]) - 512 * KiB  # node 1 kept what it wrote before it was interrupted
+        left[node] = _left(job.root(node), sha) if recorded else size
+    assert left[1] <= size - 512 * KiB  # node 1 kept what it wrote before it was interrupted
 
+    hub.clear()
     procs, results = job.run()
     assert all(p.returncode == 0 for p in procs), _stderr(procs)
     for node in (1, 2):
         assert results[0]["nodes"][str(node)]["files"].get(WEIGHTS, 0) == left[node]  # only the rest
         _same_checkpoint(job, node, model)
-    assert hub.bytes_served(WEIGHTS) == len(model[WEIGHTS])  # rank 0's one download, before the job
+    assert hub.bytes_served(WEIGHTS) == size - pause  # rank 0 resumed its own partial
 
 
 @needs_torch
