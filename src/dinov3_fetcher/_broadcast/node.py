@@ -55,6 +55,8 @@ class StateSink(PartialSink):
         (``StateDir.check_foreign``: refused, or adopted when they are exactly the listed bytes)."""
         from .._fetch import ready
 
+        if "records" not in meta:  # rank 0 failed before it had a list: nothing is sent, its error is the job's
+            return
         if not self._entered:
             self._entered = True
             self.commit = str(meta["commit"])
