@@ -542,25 +542,33 @@ def test_a_relay_whose_disk_fills_up_keeps_relaying_every_rank_raises_its_error_
     assert hub.bytes_served(WEIGHTS) == size
 
 
+def _ended_while_rank_0_is_held(job: Job, hub: HubServer, tmp_path: Path, answering: int,
+                                node: dict[str, dict[str, int]]) -> tuple[Any, Any, int]:
+    """Run ``job`` with ``node``'s fault while the Hub holds back rank 0's download after its first 2 MiB; the
+    job must end (``answering`` ranks answered) while it is still held: (procs, results, the bytes served)."""
+    pause = 2 * 1024 * KiB
+    hub.faults.add(pause_at=pause, path_suffix=WEIGHTS, times=1)
+    served: list[int] = []
+
+    def ended() -> bool:
+        if len(list(tmp_path.glob(f"run{job.runs}/rank*.json"))) < answering:
+            return False
+        served.append(hub.bytes_served(WEIGHTS))
+        return True
+
+    (procs, results), _ = _while_paused(job, hub, ended, node=node)
+    assert served == [pause], _stderr(procs)  # the job ended while rank 0's download was held back
+    return procs, results, pause
+
+
 @needs_torch
 def test_a_relay_killed_mid_transfer_ends_the_job_at_once_on_every_rank_and_the_rerun_completes(
         hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
     job = Job(tmp_path)  # the chain: rank 0 -> node 1 -> node 2
     size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
-    pause = 2 * 1024 * KiB
-    hub.faults.add(pause_at=pause, path_suffix=WEIGHTS, times=1)
-    served: list[int] = []
-
-    def ended() -> bool:  # every rank but the dead one answered, while the Hub still holds back the rest
-        if len(list(tmp_path.glob(f"run{job.runs}/rank*.json"))) < 2:
-            return False
-        served.append(hub.bytes_served(WEIGHTS))
-        return True
-
     # node 1 dies once it has written a MiB of the weights: rank 0 and node 2 see a reset; rank 0 stops sending
     # and its own download (a 27 GB file would not be finished first); node 2, behind it, does not hang
-    (procs, results), _ = _while_paused(job, hub, ended, node={"1": {"die_at": 1024 * KiB}})
-    assert served == [pause], _stderr(procs)  # the job ended while rank 0's download was held back
+    procs, results, pause = _ended_while_rank_0_is_held(job, hub, tmp_path, 2, {"1": {"die_at": 1024 * KiB}})
     assert sorted(results) == [0, 2] and procs[1].returncode == -9, _stderr(procs)
     assert {(r["type"], r["message"]) for r in results.values()} == {("NetworkError", BROKEN)}
     for node in (1, 2):
@@ -835,20 +843,9 @@ def test_ctrl_c_on_a_receiver_ends_the_job_at_once_with_its_error_on_every_rank_
         hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
     job = Job(tmp_path)  # the chain: rank 0 -> node 1 -> node 2
     size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
-    pause = 2 * 1024 * KiB
-    hub.faults.add(pause_at=pause, path_suffix=WEIGHTS, times=1)
-    served: list[int] = []
-
-    def ended() -> bool:  # every rank answered, while the Hub still holds back the rest of rank 0's download
-        if len(list(tmp_path.glob(f"run{job.runs}/rank*.json"))) < 3:
-            return False
-        served.append(hub.bytes_served(WEIGHTS))
-        return True
-
     # Ctrl-C on node 1 once it has written 512 KiB of the weights: rank 0 hears of it at once and stops sending
     # and downloading (a rank 0 that learnt it only at the end of its download would wait for the Hub for good)
-    (procs, results), _ = _while_paused(job, hub, ended, node={"1": {"ctrl_c_at": 512 * KiB}})
-    assert served == [pause], _stderr(procs)
+    procs, results, pause = _ended_while_rank_0_is_held(job, hub, tmp_path, 3, {"1": {"ctrl_c_at": 512 * KiB}})
     assert sorted(results) == [0, 1, 2], _stderr(procs)
     assert {r["type"] for r in results.values()} == {"FetchInterrupted"}, results
     assert len({(r["message"], r["hint"]) for r in results.values()}) == 1
