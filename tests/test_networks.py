@@ -198,7 +198,9 @@ def test_xet_bridge_signed_per_range_keeps_every_stream(hub: HubServer, dino_roo
     assert (dino_root / "model.safetensors").read_bytes() == big["model.safetensors"]
     cdn = [r for r in hub.file_gets("model.safetensors") if r.host == "cdn"]
     assert [r for r in cdn if r.status == 200] == []  # never the whole file on one connection
-    assert len([r for r in cdn if r.status == 206]) >= 4  # the pieces, each on its own signature
+    # the pieces, each on its own signature, more than one stream's (how many depends on the rate the streams
+    # see: a file known to need a signature per range takes longer pieces)
+    assert len([r for r in cdn if r.status == 206]) >= 2
 
 
 def test_xet_bridge_signed_per_range_resolves_few_times(hub: HubServer, dino_root: Path,
