@@ -180,11 +180,10 @@ def disk_error(exc: OSError, root: Path, doing: str = "", hint: str = "") -> OSE
         why = "it is on a read-only filesystem" if code == errno.EROFS else exc.strerror
         return ConfigError(f"cannot write in {root}: {why} ({where})",
                            "make dino_root writable, or point train.dino_root (--dino-root) at a writable folder")
-    if code in (errno.EEXIST, errno.EISDIR, errno.ENOTEMPTY) and exc.filename:
-        return ConfigError(f"cannot use {root} as dino_root: {_NOT_A_FOLDER[code]} ({name} on {where})",
-                           f"remove {where} (the fetch makes it itself) and run again")
     if code in _NOT_A_FOLDER:
+        taken = code in (errno.EEXIST, errno.EISDIR, errno.ENOTEMPTY) and exc.filename  # a name in the way
         return ConfigError(f"cannot use {root} as dino_root: {_NOT_A_FOLDER[code]} ({name} on {where})",
+                           f"remove {where} (the fetch makes it itself) and run again" if taken else
                            "point train.dino_root (or --dino-root) at a folder on a local or network disk, "
                            "e.g. ./dinov3")
     full = disk_full(exc, root, doing or f"writing {where}", hint or f"free space (or files: inodes may be used "
