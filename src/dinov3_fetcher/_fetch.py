@@ -151,7 +151,7 @@ def fetch(req: FetchRequest, *, update: bool = False, progress: Progress | None 
                       observer=observer)
     except OSError as exc:
         if isinstance(exc, FetcherError) or not exc.filename or \
-                not os.path.abspath(os.fsdecode(exc.filename)).startswith(str(req.dino_root)):
+                not Path(os.path.abspath(os.fsdecode(exc.filename))).is_relative_to(req.dino_root):
             raise
         raise disk_error(exc, req.dino_root) from exc
 
