@@ -35,7 +35,7 @@ from ._ranks import (
     gloo_group,
     leaders,
     outcome,
-    rebuild,
+    raise_failure,
 )
 from ._registry import DEFAULT_MODEL
 
@@ -78,9 +78,7 @@ def any_rank(flag: bool, timeout: float = 600.0, error: BaseException | None = N
         destroy(dist, group)
     failure = next((f[1] for f in flags if f is not None and f[1] is not None), None)
     if failure is not None:
-        if error is not None and failure["rank"] == rank:
-            raise error
-        raise rebuild(failure)
+        raise_failure(failure, error, rank)
     return any(f is not None and f[0] for f in flags)
 
 
@@ -183,6 +181,4 @@ def fetch_once(
         destroy(dist, group)
     if failure is None:
         return JobResult(path) if details else path
-    if mine is not None and failure["rank"] == rank:
-        raise mine
-    raise rebuild(failure)
+    raise_failure(failure, mine, rank)

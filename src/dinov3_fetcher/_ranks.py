@@ -15,14 +15,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 from . import _errors as errors
 from ._config import FetchRequest
 from ._errors import FetcherError, VerificationError
 
 __all__ = ["STOPPED", "Call", "JobResult", "NodeStats", "agree", "check_fetched", "collective", "destroy",
-           "first_failure", "gloo_group", "is_transport", "leaders", "outcome", "rebuild"]
+           "first_failure", "gloo_group", "is_transport", "leaders", "outcome", "raise_failure", "rebuild"]
 
 
 @dataclass
@@ -71,6 +71,14 @@ def outcome(exc: BaseException | None, rank: int) -> dict[str, Any] | None:
         except Exception:
             out["pickled"] = None
     return out
+
+
+def raise_failure(failure: dict[str, Any], mine: BaseException | None, rank: int) -> NoReturn:
+    """Raise the job's failure on this rank: its own exception where it is the failing rank, else the rebuilt
+    one."""
+    if mine is not None and failure["rank"] == rank:
+        raise mine
+    raise rebuild(failure)
 
 
 def rebuild(out: dict[str, Any]) -> BaseException:

@@ -33,7 +33,7 @@ from types import ModuleType
 from typing import Any
 
 from .._config import FetchRequest
-from .._ranks import JobResult, check_fetched, collective, destroy, first_failure, outcome, rebuild
+from .._ranks import JobResult, check_fetched, collective, destroy, first_failure, outcome, raise_failure
 from .feed import merge, serve
 from .node import StateSink
 from .receiver import Stop, receive
@@ -123,9 +123,7 @@ def fetch_broadcast(dist: ModuleType, group: Any, req: FetchRequest, members: li
         if rank in members:
             destroy(dist, bgroup)
     if failure is not None:
-        if mine is not None and failure["rank"] == rank:
-            raise mine
-        raise rebuild(failure)
+        raise_failure(failure, mine, rank)
     if not details:
         return req.dino_root
     commit, nodes = shared[0] or ("", {})

@@ -71,8 +71,7 @@ class StateSink(PartialSink):
                 self.unlock()  # nothing to write here: another node sharing this dino_root may take the lock
         if self.warm or self.deferred:
             return
-        listed = {n: FileRecord(int(s), str(h), g) for n, (s, h, g) in {**meta.get("later", {}),
-                                                                         **meta["records"]}.items()}
+        listed = _records({**meta.get("later", {}), **meta["records"]})
         self.state.check_foreign(list(listed), listed, (self.old,), self.adopted)
 
     def _held(self, spec: FileSpec) -> bool:
@@ -138,7 +137,7 @@ class StateSink(PartialSink):
         if self.warm or self.deferred:
             return
         meta = report.meta
-        records = {n: FileRecord(int(s), str(h), g) for n, (s, h, g) in meta["records"].items()}
+        records = _records(meta["records"])
         if (lost := [f.name for f in report.files if f.name not in self.paths]):
             raise VerificationError(f"the broadcast ended without {', '.join(lost)} on {socket.gethostname()}",
                                     "run the job again")
@@ -180,3 +179,8 @@ class StateSink(PartialSink):
 
     def unlock(self) -> None:
         self._stack.close()
+
+
+def _records(sent: dict[str, Any]) -> dict[str, FileRecord]:
+    """The file records of rank 0's list as the wire carries them: name -> (size, sha256, git blob id)."""
+    return {n: FileRecord(int(s), str(h), g) for n, (s, h, g) in sent.items()}
