@@ -8,12 +8,12 @@ import contextlib
 import hashlib
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from .._errors import IntegrityError, disk_error
-from .._state import open_data, remaining, save_progress
+from .._errors import IntegrityError
+from .._state import on_disk, open_data, remaining, save_progress
 from .wire import FileSpec, MiB, Range, check_ranges
 
 __all__ = ["FileSource", "OpenFile", "PartialSink", "Sink", "Source", "same_size"]
@@ -119,16 +119,11 @@ class PartialSink:
         with self.receiving(spec):
             return OpenFile(spec, folder, ranges)
 
-    @contextlib.contextmanager
-    def receiving(self, spec: FileSpec) -> Iterator[None]:
-        """Around the system calls that write ``spec``, and nothing else (a FetcherError raised in a sink's own
-        code passes unchanged): an OSError becomes what it means for the user (``_errors.disk_error``: the disk
-        filled up while receiving it, a folder that cannot be written)."""
-        try:
-            yield
-        except OSError as exc:
-            raise disk_error(exc, self.final_root, f"receiving {spec.name}",
-                             "free space in dino_root and run the job again: the transfer resumes") from None
+    def receiving(self, spec: FileSpec) -> contextlib.AbstractContextManager[None]:
+        """Around the system calls that write ``spec``, and nothing else: ``_state.on_disk``, its disk-full
+        message naming the file being received."""
+        return on_disk(self.final_root, f"receiving {spec.name}",
+                       "free space in dino_root and run the job again: the transfer resumes")
 
     def write(self, spec: FileSpec, offset: int, data: memoryview) -> None:
         f = self._file(spec)

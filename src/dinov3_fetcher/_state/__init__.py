@@ -64,14 +64,15 @@ def fits(needed: int, free: int) -> bool:
 
 
 @contextlib.contextmanager
-def on_disk(root: Path) -> Iterator[None]:
+def on_disk(root: Path, doing: str = "", hint: str = "") -> Iterator[None]:
     """Around system calls on dino_root's filesystem, and nothing else (nothing inside raises a FetcherError):
     an OSError they raise becomes what it means for the user (``_errors.disk_error``: no space, a folder that
-    cannot be written)."""
+    cannot be written); ``doing`` and ``hint`` word the disk-full message (default: writing the file it names;
+    free space in ``root``)."""
     try:
         yield
     except OSError as exc:
-        raise disk_error(exc, root) from None
+        raise disk_error(exc, root, doing, hint) from None
 
 
 class StateDir:
