@@ -385,10 +385,11 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
         order = [p.name for p in planned if p.name in weights]
         get: Callable[[str], Path] = run.fetch_file
         if observer is not None:  # before the weights' transfer
-            observer.planned(FetchPlan(snap.commit, source.name, env.display_origin(source.endpoint),
-                                       {**run.records, **{n: run.expected(n) for n in order}}, order,
+            records = {**run.records, **{n: run.expected(n) for n in order}}
+            official = check_official(req.model, records).official if all(records[n].sha256 for n in order) else None
+            observer.planned(FetchPlan(snap.commit, source.name, env.display_origin(source.endpoint), records, order,
                                        {p.name: run.expected(p.name) for p in planned if p.name not in weights},
-                                       dict(run.paths), transfer.cancel, snap.site_revision))
+                                       dict(run.paths), transfer.cancel, official, snap.site_revision))
             get = _telling(run, observer)
         _fetch_weights(run, order, FILES_AT_ONCE, get, beside=[p.name for p in planned if p.name not in weights])
         tensors: dict[str, TensorInfo] = {}

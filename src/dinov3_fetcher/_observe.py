@@ -5,7 +5,8 @@ values only, so that the fetch never depends on who observes it:
 
 - ``planned(plan)`` once the listing is read and the small files (config, preprocessor, index) are fetched and
   verified, before the weights' transfer: the commit, where it comes from, each file's expected record, the
-  weights in download order, the files already verified on disk, and an Event that stops the fetch;
+  weights in download order, the files already verified on disk, an Event that stops the fetch, and whether
+  the weights are Meta's release;
 - ``started(name, size, sha256, download)`` as each weight file's download starts (the head start's too):
   ``download.fd`` is its data file (the same inode through the moves to staged and into dino_root) and every byte
   below ``download.hashed`` is on disk for good and has been hashed;
@@ -40,6 +41,8 @@ class FetchPlan:
     # gives only the git id): fetched beside the weights, verified when it returns
     held: dict[str, Path]  # the files verified on disk already (config, preprocessor, index)
     cancel: threading.Event  # set: every download stops at once and the fetch raises FetchInterrupted
+    official: bool | None  # by ``records``: the weights are Meta's release (True), are not (False), as the manifest
+    # will say (``_registry.check_official``); None: unknown, or a weight's sha256 is not listed
     site_revision: str = ""  # as the manifest records it (ModelScope: the newest commit of its listing)
 
 

@@ -46,7 +46,6 @@ from .._errors import FetcherError, VerificationError
 from .._manifest import FileRecord, Manifest
 from .._observe import Download, FetchPlan
 from .._ranks import NodeStats
-from .._registry import check_official
 from .._state import StateDir
 from .ends import FileSource
 from .sender import send
@@ -107,8 +106,7 @@ class Feed(FileSource):
         if any(not records[n].sha256 for n in plan.weights):  # a weight listed without its sha256 (a mirror):
             return  # sent once the fetch is done
         order = sorted(n for n in records if n not in plan.weights) + plan.weights
-        official = check_official(self.req.model, records).official  # as the manifest will say (the same records)
-        meta = {**_meta(plan.commit, plan.source, plan.endpoint, records, plan.site_revision, official),
+        meta = {**_meta(plan.commit, plan.source, plan.endpoint, records, plan.site_revision, plan.official),
                 "more": bool(plan.later), "later": _records(plan.later)}
         with self.cond:
             self.plan = plan
