@@ -270,7 +270,6 @@ def _fetch_weights(run: Run, names: list[str], files_at_once: int, get: Callable
     errors: list[BaseException] = []
     failed = threading.Event()
     ended = threading.Event()  # a worker ended: the wait below wakes at once (not at its next poll)
-    running = [at_once + 1]
 
     def worker(queue: list[str], fetch: Callable[[str], Path]) -> None:
         try:
@@ -287,40 +286,33 @@ def _fetch_weights(run: Run, names: list[str], files_at_once: int, get: Callable
                     failed.set()
                     return
         finally:
-            with lock:
-                running[0] -= 1
             ended.set()
 
-    threads = [threading.Thread(target=worker, args=(todo, get), daemon=True, name=f"file-{i}")
-               for i in range(at_once)]
     small = threading.Thread(target=worker, args=(list(beside or []), run.fetch_file), daemon=True,
                              name="file-small")
+    workers = [*(threading.Thread(target=worker, args=(todo, get), daemon=True, name=f"file-{i}")
+                 for i in range(at_once)), small]
     try:
-        for t in [*threads, small]:
+        for t in workers:
             t.start()
         while True:
             ended.clear()
-            with lock:
-                if not running[0]:
-                    break
-            if not failed.is_set():
-                ended.wait(0.2)
-                continue
+            if failed.is_set() or not any(t.is_alive() for t in workers):
+                break
+            ended.wait(0.2)
+        if failed.is_set():
             # The first error stops the others; a small file under way ends first (a request or two), so
             # that it is staged whole rather than left half-written beside the weights' partial data.
             small.join(_SMALL_GRACE)
-            break
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C (or anything else that ends this wait): every download stops, progress kept
         transfer.cancel.set()
-        for t in [*threads, small]:
+        raise
+    finally:
+        if errors:
+            transfer.cancel.set()
+        for t in workers:
             while t.is_alive():
                 t.join(0.2)
-        raise
-    if errors:
-        transfer.cancel.set()
-    for t in [*threads, small]:
-        while t.is_alive():
-            t.join(0.2)
     if errors:  # the cause, not the FetchInterrupted that the cancel gave the other download
         raise next((e for e in errors if not isinstance(e, FetchInterrupted)), errors[0])
 
