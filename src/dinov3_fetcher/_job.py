@@ -495,12 +495,13 @@ class _Flusher:
             self.error = exc
 
     def join(self) -> None:
+        """Wait for the writeback under way, if any: on every way out of the hashing, before the file is closed."""
         if self.thread is not None:
             self.thread.join()
 
     def finish(self) -> None:
-        """The whole file is verified: what is not written back yet, now; OSError if a writeback failed."""
-        self.join()
+        """The whole file is verified and ``join`` has returned: what is not written back yet, now; OSError if a
+        writeback failed."""
         if self.error is not None:
             raise self.error
         os.fdatasync(self.fd)
