@@ -105,6 +105,7 @@ class StateDir:
 
     def write_manifest(self, manifest: Manifest) -> None:
         """Replace manifest.json atomically and durably: its bytes, then its name (the state folder) on the disk."""
+        self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.manifest_path, manifest.to_json())
         sync_dir(self.path)
 

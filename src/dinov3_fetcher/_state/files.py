@@ -9,20 +9,22 @@ import secrets
 import shutil
 from pathlib import Path
 
-from .owners import PROGRESS_PAGE
+PROGRESS_PAGE = 4096  # progress.json is padded to one page, so that it can be rewritten in place
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old content or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def atomic_write_bytes(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Write ``data`` to ``path``, in a folder that exists, so that readers see the old content or the new one,
+    never a mix. ``sync``: the bytes are on the disk before the name points at them; without, a crash may lose
+    the new content (for a note that costs only time when lost)."""
     # Not mkstemp: its 0600 would ignore the umask (a trainer running as another user could not read the file).
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

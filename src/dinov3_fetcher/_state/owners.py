@@ -26,8 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import _env as env
-
-PROGRESS_PAGE = 4096  # progress.json is padded to one page, so that it can be rewritten in place
+from .files import atomic_write_bytes
 
 
 def host() -> str:
@@ -112,17 +111,8 @@ class _Notebook:
         self.notes = {k: v for k, v in self.notes.items() if (state / k).is_dir()}  # forget removed folders
         data = json.dumps({"boot": self.boot, "seen": {k: [b.hex() if b is not None else None, t]
                                                       for k, (b, t) in sorted(self.notes.items())}})
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}")
-        with contextlib.suppress(OSError):
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
-                         0o666)
-            try:
-                os.write(fd, data.encode())
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a note not written only restarts a watch
+            atomic_write_bytes(self.path, data.encode(), sync=False)
 
 
 class _Heartbeats:
