@@ -735,7 +735,7 @@ class HubServer:
         self.endpoint = f"{scheme}://{hosts[0]}:{self._servers[0].server_address[1]}"
         self.cdn_endpoint = f"{scheme}://{hosts[1]}:{self._servers[1].server_address[1]}"
         for s in self._servers:
-            threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+            threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.005}, daemon=True).start()
 
     def add_repo(self, repo_id: str, files: Mapping[str, bytes | Path], *, branch: str = "main",
                  gated: bool = False, private: bool = False, lfs_redirect: bool = True,

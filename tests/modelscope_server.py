@@ -316,7 +316,7 @@ class ModelScopeServer:
         self.endpoint = f"http://127.0.0.1:{self._servers[0].server_address[1]}"
         self.storage_endpoint = f"http://127.0.0.3:{self._servers[1].server_address[1]}"
         for s in self._servers:
-            threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+            threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.005}, daemon=True).start()
 
     # ---------- content ----------
     def add_repo(self, repo_id: str, files: Mapping[str, bytes | Path], revision: str = "master", *,

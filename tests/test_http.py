@@ -163,7 +163,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 @pytest.fixture
 def proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Proxy]:
     server = _Proxy()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.005}, daemon=True)
     thread.start()
     monkeypatch.setenv("NO_PROXY", "")
     monkeypatch.delenv("no_proxy", raising=False)

@@ -54,7 +54,7 @@ class RequestError(Exception):
         super().__init__(without_url_secrets(text, *([url, _path(url)] if url else [])))
 
 
-@dataclass
+@dataclass(eq=False)  # one answer is one connection: compared (and hashed) by identity
 class Answer:
     """An HTTP answer: its response (the body still to read, unless it came from ``HttpPool.head``), the URL
     that gave it (after redirects), the connection it holds until ``HttpPool.finish``, and its timing.
@@ -89,6 +89,18 @@ class Answer:
             return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
         except OSError:
             return 0
+
+    def cut(self) -> None:
+        """End a read of this answer under way in another thread at once (it sees the connection closed): a
+        download that is stopping waits for no stalled read. Only the socket's data flow is shut, not the socket
+        (whose owner closes it, once)."""
+        import contextlib
+        import socket
+
+        sock = self.conn.sock if self.conn is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed, or never connected
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the TCP socket's own: a TLS socket's drops its state
 
     def read(self, amt: int | None = None) -> bytes:
         """Up to ``amt`` bytes of the body (all of it when None); RequestError if the connection fails."""

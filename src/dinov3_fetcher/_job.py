@@ -89,6 +89,7 @@ class Job:
         self.whole_file = False
         self.no_ranges = False  # the server refuses ranged requests from a fresh URL: the whole file, no Range
         self.inflight: list[int] = []  # offsets of pwrites under way (the hasher stays below them)
+        self.reading: set[Answer] = set()  # the answers the workers read now (``cut_reads``)
         self.unsaved = 0  # bytes written since progress.json was last rewritten
         self.saved_at = time.monotonic()
         self.save_lock = threading.Lock()
@@ -280,6 +281,8 @@ class Job:
             answer = self.fetch.redirects.get(self.fetch.pool, self.target.url, headers)
         except RequestError as exc:  # refused, DNS, TLS, no headers
             raise TryAgain(str(exc)) from None
+        with self.lock:
+            self.reading.add(answer)
         try:
             self.fetch.budget.first_byte(answer.seconds_per_trip())
             self.check_response(answer, seg, headers)
@@ -292,7 +295,16 @@ class Job:
         except RequestError as exc:  # the connection failed while the body was read
             raise TryAgain(str(exc)) from None
         finally:
+            with self.lock:
+                self.reading.discard(answer)
             self.fetch.pool.finish(answer)
+
+    def cut_reads(self) -> None:
+        """The job is stopping (an error, a cancel): end every read under way now, so that no worker waits for a
+        stalled server to send its next byte (or for the read timeout)."""
+        with self.lock:
+            for answer in self.reading:
+                answer.cut()
 
     def check_response(self, answer: Answer, seg: _Segment, headers: dict[str, str]) -> None:
         """Raise what a non-200/206 answer means: a retry (429, 5xx, an expired signed URL) or the source's error."""

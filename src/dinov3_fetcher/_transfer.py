@@ -144,6 +144,8 @@ class Transfer:
             finally:
                 # On an error or Ctrl-C, a worker stuck in a stalled read must not hold up the exit for the
                 # whole read timeout: give the workers 2 s, then leave them (daemon threads) and their fds open.
+                if job.error is not None or self.cancel.is_set():
+                    job.cut_reads()
                 deadline = time.monotonic() + 2.0
                 for w in workers:
                     while w.is_alive() and ((job.error is None and not self.cancel.is_set())
