@@ -29,6 +29,12 @@ from checkpoints import vit_repo_files
 from hub_server import HubServer
 from modelscope_server import ModelScopeServer
 
+# torch's thread pool (OpenMP) spin-waits for work; with the suite's workers and their subprocesses sharing the
+# machine's cores, that spinning costs more CPU than the tests' tensors. The tests check outcomes, not speed: one
+# thread in this process and in every process it starts (set before anything imports torch).
+for _threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_threads, "1")
+
 TINY = "tiny-org/dinov3-vit-tiny"
 GRANTED, NOTGRANTED = "hf_valid_granted", "hf_valid_notgranted"
 _OUR_ENV = ("HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DOWNLOAD_TIMEOUT",

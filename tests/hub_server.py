@@ -785,6 +785,16 @@ class HubServer:
                 and (path_suffix is None or r.path.partition("?")[0].endswith(path_suffix)
                      or (r.file is not None and r.file.endswith(path_suffix)))]
 
+    def ended_bodies(self, path_suffix: str | None = None, timeout: float = 30.0) -> list[Request]:
+        """The file GETs that sent a body (200/206), once each has ended (``done`` set): a client may read the last
+        byte before the server's thread notes the end, so this waits for those notes (bounded by ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            bodies = [r for r in self.file_gets(path_suffix) if r.status in (200, 206)]
+            if all(r.done is not None for r in bodies) or time.monotonic() > deadline:
+                return bodies
+            time.sleep(0.005)
+
     def bytes_served(self, path_suffix: str | None = None) -> int:
         return sum(r.body_bytes for r in self.file_gets(path_suffix))
 

@@ -31,6 +31,8 @@ needs_torch = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None,
     reason="torch is not installed (the [load] extra): run bash .ci/install-load-extra.sh",
 )
+# Under pytest-xdist, the tests whose ranks are forked run on one worker: one fork server imports torch once.
+pytestmark = pytest.mark.xdist_group("forked-ranks")
 
 MiB = 1024 * 1024
 PIECE = 1 * MiB  # small pieces, so that a few MB make several

@@ -484,7 +484,7 @@ def test_small_files_do_not_wait_for_the_weights_streams(hub: HubServer, dino_ro
     monkeypatch.setenv("DINOV3_FETCHER_CONNECTIONS", "1")
     fetch(dino_root, TINY)
     assert (dino_root / "model.safetensors").read_bytes() == files["model.safetensors"]
-    weights_done = max(r.done or 0.0 for r in hub.file_gets("model.safetensors"))
+    weights_done = max(r.done or 0.0 for r in hub.ended_bodies("model.safetensors"))
     for name in ("preprocessor_config.json", "README.md", "LICENSE.md"):
         (asked,) = [r for r in hub.requests if r.path.endswith("/" + name)]
         assert asked.t < weights_done, name
@@ -493,7 +493,7 @@ def test_small_files_do_not_wait_for_the_weights_streams(hub: HubServer, dino_ro
 def _max_concurrent_bodies(hub: HubServer) -> int:
     """The most weight-file answers the server was sending at once (from each GET's arrival and its last byte)."""
     events = []
-    for r in hub.file_gets(".safetensors"):
+    for r in hub.ended_bodies(".safetensors"):
         if r.body_bytes and r.done is not None:
             events += [(r.t, 1), (r.done, -1)]
     most = now = 0

@@ -30,6 +30,8 @@ needs_torch = pytest.mark.skipif(
     importlib.util.find_spec("torch") is None,
     reason="torch is not installed (the [load] extra): run bash .ci/install-load-extra.sh",
 )
+# Under pytest-xdist, the tests whose ranks are forked run on one worker: one fork server imports torch once.
+pytestmark = pytest.mark.xdist_group("forked-ranks")
 
 GATED = "tiny-org/dinov3-vit-gated"
 WORKER = """\
