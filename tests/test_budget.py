@@ -3,6 +3,7 @@ budget for a whole fetch, head start included, counted at the emulator. No wall-
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import threading
@@ -29,6 +30,7 @@ from dinov3_fetcher._budget import (
     Budget,
     Rule,
 )
+from dinov3_fetcher._errors import FetchInterrupted
 from dinov3_fetcher._http import HttpPool
 from dinov3_fetcher._job import Target
 from dinov3_fetcher._progress import Progress
@@ -369,10 +371,10 @@ def test_settings_fixed_only_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not Budget.for_connections(None, 16).rule.fixed
 
 
-def _download(hub: HubServer, tmp_path: Path, budget: Budget, data: bytes,
-              min_split: int) -> tuple[Transfer, threading.Thread, list[Downloaded]]:
+def _download(hub: HubServer, tmp_path: Path, budget: Budget, data: bytes, min_split: int,
+              timeout: float = 10) -> tuple[Transfer, threading.Thread, list[Downloaded]]:
     """``data`` as TINY's model.safetensors, downloaded over ``budget`` in a thread (started; ``got`` holds its
-    result once it ends)."""
+    result once it ends, ``failed`` of the transfer's what it raised); ``timeout``: the reads' timeout."""
     hub.add_repo(TINY, {"config.json": b"{}", "model.safetensors": data})
     state = StateDir(tmp_path / "root")
     state.ensure()
@@ -380,14 +382,42 @@ def _download(hub: HubServer, tmp_path: Path, budget: Budget, data: bytes,
     def refuse(status: int, headers: dict[str, str], body: bytes, url: str) -> NoReturn:
         raise AssertionError(f"HTTP {status} from {url}")
 
-    transfer = Transfer(replace(Settings(), min_split=min_split), HttpPool(10, "test"), state,
+    transfer = Transfer(replace(Settings(), min_split=min_split), HttpPool(timeout, "test"), state,
                         Progress(quiet=True), refuse, budget=budget)
     sha = hashlib.sha256(data).hexdigest()
     target = Target("model.safetensors", f"{hub.endpoint}/{TINY}/resolve/main/model.safetensors", len(data), sha, sha)
     got: list[Downloaded] = []
-    t = threading.Thread(target=lambda: got.append(transfer.download(target)))
+
+    def run() -> None:
+        with contextlib.suppress(FetchInterrupted):  # the test cancelled it
+            got.append(transfer.download(target))
+
+    t = threading.Thread(target=run)
     t.start()
     return transfer, t, got
+
+
+def test_a_cancelled_download_ends_every_read_while_the_server_still_holds_the_answer(hub: HubServer,
+                                                                                     tmp_path: Path) -> None:
+    # Ctrl-C (the transfer's cancel) ends the streams' reads at once: no stream is left waiting for a server that
+    # holds its answer, with its connection open, until the read timeout (600 s here).
+    data = bytes(range(256)) * (8 * 4096)  # 8 MiB: 8 pieces of 1 MiB
+    hub.faults.add(path_suffix="model.safetensors", host="cdn", pause_at=3 * 1024 * 1024)  # that piece is held
+    budget = Budget(Rule(start=2, cap=2, fixed=True), block=64 * 1024)
+    before = set(threading.enumerate())
+    transfer, t, got = _download(hub, tmp_path, budget, data, min_split=1024 * 1024, timeout=600)
+    while not hub.paused.is_set():
+        assert t.is_alive()
+        time.sleep(0.01)
+    streams = [w for w in threading.enumerate() if w not in before and w.name.startswith("fetch-")]
+    assert streams
+    transfer.cancel.set()
+    t.join(60)
+    for w in streams:
+        w.join(60)
+    assert not t.is_alive() and not got
+    assert not any(w.is_alive() for w in streams)
+    assert not hub.resume.is_set()  # the server still holds the answer: the reads ended on our side
 
 
 def test_a_shed_stream_ends_after_its_piece_so_no_byte_is_served_twice(hub: HubServer, tmp_path: Path) -> None:
