@@ -13,11 +13,12 @@ on the way is a ``RequestError``, which the caller may retry. An answer comes ba
 from __future__ import annotations
 
 import http.client
+import socket
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import BinaryIO, NoReturn
 from urllib.parse import urljoin, urlsplit
 
 from ._env import display_origin
@@ -69,6 +70,12 @@ class Answer:
     round_trips: int
     asked_at: float  # monotonic time the first request went out (once it had a connection)
     remembered: bool = False  # it went to a location remembered from an earlier redirect (``Redirects``)
+    # The connection's socket as the request went out (http.client drops it from the connection of an answer
+    # that closes the connection, ``Connection: close``), for ``cut``; and, for such an answer, a file on it that
+    # keeps its descriptor open until ``HttpPool.finish``, so that ``cut`` never reaches a descriptor reused since.
+    sock: socket.socket | None = None
+    hold: BinaryIO | None = None
+    was_cut: bool = False  # ``cut`` ended its reads: the connection is closed by ``finish``, never pooled
 
     def seconds_per_trip(self) -> float:
         """From the request (not the wait for a connection ``warm`` was opening) to the answer's headers, per
@@ -95,12 +102,11 @@ class Answer:
         download that is stopping waits for no stalled read. Only the socket's data flow is shut, not the socket
         (whose owner closes it, once)."""
         import contextlib
-        import socket
 
-        sock = self.conn.sock if self.conn is not None else None
-        if sock is not None:
-            with contextlib.suppress(OSError):  # already closed, or never connected
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the TCP socket's own: a TLS socket's drops its state
+        self.was_cut = True
+        if self.sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # the TCP socket's: a TLS socket's drops its state
 
     def read(self, amt: int | None = None) -> bytes:
         """Up to ``amt`` bytes of the body (all of it when None); RequestError if the connection fails."""
@@ -235,10 +241,11 @@ class HttpPool:
         (a proxy setting our client cannot use) or HubResponseError (a redirect to a URL that is not http(s))."""
         trips, asked = 0, None
         for _ in range(10):
-            conn, resp, n, at = self._send("GET", url, headers)
+            conn, resp, sock, n, at = self._send("GET", url, headers)
             trips += n
             asked = at if asked is None else asked
-            answer = Answer(url, resp, conn, trips, asked)
+            answer = Answer(url, resp, conn, trips, asked, sock=sock,
+                            hold=sock.makefile("rb") if sock is not None and resp.will_close else None)
             if resp.status in _REDIRECTS and resp.getheader("Location"):
                 try:
                     answer.read()
@@ -253,7 +260,7 @@ class HttpPool:
     def head(self, url: str) -> Answer:
         """HEAD ``url`` without following a redirect (its headers are the answer), as huggingface_hub does; its
         connection is back in the pool already. Raises what ``get`` raises."""
-        conn, resp, trips, asked = self._send("HEAD", url, {})
+        conn, resp, _, trips, asked = self._send("HEAD", url, {})
         answer = Answer(url, resp, conn, trips, asked)
         try:
             answer.read()
@@ -261,8 +268,10 @@ class HttpPool:
             self.finish(answer)
         return answer
 
-    def _send(self, method: str, url: str, headers: dict[str, str]) -> tuple[Connection, Response, int, float]:
-        """The request on a pooled (or new) connection: the connection, the response, its round trips, when."""
+    def _send(self, method: str, url: str,
+              headers: dict[str, str]) -> tuple[Connection, Response, socket.socket | None, int, float]:
+        """The request on a pooled (or new) connection: the connection, the response, the socket the request went
+        out on, its round trips, when."""
         conn = self.acquire(url)
         for last in (False, True):
             try:
@@ -279,12 +288,13 @@ class HttpPool:
         raise AssertionError("unreachable")
 
     def _exchange(self, conn: Connection, method: str, url: str,
-                  headers: dict[str, str]) -> tuple[Response, int, float]:
+                  headers: dict[str, str]) -> tuple[Response, socket.socket | None, int, float]:
         """Send the request on ``conn`` and read the answer's headers (the system calls and nothing else)."""
         trips, asked = _trips(conn), time.monotonic()
         target = url if isinstance(conn, _ProxiedHTTPConnection) else _path(url)
         conn.request(method, target, headers=self._request_headers(conn, url, headers))
-        return conn.getresponse(), trips, asked
+        sock = conn.sock  # before getresponse, which drops it from the connection of a Connection: close answer
+        return conn.getresponse(), sock, trips, asked
 
     def _fail(self, exc: OSError | http.client.HTTPException, conn: Connection, url: str) -> NoReturn:
         """Raise what a failed request means: a NetworkError naming the real cause (certificate, proxy), else a
@@ -302,14 +312,20 @@ class HttpPool:
         return headers
 
     def finish(self, answer: Answer) -> None:
-        """Give the answer's connection back to the pool if its body was read to the end, else close it (once)."""
+        """Give the answer's connection back to the pool if its body was read to the end, else close it (once).
+        A body that ended early (the server closed, or ``cut``) leaves its connection dead: closed, not pooled."""
         conn, answer.conn = answer.conn, None
+        hold, answer.hold = answer.hold, None
+        if hold is not None:
+            hold.close()
         if conn is None:
             return
-        if answer.resp.isclosed() and not answer.resp.will_close:
+        resp = answer.resp
+        if resp.isclosed() and not resp.will_close and not resp.length and not answer.was_cut:
             self.release(answer.url, conn)
         else:
             conn.close()
+            resp.close()  # an answer that closes the connection holds the socket itself
 
 
 class Redirects:

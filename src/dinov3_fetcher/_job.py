@@ -264,6 +264,8 @@ class Job:
                     continue  # done, or cut short by a split / a whole-file switch: the loop decides
                 raise TryAgain("the answer ended without progress")
             except TryAgain as r:
+                if self.fetch.cancel.is_set() or self.error is not None:
+                    return  # stopped (a cancel, another stream's error; ``cut_reads``): no failure of this piece
                 if not tries.failed(wait=r.wait, progressed=seg.pos > start):
                     raise NetworkError(
                         f"downloading {self.target.name} from {self.fetch.pool.display_host(self.target.url)} failed "
@@ -283,7 +285,10 @@ class Job:
             raise TryAgain(str(exc)) from None
         with self.lock:
             self.reading.add(answer)
+            stopped = self.fetch.cancel.is_set() or self.error is not None  # ``cut_reads`` may have run already
         try:
+            if stopped:
+                return
             self.fetch.budget.first_byte(answer.seconds_per_trip())
             self.check_response(answer, seg, headers)
             resp = answer.resp
@@ -300,8 +305,9 @@ class Job:
             self.fetch.pool.finish(answer)
 
     def cut_reads(self) -> None:
-        """The job is stopping (an error, a cancel): end every read under way now, so that no worker waits for a
-        stalled server to send its next byte (or for the read timeout)."""
+        """The job is stopping (an error, a cancel): end every body read under way now, so that no worker waits
+        for a stalled server to send its next byte (or for the read timeout). A request still waiting for its
+        answer's headers is not cut: ``Transfer.download`` gives it 2 s, then leaves it."""
         with self.lock:
             for answer in self.reading:
                 answer.cut()
