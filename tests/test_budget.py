@@ -38,6 +38,7 @@ from dinov3_fetcher._state import StateDir
 from dinov3_fetcher._transfer import Downloaded, Settings, Transfer
 from helpers import fetch
 from hub_server import HubServer
+from net_fixtures import TlsHub
 
 MB = 1_000_000
 
@@ -397,12 +398,12 @@ def _download(hub: HubServer, tmp_path: Path, budget: Budget, data: bytes, min_s
     return transfer, t, got
 
 
-def test_a_cancelled_download_ends_every_read_while_the_server_still_holds_the_answer(hub: HubServer,
-                                                                                     tmp_path: Path) -> None:
-    # Ctrl-C (the transfer's cancel) ends the streams' reads at once: no stream is left waiting for a server that
-    # holds its answer, with its connection open, until the read timeout (600 s here).
+def _cancel_while_held(hub: HubServer, tmp_path: Path, **fault: bool) -> Transfer:
+    """A download whose piece at 3 MiB the server holds (the other stream takes the rest), cancelled once it is
+    held; asserts that every stream's read ended while the server still holds that answer (the read timeout is
+    600 s). Returns the cancelled transfer."""
     data = bytes(range(256)) * (8 * 4096)  # 8 MiB: 8 pieces of 1 MiB
-    hub.faults.add(path_suffix="model.safetensors", host="cdn", pause_at=3 * 1024 * 1024)  # that piece is held
+    hub.faults.add(path_suffix="model.safetensors", host="cdn", pause_at=3 * 1024 * 1024, **fault)
     budget = Budget(Rule(start=2, cap=2, fixed=True), block=64 * 1024)
     before = set(threading.enumerate())
     transfer, t, got = _download(hub, tmp_path, budget, data, min_split=1024 * 1024, timeout=600)
@@ -417,7 +418,36 @@ def test_a_cancelled_download_ends_every_read_while_the_server_still_holds_the_a
         w.join(60)
     assert not t.is_alive() and not got
     assert not any(w.is_alive() for w in streams)
-    assert not hub.resume.is_set()  # the server still holds the answer: the reads ended on our side
+    held = [r for r in hub.file_gets("model.safetensors") if r.status == 206 and r.done is None]
+    assert len(held) == 1  # the server still holds that answer: the reads ended on our side
+    return transfer
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
+def test_a_cancelled_download_ends_every_read_while_the_server_still_holds_the_answer(hub: HubServer,
+                                                                                     tmp_path: Path,
+                                                                                     close: bool) -> None:
+    # Ctrl-C (the transfer's cancel) ends the streams' reads at once: no stream is left waiting for a server that
+    # holds its answer, with its connection open, until the read timeout. Also an answer that closes its
+    # connection (no Content-Length), whose socket http.client no longer keeps on the connection.
+    _cancel_while_held(hub, tmp_path, no_content_length=close)
+
+
+def test_a_connection_whose_read_a_cancel_ended_is_never_used_again(tls_hub: TlsHub, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # The held stream's read ends as if the server had closed; its connection is dead and must be closed, not
+    # pooled: over TLS the next request on it fails (SSLEOFError), which with no retries left fails a download.
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_hub.ca_pem))
+    monkeypatch.setenv("DINOV3_FETCHER_RETRIES", "0")
+    cancelled = _cancel_while_held(tls_hub.hub, tmp_path)
+    data = bytes(range(251)) * 8192  # another file, on the same connection pool
+    tls_hub.hub.add_commit(TINY, {"other.safetensors": data})
+    sha = hashlib.sha256(data).hexdigest()
+    target = Target("other.safetensors", f"{tls_hub.hub.endpoint}/{TINY}/resolve/main/other.safetensors", len(data),
+                    sha, sha)
+    again = Transfer(Settings.from_env(), cancelled.pool, cancelled.state, Progress(quiet=True), cancelled.raise_status)
+    assert again.download(target).path.read_bytes() == data
+
 
 
 def test_a_shed_stream_ends_after_its_piece_so_no_byte_is_served_twice(hub: HubServer, tmp_path: Path) -> None:
