@@ -3,7 +3,6 @@ budget for a whole fetch, head start included, counted at the emulator. No wall-
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import threading
@@ -34,6 +33,7 @@ from dinov3_fetcher._errors import FetchInterrupted
 from dinov3_fetcher._http import HttpPool
 from dinov3_fetcher._job import Target
 from dinov3_fetcher._progress import Progress
+from dinov3_fetcher._retry import RetryPolicy
 from dinov3_fetcher._state import StateDir
 from dinov3_fetcher._transfer import Downloaded, Settings, Transfer
 from helpers import fetch
@@ -372,10 +372,11 @@ def test_settings_fixed_only_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not Budget.for_connections(None, 16).rule.fixed
 
 
-def _download(hub: HubServer, tmp_path: Path, budget: Budget, data: bytes, min_split: int,
-              timeout: float = 10) -> tuple[Transfer, threading.Thread, list[Downloaded]]:
+def _download(hub: HubServer, tmp_path: Path, budget: Budget, data: bytes, min_split: int, timeout: float = 10,
+              retries: int = 5) -> tuple[Transfer, threading.Thread, list[Downloaded | BaseException]]:
     """``data`` as TINY's model.safetensors, downloaded over ``budget`` in a thread (started; ``got`` holds its
-    result once it ends, ``failed`` of the transfer's what it raised); ``timeout``: the reads' timeout."""
+    result once it ends, or what it raised other than the FetchInterrupted of a cancel); ``timeout``: the reads'
+    timeout; ``retries``: failed tries in a row before a piece gives up."""
     hub.add_repo(TINY, {"config.json": b"{}", "model.safetensors": data})
     state = StateDir(tmp_path / "root")
     state.ensure()
@@ -383,15 +384,20 @@ def _download(hub: HubServer, tmp_path: Path, budget: Budget, data: bytes, min_s
     def refuse(status: int, headers: dict[str, str], body: bytes, url: str) -> NoReturn:
         raise AssertionError(f"HTTP {status} from {url}")
 
-    transfer = Transfer(replace(Settings(), min_split=min_split), HttpPool(timeout, "test"), state,
+    transfer = Transfer(replace(Settings(), min_split=min_split, retry=RetryPolicy(retries=retries)),
+                        HttpPool(timeout, "test"), state,
                         Progress(quiet=True), refuse, budget=budget)
     sha = hashlib.sha256(data).hexdigest()
     target = Target("model.safetensors", f"{hub.endpoint}/{TINY}/resolve/main/model.safetensors", len(data), sha, sha)
-    got: list[Downloaded] = []
+    got: list[Downloaded | BaseException] = []
 
     def run() -> None:
-        with contextlib.suppress(FetchInterrupted):  # the test cancelled it
+        try:
             got.append(transfer.download(target))
+        except FetchInterrupted:
+            pass  # the test cancelled it
+        except BaseException as exc:
+            got.append(exc)
 
     t = threading.Thread(target=run)
     t.start()
@@ -406,7 +412,8 @@ def _cancel_while_held(hub: HubServer, tmp_path: Path, **fault: bool) -> Transfe
     hub.faults.add(path_suffix="model.safetensors", host="cdn", pause_at=3 * 1024 * 1024, **fault)
     budget = Budget(Rule(start=2, cap=2, fixed=True), block=64 * 1024)
     before = set(threading.enumerate())
-    transfer, t, got = _download(hub, tmp_path, budget, data, min_split=1024 * 1024, timeout=600)
+    # no retries: a read the cancel ended is no failed try, so the cancel ends as FetchInterrupted all the same
+    transfer, t, got = _download(hub, tmp_path, budget, data, min_split=1024 * 1024, timeout=600, retries=0)
     while not hub.paused.is_set():
         assert t.is_alive()
         time.sleep(0.01)
@@ -416,7 +423,7 @@ def _cancel_while_held(hub: HubServer, tmp_path: Path, **fault: bool) -> Transfe
     t.join(60)
     for w in streams:
         w.join(60)
-    assert not t.is_alive() and not got
+    assert not t.is_alive() and not got, got
     assert not any(w.is_alive() for w in streams)
     held = [r for r in hub.file_gets("model.safetensors") if r.status == 206 and r.done is None]
     assert len(held) == 1  # the server still holds that answer: the reads ended on our side
@@ -465,7 +472,7 @@ def test_a_shed_stream_ends_after_its_piece_so_no_byte_is_served_twice(hub: HubS
         budget.rule.limit = 2
     t.join(60)
     transfer.pool.close()
-    assert got and got[0].path.read_bytes() == data
+    assert got and isinstance(got[0], Downloaded) and got[0].path.read_bytes() == data
     assert hub.bytes_served("model.safetensors") == len(data)  # each byte served once
     gets = hub.file_gets("model.safetensors")
     assert len([r for r in gets if r.host == "cdn"]) == 8  # one answer per piece: none was cut and asked again
@@ -501,7 +508,7 @@ def test_a_busy_piece_is_not_split_where_its_bytes_wait_for_the_reader(hub: HubS
         hub.resume.set()
     t.join(60)
     transfer.pool.close()
-    assert got and got[0].path.read_bytes() == data
+    assert got and isinstance(got[0], Downloaded) and got[0].path.read_bytes() == data
     cdn = [r.range for r in hub.file_gets("model.safetensors") if r.host == "cdn"]
     assert sorted(r or "" for r in cdn) == [f"bytes=0-{8 * mib - 1}", f"bytes={8 * mib}-{16 * mib - 1}"]
     assert hub.bytes_served("model.safetensors") == len(data)  # each byte served once
