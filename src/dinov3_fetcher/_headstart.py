@@ -314,7 +314,8 @@ class HeadStart:
     def stop(self, timeout: float = 2.5) -> None:
         """Stop every early download and wait until each has saved its progress and let go of its folder.
 
-        Bounded, so that Ctrl-C still exits at once: a download stops within ~2 s (``Transfer.download``). One
+        Bounded, so that Ctrl-C still exits at once: a download stops at once, or within ~2 s where a request
+        still waits for its answer's headers (``Transfer.download``). One
         still running after that keeps its folder claimed by this live process, so nothing deletes it
         under it, and the next run adopts it.
         """

@@ -142,8 +142,9 @@ class Transfer:
                     job.lock.notify_all()
                 raise
             finally:
-                # On an error or Ctrl-C, a worker stuck in a stalled read must not hold up the exit for the
-                # whole read timeout: give the workers 2 s, then leave them (daemon threads) and their fds open.
+                # On an error or Ctrl-C no worker may hold up the exit for the whole read timeout: their body reads
+                # are cut at once; one still waiting for an answer's headers gets 2 s, then is left (a daemon
+                # thread) with its fds open.
                 if job.error is not None or self.cancel.is_set():
                     job.cut_reads()
                 deadline = time.monotonic() + 2.0
