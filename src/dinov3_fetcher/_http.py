@@ -12,6 +12,7 @@ on the way is a ``RequestError``, which the caller may retry. An answer comes ba
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import socket
 import threading
@@ -89,11 +90,10 @@ class Answer:
         import struct
         import termios
 
-        sock = self.conn.sock if self.conn is not None else None
-        if sock is None:
+        if self.sock is None or self.conn is None:  # no request socket, or finished
             return 0
         try:
-            return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
+            return int(struct.unpack("i", fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
         except OSError:
             return 0
 
@@ -101,8 +101,6 @@ class Answer:
         """End a read of this answer under way in another thread at once (it sees the connection closed): a
         download that is stopping waits for no stalled read. Only the socket's data flow is shut, not the socket
         (whose owner closes it, once)."""
-        import contextlib
-
         self.was_cut = True
         if self.sock is not None:
             with contextlib.suppress(OSError):  # already closed
