@@ -276,13 +276,14 @@ class DinoV3Teacher(torch.nn.Module):  # type: ignore[misc,unused-ignore]
 
     def _check_range(self, pixel_values: torch.Tensor) -> None:
         """ValueError for float pixels no normalization gives (0..255 floats, say: ``preprocess`` forgotten). Every
-        batch on the CPU (one pass over memory the forward reads anyway); on an accelerator, the first batch
+        batch on the CPU (one read of the batch, no copy); on an accelerator, the first batch
         of each device only, so that later calls never wait for the device (reading the peak is a
         synchronisation)."""
         device = pixel_values.device
         if device.type != "cpu" and device in self._range_seen:
             return
-        peak = float(pixel_values.detach().abs().amax())  # (NaN compares False: the forward gives NaN back)
+        low, high = torch.aminmax(pixel_values.detach())
+        peak = float(torch.maximum(-low, high))  # (NaN compares False: the forward gives NaN back)
         if peak > self._pixel_limit:
             raise ValueError(f"pixel_values reach {peak:.4g}: not normalized images (they stay within "
                              f"+/-{self._pixel_reach:.2f} under this teacher's mean/std; beyond {self._pixel_limit:g} "

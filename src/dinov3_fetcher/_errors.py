@@ -186,10 +186,9 @@ def disk_error(exc: OSError, root: Path, doing: str = "", hint: str = "") -> OSE
                            f"remove {where} (the fetch makes it itself) and run again" if taken else
                            "point train.dino_root (or --dino-root) at a folder on a local or network disk, "
                            "e.g. ./dinov3")
-    full = disk_full(exc, root, doing or f"writing {where}", hint or f"free space (or files: inodes may be used "
-                     f"up) in {root}, or point dino_root at a bigger disk; the next run resumes")
-    if isinstance(full, DiskSpaceError):
-        return full
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return disk_full(exc, root, doing or f"writing {where}", hint or f"free space (or files: inodes may be "
+                         f"used up) in {root}, or point dino_root at a bigger disk; the next run resumes")
     failed = DiskSpaceError(f"the filesystem of {root} failed{f' while {doing}' if doing else ''}: "
                             f"{exc.strerror or type(exc).__name__} ({name} on {where})",
                             "check the disk or the network filesystem (dmesg; an NFS server that restarted, a "

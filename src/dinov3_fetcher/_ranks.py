@@ -132,6 +132,9 @@ def destroy(dist: ModuleType, group: Any) -> None:
         dist.destroy_process_group(group)
 
 
+Asks = tuple[str, str, str, str, bool, bool]  # what a rank asks: model, revision, source, share, shared_fs, update
+
+
 @dataclass(frozen=True)
 class Call:
     """What one rank asked of ``fetch_once`` and where it runs: every rank's, in the job's first exchange."""
@@ -139,12 +142,11 @@ class Call:
     rank: int
     node: str  # the node it runs on: torchrun's GROUP_RANK, else the host name
     local_rank: int | None  # LOCAL_RANK, when the launcher sets it
-    asks: tuple[str, str, str, str, bool, bool] | None  # model, revision, source, share, shared_fs, update; None:
-    # it failed
+    asks: Asks | None  # None: it failed
     error: dict[str, Any] | None = None  # what it raised before the exchange (``outcome``)
 
     @classmethod
-    def here(cls, rank: int, asks: tuple[str, str, str, str, bool, bool] | None,
+    def here(cls, rank: int, asks: Asks | None,
              error: dict[str, Any] | None) -> Call:
         node = os.environ.get("GROUP_RANK", "").strip()
         value = os.environ.get("LOCAL_RANK", "").strip()
@@ -168,7 +170,7 @@ def agree(calls: list[Call]) -> dict[str, Any] | None:
     return None
 
 
-def _asks(asks: tuple[str, str, str, str, bool, bool]) -> str:
+def _asks(asks: Asks) -> str:
     model, revision, source, share, shared_fs, update = asks
     return f"{model}@{revision} from {source} (share={share or None!r}, shared_fs={shared_fs}, update={update})"
 
