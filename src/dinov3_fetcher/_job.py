@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from ._errors import ConfigError, IntegrityError, NetworkError, disk_error
 from ._hashing import WINDOW, git_blob_hasher, hash_range
-from ._http import Answer, HttpPool, Redirects, RequestError, Response, etag_value, is_part
+from ._http import Answer, HttpPool, Redirects, RequestError, etag_value, is_part
 from ._net import refusal
 from ._retry import RetryPolicy, TryAgain
 from ._state import on_disk, open_data, remaining, save_progress
@@ -388,15 +388,18 @@ class Job:
             with self.lock:
                 want = min(len(buf), budget.read_size(), seg.end - offset)
             if want <= 0:
-                if offset == self.target.size and _read(resp, 1):
+                if offset == self.target.size and answer.read(1):
                     self.fail_integrity(f"the server sent more than the {self.target.size} bytes the listing gives")
                 return
             if cancel.is_set() or self.error is not None:
                 return
+            failure: OSError | http.client.HTTPException | None = None
             try:
                 n = resp.readinto(mv[:want])
             except (OSError, http.client.HTTPException) as exc:
-                raise RequestError(exc) from None
+                failure = exc
+            if failure is not None:
+                raise RequestError(failure, url=answer.url)  # out of the handler, as ``Answer.read``: nothing chained
             if not n:
                 raise TryAgain(f"connection closed at byte {offset} of {self.target.size}")
             with self.lock:
@@ -523,11 +526,3 @@ class _Flusher:
         if self.error is not None:
             raise self.error
         os.fdatasync(self.fd)
-
-
-def _read(resp: Response, amt: int) -> bytes:
-    """Up to ``amt`` bytes of the body; RequestError if the connection fails."""
-    try:
-        return resp.read(amt)
-    except (OSError, http.client.HTTPException) as exc:
-        raise RequestError(exc) from None
