@@ -267,8 +267,7 @@ def _fetch_weights(run: Run, names: list[str], files_at_once: int, get: Callable
     identities = [run.remote(n).identity for n in names]
     at_once = 1 if len(names) < 2 or len(set(identities)) < len(identities) else files_at_once
     todo, lock = list(names), threading.Lock()
-    errors: list[BaseException] = []
-    failed = threading.Event()
+    errors: list[BaseException] = []  # appended under ``lock``; read without it (a list's length is atomic)
     ended = threading.Event()  # a worker ended: the wait below wakes at once (not at its next poll)
 
     def worker(queue: list[str], fetch: Callable[[str], Path]) -> None:
@@ -283,7 +282,6 @@ def _fetch_weights(run: Run, names: list[str], files_at_once: int, get: Callable
                 except BaseException as exc:
                     with lock:
                         errors.append(exc)
-                    failed.set()
                     return
         finally:
             ended.set()
@@ -297,10 +295,10 @@ def _fetch_weights(run: Run, names: list[str], files_at_once: int, get: Callable
             t.start()
         while True:
             ended.clear()
-            if failed.is_set() or not any(t.is_alive() for t in workers):
+            if errors or not any(t.is_alive() for t in workers):
                 break
             ended.wait(0.2)
-        if failed.is_set():
+        if errors:
             # The first error stops the others; a small file under way ends first (a request or two), so
             # that it is staged whole rather than left half-written beside the weights' partial data.
             small.join(_SMALL_GRACE)
