@@ -159,7 +159,7 @@ def network_error(exc: BaseException, url: str, via: Proxy | None = None) -> Net
     For huggingface_hub's errors too (httpx2.ConnectError / ProxyError wrap the ssl or socket error), so the
     metadata path can report the same. ``via``: the proxy used, if known (else looked up for ``url``).
     A proxy variable our client cannot use (https://, socks5://) gives its ConfigError."""
-    where = urlsplit(url).netloc.rpartition("@")[2] or "the server"
+    where = _where(url)
     if (cert := certificate_error(exc, where)) is not None:
         return cert
     try:
@@ -192,7 +192,7 @@ def refusal(status: int, url: str, asked: str, body: bytes = b"", name: str = ""
       firewall in front of it). The token is not the cause: it never goes there.
     Asked before a source reads a status, which is about the endpoint's own answers.
     """
-    where = urlsplit(url).netloc.rpartition("@")[2] or "the server"
+    where = _where(url)
     if status == 407:
         proxy = proxy_for(url)
         if proxy is not None:
@@ -204,7 +204,7 @@ def refusal(status: int, url: str, asked: str, body: bytes = b"", name: str = ""
         why = _reason(body)
         return NetworkError(
             f"the storage host {where} refused {name or 'a download'} (HTTP {status}{f': {why}' if why else ''}), "
-            f"a signed link {urlsplit(asked).netloc.rpartition('@')[2]} redirected to",
+            f"a signed link {_where(asked)} redirected to",
             f"the token is not the cause (it never goes there): let {where} through your proxy or firewall and check "
             "this machine's clock (signed links expire), then run again: it resumes")
     return None
@@ -215,6 +215,12 @@ def origin_key(url: str) -> tuple[str, str | None, int | None]:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     return scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(scheme)
+
+
+def _where(url: str) -> str:
+    """The host[:port] ``url`` names, as written and without any user:password part, for messages; "the server"
+    when it names none."""
+    return urlsplit(url).netloc.rpartition("@")[2] or "the server"
 
 
 def _reason(body: bytes) -> str:
