@@ -373,15 +373,16 @@ def _fetch_locked(state: StateDir, req: FetchRequest, old: Manifest | None, prog
         progress.expect({p.name: p.size for p in planned})
         progress.done += sum(p.size for p in planned if p.reuse)  # += : head-start bytes are counted already
         order = [p.name for p in planned if p.name in weights]
+        later = [p.name for p in planned if p.name not in weights]  # README, LICENSE: fetched beside the weights
         get: Callable[[str], Path] = run.fetch_file
         if observer is not None:  # before the weights' transfer
             records = {**run.records, **{n: run.expected(n) for n in order}}
             official = check_official(req.model, records).official if all(records[n].sha256 for n in order) else None
             observer.planned(FetchPlan(snap.commit, source.name, env.display_origin(source.endpoint), records, order,
-                                       {p.name: run.expected(p.name) for p in planned if p.name not in weights},
+                                       {n: run.expected(n) for n in later},
                                        dict(run.paths), transfer.cancel, official, snap.site_revision))
             get = _telling(run, observer)
-        _fetch_weights(run, order, FILES_AT_ONCE, get, beside=[p.name for p in planned if p.name not in weights])
+        _fetch_weights(run, order, FILES_AT_ONCE, get, beside=later)
         tensors: dict[str, TensorInfo] = {}
         with on_disk(state.root):
             for name in weights:
