@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["WINDOW", "Hasher", "git_blob_hasher", "git_blob_id", "hash_range", "read_range", "sha256_file"]
+__all__ = ["WINDOW", "Hasher", "git_blob_hasher", "git_blob_id", "hash_file", "hash_range", "read_range", "sha256_file"]
 
 WINDOW = 4 * 1024 * 1024  # bytes mapped (or read) at a time: 3 files hashed at once keep 12 MiB resident
 
@@ -82,10 +82,15 @@ def read_range(fd: int, pos: int, end: int, hashers: Sequence[Hasher],
     return pos
 
 
-def sha256_file(path: Path, progress: Any = None) -> str:
-    """sha256 of a file, read in ``WINDOW`` blocks into one reused buffer (hashlib releases the GIL on them);
-    ``progress.advance(n)`` is called per block when given."""
-    h = hashlib.sha256()
+def hash_file(path: Path, hashers: Sequence[Hasher], on_chunk: Callable[[int], None] | None = None) -> int:
+    """Feed a file's bytes to each hasher in order, read once (``read_range``: ``WINDOW`` blocks into one reused
+    buffer, on which hashlib releases the GIL); returns how many bytes were read."""
     with open(path, "rb", buffering=0) as f:
-        read_range(f.fileno(), 0, os.fstat(f.fileno()).st_size, [h], progress.advance if progress else None)
+        return read_range(f.fileno(), 0, os.fstat(f.fileno()).st_size, hashers, on_chunk)
+
+
+def sha256_file(path: Path, progress: Any = None) -> str:
+    """sha256 of a file (``hash_file``); ``progress.advance(n)`` is called per block when given."""
+    h = hashlib.sha256()
+    hash_file(path, [h], progress.advance if progress else None)
     return h.hexdigest()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._errors import HubResponseError, LocalEntryNotFoundError, NotDinov3Error
-from ._hashing import git_blob_id, sha256_file
+from ._hashing import git_blob_hasher, hash_file, sha256_file
 from ._layout import (
     CONFIG,
     PREPROCESSOR,
@@ -101,12 +101,12 @@ class Run:
         if (rec is None and old is not None and old.git_oid is None and rf.git_oid and not rf.sha256
                 and old.size == rf.size <= _GIT_CHECK_MAX):
             p = self.state.root / rf.name
+            sha, git = hashlib.sha256(), git_blob_hasher(rf.size)  # both from one read
             try:
-                data = p.read_bytes() if p.is_file() and p.stat().st_size == rf.size else b""
+                read = hash_file(p, [sha, git]) if p.is_file() and p.stat().st_size == rf.size else 0
             except OSError:
-                data = b""
-            if (len(data) == rf.size and git_blob_id(data) == rf.git_oid
-                    and hashlib.sha256(data).hexdigest() == old.sha256):
+                read = 0
+            if read == rf.size and git.hexdigest() == rf.git_oid and sha.hexdigest() == old.sha256:
                 rec = FileRecord(old.size, old.sha256, rf.git_oid)
         self.record_cache[rf.name] = rec
         return rec

@@ -493,14 +493,17 @@ class StateDir:
 def same_bytes(path: Path, rec: FileRecord | None) -> str | None:
     """The sha256 of ``path`` if it is a regular file with exactly the bytes ``rec`` lists (its size, and its
     sha256 or else its git blob id), else None."""
-    from .._hashing import git_blob_id, sha256_file
+    from .._hashing import git_blob_hasher, hash_file
 
     if rec is None or path.is_symlink() or not path.is_file() or path.stat().st_size != rec.size:
         return None
-    digest = sha256_file(path)
+    sha = hashlib.sha256()
+    git = git_blob_hasher(rec.size) if not rec.sha256 and rec.git_oid else None  # both from one read
+    hash_file(path, [sha] if git is None else [sha, git])
+    digest = sha.hexdigest()
     if rec.sha256:
         return digest if digest == rec.sha256 else None
-    if rec.git_oid and git_blob_id(path.read_bytes()) == rec.git_oid:
+    if git is not None and git.hexdigest() == rec.git_oid:
         return digest
     return None
 
