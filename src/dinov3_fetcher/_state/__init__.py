@@ -234,8 +234,9 @@ class StateDir:
     def resumable(self, identity: str) -> list[Path]:
         """The partial folders of this content that a claim may take: ours, the public one, a gone fetcher's."""
         mine = f"{identity}.{owner_tag()}"
-        return [p for p in (self.partial / identity, *self.partial.glob(f"{identity}.*"))
-                if p.is_dir() and not p.is_symlink() and (p.name in (identity, mine) or self._abandoned(p, identity))]
+        with HEARTBEATS.one_pass():
+            return [p for p in (self.partial / identity, *self.partial.glob(f"{identity}.*")) if p.is_dir()
+                    and not p.is_symlink() and (p.name in (identity, mine) or self._abandoned(p, identity))]
 
     def partial_bytes(self, identity: str, size: int) -> int:
         """Bytes of this content already on disk in the best resumable partial folder (what a claim would take)."""
@@ -434,15 +435,16 @@ class StateDir:
         """Start watching the heartbeats of other hosts' partial and staged folders (whatever model they are
         of): a fetch does it as it begins, so that ``drop_stale`` at its end can tell those whose owner is gone
         without waiting the staleness time then (only what is left of it, for folders first seen late)."""
-        for kind, folder in self.leftovers():
-            if other_host(folder.name if kind == "staged" else folder.name.partition(".")[2]):
-                HEARTBEATS.verdict(folder, kind)
+        with HEARTBEATS.one_pass():
+            for kind, folder in self.leftovers():
+                if other_host(folder.name if kind == "staged" else folder.name.partition(".")[2]):
+                    HEARTBEATS.verdict(folder, kind)
 
     def drop_stale(self) -> None:
         """After a successful fetch: partial downloads nobody owns (changed files, other models), our staged
         folder, and what gone fetchers left (``drop_abandoned``). Never waits: another host's folder not yet
         proven abandoned is left for a later fetch. Never another live fetcher's files."""
-        with on_disk(self.root):
+        with on_disk(self.root), HEARTBEATS.one_pass():
             for p in self.partial.iterdir():
                 identity = p.name.split(".", 1)[0]
                 if p.is_symlink() or not p.is_dir():  # not ours: only the link (or stray file) goes
@@ -468,7 +470,7 @@ class StateDir:
         if not found:
             return
         try:
-            with self.locked_if_free() as free:
+            with self.locked_if_free() as free, HEARTBEATS.one_pass():
                 for kind, p in found if free else ():
                     if self._left_by_gone(kind, p):
                         shutil.rmtree(p, ignore_errors=True)

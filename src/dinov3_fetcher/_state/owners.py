@@ -22,7 +22,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .. import _env as env
@@ -92,12 +92,14 @@ def _boot_id() -> str | None:
 class _Notebook:
     """What this host's processes saw first of other hosts' heartbeats in one state folder: folder (``kind/name``)
     -> (beat, monotonic time first seen). Read once per process, written (atomically, never synced: a lost note
-    only restarts a watch) when a folder is seen for the first time."""
+    only restarts a watch) once a folder was seen for the first time: at the end of the pass that saw it
+    (``_Heartbeats.one_pass``), once however many folders the pass noted."""
 
     def __init__(self, state: Path, boot: str) -> None:
         self.path = state / f"watched.{host()}.json"
         self.boot = boot
         self.notes: dict[str, tuple[bytes | None, float]] = {}
+        self.dirty = False  # notes not written yet
         from .._userfile import read_regular
 
         with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError, IndexError):
@@ -105,6 +107,17 @@ class _Notebook:
             if raw.get("boot") == boot:
                 self.notes = {str(k): (bytes.fromhex(v[0]) if v[0] is not None else None, float(v[1]))
                               for k, v in raw["seen"].items()}
+
+    def note(self, key: str, beat: bytes | None, now: float) -> None:
+        """Note what was seen of a folder; ``flush`` writes it."""
+        self.notes[key] = (beat, now)
+        self.dirty = True
+
+    def flush(self) -> None:
+        """Write the notes, if any changed since they were last written."""
+        if self.dirty:
+            self.dirty = False
+            self.write()
 
     def write(self) -> None:
         state = self.path.parent
@@ -131,6 +144,7 @@ class _Heartbeats:
         self.clock = clock
         self.sleep = sleep
         self.books: dict[Path, _Notebook | None] = {}  # state folder -> its notebook (None: not kept)
+        self.passes = 0  # ``one_pass`` blocks under way: the notebooks are written as the last one ends
 
     # -- the owner's side ----------------------------------------------------------------------------------
     def own(self, folder: Path) -> None:
@@ -180,13 +194,30 @@ class _Heartbeats:
             if prev is None or prev[0] != beat:
                 self.seen[folder] = (beat, now, prev is not None)
                 if book is not None:
-                    book.notes[key] = (beat, now)
-                    book.write()
+                    book.note(key, beat, now)
+                    if not self.passes:
+                        book.flush()
                 return "alive" if prev is not None else "watching"
             self.seen[folder] = prev
             if now - prev[1] >= stale_after(kind):
                 return "gone"
             return "alive" if prev[2] else "watching"
+
+    @contextlib.contextmanager
+    def one_pass(self) -> Iterator[None]:
+        """Judge several folders in one pass: what it notes is written to each notebook once, as it ends, rather
+        than once per folder (each write also checks every noted folder still exists)."""
+        with self.lock:
+            self.passes += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.passes -= 1
+                if not self.passes:
+                    for book in self.books.values():
+                        if book is not None:
+                            book.flush()
 
     def _book(self, state: Path) -> _Notebook | None:
         """The notebook of ``state`` (read once per process); None where notes cannot be trusted: no boot id,
@@ -200,7 +231,8 @@ class _Heartbeats:
         """Watch other hosts' folders until each has a verdict (at most stale_after(kind) plus one beat)."""
         deadline = self.clock() + stale_after(kind) + HEARTBEAT_EVERY
         while folders and self.clock() < deadline:
-            folders = [f for f in folders if self.verdict(f, kind) == "watching"]
+            with self.one_pass():
+                folders = [f for f in folders if self.verdict(f, kind) == "watching"]
             if folders:
                 self.sleep(min(0.2, HEARTBEAT_EVERY / 4))
 
