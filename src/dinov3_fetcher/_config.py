@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _env as env
-from ._errors import ConfigError
+from ._errors import ConfigError, not_a_folder
 from ._ids import is_repo_id
 from ._registry import DEFAULT_MODEL
 from ._sources import SOURCES
@@ -113,10 +113,10 @@ def resolve_dino_root(value: str | os.PathLike[str], base: Path) -> Path:
     except FileNotFoundError:
         return root  # created by the fetch
     except NotADirectoryError:
-        raise ConfigError(f"dino_root {shown} cannot be a folder: a folder on its path is a file", fix) from None
-    except OSError as exc:
-        why = {errno.ELOOP: "its path goes through a loop of symbolic links",
-               errno.ENAMETOOLONG: "its path is longer than the system allows"}.get(exc.errno or 0, exc.strerror)
+        raise ConfigError(f"dino_root {shown} cannot be a folder: {not_a_folder(errno.ENOTDIR)}", fix) from None
+    except OSError as exc:  # every name fits (checked above): a path too long is too long as a whole
+        code = exc.errno or 0
+        why = not_a_folder(code, names_fit=True) if code in (errno.ELOOP, errno.ENAMETOOLONG) else exc.strerror
         raise ConfigError(f"dino_root {shown} cannot be used: {why}", fix) from None
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"dino_root {root} is a file, not a folder",

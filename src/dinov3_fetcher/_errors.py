@@ -148,13 +148,14 @@ def disk_full(exc: OSError, folder: Path, doing: str, hint: str) -> OSError:
     return DiskSpaceError(f"the disk filled up while {doing} ({human_bytes(free)} free)", hint, free=free)
 
 
+_TOO_LONG = "is longer than the system allows"
 # Why a path cannot be a folder of dino_root, by errno: the path is wrong for it (exit 3, fix the path).
 _NOT_A_FOLDER = {
     errno.ENOENT: "a folder on its path does not exist and cannot be created there (a folder of /proc or /sys, "
                   "or one removed while the fetch ran)",
     errno.ENOTDIR: "a folder on its path is a file",
     errno.ELOOP: "its path goes through a loop of symbolic links",
-    errno.ENAMETOOLONG: "its path (or a name in it) is longer than the system allows",
+    errno.ENAMETOOLONG: f"its path (or a name in it) {_TOO_LONG}",
     errno.EINVAL: "its filesystem refuses the name (a character or a length it does not allow)",
     errno.EISDIR: "a name the fetch writes a file under is a folder",
     errno.EEXIST: "a name the fetch creates a folder under is taken by a file",
@@ -163,6 +164,15 @@ _NOT_A_FOLDER = {
     errno.ENOTEMPTY: "a folder the fetch replaces there is not empty",
     errno.ENOTSUP: "its filesystem does not support what the fetch does there",
 }
+
+
+def not_a_folder(code: int, *, names_fit: bool = False) -> str | None:
+    """Why a path cannot be a folder of dino_root, by the errno that refused it (the path is wrong for it: exit 3,
+    fix the path); None for an errno that says something else. ``names_fit``: every name in the path is known to
+    be short enough, so a path too long is too long as a whole."""
+    if code == errno.ENAMETOOLONG and names_fit:
+        return f"its path {_TOO_LONG}"
+    return _NOT_A_FOLDER.get(code)
 
 
 def disk_error(exc: OSError, root: Path, doing: str = "", hint: str = "") -> OSError | ConfigError:
@@ -180,9 +190,9 @@ def disk_error(exc: OSError, root: Path, doing: str = "", hint: str = "") -> OSE
         why = "it is on a read-only filesystem" if code == errno.EROFS else exc.strerror
         return ConfigError(f"cannot write in {root}: {why} ({where})",
                            "make dino_root writable, or point train.dino_root (--dino-root) at a writable folder")
-    if code in _NOT_A_FOLDER:
+    if (wrong := not_a_folder(code)) is not None:
         taken = code in (errno.EEXIST, errno.EISDIR, errno.ENOTEMPTY) and exc.filename  # a name in the way
-        return ConfigError(f"cannot use {root} as dino_root: {_NOT_A_FOLDER[code]} ({name} on {where})",
+        return ConfigError(f"cannot use {root} as dino_root: {wrong} ({name} on {where})",
                            f"remove {where} (the fetch makes it itself) and run again" if taken else
                            "point train.dino_root (or --dino-root) at a folder on a local or network disk, "
                            "e.g. ./dinov3")
