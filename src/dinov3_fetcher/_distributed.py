@@ -149,7 +149,7 @@ def fetch_once(
         res = fetch(req, update=update)
         return JobResult(res.path, res.commit) if details else res.path
     rank = dist.get_rank()
-    group = gloo_group(dist, timeout)  # every rank creates it, and takes part in the first exchange, whatever failed
+    group = collective(gloo_group, dist, timeout)  # every rank creates it and joins the first exchange, whatever failed
     try:
         asks = (req.model, req.revision, req.source, share or "", shared_fs, update) if req is not None else None
         calls: list[Call | None] = [None] * dist.get_world_size()
