@@ -249,6 +249,12 @@ class FetchInterrupted(FetcherError, KeyboardInterrupt):
     short = "interrupted"
 
 
+def interrupted() -> FetchInterrupted:
+    """The error of a download stopped by a Ctrl-C (SIGTERM) or its fetch's cancel, on one rank or on every rank of
+    a broadcast: its partial data is kept, and the next run resumes it."""
+    return FetchInterrupted("interrupted", "run the same command again: it resumes")
+
+
 # Exit codes that are not an exception class: success, unexpected failure, usage error (argparse).
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1

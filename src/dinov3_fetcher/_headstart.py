@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-from ._errors import FetchInterrupted
+from ._errors import interrupted
 from ._hashing import git_blob_id
 from ._http import etag_value, redirect_target
 from ._ids import is_commit, is_sha256
@@ -302,7 +302,7 @@ class HeadStart:
             if self.main_cancel.is_set():  # Ctrl-C, or another file failed: stop this one as well
                 self.transfer.cancel.set()
         if self.main_cancel.is_set():
-            raise FetchInterrupted("interrupted", "run the same command again: it resumes")
+            raise interrupted()
         with self.lock:
             if job.error is not None and not self.transfer.cancel.is_set():
                 raise job.error

@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from . import _env as env
 from ._budget import Budget
-from ._errors import FetchInterrupted, IntegrityError
+from ._errors import IntegrityError, interrupted
 from ._hashing import git_blob_id
 from ._http import HttpPool, Redirects
 from ._job import FetchContext, Job, Target
@@ -156,7 +156,7 @@ class Transfer:
             if job.error is not None:
                 raise job.error
             if self.cancel.is_set():
-                raise FetchInterrupted("interrupted", "run the same command again: it resumes")
+                raise interrupted()
             self.progress.end_file(target.name)
             return Downloaded(job.data_path, digest, job.fetched, job.resumed_from)
         except IntegrityError:

@@ -42,14 +42,14 @@ from pathlib import Path
 from typing import Any
 
 from .._config import FetchRequest
-from .._errors import FetcherError, VerificationError
+from .._errors import FetcherError, VerificationError, interrupted
 from .._manifest import FileRecord, Manifest
 from .._observe import Download, FetchPlan
 from .._ranks import NodeStats
 from .._state import StateDir
 from .ends import FileSource
 from .sender import send
-from .wire import FileSpec, Report, interrupted
+from .wire import FileSpec, Report
 
 __all__ = ["Feed", "merge", "serve"]
 

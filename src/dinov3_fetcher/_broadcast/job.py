@@ -33,11 +33,12 @@ from types import ModuleType
 from typing import Any
 
 from .._config import FetchRequest
+from .._errors import interrupted
 from .._ranks import JobResult, check_fetched, collective, destroy, first_failure, outcome, raise_failure
 from .feed import merge, serve
 from .node import StateSink
 from .receiver import Stop, receive
-from .wire import BROKEN, BROKEN_HINT, PIECE, Report, interrupted, leaders_group
+from .wire import BROKEN, BROKEN_HINT, PIECE, Report, leaders_group
 
 __all__ = ["PIECE", "fetch_broadcast"]
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from .._errors import FetchInterrupted, NetworkError
+from .._errors import NetworkError
 from .._ranks import NodeStats, is_transport, rebuild
 
 MiB = 1024 * 1024
@@ -26,14 +26,9 @@ BROKEN_HINT = "run the job again: every node resumes from the bytes it already w
 
 Range = tuple[int, int]
 
-
-def interrupted() -> FetchInterrupted:
-    """A Ctrl-C (SIGTERM) on a rank of the transfer: the error every rank raises."""
-    return FetchInterrupted("interrupted", "run the same command again: it resumes")
-
 __all__ = ["ABORT", "BROKEN", "BROKEN_HINT", "DATA", "DROP", "END", "PIECE", "POLL", "Broken", "FileSpec", "Range",
-           "Report", "Wire", "check_ranges", "guard", "interrupted", "leaders_group", "send_obj", "torch_modules",
-           "verdict", "wait_all"]
+           "Report", "Wire", "check_ranges", "guard", "leaders_group", "send_obj", "torch_modules", "verdict",
+           "wait_all"]
 
 
 @dataclass(frozen=True)
