@@ -47,6 +47,7 @@ from .._manifest import FileRecord, Manifest
 from .._observe import Download, FetchPlan
 from .._ranks import NodeStats
 from .._state import StateDir
+from .background import Background
 from .ends import FileSource
 from .sender import send
 from .wire import FileSpec, Report
@@ -267,29 +268,17 @@ def merge(first: Report, then: Report) -> Report:
 def serve(req: FetchRequest, update: bool, group: Any, piece: int) -> tuple[Report | None, BaseException | None]:
     """Rank 0: its fetch in this thread, the sending in another; returns (report, its error or the fetch's)."""
     feed = Feed(req)
-    out: list[tuple[Report | None, BaseException | None]] = []
-    sent = threading.Event()  # not Thread.join: a join that a KeyboardInterrupt broke can say "ended" too early
-
-    def send_all() -> None:
-        try:
-            out.append(feed.serve(group, piece))
-        except BaseException as exc:  # the interrupt it was told of (a KeyboardInterrupt) ends it too
-            out.append((None, exc))
-        finally:
-            sent.set()
-
-    sender = threading.Thread(target=send_all, name="dinov3-broadcast-send", daemon=True)
-    sender.start()
+    sending = Background(lambda: feed.serve(group, piece), "dinov3-broadcast-send")
     try:
         feed.fetch(update)  # (it keeps its own error; a Ctrl-C right after it is taken below)
-        while not sent.wait(0.2):
-            pass
+        sending.wait()
     except BaseException as exc:  # Ctrl-C (SIGTERM) while the sending runs: the sending thread aborts with it at
         # its next piece, so that the receivers learn it and every rank raises one error
         stop = exc if isinstance(exc, FetcherError) else interrupted()
         with feed.cond:
             feed.error = feed.error or stop
             feed.cond.notify_all()
-        sent.wait(30)
-    report, mine = out[0] if out else (None, RuntimeError("the broadcast's sending thread ended without a result"))
+        sending.done.wait(30)
+    report, mine = sending.out[0] if sending.out else (None, RuntimeError("the broadcast's sending thread ended "
+                                                                          "without a result"))
     return report, mine or feed.error

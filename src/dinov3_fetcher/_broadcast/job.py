@@ -27,7 +27,6 @@ Every receiver checks each file's sha256 itself, and publishes only when the who
 from __future__ import annotations
 
 import sys
-import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -35,6 +34,7 @@ from typing import Any
 from .._config import FetchRequest
 from .._errors import interrupted
 from .._ranks import JobResult, check_fetched, collective, destroy, first_failure, outcome, raise_failure
+from .background import Background, Outcome
 from .feed import merge, serve
 from .node import StateSink
 from .receiver import Stop, receive
@@ -51,29 +51,24 @@ def _receiver(req: FetchRequest, update: bool, group: Any) -> tuple[StateSink, R
     ends with this node's FetchInterrupted at once. A second Ctrl-C stops waiting for the transfer."""
     sink = StateSink(req, update)
     stop = Stop()
-    out: list[tuple[Report | None, BaseException | None]] = []
-    done = threading.Event()
 
-    def rounds() -> None:
+    def rounds() -> Outcome:
         report: Report | None = None
         try:
             report = receive(sink, group, progress=sys.stderr, listed=sink.expect, stop=stop)
             if report.meta.get("more"):  # rank 0 sends what it fetched after the weights (see feed)
                 report = merge(report, receive(sink, group, progress=sys.stderr, listed=sink.expect, stop=stop))
-            out.append((report, None))
         except BaseException as exc:
-            out.append((report, exc))
-        finally:
-            done.set()
+            return report, exc
+        return report, None
 
-    threading.Thread(target=rounds, name="dinov3-broadcast-receive", daemon=True).start()
+    receiving = Background(rounds, "dinov3-broadcast-receive")
     try:
-        while not done.wait(0.2):
-            pass
+        receiving.wait()
     except KeyboardInterrupt:
         stop.set(interrupted())
-        done.wait()
-    report, mine = out[0]
+        receiving.done.wait()
+    report, mine = receiving.out[0]
     return sink, report, mine or stop.error  # (interrupted after its last outcome went out: the job's exchange)
 
 
