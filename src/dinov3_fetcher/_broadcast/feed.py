@@ -107,8 +107,8 @@ class Feed(FileSource):
         if any(not records[n].sha256 for n in plan.weights):  # a weight listed without its sha256 (a mirror):
             return  # sent once the fetch is done
         order = sorted(n for n in records if n not in plan.weights) + plan.weights
-        meta = {**_meta(plan.commit, plan.source, plan.endpoint, records, plan.site_revision, plan.official),
-                "more": bool(plan.later), "later": _records(plan.later)}
+        meta = {**_meta(plan.commit, plan.source, plan.endpoint, records, plan.site_revision, plan.official,
+                        plan.later), "more": bool(plan.later)}
         with self.cond:
             self.plan = plan
             self.verified_paths.update(plan.held)
@@ -234,16 +234,18 @@ class Feed(FileSource):
 
 
 def _meta(commit: str, source: str, endpoint: str, records: dict[str, FileRecord], site_revision: str,
-          official: bool | None) -> dict[str, Any]:
+          official: bool | None, later: dict[str, FileRecord]) -> dict[str, Any]:
     """What the receivers' manifests say besides their files, as rank 0's says it: ``records`` are the files
-    of this round; ``later`` (the first round of a fetch) the optional files a second round may send, as
-    listed, so that each node checks every name it will publish before any byte moves."""
+    of this round; ``later`` (the first round of a fetch; none in a round of a published manifest's files) the
+    optional files a second round may send, as listed, so that each node checks every name it will publish
+    before any byte moves."""
     return {"commit": commit, "host": socket.gethostname(), "source": source, "endpoint": endpoint,
-            "site_revision": site_revision, "official": official, "records": _records(records), "later": {}}
+            "site_revision": site_revision, "official": official, "records": _records(records),
+            "later": _records(later)}
 
 
 def _manifest_meta(m: Manifest) -> dict[str, Any]:
-    return _meta(m.commit, m.source, m.endpoint, m.files, m.site_revision, m.official)
+    return _meta(m.commit, m.source, m.endpoint, m.files, m.site_revision, m.official, {})
 
 
 def _records(records: dict[str, FileRecord]) -> dict[str, tuple[int, str, str | None]]:

@@ -71,7 +71,7 @@ class StateSink(PartialSink):
                 self.unlock()  # nothing to write here: another node sharing this dino_root may take the lock
         if self.warm or self.deferred:
             return
-        listed = _records({**meta.get("later", {}), **meta["records"]})
+        listed = _records({**meta["later"], **meta["records"]})
         self.state.check_foreign(list(listed), listed, (self.old,), self.adopted)
 
     def _held(self, spec: FileSpec) -> bool:
