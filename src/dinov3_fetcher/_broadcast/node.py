@@ -166,9 +166,9 @@ class StateSink(PartialSink):
 
         if not self.deferred:
             return
-        with self.state.locked(env.lock_timeout(), Progress(quiet=True), disabled=env.lock_disabled()):
-            why = why_not(self.req.dino_root, self.req.model, self.req.revision)
+        with self.state.locked(env.lock_timeout(), Progress(quiet=True)):
             m = self.state.read_manifest()
+            why = why_not(self.req.dino_root, self.req.model, self.req.revision, m)
             if why is None and m is not None and m.commit != self.commit:
                 why = f"it holds commit {m.commit[:12]}, rank 0 sent {self.commit[:12]}"
         if why is not None:
