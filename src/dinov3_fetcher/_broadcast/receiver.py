@@ -108,32 +108,33 @@ def receive(sink: Sink, group: Any, *, src: int = 0, progress: TextIO | None = N
             missing = [[] for _ in files]
         for w in wire.isend_obj({"error": outcome(mine, rank), "missing": missing}, src):
             guard(w.wait)
-        if stop is not None and (interrupted := stop.arm(lambda error: tell(False, error))) is not None:
-            tell(False, interrupted)
-        chain: list[int] = wire.recv_obj(src)["chain"]
-        broken = False
-        if rank in chain:
-            at = chain.index(rank)
-            prev = chain[at - 1] if at else src
-            after = chain[at + 1] if at + 1 < len(chain) else None
-            mine, broken = _take(wire, prev, after, at, sink, files, missing, stats, progress, int(header["piece"]),
-                                 lambda: tell(True, None))
-        elif mine is None:
-            stats.role = "warm"
-        try:
-            sink.close()
-        except Exception as exc:
-            mine = mine or exc
+        try:  # from here to the end of the data step, an interrupt is told to the sender at once (Stop)
+            if stop is not None and (interrupted := stop.arm(lambda error: tell(False, error))) is not None:
+                tell(False, interrupted)
+            chain: list[int] = wire.recv_obj(src)["chain"]
+            broken = False
+            if rank in chain:
+                at = chain.index(rank)
+                prev = chain[at - 1] if at else src
+                after = chain[at + 1] if at + 1 < len(chain) else None
+                mine, broken = _take(wire, prev, after, at, sink, files, missing, stats, progress,
+                                     int(header["piece"]), lambda: tell(True, None))
+            elif mine is None:
+                stats.role = "warm"
+            try:
+                sink.close()
+            except Exception as exc:
+                mine = mine or exc
+        finally:  # then no more: this member's outcome goes out next (or the group broke)
+            if stop is not None:
+                stop.arm(None)
         if stop is not None:
-            stop.arm(None)
             mine = stop.error or mine
         tell(broken, mine)
         if told[0] is not None:  # what the sender was told, if it was told early: every member raises it
             mine = told[0]
         decided = wire.recv_obj(src)
     except Broken:
-        if stop is not None:
-            stop.arm(None)
         with contextlib.suppress(Exception):
             sink.close()
         raise NetworkError(BROKEN, BROKEN_HINT) from None
