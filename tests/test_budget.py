@@ -428,11 +428,14 @@ def _cancel_while_held(hub: HubServer, tmp_path: Path, **fault: bool) -> Transfe
     streams = [w for w in threading.enumerate() if w not in before and w.name.startswith("fetch-")]
     assert streams
     transfer.cancel.set()
-    t.join(60)
-    for w in streams:
-        w.join(60)
+    # A bound, to fail readably: a cut read ends at once, one left to the read timeout would run 600 s. Generous
+    # (a loaded machine ends these threads in well under a second) and below pytest's own timeout (300 s), so that
+    # a stream still reading fails here, named, rather than as a hang.
+    deadline = time.monotonic() + 120
+    for w in [t, *streams]:
+        w.join(max(0.0, deadline - time.monotonic()))
     assert not t.is_alive() and not got, got
-    assert not any(w.is_alive() for w in streams)
+    assert not any(w.is_alive() for w in streams), [w.name for w in streams if w.is_alive()]
     # the server still holds the answer for the piece at the pause (picked by its range: another stream's answer
     # may not have noted its end yet): the reads ended on our side
     held = [r for r in hub.file_gets("model.safetensors") if r.status == 206 and _covers(r, pause)]
