@@ -504,11 +504,8 @@ NOT_SHIPPED = re.compile(r"\b[Ii]ssues? #?[0-9]+\b|\bitem [0-9]+\b|\b(?:this|pre
 def _shipped_text() -> Iterator[tuple[Path, str]]:
     # what git would ship (tracked, or new and not ignored): a bench's results or a build are not the product
     listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard",
-                             "--", *SHIPPED], capture_output=True)
-    paths = ([ROOT / n for n in sorted(set(listed.stdout.decode().split("\0"))) if n] if listed.returncode == 0
-             else [f for name in SHIPPED for f in sorted((ROOT / name).rglob("*")) if (ROOT / name).is_dir()]
-             + [ROOT / name for name in SHIPPED if (ROOT / name).is_file()])
-    for path in paths:
+                             "--", *SHIPPED], capture_output=True, check=True)
+    for path in (ROOT / n for n in sorted(set(listed.stdout.decode().split("\0"))) if n):
         if not path.is_file() or "__pycache__" in path.parts:
             continue
         data = path.read_bytes()
