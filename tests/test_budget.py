@@ -469,7 +469,6 @@ def test_a_connection_whose_read_a_cancel_ended_is_never_used_again(tls_hub: Tls
     assert again.download(target).path.read_bytes() == data
 
 
-
 def test_a_shed_stream_ends_after_its_piece_so_no_byte_is_served_twice(hub: HubServer, tmp_path: Path) -> None:
     # 4 streams, then the limit falls to 2 while they are all mid-piece. A stream shed in the middle of an answer
     # closes its connection with the rest of that answer already sent (socket buffers, in flight): served twice

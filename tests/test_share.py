@@ -490,7 +490,6 @@ def test_rank_0_resumes_its_partial_and_sends_the_prefix_it_already_held(
         _same_checkpoint(job, node, model)
 
 
-
 def _fill(where: Path, leave: int) -> Path:
     """Fill ``where``'s filesystem up to ``leave`` bytes free."""
     filler = where / "filler"
