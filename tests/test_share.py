@@ -45,6 +45,7 @@ pytestmark = pytest.mark.xdist_group("forked-ranks")
 MODEL = "tiny-org/dinov3-vit-share"
 WEIGHTS = "model.safetensors"
 KiB = 1024
+PAUSE = 2 * 1024 * KiB  # where the Hub holds rank 0's download of the weights (of ~3 MB) back
 WORKER = """\
 import json, os, signal, sys, time
 from pathlib import Path
@@ -340,18 +341,17 @@ def test_receivers_get_the_weights_while_rank_0_still_downloads_them(hub: HubSer
     # then half done, and the receivers must already hold what rank 0 has written and hashed of it.
     job = Job(tmp_path)
     size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
-    pause = 2 * 1024 * KiB
-    assert size > pause + 256 * KiB
-    hub.faults.add(pause_at=pause, path_suffix=WEIGHTS, times=1)
+    assert size > PAUSE + 256 * KiB
+    hub.faults.add(pause_at=PAUSE, path_suffix=WEIGHTS, times=1)
     got: dict[int, int] = {}
 
     def received() -> bool:  # rank 0 reads 1 MiB at a time: it has written at least 1 MiB when the Hub stops
         got.update({node: _received(job.root(node), sha) for node in (1, 2)})
-        return min(got.values()) >= 1024 * KiB and hub.bytes_served(WEIGHTS) == pause \
+        return min(got.values()) >= 1024 * KiB and hub.bytes_served(WEIGHTS) == PAUSE \
             and not (job.root(0) / WEIGHTS).exists()
 
     (procs, results), held = _while_paused(job, hub, received)
-    assert held and max(got.values()) <= pause, got  # while the Hub still held the rest back
+    assert held and max(got.values()) <= PAUSE, got  # while the Hub still held the rest back
     assert all(p.returncode == 0 for p in procs), _stderr(procs)
     assert sorted(results) == [0, 1, 2] and all(r["ok"] for r in results.values()), results
     assert hub.bytes_served(WEIGHTS) == size  # still one download for the whole job
@@ -414,7 +414,7 @@ def test_bytes_rank_0_got_wrong_are_sent_while_it_downloads_but_published_nowher
         hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
     job = Job(tmp_path)
     size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
-    hub.faults.add(corrupt_at=100, pause_at=2 * 1024 * KiB, path_suffix=WEIGHTS, times=1)
+    hub.faults.add(corrupt_at=100, pause_at=PAUSE, path_suffix=WEIGHTS, times=1)
     # the receivers hold a wrong MiB (rank 0 only finds out by its sha256, at the end)
     (procs, results), held = _while_paused(job, hub, lambda: min(_received(job.root(n), sha) for n in (1, 2))
                                            >= 1024 * KiB)
@@ -507,7 +507,7 @@ def test_a_relay_whose_disk_fills_up_keeps_relaying_every_rank_raises_its_error_
         hub: HubServer, model: dict[str, bytes], tmp_path: Path) -> None:
     job = Job(tmp_path)  # the chain: rank 0 -> node 1 -> node 2
     size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
-    hub.faults.add(pause_at=2 * 1024 * KiB, path_suffix=WEIGHTS, times=1)
+    hub.faults.add(pause_at=PAUSE, path_suffix=WEIGHTS, times=1)
     with mounted_tmpfs(tmp_path / "node1", "24m") as disk:  # room for the checkpoint and the 16 MiB margin: accepted
         filler = disk / "filler"
 
@@ -543,23 +543,22 @@ def test_a_relay_whose_disk_fills_up_keeps_relaying_every_rank_raises_its_error_
     assert hub.bytes_served(WEIGHTS) == size
 
 
-def _ended_while_rank_0_is_held(job: Job, hub: HubServer, tmp_path: Path, answering: int,
-                                node: dict[str, dict[str, int]]) -> tuple[Any, Any, int]:
-    """Run ``job`` with ``node``'s fault while the Hub holds back rank 0's download after its first 2 MiB; the
-    job must end (``answering`` ranks answered) while it is still held: (procs, results, the bytes served)."""
-    pause = 2 * 1024 * KiB
-    hub.faults.add(pause_at=pause, path_suffix=WEIGHTS, times=1)
+def _ended_while_rank_0_is_held(job: Job, hub: HubServer, answering: int,
+                                node: dict[str, dict[str, int]]) -> tuple[Any, Any]:
+    """Run ``job`` with ``node``'s fault while the Hub holds back rank 0's download after its first ``PAUSE``
+    bytes; the job must end (``answering`` ranks answered) while it is still held: (procs, results)."""
+    hub.faults.add(pause_at=PAUSE, path_suffix=WEIGHTS, times=1)
     served: list[int] = []
 
     def ended() -> bool:
-        if len(list(tmp_path.glob(f"run{job.runs}/rank*.json"))) < answering:
+        if len(list(job.tmp.glob(f"run{job.runs}/rank*.json"))) < answering:
             return False
         served.append(hub.bytes_served(WEIGHTS))
         return True
 
     (procs, results), _ = _while_paused(job, hub, ended, node=node)
-    assert served == [pause], _stderr(procs)  # the job ended while rank 0's download was held back
-    return procs, results, pause
+    assert served == [PAUSE], _stderr(procs)  # the job ended while rank 0's download was held back
+    return procs, results
 
 
 @needs_torch
@@ -569,7 +568,7 @@ def test_a_relay_killed_mid_transfer_ends_the_job_at_once_on_every_rank_and_the_
     size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
     # node 1 dies once it has written a MiB of the weights: rank 0 and node 2 see a reset; rank 0 stops sending
     # and its own download (a 27 GB file would not be finished first); node 2, behind it, does not hang
-    procs, results, pause = _ended_while_rank_0_is_held(job, hub, tmp_path, 2, {"1": {"die_at": 1024 * KiB}})
+    procs, results = _ended_while_rank_0_is_held(job, hub, 2, {"1": {"die_at": 1024 * KiB}})
     assert sorted(results) == [0, 2] and procs[1].returncode == -9, _stderr(procs)
     assert {(r["type"], r["message"]) for r in results.values()} == {("NetworkError", BROKEN)}
     for node in (1, 2):
@@ -583,7 +582,7 @@ def test_a_relay_killed_mid_transfer_ends_the_job_at_once_on_every_rank_and_the_
     assert results[0]["nodes"]["2"]["files"][WEIGHTS] == left  # only the rest
     for node in range(3):
         _same_checkpoint(job, node, model)
-    assert hub.bytes_served(WEIGHTS) == size - pause  # rank 0 resumed its own partial
+    assert hub.bytes_served(WEIGHTS) == size - PAUSE  # rank 0 resumed its own partial
 
 
 @needs_torch
@@ -846,7 +845,7 @@ def test_ctrl_c_on_a_receiver_ends_the_job_at_once_with_its_error_on_every_rank_
     size, sha = len(model[WEIGHTS]), hashlib.sha256(model[WEIGHTS]).hexdigest()
     # Ctrl-C on node 1 once it has written 512 KiB of the weights: rank 0 hears of it at once and stops sending
     # and downloading (a rank 0 that learnt it only at the end of its download would wait for the Hub for good)
-    procs, results, pause = _ended_while_rank_0_is_held(job, hub, tmp_path, 3, {"1": {"ctrl_c_at": 512 * KiB}})
+    procs, results = _ended_while_rank_0_is_held(job, hub, 3, {"1": {"ctrl_c_at": 512 * KiB}})
     assert sorted(results) == [0, 1, 2], _stderr(procs)
     assert {r["type"] for r in results.values()} == {"FetchInterrupted"}, results
     assert len({(r["message"], r["hint"]) for r in results.values()}) == 1
@@ -865,7 +864,7 @@ def test_ctrl_c_on_a_receiver_ends_the_job_at_once_with_its_error_on_every_rank_
     for node in (1, 2):
         assert results[0]["nodes"][str(node)]["files"].get(WEIGHTS, 0) == left[node]  # only the rest
         _same_checkpoint(job, node, model)
-    assert hub.bytes_served(WEIGHTS) == size - pause  # rank 0 resumed its own partial
+    assert hub.bytes_served(WEIGHTS) == size - PAUSE  # rank 0 resumed its own partial
 
 
 @needs_torch
