@@ -126,12 +126,20 @@ def test_waiter_says_it_waits_and_times_out_with_exit_12(hub: HubServer, repo: d
 
 def test_a_lock_held_by_a_killed_fetcher_does_not_block(hub: HubServer, repo: dict[str, bytes],
                                                         dino_root: Path) -> None:
+    hub.faults.add(path_suffix=MODEL, host="cdn", pause_at=8 * MiB)  # past the weights' first record: no end
+    weights = sha256(repo[MODEL])  # its partial folder's name (the small files have records of their own)
     first = start(dino_root)
-    while not sum(partial_progress(dino_root).values()):  # past the first record (the fetch's own: not the head start)
-        time.sleep(0.005)
-        assert first.poll() is None, first.communicate()
-    os.kill(first.pid, signal.SIGKILL)  # it dies holding the lock and a claimed partial folder
-    first.communicate()
+    try:
+        while not any(n.startswith(weights) and done for n, done in partial_progress(dino_root).items()):
+            time.sleep(0.005)
+            assert first.poll() is None, first.communicate()
+        os.kill(first.pid, signal.SIGKILL)  # it dies holding the lock and a claimed partial folder
+        first.communicate()
+    finally:
+        hub.resume.set()
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
     hub.clear()
     second = start(dino_root, "--json", "--lock-timeout", "5")
     out, err = second.communicate(timeout=60)

@@ -414,15 +414,21 @@ def test_a_download_killed_on_the_hub_resumes_from_modelscope(ms: ModelScopeServ
     hub.add_repo(TINY, files)
     ms.add_repo(TINY, files)
     size = (src / MODEL).stat().st_size
-    hub.faults.add(path_suffix=MODEL, host="cdn", throttle_bps=16 * MiB)
+    hub.faults.add(path_suffix=MODEL, host="cdn", throttle_bps=16 * MiB, pause_at=3 * size // 4)  # it cannot end
     cmd = [sys.executable, "-m", "dinov3_fetcher", "--dino-root", str(dino_root), "--model", TINY, "-q"]
     env = cli_env(DINOV3_FETCHER_CONNECTIONS="4")
     proc = subprocess.Popen([*cmd, "--source", "hf"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    while sum(partial_progress(dino_root).values()) < size // 2:  # recorded: past the head start (not kept unless
-        assert proc.poll() is None, proc.communicate()           # the listing confirmed it)
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
+    try:
+        while sum(partial_progress(dino_root).values()) < size // 2:  # recorded: past the head start (not kept
+            assert proc.poll() is None, proc.communicate()           # unless the listing confirmed it)
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    finally:
+        hub.resume.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     r = subprocess.run([*cmd, "--source", "modelscope", "--json"], env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
