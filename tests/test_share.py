@@ -79,7 +79,7 @@ if rank == 0 and cfg.get("interrupt_at") is not None:  # the fault: Ctrl-C on ra
         if name == "model.safetensors" and offset >= cfg["interrupt_at"] and not sent:
             sent.append(offset)
             os.kill(os.getpid(), signal.SIGINT)  # to the main thread, wherever it is (here: waiting on the sending)
-            while self.error is None:  # this piece goes out once the main thread has taken the Ctrl-C (self: the Feed)
+            while self.error is None:  # (self: the FetchingSource) this piece waits for the Ctrl-C to land
                 time.sleep(0.01)
         read_(self, name, offset, buf)
 
@@ -87,7 +87,7 @@ if rank == 0 and cfg.get("interrupt_at") is not None:  # the fault: Ctrl-C on ra
 if rank == 0 and cfg.get("interrupt_after_send"):  # the fault: Ctrl-C on rank 0 once every node's verdict was a
     from dinov3_fetcher._broadcast import feed  # success (after the last piece), before the job's own outcome
 
-    serve = feed.Feed.serve
+    serve = feed.FetchingSource.serve
 
     def serve_(self, group, piece):
         out = serve(self, group, piece)
@@ -97,7 +97,7 @@ if rank == 0 and cfg.get("interrupt_after_send"):  # the fault: Ctrl-C on rank 0
                 self.cond.wait()
         return out
 
-    feed.Feed.serve = serve_
+    feed.FetchingSource.serve = serve_
 
 if cfg.get("die_at") is not None and os.environ["LOCAL_RANK"] == "0":  # the fault: this node's leader dies
     from dinov3_fetcher._broadcast import node as receiving  # (SIGKILL) once it has written that far

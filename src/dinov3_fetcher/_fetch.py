@@ -247,12 +247,12 @@ def _offline_error(req: FetchRequest) -> LocalEntryNotFoundError:
 def _telling(run: Run, observer: FetchObserver) -> Callable[[str], Path]:
     """``run.fetch_file``, telling ``observer`` of each file it verified."""
 
-    def get(name: str) -> Path:
+    def fetch_and_tell(name: str) -> Path:
         path = run.fetch_file(name)
         observer.verified(name, path)
         return path
 
-    return get
+    return fetch_and_tell
 
 
 def _fetch_weights(run: Run, names: list[str], files_at_once: int, get: Callable[[str], Path],

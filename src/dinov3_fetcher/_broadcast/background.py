@@ -1,6 +1,6 @@
 """A step of the broadcast in a thread of its own (rank 0's sending, a receiver's rounds): a Ctrl-C lands in the
 caller's (main) thread, whatever the step is blocked on, and the caller hands it over to the step (rank 0's
-``Feed.error``, a receiver's ``receiver.Stop``), so that every rank ends with one error at once."""
+``FetchingSource.error``, a receiver's ``receiver.Stop``), so that every rank ends with one error at once."""
 
 from __future__ import annotations
 

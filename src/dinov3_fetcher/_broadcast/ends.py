@@ -1,6 +1,6 @@
 """The broadcast's ends: what a sender reads (``Source``) and a receiver writes (``Sink``), and both on plain
 files: ``FileSource`` and ``PartialSink`` (partial folders in the fetcher's format, hashed while the bytes
-arrive). The fetcher's own ends are built on them (``feed.Feed``, ``node.StateSink``)."""
+arrive). The fetcher's own ends are built on them (``feed.FetchingSource``, ``node.StateSink``)."""
 
 from __future__ import annotations
 

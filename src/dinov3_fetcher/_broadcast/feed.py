@@ -1,16 +1,16 @@
 """Rank 0's side of ``fetch_once(..., share="broadcast")``: its own fetch, sent while it downloads.
 
 The fetch (``_fetch.fetch``) runs in the calling thread, as a plain fetch does (Ctrl-C, signals), with a
-``Feed`` as its observer (``_observe.FetchObserver``); the sending (``sender.send``) runs in a thread of its
-own. The Feed is told three things by the fetch:
+``FetchingSource`` as its observer (``_observe.FetchObserver``); the sending (``sender.send``) runs in a
+thread of its own. The FetchingSource is told three things by the fetch:
 
 - ``planned(plan)``: once the fetch has planned, with the small files (config, preprocessor, index) already
   fetched and verified. The file list (name, size, sha256) and the manifest's records, commit and source are
   final from here on, so ``send`` starts: step 1 (the list), step 2 (what each receiver misses) and the small
   files go out while the weights are still downloading;
 - ``started(name, size, sha256, download)``: a weight file's download (the main transfer's, or the head
-  start's). The Feed keeps a duplicate of its fd on the claimed partial's data file: it is the same inode
-  through the moves to staged and to dino_root;
+  start's). The FetchingSource keeps a duplicate of its fd on the claimed partial's data file: it is the same
+  inode through the moves to staged and to dino_root;
 - ``verified(name, path)``: a weight file whose hashes matched (or that rank 0 held already).
 
 A weight file may be sent up to the download's hashed prefix (``download.hashed``): those bytes are on disk for
@@ -52,10 +52,10 @@ from .ends import FileSource
 from .sender import send
 from .wire import FileSpec, Report
 
-__all__ = ["Feed", "merge", "serve"]
+__all__ = ["FetchingSource", "merge", "serve"]
 
 
-class Feed(FileSource):
+class FetchingSource(FileSource):
     """Rank 0's fetch as the broadcast's ``Source`` (see the module's docstring)."""
 
     def __init__(self, req: FetchRequest) -> None:
@@ -269,7 +269,7 @@ def merge(first: Report, then: Report) -> Report:
 
 def serve(req: FetchRequest, update: bool, group: Any, piece: int) -> tuple[Report | None, BaseException | None]:
     """Rank 0: its fetch in this thread, the sending in another; returns (report, its error or the fetch's)."""
-    feed = Feed(req)
+    feed = FetchingSource(req)
     sending = Background(lambda: feed.serve(group, piece), "dinov3-broadcast-send")
     try:
         feed.fetch(update)  # (it keeps its own error; a Ctrl-C right after it is taken below)

@@ -117,7 +117,7 @@ def receive(sink: Sink, group: Any, *, src: int = 0, progress: TextIO | None = N
                 at = chain.index(rank)
                 prev = chain[at - 1] if at else src
                 after = chain[at + 1] if at + 1 < len(chain) else None
-                mine, broken = _take(wire, prev, after, at, sink, files, missing, stats, progress,
+                mine, broken = _receive_in_chain(wire, prev, after, at, sink, files, missing, stats, progress,
                                      int(header["piece"]), lambda: tell(True, None))
             elif mine is None:
                 stats.role = "warm"
@@ -178,7 +178,7 @@ class _Writer:
         self.thread.join()
 
 
-def _take(wire: Wire, prev: int, after: int | None, at: int, sink: Sink, files: list[FileSpec],
+def _receive_in_chain(wire: Wire, prev: int, after: int | None, at: int, sink: Sink, files: list[FileSpec],
           missing: list[list[Range]], stats: NodeStats, progress: TextIO | None, size: int,
           on_broken: Callable[[], None]) -> tuple[BaseException | None, bool]:
     """Step 3 on a member of the chain. Returns the sink's error, and whether a neighbour was gone."""
