@@ -31,8 +31,8 @@ from dinov3_fetcher._budget import (
     Rule,
 )
 from dinov3_fetcher._errors import FetchInterrupted
-from dinov3_fetcher._http import HttpPool
-from dinov3_fetcher._job import Target
+from dinov3_fetcher._http import Answer, HttpPool
+from dinov3_fetcher._job import Job, Target
 from dinov3_fetcher._progress import Progress
 from dinov3_fetcher._retry import RetryPolicy
 from dinov3_fetcher._state import StateDir
@@ -373,8 +373,25 @@ def test_settings_fixed_only_when_set(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not Budget.for_connections(None, 16).rule.fixed
 
 
+class _Jobs:
+    """A fetch observer that keeps each download's job, for tests that look at its answers."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []
+
+    def planned(self, plan: object) -> None:
+        pass
+
+    def started(self, name: str, size: int, sha256: str | None, download: Job) -> None:
+        self.jobs.append(download)
+
+    def verified(self, name: str, path: Path) -> None:
+        pass
+
+
 def _download(hub: HubServer, tmp_path: Path, budget: Budget, data: bytes, min_split: int, timeout: float = 10,
-              retries: int = 5) -> tuple[Transfer, threading.Thread, list[Downloaded | BaseException]]:
+              retries: int = 5, observer: _Jobs | None = None
+              ) -> tuple[Transfer, threading.Thread, list[Downloaded | BaseException]]:
     """``data`` as TINY's model.safetensors, downloaded over ``budget`` in a thread (started; ``got`` holds its
     result once it ends, or what it raised other than the FetchInterrupted of a cancel); ``timeout``: the reads'
     timeout; ``retries``: failed tries in a row before a piece gives up."""
@@ -387,7 +404,7 @@ def _download(hub: HubServer, tmp_path: Path, budget: Budget, data: bytes, min_s
 
     transfer = Transfer(replace(Settings(), min_split=min_split, retry=RetryPolicy(retries=retries)),
                         HttpPool(timeout, "test"), state,
-                        Progress(quiet=True), refuse, budget=budget)
+                        Progress(quiet=True), refuse, budget=budget, observer=observer)
     sha = hashlib.sha256(data).hexdigest()
     target = Target("model.safetensors", f"{hub.endpoint}/{TINY}/resolve/main/model.safetensors", len(data), sha, sha)
     got: list[Downloaded | BaseException] = []
@@ -411,6 +428,12 @@ def _covers(r: Request, offset: int) -> bool:
     return m is not None and int(m[1]) <= offset <= int(m[2])
 
 
+def _holds(answer: Answer, offset: int) -> bool:
+    """Whether a 206 answer's Content-Range holds byte ``offset``."""
+    m = re.fullmatch(r"bytes (\d+)-(\d+)/\d+", answer.resp.getheader("Content-Range") or "")
+    return m is not None and int(m[1]) <= offset <= int(m[2])
+
+
 def _cancel_while_held(hub: HubServer, tmp_path: Path, **fault: bool) -> Transfer:
     """A download whose piece at 3 MiB the server holds (the other stream takes the rest), cancelled once it is
     held; asserts that every stream's read ended while the server still holds that answer (the read timeout is
@@ -421,13 +444,20 @@ def _cancel_while_held(hub: HubServer, tmp_path: Path, **fault: bool) -> Transfe
     budget = Budget(Rule(start=2, cap=2, fixed=True), block=64 * 1024)
     before = set(threading.enumerate())
     # no retries: a read the cancel ended is no failed try, so the cancel ends as FetchInterrupted all the same
-    transfer, t, got = _download(hub, tmp_path, budget, data, min_split=1024 * 1024, timeout=600, retries=0)
-    while not hub.paused.is_set():
+    seen = _Jobs()
+    transfer, t, got = _download(hub, tmp_path, budget, data, min_split=1024 * 1024, timeout=600, retries=0,
+                                 observer=seen)
+    held: list[Answer] = []
+    while not (hub.paused.is_set() and held):  # the server holds it, and a stream reads it
         assert t.is_alive()
         time.sleep(0.01)
+        for job in seen.jobs:
+            with job.lock:
+                held = [a for a in job.reading if _holds(a, pause)]
     streams = [w for w in threading.enumerate() if w not in before and w.name.startswith("fetch-")]
     assert streams
     transfer.cancel.set()
+    assert held[0].dead  # its read was ended as the cancel was set, not once the download noticed the cancel
     # A bound, to fail readably: a cut read ends at once, one left to the read timeout would run 600 s. Generous
     # (a loaded machine ends these threads in well under a second) and below pytest's own timeout (300 s), so that
     # a stream still reading fails here, named, rather than as a hang.

@@ -17,7 +17,7 @@ import pytest
 from conftest import GRANTED, TINY
 from dinov3_fetcher import _env as env
 from dinov3_fetcher._errors import ConfigError
-from dinov3_fetcher._http import Auth, HttpPool
+from dinov3_fetcher._http import Auth, HttpPool, RequestError
 from dinov3_fetcher._sources import hf
 from helpers import error_line
 from hub_server import HubServer
@@ -216,3 +216,36 @@ def test_proxy_without_a_port_uses_the_proxy_schemes_default(scheme: str, monkey
     monkeypatch.setenv(f"{scheme.upper()}_PROXY", "http://proxy.invalid")
     conn = HttpPool(5, "ua").acquire(f"{scheme}://hub.invalid/x")  # not connected yet
     assert (conn.host, conn.port) == ("proxy.invalid", 80)
+
+
+def _idle(pool: HttpPool) -> int:
+    return sum(len(conns) for conns in pool._idle.values())
+
+
+def test_a_connection_is_pooled_only_after_a_body_read_to_its_end(hub: HubServer) -> None:
+    body = b"x" * 4096
+    hub.add_repo(TINY, {"config.json": body})
+    url = f"{hub.endpoint}/{TINY}/resolve/main/config.json"
+    pool = HttpPool(10, "test")
+    try:
+        answer = pool.get(url, {})
+        assert answer.read() == body
+        pool.finish(answer)
+        assert _idle(pool) == 1  # read to its end: kept for the next request
+
+        answer = pool.get(url, {})
+        assert answer.read() == body
+        answer.cut()  # a stopping download's cut that came after the last byte: the socket's data flow is shut
+        pool.finish(answer)
+        assert _idle(pool) == 0
+
+        # a chunked body whose server closed between two chunks: http.client closes the response before it
+        # raises, so that it looks read to its end; the failed read says otherwise
+        hub.faults.add(path_suffix="config.json", chunked=True, cut_after=1024, times=1)
+        answer = pool.get(url, {})
+        with pytest.raises(RequestError):
+            answer.read()
+        pool.finish(answer)
+        assert _idle(pool) == 0
+    finally:
+        pool.close()

@@ -76,7 +76,7 @@ class Answer:
     # keeps its descriptor open until ``HttpPool.finish``, so that ``cut`` never reaches a descriptor reused since.
     sock: socket.socket | None = None
     hold: BinaryIO | None = None
-    was_cut: bool = False  # ``cut`` ended its reads: the connection is closed by ``finish``, never pooled
+    dead: bool = False  # a read failed, or ``cut`` ended the reads: ``finish`` closes the connection, never pools it
 
     def seconds_per_trip(self) -> float:
         """From the request (not the wait for a connection ``warm`` was opening) to the answer's headers, per
@@ -101,7 +101,7 @@ class Answer:
         """End a read of this answer under way in another thread at once (it sees the connection closed): a
         download that is stopping waits for no stalled read. Only the socket's data flow is shut, not the socket
         (whose owner closes it, once)."""
-        self.was_cut = True
+        self.dead = True
         if self.sock is not None:
             with contextlib.suppress(OSError):  # already closed
                 socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # the TCP socket's: a TLS socket's drops its state
@@ -112,6 +112,7 @@ class Answer:
             return self.resp.read(amt)
         except (OSError, http.client.HTTPException) as exc:
             failure = exc
+        self.dead = True
         raise RequestError(failure, url=self.url)  # out of the handler: nothing chained to it
 
 
@@ -311,15 +312,17 @@ class HttpPool:
 
     def finish(self, answer: Answer) -> None:
         """Give the answer's connection back to the pool if its body was read to the end, else close it (once).
-        A body that ended early (the server closed, or ``cut``) leaves its connection dead: closed, not pooled."""
+        A body that ended early (the server closed, a failed read, or ``cut``) leaves its connection dead: closed,
+        not pooled."""
         conn, answer.conn = answer.conn, None
         hold, answer.hold = answer.hold, None
+        answer.sock = None  # a later ``cut`` must not reach a connection another request owns by then
         if hold is not None:
             hold.close()
         if conn is None:
             return
         resp = answer.resp
-        if resp.isclosed() and not resp.will_close and not resp.length and not answer.was_cut:
+        if resp.isclosed() and not resp.will_close and not resp.length and not answer.dead:
             self.release(answer.url, conn)
         else:
             conn.close()

@@ -54,6 +54,35 @@ class Target:
     git_oid: str | None = None  # expected git blob sha1 (regular files)
 
 
+class Stop(threading.Event):
+    """A fetch's cancel: once set, every download stops. ``set`` also wakes each download under way (its hasher
+    waits on the job's lock) and ends its body reads (``Job.cut_reads``), so that no stop waits for a poll or for
+    a stalled server's next byte."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._jobs: set[Job] = set()
+        self._guard = threading.Lock()
+
+    def watch(self, job: Job) -> None:
+        """Stop ``job`` too when set (at once, when it is set already)."""
+        with self._guard:
+            self._jobs.add(job)
+        if self.is_set():
+            job.cut_reads()
+
+    def forget(self, job: Job) -> None:
+        with self._guard:
+            self._jobs.discard(job)
+
+    def set(self) -> None:
+        super().set()
+        with self._guard:
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.cut_reads()
+
+
 @dataclass(frozen=True)
 class FetchContext:
     """What one file's download needs from the fetch it belongs to, shared by all its files' downloads."""
@@ -62,7 +91,7 @@ class FetchContext:
     redirects: Redirects  # where each file's URL redirects, remembered
     budget: Budget  # the fetch's streams, and the size of a piece
     progress: Progress
-    cancel: threading.Event  # set: every download stops at once
+    cancel: Stop  # set: every download stops at once
     retry: RetryPolicy
     min_split: int  # never split a file into pieces smaller than this
     endpoint_var: str  # the variable that points at the source, named in error hints
@@ -306,11 +335,12 @@ class Job:
 
     def cut_reads(self) -> None:
         """The job is stopping (an error, a cancel): end every body read under way now, so that no worker waits
-        for a stalled server to send its next byte (or for the read timeout). A request still waiting for its
-        answer's headers is not cut: ``Transfer.download`` gives it 2 s, then leaves it."""
+        for a stalled server to send its next byte (or for the read timeout), and wake the hasher. A request still
+        waiting for its answer's headers is not cut: ``Transfer.download`` gives it 2 s, then leaves it."""
         with self.lock:
             for answer in self.reading:
                 answer.cut()
+            self.lock.notify_all()
 
     def check_response(self, answer: Answer, seg: _Segment, headers: dict[str, str]) -> None:
         """Raise what a non-200/206 answer means: a retry (429, 5xx, an expired signed URL) or the source's error."""
@@ -399,6 +429,7 @@ class Job:
             except (OSError, http.client.HTTPException) as exc:
                 failure = exc
             if failure is not None:
+                answer.dead = True
                 raise RequestError(failure, url=answer.url)  # out of the handler, as ``Answer.read``: nothing chained
             if not n:
                 raise TryAgain(f"connection closed at byte {offset} of {self.target.size}")

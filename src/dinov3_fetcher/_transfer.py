@@ -18,7 +18,7 @@ from ._budget import Budget
 from ._errors import IntegrityError, interrupted
 from ._hashing import git_blob_id
 from ._http import HttpPool, Redirects
-from ._job import FetchContext, Job, Target
+from ._job import FetchContext, Job, Stop, Target
 from ._observe import FetchObserver
 from ._progress import Progress
 from ._retry import RetryPolicy
@@ -75,7 +75,7 @@ class Transfer:
         self.settings, self.pool, self.state, self.progress = settings, pool, state, progress
         self.raise_status, self.endpoint_var, self.observer = raise_status, endpoint_var, observer
         self.budget = budget or Budget.for_connections(settings.connections, settings.block)
-        self.cancel = threading.Event()
+        self.cancel = Stop()
         self.redirects = Redirects()
         self.early: Callable[[Target], Downloaded | None] | None = None
         self.context = FetchContext(pool, self.redirects, self.budget, progress, self.cancel, settings.retry,
@@ -124,6 +124,7 @@ class Transfer:
             self.state.release(folder, target.identity)  # EACCES, EMFILE...: the folder stays resumable, unowned
             raise
         keep, orphans = True, False
+        self.cancel.watch(job)
         try:
             if self.observer is not None:
                 self.observer.started(target.name, target.size, target.sha256, job)
@@ -166,6 +167,7 @@ class Transfer:
             self.cancel.set()
             raise
         finally:
+            self.cancel.forget(job)
             if not orphans:
                 os.close(job.fd)
             if keep and sys.exc_info()[0] is not None and not orphans and job.on_disk() == 0:
