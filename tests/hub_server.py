@@ -93,7 +93,7 @@ class Request:
     body_bytes: int = 0
     file: str | None = None  # the repo file a Xet-bridge CDN URL serves (its URL path ends in the Xet hash)
     t: float = field(default_factory=time.monotonic)  # when the request arrived (monotonic clock)
-    done: float | None = None  # when its answer's body ended (sent, cut or failed)
+    done: float | None = None  # when its answer ended (its body sent, cut or failed; or before any body)
     peer: int = 0  # the client's port: requests with the same peer came on the same connection
 
 
@@ -353,6 +353,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._hub()
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
+        finally:
+            if self.rec.done is None:  # ended before its body (a client gone before the headers): ended all the same
+                self.rec.done = time.monotonic()
 
     # ---------- hub ----------
     def _hub(self) -> None:
