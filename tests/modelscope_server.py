@@ -20,7 +20,8 @@ anonymous (as on the real site). Private repos (``private=True``; ``gated=True``
 answer only tokens given to ``grant``: anonymous gets ``deny_status_anonymous`` (401), a token without access
 ``deny_status_token`` (403); ``hide_private=True`` answers 404 instead, like a missing repo.
 
-Faults reuse hub_server's ``Fault``/``Faults`` (see its docstring). The key a rule's ``path_suffix`` is matched
+Faults reuse hub_server's ``Fault``/``Faults`` (see its docstring), ``pause_at`` included (with ``ms.paused`` and
+``ms.resume``), and ``ms.gate`` as ``hub.gate``. The key a rule's ``path_suffix`` is matched
 against: the URL path for the listing (``.../repo/files``) and the storage host (``.../{name}``), and
 ``.../repo/{FilePath}`` for file GETs on the API host, so ``path_suffix="model.safetensors"`` matches the
 file on both hosts. ``host`` is "api" or "storage". Status rules also apply to the listing (its key ends with
@@ -298,6 +299,8 @@ class ModelScopeServer:
         self.faults = Faults()
         self.gate = threading.Event()  # hub_server's body writer pauses while it is clear (set: never)
         self.gate.set()
+        self.paused = threading.Event()  # a body reached a fault's pause_at
+        self.resume = threading.Event()  # set by the test: paused bodies go on
         self.repos: dict[str, _MsRepo] = {}
         self.commit_index: dict[str, _Commit] = {}
         self.lfs_blobs: dict[str, _Blob] = {}
@@ -399,6 +402,8 @@ class ModelScopeServer:
             self.requests.clear()
 
     def close(self) -> None:
+        self.gate.set()  # a body the test held back ends with the server
+        self.resume.set()
         for s in self._servers:
             s.shutdown()
             s.server_close()

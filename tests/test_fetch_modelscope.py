@@ -117,20 +117,26 @@ def test_resume_after_sigkill_of_the_cli(ms: ModelScopeServer, tmp_path: Path, d
     files: dict[str, Path | bytes] = {p.name: p for p in src.iterdir()}
     ms.add_repo(TINY, files)
     size = (src / MODEL).stat().st_size
-    ms.faults.add(path_suffix=MODEL, host="storage", throttle_bps=16 * MiB)
+    ms.faults.add(path_suffix=MODEL, host="storage", throttle_bps=16 * MiB, pause_at=3 * size // 4)  # it cannot end
     cmd = [sys.executable, "-m", "dinov3_fetcher", "--dino-root", str(dino_root), "--model", TINY,
            "--source", "modelscope", "-q"]
     env = cli_env(DINOV3_FETCHER_CONNECTIONS="4")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    while ms.bytes_served(MODEL, "storage") < size // 2:
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.005)
-    freeze(ms.gate, ms.storage_endpoint, proc)  # what was sent was received: the kill costs what the design bounds
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate()
-    ms.gate.set()
+    try:
+        while ms.bytes_served(MODEL, "storage") < size // 2:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.005)
+        freeze(ms.gate, ms.storage_endpoint, proc)  # what was sent was received: the kill costs what the design
+        os.kill(proc.pid, signal.SIGKILL)            # bounds
+        proc.communicate()
+        first = ms.bytes_served(MODEL, "storage")  # while the server still holds every body back
+    finally:
+        ms.gate.set()
+        ms.resume.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    first = ms.bytes_served(MODEL, "storage")
     assert not (dino_root / MODEL).exists()
     ms.clear()
     ms.faults.clear()
