@@ -112,17 +112,22 @@ class KillReport:
 
 
 def kill_and_restart(hub: HubServer, dino_root: Path, source: Path, expected: dict[str, str],
-                     triggers: list[tuple[Callable[[int], bool], bool]], env: dict[str, str]) -> list[KillReport]:
+                     triggers: list[tuple[Callable[[int], bool], bool, bool]],
+                     env: dict[str, str]) -> list[KillReport]:
     """Start the fetcher once per trigger and SIGKILL it when the trigger (given the bytes served to this run
-    so far) says so, after ``freeze`` when the trigger's flag says so; check the on-disk state after each kill.
-    Returns one report per kill."""
+    so far) says so, after ``freeze`` when the trigger's first flag says so; check the on-disk state after each
+    kill. The second flag: the Hub holds the file's last byte back (``pause_at``) until the kill, so that the run
+    cannot end before its kill point, however late the test sees it come (a loaded machine); without it the run
+    may end first, and the series stops there. Returns one report per kill."""
     size = source.stat().st_size
     identity = hashlib.sha256(source.read_bytes()).hexdigest() if size < 64 * MiB else sha256_file(source)
+    hold = hub.faults.add(path_suffix=MODEL, host="cdn", pause_at=size - 1)  # every body that would send it waits
     reports = []
-    for trigger, frozen in triggers:
+    for trigger, frozen, held in triggers:
         _, done = partial_state(dino_root, identity)
         missing = size - done
         hub.clear()
+        hold.times = None if held else 0  # 0: the rule is spent (the bodies held by killed runs stay held)
         proc = start(dino_root, "-q", **env)
         while proc.poll() is None and not trigger(hub.bytes_served(MODEL)):
             time.sleep(0.002)
@@ -143,6 +148,7 @@ def kill_and_restart(hub: HubServer, dino_root: Path, source: Path, expected: di
         assert_partial_truthful(dino_root, identity, source)
         assert_never_wrong(dino_root, expected)
         reports.append(KillReport(missing, size - done_after, hub.bytes_served(MODEL), frozen))
+    hold.times = 0
     return reports
 
 
@@ -176,18 +182,20 @@ def _run_kill_series(hub: HubServer, dino_root: Path, src: Path, n_kills: int, t
     hub.faults.add(path_suffix=MODEL, host="cdn", throttle_bps=throttle)
     env = {} if adaptive else {"DINOV3_FETCHER_CONNECTIONS": str(connections)}
     rng = random.Random(seed)
-    triggers: list[tuple[Callable[[int], bool], bool]] = []
+    # Every kill but the last is held (kill_and_restart): the points are spread over the file (a run's own
+    # bytes stay short of what it misses), so each is reached with the last byte still held back.
+    triggers: list[tuple[Callable[[int], bool], bool, bool]] = []
     for i in range(n_kills):
         if i == n_kills - 1:  # the last kill lands in the last MiBs: hashing or publishing may be under way
             left = rng.uniform(0, 2 * MiB)
-            triggers.append((lambda served, left=left: served >= size - left, False))
+            triggers.append((lambda served, left=left: served >= size - left, False, False))
         elif i % 7 == 3:  # before or right at the first byte: during start-up and metadata calls
-            triggers.append((lambda served: served > 0, True))
+            triggers.append((lambda served: served > 0, True, True))
         else:
             amount = rng.uniform(0.1, 1.4) * size / (n_kills + 1)  # random points spread over the file
             # Every other kill lands unannounced, with bytes in flight and in socket buffers (what a kill in
             # real life does); its cost depends on scheduling, so only the frozen kills are held to the bound.
-            triggers.append((lambda served, a=amount: served >= a, i % 2 == 0))
+            triggers.append((lambda served, a=amount: served >= a, i % 2 == 0, True))
     reports = kill_and_restart(hub, dino_root, src / MODEL, expected, triggers, env)
     final_missing = size - partial_state(dino_root, expected[MODEL])[1]
     fetched = finish(hub, dino_root, src / MODEL, expected, env)
