@@ -61,16 +61,36 @@ def one_copy(files: dict[str, bytes]) -> int:
     return sum(len(files[n]) for n in FETCHED)
 
 
-def test_eight_processes_share_one_download(hub: HubServer, repo: dict[str, bytes], dino_root: Path) -> None:
+def test_eight_processes_share_one_download(hub: HubServer, repo: dict[str, bytes], dino_root: Path,
+                                            tmp_path: Path) -> None:
+    # The weights are held until every other process waits for the lock: one that started after the download
+    # ended (a slow start on a loaded machine) would find the checkpoint there and not wait at all.
+    hub.faults.add(path_suffix=MODEL, host="cdn", pause_at=8 * MiB)
     stop, seen = threading.Event(), []
     watcher = threading.Thread(target=watch_never_half_written, args=(dino_root, repo, stop, seen))
     watcher.start()
+    logs = [tmp_path / f"stderr{i}" for i in range(N)]  # read while the processes run
+    procs: list[subprocess.Popen[str]] = []
     try:
-        procs = [start(dino_root, "--json") for _ in range(N)]
-        results = [p.communicate(timeout=120) for p in procs]
+        for log in logs:
+            with open(log, "w") as err:
+                procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "dinov3_fetcher", "--dino-root", str(dino_root), "--model", TINY, "--json"],
+                    env=cli_env(), stdout=subprocess.PIPE, stderr=err, text=True))
+        while not hub.paused.is_set() or \
+                sum("waiting for another fetcher" in log.read_text() for log in logs) < N - 1:
+            assert all(p.poll() is None for p in procs), [log.read_text() for log in logs]
+            time.sleep(0.01)
+        hub.resume.set()
+        results = [(p.communicate(timeout=120)[0], log.read_text()) for p, log in zip(procs, logs, strict=True)]
     finally:
+        hub.resume.set()
         stop.set()
         watcher.join()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
     assert [p.returncode for p in procs] == [0] * N, [err for _, err in results]
     paths = {json.loads(out)["path"] for out, _ in results}
     assert paths == {str(dino_root)}
