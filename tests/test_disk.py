@@ -148,15 +148,23 @@ def test_disk_filling_up_mid_download_keeps_partial_and_previous_checkpoint(
 
     v2 = vit_repo_files(seed=2, hidden=384, intermediate=1536, layers=4, heads=6)  # ~28 MB: passes the check
     hub.add_commit(TINY, v2)
-    hub.faults.add(path_suffix=MODEL, host="cdn", throttle_bps=10 * MiB, times=1)
+    # the body stops past the first record (4 MiB) until the disk is full: the download cannot end first
+    hub.faults.add(path_suffix=MODEL, host="cdn", throttle_bps=10 * MiB, pause_at=8 * MiB)
     hub.clear()
     proc = subprocess.Popen([sys.executable, "-m", "dinov3_fetcher", "--dino-root", str(dino_root), "--model",
-                             TINY, "--update"], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    while kept(dino_root) < 4 * MiB:  # a progress record: the fetch's own download, past the head start
-        time.sleep(0.005)
-        assert proc.poll() is None, proc.communicate()
-    fill(disk / "ballast")  # someone else takes every free byte
+                             TINY, "--update"], env=cli_env(DINOV3_FETCHER_TIMEOUT="600"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # (no read gives up on the held body on its own)
+    try:
+        while kept(dino_root) < 4 * MiB:  # a progress record: the fetch's own download, past the head start
+            time.sleep(0.005)
+            assert proc.poll() is None, proc.communicate()
+        fill(disk / "ballast")  # someone else takes every free byte
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    finally:
+        hub.resume.set()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 9, err
     lines = err.strip().splitlines()
