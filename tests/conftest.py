@@ -200,10 +200,18 @@ def watch_clock(monkeypatch: pytest.MonkeyPatch) -> WatchClock:
 
 @pytest.fixture
 def run_cli() -> Any:
+    """``python -m dinov3_fetcher ARGS`` run to its end (``subprocess.run``'s result), in a process of its own
+    forked by the command line's fork server (``launch.cli``: the interpreter's start-up and the imports are
+    shared by the suite's hundreds of runs); ``fresh=True``: in a new interpreter, for what a start-up does
+    (imports, bytecode)."""
     def run(*args: str, cwd: Path | None = None, timeout: float = 120, input: str | None = None,
-            **env: str | None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "dinov3_fetcher", *args], cwd=cwd, env=cli_env(**env),
-                              capture_output=True, text=True, timeout=timeout, input=input)
+            fresh: bool = False, **env: str | None) -> subprocess.CompletedProcess[str]:
+        if fresh:
+            return subprocess.run([sys.executable, "-m", "dinov3_fetcher", *args], cwd=cwd, env=cli_env(**env),
+                                  capture_output=True, text=True, timeout=timeout, input=input)
+        import launch  # here: it imports this module
+
+        return launch.cli(args, cli_env(**env), cwd=cwd, timeout=timeout, input=input)
 
     return run
 

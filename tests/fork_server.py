@@ -1,13 +1,14 @@
-"""A fork server for the ranks of the multi-process tests (``launch.forked``): it imports torch, huggingface_hub and
-the fetcher once, then forks one child per rank, each a real, separate process that runs its worker script as
-``python worker.py ARGS`` would (its own environment, argv, working folder, stdout and stderr files), with gloo
-over TCP, signals and files of its own. Only the interpreter's start-up and the imports are shared.
+"""A fork server for the ranks of the multi-process tests (``launch.forked``) and, with ``--cli``, for the command
+line's runs (``launch.cli``): it imports huggingface_hub and the fetcher once (and torch, for the ranks), then
+forks one child per run, each a real, separate process that runs its worker script as ``python worker.py ARGS``
+would, or ``python -m MODULE ARGS`` (its own environment, argv, working folder, stdin, stdout and stderr files),
+with gloo over TCP, signals and files of its own. Only the interpreter's start-up and the imports are shared.
 
 It runs with no thread, no socket and no process group of its own, so a child inherits nothing that runs. The
-protocol, one JSON object a line: on stdin ``{"id", "argv", "env", "cwd", "stdout", "stderr"}`` starts a rank
-(answer ``{"id", "pid"}``), ``{"signal": SIG, "id": ID}`` signals one still running; on stdout ``{"pid",
-"returncode"}`` when a rank ends (as ``Popen.returncode``: -N for a signal). At the end of stdin it kills the
-ranks still running, and ends.
+protocol, one JSON object a line: on stdin ``{"id", "argv", "env", "cwd", "stdout", "stderr"[, "stdin"]}`` starts
+a child (answer ``{"id", "pid"}``), ``{"signal": SIG, "id": ID}`` signals one still running; on stdout ``{"pid",
+"returncode"}`` when a child ends (as ``Popen.returncode``: -N for a signal). At the end of stdin it kills the
+children still running, and ends.
 """
 
 from __future__ import annotations
@@ -29,28 +30,47 @@ from typing import Any
 _ANSWERS = os.dup(1)  # the answers' pipe; this process's own prints go to stderr
 os.dup2(2, 1)
 
-# What every rank imports (the bulk of a rank's start-up): here once.
-import torch  # noqa: E402
-import torch.distributed  # noqa: E402
-
-import dinov3_fetcher._broadcast.job  # noqa: E402
-import dinov3_fetcher._broadcast.receiver  # noqa: E402
-import dinov3_fetcher._broadcast.sender  # noqa: E402
-import dinov3_fetcher._distributed  # noqa: E402
+# What every child imports (the bulk of its start-up): here once.
+import dinov3_fetcher._cli  # noqa: E402
+import dinov3_fetcher._commands  # noqa: E402
 import dinov3_fetcher._fetch  # noqa: E402
 from dinov3_fetcher._sources import hf  # noqa: E402
 
-hf.load_api()  # huggingface_hub and its HfApi
-import huggingface_hub.constants  # noqa: E402  (imported by load_api; read again in each rank)
+if "--cli" in sys.argv[1:]:
+    # The command line's runs: huggingface_hub's own modules are left to each run, which imports them the way a
+    # fresh process does (their settings are read from the environment as they are imported, after the
+    # fetcher's own checks of it); what they build on reads nothing at import.
+    import filelock
+    import httpcore2
+    import httpx2
+    import yaml
 
-assert torch and torch.distributed and dinov3_fetcher
+    import dinov3_fetcher._headstart
+    import dinov3_fetcher._plan
+    import dinov3_fetcher._transfer
+    import dinov3_fetcher._validate
+
+    assert filelock and httpcore2 and httpx2 and yaml
+else:  # the ranks: torch, and huggingface_hub (its settings read again in each child)
+    import torch
+    import torch.distributed
+
+    import dinov3_fetcher._broadcast.job
+    import dinov3_fetcher._broadcast.receiver
+    import dinov3_fetcher._broadcast.sender
+    import dinov3_fetcher._distributed
+
+    hf.load_api()  # huggingface_hub and its HfApi
+    assert torch and torch.distributed
+assert dinov3_fetcher
 
 
 def _run(req: dict[str, Any], inherited: list[int]) -> int:
     """In the child: become the rank ``req`` describes and run its script; its exit status."""
     for fd in inherited:
         os.close(fd)
-    for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+    for fd, path, flags in ((0, req.get("stdin") or os.devnull, os.O_RDONLY),
+                            (1, req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
                             (2, req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
         new = os.open(path, flags, 0o644)
         if new != fd:
@@ -61,13 +81,19 @@ def _run(req: dict[str, Any], inherited: list[int]) -> int:
     os.environ.clear()
     os.environ.update(req["env"])
     os.chdir(req["cwd"])
-    importlib.reload(huggingface_hub.constants)  # it reads HF_HOME, HF_ENDPOINT... once, at import
+    if (constants := sys.modules.get("huggingface_hub.constants")) is not None:
+        importlib.reload(constants)  # it reads HF_HOME, HF_ENDPOINT... once, at import
     script = req["argv"][0]
-    sys.argv = list(req["argv"])
-    sys.path[0] = str(Path(script).resolve().parent)
     code: Any = 0
     try:
-        runpy.run_path(script, run_name="__main__")
+        if script == "-m":  # python -m MODULE ARGS
+            sys.argv = ["-m", *req["argv"][2:]]  # run_module puts the module's file first, as -m does
+            sys.path[0] = str(Path.cwd())
+            runpy.run_module(req["argv"][1], run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(req["argv"])
+            sys.path[0] = str(Path(script).resolve().parent)
+            runpy.run_path(script, run_name="__main__")
     except SystemExit as exc:
         code = exc.code
     except KeyboardInterrupt:

@@ -101,9 +101,10 @@ class Forked:
 class _Server:
     """One fork server for this process; its answers read in a thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str) -> None:
         self.errors: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115  (closed by shutdown)
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fork_server.py"))],
+        flags = ["--cli"] if kind == "cli" else []
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fork_server.py")), *flags],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
                                      env=job_env(), start_new_session=True)
         self.cond = threading.Condition()
@@ -134,15 +135,16 @@ class _Server:
         self.proc.stdin.write(json.dumps(msg).encode() + b"\n")
         self.proc.stdin.flush()
 
-    def start(self, argv: list[str], env: dict[str, str], logs: Path) -> Forked:
+    def start(self, argv: list[str], env: dict[str, str], logs: Path, cwd: Path | None = None,
+              stdin: Path | None = None) -> Forked:
         forked = Forked(self, argv, logs)
         with self.cond:
             if self.gone:
                 raise RuntimeError(f"the fork server ended: {self.log()}")
             forked.rid = next(self.ids)
             self.asked[forked.rid] = forked
-            self._send({"id": forked.rid, "argv": argv, "env": env, "cwd": str(Path.cwd()), "stdout": f"{logs}.out",
-                        "stderr": f"{logs}.err"})
+            self._send({"id": forked.rid, "argv": argv, "env": env, "cwd": str(cwd or Path.cwd()),
+                        "stdout": f"{logs}.out", "stderr": f"{logs}.err", "stdin": str(stdin) if stdin else None})
             self.cond.wait_for(lambda: forked.pid or self.gone)
         if not forked.pid:
             raise RuntimeError(f"the fork server ended: {self.log()}")
@@ -159,21 +161,43 @@ class _Server:
 
 
 _lock = threading.Lock()
-_servers: list[_Server] = []
+_servers: dict[str, _Server] = {}
 
 
-def _server() -> _Server:
+def _server(kind: str = "ranks") -> _Server:
     with _lock:
-        if not _servers or _servers[0].gone:
-            _servers[:] = [_Server()]
-        return _servers[0]
+        if kind not in _servers or _servers[kind].gone:
+            _servers[kind] = _Server(kind)
+        return _servers[kind]
+
+
+def cli(args: Sequence[str], env: dict[str, str], *, cwd: Path | None = None, timeout: float = 120,
+        input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m dinov3_fetcher ARGS`` as ``subprocess.run(..., capture_output=True, text=True)`` runs it, in a
+    process forked by the command line's fork server (the interpreter's start-up and the imports are shared, as
+    a ``python -m`` of the installed package would do them): its own environment, working folder, stdin, output,
+    exit status and signals. TimeoutExpired (the run killed) after ``timeout`` seconds."""
+    argv = ["-m", "dinov3_fetcher", *args]
+    with tempfile.TemporaryDirectory(prefix="cli-") as tmp:
+        stdin = None
+        if input is not None:
+            stdin = Path(tmp) / "stdin"
+            stdin.write_text(input)
+        run = _server("cli").start(argv, env, Path(tmp) / "run", cwd=cwd, stdin=stdin)
+        try:
+            out, err = run.communicate(timeout)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            run.wait()
+            raise
+    return subprocess.CompletedProcess([sys.executable, *argv], int(run.returncode or 0), out, err)
 
 
 def shutdown() -> None:
-    """End this process's fork server (its ranks still running are killed) and wait for it, so that its CPU time
-    and its ranks' count in this process's (``RUSAGE_CHILDREN``, ``time``)."""
+    """End this process's fork servers (their children still running are killed) and wait for them, so that their
+    CPU time and their children's count in this process's (``RUSAGE_CHILDREN``, ``time``)."""
     with _lock:
-        for server in _servers:
+        for server in _servers.values():
             assert server.proc.stdin is not None
             server.proc.stdin.close()
             server.proc.wait()

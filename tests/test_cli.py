@@ -287,7 +287,7 @@ def test_a_fetch_writes_no_bytecode_where_the_user_said_not_to(hub: HubServer, t
         return {p: p.stat().st_mtime_ns for r in roots for p in r.rglob("*.pyc")}
 
     before = pyc()
-    r = run_cli("--dino-root", str(dino_root), "--model", TINY, PYTHONDONTWRITEBYTECODE="1")
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY, fresh=True, PYTHONDONTWRITEBYTECODE="1")
     assert r.returncode == 0, r.stderr
     assert validate_dinov3(dino_root)
     after = pyc()
