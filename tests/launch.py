@@ -104,9 +104,12 @@ class _Server:
     def __init__(self, kind: str) -> None:
         self.errors: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115  (closed by shutdown)
         flags = ["--cli"] if kind == "cli" else []
+        # What the interpreter reads as it starts (buffering, encoding, hash seed, warnings) is the server's: the
+        # command line's runs get the environment a fresh ``python -m dinov3_fetcher`` of the suite would have.
+        self.env = cli_env() if kind == "cli" else job_env()
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fork_server.py")), *flags],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
-                                     env=job_env(), start_new_session=True)
+                                     env=self.env, start_new_session=True)
         self.cond = threading.Condition()
         self.ids = itertools.count()
         self.asked: dict[int, Forked] = {}  # by request id, until its pid is known
@@ -176,17 +179,24 @@ def cli(args: Sequence[str], env: dict[str, str], *, cwd: Path | None = None, ti
     """``python -m dinov3_fetcher ARGS`` as ``subprocess.run(..., capture_output=True, text=True)`` runs it, in a
     process forked by the command line's fork server (the interpreter's start-up and the imports are shared, as
     a ``python -m`` of the installed package would do them): its own environment, working folder, stdin, output,
-    exit status and signals. TimeoutExpired (the run killed) after ``timeout`` seconds."""
+    exit status and signals. TimeoutExpired (the run killed) after ``timeout`` seconds. A run whose environment
+    sets what an interpreter reads as it starts (``PYTHON*``, ``LANG``, ``LC_*``) otherwise than the server's runs
+    in a new interpreter."""
     argv = ["-m", "dinov3_fetcher", *args]
+    server = _server("cli")
+    if any(env.get(k) != server.env.get(k) for k in env.keys() | server.env.keys()
+           if k.startswith(("PYTHON", "LC_")) or k == "LANG"):
+        return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout, input=input)
     with tempfile.TemporaryDirectory(prefix="cli-") as tmp:
         stdin = None
         if input is not None:
             stdin = Path(tmp) / "stdin"
             stdin.write_text(input)
-        run = _server("cli").start(argv, env, Path(tmp) / "run", cwd=cwd, stdin=stdin)
+        run = server.start(argv, env, Path(tmp) / "run", cwd=cwd, stdin=stdin)
         try:
             out, err = run.communicate(timeout)
-        except subprocess.TimeoutExpired:
+        except BaseException:  # its timeout, pytest's, a Ctrl-C: the run does not outlive its test
             run.kill()
             run.wait()
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -24,6 +25,13 @@ def config(tmp_path: Path, **train: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"paths": {"dataset_root": "dataset"}, "train": {"dino_root": "dinov3", **train}}))
     return path
+
+
+@pytest.fixture
+def run_cli(run_cli: Any) -> Any:
+    """This file tests the command line itself: each of its runs in a new interpreter, so that what a start-up
+    and an exit do (imports, bytecode, the last writes before the interpreter ends) is the real thing."""
+    return functools.partial(run_cli, fresh=True)
 
 
 def test_fetch_from_config_prints_the_path(hub: HubServer, tiny: dict[str, bytes], tmp_path: Path, run_cli: Any):
@@ -287,7 +295,7 @@ def test_a_fetch_writes_no_bytecode_where_the_user_said_not_to(hub: HubServer, t
         return {p: p.stat().st_mtime_ns for r in roots for p in r.rglob("*.pyc")}
 
     before = pyc()
-    r = run_cli("--dino-root", str(dino_root), "--model", TINY, fresh=True, PYTHONDONTWRITEBYTECODE="1")
+    r = run_cli("--dino-root", str(dino_root), "--model", TINY, PYTHONDONTWRITEBYTECODE="1")
     assert r.returncode == 0, r.stderr
     assert validate_dinov3(dino_root)
     after = pyc()
