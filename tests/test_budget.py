@@ -38,7 +38,7 @@ from dinov3_fetcher._retry import RetryPolicy
 from dinov3_fetcher._state import StateDir
 from dinov3_fetcher._transfer import Downloaded, Settings, Transfer
 from helpers import fetch
-from hub_server import HubServer, Request
+from hub_server import HubServer
 from net_fixtures import TlsHub
 
 MB = 1_000_000
@@ -422,15 +422,10 @@ def _download(hub: HubServer, tmp_path: Path, budget: Budget, data: bytes, min_s
     return transfer, t, got
 
 
-def _covers(r: Request, offset: int) -> bool:
-    """Whether ``r`` asked for a range of the file that holds byte ``offset``."""
-    m = re.fullmatch(r"bytes=(\d+)-(\d+)", r.range or "")
-    return m is not None and int(m[1]) <= offset <= int(m[2])
-
-
-def _holds(answer: Answer, offset: int) -> bool:
-    """Whether a 206 answer's Content-Range holds byte ``offset``."""
-    m = re.fullmatch(r"bytes (\d+)-(\d+)/\d+", answer.resp.getheader("Content-Range") or "")
+def _holds(span: str | None, offset: int) -> bool:
+    """Whether a request's Range (``bytes=A-B``) or an answer's Content-Range (``bytes A-B/SIZE``) holds byte
+    ``offset``."""
+    m = re.match(r"bytes[= ](\d+)-(\d+)", span or "")
     return m is not None and int(m[1]) <= offset <= int(m[2])
 
 
@@ -453,7 +448,7 @@ def _cancel_while_held(hub: HubServer, tmp_path: Path, **fault: bool) -> Transfe
         time.sleep(0.01)
         for job in seen.jobs:
             with job.lock:
-                held = [a for a in job.reading if _holds(a, pause)]
+                held = [a for a in job.reading if _holds(a.resp.getheader("Content-Range"), pause)]
     streams = [w for w in threading.enumerate() if w not in before and w.name.startswith("fetch-")]
     assert streams
     transfer.cancel.set()
@@ -468,7 +463,7 @@ def _cancel_while_held(hub: HubServer, tmp_path: Path, **fault: bool) -> Transfe
     assert not any(w.is_alive() for w in streams), [w.name for w in streams if w.is_alive()]
     # the server still holds the answer for the piece at the pause (picked by its range: another stream's answer
     # may not have noted its end yet): the reads ended on our side
-    held = [r for r in hub.file_gets("model.safetensors") if r.status == 206 and _covers(r, pause)]
+    held = [r for r in hub.file_gets("model.safetensors") if r.status == 206 and _holds(r.range, pause)]
     assert len(held) == 1 and held[0].done is None, held
     return transfer
 
@@ -497,6 +492,24 @@ def test_a_connection_whose_read_a_cancel_ended_is_never_used_again(tls_hub: Tls
                     sha, sha)
     again = Transfer(Settings.from_env(), cancelled.pool, cancelled.state, Progress(quiet=True), cancelled.raise_status)
     assert again.download(target).path.read_bytes() == data
+
+
+def test_a_connection_whose_body_read_failed_is_never_used_again(tls_hub: TlsHub, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A chunked answer the server closes between two chunks: http.client closes the response before it raises, so
+    # that it looks read to its end. Its connection is dead all the same: pooled, the next request on it fails over
+    # TLS (SSLEOFError), a second failed try, which with one retry allowed fails the download.
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_hub.ca_pem))
+    data = bytes(range(256)) * (4 * 4096)  # 4 MiB, one stream
+    tls_hub.hub.faults.add(path_suffix="model.safetensors", host="cdn", chunked=True, cut_after=1024 * 1024, times=1)
+    budget = Budget(Rule(start=1, cap=1, fixed=True), block=64 * 1024)
+    transfer, t, got = _download(tls_hub.hub, tmp_path, budget, data, min_split=len(data), retries=1)
+    t.join(60)
+    transfer.pool.close()
+    assert got and isinstance(got[0], Downloaded), got
+    assert got[0].path.read_bytes() == data and got[0].resumed_from == 0
+    cdn = [r for r in tls_hub.hub.file_gets("model.safetensors") if r.host == "cdn"]
+    assert len(cdn) == 2 and cdn[1].range == f"bytes={1024 * 1024}-{len(data) - 1}"  # the rest, once
 
 
 def test_a_shed_stream_ends_after_its_piece_so_no_byte_is_served_twice(hub: HubServer, tmp_path: Path) -> None:

@@ -107,13 +107,23 @@ class Answer:
                 socket.socket.shutdown(self.sock, socket.SHUT_RDWR)  # the TCP socket's: a TLS socket's drops its state
 
     def read(self, amt: int | None = None) -> bytes:
-        """Up to ``amt`` bytes of the body (all of it when None); RequestError if the connection fails."""
+        """Up to ``amt`` bytes of the body (all of it when None); RequestError if the connection fails (the
+        answer is dead: ``finish`` closes its connection)."""
         try:
             return self.resp.read(amt)
         except (OSError, http.client.HTTPException) as exc:
             failure = exc
         self.dead = True
         raise RequestError(failure, url=self.url)  # out of the handler: nothing chained to it
+
+    def readinto(self, buf: memoryview) -> int:
+        """``read`` into ``buf``: how many bytes (0 at the body's end)."""
+        try:
+            return self.resp.readinto(buf)
+        except (OSError, http.client.HTTPException) as exc:
+            failure = exc
+        self.dead = True
+        raise RequestError(failure, url=self.url)
 
 
 @dataclass

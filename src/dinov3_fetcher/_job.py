@@ -11,7 +11,6 @@ is: BENCHMARKS.md ("Why the transfer looks as it does").
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import threading
 import time
@@ -410,7 +409,6 @@ class Job:
     def copy(self, answer: Answer, seg: _Segment, slot: Slot, offset: int) -> None:
         """Read the body into the slot's buffer and write what belongs to the piece, recording progress (and what
         the connection's socket holds: ``splittable``). RequestError when the connection fails."""
-        resp = answer.resp
         buf = slot.buf
         mv = memoryview(buf)
         budget, cancel, progress = self.fetch.budget, self.fetch.cancel, self.fetch.progress
@@ -423,14 +421,7 @@ class Job:
                 return
             if cancel.is_set() or self.error is not None:
                 return
-            failure: OSError | http.client.HTTPException | None = None
-            try:
-                n = resp.readinto(mv[:want])
-            except (OSError, http.client.HTTPException) as exc:
-                failure = exc
-            if failure is not None:
-                answer.dead = True
-                raise RequestError(failure, url=answer.url)  # out of the handler, as ``Answer.read``: nothing chained
+            n = answer.readinto(mv[:want])
             if not n:
                 raise TryAgain(f"connection closed at byte {offset} of {self.target.size}")
             with self.lock:

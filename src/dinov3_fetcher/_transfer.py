@@ -144,9 +144,9 @@ class Transfer:
                 raise
             finally:
                 # On an error or Ctrl-C no worker may hold up the exit for the whole read timeout: their body reads
-                # are cut at once; one still waiting for an answer's headers gets 2 s, then is left (a daemon
-                # thread) with its fds open.
-                if job.error is not None or self.cancel.is_set():
+                # are cut at once (a cancel's ``Stop`` has cut them already); one still waiting for an answer's
+                # headers gets 2 s, then is left (a daemon thread) with its fds open.
+                if job.error is not None:
                     job.cut_reads()
                 deadline = time.monotonic() + 2.0
                 for w in workers:

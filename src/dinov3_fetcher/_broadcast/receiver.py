@@ -118,7 +118,7 @@ def receive(sink: Sink, group: Any, *, src: int = 0, progress: TextIO | None = N
                 prev = chain[at - 1] if at else src
                 after = chain[at + 1] if at + 1 < len(chain) else None
                 mine, broken = _receive_in_chain(wire, prev, after, at, sink, files, missing, stats, progress,
-                                     int(header["piece"]), lambda: tell(True, None))
+                                                 int(header["piece"]), lambda: tell(True, None))
             elif mine is None:
                 stats.role = "warm"
             try:
@@ -179,8 +179,8 @@ class _Writer:
 
 
 def _receive_in_chain(wire: Wire, prev: int, after: int | None, at: int, sink: Sink, files: list[FileSpec],
-          missing: list[list[Range]], stats: NodeStats, progress: TextIO | None, size: int,
-          on_broken: Callable[[], None]) -> tuple[BaseException | None, bool]:
+                      missing: list[list[Range]], stats: NodeStats, progress: TextIO | None, size: int,
+                      on_broken: Callable[[], None]) -> tuple[BaseException | None, bool]:
     """Step 3 on a member of the chain. Returns the sink's error, and whether a neighbour was gone."""
     left = [sum(e - s for s, e in m) for m in missing]
     line = Line(progress, stats.rank, prev, sum(left))
