@@ -206,12 +206,9 @@ def run_cli() -> Any:
     (imports, bytecode)."""
     def run(*args: str, cwd: Path | None = None, timeout: float = 120, input: str | None = None,
             fresh: bool = False, **env: str | None) -> subprocess.CompletedProcess[str]:
-        if fresh:
-            return subprocess.run([sys.executable, "-m", "dinov3_fetcher", *args], cwd=cwd, env=cli_env(**env),
-                                  capture_output=True, text=True, timeout=timeout, input=input)
         import launch  # here: it imports this module
 
-        return launch.cli(args, cli_env(**env), cwd=cwd, timeout=timeout, input=input)
+        return launch.cli(args, cli_env(**env), cwd=cwd, timeout=timeout, input=input, fresh=fresh)
 
     return run
 

@@ -175,17 +175,17 @@ def _server(kind: str = "ranks") -> _Server:
 
 
 def cli(args: Sequence[str], env: dict[str, str], *, cwd: Path | None = None, timeout: float = 120,
-        input: str | None = None) -> subprocess.CompletedProcess[str]:
+        input: str | None = None, fresh: bool = False) -> subprocess.CompletedProcess[str]:
     """``python -m dinov3_fetcher ARGS`` as ``subprocess.run(..., capture_output=True, text=True)`` runs it, in a
     process forked by the command line's fork server (the interpreter's start-up and the imports are shared, as
     a ``python -m`` of the installed package would do them): its own environment, working folder, stdin, output,
-    exit status and signals. TimeoutExpired (the run killed) after ``timeout`` seconds. A run whose environment
-    sets what an interpreter reads as it starts (``PYTHON*``, ``LANG``, ``LC_*``) otherwise than the server's runs
-    in a new interpreter."""
+    exit status and signals. TimeoutExpired (the run killed) after ``timeout`` seconds. ``fresh``, or an
+    environment that sets what an interpreter reads as it starts (``PYTHON*``, ``LANG``, ``LC_*``) otherwise than
+    the server's: in a new interpreter."""
     argv = ["-m", "dinov3_fetcher", *args]
     server = _server("cli")
-    if any(env.get(k) != server.env.get(k) for k in env.keys() | server.env.keys()
-           if k.startswith(("PYTHON", "LC_")) or k == "LANG"):
+    if fresh or any(env.get(k) != server.env.get(k) for k in env.keys() | server.env.keys()
+                    if k.startswith(("PYTHON", "LC_")) or k == "LANG"):
         return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True,
                               timeout=timeout, input=input)
     with tempfile.TemporaryDirectory(prefix="cli-") as tmp:
