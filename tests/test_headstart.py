@@ -266,19 +266,26 @@ def test_ctrl_c_during_a_sharded_head_start_exits_promptly_and_resumes(hub: HubS
 
 def test_ctrl_c_while_huggingface_hub_imports_stops_the_head_start(hub: HubServer, dino_root: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    # The head start's resolve requests go out while HfApi imports; a Ctrl-C in that import must stop it
-    # there, not leave it downloading in the background of a library caller (which then downloads twice).
+    # The head start's requests, then its streams, go on while HfApi imports; a Ctrl-C in that import must stop
+    # them there, not leave them downloading in the background of a library caller (which then downloads twice).
     import threading
 
     from dinov3_fetcher._errors import FetchInterrupted
     from dinov3_fetcher._sources import hf
 
-    files = vit_repo_files(hidden=128, intermediate=512, layers=2)
+    files = vit_repo_files(hidden=256, intermediate=1024, layers=4)  # ~13 MB: one stream
     hub.add_repo(TINY, files)
+    size, held = len(files[MODEL]), 8 * MiB
+    hub.faults.add(path_suffix=MODEL, host="cdn", pause_at=held)  # the weights' body waits there
+    port = int(hub.cdn_endpoint.rsplit(":", 1)[1])
+
+    def written() -> int:
+        return sum(p.stat().st_size for p in (dino_root / ".dinov3-fetcher" / "partial").glob("*/data"))
 
     def interrupted_import() -> None:
-        # the head start knows the weights: its worker for them waits for this import to end
-        _wait_for(lambda: any(t.name == f"head-start-{MODEL}" for t in threading.enumerate()))
+        # the head start's stream of the weights has read and written what the server sent: the import ends there
+        _wait_for(lambda: [r.body_bytes for r in hub.file_gets(MODEL)] == [held] and not socket_queues(port)
+                  and written() == held)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
@@ -287,7 +294,9 @@ def test_ctrl_c_while_huggingface_hub_imports_stops_the_head_start(hub: HubServe
             fetch_dinov3(dino_root, TINY)
     _wait_for(lambda: not any(t.name.startswith("head-start") for t in threading.enumerate()))
     assert not any(t.name.startswith("head-start") for t in threading.enumerate())
-    assert hub.bytes_served(MODEL) == 0  # no stream started after the interrupt
-    fetch_dinov3(dino_root, TINY)  # the same process again: the weights come once
-    assert hub.bytes_served(MODEL) == len(files[MODEL])
+    hub.faults.clear()
+    hub.resume.set()
+    hub.clear()
+    fetch_dinov3(dino_root, TINY)  # the same process again: it resumes what the head start had written
+    assert size - held <= hub.bytes_served(MODEL) < size
     assert (dino_root / MODEL).read_bytes() == files[MODEL]

@@ -5,8 +5,11 @@ A known token is grepped for everywhere after each scenario.
 
 from __future__ import annotations
 
+import ast
 import os
 import socket
+import subprocess
+import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -239,3 +242,39 @@ def test_a_fifo_as_the_token_file_is_refused_naming_it(hub: HubServer, tiny: dic
     assert proc.returncode == 3, proc.stderr
     assert f"the token file {isolated / 'token'}" in proc.stderr and "is a FIFO" in proc.stderr, proc.stderr
     assert "hf auth login" in proc.stderr
+
+
+_BOTH_TOKENS = """\
+import sys
+from dinov3_fetcher._sources import hf
+ours = hf.get_token()
+asked = "huggingface_hub" in sys.modules
+import huggingface_hub
+print(repr((ours, huggingface_hub.get_token(), asked)))
+"""
+
+
+@pytest.mark.parametrize(("env", "stored", "quick"), [
+    ({"HF_TOKEN": "hf_one"}, None, True),
+    ({"HF_TOKEN": " hf_two\r\n"}, None, True),
+    ({"HF_TOKEN": "", "HUGGING_FACE_HUB_TOKEN": "hf_three"}, None, True),
+    ({"HF_TOKEN": "hf_four"}, "hf_stored", True),  # the variable comes before the stored token
+    ({}, None, True),  # no token anywhere
+    ({"HF_TOKEN": "  "}, None, False),  # blank: as if unset, and huggingface_hub says what that means
+    ({}, "hf_stored\n", False),  # a stored token: huggingface_hub may refresh it
+    ({"HF_OIDC_RESOURCE": ""}, None, True),
+], ids=["HF_TOKEN", "cleaned", "old-name", "over-stored", "none", "blank", "stored", "empty-oidc"])
+def test_a_token_read_without_huggingface_hub_is_the_one_it_reads(isolated: Path, env: dict[str, str],
+                                                                  stored: str | None, quick: bool) -> None:
+    # A cold fetch's first requests go out before huggingface_hub's client is imported, with the token it would
+    # give: its own get_token, in a new process (its constants are read at import), decides what is right.
+    if stored is not None:
+        (isolated / "token").write_text(stored)
+    run_env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+                                                                 "HF_TOKEN_PATH", "HF_OIDC_RESOURCE")}
+    proc = subprocess.run([sys.executable, "-c", _BOTH_TOKENS], env={**run_env, **env}, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    ours, theirs, asked = ast.literal_eval(proc.stdout)
+    assert ours == theirs
+    assert asked is not quick  # where the environment decides, huggingface_hub is not imported for it

@@ -76,10 +76,6 @@ class HeadStart:
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
         self.running = 0  # download workers alive (at most FILES_AT_ONCE)
-        # Set by the caller once the main thread's heavy imports are done (see ``HfSource.early``): the resolve
-        # answers may come in meanwhile, the weights' streams wait (a connection not read while an import holds
-        # the GIL fills its socket buffers, and a SIGKILL then wastes those bytes).
-        self.streams_may_start = threading.Event()
 
     def start(self) -> None:
         """Begin: learn the weights from the resolve answers and start their transfer, in the background."""
@@ -258,8 +254,6 @@ class HeadStart:
 
     # -- the downloads ----------------------------------------------------------------------------------
     def _worker(self) -> None:
-        while not self.streams_may_start.wait(0.05) and not self.transfer.cancel.is_set():
-            pass
         while True:
             with self.lock:
                 job = next((j for n, j in self.jobs.items() if not j.started and n not in self.taken), None)

@@ -2,11 +2,14 @@
 
 huggingface_hub decides everything about the Hub: endpoint, token, metadata and what an error means. The
 bytes go through our own transfer (huggingface_hub 2.x neither resumes across runs nor checks sha256).
-huggingface_hub is imported only when a request is about to be made: a warm run never imports it.
+huggingface_hub is imported only when a request is about to be made: a warm run never imports it, and a cold
+one makes its first requests while it imports (where the environment alone decides the token, it is read
+here as huggingface_hub reads it: ``get_token``).
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import functools
 import importlib
@@ -43,8 +46,8 @@ if TYPE_CHECKING:
     from .._transfer import Transfer
     from .source import Snapshot
 
-__all__ = ["DEFAULT_ENDPOINT", "HfSource", "display_endpoint", "endpoint", "import_hub", "known_tokens",
-           "raise_for_file_status", "user_agent"]
+__all__ = ["DEFAULT_ENDPOINT", "HfSource", "display_endpoint", "endpoint", "environment_token", "import_hub",
+           "known_tokens", "raise_for_file_status", "user_agent"]
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _T = TypeVar("_T")
@@ -98,8 +101,21 @@ def known_tokens() -> list[str]:
     return found
 
 
+def environment_token() -> str | None:
+    """The token huggingface_hub's ``get_token`` returns when the environment decides it, read without importing
+    huggingface_hub's client (a tenth of a second before a cold fetch's first request): HF_TOKEN, else
+    HUGGING_FACE_HUB_TOKEN, cleaned as it cleans them, unless HF_OIDC_RESOURCE asks for an exchanged token
+    (which comes first). None where huggingface_hub must answer: no such variable, an OIDC exchange, a token
+    stored by ``hf auth login`` (which it may refresh), a notebook's secrets."""
+    if os.environ.get("HF_OIDC_RESOURCE"):
+        return None
+    raw = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    return (raw or "").replace("\r", "").replace("\n", "").strip() or None
+
+
 def get_token() -> str | None:
     """HF_TOKEN, else the token stored by ``hf auth login``; None when there is none (huggingface_hub's rules).
+    huggingface_hub is asked unless its answer is known without it: ``environment_token``, or no token anywhere.
 
     Raises ConfigError for a malformed HF_ENDPOINT, which would otherwise break huggingface_hub's own import, and
     for a token file that is not a regular file (a FIFO there would make huggingface_hub's read wait forever).
@@ -107,6 +123,8 @@ def get_token() -> str | None:
     from .._userfile import TOKEN_LIMIT, Refused, read_regular
 
     endpoint()
+    if (known := environment_token()) is not None:
+        return known
     if not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")):
         try:
             read_regular(token_file(), TOKEN_LIMIT)
@@ -114,13 +132,14 @@ def get_token() -> str | None:
             if not exc.missing:
                 raise ConfigError(f"the token file {exc.path} (where 'hf auth login' keeps the token) {exc.reason}",
                                   "remove it and run 'hf auth login' again, or set HF_TOKEN") from None
+            if not os.environ.get("HF_OIDC_RESOURCE") and not hasattr(builtins, "get_ipython"):
+                return None  # no token anywhere, and no notebook whose secrets huggingface_hub would ask: its answer
     token: str | None = import_hub().get_token()
     return token
 
 
 def load_api() -> None:
-    """Import huggingface_hub's HfApi now, before the head start's streams begin: the import holds the GIL,
-    and connections that are not read meanwhile cost bytes on a SIGKILL (BENCHMARKS.md)."""
+    """Import huggingface_hub's HfApi now, while the head start's requests are under way."""
     import_hub()
     from huggingface_hub import HfApi  # noqa: F401
 
@@ -158,14 +177,12 @@ class HfSource:
         from .._headstart import HeadStart
 
         head = HeadStart(transfer, old, repo_id, revision, self.endpoint, cancel)
-        head.start()  # its resolve requests are on the wire while HfApi imports (0.06-0.2 s), its streams wait
+        head.start()  # its requests, then the weights' streams, go on while HfApi imports (0.1-0.2 s)
         try:
             load_api()
         except BaseException:  # Ctrl-C (or a broken install) in the import: nothing may go on downloading
             head.stop()
             raise
-        finally:
-            head.streams_may_start.set()
         return head
 
     def auth(self) -> Auth | None:
