@@ -10,7 +10,8 @@ change. Names are imported lazily, so ``import dinov3_fetcher`` (and the CLI's `
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (the command's start: see _dial)
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from ._config import read_pipeline_config
     from ._distributed import fetch_once
     from ._errors import (

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import socket
-from urllib.parse import urlsplit
 
-from ._errors import ConfigError
+# Light at import (``re``, ``urllib.parse`` and ``_errors`` are imported where used): the command's first
+# connections (``_dial``) ask it whether the network may be used before anything heavier is imported.
 
 __all__ = ["DEFAULT_TIMEOUT", "default_source", "display_origin", "endpoint_url", "hide_password", "host_name",
            "is_offline", "lock_disabled", "lock_timeout", "number", "registry_file", "stale_after", "timeout"]
@@ -42,6 +41,8 @@ def number(name: str, default: float) -> float:
     if not math.isfinite(value):
         return default
     if value < 0 or (name in _POSITIVE and value <= 0):
+        from ._errors import ConfigError
+
         least = "above 0" if name in _POSITIVE else "0 or more"
         raise ConfigError(f"{name}={(raw or '').strip()} is not a valid setting: it must be {least}",
                           f"set {name} to a number {least} (seconds, counts) or unset it")
@@ -96,6 +97,8 @@ def stale_after(default: float) -> float:
 
 def hide_password(url: str) -> str:
     """``url`` with any ``user:password@`` shown as ``***@``, for messages."""
+    import re
+
     return re.sub(r"//[^/@]*@", "//***@", url)
 
 
@@ -106,6 +109,10 @@ def endpoint_url(name: str, url: str, *, example: str, token: str) -> str:
     Raises ConfigError naming ``name`` (the password hidden): with the hint ``example`` when it is not such a
     URL; with ``token`` (where the credential goes instead) when it carries a user name or password.
     """
+    from urllib.parse import urlsplit
+
+    from ._errors import ConfigError
+
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
@@ -125,6 +132,8 @@ def endpoint_url(name: str, url: str, *, example: str, token: str) -> str:
 
 def display_origin(url: str, *, scheme: bool = True) -> str:
     """``scheme://host:port`` of ``url`` without any user:password part, for messages."""
+    from urllib.parse import urlsplit
+
     parts = urlsplit(url)
     host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else f"{parts.hostname}"
     return (f"{parts.scheme}://" if scheme else "") + host + (f":{parts.port}" if parts.port else "")
