@@ -1,5 +1,5 @@
 """``python -m dinov3_fetcher`` is the ``dinov3-fetcher`` command."""
 
-from ._cli import main
+from ._entry import main
 
 raise SystemExit(main())

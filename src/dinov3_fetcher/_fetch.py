@@ -201,13 +201,14 @@ def _warmed_pool(req: FetchRequest) -> HttpPool:
     lock and the Hub client's import), so that the head start's first requests find them open: a request on a
     connection opened a round trip earlier costs one round trip instead of two (three over TLS). A fetch that
     then finds the checkpoint complete (another fetcher had the lock) closes them unused: no request is made."""
+    from ._dial import FIRST_CONNECTIONS
     from ._http import HttpPool
 
     pool = HttpPool(env.timeout(), "")
     if req.source == "hf":
         from ._sources.hf import endpoint
 
-        pool.warm(endpoint(), 3)  # config.json and both layouts, asked at once (see _headstart)
+        pool.warm(endpoint(), FIRST_CONNECTIONS)  # the command opened them as it started, where it could: _dial
     return pool
 
 

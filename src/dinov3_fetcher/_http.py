@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, NoReturn
 from urllib.parse import urljoin, urlsplit
 
+from . import _dial
 from ._env import display_origin
 from ._errors import HubResponseError
 from ._net import Proxy, network_error, origin_key, proxy_for, ssl_context
@@ -161,7 +162,7 @@ class HttpPool:
             conn: Connection | None = None
             try:
                 conn = self._new(*origin)
-                conn.connect()
+                self._connect(conn)
             except Exception:
                 conn = None
             with self._lock:
@@ -176,6 +177,17 @@ class HttpPool:
             self._warming[origin] = self._warming.get(origin, 0) + n
         for _ in range(n):
             threading.Thread(target=one, daemon=True, name="http-warm").start()
+
+    def _connect(self, conn: Connection) -> None:
+        """Open ``conn``: on the connection the command opened to its host and port as it started (``_dial``) if
+        there is one (a direct one: a proxy's is never taken), else as ``connect`` opens it."""
+        sock = _dial.take(conn.host, conn.port, self.timeout) if type(conn) in _DIRECT else None
+        if sock is None:
+            conn.connect()
+        elif isinstance(conn, _TLSConnection):
+            conn.sock = ssl_context().wrap_socket(sock, server_hostname=conn.tls_host)
+        else:
+            conn.sock = sock
 
     def _origin(self, url: str) -> tuple[str, str]:
         parts = urlsplit(url)
@@ -441,6 +453,9 @@ class _TunnelConnection(_TLSConnection):
     """HTTPS through a proxy's CONNECT tunnel: the proxy sees the target's host:port, then only TLS."""
 
     proxy: Proxy | None = None
+
+
+_DIRECT = (http.client.HTTPConnection, _TLSConnection)  # the connections without a proxy
 
 
 def _path(url: str) -> str:
