@@ -19,6 +19,7 @@ from conftest import TINY
 from dinov3_fetcher._budget import (
     CAP,
     CONFIRM,
+    LAST_STEAL_RTTS,
     LONG_RTT,
     LONG_START,
     PIECE_RTTS,
@@ -26,6 +27,7 @@ from dinov3_fetcher._budget import (
     READ_AHEAD,
     SETTLE_RTTS,
     START,
+    STEAL_RTTS,
     WINDOW_RTTS,
     Budget,
     Rule,
@@ -328,6 +330,28 @@ def test_a_waiting_worker_gets_the_released_slot() -> None:
     first.release()
     t.join(5)
     assert got and got[0] is not None and got[0].buf is first.buf  # type: ignore[attr-defined]
+
+
+def test_the_fetchs_last_bytes_are_split_finer_than_a_file_end_that_other_files_wait_behind() -> None:
+    # far: 8 MB/s per stream, 150 ms. While another file's worker waits for a stream, a stream that a file's end
+    # leaves idle goes on to it, and splits a busy piece only down to STEAL_RTTS round trips; where none waits it
+    # has nothing else to do, and splits down to LAST_STEAL_RTTS, so that the last pieces end together.
+    b = Budget(Rule(start=1, cap=1, fixed=True), block=16)
+    b.first_byte(0.15)
+    b.stream_rate = 8 * MB
+    mine, other = b.ticket(), b.ticket()
+    assert b.steal(1, 64 * MB, mine) == int(8 * MB * 0.15 * LAST_STEAL_RTTS)
+    held = b.acquire(lambda: False, mine)
+    assert held is not None
+    t = threading.Thread(target=lambda: b.acquire(lambda: False, other))
+    t.start()
+    while not b.waiting:
+        time.sleep(0.01)
+    assert b.steal(1, 64 * MB, mine) == int(8 * MB * 0.15 * STEAL_RTTS)
+    held.release()
+    t.join(5)
+    assert not t.is_alive()
+    assert b.steal(1, 64 * MB, other) == int(8 * MB * 0.15 * LAST_STEAL_RTTS)
 
 
 def test_a_free_slot_goes_to_the_file_that_asked_first() -> None:

@@ -40,6 +40,7 @@ PIECE_RTTS = 30  # a piece lasts this many round trips at one stream's rate: the
 PIECE_SPREAD = 0.25  # ... give or take this much, so that streams started together do not all idle at once
 READ_AHEAD = 8 * 1024 * 1024  # all streams' reads under way together: a SIGKILL loses at most this (+ progress)
 STEAL_RTTS = 4  # at a file's end an idle stream takes half of a busy piece down to this many round trips
+LAST_STEAL_RTTS = 2  # ... this many where no other file waits for a stream (the fetch's last bytes)
 
 
 @dataclass
@@ -286,16 +287,29 @@ class Budget:
         streams that started together (a step of the limit) would otherwise end their pieces together and all
         idle the same round trip before the next, which a far link saw as its rate falling by half for a
         quarter of a second every few seconds (BENCHMARKS.md)."""
+        return self._rtts(PIECE_RTTS * rtts_times * self.spread(), smallest, largest, unknown=smallest)
+
+    def spread(self) -> float:
+        """The next factor within 1 +- ``PIECE_SPREAD`` (see ``piece``)."""
         with self._cond:
             self._pieces += 1
-            spread = 1 + PIECE_SPREAD * (2 * ((self._pieces * 0.6180339887498949) % 1.0) - 1)
-        return self._rtts(PIECE_RTTS * rtts_times * spread, smallest, largest, unknown=smallest)
+            return 1 + PIECE_SPREAD * (2 * ((self._pieces * 0.6180339887498949) % 1.0) - 1)
 
-    def steal(self, smallest: int, largest: int) -> int:
+    def alone(self, ticket: int) -> bool:
+        """No worker of another file than ``ticket``'s waits for a stream: a stream this file leaves idle has
+        nothing else to do."""
+        with self._cond:
+            return all(t == ticket for t in self._queue)
+
+    def steal(self, smallest: int, largest: int, ticket: int = 0) -> int:
         """The smallest piece worth splitting off a busy one at a file's end (the victim's connection is
         closed and reopened, the thief asks anew: a few round trips): ``STEAL_RTTS`` round trips of one
-        stream, within [smallest, largest]. Smaller ends let the last bytes come over many streams."""
-        return self._rtts(STEAL_RTTS, smallest, largest, unknown=largest)
+        stream, within [smallest, largest]. Smaller ends let the last bytes come over many streams.
+
+        Where no worker of another file than ``ticket``'s waits for a stream, a stream the file's end leaves
+        idle has nothing else to do (the fetch's last bytes): ``LAST_STEAL_RTTS``, so that the last pieces
+        end together instead of one stream carrying the last second alone."""
+        return self._rtts(LAST_STEAL_RTTS if self.alone(ticket) else STEAL_RTTS, smallest, largest, unknown=largest)
 
     def split_cost(self) -> int | None:
         """What splitting a busy piece at a file's end costs: how far its server may already have sent past the
