@@ -124,6 +124,7 @@ class Job:
         self.write_lock = threading.Lock()  # see write()
         self.progress_fd: int | None = None  # progress.json, open for in-place rewrites
         self.piece_size = 0  # with several connections: the size of the in-order pieces (see next_segment)
+        self.streams = 1  # the most streams the file may have at once (its workers)
         self.hashed = 0  # [0, hashed) is on disk for good and hashed (hash_all): what a broadcast may send
         self.ticket = fetch.budget.ticket()  # its place in line for the fetch's streams (Budget.acquire)
         missing = remaining(folder, target.identity, target.size)
@@ -175,12 +176,20 @@ class Job:
                 seg = min(idle, key=lambda s: s.pos)
                 piece = self.piece() if self.piece_size else 0
                 under_way = [s.end - s.pos for s in self.segments if s.busy]
-                share = -(-(sum(s.end - s.pos for s in idle) + sum(under_way)) // (1 + len(under_way)))
+                streams = max(1 + len(under_way), min(self.streams, self.fetch.budget.limit))
+                share = -(-(sum(s.end - s.pos for s in idle) + sum(under_way)) // streams)
                 if piece and share < piece:
                     # The file's end: a piece no bigger than each of its streams' share of all that is left
                     # (handed out or not), so that they end about together instead of the last pieces splitting
                     # busy ones (a split closes the busy stream's connection, and what the server had sent past
-                    # the split is served twice).
+                    # the split is served twice). Its streams: those busy and this one, or as many as it may
+                    # have, if more (a file that starts while others take most streams gets theirs as they
+                    # end: pieces sized for its first few streams would still run when the rest is done).
+                    # While another file waits for streams, the shares are spread as pieces are (Budget.piece):
+                    # this file's streams then end at different times, each going on to the next file, instead
+                    # of all idling the same round trip; the fetch's last bytes are shared out exactly.
+                    if not self.fetch.budget.alone(self.ticket):
+                        share = int(share * self.fetch.budget.spread())
                     piece = max(self.steal_min(), share)
                 if piece and seg.end - seg.pos >= piece * 3 // 2 and not self.whole_file:
                     # Hand the file out front to back, one piece at a time: the written prefix (which the
@@ -244,7 +253,7 @@ class Job:
         is a resolve, the smallest piece the file is cut into."""
         if self.fetch.redirects.per_request(self.target.url):
             return self.fetch.min_split
-        return self.fetch.budget.steal(STEAL_MIN, self.fetch.min_split)
+        return self.fetch.budget.steal(STEAL_MIN, self.fetch.min_split, self.ticket)
 
     def worker(self) -> None:
         """A stream's loop: a slot of the fetch's budget, then pieces over it until there is none (or the budget

@@ -129,8 +129,11 @@ class Transfer:
             if self.observer is not None:
                 self.observer.started(target.name, target.size, target.sha256, job)
             self.progress.start_file(target.name, target.size, job.resumed_from)
-            n_workers = min(self.budget.cap, max(1, target.size // self.settings.min_split))
+            # A file of two pieces or more may have every stream of the fetch (as the files before it end, their
+            # streams come to it); a smaller one is one request.
+            n_workers = self.budget.cap if target.size >= 2 * self.settings.min_split else 1
             job.piece_size = self.settings.min_split if n_workers > 1 else 0
+            job.streams = n_workers
             workers = [threading.Thread(target=job.worker, daemon=True, name=f"fetch-{i}") for i in range(n_workers)]
             if job.segments:
                 for w in workers:
