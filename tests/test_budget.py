@@ -694,6 +694,33 @@ def test_round_trips_count_new_connections_and_redirects(hub: HubServer, tiny: d
         pool.close()
 
 
+def test_a_request_waits_for_a_warmed_connection_only_while_none_other_waits_for_it() -> None:
+    # A connection warm() opens (its TLS handshake held here: the server never answers it) is waited for by one
+    # request; the next one opens its own rather than wait for a connection another request will take.
+    import socket
+    import threading
+
+    from dinov3_fetcher._http import HttpPool
+
+    server = socket.create_server(("127.0.0.1", 0))
+    origin = f"https://127.0.0.1:{server.getsockname()[1]}"
+    pool = HttpPool(60.0, "test")
+    try:
+        pool.warm(origin, 1)
+        first: list[object] = []
+        waiter = threading.Thread(target=lambda: first.append(pool.acquire(origin + "/a")), daemon=True)
+        waiter.start()
+        while not pool._waiting.get(("https", origin.removeprefix("https://"))):
+            waiter.join(0.005)
+        second = pool.acquire(origin + "/b")  # returns at once, with a connection of its own (not open yet)
+        assert second.sock is None and waiter.is_alive() and first == []
+    finally:
+        server.close()  # the warmed connection's handshake fails: the waiting request opens its own
+        pool.close()
+        waiter.join(60)
+    assert len(first) == 1
+
+
 def test_warmed_connections_carry_the_first_requests(hub: HubServer, tiny: dict[str, bytes]) -> None:
     # HttpPool.warm opens connections ahead (the head start's first requests find them open, their handshakes
     # overlapped with the Hub client's import); a request meanwhile waits for one rather than open another.

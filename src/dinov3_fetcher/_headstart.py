@@ -240,9 +240,12 @@ class HeadStart:
         location = resp.getheader("Location")
         if resp.status in (301, 302, 303, 307, 308) and location:
             # The GETs go straight there (one round trip less); a location refused later (expired, signed
-            # per request) is re-resolved from then on: Redirects.forget.
+            # per request) is re-resolved from then on: Redirects.forget. The first one's connection opens
+            # now, while the download is planned and set up (its claim, files and workers).
             with contextlib.suppress(Exception):
                 self.transfer.redirects.remember(target.url, redirect_target(asked, location))
+                if self._needed(target):
+                    self.transfer.pool.warm(redirect_target(asked, location), 1)
         return commit, target
 
     def _needed(self, t: Target) -> bool:

@@ -139,6 +139,7 @@ class HttpPool:
     _auth_key: tuple[str, str | None, int | None] | None = None
     _proxies: dict[tuple[str, str], Proxy | None] = field(default_factory=dict)
     _warming: dict[tuple[str, str], int] = field(default_factory=dict)  # connections being opened by warm()
+    _waiting: dict[tuple[str, str], int] = field(default_factory=dict)  # requests waiting for one of them
     _warmed: threading.Condition = field(init=False)
     _closed: bool = False
 
@@ -222,9 +223,13 @@ class HttpPool:
             while True:
                 if idle := self._idle.get(origin):
                     return idle.pop()
-                if not self._warming.get(origin):
-                    break
-                self._warmed.wait()  # a connection warm() is opening: sooner than a new one
+                if self._warming.get(origin, 0) <= self._waiting.get(origin, 0):
+                    break  # none being opened, or each has a request waiting for it already: a new one
+                self._waiting[origin] = self._waiting.get(origin, 0) + 1
+                try:
+                    self._warmed.wait()  # a connection warm() is opening: sooner than a new one
+                finally:
+                    self._waiting[origin] -= 1
         return self._new(*origin)
 
     def release(self, url: str, conn: Connection) -> None:
@@ -374,6 +379,10 @@ class Redirects:
         if answer.url != asked and url not in self._per_request:
             self._locations[url] = answer.url
         return answer
+
+    def location(self, url: str) -> str | None:
+        """Where ``url`` will be asked (its remembered location), if it redirects there."""
+        return self._locations.get(url)
 
     def per_request(self, url: str) -> bool:
         """Is every request of ``url`` resolved afresh (its locations were refused when used again)? Each such
