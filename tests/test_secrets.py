@@ -258,22 +258,37 @@ print(repr((ours, huggingface_hub.get_token(), asked)))
     ({"HF_TOKEN": "hf_one"}, None, True),
     ({"HF_TOKEN": " hf_two\r\n"}, None, True),
     ({"HF_TOKEN": "", "HUGGING_FACE_HUB_TOKEN": "hf_three"}, None, True),
-    ({"HF_TOKEN": "hf_four"}, "hf_stored", True),  # the variable comes before the stored token
+    ({"HF_TOKEN": "hf_four"}, "token", True),  # the variable comes before the stored token
     ({}, None, True),  # no token anywhere
     ({"HF_TOKEN": "  "}, None, False),  # blank: as if unset, and huggingface_hub says what that means
-    ({}, "hf_stored\n", False),  # a stored token: huggingface_hub may refresh it
+    ({}, "token", False),  # a stored token: huggingface_hub may refresh it
     ({"HF_OIDC_RESOURCE": ""}, None, True),
-], ids=["HF_TOKEN", "cleaned", "old-name", "over-stored", "none", "blank", "stored", "empty-oidc"])
-def test_a_token_read_without_huggingface_hub_is_the_one_it_reads(isolated: Path, env: dict[str, str],
-                                                                  stored: str | None, quick: bool) -> None:
+    ({"HF_HOME": ""}, "work/token", False),  # set but empty: huggingface_hub looks in the working folder
+    ({"HF_HOME": "", "XDG_CACHE_HOME": ""}, "work/token", False),
+    ({"XDG_CACHE_HOME": "{tmp}/xdg", "HF_HOME": None}, "xdg/huggingface/token", False),
+    ({"HF_TOKEN_PATH": "{tmp}/elsewhere/token"}, "elsewhere/token", False),
+    ({"HUGGINGFACE_CO_STAGING": "1"}, "home/.cache/huggingface_staging/token", False),
+], ids=["HF_TOKEN", "cleaned", "old-name", "over-stored", "none", "blank", "stored", "empty-oidc", "empty-home",
+        "empty-cache", "xdg", "token-path", "staging"])
+def test_a_token_read_without_huggingface_hub_is_the_one_it_reads(isolated: Path, tmp_path: Path,
+                                                                  env: dict[str, str | None], stored: str | None,
+                                                                  quick: bool) -> None:
     # A cold fetch's first requests go out before huggingface_hub's client is imported, with the token it would
     # give: its own get_token, in a new process (its constants are read at import), decides what is right.
+    (tmp_path / "work").mkdir()
+    (tmp_path / "home").mkdir()
     if stored is not None:
-        (isolated / "token").write_text(stored)
+        path = isolated / stored if stored == "token" else tmp_path / stored
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("hf_stored\n")
     run_env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
                                                                  "HF_TOKEN_PATH", "HF_OIDC_RESOURCE")}
-    proc = subprocess.run([sys.executable, "-c", _BOTH_TOKENS], env={**run_env, **env}, capture_output=True,
-                          text=True, timeout=60)
+    run_env["HOME"] = str(tmp_path / "home")
+    run_env.update({k: v.format(tmp=tmp_path) for k, v in env.items() if v is not None})
+    for name in (k for k, v in env.items() if v is None):
+        run_env.pop(name, None)
+    proc = subprocess.run([sys.executable, "-c", _BOTH_TOKENS], env=run_env, capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path / "work")
     assert proc.returncode == 0, proc.stderr
     ours, theirs, asked = ast.literal_eval(proc.stdout)
     assert ours == theirs
