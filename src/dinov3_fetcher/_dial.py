@@ -20,13 +20,17 @@ import errno
 import os
 import select
 import socket
+import sys
 import threading
+import time
 
 from . import _env as env
 
 __all__ = ["FIRST_CONNECTIONS", "start", "take"]
 
 FIRST_CONNECTIONS = 3  # the pool's first connections: config.json and both layouts, asked at once (_headstart)
+WAIT = 5.0  # seconds ``take`` waits for a handshake at most: then the pool connects as it would have (every
+# address of the name, one after the other), as with a first address that does not answer
 _STATE = ".dinov3-fetcher"  # dino_root's state folder (``_state``), where a fetch keeps its manifest
 _VALUED = ("--model", "--revision", "--lock-timeout")  # the fetch's other flags that take a value
 _SWITCHES = ("--require-official", "--repair", "-v", "--verbose", "--progress", "--json", "-q", "--quiet",
@@ -61,20 +65,23 @@ class _Dial:
             self.ready.set()
 
     def take(self, timeout: float) -> socket.socket | None:
-        """One of the connections once its handshake is done (blocking, with ``timeout``); None if none is left or
-        it failed (the caller then connects as it would have)."""
-        self.ready.wait(timeout)
+        """One of the connections once its handshake is done (waiting ``WAIT`` seconds at most), in blocking mode
+        with ``timeout``; None if none is left or it failed (the caller then connects as it would have)."""
+        deadline = time.monotonic() + min(timeout, WAIT)
+        self.ready.wait(min(timeout, WAIT))
         with self.lock:
             if not self.socks:
                 return None
             sock = self.socks.pop(0)
         try:
-            _, writable, _ = select.select([], [sock], [], timeout)
-            if not writable or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
+            if not poller.poll(max(0, round((deadline - time.monotonic()) * 1000))) \
+                    or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
                 raise OSError("not connected")
             sock.settimeout(timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
+        except (OSError, ValueError):
             sock.close()
             return None
         return sock
@@ -92,18 +99,22 @@ def take(host: str, port: int, timeout: float) -> socket.socket | None:
 
 def start(argv: list[str]) -> None:
     """Open the first connections of a cold fetch from the Hub, in the background (see the module's docstring).
-    Never raises, never blocks: whatever it cannot tell at a glance means no early connection."""
+    Never raises, never blocks: whatever it cannot tell at a glance means no early connection. Linux only (where
+    the environment alone names the proxies)."""
+    if not sys.platform.startswith("linux"):
+        return
     try:
         target = _target(argv)
-    except (OSError, ValueError, TypeError, AttributeError):  # UnicodeError is a ValueError
-        return
-    if target is not None:
+        if target is None:
+            return
         dial = _Dial(*target)
-        _dials[target] = dial
         if _numeric(target[0]):
             dial.run()  # no name to look up: the connects are under way at once
         else:  # a name lookup may take a while: the imports go on meanwhile
             threading.Thread(target=dial.run, daemon=True, name="dial").start()
+        _dials[target] = dial
+    except Exception:  # a config it cannot read, no thread to be had: the fetch meets it, or connects itself
+        return
 
 
 def _numeric(host: str) -> bool:
@@ -181,4 +192,3 @@ def _train(config: str) -> dict[str, object]:
 def _proxied() -> bool:
     """Any proxy variable (urllib's getproxies reads every ``*_proxy``): the pool's proxy rules decide."""
     return any(k.lower().endswith("_proxy") and k.lower() != "no_proxy" and v for k, v in os.environ.items())
-
