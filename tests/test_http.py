@@ -249,3 +249,25 @@ def test_a_connection_is_pooled_only_after_a_body_read_to_its_end(hub: HubServer
         assert _idle(pool) == 0
     finally:
         pool.close()
+
+
+def test_a_location_refused_at_its_first_reuse_makes_every_files_requests_resolved_afresh() -> None:
+    # Storage that signs each location for one request (or one range: the Xet bridge) refuses every file's
+    # remembered location alike: once one is refused at its first reuse, the others are not tried again either.
+    from dinov3_fetcher._http import Redirects
+
+    one_use = Redirects()
+    one_use.remember("https://hub.example/a", "https://cdn.example/a?sig=1")
+    one_use.remember("https://hub.example/b", "https://cdn.example/b?sig=2")
+    assert one_use.forget("https://hub.example/a")
+    assert one_use.per_request("https://hub.example/b") and one_use.location("https://hub.example/b") is None
+    one_use.remember("https://hub.example/c", "https://cdn.example/c?sig=3")
+    assert one_use.location("https://hub.example/c") is None
+
+    expired = Redirects()  # a location that served answers before it was refused had expired: that file alone
+    expired.remember("https://hub.example/a", "https://cdn.example/a?sig=1")
+    expired.remember("https://hub.example/b", "https://cdn.example/b?sig=2")
+    expired._served["https://hub.example/a"] = 20
+    assert expired.forget("https://hub.example/a")
+    assert expired.per_request("https://hub.example/a") and not expired.per_request("https://hub.example/b")
+    assert expired.location("https://hub.example/b") == "https://cdn.example/b?sig=2"

@@ -364,10 +364,12 @@ class Redirects:
     def __init__(self) -> None:
         self._locations: dict[str, str] = {}
         self._per_request: set[str] = set()  # URLs whose locations serve one request only
+        self._all = False  # a location was refused at its first reuse: the storage signs each one for one request
+        self._served: dict[str, int] = {}  # answers each URL's remembered location gave
 
     def remember(self, url: str, location: str) -> None:
-        """Where ``url`` redirects (a HEAD's Location), unless it was refused before."""
-        if url not in self._per_request:
+        """Where ``url`` redirects (a HEAD's Location), unless locations were refused before."""
+        if not self.per_request(url):
             self._locations.setdefault(url, location)
 
     def get(self, pool: HttpPool, url: str, headers: dict[str, str]) -> Answer:
@@ -376,7 +378,9 @@ class Redirects:
         asked = self._locations.get(url, url)
         answer = pool.get(asked, headers)
         answer.remembered = asked != url
-        if answer.url != asked and url not in self._per_request:
+        if answer.remembered and answer.resp.status < 400:
+            self._served[url] = self._served.get(url, 0) + 1
+        if answer.url != asked and not self.per_request(url):
             self._locations[url] = answer.url
         return answer
 
@@ -385,16 +389,22 @@ class Redirects:
         return self._locations.get(url)
 
     def per_request(self, url: str) -> bool:
-        """Is every request of ``url`` resolved afresh (its locations were refused when used again)? Each such
-        request is one more ``resolve`` that the Hub counts against the address's rate limit."""
-        return url in self._per_request
+        """Is every request of ``url`` resolved afresh (a location was refused when used again: this file's, or
+        another's of the same fetch, since one storage signs them all alike)? Each such request is one more
+        ``resolve`` that the Hub counts against the address's rate limit."""
+        return self._all or url in self._per_request
 
     def forget(self, url: str) -> bool:
-        """A remembered location of ``url`` was refused: resolve it afresh from now on, for every request. True
-        if there was one."""
+        """A remembered location of ``url`` was refused: resolve it afresh from now on, for every request. Where it
+        was refused at its first reuse (signed for one request, or one range: the Xet bridge), so is every other
+        file's, whose remembered locations are dropped too: each of their requests is resolved from the start,
+        not refused once first. True if there was one."""
         if self._locations.pop(url, None) is None:
             return False
         self._per_request.add(url)
+        if self._served.get(url, 0) <= 1:  # the HEAD's location served one answer (or none) before it was refused
+            self._all = True
+            self._locations.clear()
         return True
 
 

@@ -176,7 +176,9 @@ class Job:
                 seg = min(idle, key=lambda s: s.pos)
                 piece = self.piece() if self.piece_size else 0
                 under_way = [s.end - s.pos for s in self.segments if s.busy]
-                streams = max(1 + len(under_way), min(self.streams, self.fetch.budget.limit))
+                streams = 1 + len(under_way)
+                if not self.fetch.redirects.per_request(self.target.url):  # there each piece is a resolve: fewer
+                    streams = max(streams, min(self.streams, self.fetch.budget.limit))
                 share = -(-(sum(s.end - s.pos for s in idle) + sum(under_way)) // streams)
                 if piece and share < piece:
                     # The file's end: a piece no bigger than each of its streams' share of all that is left
