@@ -266,12 +266,44 @@ def test_ctrl_c_during_a_sharded_head_start_exits_promptly_and_resumes(hub: HubS
 
 def test_ctrl_c_while_huggingface_hub_imports_stops_the_head_start(hub: HubServer, dino_root: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    # The head start's requests, then its streams, go on while HfApi imports; a Ctrl-C in that import must stop
-    # them there, not leave them downloading in the background of a library caller (which then downloads twice).
+    # The head start's resolve requests go out while HfApi imports; a Ctrl-C in that import must stop it
+    # there, not leave it downloading in the background of a library caller (which then downloads twice).
     import threading
 
     from dinov3_fetcher._errors import FetchInterrupted
     from dinov3_fetcher._sources import hf
+
+    files = vit_repo_files(hidden=128, intermediate=512, layers=2)
+    hub.add_repo(TINY, files)
+
+    def interrupted_import() -> None:
+        # the head start knows the weights: its worker for them waits for this import to end
+        _wait_for(lambda: any(t.name == f"head-start-{MODEL}" for t in threading.enumerate()))
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(hf, "load_api", interrupted_import)
+        with pytest.raises((FetchInterrupted, KeyboardInterrupt)):
+            fetch_dinov3(dino_root, TINY)
+    _wait_for(lambda: not any(t.name.startswith("head-start") for t in threading.enumerate()))
+    assert not any(t.name.startswith("head-start") for t in threading.enumerate())
+    assert hub.bytes_served(MODEL) == 0  # no stream started after the interrupt
+    fetch_dinov3(dino_root, TINY)  # the same process again: the weights come once
+    assert hub.bytes_served(MODEL) == len(files[MODEL])
+    assert (dino_root / MODEL).read_bytes() == files[MODEL]
+
+
+def test_on_a_long_round_trip_the_streams_go_on_during_the_import_and_a_ctrl_c_there_stops_them(
+        hub: HubServer, dino_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where the round trip is long (here: any, the threshold moved below the emulator's), the weights' streams
+    # do not wait for HfApi's import; a Ctrl-C in that import stops them there, and the next fetch resumes them.
+    import threading
+
+    from dinov3_fetcher import _headstart
+    from dinov3_fetcher._errors import FetchInterrupted
+    from dinov3_fetcher._sources import hf
+
+    monkeypatch.setattr(_headstart, "QUICK_RTT", 0.0)
 
     files = vit_repo_files(hidden=256, intermediate=1024, layers=4)  # ~13 MB: one stream
     hub.add_repo(TINY, files)

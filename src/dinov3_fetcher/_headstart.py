@@ -42,6 +42,7 @@ from ._validate import config_problem, registry_mismatch
 __all__ = ["HeadStart"]
 
 HEADS_AT_ONCE = 8  # the shards' HEAD requests in parallel
+QUICK_RTT = 0.01  # seconds: a round trip under this, the streams wait for huggingface_hub's import (HeadStart)
 MAX_JSON = 16 * 1024 * 1024  # config.json and the index are a few KB; a bigger answer is not one of them
 
 
@@ -76,6 +77,11 @@ class HeadStart:
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
         self.running = 0  # download workers alive (at most FILES_AT_ONCE)
+        # Set by the caller once huggingface_hub's client is imported (see ``HfSource.early``). Where the round trip
+        # is short (the same host, a LAN), the weights' streams wait for it: they would fill at once, and their
+        # reads would take the CPU the import needs (a hand-off of the GIL at every read: 0.3-0.4 s more of both
+        # on 2 cores). On a longer one they start at once: their first bytes are round trips away.
+        self.streams_may_start = threading.Event()
 
     def start(self) -> None:
         """Begin: learn the weights from the resolve answers and start their transfer, in the background."""
@@ -257,6 +263,10 @@ class HeadStart:
 
     # -- the downloads ----------------------------------------------------------------------------------
     def _worker(self) -> None:
+        rtt = self.transfer.budget.rtt
+        if rtt is None or rtt < QUICK_RTT:
+            while not self.streams_may_start.wait(0.05) and not self.transfer.cancel.is_set():
+                pass
         while True:
             with self.lock:
                 job = next((j for n, j in self.jobs.items() if not j.started and n not in self.taken), None)

@@ -184,12 +184,14 @@ class HfSource:
         from .._headstart import HeadStart
 
         head = HeadStart(transfer, old, repo_id, revision, self.endpoint, cancel)
-        head.start()  # its requests, then the weights' streams, go on while HfApi imports (0.1-0.2 s)
+        head.start()  # its requests (and on a long round trip the weights' streams) go on while HfApi imports
         try:
             load_api()
         except BaseException:  # Ctrl-C (or a broken install) in the import: nothing may go on downloading
             head.stop()
             raise
+        finally:
+            head.streams_may_start.set()
         return head
 
     def auth(self) -> Auth | None:
