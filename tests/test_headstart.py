@@ -264,21 +264,15 @@ def test_ctrl_c_during_a_sharded_head_start_exits_promptly_and_resumes(hub: HubS
     assert sum(hub.bytes_served(n) for n in shards) < sum(len(files[n]) for n in shards)  # resumed, not redone
 
 
-def test_ctrl_c_while_huggingface_hub_imports_stops_the_head_start(hub: HubServer, dino_root: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    # The head start's resolve requests go out while HfApi imports; a Ctrl-C in that import must stop it
-    # there, not leave it downloading in the background of a library caller (which then downloads twice).
+def _interrupt_the_import(dino_root: Path, monkeypatch: pytest.MonkeyPatch, when: Callable[[], bool]) -> None:
+    """Fetch with a Ctrl-C in huggingface_hub's import, once ``when`` holds; then no head start thread is left."""
     import threading
 
     from dinov3_fetcher._errors import FetchInterrupted
     from dinov3_fetcher._sources import hf
 
-    files = vit_repo_files(hidden=128, intermediate=512, layers=2)
-    hub.add_repo(TINY, files)
-
     def interrupted_import() -> None:
-        # the head start knows the weights: its worker for them waits for this import to end
-        _wait_for(lambda: any(t.name == f"head-start-{MODEL}" for t in threading.enumerate()))
+        _wait_for(when)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
@@ -287,6 +281,20 @@ def test_ctrl_c_while_huggingface_hub_imports_stops_the_head_start(hub: HubServe
             fetch_dinov3(dino_root, TINY)
     _wait_for(lambda: not any(t.name.startswith("head-start") for t in threading.enumerate()))
     assert not any(t.name.startswith("head-start") for t in threading.enumerate())
+
+
+def test_ctrl_c_while_huggingface_hub_imports_stops_the_head_start(hub: HubServer, dino_root: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # The head start's resolve requests go out while HfApi imports; a Ctrl-C in that import must stop it
+    # there, not leave it downloading in the background of a library caller (which then downloads twice).
+    import threading
+
+    files = vit_repo_files(hidden=128, intermediate=512, layers=2)
+    hub.add_repo(TINY, files)
+
+    # the head start knows the weights: its worker for them waits for this import to end
+    _interrupt_the_import(dino_root, monkeypatch,
+                          lambda: any(t.name == f"head-start-{MODEL}" for t in threading.enumerate()))
     assert hub.bytes_served(MODEL) == 0  # no stream started after the interrupt
     fetch_dinov3(dino_root, TINY)  # the same process again: the weights come once
     assert hub.bytes_served(MODEL) == len(files[MODEL])
@@ -297,11 +305,7 @@ def test_on_a_long_round_trip_the_streams_go_on_during_the_import_and_a_ctrl_c_t
         hub: HubServer, dino_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Where the round trip is long (here: any, the threshold moved below the emulator's), the weights' streams
     # do not wait for HfApi's import; a Ctrl-C in that import stops them there, and the next fetch resumes them.
-    import threading
-
     from dinov3_fetcher import _headstart
-    from dinov3_fetcher._errors import FetchInterrupted
-    from dinov3_fetcher._sources import hf
 
     monkeypatch.setattr(_headstart, "QUICK_RTT", 0.0)
 
@@ -314,18 +318,9 @@ def test_on_a_long_round_trip_the_streams_go_on_during_the_import_and_a_ctrl_c_t
     def written() -> int:
         return sum(p.stat().st_size for p in (dino_root / ".dinov3-fetcher" / "partial").glob("*/data"))
 
-    def interrupted_import() -> None:
-        # the head start's stream of the weights has read and written what the server sent: the import ends there
-        _wait_for(lambda: [r.body_bytes for r in hub.file_gets(MODEL)] == [held] and not socket_queues(port)
-                  and written() == held)
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as m:
-        m.setattr(hf, "load_api", interrupted_import)
-        with pytest.raises((FetchInterrupted, KeyboardInterrupt)):
-            fetch_dinov3(dino_root, TINY)
-    _wait_for(lambda: not any(t.name.startswith("head-start") for t in threading.enumerate()))
-    assert not any(t.name.startswith("head-start") for t in threading.enumerate())
+    # the head start's stream of the weights has read and written what the server sent: the import ends there
+    _interrupt_the_import(dino_root, monkeypatch, lambda: [r.body_bytes for r in hub.file_gets(MODEL)] == [held]
+                          and not socket_queues(port) and written() == held)
     hub.faults.clear()
     hub.resume.set()
     hub.clear()
