@@ -86,6 +86,13 @@ def test_nothing_else_dials(no_proxy_env: None, tmp_path: Path, monkeypatch: pyt
     assert _dial._dials == {}
 
 
+def test_it_looks_for_the_manifest_where_the_state_folder_keeps_it() -> None:
+    from dinov3_fetcher._state import STATE_DIRNAME, StateDir
+
+    assert _dial._STATE == STATE_DIRNAME
+    assert StateDir(Path("/r")).manifest_path == Path("/r", _dial._STATE, "manifest.json")
+
+
 def test_it_knows_every_flag_of_the_fetch_command() -> None:
     # A flag it does not know means no early connection: each one the fetch takes is known, with or without a value.
     parser = build_parser("fetch")

@@ -52,6 +52,8 @@ READ_ELSEWHERE = {
     "HTTP_PROXY": "urllib.request.getproxies", "HTTPS_PROXY": "urllib.request.getproxies",
     "ALL_PROXY": "urllib.request.getproxies", "NO_PROXY": "urllib.request.getproxies",
     "HF_HUB_DISABLE_XET": "huggingface_hub (the fetcher never uses Xet)",
+    "HF_HOME": "huggingface_hub.constants (where the stored token is)",
+    "HF_TOKEN_PATH": "huggingface_hub.constants (where the stored token is)",
 }
 NOT_READ = {"REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"}  # named by the pages as variables that are not read
 ENV_NAME = re.compile(r"\b(?:DINOV3_FETCHER_[A-Z0-9_]*[A-Z0-9]|HF_[A-Z0-9_]*[A-Z0-9]|MODELSCOPE_[A-Z0-9_]*[A-Z0-9]|"

@@ -301,7 +301,7 @@ class Budget:
         with self._cond:
             return all(t == ticket for t in self._queue)
 
-    def steal(self, smallest: int, largest: int, ticket: int = 0) -> int:
+    def steal(self, smallest: int, largest: int, ticket: int) -> int:
         """The smallest piece worth splitting off a busy one at a file's end (the victim's connection is
         closed and reopened, the thief asks anew: a few round trips): ``STEAL_RTTS`` round trips of one
         stream, within [smallest, largest]. Smaller ends let the last bytes come over many streams.

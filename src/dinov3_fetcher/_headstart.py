@@ -249,9 +249,10 @@ class HeadStart:
             # per request) is re-resolved from then on: Redirects.forget. The first one's connection opens
             # now, while the download is planned and set up (its claim, files and workers).
             with contextlib.suppress(Exception):
-                self.transfer.redirects.remember(target.url, redirect_target(asked, location))
+                where = redirect_target(asked, location)
+                self.transfer.redirects.remember(target.url, where)
                 if self._needed(target):
-                    self.transfer.pool.warm(redirect_target(asked, location), 1)
+                    self.transfer.pool.warm(where, 1)
         return commit, target
 
     def _needed(self, t: Target) -> bool:

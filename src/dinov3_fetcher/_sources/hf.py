@@ -82,18 +82,12 @@ def import_hub() -> ModuleType:
 
 
 def token_file() -> Path:
-    """Where ``hf auth login`` keeps the token, computed as huggingface_hub's constants compute it: HF_TOKEN_PATH,
-    else $HF_HOME/token, HF_HOME defaulting to $XDG_CACHE_HOME/huggingface (a variable set but empty counts as
-    set), its staging folder under HUGGINGFACE_CO_STAGING."""
+    """Where ``hf auth login`` keeps the token: huggingface_hub's own ``HF_TOKEN_PATH`` (its constants, a
+    millisecond to import, not its client)."""
+    import_hub()
+    from huggingface_hub import constants
 
-    def expand(path: str | Path) -> Path:
-        return Path(os.path.expandvars(Path(path).expanduser()))
-
-    if (os.environ.get("HUGGINGFACE_CO_STAGING") or "").upper() in ("1", "ON", "YES", "TRUE"):
-        return Path.home() / ".cache" / "huggingface_staging" / "token"
-    cache = os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache"))
-    home = expand(os.environ.get("HF_HOME", Path(cache) / "huggingface"))
-    return expand(os.environ.get("HF_TOKEN_PATH", home / "token"))
+    return Path(constants.HF_TOKEN_PATH)
 
 
 def known_tokens() -> list[str]:
@@ -138,7 +132,7 @@ def get_token() -> str | None:
             if not exc.missing:
                 raise ConfigError(f"the token file {exc.path} (where 'hf auth login' keeps the token) {exc.reason}",
                                   "remove it and run 'hf auth login' again, or set HF_TOKEN") from None
-            if not (os.environ.get("HF_OIDC_RESOURCE") or "huggingface_hub" in sys.modules
+            if not (os.environ.get("HF_OIDC_RESOURCE") or "huggingface_hub.utils" in sys.modules
                     or hasattr(builtins, "get_ipython") or hasattr(builtins, "__IPYTHON__")):
                 return None  # no token anywhere, and no notebook whose secrets huggingface_hub would ask: its answer
     token: str | None = import_hub().get_token()
