@@ -6,16 +6,21 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from checkpoints import shard_files, vit_repo_files
 from conftest import GRANTED, TINY, start
+from dinov3_fetcher import _headstart as headstart
 from dinov3_fetcher import fetch_dinov3, validate_dinov3
 from dinov3_fetcher._errors import AuthenticationError, NotDinov3Error
+from dinov3_fetcher._layout import INDEX
+from dinov3_fetcher._registry import DEFAULT_MODEL, variant_for
 from helpers import socket_queues
 from hub_server import HubServer
 
@@ -135,6 +140,64 @@ def test_sharded_weights_get_a_head_start_too(hub: HubServer, dino_root: Path) -
         assert hub.bytes_served(name) == len(files[name])
         assert (dino_root / name).read_bytes() == files[name]
     assert len(hub.file_gets("/model.safetensors.index.json")) == 1
+    assert validate_dinov3(dino_root)
+
+
+def _registry_knows_shards(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """The registry says TINY is sharded on the Hub in ``count`` shards (as it says of the 7B: 6)."""
+    default = variant_for(DEFAULT_MODEL)
+    assert default is not None
+    known = replace(default, repo_id=TINY, sharded=True, shards=count)
+    monkeypatch.setattr(headstart, "variant_for", lambda repo_id: known if repo_id == TINY else None)
+
+
+def _resolve_heads(hub: HubServer, name: str) -> int:
+    return sum(1 for r in list(hub.requests) if r.host == "hub" and r.method == "HEAD"
+               and "/resolve/" in r.path and r.path.partition("?")[0].endswith("/" + name))
+
+
+def test_shards_the_registry_names_are_asked_with_the_index_not_after_it(
+        hub: HubServer, dino_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = shard_files(vit_repo_files(hidden=128, intermediate=512, layers=4), 3)
+    hub.add_repo(TINY, files)
+    shards = sorted(n for n in files if n.startswith("model-"))
+    _registry_knows_shards(monkeypatch, 3)
+    hub.faults.add(path_suffix="/" + INDEX, host="hub", pause_at=0, times=1)  # the index's body is held
+    seen: list[bool] = []
+
+    def watch() -> None:  # while the index is held, the shards' HEADs come (or never: 30 s, then it goes on)
+        hub.paused.wait()
+        deadline = time.monotonic() + 30
+        while not all(_head_seen(hub, n) for n in shards) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(all(_head_seen(hub, n) for n in shards))
+        hub.resume.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    fetch_dinov3(dino_root, TINY)
+    watcher.join()
+    assert seen == [True]
+    assert _resolve_heads(hub, MODEL) == 0  # the single file is not asked where the shards are known
+    for name in shards:
+        assert _resolve_heads(hub, name) == 1  # asked once, at the revision, with the index
+        assert hub.bytes_served(name) == len(files[name])
+        assert (dino_root / name).read_bytes() == files[name]
+    assert len(hub.file_gets("/" + INDEX)) == 1
+    assert validate_dinov3(dino_root)
+
+
+def test_shards_named_otherwise_than_the_registry_says_are_fetched_as_the_index_names_them(
+        hub: HubServer, dino_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = shard_files(vit_repo_files(hidden=128, intermediate=512, layers=4), 3)
+    hub.add_repo(TINY, files)
+    _registry_knows_shards(monkeypatch, 2)  # model-0000K-of-00002: not on the Hub
+    fetch_dinov3(dino_root, TINY)
+    for name in sorted(n for n in files if n.startswith("model-")):
+        assert hub.bytes_served(name) == len(files[name])  # each once, in whole
+        assert (dino_root / name).read_bytes() == files[name]
+    assert {_resolve_heads(hub, f"model-0000{k}-of-00002.safetensors") for k in (1, 2)} == {1}  # the guesses: 404
+    assert _partials(dino_root) == []
     assert validate_dinov3(dino_root)
 
 

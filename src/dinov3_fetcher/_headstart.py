@@ -5,8 +5,9 @@ index each cost a round trip, and until they answered, the weights (all but a fe
 not start. ``HeadStart`` learns what the weights will be from the Hub's ``resolve`` answers, the way
 huggingface_hub's own ``hf_hub_download`` does (config.json with its ``X-Repo-Commit``, each weight file's
 ``X-Linked-Etag`` and ``X-Linked-Size``), asking config.json, the single file and the index at once (then the
-shards' HEADs at once), and starts the files' transfer as soon as they are known and fit on the disk, in the
-background, beside ``model_info`` (and beside the ``HfApi`` import: see ``HfSource.early``).
+shards' HEADs at once, or with the index where the registry knows the shards' names), and starts the files'
+transfer as soon as they are known and fit on the disk, in the background, beside ``model_info`` (and beside
+the ``HfApi`` import: see ``HfSource.early``).
 
 Nothing it learns is trusted. ``fetch`` adopts an early download only when huggingface_hub's listing gives
 the same size and sha256, and the bytes were checked against that sha256 as always; otherwise the early
@@ -22,8 +23,8 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -134,18 +135,22 @@ class HeadStart:
     def _targets(self) -> Iterator[Target]:
         """The weight files to start, each as soon as it is known. config.json and the first answer of both
         layouts (the single file's HEAD, the index) are asked at once, at the revision: one round trip for
-        all three, each answer checked against config.json's commit."""
+        all three, each answer checked against config.json's commit. Where the registry knows the shards' names
+        (the 7B's), their HEADs go with the index instead of the single file's, so that the first shard starts
+        as soon as the index confirms them."""
         rev = quote(self.revision, safe="")
         variant = variant_for(self.repo_id)
         order = (INDEX, SINGLE) if variant is not None and variant.sharded else (SINGLE, INDEX)
         if self.old is not None and (INDEX in self.old.files) != (order[0] == INDEX):
             order = order[::-1]  # the layout on disk first: an update usually keeps it
-        with ThreadPoolExecutor(3) as ex:
+        known = variant.shard_names if variant is not None and order[0] == INDEX else ()
+        with ThreadPoolExecutor(3 + len(known)) as ex:
             cfg_answer = ex.submit(self._known_config)
-            # Cold, both layouts are asked at once (one 404 more, one round trip less); an update asks the
-            # layout it has, and the other only if that one is gone.
+            # Cold, both layouts are asked at once (one 404 more, one round trip less); an update, or shards whose
+            # names are known, ask the layout expected, and the other only if that one is gone.
             first = {order[0]: ex.submit(self._layout, order[0], rev)}
-            if self.old is None:
+            asked = {name: ex.submit(self._lfs, rev, name) for name in known}
+            if self.old is None and not known:
                 first[order[1]] = ex.submit(self._layout, order[1], rev)
             if (answer := cfg_answer.result()) is None:
                 return
@@ -167,19 +172,22 @@ class HeadStart:
                 total = meta.get("total_size") if isinstance(meta, dict) else None
                 # the tensors' bytes: the shards' headers add a few KB each, within fits()'s margin
                 self.announced = total if isinstance(total, int) and total > 0 else 1 << 62
-                yield from self._shards(commit, index)
+                yield from self._shards(commit, shards_from_index(index if isinstance(index, dict) else {}), asked)
                 return
 
     def _layout(self, layout: str, rev: str) -> tuple[str, Target | bytes] | None:
         """(commit, the single file's target or the index's bytes) at ``rev``, or None."""
         return self._lfs(rev, SINGLE) if layout == SINGLE else self._small(self.base + rev + "/" + INDEX)
 
-    def _shards(self, commit: str, index: object) -> Iterator[Target]:
-        """The shards' HEADs a few at a time (at once for a DINOv3's 6), each shard yielded in order; those
-        before the first that does not answer as expected (the main path fetches the rest)."""
-        names = shards_from_index(index if isinstance(index, dict) else {})
+    def _shards(self, commit: str, names: list[str],
+                asked: Mapping[str, Future[tuple[str, Target] | None]]) -> Iterator[Target]:
+        """The shards the index names, each yielded in order; those before the first that does not answer as
+        expected (the main path fetches the rest). A shard's HEAD ``asked`` already (at the revision, with the
+        index) is not made again; the others go a few at a time (at once for a DINOv3's 6), at the commit."""
         with ThreadPoolExecutor(min(HEADS_AT_ONCE, max(1, len(names)))) as ex:
-            for found in ex.map(lambda n: self._lfs(commit, n), names):
+            answers = [asked[n] if n in asked else ex.submit(self._lfs, commit, n) for n in names]
+            for answer in answers:
+                found = answer.result()
                 if found is None or found[0] != commit:
                     return
                 if self._needed(found[1]):

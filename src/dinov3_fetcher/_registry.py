@@ -38,6 +38,12 @@ class Variant:
     depths: tuple[int, ...] = ()
     hidden_sizes: tuple[int, ...] = ()
     sharded: bool = False
+    shards: int = 0  # how many shards the Hub holds, where that is known (0: not known, or a single file)
+
+    @property
+    def shard_names(self) -> tuple[str, ...]:
+        """The shards' file names on the Hub, where their count is known (empty otherwise)."""
+        return tuple(f"model-{k:05d}-of-{self.shards:05d}.safetensors" for k in range(1, self.shards + 1))
 
     @property
     def is_default(self) -> bool:
@@ -46,8 +52,9 @@ class Variant:
 
 
 def _vit(name: str, arch: str, d: int, h: int, n: int, i: int, gated: bool, params: float, size: float,
-         sharded: bool = False) -> Variant:
-    return Variant(f"facebook/{name}", arch, "vit", params, int(size * 1e9), d, h, n, i, gated, sharded=sharded)
+         sharded: bool = False, shards: int = 0) -> Variant:
+    return Variant(f"facebook/{name}", arch, "vit", params, int(size * 1e9), d, h, n, i, gated, sharded=sharded,
+                   shards=shards)
 
 
 def _convnext(name: str, arch: str, depths: tuple[int, ...], widths: tuple[int, ...], params: float,
@@ -62,7 +69,8 @@ VARIANTS: tuple[Variant, ...] = (
     _vit("dinov3-vitl16-pretrain-lvd1689m", "ViT-L/16", 1024, 16, 24, 4096, False, 303.13, 1.21),
     _vit("dinov3-vitl16-pretrain-sat493m", "ViT-L/16 (satellite)", 1024, 16, 24, 4096, False, 303.13, 1.21),
     _vit("dinov3-vith16plus-pretrain-lvd1689m", "ViT-H+/16", 1280, 20, 32, 5120, True, 840.59, 3.36),
-    _vit("dinov3-vit7b16-pretrain-lvd1689m", "ViT-7B/16", 4096, 32, 40, 8192, True, 6716.0, 26.9, sharded=True),
+    _vit("dinov3-vit7b16-pretrain-lvd1689m", "ViT-7B/16", 4096, 32, 40, 8192, True, 6716.0, 26.9, sharded=True,
+         shards=6),
     _vit("dinov3-vit7b16-pretrain-sat493m", "ViT-7B/16 (satellite)", 4096, 32, 40, 8192, True, 6716.0, 26.9,
          sharded=True),
     _convnext("dinov3-convnext-tiny-pretrain-lvd1689m", "ConvNeXt-T", (3, 3, 9, 3), (96, 192, 384, 768), 27.8, 0.111),
