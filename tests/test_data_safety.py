@@ -396,8 +396,10 @@ def test_another_hosts_live_claim_is_never_taken(hub: HubServer, big: dict[str, 
             assert a.poll() is None, a.communicate()
             time.sleep(0.02)
         (claim,) = host_claims(dino_root, big, "host-a")
-        if case == "clock-skew":
-            assert (claim / "progress.json").exists()
+        if case == "clock-skew":  # the 6 MiB sent are read, and the record at 4 MiB written, in A's own time
+            while not (claim / "progress.json").exists():
+                assert a.poll() is None, a.communicate()
+                time.sleep(0.02)
             old = time.time() - 3600  # as host B's clock sees it
             os.utime(claim / "progress.json", (old, old))
             os.utime(claim, (old, old))
