@@ -27,7 +27,8 @@ then continue), ``status`` + ``retry_after``, ``no_content_length`` (Connection:
 ``throttle_bps`` (per connection), ``pause_at`` (absolute file offset: the body stops there, sets
 ``hub.paused`` and waits for ``hub.resume``, which nothing sets but the test).
 ``after=N`` lets the first N matching GETs pass before a rule applies
-(to sequence faults: a cut, then 503s). Each ``Request`` records its arrival time ``t`` (monotonic).
+(to sequence faults: a cut, then 503s). ``head=True`` makes a ``status`` rule answer the hub's HEAD of an LFS
+file's resolve instead (and only that). Each ``Request`` records its arrival time ``t`` (monotonic).
 ``hub.model_info_hook`` (a callable) runs before each model_info answer is built: to hold the answer back,
 or to move a branch while a client waits for it. If it returns ``(status, headers)`` that error is answered
 instead, and ``"reset"`` closes the connection with a TCP RST (a metadata request that fails).
@@ -103,6 +104,7 @@ class Fault:
     times: int | None = None
     host: str | None = None
     after: int = 0  # let this many matching GETs pass untouched before the rule applies
+    head: bool = False  # a status rule for the hub's HEAD of a resolve (its GETs untouched)
     cut_after: int | None = None
     reset: bool = False
     ignore_range: bool = False
@@ -117,7 +119,7 @@ class Fault:
     pause_at: int | None = None
 
 
-_KNOBS = [f.name for f in dataclasses.fields(Fault) if f.name not in ("path_suffix", "times", "host", "after")]
+_KNOBS = [f.name for f in dataclasses.fields(Fault) if f.name not in ("path_suffix", "times", "host", "after", "head")]
 _DEFAULT = {k: getattr(Fault(), k) for k in _KNOBS}
 
 
@@ -136,12 +138,13 @@ class Faults:
         with self._lock:
             self.rules.clear()
 
-    def take(self, host: str, path: str, body: bool, alias: str | None = None) -> Fault:
-        """Consume the rules matching this GET (its URL path, or ``alias``) and return them merged."""
+    def take(self, host: str, path: str, body: bool, alias: str | None = None, head: bool = False) -> Fault:
+        """Consume the rules matching this GET (or, with ``head``, this resolve's HEAD: rules made with ``head``
+        only) by its URL path, or ``alias``, and return them merged."""
         merged = Fault()
         with self._lock:
             for r in self.rules:
-                if (r.times is not None and r.times <= 0) or (r.host not in (None, host)):
+                if (r.times is not None and r.times <= 0) or (r.host not in (None, host)) or r.head != head:
                     continue
                 if r.path_suffix and not (path.endswith(r.path_suffix)
                                           or (alias is not None and alias.endswith(r.path_suffix))):
@@ -511,10 +514,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not (blob.lfs and repo.lfs_redirect):
             etag = blob.sha256 if blob.lfs else blob.oid
             return self._serve(blob, etag, {"X-Repo-Commit": sha})
-        if self.command == "GET":
-            fault = self.hub.faults.take("hub", self.url_path, body=False)
-            if fault.status is not None:
-                return self._fault_status(fault)
+        fault = self.hub.faults.take("hub", self.url_path, body=False, head=self.command == "HEAD")
+        if fault.status is not None:
+            return self._fault_status(fault)
         if repo.xet:
             return self._xet_redirect(repo, sha, path, blob)
         sig = hashlib.sha256(f"{blob.sha256}{path}".encode()).hexdigest()

@@ -117,11 +117,13 @@ def test_space_is_checked_before_downloading_and_counts_only_missing_bytes(
     assert checkpoint_tree(dino_root) == before
 
 
+@pytest.mark.parametrize("case", ["every-head-answers", "a-head-refused"])
 def test_shards_that_do_not_all_fit_are_refused_before_the_first_weight_byte(
-        hub: HubServer, tmpfs: Callable[[str], Path], run_cli: Any) -> None:
+        hub: HubServer, tmpfs: Callable[[str], Path], run_cli: Any, case: str) -> None:
     # Four shards of ~19 MB on a 56 MiB disk: the first two would fit, all four do not. The head start learns the
     # shards one HEAD at a time; it must not start any of them before it knows they all fit (a 7B is 6 x 4.5 GB:
-    # two shards written before the refusal would be 9 GB for nothing).
+    # two shards written before the refusal would be 9 GB for nothing), nor once a HEAD it needed to know that
+    # was refused (the ones that did answer fit, but say nothing of the rest).
     disk = tmpfs("56m")
     dino_root = disk / "dinov3"
     files = shard_files(vit_repo_files(seed=3, hidden=512, intermediate=2048, layers=5), 4)
@@ -129,6 +131,8 @@ def test_shards_that_do_not_all_fit_are_refused_before_the_first_weight_byte(
     total = sum(len(files[n]) for n in shards)
     assert len(shards) == 4 and total > 56 * MiB - 16 * MiB > 2 * max(len(files[n]) for n in shards)
     hub.add_repo(TINY, files)
+    if case == "a-head-refused":
+        hub.faults.add(path_suffix=shards[1], host="hub", head=True, status=503)
     proc = fetch(run_cli, dino_root)
     assert proc.returncode == 9, proc.stderr
     needed = total + len(files["README.md"]) + len(files["LICENSE.md"])

@@ -151,9 +151,11 @@ def _registry_knows_shards(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
     monkeypatch.setattr(headstart, "variant_for", lambda repo_id: known if repo_id == TINY else None)
 
 
-def _resolve_heads(hub: HubServer, name: str) -> int:
+def _resolve_heads(hub: HubServer, name: str, at: str | None = None) -> int:
+    """The hub's HEADs of ``name``'s resolve (at the revision ``at`` only, or any)."""
     return sum(1 for r in list(hub.requests) if r.host == "hub" and r.method == "HEAD"
-               and "/resolve/" in r.path and r.path.partition("?")[0].endswith("/" + name))
+               and "/resolve/" in r.path and r.path.partition("?")[0].endswith("/" + name)
+               and (at is None or f"/resolve/{at}/" in r.path))
 
 
 def test_shards_the_registry_names_are_asked_with_the_index_not_after_it(
@@ -162,22 +164,26 @@ def test_shards_the_registry_names_are_asked_with_the_index_not_after_it(
     hub.add_repo(TINY, files)
     shards = sorted(n for n in files if n.startswith("model-"))
     _registry_knows_shards(monkeypatch, 3)
+    monkeypatch.setenv("HF_TOKEN", GRANTED)
     hub.faults.add(path_suffix="/" + INDEX, host="hub", pause_at=0, times=1)  # the index's body is held
-    seen: list[bool] = []
+    seen = _hold_listing_until(hub, shards[0])  # the main path takes the index the head start read
+    held: list[bool] = []
 
     def watch() -> None:  # while the index is held, the shards' HEADs come (or never: 30 s, then it goes on)
-        hub.paused.wait()
-        deadline = time.monotonic() + 30
-        while not all(_head_seen(hub, n) for n in shards) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        seen.append(all(_head_seen(hub, n) for n in shards))
-        hub.resume.set()
+        try:
+            deadline = time.monotonic() + 30
+            hub.paused.wait(30)
+            while not all(_resolve_heads(hub, n, at="main") for n in shards) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            held.append(hub.paused.is_set() and all(_resolve_heads(hub, n, at="main") for n in shards))
+        finally:
+            hub.resume.set()
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     fetch_dinov3(dino_root, TINY)
     watcher.join()
-    assert seen == [True]
+    assert held == [True] and seen == [True]
     assert _resolve_heads(hub, MODEL) == 0  # the single file is not asked where the shards are known
     for name in shards:
         assert _resolve_heads(hub, name) == 1  # asked once, at the revision, with the index
@@ -191,13 +197,31 @@ def test_shards_named_otherwise_than_the_registry_says_are_fetched_as_the_index_
         hub: HubServer, dino_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     files = shard_files(vit_repo_files(hidden=128, intermediate=512, layers=4), 3)
     hub.add_repo(TINY, files)
+    shards = sorted(n for n in files if n.startswith("model-"))
     _registry_knows_shards(monkeypatch, 2)  # model-0000K-of-00002: not on the Hub
+    monkeypatch.setenv("HF_TOKEN", GRANTED)
+    seen = _hold_listing_until(hub, *shards[:2])  # the head start fetches them: the main path takes them over
     fetch_dinov3(dino_root, TINY)
-    for name in sorted(n for n in files if n.startswith("model-")):
+    assert seen == [True]
+    assert {_resolve_heads(hub, f"model-0000{k}-of-00002.safetensors", at="main") for k in (1, 2)} == {1}  # 404
+    for name in shards:
+        assert _resolve_heads(hub, name) == 1 and _resolve_heads(hub, name, at="main") == 0  # at the commit
         assert hub.bytes_served(name) == len(files[name])  # each once, in whole
         assert (dino_root / name).read_bytes() == files[name]
-    assert {_resolve_heads(hub, f"model-0000{k}-of-00002.safetensors") for k in (1, 2)} == {1}  # the guesses: 404
     assert _partials(dino_root) == []
+    assert validate_dinov3(dino_root)
+
+
+def test_without_a_token_the_shards_the_registry_names_wait_for_the_index(
+        hub: HubServer, dino_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = shard_files(vit_repo_files(hidden=128, intermediate=512, layers=4), 3)
+    hub.add_repo(TINY, files)
+    shards = sorted(n for n in files if n.startswith("model-"))
+    _registry_knows_shards(monkeypatch, 3)  # a gated repo refuses them all without a token: not asked blind
+    fetch_dinov3(dino_root, TINY)
+    for name in shards:
+        assert _resolve_heads(hub, name) == 1 and _resolve_heads(hub, name, at="main") == 0
+        assert (dino_root / name).read_bytes() == files[name]
     assert validate_dinov3(dino_root)
 
 
@@ -354,6 +378,8 @@ def test_ctrl_c_while_huggingface_hub_imports_stops_the_head_start(hub: HubServe
 
     files = vit_repo_files(hidden=128, intermediate=512, layers=2)
     hub.add_repo(TINY, files)
+    # a short round trip, whatever a loaded machine makes of localhost's (the streams wait for the import)
+    monkeypatch.setattr(headstart, "QUICK_RTT", 3600.0)
 
     # the head start knows the weights: its worker for them waits for this import to end
     _interrupt_the_import(dino_root, monkeypatch,
@@ -368,9 +394,7 @@ def test_on_a_long_round_trip_the_streams_go_on_during_the_import_and_a_ctrl_c_t
         hub: HubServer, dino_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Where the round trip is long (here: any, the threshold moved below the emulator's), the weights' streams
     # do not wait for HfApi's import; a Ctrl-C in that import stops them there, and the next fetch resumes them.
-    from dinov3_fetcher import _headstart
-
-    monkeypatch.setattr(_headstart, "QUICK_RTT", 0.0)
+    monkeypatch.setattr(headstart, "QUICK_RTT", 0.0)
 
     files = vit_repo_files(hidden=256, intermediate=1024, layers=4)  # ~13 MB: one stream
     hub.add_repo(TINY, files)

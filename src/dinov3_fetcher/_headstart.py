@@ -4,10 +4,10 @@ On a cold fetch, huggingface_hub's ``model_info`` and then config.json, preproce
 index each cost a round trip, and until they answered, the weights (all but a few KB of the bytes) could
 not start. ``HeadStart`` learns what the weights will be from the Hub's ``resolve`` answers, the way
 huggingface_hub's own ``hf_hub_download`` does (config.json with its ``X-Repo-Commit``, each weight file's
-``X-Linked-Etag`` and ``X-Linked-Size``), asking config.json, the single file and the index at once (then the
-shards' HEADs at once, or with the index where the registry knows the shards' names), and starts the files'
-transfer as soon as they are known and fit on the disk, in the background, beside ``model_info`` (and beside
-the ``HfApi`` import: see ``HfSource.early``).
+``X-Linked-Etag`` and ``X-Linked-Size``), asking config.json and the index at once, with the single file's HEAD
+(then the shards' HEADs at once), or with the shards' HEADs where the registry knows their names, and starts the
+files' transfer as soon as they are known and fit on the disk, in the background, beside ``model_info`` (and
+beside the ``HfApi`` import: see ``HfSource.early``).
 
 Nothing it learns is trusted. ``fetch`` adopts an early download only when huggingface_hub's listing gives
 the same size and sha256, and the bytes were checked against that sha256 as always; otherwise the early
@@ -23,7 +23,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import quote
@@ -74,6 +74,7 @@ class HeadStart:
         # config.json next to plan, waits for the request already made instead of making it a second time.
         self.config_known = threading.Event()
         self.announced = 0  # the weights' total size as the index gives it, before the shards' HEADs answer
+        self.all_known = False  # every weight file's HEAD answered as expected (set by _targets at its end)
         self.taken: set[str] = set()  # names the main path asked for: never started here after that
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
@@ -113,7 +114,7 @@ class HeadStart:
                 if fits(max(needed, self.announced), free):
                     while known:
                         self._start(known.pop(0))
-            if known and fits(needed, free):  # the exact count of every file fits after all
+            if known and self.all_known and fits(needed, free):  # the exact count of every file fits after all
                 for t in known:
                     self._start(t)
         except Exception:  # no (more) head start: the main path meets the same problem and reports it
@@ -143,8 +144,12 @@ class HeadStart:
         order = (INDEX, SINGLE) if variant is not None and variant.sharded else (SINGLE, INDEX)
         if self.old is not None and (INDEX in self.old.files) != (order[0] == INDEX):
             order = order[::-1]  # the layout on disk first: an update usually keeps it
-        known = variant.shard_names if variant is not None and order[0] == INDEX else ()
-        with ThreadPoolExecutor(3 + len(known)) as ex:
+        known: tuple[str, ...] = ()  # the shards' names, asked with the index
+        # Not without a token: the Hub refuses every file of a gated repo (all of Meta's are), and 6 refused HEADs
+        # more would count against its rate limit for nothing.
+        if variant is not None and order[0] == INDEX and self.transfer.pool.auth is not None:
+            known = variant.shard_names
+        with ThreadPoolExecutor(2 + (len(known) or 1)) as ex:
             cfg_answer = ex.submit(self._known_config)
             # Cold, both layouts are asked at once (one 404 more, one round trip less); an update, or shards whose
             # names are known, ask the layout expected, and the other only if that one is gone.
@@ -163,6 +168,7 @@ class HeadStart:
                 if found is None or found[0] != commit:
                     continue
                 if isinstance(found[1], Target):
+                    self.all_known = True
                     if self._needed(found[1]):
                         yield found[1]
                     return
@@ -172,7 +178,8 @@ class HeadStart:
                 total = meta.get("total_size") if isinstance(meta, dict) else None
                 # the tensors' bytes: the shards' headers add a few KB each, within fits()'s margin
                 self.announced = total if isinstance(total, int) and total > 0 else 1 << 62
-                yield from self._shards(commit, shards_from_index(index if isinstance(index, dict) else {}), asked)
+                names = shards_from_index(index if isinstance(index, dict) else {})
+                self.all_known = yield from self._shards(commit, names, asked)
                 return
 
     def _layout(self, layout: str, rev: str) -> tuple[str, Target | bytes] | None:
@@ -180,18 +187,20 @@ class HeadStart:
         return self._lfs(rev, SINGLE) if layout == SINGLE else self._small(self.base + rev + "/" + INDEX)
 
     def _shards(self, commit: str, names: list[str],
-                asked: Mapping[str, Future[tuple[str, Target] | None]]) -> Iterator[Target]:
+                asked: Mapping[str, Future[tuple[str, Target] | None]]) -> Generator[Target, None, bool]:
         """The shards the index names, each yielded in order; those before the first that does not answer as
         expected (the main path fetches the rest). A shard's HEAD ``asked`` already (at the revision, with the
-        index) is not made again; the others go a few at a time (at once for a DINOv3's 6), at the commit."""
+        index) is not made again; the others go a few at a time (at once for a DINOv3's 6), at the commit.
+        Returns whether every shard answered as expected."""
         with ThreadPoolExecutor(min(HEADS_AT_ONCE, max(1, len(names)))) as ex:
             answers = [asked[n] if n in asked else ex.submit(self._lfs, commit, n) for n in names]
             for answer in answers:
                 found = answer.result()
                 if found is None or found[0] != commit:
-                    return
+                    return False
                 if self._needed(found[1]):
                     yield found[1]
+        return True
 
     def _known_config(self) -> tuple[str, bytes] | None:
         """``_config``, its body kept for take() and ``config_known`` set as soon as it is in."""
