@@ -52,6 +52,7 @@ MiB = 1 << 20
 SCENARIOS = ("cold", "warm", "resume", "sharded", "throttled", "rehash", "startup", "link", "diskspace")
 SINGLE_ONLY = ("cold", "warm", "throttled", "rehash")  # the scenarios that time the single-file layout
 LINK_TOOLS = ("dinov3-fetcher", "aria2c + sha256", "curl + sha256", "hf download")
+TOKEN = "hf_bench_reader"  # HF_TOKEN for the tools that read it: Meta's repos are gated, a real fetch has one
 BEFORE = "dinov3-fetcher before"  # --before: another build of this tool, timed in the same rounds
 TIMELINE = 0.25  # seconds per window of the CDN proxy's byte counts (streams and rate over time)
 GiB = 1 << 30
@@ -94,7 +95,7 @@ class Bench:
                if not k.startswith(("DINOV3_FETCHER_", "HF_")) and k.lower() not in
                ("http_proxy", "https_proxy", "all_proxy")}
         env.update(HF_ENDPOINT=self.endpoint or self.hub.endpoint, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1",
-                   HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY=self.no_proxy,
+                   HF_HUB_DISABLE_PROGRESS_BARS="1", NO_PROXY=self.no_proxy, HF_TOKEN=TOKEN,
                    HF_HOME=str(hf_home or self.work / "hf_home"))
         env.update(extra)
         return env
@@ -986,6 +987,7 @@ def main() -> int:
     data = args.data or work / "data"
     nginx_cdn: NginxCdn | None = None
     hub = HubServer(xet=args.xet != "off")  # the Xet bridge's signed URLs are the emulator CDN's
+    hub.valid_tokens.add(TOKEN)  # its repos are not gated: aria2c and curl need none
     hub.xet_bridge.sign_range = args.xet == "signed-range"
     hub.xet_bridge.expire_after = args.xet_expire_after
     try:
@@ -1014,7 +1016,7 @@ def main() -> int:
             kernel = bool(args.link) and args.link_specs[0][2]
             with b.linked(prof, kernel) as (hub_link, _, klink):
                 endpoint = hub_link.endpoint if hub_link is not None else hub.endpoint
-                print(f"export HF_ENDPOINT={endpoint} HF_HUB_DISABLE_XET=1 HF_HUB_DISABLE_TELEMETRY=1 "
+                print(f"export HF_ENDPOINT={endpoint} HF_TOKEN={TOKEN} HF_HUB_DISABLE_XET=1 HF_HUB_DISABLE_TELEMETRY=1 "
                       f"NO_PROXY={b.no_proxy}  # repos: {REPO}, {SHARDED_REPO}; cdn: {hub.cdn_endpoint}; "
                       f"link: {link_label(prof.name, kernel)}"
                       + (f"; run the tools with: ip netns exec {klink.ns} ..." if klink else ""), flush=True)
