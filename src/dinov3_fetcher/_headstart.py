@@ -101,7 +101,8 @@ class HeadStart:
         all of them are known to fit on the disk: a checkpoint that does not fit is refused by the main path
         before its first byte, not after the head start filled the disk with the shards that did (a 7B shard is
         4.5 GB). For shards, the index's total size says so before their HEADs answer; where it does not (the
-        disk is tight, a partial download may make the difference), every HEAD is awaited and counted exactly."""
+        disk is tight, a partial download may make the difference), every HEAD is awaited and counted exactly,
+        and none starts if one of them did not answer as expected."""
         try:
             free, needed, known = self.state.free_space(), 0, []
             identities: set[str] = set()
@@ -137,8 +138,8 @@ class HeadStart:
         """The weight files to start, each as soon as it is known. config.json and the first answer of both
         layouts (the single file's HEAD, the index) are asked at once, at the revision: one round trip for
         all three, each answer checked against config.json's commit. Where the registry knows the shards' names
-        (the 7B's), their HEADs go with the index instead of the single file's, so that the first shard starts
-        as soon as the index confirms them."""
+        (the 7B's) and a token is set, their HEADs go with the index instead of the single file's, so that the
+        first shard starts as soon as the index confirms them."""
         rev = quote(self.revision, safe="")
         variant = variant_for(self.repo_id)
         order = (INDEX, SINGLE) if variant is not None and variant.sharded else (SINGLE, INDEX)
