@@ -151,6 +151,15 @@ def _registry_knows_shards(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
     monkeypatch.setattr(headstart, "variant_for", lambda repo_id: known if repo_id == TINY else None)
 
 
+def _three_shards(hub: HubServer, monkeypatch: pytest.MonkeyPatch,
+                  registry_says: int) -> tuple[dict[str, bytes], list[str]]:
+    """TINY as 3 shards on the Hub, the registry saying ``registry_says`` shards; its files and shard names."""
+    files = shard_files(vit_repo_files(hidden=128, intermediate=512, layers=4), 3)
+    hub.add_repo(TINY, files)
+    _registry_knows_shards(monkeypatch, registry_says)
+    return files, sorted(n for n in files if n.startswith("model-"))
+
+
 def _resolve_heads(hub: HubServer, name: str, at: str | None = None) -> int:
     """The hub's HEADs of ``name``'s resolve (at the revision ``at`` only, or any)."""
     return sum(1 for r in list(hub.requests) if r.host == "hub" and r.method == "HEAD"
@@ -160,10 +169,7 @@ def _resolve_heads(hub: HubServer, name: str, at: str | None = None) -> int:
 
 def test_shards_the_registry_names_are_asked_with_the_index_not_after_it(
         hub: HubServer, dino_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    files = shard_files(vit_repo_files(hidden=128, intermediate=512, layers=4), 3)
-    hub.add_repo(TINY, files)
-    shards = sorted(n for n in files if n.startswith("model-"))
-    _registry_knows_shards(monkeypatch, 3)
+    files, shards = _three_shards(hub, monkeypatch, 3)
     monkeypatch.setenv("HF_TOKEN", GRANTED)
     hub.faults.add(path_suffix="/" + INDEX, host="hub", pause_at=0, times=1)  # the index's body is held
     seen = _hold_listing_until(hub, shards[0])  # the main path takes the index the head start read
@@ -195,10 +201,7 @@ def test_shards_the_registry_names_are_asked_with_the_index_not_after_it(
 
 def test_shards_named_otherwise_than_the_registry_says_are_fetched_as_the_index_names_them(
         hub: HubServer, dino_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    files = shard_files(vit_repo_files(hidden=128, intermediate=512, layers=4), 3)
-    hub.add_repo(TINY, files)
-    shards = sorted(n for n in files if n.startswith("model-"))
-    _registry_knows_shards(monkeypatch, 2)  # model-0000K-of-00002: not on the Hub
+    files, shards = _three_shards(hub, monkeypatch, 2)  # model-0000K-of-00002: not on the Hub
     monkeypatch.setenv("HF_TOKEN", GRANTED)
     seen = _hold_listing_until(hub, *shards[:2])  # the head start fetches them: the main path takes them over
     fetch_dinov3(dino_root, TINY)
@@ -214,10 +217,7 @@ def test_shards_named_otherwise_than_the_registry_says_are_fetched_as_the_index_
 
 def test_without_a_token_the_shards_the_registry_names_wait_for_the_index(
         hub: HubServer, dino_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    files = shard_files(vit_repo_files(hidden=128, intermediate=512, layers=4), 3)
-    hub.add_repo(TINY, files)
-    shards = sorted(n for n in files if n.startswith("model-"))
-    _registry_knows_shards(monkeypatch, 3)  # a gated repo refuses them all without a token: not asked blind
+    files, shards = _three_shards(hub, monkeypatch, 3)  # a gated repo refuses them all without a token: not asked
     fetch_dinov3(dino_root, TINY)
     for name in shards:
         assert _resolve_heads(hub, name) == 1 and _resolve_heads(hub, name, at="main") == 0
