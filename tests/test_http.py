@@ -260,9 +260,9 @@ def test_a_location_refused_at_its_first_reuse_makes_every_files_requests_resolv
     one_use.remember("https://hub.example/a", "https://cdn.example/a?sig=1")
     one_use.remember("https://hub.example/b", "https://cdn.example/b?sig=2")
     assert one_use.forget("https://hub.example/a")
-    assert one_use.per_request("https://hub.example/b") and one_use.location("https://hub.example/b") is None
+    assert one_use.per_request("https://hub.example/b") and one_use._locations.get("https://hub.example/b") is None
     one_use.remember("https://hub.example/c", "https://cdn.example/c?sig=3")
-    assert one_use.location("https://hub.example/c") is None
+    assert one_use._locations.get("https://hub.example/c") is None
 
     expired = Redirects()  # a location that served answers before it was refused had expired: that file alone
     expired.remember("https://hub.example/a", "https://cdn.example/a?sig=1")
@@ -270,4 +270,4 @@ def test_a_location_refused_at_its_first_reuse_makes_every_files_requests_resolv
     expired._served["https://hub.example/a"] = 20
     assert expired.forget("https://hub.example/a")
     assert expired.per_request("https://hub.example/a") and not expired.per_request("https://hub.example/b")
-    assert expired.location("https://hub.example/b") == "https://cdn.example/b?sig=2"
+    assert expired._locations.get("https://hub.example/b") == "https://cdn.example/b?sig=2"

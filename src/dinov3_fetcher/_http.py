@@ -384,10 +384,6 @@ class Redirects:
             self._locations[url] = answer.url
         return answer
 
-    def location(self, url: str) -> str | None:
-        """Where ``url`` will be asked (its remembered location), if it redirects there."""
-        return self._locations.get(url)
-
     def per_request(self, url: str) -> bool:
         """Is every request of ``url`` resolved afresh (a location was refused when used again: this file's, or
         another's of the same fetch, since one storage signs them all alike)? Each such request is one more
