@@ -47,13 +47,14 @@ MB = 1_000_000
 
 
 def feed(rule: Rule, rate_at: dict[int, float] | None = None, per_stream: float = 0.0, shared: float = 0.0,
-         samples: int = 20) -> list[int]:
-    """Feed ``samples`` windows of the rate a link gives at each limit; the limits chosen, in order."""
+         samples: int = 20, process_bound: bool = True) -> list[int]:
+    """Feed ``samples`` windows of the rate a link gives at each limit; the limits chosen, in order.
+    ``process_bound``: each window says this process, not the link, set the pace."""
     limits = [rule.limit]
     for _ in range(samples):
         n = rule.limit
         rate = rate_at[n] if rate_at is not None else min(per_stream * n, shared)
-        new = rule.sample(rate)
+        new = rule.sample(rate, process_bound=process_bound)
         if new != limits[-1]:
             limits.append(new)
     return limits
@@ -82,17 +83,27 @@ def test_a_cpu_bound_link_stays_small() -> None:
     assert rule.done and rule.limit == 4
 
 
-def test_a_small_pipe_full_with_one_stream_ends_with_one() -> None:
-    # pipe: 50 MB/s shared, no cap per connection: one stream fills it, so no more than one stays
+def test_a_host_one_stream_keeps_busy_ends_with_one() -> None:
+    # this process sets the pace, and one stream does as well as any more: no more than one stays
     rule = Rule()
     assert feed(rule, per_stream=1000 * MB, shared=50 * MB) == [8, 16, 4, 2, 1]
     assert rule.done and rule.limit == 1
 
 
-def test_a_halving_that_costs_is_given_back() -> None:
-    # cdn: 40 MB/s per connection, 250 MB/s shared: 8 streams fill it (320 > 250), 16 bring nothing, 4 lose
+@pytest.mark.parametrize(("per_stream", "shared"), [(40 * MB, 250 * MB), (1000 * MB, 50 * MB)], ids=["cdn", "pipe"])
+def test_a_link_full_at_the_start_keeps_the_starts_streams(per_stream: float, shared: float) -> None:
+    # cdn: 40 MB/s per connection, 250 MB/s shared: 8 streams fill it (320 > 250), 16 bring nothing, and 4
+    # would carry 160. pipe: 50 MB/s, no cap per connection: 1 would do as well, but no faster. Where the link
+    # sets the pace, the step is given back and no halving is tried: it would cost cdn a window at 4 streams.
     rule = Rule()
-    assert feed(rule, per_stream=40 * MB, shared=250 * MB) == [8, 16, 4, 8]
+    assert feed(rule, per_stream=per_stream, shared=shared, process_bound=False) == [8, 16, 8]
+    assert rule.done and rule.limit == START
+
+
+def test_a_halving_that_costs_is_given_back() -> None:
+    # this process sets the pace: 8 streams take all it has, 16 bring nothing, 4 lose
+    rule = Rule()
+    assert feed(rule, rate_at={8: 1000 * MB, 16: 1000 * MB, 4: 700 * MB}) == [8, 16, 4, 8]
     assert rule.done and rule.limit == 8
 
 
@@ -122,6 +133,8 @@ def test_a_step_never_goes_above_the_streams_the_files_want() -> None:
     assert alone.sample(50 * MB, wanted=4) == 4  # as fast with fewer: believed after a second window
     assert alone.sample(50 * MB, wanted=4) == 2  # a small pipe: as fast with fewer
     assert alone.sample(30 * MB, wanted=4) == 4 and alone.done  # that halving cost: given back at once
+    linked = Rule()  # the same file where the link sets the pace: no halving is tried, the 8 stay
+    assert linked.sample(50 * MB, wanted=8, process_bound=False) == 8 and linked.done
 
 
 def test_a_fixed_limit_never_moves() -> None:
@@ -161,8 +174,8 @@ def test_one_slow_window_does_not_leave_a_far_link_at_half_its_rate() -> None:
 
 
 def test_one_fast_window_does_not_take_streams_from_a_full_link() -> None:
-    # cdn: 8 streams fill it; a halving to 4 costs. One lucky window at 4 (bytes that waited in socket buffers)
-    # must not be read as "as good with fewer": the next window gives the halving back.
+    # this process sets the pace: 8 streams take all it has; a halving to 4 costs. One lucky window at 4 (bytes
+    # that waited in socket buffers) must not be read as "as good with fewer": the next window gives it back.
     rates = {8: 250 * MB, 16: 250 * MB, 4: 160 * MB}
     rule = Rule()
     limits = [8]
@@ -223,6 +236,35 @@ def test_pieces_follow_the_rate_per_stream_after_the_rule_settles() -> None:
     window(100 * MB)
     assert b.stream_rate == pytest.approx(100 * MB / 16)  # measured again at 16 streams
     assert b.limit == 16 and all(s is not None for s in slots)
+
+
+@pytest.mark.parametrize(("queued", "settled"), [(64 * 1024, START), (8 * MB, START // 2)],
+                         ids=["the-link-sets-the-pace", "this-process-sets-the-pace"])
+def test_fewer_streams_than_the_start_are_tried_only_where_this_process_sets_the_pace(queued: int,
+                                                                                     settled: int) -> None:
+    # 8 streams give 250 MB/s, 16 no more. Where the streams find their sockets all but empty after each read (the
+    # link sets the pace: a CDN edge), the step is given back and the 8 stay; where megabytes wait after each read
+    # (this process sets the pace: localhost on 2 cores), half the start is tried.
+    clock = Clock()
+    b = Budget(Rule(), block=MB, clock=clock)
+    b.first_byte(0.03)
+    slots = [b.acquire(lambda: False) for _ in range(START)]
+    b.waiting = 24  # as if 24 more workers waited: 32 are wanted
+
+    def window(rate: float) -> None:
+        clock.now += 1.0  # past any settling
+        b.add(1)  # opens a window
+        clock.now += 1.0
+        b.add(int(rate), queued)  # ... which ends: this rate, with this much found waiting after a read
+
+    b.add(1)  # the first bytes
+    window(250 * MB)  # the baseline: a step to 16
+    assert b.limit == 2 * START
+    b.active, b.waiting = 2 * START, 2 * START
+    window(250 * MB)
+    window(250 * MB)  # no gain, twice
+    assert b.limit == settled
+    assert b.rule.done == (settled == START) and all(s is not None for s in slots)
 
 
 def test_pieces_of_streams_started_together_do_not_end_together() -> None:

@@ -7,12 +7,14 @@ The limit adapts to the link (``Rule``): it starts at ``START`` streams (``LONG_
 and grows while the aggregate throughput grows: after each step, once the new streams flow, windows of a few
 round trips (at least ``MIN_WINDOW`` seconds) measure the rate; a gain over ``GAIN`` is worth another step
 (doubling while the rate scales nearly in proportion, +50% otherwise), and a step that brought less is given
-back. Where not even the first step paid (the link was full at the start), it halves instead while the rate
-holds. A decision that lowers the streams for good (a step not worth it, a halving as good as before) waits
-for ``CONFIRM`` windows that agree, so that one window made slow by the machine (a busy CPU, new streams late
-to start) cannot leave a far link at half its rate; one that adds streams, or gives back a halving that cost,
-needs one. The round trip comes from the requests' times to first byte (``_http.Answer.round_trips``). Only windows
-in which every slot was wanted count (a file's tail, or the gap between files, says nothing about the link).
+back. Where not even the first step paid and this process, not the link, sets the pace (localhost, a LAN, where
+each stream costs CPU), it halves instead while the rate holds; where the link was full at the start, the
+start's streams stay. A decision that lowers the streams for good (a step not worth it, a halving as good as
+before) waits for ``CONFIRM`` windows that agree, so that one window made slow by the machine (a busy CPU, new
+streams late to start) cannot leave a far link at half its rate; one that adds streams, or gives back a halving
+that cost, needs one. The round trip comes from the requests' times to first byte (``_http.Answer.round_trips``).
+Only windows in which every slot was wanted count (a file's tail, or the gap between files, says nothing about
+the link).
 ``DINOV3_FETCHER_CONNECTIONS`` set explicitly fixes the limit instead (no adapting).
 Why: BENCHMARKS.md (the links).
 """
@@ -50,9 +52,12 @@ class Rule:
 
     Up: the first window is the baseline; a step that raised the rate by more than ``GAIN`` is worth another
     (doubling while the rate grew at least half as fast as the streams did, +50% otherwise); one that did not
-    is given back. Down, only when no step up ever paid (the link was full at ``start`` already: a small
-    pipe, a CPU-bound localhost): halve while the rate stays within ``GAIN`` of the start's, so that no more
-    streams run than the link rewards; the first halving that costs more is given back.
+    is given back. Down, only when no step up ever paid (the rate was the most at ``start`` already) and the
+    window that decides says this process sets the pace (``process_bound``: a CPU-bound localhost or LAN, where
+    each stream costs CPU): halve while the rate stays within ``GAIN`` of the start's, so that no more streams
+    run than the rate needs; the first halving that costs more is given back. Where the link sets the pace
+    (full at the start: a CDN edge, a small pipe), the start's streams stay: a halving there is measured at
+    what half the streams carry (cdn: 4 streams capped at 40 MB/s on a 250 MB/s link) and saves nothing.
 
     Noise: "not worth it" and "as good with fewer" are believed after ``CONFIRM`` windows in a row say so (the
     best of them decides); one window that disagrees is enough to step up, or to give a halving back."""
@@ -82,15 +87,20 @@ class Rule:
             self.limit, self.paid = min(self.cap, LONG_START), True
             self.done = self.limit >= self.cap
 
-    def sample(self, rate: float, wanted: int | None = None) -> int:
+    def sample(self, rate: float, wanted: int | None = None, process_bound: bool = True) -> int:
         """One window's aggregate rate at the current limit; returns the limit from now on. ``wanted``: the
         streams the fetch could run now (its files' workers); a step never goes above it, since streams that
-        no worker wants would never be measured (the limit would stay there unjudged)."""
+        no worker wants would never be measured (the limit would stay there unjudged). ``process_bound``: in
+        this window this process, not the link, set the pace (see ``Budget.split_cost``); only then are fewer
+        streams than the start tried."""
         most = min(self.cap, wanted) if wanted is not None else self.cap
         if self.done:
             return self.limit
         if self.base is None:  # the first window: its rate is the baseline, and the first step doubles
-            if self.limit >= most and self.limit > 1:  # no worker for more streams: try fewer instead
+            if self.limit >= most and self.limit > 1:  # no worker for more streams: fewer, or these stay
+                if not process_bound:
+                    self.done = True
+                    return self.limit
                 self.base, self.before, self.down = rate, self.limit, True
                 self.limit = max(1, self.limit // 2)
                 return self.limit
@@ -112,9 +122,9 @@ class Rule:
             self._step(rate, most, double=gain >= 0.5 * (self.limit / self.before - 1))
         elif self._confirmed(rate) is None:
             pass  # one more window before the streams go down for good
-        elif self.paid or self.before <= 1:  # no gain worth the streams: give the last step back and stay there
-            self.limit, self.done = self.before, True
-        else:  # not even the first step paid: the link was full at the start; try fewer streams
+        elif self.paid or self.before <= 1 or not process_bound:
+            self.limit, self.done = self.before, True  # no gain worth the streams: the last step back, and stay
+        else:  # not even the first step paid, and this process sets the pace: try fewer streams
             self.down = True
             self.limit, self.before = max(1, self.before // 2), self.before
         return self.limit
@@ -323,12 +333,20 @@ class Budget:
         pace), the server is ahead by what waits in the socket, what is on the wire (a round trip of the
         stream's bytes) and about as much in its send buffer, which its kernel sizes to the congestion window."""
         with self._cond:
-            rtt, rate = self.rtt, self.stream_rate
             queued = max(self.backlog or 0, self._queued)
-        wire = int(rate * rtt) if rate is not None and rtt is not None else 0
-        if queued > max(wire, self.read_size()):
-            return None
-        return queued + 2 * wire
+            if self._process_bound(queued):
+                return None
+            return queued + 2 * self._wire()
+
+    def _wire(self) -> int:
+        """A round trip of one stream's bytes at the last window's rate (under the lock): what is on the wire."""
+        rtt, rate = self.rtt, self.stream_rate
+        return int(rate * rtt) if rate is not None and rtt is not None else 0
+
+    def _process_bound(self, queued: int) -> bool:
+        """Under the lock: with ``queued`` bytes found waiting in a socket after a read, this process, not the
+        link, sets the streams' pace: more than a read takes and than a round trip of a stream's bytes."""
+        return queued > max(self._wire(), self.read_size())
 
     def _rtts(self, n: float, smallest: int, largest: int, unknown: int) -> int:
         """``n`` round trips' worth of one stream's bytes, within [smallest, largest]; ``unknown`` before the
@@ -366,7 +384,7 @@ class Budget:
             self.stream_rate = rate / max(1, self.active)
             self.backlog, self._queued = self._queued, 0
             old = self.rule.limit
-            new = self.rule.sample(rate, self.active + self.waiting)
+            new = self.rule.sample(rate, self.active + self.waiting, self._process_bound(self.backlog))
             if new != old:
                 self._settle_until = now + SETTLE_RTTS * (self.rtt or 0.0)
                 self._cond.notify_all()
