@@ -128,13 +128,17 @@ def test_a_step_never_goes_above_the_streams_the_files_want() -> None:
     assert rule.sample(100 * MB, wanted=24) == 24  # not 32
     assert rule.sample(100 * MB, wanted=24) == 24  # no gain: one more window before giving it back
     assert rule.sample(100 * MB, wanted=24) == 16 and rule.done  # confirmed: given back
-    alone = Rule()  # one file of 8 pieces: no worker for a ninth stream, so no step up; fewer are tried instead
+    # one file of 8 pieces: no worker for a ninth stream, so no step up; where this process sets the pace, fewer
+    # are tried instead
+    alone = Rule()
     assert alone.sample(50 * MB, wanted=8) == 4
     assert alone.sample(50 * MB, wanted=4) == 4  # as fast with fewer: believed after a second window
-    assert alone.sample(50 * MB, wanted=4) == 2  # a small pipe: as fast with fewer
+    assert alone.sample(50 * MB, wanted=4) == 2  # as fast with fewer again: fewer still
     assert alone.sample(30 * MB, wanted=4) == 4 and alone.done  # that halving cost: given back at once
     linked = Rule()  # the same file where the link sets the pace: no halving is tried, the 8 stay
     assert linked.sample(50 * MB, wanted=8, process_bound=False) == 8 and linked.done
+    linked.start_long()  # a round trip measured long afterwards: the rule has settled, its start is history
+    assert linked.limit == START and linked.done
 
 
 def test_a_fixed_limit_never_moves() -> None:

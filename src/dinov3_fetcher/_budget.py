@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["CAP", "CONFIRM", "LONG_RTT", "LONG_START", "START", "Budget", "Rule", "Slot"]
 
-START = 8  # streams at first: a far link's first window already half full; fewer follow where they do as well
+START = 8  # streams at first: a far link's first window already half full; fewer where this process sets the pace
 LONG_START = 16  # ... where the round trip is at least LONG_RTT: each window of probing costs more there, and a
 LONG_RTT = 0.1  # stream's own limit (TCP's window per round trip, a per-flow cap) more often leaves room for more
 CONFIRM = 2  # windows that must agree before the limit goes down for good
@@ -92,14 +92,15 @@ class Rule:
         streams the fetch could run now (its files' workers); a step never goes above it, since streams that
         no worker wants would never be measured (the limit would stay there unjudged). ``process_bound``: in
         this window this process, not the link, set the pace (see ``Budget.split_cost``); only then are fewer
-        streams than the start tried."""
+        streams than the start tried (the default, for a rule fed rates alone, tries them wherever no step
+        paid)."""
         most = min(self.cap, wanted) if wanted is not None else self.cap
         if self.done:
             return self.limit
         if self.base is None:  # the first window: its rate is the baseline, and the first step doubles
             if self.limit >= most and self.limit > 1:  # no worker for more streams: fewer, or these stay
                 if not process_bound:
-                    self.done = True
+                    self.base, self.done = rate, True
                     return self.limit
                 self.base, self.before, self.down = rate, self.limit, True
                 self.limit = max(1, self.limit // 2)
