@@ -52,7 +52,7 @@ class Rule:
 
     Up: the first window is the baseline; a step that raised the rate by more than ``GAIN`` is worth another
     (doubling while the rate grew at least half as fast as the streams did, +50% otherwise); one that did not
-    is given back. Down, only when no step up ever paid (the rate was the most at ``start`` already) and the
+    is given back. Down, only when no step up ever paid (the start's streams did as well as any more) and the
     window that decides says this process sets the pace (``process_bound``: a CPU-bound localhost or LAN, where
     each stream costs CPU): halve while the rate stays within ``GAIN`` of the start's, so that no more streams
     run than the rate needs; the first halving that costs more is given back. Where the link sets the pace
