@@ -15,7 +15,7 @@ from ._errors import HubResponseError
 
 __all__ = ["CONFIG", "INDEX", "OPTIONAL", "PREPROCESSOR", "SINGLE", "check_filename", "files_to_publish",
            "is_standard_weight", "may_publish", "optional_files",
-           "read_json_object", "shards_from_index", "weight_files"]
+           "read_json_object", "shard_names", "shards_from_index", "weight_files"]
 
 CONFIG = "config.json"
 PREPROCESSOR = "preprocessor_config.json"
@@ -76,6 +76,11 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError("is not a JSON object")
     return data
+
+
+def shard_names(count: int) -> tuple[str, ...]:
+    """The names of a checkpoint's ``count`` shards, as transformers saves them (``model-0000K-of-0000N``)."""
+    return tuple(f"model-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1))
 
 
 def shards_from_index(index: dict[str, Any]) -> list[str]:

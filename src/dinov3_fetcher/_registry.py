@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from . import _env as env
 from ._errors import ConfigError
 from ._ids import is_commit, is_sha256
+from ._layout import shard_names
 
 __all__ = ["DEFAULT_MODEL", "PINS", "REGISTRY_ENV", "VARIANTS", "OfficialCheck", "Pin", "Variant", "check_official",
            "pins", "variant_for"]
@@ -43,7 +44,7 @@ class Variant:
     @property
     def shard_names(self) -> tuple[str, ...]:
         """The shards' file names on the Hub, where their count is known (empty otherwise)."""
-        return tuple(f"model-{k:05d}-of-{self.shards:05d}.safetensors" for k in range(1, self.shards + 1))
+        return shard_names(self.shards)
 
     @property
     def is_default(self) -> bool:
